@@ -1,0 +1,40 @@
+//! Builds the eBPF crate (egress-ebpf) for bpfel-unknown-none and leaves the object in OUT_DIR,
+//! where `src/ebpf/object.rs` embeds it. `cargo xtask` installs the nightly rust-src and the
+//! bpf-linker this needs; it also chooses the toolchain through EGRESS_EBPF_TOOLCHAIN.
+
+use anyhow::{Context as _, anyhow};
+use aya_build::{Package, Toolchain};
+
+fn main() -> anyhow::Result<()> {
+    println!("cargo:rerun-if-env-changed=EGRESS_EBPF_TOOLCHAIN");
+    let metadata = cargo_metadata::MetadataCommand::new()
+        .no_deps()
+        .exec()
+        .context("running `cargo metadata` to find egress-ebpf")?;
+    let ebpf = metadata
+        .packages
+        .into_iter()
+        .find(|p| p.name == "egress-ebpf")
+        .ok_or_else(|| anyhow!("package egress-ebpf not found in the workspace"))?;
+    let root_dir = ebpf
+        .manifest_path
+        .parent()
+        .context("egress-ebpf manifest has no parent directory")?
+        .to_string();
+    let toolchain_name = std::env::var("EGRESS_EBPF_TOOLCHAIN").ok();
+    let toolchain = match toolchain_name.as_deref() {
+        Some(name) => Toolchain::Custom(name),
+        None => Toolchain::Nightly,
+    };
+    aya_build::build_ebpf(
+        [Package {
+            name: "egress-ebpf",
+            root_dir: &root_dir,
+            ..Default::default()
+        }],
+        toolchain,
+    )
+    .context(
+        "building the eBPF programs (run `cargo xtask setup` if bpf-linker or rust-src is missing)",
+    )
+}

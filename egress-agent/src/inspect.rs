@@ -1,0 +1,230 @@
+//! `egress-agent inspect`: what is really in the kernel, read from the pins (not from any agent's
+//! memory): links and the programs they run, policies, allow entries, counters.
+
+use std::{fs, path::Path};
+
+use anyhow::{Context as _, Result};
+use aya::programs::links::{FdLink, PinnedLink};
+use egress_common::{
+    policy::PROTO_ANY,
+    verdict::{ALL_REASONS, Reason},
+};
+use serde::Serialize;
+
+use crate::{
+    cgroup,
+    events::protocol_name,
+    kernel::{bpffs::PinLayout, maps::KernelMaps},
+    policy::Mode,
+};
+
+#[derive(Serialize)]
+pub struct Report {
+    pub pin_dir: String,
+    pub policies: Vec<PolicyReport>,
+    pub counters: Vec<CounterReport>,
+    pub events_suppressed: u64,
+    pub events_lost_ring_full: u64,
+}
+
+#[derive(Serialize)]
+pub struct PolicyReport {
+    pub cgroup_id: u64,
+    /// None when the cgroup no longer exists.
+    pub cgroup_path: Option<String>,
+    pub mode: String,
+    pub policy_id: u32,
+    pub links: Vec<LinkReport>,
+    pub allow: Vec<AllowReport>,
+}
+
+#[derive(Serialize)]
+pub struct LinkReport {
+    pub program: String,
+    pub link_id: Option<u32>,
+    pub program_id: Option<u32>,
+}
+
+#[derive(Serialize)]
+pub struct AllowReport {
+    pub prefix: String,
+    pub rules: Vec<String>,
+}
+
+#[derive(Serialize)]
+pub struct CounterReport {
+    pub reason: &'static str,
+    pub number: u8,
+    pub applied: u64,
+    pub audited: u64,
+}
+
+pub fn collect(pins: &PinLayout, cgroup_root: &Path) -> Result<Report> {
+    if !pins.exists() {
+        anyhow::bail!(
+            "nothing is pinned at {} (no agent has run with this --pin-dir)",
+            pins.root.display()
+        );
+    }
+    let maps = KernelMaps::from_pins(pins)?;
+    let policies = maps.policies()?;
+    let entries = maps.allow_entries()?;
+    let mut ids: Vec<u64> = policies.keys().copied().collect();
+    ids.extend(pins.pinned_cgroups()?);
+    ids.sort_unstable();
+    ids.dedup();
+    let paths = cgroup::paths_of(cgroup_root, &ids);
+    let mut out = Vec::new();
+    for id in ids {
+        let policy = policies.get(&id);
+        let rules = policy.and_then(|p| entries.get(&p.policy_id));
+        let mut allow = Vec::new();
+        if let Some(r) = rules {
+            allow.extend(r.v4.iter().map(|(n, v)| AllowReport {
+                prefix: n.to_string(),
+                rules: describe(v),
+            }));
+            allow.extend(r.v6.iter().map(|(n, v)| AllowReport {
+                prefix: n.to_string(),
+                rules: describe(v),
+            }));
+        }
+        out.push(PolicyReport {
+            cgroup_id: id,
+            cgroup_path: paths.get(&id).map(|p| p.display().to_string()),
+            mode: policy
+                .map(|p| {
+                    Mode::from_kernel(p.mode)
+                        .map_or_else(|| format!("unknown({})", p.mode), |m| m.name().into())
+                })
+                .unwrap_or_else(|| "none (links only: fail closed)".into()),
+            policy_id: policy.map_or(0, |p| p.policy_id),
+            links: links_of(pins, id),
+            allow,
+        });
+    }
+    let counters = maps.counters()?;
+    let (suppressed, ring_full) = maps.event_losses()?;
+    Ok(Report {
+        pin_dir: pins.root.display().to_string(),
+        policies: out,
+        counters: ALL_REASONS
+            .iter()
+            .map(|r| {
+                let c = counters[*r as usize];
+                CounterReport {
+                    reason: r.name(),
+                    number: *r as u8,
+                    applied: c.applied,
+                    audited: c.audited,
+                }
+            })
+            .collect(),
+        events_suppressed: suppressed,
+        events_lost_ring_full: ring_full,
+    })
+}
+
+fn links_of(pins: &PinLayout, cgroup_id: u64) -> Vec<LinkReport> {
+    let dir = pins.cgroup_links(cgroup_id);
+    let mut names: Vec<String> = fs::read_dir(&dir)
+        .map(|it| {
+            it.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+        .into_iter()
+        .map(|program| {
+            let info = PinnedLink::from_pin(dir.join(&program))
+                .ok()
+                .and_then(|l| FdLink::from(l).info().ok());
+            LinkReport {
+                program,
+                link_id: info.as_ref().map(|i| i.id()),
+                program_id: info.as_ref().map(|i| i.program_id()),
+            }
+        })
+        .collect()
+}
+
+fn describe(rules: &egress_common::policy::AllowRules) -> Vec<String> {
+    rules
+        .as_slice()
+        .iter()
+        .map(|r| {
+            let proto = if r.protocol == PROTO_ANY {
+                "any".to_string()
+            } else {
+                protocol_name(r.protocol)
+            };
+            let ports = if r.any_port() {
+                String::new()
+            } else if r.port_first == r.port_last {
+                format!("/{}", r.port_first)
+            } else {
+                format!("/{}-{}", r.port_first, r.port_last)
+            };
+            let why =
+                Reason::from_u8(r.reason).map_or("?", |r| r.name().trim_start_matches("allow_"));
+            format!("{proto}{ports} ({why})")
+        })
+        .collect()
+}
+
+pub fn print_table(r: &Report) {
+    println!("pin directory: {}", r.pin_dir);
+    if r.policies.is_empty() {
+        println!("\nno enforced cgroups");
+    }
+    for p in &r.policies {
+        println!(
+            "\ncgroup {} (id {}): mode {}, policy id {}",
+            p.cgroup_path.as_deref().unwrap_or("<deleted>"),
+            p.cgroup_id,
+            p.mode,
+            p.policy_id
+        );
+        println!("  {:<18} {:>8} {:>8}", "LINK", "LINK ID", "PROG ID");
+        for l in &p.links {
+            let show = |v: Option<u32>| v.map_or("?".into(), |v| v.to_string());
+            println!(
+                "  {:<18} {:>8} {:>8}",
+                l.program,
+                show(l.link_id),
+                show(l.program_id)
+            );
+        }
+        println!("  {:<44} RULES", "ALLOW PREFIX");
+        if p.allow.is_empty() {
+            println!("  (none: only loopback is allowed)");
+        }
+        for a in &p.allow {
+            println!("  {:<44} {}", a.prefix, a.rules.join(", "));
+        }
+    }
+    println!(
+        "\n{:<22} {:>4} {:>14} {:>14}",
+        "REASON", "NO.", "APPLIED", "AUDIT-PASSED"
+    );
+    for c in &r.counters {
+        println!(
+            "{:<22} {:>4} {:>14} {:>14}",
+            c.reason, c.number, c.applied, c.audited
+        );
+    }
+    println!(
+        "\nevents held back by the kernel rate limit: {}, lost to a full ring buffer: {}",
+        r.events_suppressed, r.events_lost_ring_full
+    );
+}
+
+pub fn print_json(r: &Report) -> Result<()> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(r).context("encoding the report")?
+    );
+    Ok(())
+}

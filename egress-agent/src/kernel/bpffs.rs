@@ -1,0 +1,113 @@
+//! The bpffs directory that holds everything egressfw leaves in the kernel. Pins are what make
+//! enforcement outlive the agent: links and maps stay until `teardown` removes them.
+
+use std::{
+    ffi::CString,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egressfw";
+
+/// Layout under the pin directory:
+/// `maps/<MAP_NAME>` and `links/<cgroup id>/<program name>`.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    pub root: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn maps(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps().join(name)
+    }
+
+    pub fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    pub fn cgroup_links(&self, cgroup_id: u64) -> PathBuf {
+        self.links().join(cgroup_id.to_string())
+    }
+
+    pub fn exists(&self) -> bool {
+        self.maps().is_dir()
+    }
+
+    /// Makes sure the parent is on a bpffs (mounting one at it if nothing is mounted there yet)
+    /// and creates the directories.
+    pub fn prepare(&self) -> Result<()> {
+        let mount_point = self.root.parent().context("pin directory has no parent")?;
+        ensure_bpffs(mount_point)?;
+        for dir in [self.maps(), self.links()] {
+            fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Cgroup ids that have a links directory.
+    pub fn pinned_cgroups(&self) -> Result<Vec<u64>> {
+        let dir = self.links();
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Ok(Vec::new());
+        };
+        let mut ids = Vec::new();
+        for e in entries {
+            let e = e.with_context(|| format!("listing {}", dir.display()))?;
+            if let Some(id) = e.file_name().to_str().and_then(|n| n.parse().ok()) {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        Ok(ids)
+    }
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+fn is_bpffs(path: &Path) -> Result<bool> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: statfs writes into the zeroed struct we pass.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Ok(false);
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+fn ensure_bpffs(dir: &Path) -> Result<()> {
+    if is_bpffs(dir)? {
+        return Ok(());
+    }
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let target = CString::new(dir.as_os_str().as_encoded_bytes())?;
+    let fstype = c"bpf";
+    // SAFETY: valid C strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "{} is not a bpffs and mounting one there failed: {} (the agent needs CAP_SYS_ADMIN, or mount bpffs on the host)",
+            dir.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    tracing::info!(path = %dir.display(), "mounted bpffs");
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! Typed handles on the pinned maps, from a freshly loaded object or straight from bpffs.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context as _, Result};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+};
+use egress_common::{
+    event::EventBudget,
+    maps::{MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_CONFIG, MAP_COUNTERS, MAP_EVENT_BUDGET, MAP_POLICIES},
+    policy::{AllowRules, CgroupPolicy, GlobalConfig, Ipv4AllowKey, Ipv6AllowKey, POLICY_ID_BITS},
+    verdict::{REASON_SLOTS, ReasonCounters},
+};
+use ipnet::{Ipv4Net, Ipv6Net};
+
+use super::bpffs::PinLayout;
+use crate::policy::compile::CompiledRules;
+
+pub struct KernelMaps {
+    pub policies: HashMap<MapData, u64, CgroupPolicy>,
+    pub allow4: LpmTrie<MapData, Ipv4AllowKey, AllowRules>,
+    pub allow6: LpmTrie<MapData, Ipv6AllowKey, AllowRules>,
+    pub config: Array<MapData, GlobalConfig>,
+    pub counters: PerCpuArray<MapData, ReasonCounters>,
+    pub event_budget: PerCpuArray<MapData, EventBudget>,
+}
+
+impl KernelMaps {
+    /// Takes the maps out of a loaded object (the programs keep their own references).
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} missing from the eBPF object"))
+        };
+        Self::from_maps(
+            take(MAP_POLICIES)?,
+            take(MAP_ALLOW_V4)?,
+            take(MAP_ALLOW_V6)?,
+            take(MAP_CONFIG)?,
+            take(MAP_COUNTERS)?,
+            take(MAP_EVENT_BUDGET)?,
+        )
+    }
+
+    /// Opens the pinned maps without loading any program (inspect, teardown).
+    pub fn from_pins(pins: &PinLayout) -> Result<Self> {
+        let open = |name: &str| -> Result<Map> {
+            let path = pins.map(name);
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("opening pinned map {}", path.display()))?;
+            Map::from_map_data(data).with_context(|| format!("pinned map {}", path.display()))
+        };
+        Self::from_maps(
+            open(MAP_POLICIES)?,
+            open(MAP_ALLOW_V4)?,
+            open(MAP_ALLOW_V6)?,
+            open(MAP_CONFIG)?,
+            open(MAP_COUNTERS)?,
+            open(MAP_EVENT_BUDGET)?,
+        )
+    }
+
+    fn from_maps(
+        policies: Map,
+        allow4: Map,
+        allow6: Map,
+        config: Map,
+        counters: Map,
+        budget: Map,
+    ) -> Result<Self> {
+        Ok(Self {
+            policies: policies.try_into().context(MAP_POLICIES)?,
+            allow4: allow4.try_into().context(MAP_ALLOW_V4)?,
+            allow6: allow6.try_into().context(MAP_ALLOW_V6)?,
+            config: config.try_into().context(MAP_CONFIG)?,
+            counters: counters.try_into().context(MAP_COUNTERS)?,
+            event_budget: budget.try_into().context(MAP_EVENT_BUDGET)?,
+        })
+    }
+
+    pub fn policies(&self) -> Result<BTreeMap<u64, CgroupPolicy>> {
+        self.policies
+            .iter()
+            .map(|r| r.context("reading the policy map"))
+            .collect()
+    }
+
+    /// Every allow entry, grouped by policy id.
+    pub fn allow_entries(&self) -> Result<BTreeMap<u32, CompiledRules>> {
+        let mut out: BTreeMap<u32, CompiledRules> = BTreeMap::new();
+        for item in self.allow4.iter() {
+            let (key, rules) = item.context("reading the IPv4 allow trie")?;
+            let (id, net) = v4_from_key(&key);
+            out.entry(id).or_default().v4.insert(net, rules);
+        }
+        for item in self.allow6.iter() {
+            let (key, rules) = item.context("reading the IPv6 allow trie")?;
+            let (id, net) = v6_from_key(&key);
+            out.entry(id).or_default().v6.insert(net, rules);
+        }
+        Ok(out)
+    }
+
+    pub fn write_rules(&mut self, policy_id: u32, rules: &CompiledRules) -> Result<()> {
+        for (net, value) in &rules.v4 {
+            self.allow4
+                .insert(&v4_key(policy_id, net), value, 0)
+                .with_context(|| format!("writing allow entry {net} (policy {policy_id})"))?;
+        }
+        for (net, value) in &rules.v6 {
+            self.allow6
+                .insert(&v6_key(policy_id, net), value, 0)
+                .with_context(|| format!("writing allow entry {net} (policy {policy_id})"))?;
+        }
+        Ok(())
+    }
+
+    pub fn remove_rules(&mut self, policy_id: u32, rules: &CompiledRules) -> Result<()> {
+        for net in rules.v4.keys() {
+            self.allow4
+                .remove(&v4_key(policy_id, net))
+                .with_context(|| format!("removing allow entry {net} (policy {policy_id})"))?;
+        }
+        for net in rules.v6.keys() {
+            self.allow6
+                .remove(&v6_key(policy_id, net))
+                .with_context(|| format!("removing allow entry {net} (policy {policy_id})"))?;
+        }
+        Ok(())
+    }
+
+    pub fn level_mask(&self) -> Result<u32> {
+        Ok(self
+            .config
+            .get(&0, 0)
+            .context("reading the config map")?
+            .level_mask)
+    }
+
+    pub fn set_level_mask(&mut self, level_mask: u32) -> Result<()> {
+        self.config
+            .set(
+                0,
+                GlobalConfig {
+                    level_mask,
+                    reserved: 0,
+                },
+                0,
+            )
+            .context("writing the config map")
+    }
+
+    /// Counters summed over CPUs, indexed by reason number.
+    pub fn counters(&self) -> Result<Vec<ReasonCounters>> {
+        (0..REASON_SLOTS)
+            .map(|i| {
+                let per_cpu = self
+                    .counters
+                    .get(&i, 0)
+                    .context("reading the counters map")?;
+                Ok(per_cpu
+                    .iter()
+                    .fold(ReasonCounters::default(), |acc, c| ReasonCounters {
+                        applied: acc.applied + c.applied,
+                        audited: acc.audited + c.audited,
+                    }))
+            })
+            .collect()
+    }
+
+    /// (suppressed by the rate limit, lost to a full ring buffer), summed over CPUs.
+    pub fn event_losses(&self) -> Result<(u64, u64)> {
+        let per_cpu = self
+            .event_budget
+            .get(&0, 0)
+            .context("reading the event budget map")?;
+        Ok(per_cpu
+            .iter()
+            .fold((0, 0), |(s, f), b| (s + b.suppressed, f + b.ringbuf_full)))
+    }
+}
+
+fn v4_key(policy_id: u32, net: &Ipv4Net) -> Key<Ipv4AllowKey> {
+    Key::new(
+        POLICY_ID_BITS + u32::from(net.prefix_len()),
+        Ipv4AllowKey {
+            policy_id_be: policy_id.to_be_bytes(),
+            addr: net.network().octets(),
+        },
+    )
+}
+
+fn v6_key(policy_id: u32, net: &Ipv6Net) -> Key<Ipv6AllowKey> {
+    Key::new(
+        POLICY_ID_BITS + u32::from(net.prefix_len()),
+        Ipv6AllowKey {
+            policy_id_be: policy_id.to_be_bytes(),
+            addr: net.network().octets(),
+        },
+    )
+}
+
+fn v4_from_key(key: &Key<Ipv4AllowKey>) -> (u32, Ipv4Net) {
+    let data = key.data();
+    let len = key.prefix_len().saturating_sub(POLICY_ID_BITS).min(32) as u8;
+    (
+        u32::from_be_bytes(data.policy_id_be),
+        Ipv4Net::new(data.addr.into(), len).expect("len <= 32"),
+    )
+}
+
+fn v6_from_key(key: &Key<Ipv6AllowKey>) -> (u32, Ipv6Net) {
+    let data = key.data();
+    let len = key.prefix_len().saturating_sub(POLICY_ID_BITS).min(128) as u8;
+    (
+        u32::from_be_bytes(data.policy_id_be),
+        Ipv6Net::new(data.addr.into(), len).expect("len <= 128"),
+    )
+}

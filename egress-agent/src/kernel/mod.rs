@@ -1,0 +1,6 @@
+//! Everything that touches the kernel: bpffs pins, the embedded object, maps and links.
+
+pub mod attach;
+pub mod bpffs;
+pub mod maps;
+pub mod object;

@@ -1,0 +1,11 @@
+//! egressfw node agent: loads and pins the kernel programs, keeps the kernel policy in line with
+//! the configuration, reports verdicts, and shows what is enforced.
+
+pub mod cgroup;
+pub mod events;
+pub mod inspect;
+pub mod kernel;
+pub mod policy;
+pub mod reconcile;
+pub mod standalone;
+pub mod teardown;

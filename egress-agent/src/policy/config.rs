@@ -1,0 +1,317 @@
+//! The standalone policy file: which cgroups are enforced and what each may reach.
+//!
+//! ```yaml
+//! policies:
+//!   - cgroup: demo/pod-a          # relative to the cgroup2 mount, or an absolute path under it
+//!     mode: enforce               # enforce | audit
+//!     gateways:
+//!       - address: 10.10.0.2
+//!         ports: [3128, 8443]
+//!     dns: [10.10.0.3]            # UDP and TCP port 53 only
+//!     extra:
+//!       - cidr: 192.168.50.0/24
+//!         protocol: tcp           # tcp | udp | icmp | any (default any)
+//!         ports: [443, "8000-8100"]
+//! ```
+//!
+//! Parsing is strict (unknown fields are errors) and every error names the offending value and
+//! where it sits, because a typo here silently narrowing or widening a policy is the worst outcome.
+
+use std::{fmt, net::IpAddr, path::Path};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::policy::{Mode, Protocol};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading policy file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("policy file {path}: {source}")]
+    Syntax {
+        path: String,
+        source: serde_yaml::Error,
+    },
+    #[error("policy file {path}: {at}: {message}")]
+    Invalid {
+        path: String,
+        at: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub policies: Vec<RawPolicy>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub cgroup: String,
+    pub mode: String,
+    #[serde(default)]
+    pub gateways: Vec<RawGateway>,
+    #[serde(default)]
+    pub dns: Vec<String>,
+    #[serde(default)]
+    pub extra: Vec<RawExtra>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGateway {
+    pub address: String,
+    pub ports: Vec<RawPort>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExtra {
+    pub cidr: String,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub ports: Vec<RawPort>,
+}
+
+/// A port (`443`) or an inclusive range (`"8000-8100"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawPort {
+    Number(i64),
+    Text(String),
+}
+
+impl fmt::Display for RawPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Number(n) => write!(f, "{n}"),
+            Self::Text(s) => write!(f, "{s:?}"),
+        }
+    }
+}
+
+/// A validated policy, still keyed by the cgroup path as written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicySpec {
+    pub cgroup: String,
+    pub mode: Mode,
+    pub gateways: Vec<(IpAddr, Vec<PortRange>)>,
+    pub dns: Vec<IpAddr>,
+    pub extra: Vec<ExtraSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExtraSpec {
+    pub cidr: IpNet,
+    pub protocol: Protocol,
+    /// Empty: every port.
+    pub ports: Vec<PortRange>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+/// Reads and validates a policy file. Nothing is touched on error.
+pub fn load(path: &Path) -> Result<Vec<PolicySpec>, ConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    parse(&text).map_err(|e| match e {
+        ParseError::Syntax(source) => ConfigError::Syntax {
+            path: shown,
+            source,
+        },
+        ParseError::Invalid { at, message } => ConfigError::Invalid {
+            path: shown,
+            at,
+            message,
+        },
+    })
+}
+
+#[derive(Debug)]
+pub enum ParseError {
+    Syntax(serde_yaml::Error),
+    Invalid { at: String, message: String },
+}
+
+fn invalid(at: impl Into<String>, message: impl Into<String>) -> ParseError {
+    ParseError::Invalid {
+        at: at.into(),
+        message: message.into(),
+    }
+}
+
+pub fn parse(text: &str) -> Result<Vec<PolicySpec>, ParseError> {
+    let raw: RawConfig = serde_yaml::from_str(text).map_err(ParseError::Syntax)?;
+    let mut out = Vec::with_capacity(raw.policies.len());
+    for (i, p) in raw.policies.into_iter().enumerate() {
+        let at = format!("policies[{i}] (cgroup {:?})", p.cgroup);
+        out.push(validate_policy(p, &at)?);
+    }
+    for (i, a) in out.iter().enumerate() {
+        if let Some(b) = out[..i].iter().find(|b| b.cgroup == a.cgroup) {
+            return Err(invalid(
+                format!("policies[{i}]"),
+                format!(
+                    "cgroup {:?} already has a policy; give each cgroup one entry",
+                    b.cgroup
+                ),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn validate_policy(p: RawPolicy, at: &str) -> Result<PolicySpec, ParseError> {
+    if p.cgroup.trim().is_empty() {
+        return Err(invalid(at, "cgroup must not be empty"));
+    }
+    let mode = match p.mode.as_str() {
+        "enforce" => Mode::Enforce,
+        "audit" => Mode::Audit,
+        other => {
+            return Err(invalid(
+                at,
+                format!("mode {other:?} is not one of: enforce, audit"),
+            ));
+        }
+    };
+    let mut gateways = Vec::new();
+    for (j, g) in p.gateways.into_iter().enumerate() {
+        let at = format!("{at}.gateways[{j}]");
+        let addr = parse_ip(&g.address, &at)?;
+        if g.ports.is_empty() {
+            return Err(invalid(
+                &at,
+                format!("gateway {} needs at least one port", g.address),
+            ));
+        }
+        let ports = g
+            .ports
+            .iter()
+            .map(|p| parse_port(p, &at))
+            .collect::<Result<_, _>>()?;
+        gateways.push((addr, ports));
+    }
+    let dns = p
+        .dns
+        .iter()
+        .enumerate()
+        .map(|(j, d)| parse_ip(d, &format!("{at}.dns[{j}]")))
+        .collect::<Result<_, _>>()?;
+    let mut extra = Vec::new();
+    for (j, e) in p.extra.into_iter().enumerate() {
+        let at = format!("{at}.extra[{j}]");
+        let cidr = parse_cidr(&e.cidr, &at)?;
+        let protocol = match e.protocol.as_deref().unwrap_or("any") {
+            "any" => Protocol::Any,
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            "icmp" => Protocol::Icmp,
+            other => {
+                return Err(invalid(
+                    &at,
+                    format!("protocol {other:?} is not one of: tcp, udp, icmp, any"),
+                ));
+            }
+        };
+        let ports: Vec<PortRange> = e
+            .ports
+            .iter()
+            .map(|p| parse_port(p, &at))
+            .collect::<Result<_, _>>()?;
+        if !ports.is_empty() && !matches!(protocol, Protocol::Tcp | Protocol::Udp) {
+            return Err(invalid(&at, "ports need protocol tcp or udp"));
+        }
+        extra.push(ExtraSpec {
+            cidr,
+            protocol,
+            ports,
+        });
+    }
+    Ok(PolicySpec {
+        cgroup: p.cgroup,
+        mode,
+        gateways,
+        dns,
+        extra,
+    })
+}
+
+fn parse_ip(s: &str, at: &str) -> Result<IpAddr, ParseError> {
+    s.trim()
+        .parse()
+        .map_err(|_| invalid(at, format!("{s:?} is not an IP address")))
+}
+
+fn parse_cidr(s: &str, at: &str) -> Result<IpNet, ParseError> {
+    let s_trim = s.trim();
+    let net: IpNet = match s_trim.parse() {
+        Ok(n) => n,
+        // A bare address means just that host.
+        Err(_) => match s_trim.parse::<IpAddr>() {
+            Ok(a) => IpNet::from(a),
+            Err(_) => {
+                return Err(invalid(
+                    at,
+                    format!("{s:?} is not a CIDR (like 10.0.0.0/8)"),
+                ));
+            }
+        },
+    };
+    if net.trunc() != net {
+        return Err(invalid(
+            at,
+            format!("{s:?} has host bits set; did you mean {}?", net.trunc()),
+        ));
+    }
+    Ok(net)
+}
+
+fn parse_port(p: &RawPort, at: &str) -> Result<PortRange, ParseError> {
+    let bad = || {
+        invalid(
+            at,
+            format!("port {p} is not a port (1-65535) or a range like \"8000-8100\""),
+        )
+    };
+    let one = |n: i64| u16::try_from(n).ok().filter(|n| *n != 0);
+    let (first, last) = match p {
+        RawPort::Number(n) => {
+            let n = one(*n).ok_or_else(bad)?;
+            (n, n)
+        }
+        RawPort::Text(s) => match s.split_once('-') {
+            Some((a, b)) => {
+                let a = a.trim().parse::<i64>().ok().and_then(one).ok_or_else(bad)?;
+                let b = b.trim().parse::<i64>().ok().and_then(one).ok_or_else(bad)?;
+                (a, b)
+            }
+            None => {
+                let n = s.trim().parse::<i64>().ok().and_then(one).ok_or_else(bad)?;
+                (n, n)
+            }
+        },
+    };
+    if first > last {
+        return Err(invalid(at, format!("port range {p} runs backwards")));
+    }
+    Ok(PortRange { first, last })
+}
+
+#[cfg(test)]
+mod tests;

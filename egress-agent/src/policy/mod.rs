@@ -1,0 +1,45 @@
+//! Policy as the user writes it (config), and as the kernel stores it (compile).
+
+pub mod compile;
+pub mod config;
+
+use egress_common::policy::{MODE_AUDIT, MODE_ENFORCE};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    Audit,
+}
+
+impl Mode {
+    pub const fn kernel_value(self) -> u32 {
+        match self {
+            Self::Enforce => MODE_ENFORCE,
+            Self::Audit => MODE_AUDIT,
+        }
+    }
+
+    pub const fn from_kernel(v: u32) -> Option<Self> {
+        match v {
+            MODE_ENFORCE => Some(Self::Enforce),
+            MODE_AUDIT => Some(Self::Audit),
+            _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Audit => "audit",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Any,
+    Tcp,
+    Udp,
+    /// ICMP for IPv4 destinations, ICMPv6 for IPv6 ones.
+    Icmp,
+}

@@ -1,0 +1,195 @@
+//! Brings the kernel to a desired set of policies, as a diff, in an order that never leaves an
+//! enforced cgroup unprotected:
+//!
+//! 1. everything is validated first (cgroups exist, rules compile); any error changes nothing;
+//! 2. a changed policy's rules are written under a fresh policy id, then the cgroup's entry is
+//!    switched to it in one map update, then the old id's rules are deleted;
+//! 3. links are attached after the policy exists (and before that, a lookup miss denies anyway);
+//! 4. a removed cgroup loses its links first, then its map entries.
+//!
+//! The kernel maps are the source of truth: nothing is remembered between runs, so a new agent
+//! adopts whatever an old one left, and leftovers of an interrupted run are cleaned up.
+
+use std::{collections::BTreeSet, path::Path};
+
+use anyhow::{Result, bail};
+use aya::Ebpf;
+use egress_common::policy::{CgroupPolicy, MAX_POLICY_LEVEL};
+
+use crate::{
+    cgroup::{self, CgroupRef},
+    kernel::{
+        attach::{self, AttachOutcome, ProgramTags},
+        bpffs::PinLayout,
+        maps::KernelMaps,
+    },
+    policy::{
+        Mode,
+        compile::{CompiledRules, compile},
+        config::PolicySpec,
+    },
+};
+
+/// One cgroup's policy, validated and compiled, ready to write.
+#[derive(Debug)]
+pub struct Desired {
+    pub cgroup: CgroupRef,
+    pub mode: Mode,
+    pub rules: CompiledRules,
+}
+
+/// Resolves and compiles every policy; fails on the first problem, naming it.
+pub fn plan(specs: &[PolicySpec], cgroup_root: &Path) -> Result<Vec<Desired>> {
+    let mut out: Vec<Desired> = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let cgroup = cgroup::resolve(cgroup_root, &spec.cgroup)?;
+        if cgroup.level > MAX_POLICY_LEVEL {
+            bail!(
+                "cgroup {:?} is {} levels deep; policies can sit at most {MAX_POLICY_LEVEL} deep",
+                spec.cgroup,
+                cgroup.level
+            );
+        }
+        if let Some(other) = out.iter().find(|d| d.cgroup.id == cgroup.id) {
+            bail!(
+                "cgroups {:?} and {} are the same cgroup",
+                spec.cgroup,
+                other.cgroup.path.display()
+            );
+        }
+        // Policies never nest: the programs stop at the first policy found among the ancestors,
+        // and attaching both would run each program twice for the inner cgroup.
+        if let Some(other) = out.iter().find(|d| {
+            d.cgroup.path.starts_with(&cgroup.path) || cgroup.path.starts_with(&d.cgroup.path)
+        }) {
+            bail!(
+                "cgroups {} and {} are nested; a policy covers its whole subtree, so give only one of them a policy",
+                cgroup.path.display(),
+                other.cgroup.path.display()
+            );
+        }
+        let rules = compile(spec)?;
+        out.push(Desired {
+            cgroup,
+            mode: spec.mode,
+            rules,
+        });
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub added: usize,
+    pub updated: usize,
+    pub unchanged: usize,
+    pub removed: usize,
+    pub links: AttachOutcome,
+}
+
+pub fn apply(
+    ebpf: &mut Ebpf,
+    maps: &mut KernelMaps,
+    pins: &PinLayout,
+    desired: &[Desired],
+) -> Result<Summary> {
+    let mut summary = Summary::default();
+    let current = maps.policies()?;
+    let mut entries = maps.allow_entries()?;
+    let mut used_ids: BTreeSet<u32> = current
+        .values()
+        .map(|p| p.policy_id)
+        .chain(entries.keys().copied())
+        .collect();
+
+    let wanted_mask = desired.iter().fold(0u32, |m, d| m | (1 << d.cgroup.level));
+    // Widen the level mask before any new policy depends on it.
+    maps.set_level_mask(maps.level_mask()? | wanted_mask)?;
+
+    let tags = ProgramTags::read(ebpf)?;
+    for d in desired {
+        let want = CgroupPolicy {
+            policy_id: 0,
+            mode: d.mode.kernel_value(),
+        };
+        let existing = current.get(&d.cgroup.id);
+        let same = existing.is_some_and(|p| {
+            p.mode == want.mode
+                && entries
+                    .get(&p.policy_id)
+                    .unwrap_or(&CompiledRules::default())
+                    == &d.rules
+        });
+        if same {
+            summary.unchanged += 1;
+        } else {
+            let id = fresh_id(&used_ids);
+            used_ids.insert(id);
+            maps.write_rules(id, &d.rules)?;
+            maps.policies
+                .insert(
+                    d.cgroup.id,
+                    CgroupPolicy {
+                        policy_id: id,
+                        ..want
+                    },
+                    0,
+                )
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "writing the policy of cgroup {}: {e}",
+                        d.cgroup.path.display()
+                    )
+                })?;
+            match existing {
+                Some(old) => {
+                    if let Some(old_rules) = entries.remove(&old.policy_id) {
+                        maps.remove_rules(old.policy_id, &old_rules)?;
+                    }
+                    summary.updated += 1;
+                }
+                None => summary.added += 1,
+            }
+        }
+        let o = attach::ensure_attached(ebpf, pins, &tags, &d.cgroup)?;
+        summary.links.attached += o.attached;
+        summary.links.adopted += o.adopted;
+        summary.links.replaced += o.replaced;
+    }
+
+    let keep: BTreeSet<u64> = desired.iter().map(|d| d.cgroup.id).collect();
+    let stale: BTreeSet<u64> = current
+        .keys()
+        .copied()
+        .chain(pins.pinned_cgroups()?)
+        .filter(|id| !keep.contains(id))
+        .collect();
+    for id in stale {
+        attach::detach(pins, id)?;
+        if current.contains_key(&id) {
+            maps.policies
+                .remove(&id)
+                .map_err(|e| anyhow::anyhow!("removing the policy of cgroup id {id}: {e}"))?;
+        }
+        summary.removed += 1;
+    }
+    // Rules no policy points to: left by removed policies or by an interrupted earlier run.
+    let live: BTreeSet<u32> = maps.policies()?.values().map(|p| p.policy_id).collect();
+    for (id, rules) in maps.allow_entries()? {
+        if !live.contains(&id) {
+            maps.remove_rules(id, &rules)?;
+        }
+    }
+    maps.set_level_mask(wanted_mask)?;
+    Ok(summary)
+}
+
+fn fresh_id(used: &BTreeSet<u32>) -> u32 {
+    let next = used.last().map_or(1, |m| m.wrapping_add(1));
+    if next != 0 && !used.contains(&next) {
+        return next;
+    }
+    (1..=u32::MAX)
+        .find(|id| !used.contains(id))
+        .expect("fewer than 2^32 policies")
+}

@@ -1,0 +1,151 @@
+//! `egress-agent standalone`: enforce a policy file on one machine, no Kubernetes.
+//!
+//! Reloads on SIGHUP and whenever the file changes (editors and ConfigMap updates replace the
+//! file, so the directory is watched). A bad file is logged and ignored: what is enforced stays.
+//! SIGTERM/SIGINT stop the agent and leave enforcement exactly as it is.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+};
+
+use anyhow::{Context as _, Result};
+use aya::{Ebpf, maps::RingBuf};
+use egress_common::maps::MAP_EVENTS;
+use futures_util::StreamExt as _;
+use inotify::{Inotify, WatchMask};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    events,
+    kernel::{bpffs::PinLayout, maps::KernelMaps, object},
+    policy::config,
+    reconcile::{self, Summary},
+};
+
+pub struct Options {
+    pub config: PathBuf,
+    pub pins: PinLayout,
+    pub cgroup_root: PathBuf,
+}
+
+/// Enforced cgroup id -> path, for naming cgroups in event logs.
+type PathIndex = Arc<RwLock<HashMap<u64, PathBuf>>>;
+
+struct Agent {
+    ebpf: Ebpf,
+    maps: KernelMaps,
+    opts: Options,
+    paths: PathIndex,
+}
+
+impl Agent {
+    /// Validates the file and applies it; on any error nothing in the kernel changes.
+    fn reload(&mut self) -> Result<Summary> {
+        let specs = config::load(&self.opts.config)?;
+        let desired = reconcile::plan(&specs, &self.opts.cgroup_root)
+            .with_context(|| format!("policy file {}", self.opts.config.display()))?;
+        let summary = reconcile::apply(&mut self.ebpf, &mut self.maps, &self.opts.pins, &desired)?;
+        let mut paths = self.paths.write().expect("path index lock");
+        paths.clear();
+        paths.extend(desired.iter().map(|d| (d.cgroup.id, d.cgroup.path.clone())));
+        Ok(summary)
+    }
+}
+
+fn log_summary(what: &str, s: &Summary) {
+    tracing::info!(
+        added = s.added,
+        updated = s.updated,
+        unchanged = s.unchanged,
+        removed = s.removed,
+        links_attached = s.links.attached,
+        links_adopted = s.links.adopted,
+        links_replaced = s.links.replaced,
+        "{what}"
+    );
+}
+
+pub async fn run(opts: Options) -> Result<()> {
+    tracing::info!(
+        config = %opts.config.display(),
+        pin_dir = %opts.pins.root.display(),
+        cgroup_root = %opts.cgroup_root.display(),
+        "starting standalone agent"
+    );
+    // Validate before touching the kernel, so a bad file at start leaves any pinned policy as is.
+    let specs = config::load(&opts.config)?;
+    reconcile::plan(&specs, &opts.cgroup_root)
+        .with_context(|| format!("policy file {}", opts.config.display()))?;
+
+    opts.pins.prepare()?;
+    let mut ebpf = object::load(&opts.pins)?;
+    let maps = KernelMaps::from_ebpf(&mut ebpf)?;
+    let ring: RingBuf<_> = ebpf
+        .take_map(MAP_EVENTS)
+        .context("map EGRESS_EVENTS_V1 missing from the eBPF object")?
+        .try_into()
+        .context("EGRESS_EVENTS_V1 is not a ring buffer")?;
+    let paths: PathIndex = Arc::default();
+    let mut agent = Agent {
+        ebpf,
+        maps,
+        opts,
+        paths: paths.clone(),
+    };
+    let summary = agent.reload()?;
+    log_summary("policy applied", &summary);
+
+    let events = tokio::spawn(events::run(ring, move |id| {
+        paths.read().ok()?.get(&id).cloned()
+    }));
+    let config_path = agent.opts.config.clone();
+    let mut changes = watch_file(&config_path)?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tracing::info!("ready");
+    loop {
+        let why = tokio::select! {
+            _ = hup.recv() => "SIGHUP",
+            Some(_) = changes.next() => "policy file changed",
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        match agent.reload() {
+            Ok(s) => log_summary(&format!("policy reloaded ({why})"), &s),
+            Err(e) => tracing::error!(
+                error = format!("{e:#}"),
+                "reload rejected ({why}); the previous policy stays enforced"
+            ),
+        }
+    }
+    events.abort();
+    tracing::info!("stopping; enforcement stays pinned (use `egress-agent teardown` to remove it)");
+    Ok(())
+}
+
+/// A stream that yields whenever the file may have changed (written, replaced, renamed onto).
+fn watch_file(file: &Path) -> Result<impl futures_util::Stream<Item = ()> + Unpin> {
+    let dir = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = file.file_name().map(|n| n.to_os_string());
+    let inotify = Inotify::init().context("inotify_init")?;
+    inotify
+        .watches()
+        .add(
+            dir,
+            WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE,
+        )
+        .with_context(|| format!("watching {}", dir.display()))?;
+    let stream = inotify
+        .into_event_stream(vec![0u8; 4096])
+        .context("inotify event stream")?;
+    Ok(Box::pin(stream.filter_map(move |ev| {
+        let hit = matches!(&ev, Ok(e) if e.name.as_deref() == name.as_deref());
+        async move { hit.then_some(()) }
+    })))
+}

@@ -1,0 +1,39 @@
+//! `egress-agent teardown`: the one explicit way to remove enforcement. Links go first (each
+//! detaches as its pin is removed), then the maps, then the directory.
+
+use std::fs;
+
+use anyhow::{Context as _, Result};
+
+use crate::kernel::{attach, bpffs::PinLayout};
+
+pub fn run(pins: &PinLayout) -> Result<()> {
+    if !pins.root.exists() {
+        println!("nothing to remove: {} does not exist", pins.root.display());
+        return Ok(());
+    }
+    let mut links = 0;
+    let cgroups = pins.pinned_cgroups()?;
+    for id in &cgroups {
+        links += attach::detach(pins, *id)?;
+    }
+    let mut maps = 0;
+    if let Ok(entries) = fs::read_dir(pins.maps()) {
+        for e in entries.flatten() {
+            fs::remove_file(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+            maps += 1;
+        }
+    }
+    for dir in [pins.links(), pins.maps(), pins.root.clone()] {
+        if dir.exists() {
+            fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+    }
+    println!(
+        "removed {links} links on {} cgroups and {maps} maps from {}; nothing is enforced any more",
+        cgroups.len(),
+        pins.root.display()
+    );
+    Ok(())
+}

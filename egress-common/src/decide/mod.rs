@@ -1,0 +1,112 @@
+//! The verdict for one destination, as a pure function over an allow-table lookup.
+//!
+//! The kernel programs call [`judge`] with a lookup backed by their LPM tries; the unit tests call
+//! it with an in-memory table. Keep it free of anything that cannot run in both places.
+
+use crate::{
+    addr::Destination,
+    policy::{AllowRules, PROTO_ANY},
+    verdict::Reason,
+};
+
+/// The allow tables of one policy.
+pub trait AllowLookup {
+    fn rules_v4(&self, policy_id: u32, addr: [u8; 4]) -> Option<&AllowRules>;
+    fn rules_v6(&self, policy_id: u32, addr: [u8; 16]) -> Option<&AllowRules>;
+}
+
+/// Where the destination was observed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// connect()/sendmsg(): the address the program passed. The kernel routes the unspecified
+    /// address to the local host, so it counts as loopback here.
+    Syscall,
+    /// A packet on its way out: judged exactly by the header bytes the network will act on.
+    Packet {
+        /// The packet leaves through the loopback device, so it cannot leave the network
+        /// namespace (this includes traffic to the workload's own addresses).
+        via_loopback: bool,
+        /// IPv4 options or an IPv6 routing header are present.
+        source_routed: bool,
+    },
+}
+
+/// What is known about the destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub dst: Destination,
+    /// IP protocol number (the final one after IPv6 extension headers).
+    pub protocol: u8,
+    /// Destination port for TCP/UDP/SCTP, host byte order. Meaningful only when `port_known`.
+    pub dport: u16,
+    /// False when the protocol has no ports, or the transport header is not in this packet.
+    /// (A plain flag rather than an `Option`: LLVM may read an `Option`'s undefined payload on
+    /// the `None` path, which the BPF verifier rejects as an uninitialised register.)
+    pub port_known: bool,
+    /// A non-first fragment: there is no transport header to check.
+    pub later_fragment: bool,
+    pub origin: Origin,
+}
+
+/// Judges `flow` against policy `policy_id`. The caller applies the mode (enforce or audit).
+#[inline(always)]
+pub fn judge<L: AllowLookup>(lookup: &L, policy_id: u32, flow: &Flow) -> Reason {
+    let dst = flow.dst.normalize();
+    match flow.origin {
+        Origin::Syscall => {
+            if dst.is_loopback() || dst.is_unspecified() {
+                return Reason::AllowLoopback;
+            }
+        }
+        Origin::Packet {
+            via_loopback,
+            source_routed,
+        } => {
+            if via_loopback {
+                return Reason::AllowLoopback;
+            }
+            // A loopback address on a real device: never legitimate, and a hand-made header
+            // could make a lenient next hop act on it.
+            if dst.is_loopback() {
+                return Reason::DenyLoopbackSpoof;
+            }
+            if source_routed {
+                return Reason::DenySourceRoute;
+            }
+        }
+    }
+    let rules = match dst {
+        Destination::V4(a) => lookup.rules_v4(policy_id, a),
+        Destination::V6(a) => lookup.rules_v6(policy_id, a),
+    };
+    let Some(rules) = rules else {
+        return Reason::DenyDestination;
+    };
+    match matching_rule(rules, flow) {
+        Some(reason) => reason,
+        None if flow.later_fragment => Reason::DenyFragment,
+        None => Reason::DenyPort,
+    }
+}
+
+/// The reason of the first rule that permits the flow's protocol and port.
+#[inline(always)]
+fn matching_rule(rules: &AllowRules, flow: &Flow) -> Option<Reason> {
+    for rule in rules.as_slice() {
+        if rule.protocol != PROTO_ANY && rule.protocol != flow.protocol {
+            continue;
+        }
+        let port_ok = rule.any_port()
+            || (flow.port_known && rule.port_first <= flow.dport && flow.dport <= rule.port_last);
+        if port_ok {
+            // Only userspace writes rules, with allow reasons; anything else is treated as no match.
+            if let Some(reason) = Reason::from_u8(rule.reason).filter(|r| r.is_allow()) {
+                return Some(reason);
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests;

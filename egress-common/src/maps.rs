@@ -1,0 +1,25 @@
+//! Map names (as pinned under the bpffs directory) and sizes. A name carries a version suffix
+//! that is bumped whenever its key or value layout changes, so a new agent never reinterprets an
+//! old pinned map.
+
+pub const MAP_POLICIES: &str = "EGRESS_POLICY_V1";
+pub const MAP_ALLOW_V4: &str = "EGRESS_ALLOW4_V1";
+pub const MAP_ALLOW_V6: &str = "EGRESS_ALLOW6_V1";
+pub const MAP_CONFIG: &str = "EGRESS_CONFIG_V1";
+pub const MAP_COUNTERS: &str = "EGRESS_COUNTERS_V1";
+pub const MAP_EVENT_BUDGET: &str = "EGRESS_EVBUDGET_V1";
+pub const MAP_EVENTS: &str = "EGRESS_EVENTS_V1";
+
+/// Enforced cgroups (pods) per node.
+pub const MAX_POLICIES: u32 = 16_384;
+/// Allow prefixes per address family, over all policies.
+pub const MAX_ALLOW_ENTRIES: u32 = 262_144;
+/// Ring buffer size for events (bytes, power of two).
+pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+
+/// Program names as they appear in the object file.
+pub const PROG_SKB_EGRESS: &str = "egress_skb";
+pub const PROG_CONNECT4: &str = "egress_connect4";
+pub const PROG_CONNECT6: &str = "egress_connect6";
+pub const PROG_SENDMSG4: &str = "egress_sendmsg4";
+pub const PROG_SENDMSG6: &str = "egress_sendmsg6";

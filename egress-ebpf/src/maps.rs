@@ -1,0 +1,43 @@
+//! Every map, pinned by name under the agent's bpffs directory so that the policy outlives the
+//! agent process. Names must equal the constants in `egress_common::maps`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+};
+use egress_common::{
+    event::EventBudget,
+    maps::{EVENTS_RING_BYTES, MAX_ALLOW_ENTRIES, MAX_POLICIES},
+    policy::{AllowRules, CgroupPolicy, GlobalConfig, Ipv4AllowKey, Ipv6AllowKey},
+    verdict::{REASON_SLOTS, ReasonCounters},
+};
+
+/// Enforced cgroup id -> its policy.
+#[map]
+pub static EGRESS_POLICY_V1: HashMap<u64, CgroupPolicy> = HashMap::pinned(MAX_POLICIES, 0);
+
+/// (policy id, IPv4 prefix) -> rules for destinations under that prefix.
+#[map]
+pub static EGRESS_ALLOW4_V1: LpmTrie<Ipv4AllowKey, AllowRules> =
+    LpmTrie::pinned(MAX_ALLOW_ENTRIES, 0);
+
+/// (policy id, IPv6 prefix) -> rules for destinations under that prefix.
+#[map]
+pub static EGRESS_ALLOW6_V1: LpmTrie<Ipv6AllowKey, AllowRules> =
+    LpmTrie::pinned(MAX_ALLOW_ENTRIES, 0);
+
+/// Index 0: global configuration (which cgroup levels hold policies).
+#[map]
+pub static EGRESS_CONFIG_V1: Array<GlobalConfig> = Array::pinned(1, 0);
+
+/// Reason number -> verdict counts, per CPU so the hot path never contends.
+#[map]
+pub static EGRESS_COUNTERS_V1: PerCpuArray<ReasonCounters> = PerCpuArray::pinned(REASON_SLOTS, 0);
+
+/// Index 0: per-CPU event rate limit state.
+#[map]
+pub static EGRESS_EVBUDGET_V1: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
+
+/// Deny and audit events for the agent.
+#[map]
+pub static EGRESS_EVENTS_V1: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);

@@ -1,0 +1,153 @@
+//! Reads what the policy needs from an outgoing packet. In cgroup_skb programs the data starts
+//! at the network header. Everything is read with `bpf_skb_load_bytes`, which bounds-checks
+//! against the real packet length, so a truncated or hand-made header fails to parse instead of
+//! being misread.
+
+use aya_ebpf::programs::SkBuffContext;
+use egress_common::addr::Destination;
+
+pub struct Packet {
+    pub dst: Destination,
+    pub src: Destination,
+    pub protocol: u8,
+    pub sport: u16,
+    pub dport: u16,
+    /// See `egress_common::decide::Flow::port_known`.
+    pub port_known: bool,
+    pub later_fragment: bool,
+    pub source_routed: bool,
+}
+
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_AH: u8 = 51;
+const IPPROTO_DSTOPTS: u8 = 60;
+const IPPROTO_SCTP: u8 = 132;
+const IPPROTO_UDPLITE: u8 = 136;
+
+/// IPv6 extension headers followed before giving up (and denying as malformed). Real traffic
+/// carries at most two or three; the bound keeps the verifier happy.
+const MAX_IPV6_EXT_HEADERS: usize = 8;
+
+/// `Err(())` means the packet cannot be parsed: the caller denies it as malformed.
+#[inline(always)]
+pub fn parse(ctx: &SkBuffContext) -> Result<Packet, ()> {
+    let first: u8 = ctx.load(0).map_err(|_| ())?;
+    match first >> 4 {
+        4 => parse_v4(ctx),
+        6 => parse_v6(ctx),
+        _ => Err(()),
+    }
+}
+
+#[inline(always)]
+fn has_ports(protocol: u8) -> bool {
+    matches!(
+        protocol,
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE
+    )
+}
+
+/// (source port, destination port, known) at `offset`. Unknown if the header is cut short (a
+/// tiny first fragment), which then matches no port-restricted rule. Every output is written on
+/// every path so the verifier never sees an uninitialised register.
+#[inline(always)]
+fn ports_at(ctx: &SkBuffContext, offset: usize, wanted: bool) -> (u16, u16, bool) {
+    if !wanted {
+        return (0, 0, false);
+    }
+    match ctx.load::<[u8; 4]>(offset) {
+        Ok(p) => (
+            u16::from_be_bytes([p[0], p[1]]),
+            u16::from_be_bytes([p[2], p[3]]),
+            true,
+        ),
+        Err(_) => (0, 0, false),
+    }
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &SkBuffContext) -> Result<Packet, ()> {
+    let h: [u8; 20] = ctx.load(0).map_err(|_| ())?;
+    let ihl = usize::from(h[0] & 0x0f);
+    if ihl < 5 {
+        return Err(());
+    }
+    let frag_offset = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
+    let later_fragment = frag_offset != 0;
+    let protocol = h[9];
+    let (sport, dport, port_known) = ports_at(ctx, ihl * 4, has_ports(protocol) && !later_fragment);
+    Ok(Packet {
+        src: Destination::V4([h[12], h[13], h[14], h[15]]),
+        dst: Destination::V4([h[16], h[17], h[18], h[19]]),
+        protocol,
+        sport,
+        dport,
+        port_known,
+        later_fragment,
+        // Any IPv4 option: LSRR/SSRR would let a router forward past the checked destination.
+        source_routed: ihl > 5,
+    })
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &SkBuffContext) -> Result<Packet, ()> {
+    let h: [u8; 40] = ctx.load(0).map_err(|_| ())?;
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src.copy_from_slice(&h[8..24]);
+    dst.copy_from_slice(&h[24..40]);
+    let mut next = h[6];
+    let mut offset = 40usize;
+    let mut later_fragment = false;
+    let mut source_routed = false;
+    let mut done = false;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_DSTOPTS | IPPROTO_ROUTING => {
+                // Segment routing (type 4) or any other routing header sends the packet on past
+                // its destination address: deny rather than guess what the next hops do.
+                source_routed |= next == IPPROTO_ROUTING;
+                let e: [u8; 2] = ctx.load(offset).map_err(|_| ())?;
+                next = e[0];
+                offset += (usize::from(e[1]) + 1) * 8;
+            }
+            IPPROTO_FRAGMENT => {
+                let e: [u8; 4] = ctx.load(offset).map_err(|_| ())?;
+                next = e[0];
+                offset += 8;
+                if u16::from_be_bytes([e[2], e[3]]) >> 3 != 0 {
+                    later_fragment = true;
+                    done = true;
+                    break;
+                }
+            }
+            IPPROTO_AH => {
+                let e: [u8; 2] = ctx.load(offset).map_err(|_| ())?;
+                next = e[0];
+                offset += (usize::from(e[1]) + 2) * 4;
+            }
+            _ => {
+                done = true;
+                break;
+            }
+        }
+    }
+    if !done {
+        return Err(());
+    }
+    let (sport, dport, port_known) = ports_at(ctx, offset, has_ports(next) && !later_fragment);
+    Ok(Packet {
+        src: Destination::V6(src),
+        dst: Destination::V6(dst),
+        protocol: next,
+        sport,
+        dport,
+        port_known,
+        later_fragment,
+        source_routed,
+    })
+}

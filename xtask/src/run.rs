@@ -1,0 +1,68 @@
+//! Small helpers for running commands with errors that name what failed.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits inside the workspace")
+        .to_path_buf()
+}
+
+/// Human-readable form of a command line, for error messages and progress output.
+pub fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&arg.to_string_lossy());
+    }
+    s
+}
+
+/// Runs a command with inherited stdio and fails if it exits non-zero.
+pub fn status(cmd: &mut Command) -> Result<()> {
+    let line = describe(cmd);
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start `{line}` (is it installed?)"))?;
+    if !status.success() {
+        bail!("`{line}` failed with {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout; stderr is included in the error on failure.
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let line = describe(cmd);
+    let out = cmd
+        .output()
+        .with_context(|| format!("could not start `{line}` (is it installed?)"))?;
+    if !out.status.success() {
+        bail!(
+            "`{line}` failed with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    String::from_utf8(out.stdout).with_context(|| format!("`{line}` printed non-UTF-8 output"))
+}
+
+/// Builds the agent binary and returns its path.
+pub fn build_agent(release: bool) -> Result<PathBuf> {
+    let root = workspace_root();
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(&root)
+        .args(["build", "--package", "egress-agent"]);
+    if release {
+        cmd.arg("--release");
+    }
+    status(&mut cmd)?;
+    let profile = if release { "release" } else { "debug" };
+    Ok(root.join("target").join(profile).join("egress-agent"))
+}
