@@ -1,1 +1,31 @@
-//! Test harness
+//! Harness for the integration tests: a simulated node built from network namespaces, cgroups
+//! and veths, real clients (socat, curl, ping, hping3) run inside a "pod", and sniffers that
+//! prove nothing arrived where nothing should. Every resource is removed on drop, including when
+//! a test panics.
+//!
+//! Run through `cargo xtask test`, which builds the agent and passes its path in
+//! `EGRESS_AGENT_BIN`. The tests need root; without it they fail, loudly.
+
+pub mod agent;
+pub mod client;
+pub mod lab;
+pub mod listen;
+pub mod netns;
+pub mod sniff;
+
+use std::path::PathBuf;
+
+/// Fails the test (never skips it) when not running as root.
+pub fn require_root() {
+    // SAFETY: plain syscall.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "these tests create network namespaces, cgroups and BPF links: run them as root (cargo xtask test)");
+}
+
+pub fn agent_bin() -> PathBuf {
+    let path = std::env::var_os("EGRESS_AGENT_BIN")
+        .map(PathBuf::from)
+        .expect("EGRESS_AGENT_BIN is not set: run the integration tests with `cargo xtask test`, which builds the agent first");
+    assert!(path.is_file(), "EGRESS_AGENT_BIN={} does not exist", path.display());
+    path
+}

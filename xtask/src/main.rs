@@ -1,6 +1,7 @@
 //! `cargo xtask`: everything a newcomer or CI runs, with nothing installed by hand first.
 
 mod run;
+mod test;
 mod toolchain;
 
 use anyhow::Result;
@@ -17,10 +18,24 @@ struct Cli {
 enum Command {
     /// Install what the build and tests need: nightly rust-src, bpf-linker, Debian packages.
     Setup,
+    /// Build the agent (with its embedded eBPF object).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Lint, unit tests, BPF_PROG_TEST_RUN tests and network-namespace integration tests.
+    Test(test::TestArgs),
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Setup => toolchain::setup_all(),
+        Command::Setup => toolchain::setup_all().map(|_| ()),
+        Command::Build { release } => {
+            let tc = toolchain::setup_build()?;
+            let path = run::build_agent(&tc, release)?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::Test(args) => test::run(&args),
     }
 }

@@ -1,18 +1,18 @@
 //! Small helpers for running commands with errors that name what failed.
 
 use std::{
+    env,
     path::{Path, PathBuf},
     process::Command,
 };
 
 use anyhow::{Context as _, Result, bail};
 
+use crate::toolchain::{self, EbpfToolchain};
+
 /// The workspace root (xtask lives one level below it).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask sits inside the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits inside the workspace").to_path_buf()
 }
 
 /// Human-readable form of a command line, for error messages and progress output.
@@ -28,9 +28,7 @@ pub fn describe(cmd: &Command) -> String {
 /// Runs a command with inherited stdio and fails if it exits non-zero.
 pub fn status(cmd: &mut Command) -> Result<()> {
     let line = describe(cmd);
-    let status = cmd
-        .status()
-        .with_context(|| format!("could not start `{line}` (is it installed?)"))?;
+    let status = cmd.status().with_context(|| format!("could not start `{line}` (is it installed?)"))?;
     if !status.success() {
         bail!("`{line}` failed with {status}");
     }
@@ -40,29 +38,43 @@ pub fn status(cmd: &mut Command) -> Result<()> {
 /// Runs a command and returns its stdout; stderr is included in the error on failure.
 pub fn output(cmd: &mut Command) -> Result<String> {
     let line = describe(cmd);
-    let out = cmd
-        .output()
-        .with_context(|| format!("could not start `{line}` (is it installed?)"))?;
+    let out = cmd.output().with_context(|| format!("could not start `{line}` (is it installed?)"))?;
     if !out.status.success() {
-        bail!(
-            "`{line}` failed with {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`{line}` failed with {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     String::from_utf8(out.stdout).with_context(|| format!("`{line}` printed non-UTF-8 output"))
 }
 
-/// Builds the agent binary and returns its path.
-pub fn build_agent(release: bool) -> Result<PathBuf> {
-    let root = workspace_root();
+/// `cargo <args>` in the workspace, with what the eBPF build needs: the project's bpf-linker
+/// first on PATH and the eBPF toolchain choice.
+pub fn cargo(toolchain: &EbpfToolchain) -> Result<Command> {
     let mut cmd = Command::new(env!("CARGO"));
-    cmd.current_dir(&root)
-        .args(["build", "--package", "egress-agent"]);
+    cmd.current_dir(workspace_root());
+    let linker_dir = toolchain::bpf_linker_bin_dir(toolchain)?;
+    let path = env::var_os("PATH").unwrap_or_default();
+    let joined = env::join_paths(std::iter::once(linker_dir).chain(env::split_paths(&path)))?;
+    cmd.env("PATH", joined);
+    toolchain.apply(&mut cmd);
+    Ok(cmd)
+}
+
+/// Builds the agent binary and returns its path.
+pub fn build_agent(toolchain: &EbpfToolchain, release: bool) -> Result<PathBuf> {
+    let mut cmd = cargo(toolchain)?;
+    cmd.args(["build", "--package", "egress-agent"]);
     if release {
         cmd.arg("--release");
     }
     status(&mut cmd)?;
     let profile = if release { "release" } else { "debug" };
-    Ok(root.join("target").join(profile).join("egress-agent"))
+    Ok(workspace_root().join("target").join(profile).join("egress-agent"))
+}
+
+/// Fails with a clear message unless running as root.
+pub fn require_root(what: &str) -> Result<()> {
+    // SAFETY: plain syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} needs root (network namespaces, cgroups, BPF): run it as root");
+    }
+    Ok(())
 }

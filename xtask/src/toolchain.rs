@@ -43,9 +43,10 @@ impl EbpfToolchain {
     }
 }
 
-pub fn setup_all() -> Result<()> {
-    setup_build()?;
-    ensure_debian_packages()
+pub fn setup_all() -> Result<EbpfToolchain> {
+    let toolchain = setup_build()?;
+    ensure_debian_packages()?;
+    Ok(toolchain)
 }
 
 /// Everything needed to build egress-agent (and so the embedded eBPF object).

@@ -1,0 +1,111 @@
+//! The real agent binary, run in standalone mode against a lab.
+
+use std::{
+    fs::{self, File},
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::lab::Lab;
+
+pub struct Agent {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+/// `egress-agent --pin-dir <lab pins> --cgroup-root <root> <args>`.
+pub fn command(lab: &Lab) -> Command {
+    let mut cmd = Command::new(crate::agent_bin());
+    cmd.arg("--pin-dir").arg(&lab.pin_dir).arg("--cgroup-root").arg(&lab.cgroup_root).arg("--log-format").arg("json");
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+/// Runs a one-shot agent command (inspect, teardown).
+pub fn cli(lab: &Lab, args: &[&str]) -> Output {
+    command(lab).args(args).output().expect("running egress-agent")
+}
+
+impl Agent {
+    /// Starts `standalone` with the lab's policy file and waits until it reports ready.
+    pub fn start(lab: &Lab) -> Self {
+        Self::try_start(lab).unwrap_or_else(|log| panic!("agent did not become ready; its log:\n{log}"))
+    }
+
+    /// Like `start`, but returns the log when the agent exits or never becomes ready.
+    pub fn try_start(lab: &Lab) -> Result<Self, String> {
+        static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let log = lab.dir.join(format!("agent-{n}.log"));
+        let child = command(lab)
+            .arg("standalone")
+            .arg("--config")
+            .arg(lab.policy_path())
+            .stderr(File::create(&log).expect("agent log file"))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawning egress-agent");
+        let mut agent = Self { child: Some(child), log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if agent.log_text().contains("\"message\":\"ready\"") {
+                return Ok(agent);
+            }
+            let exited = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || Instant::now() > deadline {
+                let text = agent.log_text();
+                agent.kill9();
+                return Err(text);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// JSON log lines whose message matches.
+    pub fn lines(&self, message: &str) -> Vec<serde_json::Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["message"].as_str().is_some_and(|m| m.starts_with(message)))
+            .collect()
+    }
+
+    /// Waits until at least `count` lines match `message`.
+    pub fn wait_for(&self, message: &str, count: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = self.lines(message);
+            if found.len() >= count || Instant::now() > deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: no chance to clean anything up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGHUP: reload the policy file.
+    pub fn hangup(&self) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGHUP) };
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
