@@ -87,6 +87,18 @@ impl Agent {
         }
     }
 
+    /// Waits for a line with `message` that satisfies `pred`, and returns it.
+    pub fn wait_until(&self, message: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(v) = self.lines(message).into_iter().find(|v| pred(v)) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "no {message:?} line as expected; agent log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL: no chance to clean anything up.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
