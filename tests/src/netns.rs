@@ -91,6 +91,21 @@ impl NetNs {
             .unwrap_or_else(|e| panic!("running {program} in netns {}: {e} (cargo xtask setup installs it)", self.name))
     }
 
+    /// Runs `f` on a scoped thread inside this namespace and returns its result.
+    pub fn within<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let netns = File::open(self.path()).expect("netns file exists while NetNs lives");
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                // SAFETY: setns on this thread only.
+                let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .expect("thread in netns panicked")
+        })
+    }
+
     /// Runs `f` on a new thread that lives in this namespace (sockets it opens belong here).
     pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
         let netns = File::open(self.path()).expect("netns file exists while NetNs lives");
