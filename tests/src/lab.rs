@@ -51,13 +51,18 @@ pub struct Lab {
 }
 
 impl Lab {
+    #[expect(clippy::new_without_default, reason = "building a lab has side effects; a Default would hide them")]
     pub fn new() -> Self {
         crate::require_root();
         Self::build().unwrap_or_else(|e| panic!("building the test lab: {e:#}"))
     }
 
     fn build() -> Result<Self> {
-        let id = format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
         let short = format!("eft{}", id.replace('-', "x"));
         let dir = std::env::temp_dir().join(format!("egressfw-test-{id}"));
         fs::create_dir_all(&dir)?;
@@ -93,8 +98,22 @@ impl Lab {
 
     /// A veth from `host` (eth0) to the node's bridge, with the given addresses.
     fn attach(&self, host: &NetNs, peer: &str, addrs: &[(&str, &str)]) -> Result<()> {
-        crate::netns::ip(&["link", "add", "eth0", "netns", &host.name, "type", "veth", "peer", "name", peer, "netns", &self.node.name])?;
-        self.node.ip(&["link", "set", peer, "master", "br0", "up"])?;
+        crate::netns::ip(&[
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            &host.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer,
+            "netns",
+            &self.node.name,
+        ])?;
+        self.node
+            .ip(&["link", "set", peer, "master", "br0", "up"])?;
         // No duplicate address detection: the addresses are usable at once.
         host.sysctl("net.ipv6.conf.eth0.accept_dad", "0")?;
         for (v4, v6) in addrs {
@@ -106,7 +125,10 @@ impl Lab {
     }
 
     pub fn pod_sources() -> Vec<IpAddr> {
-        vec![POD4.parse().expect("literal"), POD6.parse().expect("literal")]
+        vec![
+            POD4.parse().expect("literal"),
+            POD6.parse().expect("literal"),
+        ]
     }
 
     /// Writes a standalone policy for the pod cgroup and returns its path.
@@ -179,5 +201,10 @@ impl Drop for Lab {
 
 /// Output of a client as one string, for assertions and failure messages.
 pub fn text(out: &Output) -> String {
-    format!("status {}\nstdout: {}\nstderr: {}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }

@@ -19,13 +19,20 @@ use std::path::PathBuf;
 pub fn require_root() {
     // SAFETY: plain syscall.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "these tests create network namespaces, cgroups and BPF links: run them as root (cargo xtask test)");
+    assert_eq!(
+        euid, 0,
+        "these tests create network namespaces, cgroups and BPF links: run them as root (cargo xtask test)"
+    );
 }
 
 pub fn agent_bin() -> PathBuf {
     let path = std::env::var_os("EGRESS_AGENT_BIN")
         .map(PathBuf::from)
         .expect("EGRESS_AGENT_BIN is not set: run the integration tests with `cargo xtask test`, which builds the agent first");
-    assert!(path.is_file(), "EGRESS_AGENT_BIN={} does not exist", path.display());
+    assert!(
+        path.is_file(),
+        "EGRESS_AGENT_BIN={} does not exist",
+        path.display()
+    );
     path
 }

@@ -28,7 +28,10 @@ impl Server {
         self.hits.load(Ordering::SeqCst)
     }
 
-    fn start(ns: &NetNs, body: impl FnOnce(Arc<AtomicUsize>, Arc<AtomicBool>, mpsc::Sender<()>) + Send + 'static) -> Self {
+    fn start(
+        ns: &NetNs,
+        body: impl FnOnce(Arc<AtomicUsize>, Arc<AtomicBool>, mpsc::Sender<()>) + Send + 'static,
+    ) -> Self {
         let hits = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
@@ -36,8 +39,13 @@ impl Server {
             let (hits, stop) = (hits.clone(), stop.clone());
             move || body(hits, stop, tx)
         });
-        rx.recv_timeout(Duration::from_secs(5)).expect("server did not start");
-        Self { hits, stop, thread: Some(thread) }
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("server did not start");
+        Self {
+            hits,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     pub fn tcp_http(ns: &NetNs, addr: SocketAddr) -> Self {
@@ -64,7 +72,8 @@ impl Server {
     pub fn udp_echo(ns: &NetNs, addr: SocketAddr) -> Self {
         Self::start(ns, move |hits, stop, ready| {
             let s = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-            s.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+            s.set_read_timeout(Some(Duration::from_millis(50)))
+                .expect("timeout");
             ready.send(()).expect("test waits");
             let mut buf = [0u8; 2048];
             while !stop.load(Ordering::Relaxed) {

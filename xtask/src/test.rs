@@ -25,9 +25,20 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let tc = toolchain::setup_all()?;
     if !args.no_lint {
         step("rustfmt");
-        status(Command::new(env!("CARGO")).current_dir(crate::run::workspace_root()).args(["fmt", "--all", "--check"]))?;
+        status(
+            Command::new(env!("CARGO"))
+                .current_dir(crate::run::workspace_root())
+                .args(["fmt", "--all", "--check"]),
+        )?;
         step("clippy");
-        status(cargo(&tc)?.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+        status(cargo(&tc)?.args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
     }
     step("build the agent (with its eBPF object)");
     let agent = build_agent(&tc, false)?;
@@ -35,7 +46,13 @@ pub fn run(args: &TestArgs) -> Result<()> {
     status(cargo(&tc)?.args(["test", "--workspace", "--exclude", "egress-tests"]))?;
     step("kernel tests: BPF_PROG_TEST_RUN and network namespaces (one at a time)");
     let mut cmd = cargo(&tc)?;
-    cmd.args(["test", "--package", "egress-tests", "--", "--test-threads=1"]);
+    cmd.args([
+        "test",
+        "--package",
+        "egress-tests",
+        "--",
+        "--test-threads=1",
+    ]);
     if let Some(f) = &args.filter {
         cmd.arg(f);
     }
@@ -53,10 +70,16 @@ fn step(what: &str) {
 fn check_no_leftovers() -> Result<()> {
     let mut left = Vec::new();
     if let Ok(entries) = fs::read_dir("/run/netns") {
-        left.extend(entries.flatten().map(|e| e.path()).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("eft"))));
+        left.extend(entries.flatten().map(|e| e.path()).filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("eft"))
+        }));
     }
     if let Ok(entries) = fs::read_dir("/sys/fs/bpf") {
-        left.extend(entries.flatten().map(|e| e.path()).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("egressfw-test-"))));
+        left.extend(entries.flatten().map(|e| e.path()).filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("egressfw-test-"))
+        }));
     }
     if !left.is_empty() {
         bail!("the tests left these behind: {left:?}");
