@@ -54,22 +54,23 @@ impl Lab {
     #[expect(clippy::new_without_default, reason = "building a lab has side effects; a Default would hide them")]
     pub fn new() -> Self {
         crate::require_root();
-        Self::build().unwrap_or_else(|e| panic!("building the test lab: {e:#}"))
+        let id = format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
+        Self::named(&id).unwrap_or_else(|e| panic!("building the test lab: {e:#}"))
     }
 
-    fn build() -> Result<Self> {
-        let id = format!(
-            "{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        );
+    /// A lab with a fixed id; whatever an interrupted run with the same id left is removed first.
+    pub fn named(id: &str) -> Result<Self> {
+        let id = id.to_string();
         let short = format!("eft{}", id.replace('-', "x"));
         let dir = std::env::temp_dir().join(format!("egressfw-test-{id}"));
         fs::create_dir_all(&dir)?;
-        let cgroup_root = egress_agent::cgroup::cgroup2_mount()?;
+        let cgroup_root = cgroup2_mount()?;
         let base_cgroup = cgroup_root.join(format!("egressfw-test-{id}"));
         let pod_cgroup = base_cgroup.join("pod");
         let other_cgroup = base_cgroup.join("other");
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/egressfw-test-{id}"));
+        remove_cgroup_tree(&base_cgroup);
+        let _ = fs::remove_dir_all(&pin_dir);
         // Namespaces first so a failure below still cleans up what exists (Drop runs on a built Lab
         // only, so build it as early as possible).
         let lab = Self {
@@ -77,7 +78,7 @@ impl Lab {
             pod: NetNs::create(&format!("{short}-pod"))?,
             gateway: NetNs::create(&format!("{short}-gw"))?,
             external: NetNs::create(&format!("{short}-ext"))?,
-            pin_dir: PathBuf::from(format!("/sys/fs/bpf/egressfw-test-{id}")),
+            pin_dir,
             id,
             dir,
             cgroup_root,
@@ -163,6 +164,17 @@ impl Lab {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.pod.run(Some(cgroup), program, &args)
     }
+}
+
+/// The cgroup2 mount point from /proc/mounts.
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts")?;
+    mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(2) == Some(&"cgroup2"))
+        .map(|f| PathBuf::from(f[1]))
+        .context("no cgroup2 filesystem in /proc/mounts")
 }
 
 /// Kills every process in a cgroup subtree and removes it, deepest first.

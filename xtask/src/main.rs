@@ -1,5 +1,6 @@
 //! `cargo xtask`: everything a newcomer or CI runs, with nothing installed by hand first.
 
+mod demo;
 mod run;
 mod test;
 mod toolchain;
@@ -23,6 +24,8 @@ enum Command {
         #[arg(long)]
         release: bool,
     },
+    /// Simulated node in network namespaces: what an enforced pod can and cannot reach.
+    Demo,
     /// Lint, unit tests, BPF_PROG_TEST_RUN tests and network-namespace integration tests.
     Test(test::TestArgs),
 }
@@ -37,5 +40,6 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Test(args) => test::run(&args),
+        Command::Demo => demo::run(),
     }
 }
