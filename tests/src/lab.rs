@@ -51,10 +51,17 @@ pub struct Lab {
 }
 
 impl Lab {
-    #[expect(clippy::new_without_default, reason = "building a lab has side effects; a Default would hide them")]
+    #[expect(
+        clippy::new_without_default,
+        reason = "building a lab has side effects; a Default would hide them"
+    )]
     pub fn new() -> Self {
         crate::require_root();
-        let id = format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
         Self::named(&id).unwrap_or_else(|e| panic!("building the test lab: {e:#}"))
     }
 
