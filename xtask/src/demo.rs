@@ -135,8 +135,8 @@ pub fn run() -> Result<()> {
     });
 
     println!(
-        "{:<15} {:<48} {:<34} {}",
-        "FROM", "ATTEMPT", "CLIENT SAW", "ARRIVED"
+        "{:<15} {:<48} {:<34} ARRIVED",
+        "FROM", "ATTEMPT", "CLIENT SAW"
     );
     let mut surprises = 0;
     for a in attempts {

@@ -1,5 +1,6 @@
 //! `cargo xtask`: everything a newcomer or CI runs, with nothing installed by hand first.
 
+mod bench;
 mod demo;
 mod run;
 mod test;
@@ -26,6 +27,11 @@ enum Command {
     },
     /// Simulated node in network namespaces: what an enforced pod can and cannot reach.
     Demo,
+    /// Benchmarks that report ratios measured side by side in one run.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Bench,
+    },
     /// Lint, unit tests, BPF_PROG_TEST_RUN tests and network-namespace integration tests.
     Test(test::TestArgs),
 }
@@ -41,5 +47,6 @@ fn main() -> Result<()> {
         }
         Command::Test(args) => test::run(&args),
         Command::Demo => demo::run(),
+        Command::Bench { which } => bench::run(which),
     }
 }
