@@ -16,25 +16,16 @@ fn main() -> anyhow::Result<()> {
         .into_iter()
         .find(|p| p.name == "egress-ebpf")
         .ok_or_else(|| anyhow!("package egress-ebpf not found in the workspace"))?;
-    let root_dir = ebpf
-        .manifest_path
-        .parent()
-        .context("egress-ebpf manifest has no parent directory")?
-        .to_string();
+    let root_dir =
+        ebpf.manifest_path.parent().context("egress-ebpf manifest has no parent directory")?.to_string();
     let toolchain_name = std::env::var("EGRESS_EBPF_TOOLCHAIN").ok();
     let toolchain = match toolchain_name.as_deref() {
         Some(name) => Toolchain::Custom(name),
         None => Toolchain::Nightly,
     };
     aya_build::build_ebpf(
-        [Package {
-            name: "egress-ebpf",
-            root_dir: &root_dir,
-            ..Default::default()
-        }],
+        [Package { name: "egress-ebpf", root_dir: &root_dir, ..Default::default() }],
         toolchain,
     )
-    .context(
-        "building the eBPF programs (run `cargo xtask setup` if bpf-linker or rust-src is missing)",
-    )
+    .context("building the eBPF programs (run `cargo xtask setup` if bpf-linker or rust-src is missing)")
 }

@@ -37,34 +37,20 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
 /// Resolves a cgroup as written in a policy: relative to the cgroup2 mount, or absolute under it.
 pub fn resolve(root: &Path, written: &str) -> Result<CgroupRef> {
     let given = Path::new(written);
-    let path = if given.is_absolute() {
-        given.to_path_buf()
-    } else {
-        root.join(given)
-    };
+    let path = if given.is_absolute() { given.to_path_buf() } else { root.join(given) };
     if path.components().any(|c| matches!(c, Component::ParentDir)) {
         bail!("cgroup {written:?}: `..` is not allowed in cgroup paths");
     }
-    let rel = path.strip_prefix(root).with_context(|| {
-        format!(
-            "cgroup {written:?} is not under the cgroup2 mount {}",
-            root.display()
-        )
-    })?;
+    let rel = path
+        .strip_prefix(root)
+        .with_context(|| format!("cgroup {written:?} is not under the cgroup2 mount {}", root.display()))?;
     let meta = fs::metadata(&path)
         .with_context(|| format!("cgroup {written:?} does not exist ({})", path.display()))?;
     if !meta.is_dir() || !path.join("cgroup.procs").exists() {
-        bail!(
-            "cgroup {written:?} ({}) is not a cgroup directory",
-            path.display()
-        );
+        bail!("cgroup {written:?} ({}) is not a cgroup directory", path.display());
     }
     let level = rel.components().count() as u32;
-    Ok(CgroupRef {
-        path,
-        id: meta.ino(),
-        level,
-    })
+    Ok(CgroupRef { path, id: meta.ino(), level })
 }
 
 /// The cgroup id of a path, if it still exists.
@@ -85,10 +71,7 @@ pub fn paths_of(root: &Path, ids: &[u64]) -> std::collections::HashMap<u64, Path
         }
         if let Ok(entries) = fs::read_dir(&dir) {
             stack.extend(
-                entries
-                    .flatten()
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path()),
+                entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()),
             );
         }
     }

@@ -58,8 +58,7 @@ struct TokenBucket {
 impl TokenBucket {
     fn take(&mut self) -> bool {
         let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * LINES_PER_SEC).min(BURST);
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * LINES_PER_SEC).min(BURST);
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -71,25 +70,16 @@ impl TokenBucket {
 }
 
 /// Logs events until the ring buffer fails. `policy_paths` names the enforced cgroups.
-pub async fn run(
-    ring: RingBuf<MapData>,
-    policy_paths: impl Fn(u64) -> Option<PathBuf>,
-) -> Result<()> {
+pub async fn run(ring: RingBuf<MapData>, policy_paths: impl Fn(u64) -> Option<PathBuf>) -> Result<()> {
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for as long as the
     // AsyncFd owns the RingBuf.
     let mut fd = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("watching the events ring buffer: {e}"))?;
-    let mut bucket = TokenBucket {
-        tokens: BURST,
-        last: Instant::now(),
-    };
+    let mut bucket = TokenBucket { tokens: BURST, last: Instant::now() };
     let mut suppressed: HashMap<&'static str, u64> = HashMap::new();
     let mut last_report = Instant::now();
     loop {
-        let mut guard = fd
-            .readable_mut()
-            .await
-            .context("waiting on the events ring buffer")?;
+        let mut guard = fd.readable_mut().await.context("waiting on the events ring buffer")?;
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
             let Some(ev) = decode(&item) else { continue };
@@ -111,16 +101,10 @@ pub async fn run(
 }
 
 fn log_event(ev: &VerdictEvent, reason: &str, policy_cgroup: Option<PathBuf>) {
-    let action = if ev.action == ACTION_AUDITED {
-        "audit"
-    } else {
-        "deny"
-    };
+    let action = if ev.action == ACTION_AUDITED { "audit" } else { "deny" };
     let hook = Hook::from_u8(ev.hook).map_or("unknown", Hook::name);
     let dst = address(ev.daddr, ev.family);
-    let cgroup = policy_cgroup
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
+    let cgroup = policy_cgroup.map(|p| p.display().to_string()).unwrap_or_default();
     tracing::warn!(
         target: "egressfw::verdict",
         action,

@@ -61,10 +61,7 @@ pub struct CounterReport {
 
 pub fn collect(pins: &PinLayout, cgroup_root: &Path) -> Result<Report> {
     if !pins.exists() {
-        anyhow::bail!(
-            "nothing is pinned at {} (no agent has run with this --pin-dir)",
-            pins.root.display()
-        );
+        anyhow::bail!("nothing is pinned at {} (no agent has run with this --pin-dir)", pins.root.display());
     }
     let maps = KernelMaps::from_pins(pins)?;
     let policies = maps.policies()?;
@@ -80,14 +77,8 @@ pub fn collect(pins: &PinLayout, cgroup_root: &Path) -> Result<Report> {
         let rules = policy.and_then(|p| entries.get(&p.policy_id));
         let mut allow = Vec::new();
         if let Some(r) = rules {
-            allow.extend(r.v4.iter().map(|(n, v)| AllowReport {
-                prefix: n.to_string(),
-                rules: describe(v),
-            }));
-            allow.extend(r.v6.iter().map(|(n, v)| AllowReport {
-                prefix: n.to_string(),
-                rules: describe(v),
-            }));
+            allow.extend(r.v4.iter().map(|(n, v)| AllowReport { prefix: n.to_string(), rules: describe(v) }));
+            allow.extend(r.v6.iter().map(|(n, v)| AllowReport { prefix: n.to_string(), rules: describe(v) }));
         }
         out.push(PolicyReport {
             cgroup_id: id,
@@ -112,12 +103,7 @@ pub fn collect(pins: &PinLayout, cgroup_root: &Path) -> Result<Report> {
             .iter()
             .map(|r| {
                 let c = counters[*r as usize];
-                CounterReport {
-                    reason: r.name(),
-                    number: *r as u8,
-                    applied: c.applied,
-                    audited: c.audited,
-                }
+                CounterReport { reason: r.name(), number: *r as u8, applied: c.applied, audited: c.audited }
             })
             .collect(),
         events_suppressed: suppressed,
@@ -128,19 +114,14 @@ pub fn collect(pins: &PinLayout, cgroup_root: &Path) -> Result<Report> {
 fn links_of(pins: &PinLayout, cgroup_id: u64) -> Vec<LinkReport> {
     let dir = pins.cgroup_links(cgroup_id);
     let mut names: Vec<String> = fs::read_dir(&dir)
-        .map(|it| {
-            it.flatten()
-                .filter_map(|e| e.file_name().into_string().ok())
-                .collect()
-        })
+        .map(|it| it.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
         .unwrap_or_default();
     names.sort();
     names
         .into_iter()
         .map(|program| {
-            let info = PinnedLink::from_pin(dir.join(&program))
-                .ok()
-                .and_then(|l| FdLink::from(l).info().ok());
+            let info =
+                PinnedLink::from_pin(dir.join(&program)).ok().and_then(|l| FdLink::from(l).info().ok());
             LinkReport {
                 program,
                 link_id: info.as_ref().map(|i| i.id()),
@@ -155,11 +136,7 @@ fn describe(rules: &egress_common::policy::AllowRules) -> Vec<String> {
         .as_slice()
         .iter()
         .map(|r| {
-            let proto = if r.protocol == PROTO_ANY {
-                "any".to_string()
-            } else {
-                protocol_name(r.protocol)
-            };
+            let proto = if r.protocol == PROTO_ANY { "any".to_string() } else { protocol_name(r.protocol) };
             let ports = if r.any_port() {
                 String::new()
             } else if r.port_first == r.port_last {
@@ -167,8 +144,7 @@ fn describe(rules: &egress_common::policy::AllowRules) -> Vec<String> {
             } else {
                 format!("/{}-{}", r.port_first, r.port_last)
             };
-            let why =
-                Reason::from_u8(r.reason).map_or("?", |r| r.name().trim_start_matches("allow_"));
+            let why = Reason::from_u8(r.reason).map_or("?", |r| r.name().trim_start_matches("allow_"));
             format!("{proto}{ports} ({why})")
         })
         .collect()
@@ -190,12 +166,7 @@ pub fn print_table(r: &Report) {
         println!("  {:<18} {:>8} {:>8}", "LINK", "LINK ID", "PROG ID");
         for l in &p.links {
             let show = |v: Option<u32>| v.map_or("?".into(), |v| v.to_string());
-            println!(
-                "  {:<18} {:>8} {:>8}",
-                l.program,
-                show(l.link_id),
-                show(l.program_id)
-            );
+            println!("  {:<18} {:>8} {:>8}", l.program, show(l.link_id), show(l.program_id));
         }
         println!("  {:<44} RULES", "ALLOW PREFIX");
         if p.allow.is_empty() {
@@ -205,15 +176,9 @@ pub fn print_table(r: &Report) {
             println!("  {:<44} {}", a.prefix, a.rules.join(", "));
         }
     }
-    println!(
-        "\n{:<22} {:>4} {:>14} {:>14}",
-        "REASON", "NO.", "APPLIED", "AUDIT-PASSED"
-    );
+    println!("\n{:<22} {:>4} {:>14} {:>14}", "REASON", "NO.", "APPLIED", "AUDIT-PASSED");
     for c in &r.counters {
-        println!(
-            "{:<22} {:>4} {:>14} {:>14}",
-            c.reason, c.number, c.applied, c.audited
-        );
+        println!("{:<22} {:>4} {:>14} {:>14}", c.reason, c.number, c.applied, c.audited);
     }
     println!(
         "\nevents held back by the kernel rate limit: {}, lost to a full ring buffer: {}",
@@ -222,9 +187,6 @@ pub fn print_table(r: &Report) {
 }
 
 pub fn print_json(r: &Report) -> Result<()> {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(r).context("encoding the report")?
-    );
+    println!("{}", serde_json::to_string_pretty(r).context("encoding the report")?);
     Ok(())
 }

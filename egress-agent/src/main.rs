@@ -10,10 +10,7 @@ use egress_agent::{
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(
-    version,
-    about = "egressfw: kernel-enforced egress for workloads (eBPF, cgroup v2)"
-)]
+#[command(version, about = "egressfw: kernel-enforced egress for workloads (eBPF, cgroup v2)")]
 struct Cli {
     /// bpffs directory holding the pinned maps and links (mounted if bpffs is absent).
     #[arg(long, global = true, env = "EGRESSFW_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
@@ -58,9 +55,7 @@ fn init_tracing(format: Option<LogFormat>) {
         Some(LogFormat::Text) => false,
         None => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
         builder.json().flatten_event(true).init();
     } else {
@@ -72,18 +67,10 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let pins = PinLayout::new(cli.pin_dir);
-    let cgroup_root = || {
-        cli.cgroup_root
-            .clone()
-            .map_or_else(cgroup::cgroup2_mount, Ok)
-    };
+    let cgroup_root = || cli.cgroup_root.clone().map_or_else(cgroup::cgroup2_mount, Ok);
     match cli.command {
         Command::Standalone { config } => {
-            let opts = standalone::Options {
-                config,
-                pins,
-                cgroup_root: cgroup_root()?,
-            };
+            let opts = standalone::Options { config, pins, cgroup_root: cgroup_root()? };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?

@@ -51,17 +51,14 @@ pub fn plan(specs: &[PolicySpec], cgroup_root: &Path) -> Result<Vec<Desired>> {
             );
         }
         if let Some(other) = out.iter().find(|d| d.cgroup.id == cgroup.id) {
-            bail!(
-                "cgroups {:?} and {} are the same cgroup",
-                spec.cgroup,
-                other.cgroup.path.display()
-            );
+            bail!("cgroups {:?} and {} are the same cgroup", spec.cgroup, other.cgroup.path.display());
         }
         // Policies never nest: the programs stop at the first policy found among the ancestors,
         // and attaching both would run each program twice for the inner cgroup.
-        if let Some(other) = out.iter().find(|d| {
-            d.cgroup.path.starts_with(&cgroup.path) || cgroup.path.starts_with(&d.cgroup.path)
-        }) {
+        if let Some(other) = out
+            .iter()
+            .find(|d| d.cgroup.path.starts_with(&cgroup.path) || cgroup.path.starts_with(&d.cgroup.path))
+        {
             bail!(
                 "cgroups {} and {} are nested; a policy covers its whole subtree, so give only one of them a policy",
                 cgroup.path.display(),
@@ -69,11 +66,7 @@ pub fn plan(specs: &[PolicySpec], cgroup_root: &Path) -> Result<Vec<Desired>> {
             );
         }
         let rules = compile(spec)?;
-        out.push(Desired {
-            cgroup,
-            mode: spec.mode,
-            rules,
-        });
+        out.push(Desired { cgroup, mode: spec.mode, rules });
     }
     Ok(out)
 }
@@ -96,11 +89,8 @@ pub fn apply(
     let mut summary = Summary::default();
     let current = maps.policies()?;
     let mut entries = maps.allow_entries()?;
-    let mut used_ids: BTreeSet<u32> = current
-        .values()
-        .map(|p| p.policy_id)
-        .chain(entries.keys().copied())
-        .collect();
+    let mut used_ids: BTreeSet<u32> =
+        current.values().map(|p| p.policy_id).chain(entries.keys().copied()).collect();
 
     let wanted_mask = desired.iter().fold(0u32, |m, d| m | (1 << d.cgroup.level));
     // Widen the level mask before any new policy depends on it.
@@ -108,17 +98,10 @@ pub fn apply(
 
     let tags = ProgramTags::read(ebpf)?;
     for d in desired {
-        let want = CgroupPolicy {
-            policy_id: 0,
-            mode: d.mode.kernel_value(),
-        };
+        let want = CgroupPolicy { policy_id: 0, mode: d.mode.kernel_value() };
         let existing = current.get(&d.cgroup.id);
         let same = existing.is_some_and(|p| {
-            p.mode == want.mode
-                && entries
-                    .get(&p.policy_id)
-                    .unwrap_or(&CompiledRules::default())
-                    == &d.rules
+            p.mode == want.mode && entries.get(&p.policy_id).unwrap_or(&CompiledRules::default()) == &d.rules
         });
         if same {
             summary.unchanged += 1;
@@ -126,21 +109,9 @@ pub fn apply(
             let id = fresh_id(&used_ids);
             used_ids.insert(id);
             maps.write_rules(id, &d.rules)?;
-            maps.policies
-                .insert(
-                    d.cgroup.id,
-                    CgroupPolicy {
-                        policy_id: id,
-                        ..want
-                    },
-                    0,
-                )
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "writing the policy of cgroup {}: {e}",
-                        d.cgroup.path.display()
-                    )
-                })?;
+            maps.policies.insert(d.cgroup.id, CgroupPolicy { policy_id: id, ..want }, 0).map_err(|e| {
+                anyhow::anyhow!("writing the policy of cgroup {}: {e}", d.cgroup.path.display())
+            })?;
             match existing {
                 Some(old) => {
                     if let Some(old_rules) = entries.remove(&old.policy_id) {
@@ -158,12 +129,8 @@ pub fn apply(
     }
 
     let keep: BTreeSet<u64> = desired.iter().map(|d| d.cgroup.id).collect();
-    let stale: BTreeSet<u64> = current
-        .keys()
-        .copied()
-        .chain(pins.pinned_cgroups()?)
-        .filter(|id| !keep.contains(id))
-        .collect();
+    let stale: BTreeSet<u64> =
+        current.keys().copied().chain(pins.pinned_cgroups()?).filter(|id| !keep.contains(id)).collect();
     for id in stale {
         attach::detach(pins, id)?;
         if current.contains_key(&id) {
@@ -189,7 +156,5 @@ fn fresh_id(used: &BTreeSet<u32>) -> u32 {
     if next != 0 && !used.contains(&next) {
         return next;
     }
-    (1..=u32::MAX)
-        .find(|id| !used.contains(id))
-        .expect("fewer than 2^32 policies")
+    (1..=u32::MAX).find(|id| !used.contains(id)).expect("fewer than 2^32 policies")
 }

@@ -38,19 +38,28 @@ struct Agent {
     maps: KernelMaps,
     opts: Options,
     paths: PathIndex,
+    /// Text of the file as last applied: directory events that leave it unchanged (other files,
+    /// a ConfigMap's `..data` swap that changed nothing here) do not reapply it.
+    applied_text: Option<String>,
 }
 
 impl Agent {
     /// Validates the file and applies it; on any error nothing in the kernel changes.
-    fn reload(&mut self) -> Result<Summary> {
-        let specs = config::load(&self.opts.config)?;
+    /// `None` when `only_if_changed` and the file is as last applied.
+    fn reload(&mut self, only_if_changed: bool) -> Result<Option<Summary>> {
+        let text = config::read(&self.opts.config)?;
+        if only_if_changed && self.applied_text.as_deref() == Some(text.as_str()) {
+            return Ok(None);
+        }
+        let specs = config::parse_file(&self.opts.config, &text)?;
         let desired = reconcile::plan(&specs, &self.opts.cgroup_root)
             .with_context(|| format!("policy file {}", self.opts.config.display()))?;
         let summary = reconcile::apply(&mut self.ebpf, &mut self.maps, &self.opts.pins, &desired)?;
+        self.applied_text = Some(text);
         let mut paths = self.paths.write().expect("path index lock");
         paths.clear();
         paths.extend(desired.iter().map(|d| (d.cgroup.id, d.cgroup.path.clone())));
-        Ok(summary)
+        Ok(Some(summary))
     }
 }
 
@@ -88,18 +97,12 @@ pub async fn run(opts: Options) -> Result<()> {
         .try_into()
         .context("EGRESS_EVENTS_V1 is not a ring buffer")?;
     let paths: PathIndex = Arc::default();
-    let mut agent = Agent {
-        ebpf,
-        maps,
-        opts,
-        paths: paths.clone(),
-    };
-    let summary = agent.reload()?;
-    log_summary("policy applied", &summary);
+    let mut agent = Agent { ebpf, maps, opts, paths: paths.clone(), applied_text: None };
+    if let Some(summary) = agent.reload(false)? {
+        log_summary("policy applied", &summary);
+    }
 
-    let events = tokio::spawn(events::run(ring, move |id| {
-        paths.read().ok()?.get(&id).cloned()
-    }));
+    let events = tokio::spawn(events::run(ring, move |id| paths.read().ok()?.get(&id).cloned()));
     let config_path = agent.opts.config.clone();
     let mut changes = watch_file(&config_path)?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -107,14 +110,15 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     tracing::info!("ready");
     loop {
-        let why = tokio::select! {
-            _ = hup.recv() => "SIGHUP",
-            Some(_) = changes.next() => "policy file changed",
+        let (why, only_if_changed) = tokio::select! {
+            _ = hup.recv() => ("SIGHUP", false),
+            Some(_) = changes.next() => ("policy file changed", true),
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
-        match agent.reload() {
-            Ok(s) => log_summary(&format!("policy reloaded ({why})"), &s),
+        match agent.reload(only_if_changed) {
+            Ok(Some(s)) => log_summary(&format!("policy reloaded ({why})"), &s),
+            Ok(None) => {}
             Err(e) => tracing::error!(
                 error = format!("{e:#}"),
                 "reload rejected ({why}); the previous policy stays enforced"
@@ -126,26 +130,14 @@ pub async fn run(opts: Options) -> Result<()> {
     Ok(())
 }
 
-/// A stream that yields whenever the file may have changed (written, replaced, renamed onto).
+/// A stream that yields whenever the file may have changed: any write, create, rename or
+/// delete in its directory. Kubernetes updates a mounted ConfigMap by swapping a `..data`
+/// symlink, so events for the file's own name alone would miss it; the caller compares contents.
 fn watch_file(file: &Path) -> Result<impl futures_util::Stream<Item = ()> + Unpin> {
-    let dir = file
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = file.file_name().map(|n| n.to_os_string());
+    let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let inotify = Inotify::init().context("inotify_init")?;
-    inotify
-        .watches()
-        .add(
-            dir,
-            WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE,
-        )
-        .with_context(|| format!("watching {}", dir.display()))?;
-    let stream = inotify
-        .into_event_stream(vec![0u8; 4096])
-        .context("inotify event stream")?;
-    Ok(Box::pin(stream.filter_map(move |ev| {
-        let hit = matches!(&ev, Ok(e) if e.name.as_deref() == name.as_deref());
-        async move { hit.then_some(()) }
-    })))
+    let mask = WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE | WatchMask::DELETE;
+    inotify.watches().add(dir, mask).with_context(|| format!("watching {}", dir.display()))?;
+    let stream = inotify.into_event_stream(vec![0u8; 4096]).context("inotify event stream")?;
+    Ok(Box::pin(stream.filter_map(|ev| async move { ev.is_ok().then_some(()) })))
 }

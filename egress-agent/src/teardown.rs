@@ -20,8 +20,7 @@ pub fn run(pins: &PinLayout) -> Result<()> {
     let mut maps = 0;
     if let Ok(entries) = fs::read_dir(pins.maps()) {
         for e in entries.flatten() {
-            fs::remove_file(e.path())
-                .with_context(|| format!("removing {}", e.path().display()))?;
+            fs::remove_file(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
             maps += 1;
         }
     }

@@ -29,11 +29,7 @@ impl Destination {
             && a[2] == 0xff
             && a[3] == 0x9b
             && (a[4] | a[5] | a[6] | a[7] | a[8] | a[9] | a[10] | a[11]) == 0;
-        if mapped || compatible || nat64 {
-            Self::V4(v4)
-        } else {
-            self
-        }
+        if mapped || compatible || nat64 { Self::V4(v4) } else { self }
     }
 
     #[inline(always)]
@@ -91,13 +87,7 @@ mod tests {
 
     #[test]
     fn plain_ipv6_stays_ipv6() {
-        for s in [
-            "::",
-            "::1",
-            "2001:db8::1",
-            "64:ff9b:1::10.1.2.3",
-            "fe80::ffff:10.1.2.3",
-        ] {
+        for s in ["::", "::1", "2001:db8::1", "64:ff9b:1::10.1.2.3", "fe80::ffff:10.1.2.3"] {
             assert_eq!(v6(s).normalize(), v6(s), "{s}");
         }
     }

@@ -66,13 +66,8 @@ impl AllowRules {
     pub const EMPTY: Self = Self {
         count: 0,
         reserved: 0,
-        rules: [PortRule {
-            protocol: 0,
-            reason: 0,
-            reserved: [0; 2],
-            port_first: 0,
-            port_last: 0,
-        }; MAX_RULES_PER_PREFIX],
+        rules: [PortRule { protocol: 0, reason: 0, reserved: [0; 2], port_first: 0, port_last: 0 };
+            MAX_RULES_PER_PREFIX],
     };
 
     /// The rules in use.

@@ -3,9 +3,7 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use egress_common::{
     decide::AllowLookup,
-    policy::{
-        AllowRules, CgroupPolicy, Ipv4AllowKey, Ipv6AllowKey, MAX_POLICY_LEVEL, POLICY_ID_BITS,
-    },
+    policy::{AllowRules, CgroupPolicy, Ipv4AllowKey, Ipv6AllowKey, MAX_POLICY_LEVEL, POLICY_ID_BITS},
 };
 
 use crate::maps::{EGRESS_ALLOW4_V1, EGRESS_ALLOW6_V1, EGRESS_CONFIG_V1, EGRESS_POLICY_V1};
@@ -34,10 +32,7 @@ pub fn find_policy(ancestor: impl Fn(i32) -> u64) -> Option<FoundPolicy> {
             }
             // SAFETY: the value is plain data and only read here.
             if let Some(policy) = unsafe { EGRESS_POLICY_V1.get(&cgroup_id) } {
-                return Some(FoundPolicy {
-                    cgroup_id,
-                    policy: *policy,
-                });
+                return Some(FoundPolicy { cgroup_id, policy: *policy });
             }
         }
         level += 1;
@@ -51,25 +46,14 @@ pub struct KernelAllowTables;
 impl AllowLookup for KernelAllowTables {
     #[inline(always)]
     fn rules_v4(&self, policy_id: u32, addr: [u8; 4]) -> Option<&AllowRules> {
-        let key = Key::new(
-            POLICY_ID_BITS + 32,
-            Ipv4AllowKey {
-                policy_id_be: policy_id.to_be_bytes(),
-                addr,
-            },
-        );
+        let key = Key::new(POLICY_ID_BITS + 32, Ipv4AllowKey { policy_id_be: policy_id.to_be_bytes(), addr });
         EGRESS_ALLOW4_V1.get(&key)
     }
 
     #[inline(always)]
     fn rules_v6(&self, policy_id: u32, addr: [u8; 16]) -> Option<&AllowRules> {
-        let key = Key::new(
-            POLICY_ID_BITS + 128,
-            Ipv6AllowKey {
-                policy_id_be: policy_id.to_be_bytes(),
-                addr,
-            },
-        );
+        let key =
+            Key::new(POLICY_ID_BITS + 128, Ipv6AllowKey { policy_id_be: policy_id.to_be_bytes(), addr });
         EGRESS_ALLOW6_V1.get(&key)
     }
 }

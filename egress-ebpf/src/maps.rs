@@ -18,13 +18,11 @@ pub static EGRESS_POLICY_V1: HashMap<u64, CgroupPolicy> = HashMap::pinned(MAX_PO
 
 /// (policy id, IPv4 prefix) -> rules for destinations under that prefix.
 #[map]
-pub static EGRESS_ALLOW4_V1: LpmTrie<Ipv4AllowKey, AllowRules> =
-    LpmTrie::pinned(MAX_ALLOW_ENTRIES, 0);
+pub static EGRESS_ALLOW4_V1: LpmTrie<Ipv4AllowKey, AllowRules> = LpmTrie::pinned(MAX_ALLOW_ENTRIES, 0);
 
 /// (policy id, IPv6 prefix) -> rules for destinations under that prefix.
 #[map]
-pub static EGRESS_ALLOW6_V1: LpmTrie<Ipv6AllowKey, AllowRules> =
-    LpmTrie::pinned(MAX_ALLOW_ENTRIES, 0);
+pub static EGRESS_ALLOW6_V1: LpmTrie<Ipv6AllowKey, AllowRules> = LpmTrie::pinned(MAX_ALLOW_ENTRIES, 0);
 
 /// Index 0: global configuration (which cgroup levels hold policies).
 #[map]

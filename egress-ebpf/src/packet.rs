@@ -45,10 +45,7 @@ pub fn parse(ctx: &SkBuffContext) -> Result<Packet, ()> {
 
 #[inline(always)]
 fn has_ports(protocol: u8) -> bool {
-    matches!(
-        protocol,
-        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE
-    )
+    matches!(protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE)
 }
 
 /// (source port, destination port, known) at `offset`. Unknown if the header is cut short (a
@@ -60,11 +57,7 @@ fn ports_at(ctx: &SkBuffContext, offset: usize, wanted: bool) -> (u16, u16, bool
         return (0, 0, false);
     }
     match ctx.load::<[u8; 4]>(offset) {
-        Ok(p) => (
-            u16::from_be_bytes([p[0], p[1]]),
-            u16::from_be_bytes([p[2], p[3]]),
-            true,
-        ),
+        Ok(p) => (u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]]), true),
         Err(_) => (0, 0, false),
     }
 }

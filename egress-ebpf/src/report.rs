@@ -30,15 +30,8 @@ pub fn settle(reason: Reason, mode: u32, event: impl FnOnce(u8) -> VerdictEvent)
         return true;
     }
     if take_event_budget() {
-        let action = if audited {
-            ACTION_AUDITED
-        } else {
-            ACTION_DENIED
-        };
-        if EGRESS_EVENTS_V1
-            .output::<VerdictEvent>(&event(action), 0)
-            .is_err()
-        {
+        let action = if audited { ACTION_AUDITED } else { ACTION_DENIED };
+        if EGRESS_EVENTS_V1.output::<VerdictEvent>(&event(action), 0).is_err() {
             note_ringbuf_full();
         }
     }

@@ -2,9 +2,7 @@
 //! cgroup (TCP, UDP, ICMP, raw IP, anything), after the kernel has built the header, and judges
 //! the header bytes themselves.
 
-use aya_ebpf::{
-    helpers::generated::bpf_skb_ancestor_cgroup_id, macros::cgroup_skb, programs::SkBuffContext,
-};
+use aya_ebpf::{helpers::generated::bpf_skb_ancestor_cgroup_id, macros::cgroup_skb, programs::SkBuffContext};
 use egress_common::{
     addr::Destination,
     decide::{Flow, Origin, judge},

@@ -7,9 +7,7 @@
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{
-        bpf_get_current_cgroup_id, bpf_ktime_get_ns, generated::bpf_get_current_ancestor_cgroup_id,
-    },
+    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, generated::bpf_get_current_ancestor_cgroup_id},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };

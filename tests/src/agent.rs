@@ -29,17 +29,13 @@ pub fn command(lab: &Lab) -> Command {
 
 /// Runs a one-shot agent command (inspect, teardown).
 pub fn cli(lab: &Lab, args: &[&str]) -> Output {
-    command(lab)
-        .args(args)
-        .output()
-        .expect("running egress-agent")
+    command(lab).args(args).output().expect("running egress-agent")
 }
 
 impl Agent {
     /// Starts `standalone` with the lab's policy file and waits until it reports ready.
     pub fn start(lab: &Lab) -> Self {
-        Self::try_start(lab)
-            .unwrap_or_else(|log| panic!("agent did not become ready; its log:\n{log}"))
+        Self::try_start(lab).unwrap_or_else(|log| panic!("agent did not become ready; its log:\n{log}"))
     }
 
     /// Like `start`, but returns the log when the agent exits or never becomes ready.
@@ -55,19 +51,13 @@ impl Agent {
             .stdout(Stdio::null())
             .spawn()
             .expect("spawning egress-agent");
-        let mut agent = Self {
-            child: Some(child),
-            log,
-        };
+        let mut agent = Self { child: Some(child), log };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if agent.log_text().contains("\"message\":\"ready\"") {
                 return Ok(agent);
             }
-            let exited = agent
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
+            let exited = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
             if exited.is_some() || Instant::now() > deadline {
                 let text = agent.log_text();
                 agent.kill9();
@@ -86,11 +76,7 @@ impl Agent {
         self.log_text()
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| {
-                v["message"]
-                    .as_str()
-                    .is_some_and(|m| m.starts_with(message))
-            })
+            .filter(|v| v["message"].as_str().is_some_and(|m| m.starts_with(message)))
             .collect()
     }
 
@@ -107,11 +93,7 @@ impl Agent {
     }
 
     /// Waits for a line with `message` that satisfies `pred`, and returns it.
-    pub fn wait_until(
-        &self,
-        message: &str,
-        pred: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
+    pub fn wait_until(&self, message: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(v) = self.lines(message).into_iter().find(|v| pred(v)) {

@@ -13,37 +13,23 @@ pub fn succeeded(out: &std::process::Output) -> bool {
 
 /// socat address for a host and port, bracketing IPv6.
 fn host_port(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
+    if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
 }
 
 /// `echo hello | socat ...`: sends a line, prints the reply (socat errors reach stderr).
 fn socat_with_input(remote: &str) -> (&'static str, Vec<String>) {
-    (
-        "sh",
-        vec!["-c".into(), format!("echo hello | socat -T2 - '{remote}'")],
-    )
+    ("sh", vec!["-c".into(), format!("echo hello | socat -T2 - '{remote}'")])
 }
 
 /// TCP connect() and a short exchange (socat).
 pub fn tcp(host: &str, port: u16) -> (&'static str, Vec<String>) {
     let family = if host.contains(':') { "TCP6" } else { "TCP4" };
-    socat_with_input(&format!(
-        "{family}:{},connect-timeout=2",
-        host_port(host, port)
-    ))
+    socat_with_input(&format!("{family}:{},connect-timeout=2", host_port(host, port)))
 }
 
 /// One UDP datagram with sendto() on an unconnected socket (socat UDP-SENDTO).
 pub fn udp_sendto(host: &str, port: u16) -> (&'static str, Vec<String>) {
-    let family = if host.contains(':') {
-        "UDP6-SENDTO"
-    } else {
-        "UDP4-SENDTO"
-    };
+    let family = if host.contains(':') { "UDP6-SENDTO" } else { "UDP4-SENDTO" };
     (
         "socat",
         vec![
@@ -63,40 +49,20 @@ pub fn udp_request(host: &str, port: u16) -> (&'static str, Vec<String>) {
 
 /// One ICMP echo (iputils ping; it first connect()s a UDP probe socket to find its source).
 pub fn ping(host: &str) -> (&'static str, Vec<String>) {
-    (
-        "ping",
-        vec!["-n".into(), "-c1".into(), "-W1".into(), host.into()],
-    )
+    ("ping", vec!["-n".into(), "-c1".into(), "-W1".into(), host.into()])
 }
 
 /// One raw IPv4 packet with IP protocol 253 (experimental), built by hping3 on a raw socket.
 pub fn hping_raw(host: &str) -> (&'static str, Vec<String>) {
     (
         "hping3",
-        vec![
-            "--rawip".into(),
-            "-H".into(),
-            "253".into(),
-            "-c".into(),
-            "1".into(),
-            "-q".into(),
-            host.into(),
-        ],
+        vec!["--rawip".into(), "-H".into(), "253".into(), "-c".into(), "1".into(), "-q".into(), host.into()],
     )
 }
 
 /// One ICMP echo request built by hping3 on a raw socket (no connect() probe first).
 pub fn hping_icmp(host: &str) -> (&'static str, Vec<String>) {
-    (
-        "hping3",
-        vec![
-            "--icmp".into(),
-            "-c".into(),
-            "1".into(),
-            "-q".into(),
-            host.into(),
-        ],
-    )
+    ("hping3", vec!["--icmp".into(), "-c".into(), "1".into(), "-q".into(), host.into()])
 }
 
 /// One raw IPv6 packet with next header 253, sent by Python on a SOCK_RAW socket.
@@ -109,14 +75,5 @@ pub fn raw6(host: &str) -> (&'static str, Vec<String>) {
 
 /// An HTTP GET with curl.
 pub fn curl(url: &str) -> (&'static str, Vec<String>) {
-    (
-        "curl",
-        vec![
-            "-sS".into(),
-            "--max-time".into(),
-            "3".into(),
-            "-g".into(),
-            url.into(),
-        ],
-    )
+    ("curl", vec!["-sS".into(), "--max-time".into(), "3".into(), "-g".into(), url.into()])
 }

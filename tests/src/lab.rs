@@ -57,11 +57,7 @@ impl Lab {
     )]
     pub fn new() -> Self {
         crate::require_root();
-        let id = format!(
-            "{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        );
+        let id = format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
         Self::named(&id).unwrap_or_else(|e| panic!("building the test lab: {e:#}"))
     }
 
@@ -120,8 +116,7 @@ impl Lab {
             "netns",
             &self.node.name,
         ])?;
-        self.node
-            .ip(&["link", "set", peer, "master", "br0", "up"])?;
+        self.node.ip(&["link", "set", peer, "master", "br0", "up"])?;
         // No duplicate address detection: the addresses are usable at once.
         host.sysctl("net.ipv6.conf.eth0.accept_dad", "0")?;
         for (v4, v6) in addrs {
@@ -133,10 +128,7 @@ impl Lab {
     }
 
     pub fn pod_sources() -> Vec<IpAddr> {
-        vec![
-            POD4.parse().expect("literal"),
-            POD6.parse().expect("literal"),
-        ]
+        vec![POD4.parse().expect("literal"), POD6.parse().expect("literal")]
     }
 
     /// Writes a standalone policy for the pod cgroup and returns its path.

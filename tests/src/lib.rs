@@ -29,10 +29,6 @@ pub fn agent_bin() -> PathBuf {
     let path = std::env::var_os("EGRESS_AGENT_BIN")
         .map(PathBuf::from)
         .expect("EGRESS_AGENT_BIN is not set: run the integration tests with `cargo xtask test`, which builds the agent first");
-    assert!(
-        path.is_file(),
-        "EGRESS_AGENT_BIN={} does not exist",
-        path.display()
-    );
+    assert!(path.is_file(), "EGRESS_AGENT_BIN={} does not exist", path.display());
     path
 }

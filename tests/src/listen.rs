@@ -39,13 +39,8 @@ impl Server {
             let (hits, stop) = (hits.clone(), stop.clone());
             move || body(hits, stop, tx)
         });
-        rx.recv_timeout(Duration::from_secs(5))
-            .expect("server did not start");
-        Self {
-            hits,
-            stop,
-            thread: Some(thread),
-        }
+        rx.recv_timeout(Duration::from_secs(5)).expect("server did not start");
+        Self { hits, stop, thread: Some(thread) }
     }
 
     pub fn tcp_http(ns: &NetNs, addr: SocketAddr) -> Self {
@@ -61,7 +56,9 @@ impl Server {
                         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
                         let mut buf = [0u8; 4096];
                         let _ = s.read(&mut buf);
-                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n");
+                        let _ = s.write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n",
+                        );
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
@@ -69,11 +66,32 @@ impl Server {
         })
     }
 
+    /// Accepts TCP connections and keeps them open, discarding what arrives.
+    pub fn tcp_sink(ns: &NetNs, addr: SocketAddr) -> Self {
+        Self::start(ns, move |hits, stop, ready| {
+            let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+            l.set_nonblocking(true).expect("nonblocking");
+            ready.send(()).expect("test waits");
+            let mut open = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((s, _)) = l.accept() {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    let _ = s.set_nonblocking(true);
+                    open.push(s);
+                }
+                for s in &mut open {
+                    let _ = s.read(&mut buf);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    }
+
     pub fn udp_echo(ns: &NetNs, addr: SocketAddr) -> Self {
         Self::start(ns, move |hits, stop, ready| {
             let s = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-            s.set_read_timeout(Some(Duration::from_millis(50)))
-                .expect("timeout");
+            s.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
             ready.send(()).expect("test waits");
             let mut buf = [0u8; 2048];
             while !stop.load(Ordering::Relaxed) {

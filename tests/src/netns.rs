@@ -12,16 +12,9 @@ use anyhow::{Context as _, Result, bail};
 
 /// Runs `ip` and fails with its stderr.
 pub fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
+    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
     if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
@@ -35,9 +28,7 @@ impl NetNs {
     pub fn create(name: &str) -> Result<Self> {
         let _ = ip(&["netns", "del", name]);
         ip(&["netns", "add", name])?;
-        let ns = Self {
-            name: name.to_string(),
-        };
+        let ns = Self { name: name.to_string() };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -54,16 +45,9 @@ impl NetNs {
     }
 
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        let out = self
-            .command("sysctl", None)
-            .args(["-qw", &format!("{key}={value}")])
-            .output()?;
+        let out = self.command("sysctl", None).args(["-qw", &format!("{key}={value}")]).output()?;
         if !out.status.success() {
-            bail!(
-                "sysctl {key}={value} in {}: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("sysctl {key}={value} in {}: {}", self.name, String::from_utf8_lossy(&out.stderr));
         }
         Ok(())
     }
@@ -101,15 +85,9 @@ impl NetNs {
 
     /// Runs a command to completion inside the namespace (and cgroup).
     pub fn run(&self, cgroup: Option<&Path>, program: &str, args: &[&str]) -> Output {
-        self.command(program, cgroup)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "running {program} in netns {}: {e} (cargo xtask setup installs it)",
-                    self.name
-                )
-            })
+        self.command(program, cgroup).args(args).output().unwrap_or_else(|e| {
+            panic!("running {program} in netns {}: {e} (cargo xtask setup installs it)", self.name)
+        })
     }
 
     /// Runs `f` on a scoped thread inside this namespace and returns its result.
@@ -128,10 +106,7 @@ impl NetNs {
     }
 
     /// Runs `f` on a new thread that lives in this namespace (sockets it opens belong here).
-    pub fn spawn<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> JoinHandle<T> {
+    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
         let netns = File::open(self.path()).expect("netns file exists while NetNs lives");
         std::thread::spawn(move || {
             // SAFETY: setns on this thread only.

@@ -52,14 +52,8 @@ impl Sniffer {
             let stop = stop.clone();
             move || capture(&sources, &seen, &stop, &ready_tx)
         });
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("sniffer socket did not open");
-        Self {
-            seen,
-            stop,
-            thread: Some(thread),
-        }
+        ready_rx.recv_timeout(Duration::from_secs(5)).expect("sniffer socket did not open");
+        Self { seen, stop, thread: Some(thread) }
     }
 
     /// What arrived so far, after giving in-flight packets a moment to land.
@@ -88,29 +82,12 @@ impl Drop for Sniffer {
     }
 }
 
-fn capture(
-    sources: &[IpAddr],
-    seen: &Mutex<Vec<Seen>>,
-    stop: &AtomicBool,
-    ready: &mpsc::Sender<()>,
-) {
+fn capture(sources: &[IpAddr], seen: &Mutex<Vec<Seen>>, stop: &AtomicBool, ready: &mpsc::Sender<()>) {
     // SAFETY: plain socket syscalls on a descriptor this function owns.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW,
-            i32::from((libc::ETH_P_ALL as u16).to_be()),
-        )
-    };
-    assert!(
-        fd >= 0,
-        "AF_PACKET socket: {}",
-        std::io::Error::last_os_error()
-    );
-    let timeout = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 100_000,
-    };
+    let fd =
+        unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from((libc::ETH_P_ALL as u16).to_be())) };
+    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+    let timeout = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
     // SAFETY: valid option pointer and length.
     unsafe {
         libc::setsockopt(
@@ -147,31 +124,16 @@ fn parse_frame(f: &[u8]) -> Option<Seen> {
             let src = IpAddr::from(<[u8; 4]>::try_from(ip.get(12..16)?).ok()?);
             let dst = IpAddr::from(<[u8; 4]>::try_from(ip.get(16..20)?).ok()?);
             let dport = l4_port(protocol, ip.get(ihl..));
-            Some(Seen {
-                src,
-                dst,
-                protocol,
-                dport,
-                icmp6_type: 0,
-            })
+            Some(Seen { src, dst, protocol, dport, icmp6_type: 0 })
         }
         0x86dd => {
             let protocol = *ip.get(6)?;
             let src = IpAddr::from(<[u8; 16]>::try_from(ip.get(8..24)?).ok()?);
             let dst = IpAddr::from(<[u8; 16]>::try_from(ip.get(24..40)?).ok()?);
             let l4 = ip.get(40..);
-            let icmp6_type = if protocol == 58 {
-                l4.and_then(|l| l.first().copied()).unwrap_or(0)
-            } else {
-                0
-            };
-            Some(Seen {
-                src,
-                dst,
-                protocol,
-                dport: l4_port(protocol, l4),
-                icmp6_type,
-            })
+            let icmp6_type =
+                if protocol == 58 { l4.and_then(|l| l.first().copied()).unwrap_or(0) } else { 0 };
+            Some(Seen { src, dst, protocol, dport: l4_port(protocol, l4), icmp6_type })
         }
         _ => None,
     }

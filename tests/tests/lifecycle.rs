@@ -46,11 +46,7 @@ fn sigkill_leaves_enforcement_in_place_and_a_new_agent_adopts_it() {
     assert_eq!(applied[0]["links_adopted"], 5, "{applied:#?}");
     assert_eq!(applied[0]["links_attached"], 0);
     assert_eq!(applied[0]["unchanged"], 1);
-    assert_eq!(
-        link_ids(&inspect(&lab)),
-        link_ids(&before),
-        "the very same links stay attached"
-    );
+    assert_eq!(link_ids(&inspect(&lab)), link_ids(&before), "the very same links stay attached");
     assert!(refused(&lab.in_pod(tcp(EXTERNAL4, 80))));
     assert_eq!(web.hits(), 0);
 }
@@ -66,18 +62,10 @@ fn teardown_removes_every_link_and_map() {
 
     let out = agent::cli(&lab, &["teardown"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("removed 5 links"),
-        "{}",
-        text(&out)
-    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed 5 links"), "{}", text(&out));
     assert!(!lab.pin_dir.exists(), "the pin directory is gone");
     let out = lab.in_pod(tcp(EXTERNAL4, 80));
-    assert!(
-        succeeded(&out),
-        "after teardown nothing is enforced:\n{}",
-        text(&out)
-    );
+    assert!(succeeded(&out), "after teardown nothing is enforced:\n{}", text(&out));
     assert_eq!(web.hits(), 1);
     // Nothing of ours is attached to the cgroup any more.
     let attached = std::process::Command::new("bpftool")
@@ -86,11 +74,7 @@ fn teardown_removes_every_link_and_map() {
         .output()
         .expect("bpftool (cargo xtask setup installs it)");
     assert!(attached.status.success(), "{}", text(&attached));
-    assert!(
-        !String::from_utf8_lossy(&attached.stdout).contains("egress_"),
-        "{}",
-        text(&attached)
-    );
+    assert!(!String::from_utf8_lossy(&attached.stdout).contains("egress_"), "{}", text(&attached));
 }
 
 #[test]
@@ -102,34 +86,16 @@ fn a_bad_reload_keeps_the_enforced_policy_and_a_good_one_applies_as_a_diff() {
     let links = link_ids(&inspect(&lab));
 
     // Broken YAML, then a cgroup that does not exist: both rejected, naming the problem.
-    fs::write(
-        lab.policy_path(),
-        "policies: [{cgroup: x, mode: enforce, dns: [10.0.0.999]}]\n",
-    )
-    .unwrap();
+    fs::write(lab.policy_path(), "policies: [{cgroup: x, mode: enforce, dns: [10.0.0.999]}]\n").unwrap();
     agent.hangup();
     agent.wait_until("reload rejected (SIGHUP)", |r| {
-        r["error"]
-            .as_str()
-            .unwrap()
-            .contains("\"10.0.0.999\" is not an IP address")
+        r["error"].as_str().unwrap().contains("\"10.0.0.999\" is not an IP address")
     });
-    fs::write(
-        lab.policy_path(),
-        lab.policy_text("enforce")
-            .replace("/pod\n", "/no-such-pod\n"),
-    )
-    .unwrap();
+    fs::write(lab.policy_path(), lab.policy_text("enforce").replace("/pod\n", "/no-such-pod\n")).unwrap();
     agent.wait_until("reload rejected", |r| {
-        r["error"]
-            .as_str()
-            .unwrap()
-            .contains("no-such-pod\" does not exist")
+        r["error"].as_str().unwrap().contains("no-such-pod\" does not exist")
     });
-    assert!(
-        refused(&lab.in_pod(tcp(EXTERNAL4, 80))),
-        "the last good policy is still enforced"
-    );
+    assert!(refused(&lab.in_pod(tcp(EXTERNAL4, 80))), "the last good policy is still enforced");
 
     // A good change (to audit) is picked up from the file alone and keeps the same links.
     fs::write(lab.policy_path(), lab.policy_text("audit")).unwrap();
@@ -153,19 +119,11 @@ fn an_agent_started_with_a_bad_file_changes_nothing_and_says_why() {
     lab.write_policy("enforce");
     let mut agent = Agent::start(&lab);
     agent.kill9();
-    fs::write(
-        lab.policy_path(),
-        "policies:\n  - cgroup: pod\n    mode: enforce\n    colour: blue\n",
-    )
-    .unwrap();
-    let log = Agent::try_start(&lab)
-        .err()
-        .expect("the agent must refuse a bad file");
+    fs::write(lab.policy_path(), "policies:\n  - cgroup: pod\n    mode: enforce\n    colour: blue\n")
+        .unwrap();
+    let log = Agent::try_start(&lab).err().expect("the agent must refuse a bad file");
     assert!(log.contains("unknown field `colour`"), "{log}");
-    assert!(
-        refused(&lab.in_pod(tcp(EXTERNAL4, 80))),
-        "the pinned policy stays in force"
-    );
+    assert!(refused(&lab.in_pod(tcp(EXTERNAL4, 80))), "the pinned policy stays in force");
 }
 
 #[test]
@@ -178,43 +136,17 @@ fn inspect_shows_links_policy_entries_and_counters() {
     let p = &r["policies"][0];
     assert_eq!(p["cgroup_path"], lab.pod_cgroup.display().to_string());
     assert_eq!(p["mode"], "enforce");
-    let programs: Vec<&str> = p["links"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["program"].as_str().unwrap())
-        .collect();
+    let programs: Vec<&str> =
+        p["links"].as_array().unwrap().iter().map(|l| l["program"].as_str().unwrap()).collect();
     assert_eq!(
         programs,
-        [
-            "egress_connect4",
-            "egress_connect6",
-            "egress_sendmsg4",
-            "egress_sendmsg6",
-            "egress_skb"
-        ]
+        ["egress_connect4", "egress_connect6", "egress_sendmsg4", "egress_sendmsg6", "egress_skb"]
     );
-    let prefixes: Vec<&str> = p["allow"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["prefix"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        prefixes,
-        [
-            "10.231.0.3/32",
-            "10.231.0.4/32",
-            "fd00:231::3/128",
-            "fd00:231::4/128"
-        ]
-    );
-    let denied = r["counters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["reason"] == "deny_destination")
-        .unwrap();
+    let prefixes: Vec<&str> =
+        p["allow"].as_array().unwrap().iter().map(|a| a["prefix"].as_str().unwrap()).collect();
+    assert_eq!(prefixes, ["10.231.0.3/32", "10.231.0.4/32", "fd00:231::3/128", "fd00:231::4/128"]);
+    let denied =
+        r["counters"].as_array().unwrap().iter().find(|c| c["reason"] == "deny_destination").unwrap();
     assert!(denied["applied"].as_u64().unwrap() >= 1, "{r:#}");
     // And the human table.
     let out = agent::cli(&lab, &["inspect"]);

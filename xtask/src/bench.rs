@@ -76,11 +76,7 @@ pub fn run(which: Bench) -> Result<()> {
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); configs.len()];
     for round in 1..=args.rounds {
         for (i, config) in configs.iter().enumerate() {
-            eprintln!(
-                "round {round}/{}: {}",
-                args.rounds,
-                config.name(args.entries)
-            );
+            eprintln!("round {round}/{}: {}", args.rounds, config.name(args.entries));
             samples[i].push(measure(&lab, *config, &args)?);
         }
     }
@@ -90,13 +86,8 @@ pub fn run(which: Bench) -> Result<()> {
 }
 
 fn write_policy(lab: &Lab, config: Config, entries: usize) -> Result<()> {
-    let mut yaml = lab
-        .policy_text("enforce")
-        .replace("ports: [3128]", &format!("ports: [{PORT}]"));
-    let _ = writeln!(
-        yaml,
-        "    extra:\n      - {{cidr: {GATEWAY4}/32, protocol: udp, ports: [{PORT}]}}"
-    );
+    let mut yaml = lab.policy_text("enforce").replace("ports: [3128]", &format!("ports: [{PORT}]"));
+    let _ = writeln!(yaml, "    extra:\n      - {{cidr: {GATEWAY4}/32, protocol: udp, ports: [{PORT}]}}");
     if config == Config::Large {
         // Disjoint /32s in 100.64.0.0/10: entries only, never a destination.
         for i in 0..entries.saturating_sub(1) {
@@ -120,11 +111,7 @@ fn measure(lab: &Lab, config: Config, args: &DatapathArgs) -> Result<Sample> {
         Some(Agent::try_start(lab).map_err(|log| anyhow::anyhow!("agent did not start:\n{log}"))?)
     };
     let tcp_gbps = iperf(lab, &["-t", &args.seconds.to_string()])?.tcp_gbps()?;
-    let udp_pps = iperf(
-        lab,
-        &["-u", "-b", "0", "-l", "64", "-t", &args.seconds.to_string()],
-    )?
-    .udp_pps()?;
+    let udp_pps = iperf(lab, &["-u", "-b", "0", "-l", "64", "-t", &args.seconds.to_string()])?.udp_pps()?;
     let ns_per_run = match agent {
         Some(_) => Some(ns_per_run(lab, args)?),
         None => None,
@@ -136,11 +123,7 @@ fn measure(lab: &Lab, config: Config, args: &DatapathArgs) -> Result<Sample> {
             bail!("teardown failed: {}", String::from_utf8_lossy(&out.stderr));
         }
     }
-    Ok(Sample {
-        tcp_gbps,
-        udp_pps,
-        ns_per_run,
-    })
+    Ok(Sample { tcp_gbps, udp_pps, ns_per_run })
 }
 
 struct IperfServer {
@@ -180,13 +163,9 @@ impl IperfResult {
     /// Datagrams that reached the server per second.
     fn udp_pps(&self) -> Result<f64> {
         let sum = &self.0["end"]["sum"];
-        let packets = sum["packets"]
-            .as_f64()
-            .context("iperf3 JSON without end.sum.packets")?;
+        let packets = sum["packets"].as_f64().context("iperf3 JSON without end.sum.packets")?;
         let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
-        let secs = sum["seconds"]
-            .as_f64()
-            .context("iperf3 JSON without end.sum.seconds")?;
+        let secs = sum["seconds"].as_f64().context("iperf3 JSON without end.sum.seconds")?;
         Ok((packets - lost) / secs)
     }
 }
@@ -197,11 +176,7 @@ fn iperf(lab: &Lab, extra: &[&str]) -> Result<IperfResult> {
     args.extend_from_slice(extra);
     let out = lab.pod.run(Some(&lab.pod_cgroup), "iperf3", &args);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "iperf3 {} printed no JSON: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        )
+        format!("iperf3 {} printed no JSON: {}", args.join(" "), String::from_utf8_lossy(&out.stderr))
     })?;
     if let Some(e) = json["error"].as_str() {
         bail!("iperf3 {}: {e}", args.join(" "));
@@ -213,8 +188,7 @@ fn iperf(lab: &Lab, extra: &[&str]) -> Result<IperfResult> {
 /// (enabled only for this measurement: collecting them costs a few ns per run itself).
 fn ns_per_run(lab: &Lab, args: &DatapathArgs) -> Result<f64> {
     let report = agent::cli(lab, &["inspect", "--json"]);
-    let report: serde_json::Value =
-        serde_json::from_slice(&report.stdout).context("inspect --json")?;
+    let report: serde_json::Value = serde_json::from_slice(&report.stdout).context("inspect --json")?;
     let prog_id = report["policies"][0]["links"]
         .as_array()
         .and_then(|links| links.iter().find(|l| l["program"] == "egress_skb"))
@@ -229,25 +203,11 @@ fn ns_per_run(lab: &Lab, args: &DatapathArgs) -> Result<f64> {
             "--json",
         ]))?;
         let v: serde_json::Value = serde_json::from_str(&out)?;
-        Ok((
-            v["run_time_ns"].as_f64().unwrap_or(0.0),
-            v["run_cnt"].as_f64().unwrap_or(0.0),
-        ))
+        Ok((v["run_time_ns"].as_f64().unwrap_or(0.0), v["run_cnt"].as_f64().unwrap_or(0.0)))
     };
     fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").context("enabling bpf_stats")?;
     let before = stats(())?;
-    let flood = iperf(
-        lab,
-        &[
-            "-u",
-            "-b",
-            "0",
-            "-l",
-            "64",
-            "-t",
-            &args.seconds.min(2).to_string(),
-        ],
-    );
+    let flood = iperf(lab, &["-u", "-b", "0", "-l", "64", "-t", &args.seconds.min(2).to_string()]);
     let after = stats(());
     fs::write("/proc/sys/kernel/bpf_stats_enabled", "0").context("disabling bpf_stats")?;
     flood?;
@@ -261,11 +221,7 @@ fn ns_per_run(lab: &Lab, args: &DatapathArgs) -> Result<f64> {
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
+    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
 }
 
 fn render(configs: &[Config], samples: &[Vec<Sample>], args: &DatapathArgs) -> String {
@@ -283,18 +239,8 @@ fn render(configs: &[Config], samples: &[Vec<Sample>], args: &DatapathArgs) -> S
     let _ = writeln!(s, "|---|---|---|---|---|---|");
     for (config, rows) in configs.iter().zip(samples) {
         // Ratios are taken round by round (same round's baseline), then the median.
-        let tcp_ratio = median(
-            rows.iter()
-                .zip(base)
-                .map(|(r, b)| r.tcp_gbps / b.tcp_gbps)
-                .collect(),
-        );
-        let udp_ratio = median(
-            rows.iter()
-                .zip(base)
-                .map(|(r, b)| r.udp_pps / b.udp_pps)
-                .collect(),
-        );
+        let tcp_ratio = median(rows.iter().zip(base).map(|(r, b)| r.tcp_gbps / b.tcp_gbps).collect());
+        let udp_ratio = median(rows.iter().zip(base).map(|(r, b)| r.udp_pps / b.udp_pps).collect());
         let ns: Vec<f64> = rows.iter().filter_map(|r| r.ns_per_run).collect();
         let _ = writeln!(
             s,
@@ -304,11 +250,7 @@ fn render(configs: &[Config], samples: &[Vec<Sample>], args: &DatapathArgs) -> S
             tcp_ratio,
             median(rows.iter().map(|r| r.udp_pps).collect()),
             udp_ratio,
-            if ns.is_empty() {
-                "-".into()
-            } else {
-                format!("{:.0}", median(ns))
-            }
+            if ns.is_empty() { "-".into() } else { format!("{:.0}", median(ns)) }
         );
     }
     let _ = writeln!(

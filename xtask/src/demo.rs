@@ -47,17 +47,9 @@ pub fn run() -> Result<()> {
     let at_external = Sniffer::start(&lab.external, &Lab::pod_sources());
     let at_gateway = Sniffer::start(&lab.gateway, &Lab::pod_sources());
 
-    println!(
-        "Policy ({}):\n{}",
-        lab.policy_path().display(),
-        lab.policy_text("enforce")
-    );
-    let agent =
-        Agent::try_start(&lab).map_err(|log| anyhow::anyhow!("the agent did not start:\n{log}"))?;
-    println!(
-        "Agent running in standalone mode (pins under {}).\n",
-        lab.pin_dir.display()
-    );
+    println!("Policy ({}):\n{}", lab.policy_path().display(), lab.policy_text("enforce"));
+    let agent = Agent::try_start(&lab).map_err(|log| anyhow::anyhow!("the agent did not start:\n{log}"))?;
+    println!("Agent running in standalone mode (pins under {}).\n", lab.pin_dir.display());
 
     let attempts = [
         (
@@ -66,24 +58,14 @@ pub fn run() -> Result<()> {
             true,
             client::curl(&format!("http://{GATEWAY4}:{GATEWAY_PORT}/")),
         ),
-        (
-            "enforced pod",
-            format!("DNS query, UDP {DNS4}:53"),
-            true,
-            client::udp_request(DNS4, 53),
-        ),
+        ("enforced pod", format!("DNS query, UDP {DNS4}:53"), true, client::udp_request(DNS4, 53)),
         (
             "enforced pod",
             format!("HTTP straight to {EXTERNAL4}:80 (sidecar bypass)"),
             false,
             client::curl(&format!("http://{EXTERNAL4}/")),
         ),
-        (
-            "enforced pod",
-            format!("UDP sendto {EXTERNAL4}:9000"),
-            false,
-            client::udp_sendto(EXTERNAL4, 9000),
-        ),
+        ("enforced pod", format!("UDP sendto {EXTERNAL4}:9000"), false, client::udp_sendto(EXTERNAL4, 9000)),
         (
             "enforced pod",
             format!("UDP to port 53 of {EXTERNAL4} (not DNS)"),
@@ -96,30 +78,15 @@ pub fn run() -> Result<()> {
             false,
             client::hping_icmp(EXTERNAL4),
         ),
-        (
-            "enforced pod",
-            format!("raw IP protocol 253 to {EXTERNAL4}"),
-            false,
-            client::hping_raw(EXTERNAL4),
-        ),
-        (
-            "enforced pod",
-            format!("TCP over IPv6 to [{EXTERNAL6}]:80"),
-            false,
-            client::tcp(EXTERNAL6, 80),
-        ),
+        ("enforced pod", format!("raw IP protocol 253 to {EXTERNAL4}"), false, client::hping_raw(EXTERNAL4)),
+        ("enforced pod", format!("TCP over IPv6 to [{EXTERNAL6}]:80"), false, client::tcp(EXTERNAL6, 80)),
         (
             "enforced pod",
             format!("IPv4-mapped IPv6 [::ffff:{EXTERNAL4}]:80"),
             false,
             client::tcp(&format!("::ffff:{EXTERNAL4}"), 80),
         ),
-        (
-            "enforced pod",
-            format!("SSH port on the gateway {GATEWAY4}:22"),
-            false,
-            client::tcp(GATEWAY4, 22),
-        ),
+        ("enforced pod", format!("SSH port on the gateway {GATEWAY4}:22"), false, client::tcp(GATEWAY4, 22)),
         (
             "unenforced pod",
             format!("HTTP straight to {EXTERNAL4}:80"),
@@ -127,26 +94,14 @@ pub fn run() -> Result<()> {
             client::curl(&format!("http://{EXTERNAL4}/")),
         ),
     ]
-    .map(|(who, what, expect_allowed, client)| Attempt {
-        who,
-        what,
-        expect_allowed,
-        client,
-    });
+    .map(|(who, what, expect_allowed, client)| Attempt { who, what, expect_allowed, client });
 
-    println!(
-        "{:<15} {:<48} {:<34} ARRIVED",
-        "FROM", "ATTEMPT", "CLIENT SAW"
-    );
+    println!("{:<15} {:<48} {:<34} ARRIVED", "FROM", "ATTEMPT", "CLIENT SAW");
     let mut surprises = 0;
     for a in attempts {
         at_external.clear();
         at_gateway.clear();
-        let out = if a.who == "enforced pod" {
-            lab.in_pod(a.client)
-        } else {
-            lab.in_other_cgroup(a.client)
-        };
+        let out = if a.who == "enforced pod" { lab.in_pod(a.client) } else { lab.in_other_cgroup(a.client) };
         let arrived = at_external.seen().len() + at_gateway.seen().len();
         let saw = describe(&out);
         let ok = (arrived > 0) == a.expect_allowed;
@@ -157,19 +112,12 @@ pub fn run() -> Result<()> {
             a.who,
             a.what,
             saw,
-            if arrived > 0 {
-                format!("yes ({arrived} packets)")
-            } else {
-                "nothing".into()
-            }
+            if arrived > 0 { format!("yes ({arrived} packets)") } else { "nothing".into() }
         );
     }
 
     let events = agent.wait_for("egress deny", 8);
-    println!(
-        "\nDeny events from the agent log (JSON lines; {} in all):",
-        events.len()
-    );
+    println!("\nDeny events from the agent log (JSON lines; {} in all):", events.len());
     for e in events.iter().take(12) {
         println!(
             "  {:<18} {:<6} {:<22} reason {:<18} cgroup {}",
@@ -186,10 +134,7 @@ pub fn run() -> Result<()> {
     drop(agent);
     drop(lab);
     println!("\nDemo node removed (namespaces, cgroups, pins).");
-    anyhow::ensure!(
-        surprises == 0,
-        "{surprises} attempts did not behave as expected"
-    );
+    anyhow::ensure!(surprises == 0, "{surprises} attempts did not behave as expected");
     Ok(())
 }
 

@@ -12,10 +12,7 @@ use crate::toolchain::{self, EbpfToolchain};
 
 /// The workspace root (xtask lives one level below it).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask sits inside the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits inside the workspace").to_path_buf()
 }
 
 /// Human-readable form of a command line, for error messages and progress output.
@@ -31,9 +28,7 @@ pub fn describe(cmd: &Command) -> String {
 /// Runs a command with inherited stdio and fails if it exits non-zero.
 pub fn status(cmd: &mut Command) -> Result<()> {
     let line = describe(cmd);
-    let status = cmd
-        .status()
-        .with_context(|| format!("could not start `{line}` (is it installed?)"))?;
+    let status = cmd.status().with_context(|| format!("could not start `{line}` (is it installed?)"))?;
     if !status.success() {
         bail!("`{line}` failed with {status}");
     }
@@ -43,15 +38,9 @@ pub fn status(cmd: &mut Command) -> Result<()> {
 /// Runs a command and returns its stdout; stderr is included in the error on failure.
 pub fn output(cmd: &mut Command) -> Result<String> {
     let line = describe(cmd);
-    let out = cmd
-        .output()
-        .with_context(|| format!("could not start `{line}` (is it installed?)"))?;
+    let out = cmd.output().with_context(|| format!("could not start `{line}` (is it installed?)"))?;
     if !out.status.success() {
-        bail!(
-            "`{line}` failed with {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`{line}` failed with {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     String::from_utf8(out.stdout).with_context(|| format!("`{line}` printed non-UTF-8 output"))
 }
@@ -78,10 +67,7 @@ pub fn build_agent(toolchain: &EbpfToolchain, release: bool) -> Result<PathBuf> 
     }
     status(&mut cmd)?;
     let profile = if release { "release" } else { "debug" };
-    Ok(workspace_root()
-        .join("target")
-        .join(profile)
-        .join("egress-agent"))
+    Ok(workspace_root().join("target").join(profile).join("egress-agent"))
 }
 
 /// Fails with a clear message unless running as root.

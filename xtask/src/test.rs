@@ -31,14 +31,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
                 .args(["fmt", "--all", "--check"]),
         )?;
         step("clippy");
-        status(cargo(&tc)?.args([
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]))?;
+        status(cargo(&tc)?.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     }
     step("build the agent (with its eBPF object)");
     let agent = build_agent(&tc, false)?;
@@ -46,13 +39,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
     status(cargo(&tc)?.args(["test", "--workspace", "--exclude", "egress-tests"]))?;
     step("kernel tests: BPF_PROG_TEST_RUN and network namespaces (one at a time)");
     let mut cmd = cargo(&tc)?;
-    cmd.args([
-        "test",
-        "--package",
-        "egress-tests",
-        "--",
-        "--test-threads=1",
-    ]);
+    cmd.args(["test", "--package", "egress-tests", "--", "--test-threads=1"]);
     if let Some(f) = &args.filter {
         cmd.arg(f);
     }
@@ -70,16 +57,20 @@ fn step(what: &str) {
 fn check_no_leftovers() -> Result<()> {
     let mut left = Vec::new();
     if let Ok(entries) = fs::read_dir("/run/netns") {
-        left.extend(entries.flatten().map(|e| e.path()).filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("eft"))
-        }));
+        left.extend(
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("eft"))),
+        );
     }
     if let Ok(entries) = fs::read_dir("/sys/fs/bpf") {
-        left.extend(entries.flatten().map(|e| e.path()).filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("egressfw-test-"))
-        }));
+        left.extend(
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("egressfw-test-"))),
+        );
     }
     if !left.is_empty() {
         bail!("the tests left these behind: {left:?}");

@@ -61,16 +61,10 @@ fn pick_ebpf_toolchain() -> Result<EbpfToolchain> {
     let installed = output(Command::new("rustup").args(["toolchain", "list"]))
         .context("rustup is needed to manage the eBPF toolchain")?;
     if installed.lines().any(|l| l.starts_with("nightly")) {
-        return Ok(EbpfToolchain {
-            name: "nightly",
-            needs_bootstrap: false,
-        });
+        return Ok(EbpfToolchain { name: "nightly", needs_bootstrap: false });
     }
     eprintln!("xtask: no nightly toolchain; building eBPF with stable and RUSTC_BOOTSTRAP=1");
-    Ok(EbpfToolchain {
-        name: "stable",
-        needs_bootstrap: true,
-    })
+    Ok(EbpfToolchain { name: "stable", needs_bootstrap: true })
 }
 
 fn ensure_rust_src(toolchain: &EbpfToolchain) -> Result<()> {
@@ -85,19 +79,8 @@ fn ensure_rust_src(toolchain: &EbpfToolchain) -> Result<()> {
         return Ok(());
     }
     eprintln!("xtask: adding rust-src to the {} toolchain", toolchain.name);
-    status(Command::new("rustup").args([
-        "component",
-        "add",
-        "rust-src",
-        "--toolchain",
-        toolchain.name,
-    ]))
-    .with_context(|| {
-        format!(
-            "the eBPF build needs rust-src for `{}` (build-std=core)",
-            toolchain.name
-        )
-    })
+    status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", toolchain.name]))
+        .with_context(|| format!("the eBPF build needs rust-src for `{}` (build-std=core)", toolchain.name))
 }
 
 /// LLVM facts of the toolchain that compiles the eBPF crate: bpf-linker must link against the
@@ -114,9 +97,7 @@ fn llvm_info(toolchain: &EbpfToolchain) -> Result<LlvmInfo> {
     let llvm = version
         .lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
-        .with_context(|| {
-            format!("`rustc {plus} -vV` did not report an LLVM version:\n{version}")
-        })?;
+        .with_context(|| format!("`rustc {plus} -vV` did not report an LLVM version:\n{version}"))?;
     let major = llvm.split('.').next().unwrap_or(llvm).to_string();
     let sysroot = output(Command::new("rustc").args([plus.as_str(), "--print", "sysroot"]))?;
     let lib = Path::new(sysroot.trim()).join("lib");
@@ -125,30 +106,17 @@ fn llvm_info(toolchain: &EbpfToolchain) -> Result<LlvmInfo> {
     let shared_object = fs::read_dir(&lib)
         .with_context(|| format!("reading {}", lib.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libLLVM.so."))
-        })
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.")))
         .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
-    Ok(LlvmInfo {
-        major,
-        shared_object,
-    })
+    Ok(LlvmInfo { major, shared_object })
 }
 
 /// Where the LLVM prefix and the bpf-linker binary live: outside `target/` so `cargo clean`
 /// does not force a rebuild, keyed by the LLVM object so a nightly update rebuilds it.
 fn tools_dir(llvm: &LlvmInfo) -> Result<PathBuf> {
     let home = env::var_os("HOME").context("HOME is not set")?;
-    let so_name = llvm
-        .shared_object
-        .file_name()
-        .unwrap_or_default()
-        .to_string_lossy();
-    Ok(Path::new(&home)
-        .join(".cache/egressfw")
-        .join(so_name.as_ref()))
+    let so_name = llvm.shared_object.file_name().unwrap_or_default().to_string_lossy();
+    Ok(Path::new(&home).join(".cache/egressfw").join(so_name.as_ref()))
 }
 
 /// Path of the bpf-linker this project builds; put first on PATH for eBPF builds.
@@ -160,12 +128,7 @@ fn ensure_bpf_linker(toolchain: &EbpfToolchain) -> Result<()> {
     let llvm = llvm_info(toolchain)?;
     let dir = tools_dir(&llvm)?;
     let linker = dir.join("bin/bpf-linker");
-    if linker.exists()
-        && Command::new(&linker)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    {
+    if linker.exists() && Command::new(&linker).arg("--version").output().is_ok_and(|o| o.status.success()) {
         return Ok(());
     }
     // The recipe: a prefix whose lib/ holds libLLVM.so (for the link step) and the versioned
@@ -177,13 +140,8 @@ fn ensure_bpf_linker(toolchain: &EbpfToolchain) -> Result<()> {
     for name in [Path::new("libLLVM.so"), Path::new(so_name)] {
         let link = lib.join(name);
         let _ = fs::remove_file(&link);
-        symlink(&llvm.shared_object, &link).with_context(|| {
-            format!(
-                "symlinking {} -> {}",
-                link.display(),
-                llvm.shared_object.display()
-            )
-        })?;
+        symlink(&llvm.shared_object, &link)
+            .with_context(|| format!("symlinking {} -> {}", link.display(), llvm.shared_object.display()))?;
     }
     eprintln!(
         "xtask: building bpf-linker against LLVM {} from {} (about a minute)",
@@ -193,30 +151,17 @@ fn ensure_bpf_linker(toolchain: &EbpfToolchain) -> Result<()> {
     let feature = format!("llvm-{}", llvm.major);
     let mut cmd = Command::new("cargo");
     cmd.args(["+".to_owned() + toolchain.name])
-        .args([
-            "install",
-            "bpf-linker",
-            "--locked",
-            "--no-default-features",
-            "--features",
-            &feature,
-        ])
+        .args(["install", "bpf-linker", "--locked", "--no-default-features", "--features", &feature])
         .arg("--root")
         .arg(&dir)
         .env("LLVM_PREFIX", &prefix)
         // The installed binary must find the LLVM object at run time, wherever rustup keeps it.
-        .env(
-            "RUSTFLAGS",
-            format!("-C link-arg=-Wl,-rpath,{}", lib.display()),
-        );
+        .env("RUSTFLAGS", format!("-C link-arg=-Wl,-rpath,{}", lib.display()));
     if toolchain.needs_bootstrap {
         cmd.env("RUSTC_BOOTSTRAP", "1");
     }
     status(&mut cmd).with_context(|| {
-        format!(
-            "building bpf-linker with LLVM_PREFIX={} (feature {feature})",
-            prefix.display()
-        )
+        format!("building bpf-linker with LLVM_PREFIX={} (feature {feature})", prefix.display())
     })?;
     let check = Command::new(&linker).arg("--version").output();
     match check {
@@ -251,6 +196,5 @@ fn ensure_debian_packages() -> Result<()> {
 }
 
 pub fn command_exists(tool: &str) -> bool {
-    env::var_os("PATH")
-        .is_some_and(|paths| env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+    env::var_os("PATH").is_some_and(|paths| env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
 }

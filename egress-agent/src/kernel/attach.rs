@@ -39,20 +39,10 @@ impl ProgramTags {
     pub fn read(ebpf: &Ebpf) -> Result<Self> {
         let mut ours = HashMap::new();
         for name in ALL_PROGRAMS {
-            let prog = ebpf
-                .program(name)
-                .with_context(|| format!("program {name} missing"))?;
-            ours.insert(
-                name,
-                prog.info()
-                    .with_context(|| format!("program info of {name}"))?
-                    .tag(),
-            );
+            let prog = ebpf.program(name).with_context(|| format!("program {name} missing"))?;
+            ours.insert(name, prog.info().with_context(|| format!("program info of {name}"))?.tag());
         }
-        let kernel = loaded_programs()
-            .filter_map(Result::ok)
-            .map(|p| (p.id(), p.tag()))
-            .collect();
+        let kernel = loaded_programs().filter_map(Result::ok).map(|p| (p.id(), p.tag())).collect();
         Ok(Self { ours, kernel })
     }
 }
@@ -71,10 +61,9 @@ pub fn ensure_attached(
         let pin = dir.join(name);
         let existing = pin.exists().then(|| PinnedLink::from_pin(&pin)).transpose();
         let running_tag = match existing {
-            Ok(Some(link)) => FdLink::from(link)
-                .info()
-                .ok()
-                .and_then(|i| tags.kernel.get(&i.program_id()).copied()),
+            Ok(Some(link)) => {
+                FdLink::from(link).info().ok().and_then(|i| tags.kernel.get(&i.program_id()).copied())
+            }
             // A pin we cannot open is replaced below.
             Ok(None) | Err(_) => None,
         };
@@ -104,30 +93,20 @@ pub fn ensure_attached(
 /// flag (hence `Single`, which passes none). A workload that attaches its own program below
 /// cannot override ours.
 fn attach_one(ebpf: &mut Ebpf, name: &str, cgroup: &CgroupRef, pin: &Path) -> Result<()> {
-    let dir = File::open(&cgroup.path)
-        .with_context(|| format!("opening cgroup {}", cgroup.path.display()))?;
+    let dir =
+        File::open(&cgroup.path).with_context(|| format!("opening cgroup {}", cgroup.path.display()))?;
     let context = || format!("attaching {name} to cgroup {}", cgroup.path.display());
     let link: FdLink = if name == PROG_SKB_EGRESS {
-        let prog: &mut CgroupSkb = ebpf
-            .program_mut(name)
-            .context("program missing")?
-            .try_into()?;
-        let id = prog
-            .attach(&dir, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
-            .with_context(context)?;
+        let prog: &mut CgroupSkb = ebpf.program_mut(name).context("program missing")?.try_into()?;
+        let id =
+            prog.attach(&dir, CgroupSkbAttachType::Egress, CgroupAttachMode::Single).with_context(context)?;
         prog.take_link(id)?.try_into().with_context(context)?
     } else {
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .context("program missing")?
-            .try_into()?;
-        let id = prog
-            .attach(&dir, CgroupAttachMode::Single)
-            .with_context(context)?;
+        let prog: &mut CgroupSockAddr = ebpf.program_mut(name).context("program missing")?.try_into()?;
+        let id = prog.attach(&dir, CgroupAttachMode::Single).with_context(context)?;
         prog.take_link(id)?.try_into().with_context(context)?
     };
-    link.pin(pin)
-        .with_context(|| format!("pinning link at {}", pin.display()))?;
+    link.pin(pin).with_context(|| format!("pinning link at {}", pin.display()))?;
     Ok(())
 }
 
@@ -137,8 +116,7 @@ pub fn detach(pins: &PinLayout, cgroup_id: u64) -> Result<usize> {
     let mut removed = 0;
     if let Ok(entries) = fs::read_dir(&dir) {
         for e in entries.flatten() {
-            fs::remove_file(e.path())
-                .with_context(|| format!("removing {}", e.path().display()))?;
+            fs::remove_file(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
             removed += 1;
         }
     }

@@ -92,15 +92,7 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
     let target = CString::new(dir.as_os_str().as_encoded_bytes())?;
     let fstype = c"bpf";
     // SAFETY: valid C strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         bail!(
             "{} is not a bpffs and mounting one there failed: {} (the agent needs CAP_SYS_ADMIN, or mount bpffs on the host)",

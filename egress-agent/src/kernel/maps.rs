@@ -31,8 +31,7 @@ impl KernelMaps {
     /// Takes the maps out of a loaded object (the programs keep their own references).
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self> {
         let mut take = |name: &str| {
-            ebpf.take_map(name)
-                .with_context(|| format!("map {name} missing from the eBPF object"))
+            ebpf.take_map(name).with_context(|| format!("map {name} missing from the eBPF object"))
         };
         Self::from_maps(
             take(MAP_POLICIES)?,
@@ -48,8 +47,8 @@ impl KernelMaps {
     pub fn from_pins(pins: &PinLayout) -> Result<Self> {
         let open = |name: &str| -> Result<Map> {
             let path = pins.map(name);
-            let data = MapData::from_pin(&path)
-                .with_context(|| format!("opening pinned map {}", path.display()))?;
+            let data =
+                MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
             Map::from_map_data(data).with_context(|| format!("pinned map {}", path.display()))
         };
         Self::from_maps(
@@ -81,10 +80,7 @@ impl KernelMaps {
     }
 
     pub fn policies(&self) -> Result<BTreeMap<u64, CgroupPolicy>> {
-        self.policies
-            .iter()
-            .map(|r| r.context("reading the policy map"))
-            .collect()
+        self.policies.iter().map(|r| r.context("reading the policy map")).collect()
     }
 
     /// Every allow entry, grouped by policy id.
@@ -132,90 +128,55 @@ impl KernelMaps {
     }
 
     pub fn level_mask(&self) -> Result<u32> {
-        Ok(self
-            .config
-            .get(&0, 0)
-            .context("reading the config map")?
-            .level_mask)
+        Ok(self.config.get(&0, 0).context("reading the config map")?.level_mask)
     }
 
     pub fn set_level_mask(&mut self, level_mask: u32) -> Result<()> {
-        self.config
-            .set(
-                0,
-                GlobalConfig {
-                    level_mask,
-                    reserved: 0,
-                },
-                0,
-            )
-            .context("writing the config map")
+        self.config.set(0, GlobalConfig { level_mask, reserved: 0 }, 0).context("writing the config map")
     }
 
     /// Counters summed over CPUs, indexed by reason number.
     pub fn counters(&self) -> Result<Vec<ReasonCounters>> {
         (0..REASON_SLOTS)
             .map(|i| {
-                let per_cpu = self
-                    .counters
-                    .get(&i, 0)
-                    .context("reading the counters map")?;
-                Ok(per_cpu
-                    .iter()
-                    .fold(ReasonCounters::default(), |acc, c| ReasonCounters {
-                        applied: acc.applied + c.applied,
-                        audited: acc.audited + c.audited,
-                    }))
+                let per_cpu = self.counters.get(&i, 0).context("reading the counters map")?;
+                Ok(per_cpu.iter().fold(ReasonCounters::default(), |acc, c| ReasonCounters {
+                    applied: acc.applied + c.applied,
+                    audited: acc.audited + c.audited,
+                }))
             })
             .collect()
     }
 
     /// (suppressed by the rate limit, lost to a full ring buffer), summed over CPUs.
     pub fn event_losses(&self) -> Result<(u64, u64)> {
-        let per_cpu = self
-            .event_budget
-            .get(&0, 0)
-            .context("reading the event budget map")?;
-        Ok(per_cpu
-            .iter()
-            .fold((0, 0), |(s, f), b| (s + b.suppressed, f + b.ringbuf_full)))
+        let per_cpu = self.event_budget.get(&0, 0).context("reading the event budget map")?;
+        Ok(per_cpu.iter().fold((0, 0), |(s, f), b| (s + b.suppressed, f + b.ringbuf_full)))
     }
 }
 
 fn v4_key(policy_id: u32, net: &Ipv4Net) -> Key<Ipv4AllowKey> {
     Key::new(
         POLICY_ID_BITS + u32::from(net.prefix_len()),
-        Ipv4AllowKey {
-            policy_id_be: policy_id.to_be_bytes(),
-            addr: net.network().octets(),
-        },
+        Ipv4AllowKey { policy_id_be: policy_id.to_be_bytes(), addr: net.network().octets() },
     )
 }
 
 fn v6_key(policy_id: u32, net: &Ipv6Net) -> Key<Ipv6AllowKey> {
     Key::new(
         POLICY_ID_BITS + u32::from(net.prefix_len()),
-        Ipv6AllowKey {
-            policy_id_be: policy_id.to_be_bytes(),
-            addr: net.network().octets(),
-        },
+        Ipv6AllowKey { policy_id_be: policy_id.to_be_bytes(), addr: net.network().octets() },
     )
 }
 
 fn v4_from_key(key: &Key<Ipv4AllowKey>) -> (u32, Ipv4Net) {
     let data = key.data();
     let len = key.prefix_len().saturating_sub(POLICY_ID_BITS).min(32) as u8;
-    (
-        u32::from_be_bytes(data.policy_id_be),
-        Ipv4Net::new(data.addr.into(), len).expect("len <= 32"),
-    )
+    (u32::from_be_bytes(data.policy_id_be), Ipv4Net::new(data.addr.into(), len).expect("len <= 32"))
 }
 
 fn v6_from_key(key: &Key<Ipv6AllowKey>) -> (u32, Ipv6Net) {
     let data = key.data();
     let len = key.prefix_len().saturating_sub(POLICY_ID_BITS).min(128) as u8;
-    (
-        u32::from_be_bytes(data.policy_id_be),
-        Ipv6Net::new(data.addr.into(), len).expect("len <= 128"),
-    )
+    (u32::from_be_bytes(data.policy_id_be), Ipv6Net::new(data.addr.into(), len).expect("len <= 128"))
 }

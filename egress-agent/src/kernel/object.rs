@@ -5,26 +5,18 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{CgroupSkb, CgroupSockAddr},
 };
-use egress_common::maps::{
-    PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SKB_EGRESS,
-};
+use egress_common::maps::{PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SKB_EGRESS};
 
 use super::bpffs::PinLayout;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress-ebpf"));
 
 /// The socket-address programs, in attach order.
-pub const SOCK_ADDR_PROGRAMS: [&str; 4] =
-    [PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6];
+pub const SOCK_ADDR_PROGRAMS: [&str; 4] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6];
 
 /// Every program, as named in the object and under each cgroup's links directory.
-pub const ALL_PROGRAMS: [&str; 5] = [
-    PROG_SKB_EGRESS,
-    PROG_CONNECT4,
-    PROG_CONNECT6,
-    PROG_SENDMSG4,
-    PROG_SENDMSG6,
-];
+pub const ALL_PROGRAMS: [&str; 5] =
+    [PROG_SKB_EGRESS, PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6];
 
 /// Loads the object, reusing the maps pinned under `pins` (creating and pinning them the first
 /// time), and loads every program into the kernel (the verifier runs here).
@@ -33,25 +25,18 @@ pub fn load(pins: &PinLayout) -> Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(&maps)
         .load(OBJECT)
-        .with_context(|| {
-            format!(
-                "loading the eBPF object (maps pinned under {})",
-                maps.display()
-            )
-        })?;
+        .with_context(|| format!("loading the eBPF object (maps pinned under {})", maps.display()))?;
     let skb: &mut CgroupSkb = ebpf
         .program_mut(PROG_SKB_EGRESS)
         .with_context(|| format!("program {PROG_SKB_EGRESS} missing from the object"))?
         .try_into()?;
-    skb.load()
-        .with_context(|| format!("loading {PROG_SKB_EGRESS} (verifier)"))?;
+    skb.load().with_context(|| format!("loading {PROG_SKB_EGRESS} (verifier)"))?;
     for name in SOCK_ADDR_PROGRAMS {
         let prog: &mut CgroupSockAddr = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing from the object"))?
             .try_into()?;
-        prog.load()
-            .with_context(|| format!("loading {name} (verifier)"))?;
+        prog.load().with_context(|| format!("loading {name} (verifier)"))?;
     }
     Ok(ebpf)
 }

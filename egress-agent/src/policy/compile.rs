@@ -13,8 +13,7 @@ use std::{
 use egress_common::{
     addr::Destination,
     policy::{
-        AllowRules, MAX_RULES_PER_PREFIX, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
-        PROTO_UDP, PortRule,
+        AllowRules, MAX_RULES_PER_PREFIX, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PortRule,
     },
     verdict::Reason,
 };
@@ -43,46 +42,28 @@ pub struct TooManyRules {
     pub count: usize,
 }
 
-const DNS_PORT: PortRange = PortRange {
-    first: 53,
-    last: 53,
-};
-const ALL_PORTS: PortRange = PortRange {
-    first: 0,
-    last: u16::MAX,
-};
+const DNS_PORT: PortRange = PortRange { first: 53, last: 53 };
+const ALL_PORTS: PortRange = PortRange { first: 0, last: u16::MAX };
 
 pub fn compile(spec: &PolicySpec) -> Result<CompiledRules, TooManyRules> {
     let mut own: Vec<(IpNet, PortRuleSpec)> = Vec::new();
     for (addr, ports) in &spec.gateways {
         for p in ports {
-            own.push((
-                host_net(*addr),
-                PortRuleSpec::new(Protocol::Tcp, *p, Reason::AllowGateway),
-            ));
+            own.push((host_net(*addr), PortRuleSpec::new(Protocol::Tcp, *p, Reason::AllowGateway)));
         }
     }
     for addr in &spec.dns {
         for proto in [Protocol::Udp, Protocol::Tcp] {
-            own.push((
-                host_net(*addr),
-                PortRuleSpec::new(proto, DNS_PORT, Reason::AllowDns),
-            ));
+            own.push((host_net(*addr), PortRuleSpec::new(proto, DNS_PORT, Reason::AllowDns)));
         }
     }
     for e in &spec.extra {
         let net = normalize_net(e.cidr);
         if e.ports.is_empty() {
-            own.push((
-                net,
-                PortRuleSpec::new(e.protocol, ALL_PORTS, Reason::AllowExtraCidr),
-            ));
+            own.push((net, PortRuleSpec::new(e.protocol, ALL_PORTS, Reason::AllowExtraCidr)));
         }
         for p in &e.ports {
-            own.push((
-                net,
-                PortRuleSpec::new(e.protocol, *p, Reason::AllowExtraCidr),
-            ));
+            own.push((net, PortRuleSpec::new(e.protocol, *p, Reason::AllowExtraCidr)));
         }
     }
     let mut v4: BTreeMap<Ipv4Net, Vec<PortRuleSpec>> = BTreeMap::new();
@@ -94,20 +75,8 @@ pub fn compile(spec: &PolicySpec) -> Result<CompiledRules, TooManyRules> {
         }
     }
     Ok(CompiledRules {
-        v4: merge_covering(
-            v4,
-            &spec.cgroup,
-            PROTO_ICMP,
-            |a, b| a.contains(b),
-            IpNet::V4,
-        )?,
-        v6: merge_covering(
-            v6,
-            &spec.cgroup,
-            PROTO_ICMPV6,
-            |a, b| a.contains(b),
-            IpNet::V6,
-        )?,
+        v4: merge_covering(v4, &spec.cgroup, PROTO_ICMP, |a, b| a.contains(b), IpNet::V4)?,
+        v6: merge_covering(v6, &spec.cgroup, PROTO_ICMPV6, |a, b| a.contains(b), IpNet::V6)?,
     })
 }
 
@@ -135,11 +104,7 @@ impl PortRuleSpec {
             Protocol::Udp => ProtocolKey::Udp,
             Protocol::Icmp => ProtocolKey::Icmp,
         };
-        Self {
-            protocol,
-            ports,
-            reason: reason as u8,
-        }
+        Self { protocol, ports, reason: reason as u8 }
     }
 
     fn lower(self, icmp: u8) -> PortRule {
@@ -188,10 +153,7 @@ fn merge_covering<N: Copy + Ord>(
     let mut out = BTreeMap::new();
     let mut stack: Vec<(N, Vec<PortRuleSpec>)> = Vec::new();
     for (net, mut rules) in own {
-        while stack
-            .last()
-            .is_some_and(|(outer, _)| !contains(outer, &net))
-        {
+        while stack.last().is_some_and(|(outer, _)| !contains(outer, &net)) {
             stack.pop();
         }
         if let Some((_, inherited)) = stack.last() {

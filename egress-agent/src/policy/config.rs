@@ -27,21 +27,11 @@ use crate::policy::{Mode, Protocol};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading policy file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("policy file {path}: {source}")]
-    Syntax {
-        path: String,
-        source: serde_yaml::Error,
-    },
+    Syntax { path: String, source: serde_yaml::Error },
     #[error("policy file {path}: {at}: {message}")]
-    Invalid {
-        path: String,
-        at: String,
-        message: String,
-    },
+    Invalid { path: String, at: String, message: String },
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,21 +114,20 @@ pub struct PortRange {
 
 /// Reads and validates a policy file. Nothing is touched on error.
 pub fn load(path: &Path) -> Result<Vec<PolicySpec>, ConfigError> {
+    parse_file(path, &read(path)?)
+}
+
+pub fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })
+}
+
+/// Validates the text of the file at `path` (named in errors).
+pub fn parse_file(path: &Path, text: &str) -> Result<Vec<PolicySpec>, ConfigError> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: shown.clone(),
-        source,
-    })?;
-    parse(&text).map_err(|e| match e {
-        ParseError::Syntax(source) => ConfigError::Syntax {
-            path: shown,
-            source,
-        },
-        ParseError::Invalid { at, message } => ConfigError::Invalid {
-            path: shown,
-            at,
-            message,
-        },
+    parse(text).map_err(|e| match e {
+        ParseError::Syntax(source) => ConfigError::Syntax { path: shown, source },
+        ParseError::Invalid { at, message } => ConfigError::Invalid { path: shown, at, message },
     })
 }
 
@@ -149,10 +138,7 @@ pub enum ParseError {
 }
 
 fn invalid(at: impl Into<String>, message: impl Into<String>) -> ParseError {
-    ParseError::Invalid {
-        at: at.into(),
-        message: message.into(),
-    }
+    ParseError::Invalid { at: at.into(), message: message.into() }
 }
 
 pub fn parse(text: &str) -> Result<Vec<PolicySpec>, ParseError> {
@@ -166,10 +152,7 @@ pub fn parse(text: &str) -> Result<Vec<PolicySpec>, ParseError> {
         if let Some(b) = out[..i].iter().find(|b| b.cgroup == a.cgroup) {
             return Err(invalid(
                 format!("policies[{i}]"),
-                format!(
-                    "cgroup {:?} already has a policy; give each cgroup one entry",
-                    b.cgroup
-                ),
+                format!("cgroup {:?} already has a policy; give each cgroup one entry", b.cgroup),
             ));
         }
     }
@@ -184,10 +167,7 @@ fn validate_policy(p: RawPolicy, at: &str) -> Result<PolicySpec, ParseError> {
         "enforce" => Mode::Enforce,
         "audit" => Mode::Audit,
         other => {
-            return Err(invalid(
-                at,
-                format!("mode {other:?} is not one of: enforce, audit"),
-            ));
+            return Err(invalid(at, format!("mode {other:?} is not one of: enforce, audit")));
         }
     };
     let mut gateways = Vec::new();
@@ -195,16 +175,9 @@ fn validate_policy(p: RawPolicy, at: &str) -> Result<PolicySpec, ParseError> {
         let at = format!("{at}.gateways[{j}]");
         let addr = parse_ip(&g.address, &at)?;
         if g.ports.is_empty() {
-            return Err(invalid(
-                &at,
-                format!("gateway {} needs at least one port", g.address),
-            ));
+            return Err(invalid(&at, format!("gateway {} needs at least one port", g.address)));
         }
-        let ports = g
-            .ports
-            .iter()
-            .map(|p| parse_port(p, &at))
-            .collect::<Result<_, _>>()?;
+        let ports = g.ports.iter().map(|p| parse_port(p, &at)).collect::<Result<_, _>>()?;
         gateways.push((addr, ports));
     }
     let dns = p
@@ -223,39 +196,20 @@ fn validate_policy(p: RawPolicy, at: &str) -> Result<PolicySpec, ParseError> {
             "udp" => Protocol::Udp,
             "icmp" => Protocol::Icmp,
             other => {
-                return Err(invalid(
-                    &at,
-                    format!("protocol {other:?} is not one of: tcp, udp, icmp, any"),
-                ));
+                return Err(invalid(&at, format!("protocol {other:?} is not one of: tcp, udp, icmp, any")));
             }
         };
-        let ports: Vec<PortRange> = e
-            .ports
-            .iter()
-            .map(|p| parse_port(p, &at))
-            .collect::<Result<_, _>>()?;
+        let ports: Vec<PortRange> = e.ports.iter().map(|p| parse_port(p, &at)).collect::<Result<_, _>>()?;
         if !ports.is_empty() && !matches!(protocol, Protocol::Tcp | Protocol::Udp) {
             return Err(invalid(&at, "ports need protocol tcp or udp"));
         }
-        extra.push(ExtraSpec {
-            cidr,
-            protocol,
-            ports,
-        });
+        extra.push(ExtraSpec { cidr, protocol, ports });
     }
-    Ok(PolicySpec {
-        cgroup: p.cgroup,
-        mode,
-        gateways,
-        dns,
-        extra,
-    })
+    Ok(PolicySpec { cgroup: p.cgroup, mode, gateways, dns, extra })
 }
 
 fn parse_ip(s: &str, at: &str) -> Result<IpAddr, ParseError> {
-    s.trim()
-        .parse()
-        .map_err(|_| invalid(at, format!("{s:?} is not an IP address")))
+    s.trim().parse().map_err(|_| invalid(at, format!("{s:?} is not an IP address")))
 }
 
 fn parse_cidr(s: &str, at: &str) -> Result<IpNet, ParseError> {
@@ -266,29 +220,18 @@ fn parse_cidr(s: &str, at: &str) -> Result<IpNet, ParseError> {
         Err(_) => match s_trim.parse::<IpAddr>() {
             Ok(a) => IpNet::from(a),
             Err(_) => {
-                return Err(invalid(
-                    at,
-                    format!("{s:?} is not a CIDR (like 10.0.0.0/8)"),
-                ));
+                return Err(invalid(at, format!("{s:?} is not a CIDR (like 10.0.0.0/8)")));
             }
         },
     };
     if net.trunc() != net {
-        return Err(invalid(
-            at,
-            format!("{s:?} has host bits set; did you mean {}?", net.trunc()),
-        ));
+        return Err(invalid(at, format!("{s:?} has host bits set; did you mean {}?", net.trunc())));
     }
     Ok(net)
 }
 
 fn parse_port(p: &RawPort, at: &str) -> Result<PortRange, ParseError> {
-    let bad = || {
-        invalid(
-            at,
-            format!("port {p} is not a port (1-65535) or a range like \"8000-8100\""),
-        )
-    };
+    let bad = || invalid(at, format!("port {p} is not a port (1-65535) or a range like \"8000-8100\""));
     let one = |n: i64| u16::try_from(n).ok().filter(|n| *n != 0);
     let (first, last) = match p {
         RawPort::Number(n) => {

@@ -58,10 +58,7 @@ pub fn judge<L: AllowLookup>(lookup: &L, policy_id: u32, flow: &Flow) -> Reason 
                 return Reason::AllowLoopback;
             }
         }
-        Origin::Packet {
-            via_loopback,
-            source_routed,
-        } => {
+        Origin::Packet { via_loopback, source_routed } => {
             if via_loopback {
                 return Reason::AllowLoopback;
             }

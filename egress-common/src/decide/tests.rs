@@ -12,11 +12,7 @@ struct Table {
 }
 
 fn covers(prefix: [u8; 4], len: u8, addr: [u8; 4]) -> bool {
-    let mask = if len == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(len))
-    };
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
     u32::from_be_bytes(prefix) & mask == u32::from_be_bytes(addr) & mask
 }
 
@@ -51,35 +47,19 @@ fn rules(list: &[(u8, Reason, u16, u16)]) -> AllowRules {
 fn table() -> Table {
     Table {
         v4: std::vec![
-            (
-                7,
-                [10, 0, 0, 1],
-                32,
-                rules(&[(PROTO_TCP, Reason::AllowGateway, 3128, 3128)])
-            ),
+            (7, [10, 0, 0, 1], 32, rules(&[(PROTO_TCP, Reason::AllowGateway, 3128, 3128)])),
             (
                 7,
                 [10, 0, 0, 53],
                 32,
-                rules(&[
-                    (PROTO_UDP, Reason::AllowDns, 53, 53),
-                    (PROTO_TCP, Reason::AllowDns, 53, 53)
-                ])
+                rules(&[(PROTO_UDP, Reason::AllowDns, 53, 53), (PROTO_TCP, Reason::AllowDns, 53, 53)])
             ),
-            (
-                7,
-                [192, 168, 0, 0],
-                16,
-                rules(&[(PROTO_ANY, Reason::AllowExtraCidr, 0, u16::MAX)])
-            ),
+            (7, [192, 168, 0, 0], 16, rules(&[(PROTO_ANY, Reason::AllowExtraCidr, 0, u16::MAX)])),
         ],
     }
 }
 
-const PACKET: Origin = Origin::Packet {
-    via_loopback: false,
-    source_routed: false,
-};
+const PACKET: Origin = Origin::Packet { via_loopback: false, source_routed: false };
 
 fn flow(dst: [u8; 4], protocol: u8, dport: Option<u16>) -> Flow {
     Flow {
@@ -95,64 +75,31 @@ fn flow(dst: [u8; 4], protocol: u8, dport: Option<u16>) -> Flow {
 #[test]
 fn gateway_only_on_its_port_and_protocol() {
     let t = table();
-    assert_eq!(
-        judge(&t, 7, &flow([10, 0, 0, 1], PROTO_TCP, Some(3128))),
-        Reason::AllowGateway
-    );
-    assert_eq!(
-        judge(&t, 7, &flow([10, 0, 0, 1], PROTO_TCP, Some(22))),
-        Reason::DenyPort
-    );
-    assert_eq!(
-        judge(&t, 7, &flow([10, 0, 0, 1], PROTO_UDP, Some(3128))),
-        Reason::DenyPort
-    );
-    assert_eq!(
-        judge(&t, 7, &flow([10, 0, 0, 1], PROTO_ICMP, None)),
-        Reason::DenyPort
-    );
+    assert_eq!(judge(&t, 7, &flow([10, 0, 0, 1], PROTO_TCP, Some(3128))), Reason::AllowGateway);
+    assert_eq!(judge(&t, 7, &flow([10, 0, 0, 1], PROTO_TCP, Some(22))), Reason::DenyPort);
+    assert_eq!(judge(&t, 7, &flow([10, 0, 0, 1], PROTO_UDP, Some(3128))), Reason::DenyPort);
+    assert_eq!(judge(&t, 7, &flow([10, 0, 0, 1], PROTO_ICMP, None)), Reason::DenyPort);
 }
 
 #[test]
 fn dns_on_53_only() {
     let t = table();
-    assert_eq!(
-        judge(&t, 7, &flow([10, 0, 0, 53], PROTO_UDP, Some(53))),
-        Reason::AllowDns
-    );
-    assert_eq!(
-        judge(&t, 7, &flow([10, 0, 0, 53], PROTO_TCP, Some(53))),
-        Reason::AllowDns
-    );
-    assert_eq!(
-        judge(&t, 7, &flow([10, 0, 0, 53], PROTO_UDP, Some(54))),
-        Reason::DenyPort
-    );
-    assert_eq!(
-        judge(&t, 7, &flow([10, 0, 0, 54], PROTO_UDP, Some(53))),
-        Reason::DenyDestination
-    );
+    assert_eq!(judge(&t, 7, &flow([10, 0, 0, 53], PROTO_UDP, Some(53))), Reason::AllowDns);
+    assert_eq!(judge(&t, 7, &flow([10, 0, 0, 53], PROTO_TCP, Some(53))), Reason::AllowDns);
+    assert_eq!(judge(&t, 7, &flow([10, 0, 0, 53], PROTO_UDP, Some(54))), Reason::DenyPort);
+    assert_eq!(judge(&t, 7, &flow([10, 0, 0, 54], PROTO_UDP, Some(53))), Reason::DenyDestination);
 }
 
 #[test]
 fn other_policy_ids_see_nothing() {
-    assert_eq!(
-        judge(&table(), 8, &flow([10, 0, 0, 1], PROTO_TCP, Some(3128))),
-        Reason::DenyDestination
-    );
+    assert_eq!(judge(&table(), 8, &flow([10, 0, 0, 1], PROTO_TCP, Some(3128))), Reason::DenyDestination);
 }
 
 #[test]
 fn any_protocol_cidr_allows_everything_inside() {
     let t = table();
-    assert_eq!(
-        judge(&t, 7, &flow([192, 168, 4, 4], PROTO_ICMP, None)),
-        Reason::AllowExtraCidr
-    );
-    assert_eq!(
-        judge(&t, 7, &flow([192, 169, 4, 4], PROTO_ICMP, None)),
-        Reason::DenyDestination
-    );
+    assert_eq!(judge(&t, 7, &flow([192, 168, 4, 4], PROTO_ICMP, None)), Reason::AllowExtraCidr);
+    assert_eq!(judge(&t, 7, &flow([192, 169, 4, 4], PROTO_ICMP, None)), Reason::DenyDestination);
 }
 
 #[test]
@@ -167,10 +114,7 @@ fn loopback_must_leave_through_loopback() {
     let t = table();
     let mut f = flow([127, 0, 0, 1], PROTO_TCP, Some(1));
     assert_eq!(judge(&t, 7, &f), Reason::DenyLoopbackSpoof);
-    f.origin = Origin::Packet {
-        via_loopback: true,
-        source_routed: false,
-    };
+    f.origin = Origin::Packet { via_loopback: true, source_routed: false };
     assert_eq!(judge(&t, 7, &f), Reason::AllowLoopback);
     f.origin = Origin::Syscall;
     assert_eq!(judge(&t, 7, &f), Reason::AllowLoopback);
@@ -179,10 +123,7 @@ fn loopback_must_leave_through_loopback() {
 #[test]
 fn anything_through_the_loopback_device_stays_local() {
     let mut f = flow([10, 9, 9, 9], PROTO_UDP, Some(9));
-    f.origin = Origin::Packet {
-        via_loopback: true,
-        source_routed: true,
-    };
+    f.origin = Origin::Packet { via_loopback: true, source_routed: true };
     assert_eq!(judge(&table(), 7, &f), Reason::AllowLoopback);
 }
 
@@ -199,10 +140,7 @@ fn unspecified_is_local_only_for_syscalls() {
 #[test]
 fn source_routed_packets_are_denied_even_to_the_gateway() {
     let mut f = flow([10, 0, 0, 1], PROTO_TCP, Some(3128));
-    f.origin = Origin::Packet {
-        via_loopback: false,
-        source_routed: true,
-    };
+    f.origin = Origin::Packet { via_loopback: false, source_routed: true };
     assert_eq!(judge(&table(), 7, &f), Reason::DenySourceRoute);
 }
 

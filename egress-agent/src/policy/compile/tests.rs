@@ -43,10 +43,7 @@ fn verdict(rules: &CompiledRules, dst: &str, protocol: u8, port: Option<u16>) ->
         dport: port.unwrap_or(0),
         port_known: port.is_some(),
         later_fragment: false,
-        origin: Origin::Packet {
-            via_loopback: false,
-            source_routed: false,
-        },
+        origin: Origin::Packet { via_loopback: false, source_routed: false },
     };
     judge(rules, 1, &flow)
 }
@@ -72,79 +69,36 @@ policies:
 fn rules_of_covering_prefixes_apply_inside_more_specific_ones() {
     let r = compiled(POLICY);
     // The gateway /32 inherits the /8's tcp/443 rule.
-    assert_eq!(
-        verdict(&r, "10.0.0.5", PROTO_TCP, Some(3128)),
-        Reason::AllowGateway
-    );
-    assert_eq!(
-        verdict(&r, "10.0.0.5", PROTO_TCP, Some(443)),
-        Reason::AllowExtraCidr
-    );
-    assert_eq!(
-        verdict(&r, "10.0.0.5", PROTO_TCP, Some(80)),
-        Reason::DenyPort
-    );
-    assert_eq!(
-        verdict(&r, "10.0.0.53", PROTO_UDP, Some(53)),
-        Reason::AllowDns
-    );
-    assert_eq!(
-        verdict(&r, "10.0.0.53", PROTO_TCP, Some(443)),
-        Reason::AllowExtraCidr
-    );
-    assert_eq!(
-        verdict(&r, "10.9.9.9", PROTO_UDP, Some(443)),
-        Reason::DenyPort
-    );
-    assert_eq!(
-        verdict(&r, "172.20.1.1", PROTO_ICMP, None),
-        Reason::AllowExtraCidr
-    );
-    assert_eq!(
-        verdict(&r, "11.0.0.1", PROTO_TCP, Some(443)),
-        Reason::DenyDestination
-    );
+    assert_eq!(verdict(&r, "10.0.0.5", PROTO_TCP, Some(3128)), Reason::AllowGateway);
+    assert_eq!(verdict(&r, "10.0.0.5", PROTO_TCP, Some(443)), Reason::AllowExtraCidr);
+    assert_eq!(verdict(&r, "10.0.0.5", PROTO_TCP, Some(80)), Reason::DenyPort);
+    assert_eq!(verdict(&r, "10.0.0.53", PROTO_UDP, Some(53)), Reason::AllowDns);
+    assert_eq!(verdict(&r, "10.0.0.53", PROTO_TCP, Some(443)), Reason::AllowExtraCidr);
+    assert_eq!(verdict(&r, "10.9.9.9", PROTO_UDP, Some(443)), Reason::DenyPort);
+    assert_eq!(verdict(&r, "172.20.1.1", PROTO_ICMP, None), Reason::AllowExtraCidr);
+    assert_eq!(verdict(&r, "11.0.0.1", PROTO_TCP, Some(443)), Reason::DenyDestination);
 }
 
 #[test]
 fn ipv6_gateway_and_mapped_forms() {
     let r = compiled(POLICY);
-    assert_eq!(
-        verdict(&r, "fd00::5", PROTO_TCP, Some(3128)),
-        Reason::AllowGateway
-    );
-    assert_eq!(
-        verdict(&r, "fd00::6", PROTO_TCP, Some(3128)),
-        Reason::DenyDestination
-    );
-    assert_eq!(
-        verdict(&r, "::ffff:10.0.0.5", PROTO_TCP, Some(3128)),
-        Reason::AllowGateway
-    );
-    assert_eq!(
-        verdict(&r, "::ffff:8.8.8.8", PROTO_UDP, Some(53)),
-        Reason::DenyDestination
-    );
+    assert_eq!(verdict(&r, "fd00::5", PROTO_TCP, Some(3128)), Reason::AllowGateway);
+    assert_eq!(verdict(&r, "fd00::6", PROTO_TCP, Some(3128)), Reason::DenyDestination);
+    assert_eq!(verdict(&r, "::ffff:10.0.0.5", PROTO_TCP, Some(3128)), Reason::AllowGateway);
+    assert_eq!(verdict(&r, "::ffff:8.8.8.8", PROTO_UDP, Some(53)), Reason::DenyDestination);
 }
 
 #[test]
 fn mapped_cidrs_in_the_config_become_ipv4_entries() {
-    let r =
-        compiled("policies: [{cgroup: p, mode: enforce, extra: [{cidr: '::ffff:192.0.2.0/120'}]}]");
+    let r = compiled("policies: [{cgroup: p, mode: enforce, extra: [{cidr: '::ffff:192.0.2.0/120'}]}]");
     assert!(r.v6.is_empty());
-    assert_eq!(
-        r.v4.keys().map(ToString::to_string).collect::<Vec<_>>(),
-        ["192.0.2.0/24"]
-    );
+    assert_eq!(r.v4.keys().map(ToString::to_string).collect::<Vec<_>>(), ["192.0.2.0/24"]);
 }
 
 #[test]
 fn an_empty_policy_allows_nothing() {
     let r = compiled("policies: [{cgroup: p, mode: audit}]");
-    assert_eq!(
-        verdict(&r, "10.0.0.5", PROTO_TCP, Some(3128)),
-        Reason::DenyDestination
-    );
+    assert_eq!(verdict(&r, "10.0.0.5", PROTO_TCP, Some(3128)), Reason::DenyDestination);
 }
 
 #[test]
