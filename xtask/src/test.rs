@@ -89,7 +89,9 @@ impl Tally {
 fn count(summary: &str, label: &str) -> u64 {
     summary
         .split(';')
-        .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(label))
+        .find_map(|part| {
+            part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(label)
+        })
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
 }
