@@ -1,7 +1,8 @@
 //! Reads what the policy needs from an outgoing packet. In cgroup_skb programs the data starts
-//! at the network header. Everything is read with `bpf_skb_load_bytes`, which bounds-checks
-//! against the real packet length, so a truncated or hand-made header fails to parse instead of
-//! being misread.
+//! at the network header. Fixed-offset headers are read directly from the linear packet data
+//! when it holds them (the common case: no helper call), otherwise with `bpf_skb_load_bytes`;
+//! both bounds-check against the real packet, so a truncated or hand-made header fails to parse
+//! instead of being misread.
 
 use aya_ebpf::programs::SkBuffContext;
 use egress_common::addr::Destination;
@@ -32,11 +33,31 @@ const IPPROTO_UDPLITE: u8 = 136;
 /// carries at most two or three; the bound keeps the verifier happy.
 const MAX_IPV6_EXT_HEADERS: usize = 8;
 
+/// The first `N` bytes of the packet. Direct packet access needs the loader to be bpf-capable
+/// (CAP_BPF or root), which the agent is.
+#[inline(always)]
+fn head<const N: usize>(ctx: &SkBuffContext) -> Result<[u8; N], ()> {
+    let skb = ctx.skb.skb;
+    // SAFETY: reading context fields; the access below is bounds-checked against data_end,
+    // which is what the verifier requires before any packet read.
+    unsafe {
+        let start = (*skb).data as usize;
+        let end = (*skb).data_end as usize;
+        if start + N <= end {
+            return Ok(core::ptr::read_unaligned(start as *const [u8; N]));
+        }
+    }
+    ctx.load::<[u8; N]>(0).map_err(|_| ())
+}
+
 /// `Err(())` means the packet cannot be parsed: the caller denies it as malformed.
 #[inline(always)]
 pub fn parse(ctx: &SkBuffContext) -> Result<Packet, ()> {
-    let first: u8 = ctx.load(0).map_err(|_| ())?;
-    match first >> 4 {
+    // Every IPv4 or IPv6 packet has at least 20 bytes of header; fewer is malformed. (A 1-byte
+    // read would be simpler, but LLVM turns `data + 1 <= data_end` into `data < data_end`,
+    // which the verifier does not accept as a bounds check.)
+    let h: [u8; 20] = head(ctx)?;
+    match h[0] >> 4 {
         4 => parse_v4(ctx),
         6 => parse_v6(ctx),
         _ => Err(()),
@@ -56,6 +77,18 @@ fn ports_at(ctx: &SkBuffContext, offset: usize, wanted: bool) -> (u16, u16, bool
     if !wanted {
         return (0, 0, false);
     }
+    // Transport headers sit at most 60 bytes in for IPv4 (IHL is 4 bits); IPv6 offsets are
+    // unbounded, so those go through the helper.
+    // SAFETY: reading context fields, then a read bounds-checked against data_end.
+    unsafe {
+        let skb = ctx.skb.skb;
+        let start = (*skb).data as usize;
+        let end = (*skb).data_end as usize;
+        if offset <= 60 && start + offset + 4 <= end {
+            let p = core::ptr::read_unaligned((start + offset) as *const [u8; 4]);
+            return (u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]]), true);
+        }
+    }
     match ctx.load::<[u8; 4]>(offset) {
         Ok(p) => (u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]]), true),
         Err(_) => (0, 0, false),
@@ -64,7 +97,7 @@ fn ports_at(ctx: &SkBuffContext, offset: usize, wanted: bool) -> (u16, u16, bool
 
 #[inline(always)]
 fn parse_v4(ctx: &SkBuffContext) -> Result<Packet, ()> {
-    let h: [u8; 20] = ctx.load(0).map_err(|_| ())?;
+    let h: [u8; 20] = head(ctx)?;
     let ihl = usize::from(h[0] & 0x0f);
     if ihl < 5 {
         return Err(());
@@ -88,7 +121,7 @@ fn parse_v4(ctx: &SkBuffContext) -> Result<Packet, ()> {
 
 #[inline(always)]
 fn parse_v6(ctx: &SkBuffContext) -> Result<Packet, ()> {
-    let h: [u8; 40] = ctx.load(0).map_err(|_| ())?;
+    let h: [u8; 40] = head(ctx)?;
     let mut src = [0u8; 16];
     let mut dst = [0u8; 16];
     src.copy_from_slice(&h[8..24]);
