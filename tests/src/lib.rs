@@ -25,6 +25,12 @@ pub fn require_root() {
     );
 }
 
+/// A socket address from a host (IPv6 unbracketed, as the lab constants are) and a port.
+pub fn sock(host: &str, port: u16) -> std::net::SocketAddr {
+    let ip: std::net::IpAddr = host.parse().unwrap_or_else(|e| panic!("{host:?}: {e}"));
+    std::net::SocketAddr::new(ip, port)
+}
+
 pub fn agent_bin() -> PathBuf {
     let path = std::env::var_os("EGRESS_AGENT_BIN")
         .map(PathBuf::from)

@@ -6,13 +6,8 @@ use egress_tests::{
     lab::{DNS4, DNS6, EXTERNAL4, EXTERNAL6, GATEWAY_PORT, GATEWAY4, GATEWAY6, Lab, text},
     listen::Server,
     sniff::Sniffer,
+    sock,
 };
-
-fn sock(host: &str, port: u16) -> std::net::SocketAddr {
-    format!("{}:{port}", if host.contains(':') { format!("[{host}]") } else { host.to_string() })
-        .parse()
-        .unwrap()
-}
 
 #[test]
 fn direct_tcp_udp_and_icmp_to_an_external_host_are_refused_and_never_arrive() {

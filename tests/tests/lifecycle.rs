@@ -7,11 +7,8 @@ use egress_tests::{
     client::{refused, succeeded, tcp},
     lab::{EXTERNAL4, Lab, text},
     listen::Server,
+    sock,
 };
-
-fn sock(host: &str, port: u16) -> std::net::SocketAddr {
-    format!("{host}:{port}").parse().unwrap()
-}
 
 fn inspect(lab: &Lab) -> serde_json::Value {
     let out = agent::cli(lab, &["inspect", "--json"]);
