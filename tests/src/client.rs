@@ -73,7 +73,7 @@ pub fn raw6(host: &str) -> (&'static str, Vec<String>) {
     ("python3", vec!["-c".into(), script])
 }
 
-/// An HTTP GET with curl.
+/// An HTTP GET with curl (`-v` so a refused connect() shows its errno).
 pub fn curl(url: &str) -> (&'static str, Vec<String>) {
-    ("curl", vec!["-sS".into(), "--max-time".into(), "3".into(), "-g".into(), url.into()])
+    ("curl", vec!["-sSv".into(), "--max-time".into(), "3".into(), "-g".into(), url.into()])
 }
