@@ -58,7 +58,7 @@ pub fn parse(ctx: &SkBuffContext) -> Result<Packet, ()> {
     // which the verifier does not accept as a bounds check.)
     let h: [u8; 20] = head(ctx)?;
     match h[0] >> 4 {
-        4 => parse_v4(ctx),
+        4 => parse_v4(ctx, &h),
         6 => parse_v6(ctx),
         _ => Err(()),
     }
@@ -96,8 +96,7 @@ fn ports_at(ctx: &SkBuffContext, offset: usize, wanted: bool) -> (u16, u16, bool
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &SkBuffContext) -> Result<Packet, ()> {
-    let h: [u8; 20] = head(ctx)?;
+fn parse_v4(ctx: &SkBuffContext, h: &[u8; 20]) -> Result<Packet, ()> {
     let ihl = usize::from(h[0] & 0x0f);
     if ihl < 5 {
         return Err(());
