@@ -6,7 +6,6 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -17,6 +16,8 @@ use egress_common::{
     verdict::{Hook, Reason},
 };
 use tokio::io::unix::AsyncFd;
+
+use crate::metrics::Owner;
 
 /// Log lines per second in steady state, and the burst allowed above it.
 const LINES_PER_SEC: f64 = 100.0;
@@ -69,8 +70,13 @@ impl TokenBucket {
     }
 }
 
-/// Logs events until the ring buffer fails. `policy_paths` names the enforced cgroups.
-pub async fn run(ring: RingBuf<MapData>, policy_paths: impl Fn(u64) -> Option<PathBuf>) -> Result<()> {
+/// Logs events until the ring buffer fails. `owner_of` names the policy cgroups (pod, or path);
+/// `also` sees every event, logged or not (the Kubernetes agent turns some into pod Events).
+pub async fn run(
+    ring: RingBuf<MapData>,
+    owner_of: impl Fn(u64) -> Option<Owner>,
+    mut also: impl FnMut(&VerdictEvent, Option<&Owner>),
+) -> Result<()> {
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for as long as the
     // AsyncFd owns the RingBuf.
     let mut fd = unsafe { AsyncFd::register(ring) }
@@ -84,8 +90,10 @@ pub async fn run(ring: RingBuf<MapData>, policy_paths: impl Fn(u64) -> Option<Pa
         while let Some(item) = ring.next() {
             let Some(ev) = decode(&item) else { continue };
             let reason = Reason::from_u8(ev.reason).map_or("unknown", Reason::name);
+            let owner = owner_of(ev.policy_cgroup_id);
+            also(&ev, owner.as_ref());
             if bucket.take() {
-                log_event(&ev, reason, policy_paths(ev.policy_cgroup_id));
+                log_event(&ev, reason, &owner.unwrap_or_default());
             } else {
                 *suppressed.entry(reason).or_default() += 1;
             }
@@ -100,11 +108,10 @@ pub async fn run(ring: RingBuf<MapData>, policy_paths: impl Fn(u64) -> Option<Pa
     }
 }
 
-fn log_event(ev: &VerdictEvent, reason: &str, policy_cgroup: Option<PathBuf>) {
+fn log_event(ev: &VerdictEvent, reason: &str, owner: &Owner) {
     let action = if ev.action == ACTION_AUDITED { "audit" } else { "deny" };
     let hook = Hook::from_u8(ev.hook).map_or("unknown", Hook::name);
     let dst = address(ev.daddr, ev.family);
-    let cgroup = policy_cgroup.map(|p| p.display().to_string()).unwrap_or_default();
     tracing::warn!(
         target: "egressfw::verdict",
         action,
@@ -117,7 +124,9 @@ fn log_event(ev: &VerdictEvent, reason: &str, policy_cgroup: Option<PathBuf>) {
         sport = ev.sport,
         cgroup_id = ev.cgroup_id,
         policy_cgroup_id = ev.policy_cgroup_id,
-        policy_cgroup = %cgroup,
+        policy_cgroup = %owner.cgroup,
+        namespace = %owner.namespace,
+        pod = %owner.pod,
         "egress {action}"
     );
 }

@@ -3,8 +3,11 @@
 
 pub mod cgroup;
 pub mod events;
+pub mod http;
 pub mod inspect;
+pub mod k8s;
 pub mod kernel;
+pub mod metrics;
 pub mod policy;
 pub mod reconcile;
 pub mod standalone;

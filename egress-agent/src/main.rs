@@ -1,9 +1,9 @@
-use std::{io::IsTerminal as _, path::PathBuf};
+use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use egress_agent::{
-    cgroup, inspect,
+    cgroup, inspect, k8s,
     kernel::bpffs::{DEFAULT_PIN_DIR, PinLayout},
     standalone, teardown,
 };
@@ -33,6 +33,21 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Kubernetes node agent: enforce the pods of labelled namespaces on this node.
+    Run {
+        /// Agent configuration (gateways, DNS, extra CIDRs); reloaded when it changes.
+        #[arg(long, short, env = "EGRESSFW_CONFIG", default_value = k8s::config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// This node's name (from the downward API: spec.nodeName).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        /// Address for /healthz, /readyz and /metrics.
+        #[arg(long, env = "EGRESSFW_HTTP_ADDR", default_value = "0.0.0.0:9808")]
+        http_addr: SocketAddr,
+        /// The kubelet's pods cgroup (relative to the cgroup root); found by name when not given.
+        #[arg(long, env = "EGRESSFW_PODS_CGROUP")]
+        pods_cgroup: Option<PathBuf>,
+    },
     /// Enforce the policies of a YAML file on this machine (no Kubernetes).
     Standalone {
         /// Policy file; reloaded on SIGHUP and when it changes.
@@ -69,6 +84,23 @@ fn main() -> Result<()> {
     let pins = PinLayout::new(cli.pin_dir);
     let cgroup_root = || cli.cgroup_root.clone().map_or_else(cgroup::cgroup2_mount, Ok);
     match cli.command {
+        Command::Run { config, node_name, http_addr, pods_cgroup } => {
+            let opts = k8s::run::Options {
+                config,
+                node_name,
+                http_addr,
+                pins,
+                cgroup_root: cgroup_root()?,
+                pods_cgroup,
+            };
+            // Multi-threaded: the watches, the event reader and the HTTP server must keep going
+            // while a reconcile pass makes its (blocking) map and link syscalls.
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(k8s::run::run(opts))
+        }
         Command::Standalone { config } => {
             let opts = standalone::Options { config, pins, cgroup_root: cgroup_root()? };
             tokio::runtime::Builder::new_current_thread()

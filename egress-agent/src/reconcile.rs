@@ -122,6 +122,11 @@ pub fn apply(
                 None => summary.added += 1,
             }
         }
+        if d.mode == Mode::Pass {
+            // Released (or never enforced): registered for the gate only, no links of its own.
+            attach::detach(pins, d.cgroup.id)?;
+            continue;
+        }
         let o = attach::ensure_attached(ebpf, pins, &tags, &d.cgroup)?;
         summary.links.attached += o.attached;
         summary.links.adopted += o.adopted;
@@ -148,6 +153,7 @@ pub fn apply(
         }
     }
     maps.set_level_mask(wanted_mask)?;
+    maps.forget_counters_except(&keep)?;
     Ok(summary)
 }
 

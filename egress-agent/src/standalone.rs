@@ -5,14 +5,12 @@
 //! SIGTERM/SIGINT stop the agent and leave enforcement exactly as it is.
 
 use std::{
-    collections::HashMap,
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::Arc,
 };
 
 use anyhow::{Context as _, Result};
-use aya::{Ebpf, maps::RingBuf};
-use egress_common::maps::MAP_EVENTS;
+use aya::Ebpf;
 use futures_util::StreamExt as _;
 use inotify::{Inotify, WatchMask};
 use tokio::signal::unix::{SignalKind, signal};
@@ -20,6 +18,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     events,
     kernel::{bpffs::PinLayout, maps::KernelMaps, object},
+    metrics::{Owner, OwnerIndex},
     policy::config,
     reconcile::{self, Summary},
 };
@@ -30,14 +29,12 @@ pub struct Options {
     pub cgroup_root: PathBuf,
 }
 
-/// Enforced cgroup id -> path, for naming cgroups in event logs.
-type PathIndex = Arc<RwLock<HashMap<u64, PathBuf>>>;
-
 struct Agent {
     ebpf: Ebpf,
     maps: KernelMaps,
     opts: Options,
-    paths: PathIndex,
+    /// Enforced cgroup id -> path, for naming cgroups in event logs.
+    owners: OwnerIndex,
     /// Text of the file as last applied: directory events that leave it unchanged (other files,
     /// a ConfigMap's `..data` swap that changed nothing here) do not reapply it.
     applied_text: Option<String>,
@@ -56,9 +53,11 @@ impl Agent {
             .with_context(|| format!("policy file {}", self.opts.config.display()))?;
         let summary = reconcile::apply(&mut self.ebpf, &mut self.maps, &self.opts.pins, &desired)?;
         self.applied_text = Some(text);
-        let mut paths = self.paths.write().expect("path index lock");
-        paths.clear();
-        paths.extend(desired.iter().map(|d| (d.cgroup.id, d.cgroup.path.clone())));
+        let mut owners = self.owners.write().expect("owner index lock");
+        owners.clear();
+        owners.extend(desired.iter().map(|d| {
+            (d.cgroup.id, Owner { cgroup: d.cgroup.path.display().to_string(), ..Owner::default() })
+        }));
         Ok(Some(summary))
     }
 }
@@ -91,18 +90,14 @@ pub async fn run(opts: Options) -> Result<()> {
     opts.pins.prepare()?;
     let mut ebpf = object::load(&opts.pins)?;
     let maps = KernelMaps::from_ebpf(&mut ebpf)?;
-    let ring: RingBuf<_> = ebpf
-        .take_map(MAP_EVENTS)
-        .context("map EGRESS_EVENTS_V1 missing from the eBPF object")?
-        .try_into()
-        .context("EGRESS_EVENTS_V1 is not a ring buffer")?;
-    let paths: PathIndex = Arc::default();
-    let mut agent = Agent { ebpf, maps, opts, paths: paths.clone(), applied_text: None };
+    let ring = object::events_ring(&mut ebpf)?;
+    let owners: OwnerIndex = Arc::default();
+    let mut agent = Agent { ebpf, maps, opts, owners: owners.clone(), applied_text: None };
     if let Some(summary) = agent.reload(false)? {
         log_summary("policy applied", &summary);
     }
 
-    let events = tokio::spawn(events::run(ring, move |id| paths.read().ok()?.get(&id).cloned()));
+    let events = tokio::spawn(events::run(ring, move |id| owners.read().ok()?.get(&id).cloned(), |_, _| {}));
     let config_path = agent.opts.config.clone();
     let mut changes = watch_file(&config_path)?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -133,7 +128,7 @@ pub async fn run(opts: Options) -> Result<()> {
 /// A stream that yields whenever the file may have changed: any write, create, rename or
 /// delete in its directory. Kubernetes updates a mounted ConfigMap by swapping a `..data`
 /// symlink, so events for the file's own name alone would miss it; the caller compares contents.
-fn watch_file(file: &Path) -> Result<impl futures_util::Stream<Item = ()> + Unpin> {
+pub(crate) fn watch_file(file: &Path) -> Result<impl futures_util::Stream<Item = ()> + Unpin> {
     let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let inotify = Inotify::init().context("inotify_init")?;
     let mask = WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE | WatchMask::DELETE;

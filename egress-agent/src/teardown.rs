@@ -17,6 +17,9 @@ pub fn run(pins: &PinLayout) -> Result<()> {
     for id in &cgroups {
         links += attach::detach(pins, *id)?;
     }
+    if attach::remove_gate(pins)? {
+        links += 1;
+    }
     let mut maps = 0;
     if let Ok(entries) = fs::read_dir(pins.maps()) {
         for e in entries.flatten() {

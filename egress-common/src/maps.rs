@@ -7,11 +7,14 @@ pub const MAP_ALLOW_V4: &str = "EGRESS_ALLOW4_V1";
 pub const MAP_ALLOW_V6: &str = "EGRESS_ALLOW6_V1";
 pub const MAP_CONFIG: &str = "EGRESS_CONFIG_V1";
 pub const MAP_COUNTERS: &str = "EGRESS_COUNTERS_V1";
+pub const MAP_CGROUP_COUNTERS: &str = "EGRESS_CGCOUNT_V1";
 pub const MAP_EVENT_BUDGET: &str = "EGRESS_EVBUDGET_V1";
 pub const MAP_EVENTS: &str = "EGRESS_EVENTS_V1";
 
 /// Enforced cgroups (pods) per node.
 pub const MAX_POLICIES: u32 = 16_384;
+/// (cgroup, reason) counter entries: every policy cgroup times the reasons it actually saw.
+pub const MAX_CGROUP_COUNTERS: u32 = 65_536;
 /// Allow prefixes per address family, over all policies.
 pub const MAX_ALLOW_ENTRIES: u32 = 262_144;
 /// Ring buffer size for events (bytes, power of two).

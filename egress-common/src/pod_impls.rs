@@ -4,7 +4,7 @@
 use crate::{
     event::{EventBudget, VerdictEvent},
     policy::{AllowRules, CgroupPolicy, GlobalConfig, Ipv4AllowKey, Ipv6AllowKey},
-    verdict::ReasonCounters,
+    verdict::{CgroupReasonKey, ReasonCounters},
 };
 
 // SAFETY: see the module comment.
@@ -14,5 +14,6 @@ unsafe impl aya::Pod for Ipv4AllowKey {}
 unsafe impl aya::Pod for Ipv6AllowKey {}
 unsafe impl aya::Pod for GlobalConfig {}
 unsafe impl aya::Pod for ReasonCounters {}
+unsafe impl aya::Pod for CgroupReasonKey {}
 unsafe impl aya::Pod for VerdictEvent {}
 unsafe impl aya::Pod for EventBudget {}

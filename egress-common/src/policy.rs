@@ -4,6 +4,9 @@
 pub const MODE_ENFORCE: u32 = 1;
 /// `CgroupPolicy::mode`: let everything through, but count and report what would be denied.
 pub const MODE_AUDIT: u32 = 2;
+/// `CgroupPolicy::mode`: the cgroup is known and not enforced; everything passes. Used for pods
+/// of namespaces that did not opt in, so the pod-start gate can tell them from unknown cgroups.
+pub const MODE_PASS: u32 = 3;
 
 /// Value of the per-cgroup policy map, keyed by cgroup id (u64, host order; the cgroup
 /// directory's inode number on cgroup v2).
@@ -13,7 +16,7 @@ pub struct CgroupPolicy {
     /// Selects this policy's entries in the allow tries. Userspace writes a policy's entries under
     /// a fresh id and then switches this field, so a change is one atomic map update.
     pub policy_id: u32,
-    /// `MODE_ENFORCE` or `MODE_AUDIT`.
+    /// `MODE_ENFORCE`, `MODE_AUDIT` or `MODE_PASS`.
     pub mode: u32,
 }
 

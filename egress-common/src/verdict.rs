@@ -14,6 +14,9 @@ pub enum Reason {
     AllowDns = 3,
     /// Destination is inside a configured extra CIDR (with its protocol/port restriction).
     AllowExtraCidr = 4,
+    /// The cgroup is registered as not enforced (a pod of a namespace that did not opt in). Seen
+    /// only while the pod-start gate is attached above the pods (see the agent's `k8s::gate`).
+    AllowUnenforced = 5,
     /// No allow entry covers the destination address.
     DenyDestination = 16,
     /// The destination address is allowed, but not for this protocol or port.
@@ -35,11 +38,12 @@ pub enum Reason {
 pub const REASON_SLOTS: u32 = 32;
 
 /// All reasons, for userspace listings (metrics, inspect).
-pub const ALL_REASONS: [Reason; 11] = [
+pub const ALL_REASONS: [Reason; 12] = [
     Reason::AllowLoopback,
     Reason::AllowGateway,
     Reason::AllowDns,
     Reason::AllowExtraCidr,
+    Reason::AllowUnenforced,
     Reason::DenyDestination,
     Reason::DenyPort,
     Reason::DenyNoPolicy,
@@ -60,6 +64,7 @@ impl Reason {
             2 => Self::AllowGateway,
             3 => Self::AllowDns,
             4 => Self::AllowExtraCidr,
+            5 => Self::AllowUnenforced,
             16 => Self::DenyDestination,
             17 => Self::DenyPort,
             18 => Self::DenyNoPolicy,
@@ -78,6 +83,7 @@ impl Reason {
             Self::AllowGateway => "allow_gateway",
             Self::AllowDns => "allow_dns",
             Self::AllowExtraCidr => "allow_extra_cidr",
+            Self::AllowUnenforced => "allow_unenforced",
             Self::DenyDestination => "deny_destination",
             Self::DenyPort => "deny_port",
             Self::DenyNoPolicy => "deny_no_policy",
@@ -97,6 +103,16 @@ pub struct ReasonCounters {
     pub applied: u64,
     /// Denials that audit mode let through.
     pub audited: u64,
+}
+
+/// Key of the per-cgroup counters: the cgroup that holds the policy (a pod) and the reason.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CgroupReasonKey {
+    /// Cgroup id (host order) of the cgroup whose policy judged the traffic.
+    pub cgroup_id: u64,
+    pub reason: u8,
+    pub reserved: [u8; 7],
 }
 
 /// Which hook reached a verdict.

@@ -2,14 +2,15 @@
 //! agent process. Names must equal the constants in `egress_common::maps`.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use egress_common::{
     event::EventBudget,
-    maps::{EVENTS_RING_BYTES, MAX_ALLOW_ENTRIES, MAX_POLICIES},
+    maps::{EVENTS_RING_BYTES, MAX_ALLOW_ENTRIES, MAX_CGROUP_COUNTERS, MAX_POLICIES},
     policy::{AllowRules, CgroupPolicy, GlobalConfig, Ipv4AllowKey, Ipv6AllowKey},
-    verdict::{REASON_SLOTS, ReasonCounters},
+    verdict::{CgroupReasonKey, REASON_SLOTS, ReasonCounters},
 };
 
 /// Enforced cgroup id -> its policy.
@@ -31,6 +32,12 @@ pub static EGRESS_CONFIG_V1: Array<GlobalConfig> = Array::pinned(1, 0);
 /// Reason number -> verdict counts, per CPU so the hot path never contends.
 #[map]
 pub static EGRESS_COUNTERS_V1: PerCpuArray<ReasonCounters> = PerCpuArray::pinned(REASON_SLOTS, 0);
+
+/// (policy cgroup, reason) -> verdict counts, per CPU: the per-pod metrics. Not preallocated:
+/// per-CPU values of every possible entry would cost MAX_CGROUP_COUNTERS x CPUs x 16 bytes.
+#[map]
+pub static EGRESS_CGCOUNT_V1: PerCpuHashMap<CgroupReasonKey, ReasonCounters> =
+    PerCpuHashMap::pinned(MAX_CGROUP_COUNTERS, BPF_F_NO_PREALLOC);
 
 /// Index 0: per-CPU event rate limit state.
 #[map]

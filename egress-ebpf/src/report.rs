@@ -1,31 +1,32 @@
 //! Applies the mode to a reason, counts it, and reports denials.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use egress_common::{
     event::{ACTION_AUDITED, ACTION_DENIED, EVENTS_PER_CPU_PER_SEC, VerdictEvent},
     policy::MODE_AUDIT,
-    verdict::Reason,
+    verdict::{CgroupReasonKey, Reason, ReasonCounters},
 };
 
-use crate::maps::{EGRESS_COUNTERS_V1, EGRESS_EVBUDGET_V1, EGRESS_EVENTS_V1};
+use crate::maps::{EGRESS_CGCOUNT_V1, EGRESS_COUNTERS_V1, EGRESS_EVBUDGET_V1, EGRESS_EVENTS_V1};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
-/// Counts the verdict and, for a denial, emits an event (built lazily, only if it will be sent).
+/// Counts the verdict (globally and for the policy's cgroup, 0 when no policy was found) and,
+/// for a denial, emits an event (built lazily, only if it will be sent).
 /// Returns whether the traffic may pass: allowed, or denied in audit mode.
 #[inline(always)]
-pub fn settle(reason: Reason, mode: u32, event: impl FnOnce(u8) -> VerdictEvent) -> bool {
+pub fn settle(
+    reason: Reason,
+    mode: u32,
+    policy_cgroup_id: u64,
+    event: impl FnOnce(u8) -> VerdictEvent,
+) -> bool {
     let audited = !reason.is_allow() && mode == MODE_AUDIT;
     if let Some(c) = EGRESS_COUNTERS_V1.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-        unsafe {
-            if audited {
-                (*c).audited += 1;
-            } else {
-                (*c).applied += 1;
-            }
-        }
+        unsafe { bump(c, audited) };
     }
+    count_for_cgroup(policy_cgroup_id, reason, audited);
     if reason.is_allow() {
         return true;
     }
@@ -36,6 +37,50 @@ pub fn settle(reason: Reason, mode: u32, event: impl FnOnce(u8) -> VerdictEvent)
         }
     }
     audited
+}
+
+/// Counts an allow verdict reached without judging a destination.
+#[inline(always)]
+pub fn count_allowed(reason: Reason, policy_cgroup_id: u64) {
+    if let Some(c) = EGRESS_COUNTERS_V1.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { bump(c, false) };
+    }
+    count_for_cgroup(policy_cgroup_id, reason, false);
+}
+
+/// SAFETY: `c` points at this CPU's slot of a per-CPU map value.
+#[inline(always)]
+unsafe fn bump(c: *mut ReasonCounters, audited: bool) {
+    // SAFETY: see the function contract; nothing else writes this CPU's slot meanwhile.
+    unsafe {
+        if audited {
+            (*c).audited += 1;
+        } else {
+            (*c).applied += 1;
+        }
+    }
+}
+
+/// Per-pod counts. The entry is created on first use; if the map is full the verdict still
+/// stands and stays counted globally, only the per-cgroup count is lost.
+/// Not inlined: a BPF-to-BPF call gets its own stack frame, and the packet program's frame is
+/// already close to the 512-byte limit with the event it builds.
+#[inline(never)]
+fn count_for_cgroup(cgroup_id: u64, reason: Reason, audited: bool) {
+    let key = CgroupReasonKey { cgroup_id, reason: reason as u8, reserved: [0; 7] };
+    if let Some(c) = EGRESS_CGCOUNT_V1.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value of an existing entry.
+        unsafe { bump(c, audited) };
+        return;
+    }
+    let first = if audited {
+        ReasonCounters { applied: 0, audited: 1 }
+    } else {
+        ReasonCounters { applied: 1, audited: 0 }
+    };
+    // Another CPU may have created it meanwhile (NOEXIST fails); that loses one count at most.
+    let _ = EGRESS_CGCOUNT_V1.insert(&key, &first, u64::from(BPF_NOEXIST));
 }
 
 /// A per-CPU budget of events per second, so a flood of denied packets costs a counter

@@ -7,14 +7,14 @@ use egress_common::{
     addr::Destination,
     decide::{Flow, Origin, judge},
     event::VerdictEvent,
-    policy::MODE_ENFORCE,
+    policy::{MODE_ENFORCE, MODE_PASS},
     verdict::{Hook, Reason},
 };
 
 use crate::{
     lookup::{KernelAllowTables, find_policy},
     packet::parse,
-    report::settle,
+    report::{count_allowed, settle},
 };
 
 const PASS: i32 = 1;
@@ -38,6 +38,11 @@ fn try_egress(ctx: &SkBuffContext) -> bool {
         // Attached here but no policy: the policy was removed under a live link. Fail closed.
         None => (0, 0, MODE_ENFORCE),
     };
+    if mode == MODE_PASS {
+        // A registered, unenforced pod under the pod-start gate: no need to look at the packet.
+        count_allowed(Reason::AllowUnenforced, policy_cgroup_id);
+        return true;
+    }
     let packet = parse(ctx);
     let reason = match (&found, &packet) {
         (None, _) => Reason::DenyNoPolicy,
@@ -59,7 +64,7 @@ fn try_egress(ctx: &SkBuffContext) -> bool {
             judge(&KernelAllowTables, policy_id, &flow)
         }
     };
-    settle(reason, mode, |action| {
+    settle(reason, mode, policy_cgroup_id, |action| {
         let (dst, src, protocol, sport, dport) = match &packet {
             Ok(p) => (p.dst.normalize(), p.src, p.protocol, p.sport, p.dport),
             Err(()) => (Destination::V4([0; 4]), Destination::V4([0; 4]), 0, 0, 0),

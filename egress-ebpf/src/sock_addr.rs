@@ -15,13 +15,13 @@ use egress_common::{
     addr::Destination,
     decide::{Flow, Origin, judge},
     event::VerdictEvent,
-    policy::MODE_ENFORCE,
+    policy::{MODE_ENFORCE, MODE_PASS},
     verdict::{Hook, Reason},
 };
 
 use crate::{
     lookup::{KernelAllowTables, find_policy},
-    report::settle,
+    report::{count_allowed, settle},
 };
 
 const ALLOW: i32 = 1;
@@ -88,6 +88,10 @@ fn check(ctx: &SockAddrContext, hook: Hook, dst: Destination) -> i32 {
         Some(f) => (f.cgroup_id, f.policy.policy_id, f.policy.mode),
         None => (0, 0, MODE_ENFORCE),
     };
+    if mode == MODE_PASS {
+        count_allowed(Reason::AllowUnenforced, policy_cgroup_id);
+        return ALLOW;
+    }
     let reason = match found {
         None => Reason::DenyNoPolicy,
         Some(_) => {
@@ -102,7 +106,7 @@ fn check(ctx: &SockAddrContext, hook: Hook, dst: Destination) -> i32 {
             judge(&KernelAllowTables, policy_id, &flow)
         }
     };
-    let pass = settle(reason, mode, |action| {
+    let pass = settle(reason, mode, policy_cgroup_id, |action| {
         let judged = dst.normalize();
         VerdictEvent {
             // SAFETY: plain helper calls.

@@ -36,6 +36,12 @@ pub struct ProgramTags {
 }
 
 impl ProgramTags {
+    /// Whether kernel program `id` is a load of our program `name` (this agent's or an earlier
+    /// agent's with the same code).
+    pub fn is_ours(&self, name: &str, id: u32) -> bool {
+        self.ours.get(name).is_some_and(|t| self.kernel.get(&id) == Some(t))
+    }
+
     pub fn read(ebpf: &Ebpf) -> Result<Self> {
         let mut ours = HashMap::new();
         for name in ALL_PROGRAMS {
@@ -54,10 +60,36 @@ pub fn ensure_attached(
     tags: &ProgramTags,
     cgroup: &CgroupRef,
 ) -> Result<AttachOutcome> {
-    let dir = pins.cgroup_links(cgroup.id);
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    ensure_links(ebpf, &pins.cgroup_links(cgroup.id), tags, cgroup, &ALL_PROGRAMS)
+}
+
+/// Attaches the pod-start gate: the packet program on the cgroup above all pods, so a pod cgroup
+/// with no registered policy is denied from its first packet, before the agent has seen it.
+/// The packet program alone is enough: every packet passes it, whatever socket sent it.
+pub fn ensure_gate(
+    ebpf: &mut Ebpf,
+    pins: &PinLayout,
+    tags: &ProgramTags,
+    above_pods: &CgroupRef,
+) -> Result<AttachOutcome> {
+    ensure_links(ebpf, &pins.gate_links(), tags, above_pods, &[PROG_SKB_EGRESS])
+}
+
+/// Removes the pod-start gate, if attached. Returns whether it was.
+pub fn remove_gate(pins: &PinLayout) -> Result<bool> {
+    Ok(remove_link_dir(&pins.gate_links())? > 0)
+}
+
+fn ensure_links(
+    ebpf: &mut Ebpf,
+    dir: &Path,
+    tags: &ProgramTags,
+    cgroup: &CgroupRef,
+    programs: &[&'static str],
+) -> Result<AttachOutcome> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut outcome = AttachOutcome::default();
-    for name in ALL_PROGRAMS {
+    for &name in programs {
         let pin = dir.join(name);
         let existing = pin.exists().then(|| PinnedLink::from_pin(&pin)).transpose();
         let running_tag = match existing {
@@ -112,16 +144,19 @@ fn attach_one(ebpf: &mut Ebpf, name: &str, cgroup: &CgroupRef, pin: &Path) -> Re
 
 /// Removes a cgroup's link pins; the kernel detaches each link as its last reference goes.
 pub fn detach(pins: &PinLayout, cgroup_id: u64) -> Result<usize> {
-    let dir = pins.cgroup_links(cgroup_id);
+    remove_link_dir(&pins.cgroup_links(cgroup_id))
+}
+
+fn remove_link_dir(dir: &Path) -> Result<usize> {
     let mut removed = 0;
-    if let Ok(entries) = fs::read_dir(&dir) {
+    if let Ok(entries) = fs::read_dir(dir) {
         for e in entries.flatten() {
             fs::remove_file(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
             removed += 1;
         }
     }
     if dir.exists() {
-        fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
     }
     Ok(removed)
 }

@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result, bail};
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egressfw";
 
 /// Layout under the pin directory:
-/// `maps/<MAP_NAME>` and `links/<cgroup id>/<program name>`.
+/// `maps/<MAP_NAME>`, `links/<cgroup id>/<program name>` and `links/gate/<program name>`.
 #[derive(Clone, Debug)]
 pub struct PinLayout {
     pub root: PathBuf,
@@ -37,6 +37,11 @@ impl PinLayout {
 
     pub fn cgroup_links(&self, cgroup_id: u64) -> PathBuf {
         self.links().join(cgroup_id.to_string())
+    }
+
+    /// Links of the pod-start gate (not a cgroup id, so never taken for a policy's links).
+    pub fn gate_links(&self) -> PathBuf {
+        self.links().join("gate")
     }
 
     pub fn exists(&self) -> bool {

@@ -5,13 +5,16 @@ use std::collections::BTreeMap;
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
 };
 use egress_common::{
     event::EventBudget,
-    maps::{MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_CONFIG, MAP_COUNTERS, MAP_EVENT_BUDGET, MAP_POLICIES},
+    maps::{
+        MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_CGROUP_COUNTERS, MAP_CONFIG, MAP_COUNTERS, MAP_EVENT_BUDGET,
+        MAP_POLICIES,
+    },
     policy::{AllowRules, CgroupPolicy, GlobalConfig, Ipv4AllowKey, Ipv6AllowKey, POLICY_ID_BITS},
-    verdict::{REASON_SLOTS, ReasonCounters},
+    verdict::{CgroupReasonKey, REASON_SLOTS, ReasonCounters},
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 
@@ -25,6 +28,7 @@ pub struct KernelMaps {
     pub config: Array<MapData, GlobalConfig>,
     pub counters: PerCpuArray<MapData, ReasonCounters>,
     pub event_budget: PerCpuArray<MapData, EventBudget>,
+    pub cgroup_counters: PerCpuHashMap<MapData, CgroupReasonKey, ReasonCounters>,
 }
 
 impl KernelMaps {
@@ -40,6 +44,7 @@ impl KernelMaps {
             take(MAP_CONFIG)?,
             take(MAP_COUNTERS)?,
             take(MAP_EVENT_BUDGET)?,
+            take(MAP_CGROUP_COUNTERS)?,
         )
     }
 
@@ -58,6 +63,7 @@ impl KernelMaps {
             open(MAP_CONFIG)?,
             open(MAP_COUNTERS)?,
             open(MAP_EVENT_BUDGET)?,
+            open(MAP_CGROUP_COUNTERS)?,
         )
     }
 
@@ -68,6 +74,7 @@ impl KernelMaps {
         config: Map,
         counters: Map,
         budget: Map,
+        cgroup_counters: Map,
     ) -> Result<Self> {
         Ok(Self {
             policies: policies.try_into().context(MAP_POLICIES)?,
@@ -76,11 +83,17 @@ impl KernelMaps {
             config: config.try_into().context(MAP_CONFIG)?,
             counters: counters.try_into().context(MAP_COUNTERS)?,
             event_budget: budget.try_into().context(MAP_EVENT_BUDGET)?,
+            cgroup_counters: cgroup_counters.try_into().context(MAP_CGROUP_COUNTERS)?,
         })
     }
 
     pub fn policies(&self) -> Result<BTreeMap<u64, CgroupPolicy>> {
         self.policies.iter().map(|r| r.context("reading the policy map")).collect()
+    }
+
+    /// Number of (IPv4, IPv6) allow entries.
+    pub fn allow_entry_counts(&self) -> Result<(usize, usize)> {
+        Ok((self.allow4.keys().count(), self.allow6.keys().count()))
     }
 
     /// Every allow entry, grouped by policy id.
@@ -146,6 +159,35 @@ impl KernelMaps {
                 }))
             })
             .collect()
+    }
+
+    /// Per-cgroup counters summed over CPUs, keyed by (policy cgroup id, reason number).
+    pub fn cgroup_counters(&self) -> Result<BTreeMap<(u64, u8), ReasonCounters>> {
+        let mut out = BTreeMap::new();
+        for entry in self.cgroup_counters.iter() {
+            let (key, per_cpu) = entry.context("reading the per-cgroup counters map")?;
+            let sum = per_cpu.iter().fold(ReasonCounters::default(), |acc, c| ReasonCounters {
+                applied: acc.applied + c.applied,
+                audited: acc.audited + c.audited,
+            });
+            out.insert((key.cgroup_id, key.reason), sum);
+        }
+        Ok(out)
+    }
+
+    /// Drops the counters of cgroups that no longer hold a policy (the map is bounded).
+    pub fn forget_counters_except(&mut self, keep: &std::collections::BTreeSet<u64>) -> Result<usize> {
+        let stale: Vec<CgroupReasonKey> = self
+            .cgroup_counters
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.cgroup_id != 0 && !keep.contains(&k.cgroup_id))
+            .collect();
+        for key in &stale {
+            // Already gone is fine: another agent run may have removed it.
+            let _ = self.cgroup_counters.remove(key);
+        }
+        Ok(stale.len())
     }
 
     /// (suppressed by the rate limit, lost to a full ring buffer), summed over CPUs.

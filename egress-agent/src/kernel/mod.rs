@@ -4,3 +4,4 @@ pub mod attach;
 pub mod bpffs;
 pub mod maps;
 pub mod object;
+pub mod query;

@@ -3,9 +3,12 @@
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf, EbpfLoader,
+    maps::{MapData, RingBuf},
     programs::{CgroupSkb, CgroupSockAddr},
 };
-use egress_common::maps::{PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SKB_EGRESS};
+use egress_common::maps::{
+    MAP_EVENTS, PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SKB_EGRESS,
+};
 
 use super::bpffs::PinLayout;
 
@@ -39,4 +42,12 @@ pub fn load(pins: &PinLayout) -> Result<Ebpf> {
         prog.load().with_context(|| format!("loading {name} (verifier)"))?;
     }
     Ok(ebpf)
+}
+
+/// Takes the events ring buffer out of the loaded object.
+pub fn events_ring(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>> {
+    ebpf.take_map(MAP_EVENTS)
+        .with_context(|| format!("map {MAP_EVENTS} missing from the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("{MAP_EVENTS} is not a ring buffer"))
 }

@@ -137,7 +137,7 @@ pub enum ParseError {
     Invalid { at: String, message: String },
 }
 
-fn invalid(at: impl Into<String>, message: impl Into<String>) -> ParseError {
+pub(crate) fn invalid(at: impl Into<String>, message: impl Into<String>) -> ParseError {
     ParseError::Invalid { at: at.into(), message: message.into() }
 }
 
@@ -186,29 +186,35 @@ fn validate_policy(p: RawPolicy, at: &str) -> Result<PolicySpec, ParseError> {
         .enumerate()
         .map(|(j, d)| parse_ip(d, &format!("{at}.dns[{j}]")))
         .collect::<Result<_, _>>()?;
-    let mut extra = Vec::new();
-    for (j, e) in p.extra.into_iter().enumerate() {
-        let at = format!("{at}.extra[{j}]");
-        let cidr = parse_cidr(&e.cidr, &at)?;
-        let protocol = match e.protocol.as_deref().unwrap_or("any") {
-            "any" => Protocol::Any,
-            "tcp" => Protocol::Tcp,
-            "udp" => Protocol::Udp,
-            "icmp" => Protocol::Icmp,
-            other => {
-                return Err(invalid(&at, format!("protocol {other:?} is not one of: tcp, udp, icmp, any")));
-            }
-        };
-        let ports: Vec<PortRange> = e.ports.iter().map(|p| parse_port(p, &at)).collect::<Result<_, _>>()?;
-        if !ports.is_empty() && !matches!(protocol, Protocol::Tcp | Protocol::Udp) {
-            return Err(invalid(&at, "ports need protocol tcp or udp"));
-        }
-        extra.push(ExtraSpec { cidr, protocol, ports });
-    }
+    let extra = p
+        .extra
+        .into_iter()
+        .enumerate()
+        .map(|(j, e)| validate_extra(&e, &format!("{at}.extra[{j}]")))
+        .collect::<Result<_, _>>()?;
     Ok(PolicySpec { cgroup: p.cgroup, mode, gateways, dns, extra })
 }
 
-fn parse_ip(s: &str, at: &str) -> Result<IpAddr, ParseError> {
+/// One extra CIDR with its protocol and ports (shared with the Kubernetes agent's config).
+pub(crate) fn validate_extra(e: &RawExtra, at: &str) -> Result<ExtraSpec, ParseError> {
+    let cidr = parse_cidr(&e.cidr, at)?;
+    let protocol = match e.protocol.as_deref().unwrap_or("any") {
+        "any" => Protocol::Any,
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        "icmp" => Protocol::Icmp,
+        other => {
+            return Err(invalid(at, format!("protocol {other:?} is not one of: tcp, udp, icmp, any")));
+        }
+    };
+    let ports: Vec<PortRange> = e.ports.iter().map(|p| parse_port(p, at)).collect::<Result<_, _>>()?;
+    if !ports.is_empty() && !matches!(protocol, Protocol::Tcp | Protocol::Udp) {
+        return Err(invalid(at, "ports need protocol tcp or udp"));
+    }
+    Ok(ExtraSpec { cidr, protocol, ports })
+}
+
+pub(crate) fn parse_ip(s: &str, at: &str) -> Result<IpAddr, ParseError> {
     s.trim().parse().map_err(|_| invalid(at, format!("{s:?} is not an IP address")))
 }
 
@@ -230,7 +236,7 @@ fn parse_cidr(s: &str, at: &str) -> Result<IpNet, ParseError> {
     Ok(net)
 }
 
-fn parse_port(p: &RawPort, at: &str) -> Result<PortRange, ParseError> {
+pub(crate) fn parse_port(p: &RawPort, at: &str) -> Result<PortRange, ParseError> {
     let bad = || invalid(at, format!("port {p} is not a port (1-65535) or a range like \"8000-8100\""));
     let one = |n: i64| u16::try_from(n).ok().filter(|n| *n != 0);
     let (first, last) = match p {

@@ -3,12 +3,15 @@
 pub mod compile;
 pub mod config;
 
-use egress_common::policy::{MODE_AUDIT, MODE_ENFORCE};
+use egress_common::policy::{MODE_AUDIT, MODE_ENFORCE, MODE_PASS};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Enforce,
     Audit,
+    /// Known and not enforced: registered only so the pod-start gate lets it through; never
+    /// given links of its own.
+    Pass,
 }
 
 impl Mode {
@@ -16,6 +19,7 @@ impl Mode {
         match self {
             Self::Enforce => MODE_ENFORCE,
             Self::Audit => MODE_AUDIT,
+            Self::Pass => MODE_PASS,
         }
     }
 
@@ -23,6 +27,7 @@ impl Mode {
         match v {
             MODE_ENFORCE => Some(Self::Enforce),
             MODE_AUDIT => Some(Self::Audit),
+            MODE_PASS => Some(Self::Pass),
             _ => None,
         }
     }
@@ -31,6 +36,7 @@ impl Mode {
         match self {
             Self::Enforce => "enforce",
             Self::Audit => "audit",
+            Self::Pass => "pass",
         }
     }
 }

@@ -1,0 +1,266 @@
+//! The node agent's configuration file (a mounted ConfigMap):
+//!
+//! ```yaml
+//! gateways:                              # what `egressfw.io/gateway=<name>` can name
+//!   - name: default
+//!     service: egressfw-system/egress-gateway   # namespace/name of the gateway's Service
+//!     ports: [3128, 8443]                # Service ports; omitted: every port of the Service
+//! defaultGateway: default                # for namespaces without the gateway label
+//! dns:
+//!   service: kube-system/kube-dns        # the default
+//!   nodeLocal: 169.254.20.10             # optional node-local DNS cache address
+//! extraCidrs:                            # optional, allowed for every enforced pod
+//!   - cidr: 10.0.0.0/8
+//!     protocol: tcp
+//!     ports: [443]
+//! podEvents: false                       # emit Kubernetes Events on pods for denials
+//! ```
+//!
+//! Parsing is strict and errors name the value and where it sits, like the standalone file.
+
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::Path};
+
+use serde::Deserialize;
+
+use crate::policy::config::{
+    ExtraSpec, ParseError, PortRange, RawExtra, RawPort, invalid, parse_ip, parse_port, validate_extra,
+};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/egressfw/agent.yaml";
+pub const DEFAULT_DNS_SERVICE: &str = "kube-system/kube-dns";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentConfigError {
+    #[error("reading agent config {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("agent config {path}: {source}")]
+    Syntax { path: String, source: serde_yaml::Error },
+    #[error("agent config {path}: {at}: {message}")]
+    Invalid { path: String, at: String, message: String },
+}
+
+/// A Service by namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayConfig {
+    pub service: ServiceRef,
+    /// Service ports the pods may use; empty: every port of the Service.
+    pub ports: Vec<PortRange>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsConfig {
+    pub service: ServiceRef,
+    pub node_local: Option<IpAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentConfig {
+    pub gateways: BTreeMap<String, GatewayConfig>,
+    pub default_gateway: String,
+    pub dns: DnsConfig,
+    pub extra: Vec<ExtraSpec>,
+    pub pod_events: bool,
+}
+
+impl AgentConfig {
+    /// Every Service the agent must watch.
+    pub fn services(&self) -> impl Iterator<Item = &ServiceRef> {
+        self.gateways.values().map(|g| &g.service).chain(std::iter::once(&self.dns.service))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawAgentConfig {
+    gateways: Vec<RawGateway>,
+    #[serde(default)]
+    default_gateway: Option<String>,
+    #[serde(default)]
+    dns: Option<RawDns>,
+    #[serde(default)]
+    extra_cidrs: Vec<RawExtra>,
+    #[serde(default)]
+    pod_events: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawGateway {
+    name: String,
+    service: String,
+    #[serde(default)]
+    ports: Vec<RawPort>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawDns {
+    #[serde(default)]
+    service: Option<String>,
+    #[serde(default)]
+    node_local: Option<String>,
+}
+
+pub fn load(path: &Path) -> Result<AgentConfig, AgentConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| AgentConfigError::Read { path: path.display().to_string(), source })?;
+    parse_file(path, &text)
+}
+
+pub fn parse_file(path: &Path, text: &str) -> Result<AgentConfig, AgentConfigError> {
+    let shown = path.display().to_string();
+    parse(text).map_err(|e| match e {
+        ParseError::Syntax(source) => AgentConfigError::Syntax { path: shown, source },
+        ParseError::Invalid { at, message } => AgentConfigError::Invalid { path: shown, at, message },
+    })
+}
+
+pub fn parse(text: &str) -> Result<AgentConfig, ParseError> {
+    let raw: RawAgentConfig = serde_yaml::from_str(text).map_err(ParseError::Syntax)?;
+    if raw.gateways.is_empty() {
+        return Err(invalid("gateways", "at least one gateway is needed: it is the only way out"));
+    }
+    let mut gateways = BTreeMap::new();
+    for (i, g) in raw.gateways.into_iter().enumerate() {
+        let at = format!("gateways[{i}] ({:?})", g.name);
+        if !is_label_value(&g.name) {
+            return Err(invalid(
+                &at,
+                format!(
+                    "name {:?} cannot be a label value (letters, digits, '-', '_', '.'; at most 63)",
+                    g.name
+                ),
+            ));
+        }
+        let service = parse_service(&g.service, &format!("{at}.service"))?;
+        let ports =
+            g.ports.iter().map(|p| parse_port(p, &format!("{at}.ports"))).collect::<Result<_, _>>()?;
+        if gateways.insert(g.name.clone(), GatewayConfig { service, ports }).is_some() {
+            return Err(invalid(at, format!("gateway name {:?} is used twice", g.name)));
+        }
+    }
+    let default_gateway = match raw.default_gateway {
+        Some(name) if gateways.contains_key(&name) => name,
+        Some(name) => {
+            let known: Vec<&str> = gateways.keys().map(String::as_str).collect();
+            return Err(invalid(
+                "defaultGateway",
+                format!("{name:?} is not one of the gateways: {}", known.join(", ")),
+            ));
+        }
+        None if gateways.len() == 1 => gateways.keys().next().cloned().unwrap_or_default(),
+        None => {
+            return Err(invalid("defaultGateway", "several gateways are configured; name the default one"));
+        }
+    };
+    let raw_dns = raw.dns.unwrap_or_default();
+    let dns = DnsConfig {
+        service: parse_service(raw_dns.service.as_deref().unwrap_or(DEFAULT_DNS_SERVICE), "dns.service")?,
+        node_local: raw_dns.node_local.as_deref().map(|a| parse_ip(a, "dns.nodeLocal")).transpose()?,
+    };
+    let extra = raw
+        .extra_cidrs
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| validate_extra(&e, &format!("extraCidrs[{i}]")))
+        .collect::<Result<_, _>>()?;
+    Ok(AgentConfig { gateways, default_gateway, dns, extra, pod_events: raw.pod_events })
+}
+
+fn parse_service(s: &str, at: &str) -> Result<ServiceRef, ParseError> {
+    match s.split_once('/') {
+        Some((ns, name)) if is_dns_label(ns) && is_dns_label(name) => {
+            Ok(ServiceRef { namespace: ns.to_owned(), name: name.to_owned() })
+        }
+        _ => Err(invalid(at, format!("{s:?} is not a Service reference like \"namespace/name\""))),
+    }
+}
+
+/// RFC 1123 label: what namespace and Service names must be.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A Kubernetes label value (non-empty here, since it names something).
+pub fn is_label_value(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && s.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
+        && s.as_bytes().last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        match parse(text) {
+            Err(ParseError::Invalid { at, message }) => format!("{at}: {message}"),
+            Err(ParseError::Syntax(e)) => e.to_string(),
+            Ok(c) => panic!("accepted: {c:?}"),
+        }
+    }
+
+    #[test]
+    fn full_config() {
+        let c = parse(
+            "gateways:\n  - name: default\n    service: egressfw-system/egress-gateway\n    ports: [3128, \"8443-8444\"]\n  - name: eu\n    service: gw/eu\ndefaultGateway: default\ndns:\n  nodeLocal: 169.254.20.10\nextraCidrs:\n  - cidr: 10.0.0.0/8\n    protocol: tcp\n    ports: [443]\npodEvents: true\n",
+        )
+        .unwrap();
+        assert_eq!(c.default_gateway, "default");
+        assert_eq!(
+            c.gateways["default"].ports,
+            vec![PortRange { first: 3128, last: 3128 }, PortRange { first: 8443, last: 8444 }]
+        );
+        assert!(c.gateways["eu"].ports.is_empty());
+        assert_eq!(c.dns.service, ServiceRef { namespace: "kube-system".into(), name: "kube-dns".into() });
+        assert_eq!(c.dns.node_local, Some("169.254.20.10".parse().unwrap()));
+        assert_eq!(c.extra.len(), 1);
+        assert!(c.pod_events);
+        assert_eq!(c.services().count(), 3);
+    }
+
+    #[test]
+    fn single_gateway_is_the_default() {
+        let c = parse("gateways: [{name: only, service: a/b}]").unwrap();
+        assert_eq!(c.default_gateway, "only");
+    }
+
+    #[test]
+    fn errors_name_the_value() {
+        assert!(err("gateways: []").contains("at least one gateway"));
+        assert!(err("gateways: [{name: a, service: nope}]").contains("\"nope\" is not a Service reference"));
+        assert!(
+            err("gateways: [{name: a, service: a/b}, {name: b, service: a/c}]").contains("name the default")
+        );
+        assert!(
+            err("gateways: [{name: a, service: a/b}]\ndefaultGateway: zz").contains("\"zz\" is not one of")
+        );
+        assert!(err("gateways: [{name: a, service: a/b}, {name: a, service: a/c}]").contains("used twice"));
+        assert!(err("gateways: [{name: 'a b', service: a/b}]").contains("cannot be a label value"));
+        assert!(err("gateways: [{name: a, service: a/b, ports: [0]}]").contains("port 0"));
+        assert!(err("gateways: [{name: a, service: a/b}]\ndns: {nodeLocal: x}").contains("dns.nodeLocal"));
+        assert!(
+            err("gateways: [{name: a, service: a/b}]\nextraCidrs: [{cidr: 10.0.0.1/8}]")
+                .contains("host bits")
+        );
+        assert!(err("gateways: [{name: a, service: a/b}]\ntypo: 1").contains("unknown field `typo`"));
+    }
+}

@@ -1,0 +1,261 @@
+//! What each pod on this node may reach, computed from the watched objects. Pure: no kernel, no
+//! API calls, so every label and endpoint case is unit-tested.
+//!
+//! Both the Services' ClusterIPs (seen by the socket hooks and, with kube-proxy, by the packet
+//! hook too) and their backend pod IPs (what socket-level load balancers rewrite to before the
+//! packet hook, and what a hostNetwork pod's packets carry after kube-proxy's OUTPUT DNAT) are
+//! allowed: ClusterIPs on the Service ports, backends on the matching target ports.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+
+use super::config::{AgentConfig, ServiceRef};
+use crate::policy::{
+    Mode, Protocol,
+    config::{ExtraSpec, PolicySpec, PortRange},
+};
+
+pub const LABEL_MODE: &str = "egressfw.io/mode";
+pub const LABEL_GATEWAY: &str = "egressfw.io/gateway";
+/// Static pods' cgroups are named by this hash, not by the mirror pod's API UID.
+const ANNOTATION_CONFIG_HASH: &str = "kubernetes.io/config.hash";
+const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+const DNS_PORT: u16 = 53;
+
+/// The objects the decision depends on, as the reflectors hold them.
+#[derive(Default)]
+pub struct World<'a> {
+    pub namespaces: Vec<&'a Namespace>,
+    pub pods: Vec<&'a Pod>,
+    pub services: Vec<&'a Service>,
+    pub slices: Vec<&'a EndpointSlice>,
+}
+
+/// One pod's policy, still without its cgroup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodPolicy {
+    /// The UID its cgroup is named by.
+    pub cgroup_uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub qos: Option<String>,
+    pub mode: Mode,
+    pub gateway: String,
+    pub allowed: Allowed,
+    /// Configuration problems that narrowed this pod's policy (logged and shown by the agent).
+    pub problems: Vec<String>,
+}
+
+/// The destinations of one gateway + DNS + extras, as the standalone policy spells them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Allowed {
+    pub gateways: Vec<(IpAddr, Vec<PortRange>)>,
+    pub dns: Vec<IpAddr>,
+    pub extra: Vec<ExtraSpec>,
+}
+
+impl Allowed {
+    pub fn into_spec(self, cgroup: String, mode: Mode) -> PolicySpec {
+        PolicySpec { cgroup, mode, gateways: self.gateways, dns: self.dns, extra: self.extra }
+    }
+}
+
+/// Mode of a namespace from its label. A value that is not understood counts as `enforce`: a
+/// typo must never silently turn enforcement off.
+pub fn namespace_mode(ns: Option<&Namespace>) -> (Mode, Option<String>) {
+    let label = ns.and_then(|n| n.metadata.labels.as_ref()).and_then(|l| l.get(LABEL_MODE));
+    match label.map(String::as_str) {
+        None | Some("off") => (Mode::Pass, None),
+        Some("enforce") => (Mode::Enforce, None),
+        Some("audit") => (Mode::Audit, None),
+        Some(other) => (
+            Mode::Enforce,
+            Some(format!("label {LABEL_MODE}={other:?} is not one of enforce, audit, off; enforcing")),
+        ),
+    }
+}
+
+fn is_terminal(pod: &Pod) -> bool {
+    matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+}
+
+/// Policies for every live pod of the world, by cgroup UID.
+pub fn pod_policies(world: &World<'_>, config: &AgentConfig) -> BTreeMap<String, PodPolicy> {
+    let namespaces: BTreeMap<&str, &Namespace> =
+        world.namespaces.iter().filter_map(|n| Some((n.metadata.name.as_deref()?, *n))).collect();
+    let mut per_gateway: BTreeMap<String, (Allowed, Vec<String>)> = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    for pod in world.pods.iter().filter(|p| !is_terminal(p)) {
+        let (Some(ns), Some(name)) = (pod.metadata.namespace.as_deref(), pod.metadata.name.as_deref()) else {
+            continue;
+        };
+        let annotations = pod.metadata.annotations.as_ref();
+        let Some(uid) =
+            annotations.and_then(|a| a.get(ANNOTATION_CONFIG_HASH)).or(pod.metadata.uid.as_ref()).cloned()
+        else {
+            continue;
+        };
+        let namespace = namespaces.get(ns).copied();
+        let (mode, label_problem) = namespace_mode(namespace);
+        let mut problems: Vec<String> = label_problem.into_iter().collect();
+        let gateway = namespace
+            .and_then(|n| n.metadata.labels.as_ref())
+            .and_then(|l| l.get(LABEL_GATEWAY))
+            .cloned()
+            .unwrap_or_else(|| config.default_gateway.clone());
+        let allowed = if mode == Mode::Pass {
+            Allowed::default()
+        } else {
+            let (allowed, gw_problems) =
+                per_gateway.entry(gateway.clone()).or_insert_with(|| allowed_for(world, config, &gateway));
+            problems.extend(gw_problems.iter().cloned());
+            allowed.clone()
+        };
+        out.insert(
+            uid.clone(),
+            PodPolicy {
+                cgroup_uid: uid,
+                namespace: ns.to_owned(),
+                name: name.to_owned(),
+                qos: pod.status.as_ref().and_then(|s| s.qos_class.clone()),
+                mode,
+                gateway,
+                allowed,
+                problems,
+            },
+        );
+    }
+    out
+}
+
+/// What a pod using gateway `name` may reach. Missing pieces narrow the policy (fail closed) and
+/// are reported.
+pub fn allowed_for(world: &World<'_>, config: &AgentConfig, name: &str) -> (Allowed, Vec<String>) {
+    let mut allowed = Allowed { extra: config.extra.clone(), ..Allowed::default() };
+    let mut problems = Vec::new();
+    match config.gateways.get(name) {
+        None => problems.push(format!(
+            "gateway {name:?} (label {LABEL_GATEWAY}) is not in the agent configuration; only DNS is allowed"
+        )),
+        Some(gw) => match find_service(world, &gw.service) {
+            None => problems.push(format!("gateway Service {} not found; only DNS is allowed", gw.service)),
+            Some(svc) => {
+                let (front, back) = service_targets(world, svc, &gw.service, &gw.ports);
+                if front.is_empty() && back.is_empty() {
+                    problems.push(format!("gateway Service {} has no address or matching port", gw.service));
+                }
+                allowed.gateways.extend(front.into_iter().chain(back));
+            }
+        },
+    }
+    if let Some(addr) = config.dns.node_local {
+        allowed.dns.push(addr);
+    }
+    match find_service(world, &config.dns.service) {
+        None if config.dns.node_local.is_none() => {
+            problems.push(format!("DNS Service {} not found; DNS is not allowed", config.dns.service));
+        }
+        None => {}
+        Some(svc) => {
+            let dns_port = [PortRange { first: DNS_PORT, last: DNS_PORT }];
+            let (front, back) = service_targets(world, svc, &config.dns.service, &dns_port);
+            allowed.dns.extend(front.into_iter().map(|(ip, _)| ip));
+            for (ip, ports) in back {
+                if ports.iter().all(|p| p.first == DNS_PORT && p.last == DNS_PORT) {
+                    allowed.dns.push(ip);
+                } else {
+                    // A DNS backend listening elsewhere (e.g. 5353): that port, UDP and TCP.
+                    for protocol in [Protocol::Udp, Protocol::Tcp] {
+                        allowed.extra.push(ExtraSpec { cidr: ip.into(), protocol, ports: ports.clone() });
+                    }
+                }
+            }
+        }
+    }
+    allowed.dns.sort_unstable();
+    allowed.dns.dedup();
+    (allowed, problems)
+}
+
+/// Addresses with the ports allowed on each.
+type Targets = Vec<(IpAddr, Vec<PortRange>)>;
+
+fn find_service<'a>(world: &World<'a>, r: &ServiceRef) -> Option<&'a Service> {
+    world.services.iter().copied().find(|s| {
+        s.metadata.namespace.as_deref() == Some(&r.namespace) && s.metadata.name.as_deref() == Some(&r.name)
+    })
+}
+
+/// (ClusterIP, Service ports) and (backend IP, target ports) for the Service ports in `wanted`
+/// (empty: all of them). Target ports come from the EndpointSlices, matched by port name.
+fn service_targets(
+    world: &World<'_>,
+    svc: &Service,
+    r: &ServiceRef,
+    wanted: &[PortRange],
+) -> (Targets, Targets) {
+    let Some(spec) = svc.spec.as_ref() else { return (Vec::new(), Vec::new()) };
+    let selected: Vec<_> = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| {
+            wanted.is_empty()
+                || u16::try_from(p.port).is_ok_and(|n| wanted.iter().any(|w| w.first <= n && n <= w.last))
+        })
+        .collect();
+    let front_ports: Vec<PortRange> = selected
+        .iter()
+        .filter_map(|p| u16::try_from(p.port).ok())
+        .map(|n| PortRange { first: n, last: n })
+        .collect();
+    let cluster_ips: Vec<IpAddr> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(spec.cluster_ip.iter())
+        .filter_map(|ip| ip.parse().ok())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let front = if front_ports.is_empty() {
+        Vec::new()
+    } else {
+        cluster_ips.into_iter().map(|ip| (ip, front_ports.clone())).collect()
+    };
+    let names: Vec<&str> = selected.iter().map(|p| p.name.as_deref().unwrap_or("")).collect();
+    let mut back: BTreeMap<IpAddr, Vec<PortRange>> = BTreeMap::new();
+    for slice in world.slices.iter().filter(|s| {
+        s.metadata.namespace.as_deref() == Some(&r.namespace)
+            && s.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)).map(String::as_str)
+                == Some(r.name.as_str())
+    }) {
+        let ports: Vec<PortRange> = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| names.contains(&p.name.as_deref().unwrap_or("")))
+            .filter_map(|p| p.port.and_then(|n| u16::try_from(n).ok()))
+            .map(|n| PortRange { first: n, last: n })
+            .collect();
+        if ports.is_empty() {
+            continue;
+        }
+        for ep in &slice.endpoints {
+            for ip in ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
+                let entry = back.entry(ip).or_default();
+                entry.extend(ports.iter().copied());
+                entry.sort_unstable();
+                entry.dedup();
+            }
+        }
+    }
+    (front, back.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,211 @@
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Pod, PodSpec, PodStatus, Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+use super::*;
+use crate::k8s::config;
+
+fn meta(ns: Option<&str>, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+    ObjectMeta {
+        namespace: ns.map(str::to_owned),
+        name: Some(name.to_owned()),
+        labels: Some(labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()),
+        ..ObjectMeta::default()
+    }
+}
+
+fn namespace(name: &str, labels: &[(&str, &str)]) -> Namespace {
+    Namespace { metadata: meta(None, name, labels), ..Namespace::default() }
+}
+
+fn pod(ns: &str, name: &str, uid: &str, phase: &str) -> Pod {
+    let mut m = meta(Some(ns), name, &[]);
+    m.uid = Some(uid.to_owned());
+    Pod {
+        metadata: m,
+        spec: Some(PodSpec { node_name: Some("node-a".into()), ..PodSpec::default() }),
+        status: Some(PodStatus {
+            phase: Some(phase.into()),
+            qos_class: Some("BestEffort".into()),
+            ..PodStatus::default()
+        }),
+    }
+}
+
+fn service(ns: &str, name: &str, ip: &str, ports: &[(&str, i32)]) -> Service {
+    Service {
+        metadata: meta(Some(ns), name, &[]),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(ip.into()),
+            cluster_ips: Some(vec![ip.into()]),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(n, p)| ServicePort { name: Some((*n).into()), port: *p, ..ServicePort::default() })
+                    .collect(),
+            ),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn slice(ns: &str, svc: &str, ips: &[&str], ports: &[(&str, i32)]) -> EndpointSlice {
+    EndpointSlice {
+        metadata: meta(Some(ns), &format!("{svc}-abcde"), &[("kubernetes.io/service-name", svc)]),
+        address_type: "IPv4".into(),
+        endpoints: ips
+            .iter()
+            .map(|ip| Endpoint { addresses: vec![(*ip).into()], ..Endpoint::default() })
+            .collect(),
+        ports: Some(
+            ports
+                .iter()
+                .map(|(n, p)| EndpointPort {
+                    name: Some((*n).into()),
+                    port: Some(*p),
+                    ..EndpointPort::default()
+                })
+                .collect(),
+        ),
+    }
+}
+
+fn cfg() -> AgentConfig {
+    config::parse(
+        "gateways:\n  - {name: main, service: egress/gw, ports: [3128]}\n  - {name: eu, service: egress/gw-eu}\ndefaultGateway: main\n",
+    )
+    .unwrap()
+}
+
+fn port(n: u16) -> PortRange {
+    PortRange { first: n, last: n }
+}
+
+struct Fixture {
+    namespaces: Vec<Namespace>,
+    pods: Vec<Pod>,
+    services: Vec<Service>,
+    slices: Vec<EndpointSlice>,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Self {
+            namespaces: vec![
+                namespace("shop", &[(LABEL_MODE, "enforce")]),
+                namespace("eu-team", &[(LABEL_MODE, "audit"), (LABEL_GATEWAY, "eu")]),
+                namespace("free", &[]),
+            ],
+            pods: vec![
+                pod("shop", "web", "u-web", "Running"),
+                pod("eu-team", "api", "u-api", "Pending"),
+                pod("free", "batch", "u-batch", "Running"),
+                pod("shop", "done", "u-done", "Succeeded"),
+            ],
+            services: vec![
+                service("egress", "gw", "10.96.0.10", &[("proxy", 3128), ("admin", 9000)]),
+                service("egress", "gw-eu", "10.96.0.11", &[("proxy", 3128)]),
+                service("kube-system", "kube-dns", "10.96.0.53", &[("dns", 53), ("dns-tcp", 53)]),
+            ],
+            slices: vec![
+                slice("egress", "gw", &["10.244.1.5", "10.244.2.6"], &[("proxy", 8080), ("admin", 9000)]),
+                slice("egress", "gw-eu", &["10.244.3.7"], &[("proxy", 8080)]),
+                slice("kube-system", "kube-dns", &["10.244.0.2"], &[("dns", 53), ("dns-tcp", 53)]),
+            ],
+        }
+    }
+
+    fn policies(&self, config: &AgentConfig) -> BTreeMap<String, PodPolicy> {
+        let world = World {
+            namespaces: self.namespaces.iter().collect(),
+            pods: self.pods.iter().collect(),
+            services: self.services.iter().collect(),
+            slices: self.slices.iter().collect(),
+        };
+        pod_policies(&world, config)
+    }
+}
+
+#[test]
+fn labels_choose_mode_and_gateway() {
+    let p = Fixture::new().policies(&cfg());
+    assert_eq!(p["u-web"].mode, Mode::Enforce);
+    assert_eq!(p["u-web"].gateway, "main");
+    assert_eq!(p["u-api"].mode, Mode::Audit);
+    assert_eq!(p["u-api"].gateway, "eu");
+    assert_eq!(p["u-batch"].mode, Mode::Pass);
+    assert_eq!(p["u-batch"].allowed, Allowed::default());
+    assert!(!p.contains_key("u-done"), "finished pods hold no policy");
+}
+
+#[test]
+fn cluster_ips_on_service_ports_and_backends_on_target_ports() {
+    let p = Fixture::new().policies(&cfg());
+    let web = &p["u-web"].allowed;
+    // Only the configured port 3128 ("proxy"), not "admin": front 3128, backends 8080.
+    assert_eq!(
+        web.gateways,
+        vec![
+            ("10.96.0.10".parse().unwrap(), vec![port(3128)]),
+            ("10.244.1.5".parse().unwrap(), vec![port(8080)]),
+            ("10.244.2.6".parse().unwrap(), vec![port(8080)]),
+        ]
+    );
+    assert_eq!(web.dns, vec!["10.96.0.53".parse::<IpAddr>().unwrap(), "10.244.0.2".parse().unwrap()]);
+    assert!(p["u-web"].problems.is_empty(), "{:?}", p["u-web"].problems);
+    // No ports configured: every port of the Service.
+    let api = &p["u-api"].allowed;
+    assert_eq!(api.gateways[0], ("10.96.0.11".parse().unwrap(), vec![port(3128)]));
+}
+
+#[test]
+fn typo_in_mode_label_enforces() {
+    let mut f = Fixture::new();
+    f.namespaces[2] = namespace("free", &[(LABEL_MODE, "enforced")]);
+    let p = f.policies(&cfg());
+    assert_eq!(p["u-batch"].mode, Mode::Enforce);
+    assert!(p["u-batch"].problems[0].contains("\"enforced\""), "{:?}", p["u-batch"].problems);
+}
+
+#[test]
+fn unknown_gateway_or_missing_service_narrows_to_dns() {
+    let mut f = Fixture::new();
+    f.namespaces[0] = namespace("shop", &[(LABEL_MODE, "enforce"), (LABEL_GATEWAY, "nope")]);
+    f.services.remove(1);
+    let p = f.policies(&cfg());
+    assert!(p["u-web"].allowed.gateways.is_empty());
+    assert!(!p["u-web"].allowed.dns.is_empty());
+    assert!(p["u-web"].problems[0].contains("\"nope\""), "{:?}", p["u-web"].problems);
+    assert!(p["u-api"].allowed.gateways.is_empty());
+    assert!(p["u-api"].problems[0].contains("egress/gw-eu not found"), "{:?}", p["u-api"].problems);
+}
+
+#[test]
+fn dns_backend_on_another_port_and_node_local() {
+    let mut f = Fixture::new();
+    f.slices[2] = slice("kube-system", "kube-dns", &["10.244.0.2"], &[("dns", 5353), ("dns-tcp", 5353)]);
+    let mut c = cfg();
+    c.dns.node_local = Some("169.254.20.10".parse().unwrap());
+    let p = f.policies(&c);
+    let web = &p["u-web"].allowed;
+    assert_eq!(web.dns, vec!["10.96.0.53".parse::<IpAddr>().unwrap(), "169.254.20.10".parse().unwrap()]);
+    assert_eq!(web.extra.len(), 2);
+    assert!(web.extra.iter().all(|e| e.ports == vec![port(5353)] && e.cidr.to_string() == "10.244.0.2/32"));
+}
+
+#[test]
+fn static_pods_use_the_config_hash() {
+    let mut f = Fixture::new();
+    f.pods[0].metadata.annotations =
+        Some([("kubernetes.io/config.hash".to_owned(), "6d8e1e2c".to_owned())].into_iter().collect());
+    let p = f.policies(&cfg());
+    assert_eq!(p["6d8e1e2c"].name, "web");
+    assert!(!p.contains_key("u-web"));
+}

@@ -1,0 +1,11 @@
+//! `egress-agent run`: the Kubernetes node agent. Namespace labels and the node's pods become
+//! kernel policies on the pods' cgroups.
+
+pub mod cgroup_watch;
+pub mod config;
+pub mod desired;
+pub mod node;
+pub mod pod_cgroup;
+pub mod pod_events;
+pub mod run;
+pub mod watch;

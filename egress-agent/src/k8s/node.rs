@@ -1,0 +1,206 @@
+//! One reconcile pass of the node agent: from the watched objects and the pod cgroups present to
+//! the kernel maps and links, then the pod-start gate, then the owner index for logs and metrics.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::PathBuf,
+};
+
+use anyhow::Result;
+use aya::Ebpf;
+use egress_common::maps::{PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SKB_EGRESS};
+
+use super::{
+    config::AgentConfig,
+    desired::{self, PodPolicy, World},
+    pod_cgroup::PodsRoot,
+    watch::Stores,
+};
+use crate::{
+    cgroup::{self, CgroupRef},
+    kernel::{
+        attach::{self, ProgramTags},
+        bpffs::PinLayout,
+        maps::KernelMaps,
+        query,
+    },
+    metrics::{Owner, OwnerIndex},
+    policy::{
+        Mode,
+        compile::{CompiledRules, compile},
+    },
+    reconcile::{self, Desired, Summary},
+};
+
+pub struct Node {
+    pub ebpf: Ebpf,
+    pub maps: KernelMaps,
+    pub pins: PinLayout,
+    pub cgroup_root: PathBuf,
+    pub pods_root: PodsRoot,
+    pub owners: OwnerIndex,
+    /// Problems already logged, so each is logged once while it lasts.
+    logged: BTreeSet<String>,
+}
+
+/// What a pass did.
+#[derive(Debug, Default)]
+pub struct Pass {
+    pub summary: Summary,
+    /// Pods of enforced or audited namespaces whose cgroup does not exist yet.
+    pub pending: Vec<String>,
+    pub gate_attached: bool,
+    /// Pods by (mode, state) for the pods gauge.
+    pub pods: HashMap<(&'static str, &'static str), i64>,
+    /// Enforced/audited cgroups written in this pass, for the link check.
+    pub enforced: Vec<CgroupRef>,
+}
+
+impl Node {
+    pub fn new(
+        ebpf: Ebpf,
+        maps: KernelMaps,
+        pins: PinLayout,
+        cgroup_root: PathBuf,
+        pods_root: PodsRoot,
+        owners: OwnerIndex,
+    ) -> Self {
+        Self { ebpf, maps, pins, cgroup_root, pods_root, owners, logged: BTreeSet::new() }
+    }
+
+    /// Brings the kernel in line with the stores. Safe to call at any time after the stores
+    /// have synced: it is a diff, and an error leaves every enforced pod enforced.
+    pub fn reconcile(&mut self, stores: &Stores, config: &AgentConfig) -> Result<Pass> {
+        let namespaces = stores.namespaces.state();
+        let pods = stores.pods.state();
+        let services: Vec<_> = stores.services.iter().flat_map(|s| s.state()).collect();
+        let slices: Vec<_> = stores.slices.iter().flat_map(|s| s.state()).collect();
+        let world = World {
+            namespaces: namespaces.iter().map(AsRef::as_ref).collect(),
+            pods: pods.iter().map(AsRef::as_ref).collect(),
+            services: services.iter().map(AsRef::as_ref).collect(),
+            slices: slices.iter().map(AsRef::as_ref).collect(),
+        };
+        let policies = desired::pod_policies(&world, config);
+        self.log_problems(policies.values());
+
+        let present = self.pods_root.scan();
+        let mut pass = Pass::default();
+        let mut desired = Vec::with_capacity(policies.len());
+        let mut owners = HashMap::with_capacity(policies.len());
+        for p in policies.values() {
+            let cgroup = present.get(&p.cgroup_uid).and_then(|path| self.cgroup_of(path).ok());
+            let state = if cgroup.is_some() { "running" } else { "pending" };
+            *pass.pods.entry((p.mode.name(), state)).or_default() += 1;
+            let Some(cgroup) = cgroup else {
+                if p.mode != Mode::Pass {
+                    pass.pending.push(format!("{}/{}", p.namespace, p.name));
+                }
+                continue;
+            };
+            let rules = self.rules_of(p, &cgroup);
+            owners.insert(
+                cgroup.id,
+                Owner {
+                    namespace: p.namespace.clone(),
+                    pod: p.name.clone(),
+                    cgroup: cgroup.path.display().to_string(),
+                },
+            );
+            if p.mode != Mode::Pass {
+                pass.enforced.push(cgroup.clone());
+            }
+            desired.push(Desired { cgroup, mode: p.mode, rules });
+        }
+
+        // Owners first, so events from a pod enforced in this pass are named.
+        if let Ok(mut index) = self.owners.write() {
+            index.clone_from(&owners);
+        }
+        pass.summary = reconcile::apply(&mut self.ebpf, &mut self.maps, &self.pins, &desired)?;
+        // The gate goes up after the pass has registered every known pod (so known pods keep
+        // flowing) and comes down only once no enforced pod is waiting for its cgroup.
+        pass.gate_attached = if pass.pending.is_empty() {
+            attach::remove_gate(&self.pins)?;
+            false
+        } else {
+            let above = self.cgroup_of(&self.pods_root.path)?;
+            let tags = ProgramTags::read(&self.ebpf)?;
+            attach::ensure_gate(&mut self.ebpf, &self.pins, &tags, &above)?;
+            true
+        };
+        Ok(pass)
+    }
+
+    fn cgroup_of(&self, path: &std::path::Path) -> Result<CgroupRef> {
+        cgroup::resolve(&self.cgroup_root, &path.to_string_lossy())
+    }
+
+    fn rules_of(&mut self, p: &PodPolicy, cgroup: &CgroupRef) -> CompiledRules {
+        let spec = p.allowed.clone().into_spec(cgroup.path.display().to_string(), p.mode);
+        compile(&spec).unwrap_or_else(|e| {
+            // Fail closed: the pod keeps loopback only, and the reason is in the log.
+            let problem = format!("pod {}/{}: {e}; nothing but loopback is allowed", p.namespace, p.name);
+            if self.logged.insert(problem.clone()) {
+                tracing::error!(problem, "policy does not fit the kernel tables");
+            }
+            CompiledRules::default()
+        })
+    }
+
+    fn log_problems<'a>(&mut self, policies: impl Iterator<Item = &'a PodPolicy>) {
+        let now: BTreeSet<String> = policies.flat_map(|p| p.problems.iter().cloned()).collect();
+        for problem in now.difference(&self.logged) {
+            tracing::warn!(problem, "policy narrowed");
+        }
+        self.logged.retain(|p| now.contains(p) || p.starts_with("pod "));
+        self.logged.extend(now);
+    }
+
+    /// Asks the kernel whether every enforced cgroup runs our five programs. `None` when all do.
+    pub fn verify_links(&self, enforced: &[CgroupRef]) -> Result<Option<String>> {
+        let tags = ProgramTags::read(&self.ebpf)?;
+        let hooks = [
+            (query::ATTACH_INET_EGRESS, PROG_SKB_EGRESS),
+            (query::ATTACH_INET4_CONNECT, PROG_CONNECT4),
+            (query::ATTACH_INET6_CONNECT, PROG_CONNECT6),
+            (query::ATTACH_UDP4_SENDMSG, PROG_SENDMSG4),
+            (query::ATTACH_UDP6_SENDMSG, PROG_SENDMSG6),
+        ];
+        for cgroup in enforced {
+            for (attach_type, name) in hooks {
+                let ids = match query::attached_programs(&cgroup.path, attach_type) {
+                    Ok(ids) => ids,
+                    // Gone since the pass (pod deleted): nothing to enforce there any more.
+                    Err(_) if !cgroup.path.exists() => break,
+                    Err(e) => return Err(e),
+                };
+                if !ids.iter().any(|id| tags.is_ours(name, *id)) {
+                    return Ok(Some(format!("{name} is not attached to {}", cgroup.path.display())));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Pass result for logs.
+pub fn log_pass(why: &str, pass: &Pass) {
+    let s = &pass.summary;
+    if s.added + s.updated + s.removed + s.links.attached + s.links.replaced == 0 {
+        tracing::debug!(why, unchanged = s.unchanged, "reconciled, no change");
+        return;
+    }
+    tracing::info!(
+        why,
+        added = s.added,
+        updated = s.updated,
+        unchanged = s.unchanged,
+        removed = s.removed,
+        links_attached = s.links.attached,
+        links_adopted = s.links.adopted,
+        pending = pass.pending.len(),
+        gate = pass.gate_attached,
+        "policy applied"
+    );
+}

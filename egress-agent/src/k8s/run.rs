@@ -1,0 +1,285 @@
+//! The node agent's main loop: load and pin the programs, sync the caches, then reconcile on
+//! every watch event, pod cgroup change, config change and periodic tick.
+//!
+//! Nothing is reconciled before every cache has synced: an empty namespace cache would read as
+//! "no namespace is enforced" and release every pod. Until then the pinned state stays as the
+//! previous agent left it.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result};
+use egress_common::{
+    event::{ACTION_DENIED, VerdictEvent},
+    verdict::Reason,
+};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+    task::JoinSet,
+    time::Instant,
+};
+
+use super::{
+    cgroup_watch,
+    config::{self, AgentConfig},
+    node::{Node, log_pass},
+    pod_cgroup::PodsRoot,
+    pod_events::{self, Denial},
+    watch::{self, Stores, Trigger},
+};
+use crate::{
+    events,
+    http::{self, Health},
+    kernel::{bpffs::PinLayout, maps::KernelMaps, object},
+    metrics::{Metrics, Owner, OwnerIndex},
+    standalone::watch_file,
+};
+
+/// Full pass and link check even without events: covers anything a watch or inotify missed.
+const RESYNC_EVERY: Duration = Duration::from_secs(10);
+/// After a failed pass.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// How long a configuration change may wait for its new Service caches.
+const CONFIG_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct Options {
+    pub config: PathBuf,
+    pub node_name: String,
+    pub http_addr: SocketAddr,
+    pub pins: PinLayout,
+    pub cgroup_root: PathBuf,
+    /// The kubelet's pods cgroup, relative to the cgroup root or absolute; found when `None`.
+    pub pods_cgroup: Option<PathBuf>,
+}
+
+pub async fn run(opts: Options) -> Result<()> {
+    // Validate everything before touching the kernel: a bad start leaves the pinned state alone.
+    let mut config = config::load(&opts.config)?;
+    let mut config_text = std::fs::read_to_string(&opts.config).unwrap_or_default();
+    let pods_root = match &opts.pods_cgroup {
+        Some(p) => PodsRoot::at(opts.cgroup_root.join(p))?,
+        None => PodsRoot::discover(&opts.cgroup_root)?,
+    };
+    tracing::info!(
+        node = opts.node_name,
+        config = %opts.config.display(),
+        pin_dir = %opts.pins.root.display(),
+        cgroup_root = %opts.cgroup_root.display(),
+        pods_cgroup = %pods_root.path.display(),
+        cgroup_driver = ?pods_root.driver,
+        gateways = ?config.gateways.keys().collect::<Vec<_>>(),
+        default_gateway = config.default_gateway,
+        dns = %config.dns.service,
+        "starting node agent"
+    );
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster service account, or KUBECONFIG)")?;
+
+    opts.pins.prepare()?;
+    let mut ebpf = object::load(&opts.pins)?;
+    let maps = KernelMaps::from_ebpf(&mut ebpf)?;
+    let ring = object::events_ring(&mut ebpf)?;
+    let owners = OwnerIndex::default();
+    let mut node =
+        Node::new(ebpf, maps, opts.pins.clone(), opts.cgroup_root.clone(), pods_root.clone(), owners.clone());
+
+    let health = Arc::new(Health::new());
+    let metrics = Arc::new(Metrics::new(opts.pins.clone(), owners.clone()));
+    let mut background = JoinSet::new();
+    background.spawn(http_task(opts.http_addr, health.clone(), metrics.clone()));
+    let denials = spawn_pod_events(&client, &opts.node_name, &config, &mut background);
+    background.spawn(events_task(ring, owners, denials));
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _cgroups = cgroup_watch::start(&pods_root, tx.clone())?;
+    let mut config_changes = watch_file(&opts.config)?;
+    let mut watches = JoinSet::new();
+    let mut stores = watch::start(&client, &opts.node_name, &config, &tx, &mut watches);
+    tracing::info!("waiting for the API caches to sync; pinned enforcement stays as it is meanwhile");
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        r = stores.wait_until_ready() => r.context("API caches")?,
+        _ = term.recv() => {
+            stopped();
+            return Ok(());
+        },
+        _ = int.recv() => {
+            stopped();
+            return Ok(());
+        },
+    }
+    tracing::info!("caches synced");
+
+    let mut tick = tokio::time::interval(RESYNC_EVERY);
+    let mut retry_at: Option<Instant> = Some(Instant::now());
+    let mut oldest: Option<std::time::Instant> = None;
+    // Readiness needs one link check after the first pass; later ones run on the resync tick.
+    let mut links_checked = false;
+    loop {
+        let retry = async {
+            match retry_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut full_check = false;
+        tokio::select! {
+            Some(t) = rx.recv() => note_trigger(t, &mut oldest),
+            Some(_) = futures_util::StreamExt::next(&mut config_changes) => {
+                match reload_config(&opts, &config_text, &config, &client, &tx).await {
+                    Ok(Some((text, new_config, new_stores, new_watches))) => {
+                        config_text = text;
+                        config = new_config;
+                        if let Some(s) = new_stores {
+                            stores = s;
+                            watches = new_watches;
+                        }
+                        tracing::info!("agent configuration reloaded");
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(
+                        error = format!("{e:#}"),
+                        "new agent configuration rejected; the previous one stays in force"
+                    ),
+                }
+            }
+            _ = tick.tick() => full_check = true,
+            () = retry => {}
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+        // Coalesce whatever else arrived meanwhile into this pass.
+        while let Ok(t) = rx.try_recv() {
+            note_trigger(t, &mut oldest);
+        }
+        health.beat();
+        match node.reconcile(&stores, &config) {
+            Ok(pass) => {
+                retry_at = None;
+                if let Some(since) = oldest.take() {
+                    metrics.apply_latency.observe(since.elapsed().as_secs_f64());
+                }
+                metrics.reconciles.get_or_create(&vec![("result", "ok")]).inc();
+                metrics.pending_pods.set(pass.pending.len() as i64);
+                metrics.gate_attached.set(i64::from(pass.gate_attached));
+                metrics.pods.clear();
+                for ((mode, state), n) in &pass.pods {
+                    metrics.pods.get_or_create(&vec![("mode", *mode), ("state", *state)]).set(*n);
+                }
+                log_pass("reconcile", &pass);
+                if full_check || !links_checked {
+                    links_checked = true;
+                    let verdict = node.verify_links(&pass.enforced);
+                    health.set_ready(match verdict {
+                        Ok(v) => v,
+                        Err(e) => Some(format!("{e:#}")),
+                    });
+                }
+            }
+            Err(e) => {
+                metrics.reconciles.get_or_create(&vec![("result", "error")]).inc();
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "reconcile failed; what was enforced before stays enforced; retrying"
+                );
+                health.set_ready(Some(format!("last reconcile failed: {e:#}")));
+                retry_at = Some(Instant::now() + RETRY_AFTER);
+            }
+        }
+    }
+    watches.abort_all();
+    background.abort_all();
+    stopped();
+    Ok(())
+}
+
+fn stopped() {
+    tracing::info!("stopping; enforcement stays pinned (use `egress-agent teardown` to remove it)");
+}
+
+/// Keeps the earliest unapplied trigger: the latency metric measures from there.
+fn note_trigger(t: Trigger, oldest: &mut Option<std::time::Instant>) {
+    let (Trigger::Watch(at) | Trigger::Cgroup(at)) = t;
+    if oldest.is_none_or(|o| at < o) {
+        *oldest = Some(at);
+    }
+}
+
+type Reloaded = (String, AgentConfig, Option<Stores>, JoinSet<()>);
+
+/// Re-reads the configuration. `Ok(None)`: unchanged. New Service caches are synced before the
+/// new configuration takes over, so a change never passes through "gateway not found".
+async fn reload_config(
+    opts: &Options,
+    current_text: &str,
+    current: &AgentConfig,
+    client: &kube::Client,
+    tx: &mpsc::UnboundedSender<Trigger>,
+) -> Result<Option<Reloaded>> {
+    let text = std::fs::read_to_string(&opts.config)
+        .with_context(|| format!("reading agent config {}", opts.config.display()))?;
+    if text == current_text {
+        return Ok(None);
+    }
+    let new = config::parse_file(&opts.config, &text)?;
+    let mut watches = JoinSet::new();
+    let services_changed = current.services().collect::<Vec<_>>() != new.services().collect::<Vec<_>>();
+    let stores = if services_changed {
+        let stores = watch::start(client, &opts.node_name, &new, tx, &mut watches);
+        tokio::time::timeout(CONFIG_SYNC_TIMEOUT, stores.wait_until_ready())
+            .await
+            .context("the new configuration's Services did not sync within 60 s")??;
+        Some(stores)
+    } else {
+        None
+    };
+    Ok(Some((text, new, stores, watches)))
+}
+
+async fn http_task(addr: SocketAddr, health: Arc<Health>, metrics: Arc<Metrics>) {
+    if let Err(e) = http::serve(addr, health, metrics).await {
+        tracing::error!(error = format!("{e:#}"), "health/metrics endpoint stopped");
+    }
+}
+
+async fn events_task(
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    owners: OwnerIndex,
+    denials: Option<mpsc::Sender<Denial>>,
+) {
+    let owner_of = move |id: u64| owners.read().ok()?.get(&id).cloned();
+    let also = move |ev: &VerdictEvent, owner: Option<&Owner>| {
+        let (Some(tx), Some(owner)) = (&denials, owner) else { return };
+        if ev.action != ACTION_DENIED || owner.pod.is_empty() {
+            return;
+        }
+        let reason = Reason::from_u8(ev.reason).map_or("unknown", Reason::name);
+        let dst = events::address(ev.daddr, ev.family);
+        let note = format!(
+            "egress to {dst} port {} ({}) denied: {reason}",
+            ev.dport,
+            events::protocol_name(ev.protocol)
+        );
+        // Full queue: dropped here, still in the log.
+        let _ = tx.try_send(Denial { namespace: owner.namespace.clone(), pod: owner.pod.clone(), note });
+    };
+    if let Err(e) = events::run(ring, owner_of, also).await {
+        tracing::error!(error = format!("{e:#}"), "verdict event reader stopped");
+    }
+}
+
+fn spawn_pod_events(
+    client: &kube::Client,
+    node_name: &str,
+    config: &AgentConfig,
+    tasks: &mut JoinSet<()>,
+) -> Option<mpsc::Sender<Denial>> {
+    if !config.pod_events {
+        return None;
+    }
+    let (tx, rx) = mpsc::channel(pod_events::QUEUE);
+    tasks.spawn(pod_events::run(client.clone(), node_name.to_owned(), rx));
+    Some(tx)
+}
