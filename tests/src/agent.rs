@@ -40,13 +40,18 @@ impl Agent {
 
     /// Like `start`, but returns the log when the agent exits or never becomes ready.
     pub fn try_start(lab: &Lab) -> Result<Self, String> {
+        let mut cmd = command(lab);
+        cmd.arg("standalone").arg("--config").arg(lab.policy_path());
+        Self::spawn(lab, cmd, |a| a.log_text().contains("\"message\":\"ready\""))
+    }
+
+    /// Spawns `cmd` (from [`command`]) and waits until `ready` says so; returns the log when
+    /// the agent exits first or is not ready within 30 s.
+    pub fn spawn(lab: &Lab, mut cmd: Command, ready: impl Fn(&Self) -> bool) -> Result<Self, String> {
         static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let log = lab.dir.join(format!("agent-{n}.log"));
-        let child = command(lab)
-            .arg("standalone")
-            .arg("--config")
-            .arg(lab.policy_path())
+        let child = cmd
             .stderr(File::create(&log).expect("agent log file"))
             .stdout(Stdio::null())
             .spawn()
@@ -54,7 +59,7 @@ impl Agent {
         let mut agent = Self { child: Some(child), log };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if agent.log_text().contains("\"message\":\"ready\"") {
+            if ready(&agent) {
                 return Ok(agent);
             }
             let exited = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten());

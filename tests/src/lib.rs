@@ -8,6 +8,8 @@
 
 pub mod agent;
 pub mod client;
+pub mod fake_api;
+pub mod kube_node;
 pub mod lab;
 pub mod listen;
 pub mod netns;

@@ -63,16 +63,17 @@ pub fn ensure_attached(
     ensure_links(ebpf, &pins.cgroup_links(cgroup.id), tags, cgroup, &ALL_PROGRAMS)
 }
 
-/// Attaches the pod-start gate: the packet program on the cgroup above all pods, so a pod cgroup
-/// with no registered policy is denied from its first packet, before the agent has seen it.
-/// The packet program alone is enough: every packet passes it, whatever socket sent it.
+/// Attaches the pod-start gate: the programs on the cgroup above all pods, so a pod cgroup with
+/// no registered policy is denied from its first packet, before the agent has seen it. All five,
+/// not just the packet program: a held-back connect() then fails at once with EPERM instead of
+/// hanging on dropped SYNs.
 pub fn ensure_gate(
     ebpf: &mut Ebpf,
     pins: &PinLayout,
     tags: &ProgramTags,
     above_pods: &CgroupRef,
 ) -> Result<AttachOutcome> {
-    ensure_links(ebpf, &pins.gate_links(), tags, above_pods, &[PROG_SKB_EGRESS])
+    ensure_links(ebpf, &pins.gate_links(), tags, above_pods, &ALL_PROGRAMS)
 }
 
 /// Removes the pod-start gate, if attached. Returns whether it was.

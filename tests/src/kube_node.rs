@@ -1,0 +1,200 @@
+//! A Kubernetes node for the node agent's tests: the lab's network namespaces, a kubelet-style
+//! pods cgroup tree (cgroupfs driver layout) under the test's own cgroup, and an in-process fake
+//! API server holding the cluster objects. The real agent binary runs `egress-agent run`
+//! against both.
+//!
+//! Pods all live in the lab's pod network namespace (10.231.0.2); what tells them apart is
+//! their cgroup, which is all the kernel programs look at.
+
+use std::{
+    fs,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::Output,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    agent::{self, Agent},
+    fake_api::{FakeApi, fixtures},
+    lab::{DNS4, DNS6, GATEWAY_PORT, GATEWAY4, GATEWAY6, Lab},
+};
+
+pub const NODE: &str = "node-1";
+pub const GATEWAY_CLUSTER_IP: &str = "10.96.0.10";
+pub const DNS_CLUSTER_IP: &str = "10.96.0.53";
+
+pub struct KubeNode {
+    pub api: FakeApi,
+    /// `<test cgroup>/kubepods`, as the kubelet's cgroupfs driver lays it out.
+    pub pods_root: PathBuf,
+    pub config_path: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub http: SocketAddr,
+    // Dropped last: removes the cgroups (pods included), pins and files.
+    pub lab: Lab,
+}
+
+impl KubeNode {
+    /// A node with the gateway and DNS Services in the API (backed by the lab's gateway and DNS
+    /// addresses), namespace `shop` unlabelled, and no pods yet.
+    pub fn new() -> Self {
+        Self::with_config_extra("")
+    }
+
+    /// Like `new`, with extra lines appended to the agent configuration.
+    pub fn with_config_extra(extra: &str) -> Self {
+        let lab = Lab::new();
+        let api = FakeApi::start().expect("starting the fake API server");
+        let pods_root = lab.base_cgroup.join("kubepods");
+        for qos in ["", "burstable", "besteffort"] {
+            fs::create_dir_all(pods_root.join(qos)).expect("creating the pods cgroup tree");
+        }
+        let kubeconfig = lab.dir.join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig).expect("writing the kubeconfig");
+        let config_path = lab.dir.join("agent.yaml");
+        fs::write(
+            &config_path,
+            format!(
+                "gateways:\n  - name: main\n    service: egress/gw\n    ports: [{GATEWAY_PORT}]\ndns:\n  service: kube-system/kube-dns\n{extra}"
+            ),
+        )
+        .expect("writing the agent config");
+        let http = free_local_port();
+        let node = Self { api, pods_root, config_path, kubeconfig, http, lab };
+        for ns in ["egress", "kube-system", "shop"] {
+            node.api.apply(&fixtures::namespace(ns, &[]));
+        }
+        node.api.apply(&fixtures::service("egress", "gw", GATEWAY_CLUSTER_IP, &[GATEWAY_PORT]));
+        node.set_gateway_backends(&[GATEWAY4, GATEWAY6]);
+        node.api.apply(&fixtures::service("kube-system", "kube-dns", DNS_CLUSTER_IP, &[53]));
+        node.api.apply(&fixtures::endpoint_slice("kube-system", "kube-dns-1", "kube-dns", &[DNS4], &[53]));
+        node.api.apply(&fixtures::endpoint_slice("kube-system", "kube-dns-2", "kube-dns", &[DNS6], &[53]));
+        node
+    }
+
+    /// Replaces the gateway's backends (one EndpointSlice per address family, as the
+    /// EndpointSlice controller publishes them).
+    pub fn set_gateway_backends(&self, addrs: &[&str]) {
+        let (v4, v6): (Vec<&str>, Vec<&str>) = addrs.iter().partition(|a| !a.contains(':'));
+        for (name, list) in [("gw-v4", v4), ("gw-v6", v6)] {
+            self.api.apply(&fixtures::endpoint_slice("egress", name, "gw", &list, &[GATEWAY_PORT]));
+        }
+    }
+
+    pub fn label(&self, ns: &str, labels: &[(&str, &str)]) {
+        self.api.apply(&fixtures::namespace(ns, labels));
+    }
+
+    /// A BestEffort pod on this node, known to the API (its cgroup is made separately).
+    pub fn add_pod(&self, ns: &str, name: &str, uid: &str) {
+        self.api.apply(&fixtures::pod(ns, name, uid, NODE, "BestEffort", Some(crate::lab::POD4)));
+    }
+
+    /// What the kubelet does when it starts the pod: the pod cgroup, then a container's.
+    pub fn create_pod_cgroup(&self, uid: &str) -> PathBuf {
+        let container = self.pod_cgroup(uid).join("ctr");
+        fs::create_dir_all(&container).expect("creating the pod cgroup");
+        container
+    }
+
+    pub fn pod_cgroup(&self, uid: &str) -> PathBuf {
+        self.pods_root.join("besteffort").join(format!("pod{uid}"))
+    }
+
+    /// What the kubelet does when the pod is gone: kill its processes, remove its cgroups.
+    pub fn remove_pod_cgroup(&self, uid: &str) {
+        let pod = self.pod_cgroup(uid);
+        let _ = fs::write(pod.join("cgroup.kill"), "1");
+        for dir in [pod.join("ctr"), pod] {
+            for _ in 0..50 {
+                if fs::remove_dir(&dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Runs a client (see `client`) in the pod's container cgroup.
+    pub fn in_pod(&self, uid: &str, client: (&str, Vec<String>)) -> Output {
+        self.lab.in_cgroup(&self.pod_cgroup(uid).join("ctr"), client)
+    }
+
+    /// `egress-agent run` for this node, once `/readyz` answers 200.
+    pub fn start_agent(&self) -> Agent {
+        self.try_start_agent()
+            .unwrap_or_else(|log| panic!("node agent did not become ready; its log:\n{log}"))
+    }
+
+    pub fn try_start_agent(&self) -> Result<Agent, String> {
+        let mut cmd = agent::command(&self.lab);
+        let pods_cgroup =
+            self.pods_root.strip_prefix(&self.lab.cgroup_root).expect("pods root under the mount");
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--node-name")
+            .arg(NODE)
+            .arg("--http-addr")
+            .arg(self.http.to_string())
+            .arg("--pods-cgroup")
+            .arg(pods_cgroup)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("RUST_LOG", "info,egress_agent=debug");
+        Agent::spawn(&self.lab, cmd, |_| self.get("/readyz").0 == 200)
+    }
+
+    /// HTTP GET against the agent's health/metrics endpoint: (status, body); status 0 when
+    /// nothing answers.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let Ok(mut s) = TcpStream::connect_timeout(&self.http, Duration::from_millis(200)) else {
+            return (0, String::new());
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        if write!(s, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").is_err() {
+            return (0, String::new());
+        }
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        (status, body)
+    }
+
+    /// The metrics line values matching all `parts` (e.g. a metric name and labels), summed.
+    pub fn metric(&self, parts: &[&str]) -> f64 {
+        self.get("/metrics")
+            .1
+            .lines()
+            .filter(|l| !l.starts_with('#') && parts.iter().all(|p| l.contains(p)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Default for KubeNode {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Polls `check` every 20 ms until it holds or `secs` pass; returns whether it held.
+pub fn eventually(secs: u64, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn free_local_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("binding a free port");
+    l.local_addr().expect("local addr")
+}

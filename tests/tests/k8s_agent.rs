@@ -1,0 +1,219 @@
+//! The node agent against a fake API server and real kernel enforcement: namespace labels,
+//! endpoint changes, pod lifecycle, restarts and API outages, proven with real traffic.
+
+use std::{process::Stdio, time::Duration};
+
+use egress_tests::{
+    client::{refused, succeeded, tcp, udp_request},
+    kube_node::{KubeNode, eventually},
+    lab::{DNS4, EXTERNAL4, GATEWAY_PORT, GATEWAY4, Lab, text},
+    listen::Server,
+    sniff::Sniffer,
+    sock,
+};
+
+const WEB: &str = "0f5e2d3c-1b4a-4c5d-8e7f-a1b2c3d4e5f6";
+const API: &str = "1a2b3c4d-5e6f-4a0b-9c8d-7e6f5a4b3c2d";
+
+fn reaches(node: &KubeNode, uid: &str, host: &str, port: u16) -> bool {
+    succeeded(&node.in_pod(uid, tcp(host, port)))
+}
+
+fn blocked(node: &KubeNode, uid: &str, host: &str, port: u16) -> bool {
+    refused(&node.in_pod(uid, tcp(host, port)))
+}
+
+#[test]
+fn labelling_a_namespace_enforces_its_pods_and_unlabelling_releases_them() {
+    let node = KubeNode::new();
+    node.add_pod("shop", "web", WEB);
+    node.create_pod_cgroup(WEB);
+    let agent = node.start_agent();
+    let _web = Server::tcp_http(&node.lab.external, sock(EXTERNAL4, 80));
+    let _proxy = Server::tcp_http(&node.lab.gateway, sock(GATEWAY4, GATEWAY_PORT));
+    let _dns = Server::udp_echo(&node.lab.gateway, sock(DNS4, 53));
+    assert!(reaches(&node, WEB, EXTERNAL4, 80), "an unlabelled namespace is not enforced");
+
+    node.label("shop", &[("egressfw.io/mode", "enforce")]);
+    assert!(eventually(5, || blocked(&node, WEB, EXTERNAL4, 80)), "labelled enforce: direct egress refused");
+    let sniffer = Sniffer::start(&node.lab.external, &Lab::pod_sources());
+    assert!(blocked(&node, WEB, EXTERNAL4, 80));
+    assert_eq!(sniffer.seen(), vec![], "nothing from the pod reaches the external host");
+    assert!(reaches(&node, WEB, GATEWAY4, GATEWAY_PORT), "the gateway backend stays reachable");
+    let out = node.in_pod(WEB, udp_request(DNS4, 53));
+    assert!(succeeded(&out), "DNS backend on 53:\n{}", text(&out));
+
+    // Verdicts are logged and counted with the pod's name.
+    let deny = agent.wait_until("egress deny", |e| e["dst"] == EXTERNAL4);
+    assert_eq!((deny["namespace"].as_str(), deny["pod"].as_str()), (Some("shop"), Some("web")), "{deny:#}");
+    assert!(
+        node.metric(&["egressfw_verdicts_total", "namespace=\"shop\"", "pod=\"web\"", "deny_destination"])
+            >= 1.0,
+        "{}",
+        node.get("/metrics").1
+    );
+
+    node.label("shop", &[]);
+    assert!(eventually(5, || reaches(&node, WEB, EXTERNAL4, 80)), "unlabelled: released");
+    assert!(
+        !node
+            .lab
+            .pin_dir
+            .join("links")
+            .read_dir()
+            .unwrap()
+            .any(|e| { e.unwrap().file_name().to_string_lossy().parse::<u64>().is_ok() }),
+        "released pods keep no links"
+    );
+}
+
+#[test]
+fn audit_mode_passes_traffic_and_reports_it() {
+    let node = KubeNode::new();
+    node.label("shop", &[("egressfw.io/mode", "audit")]);
+    node.add_pod("shop", "api", API);
+    node.create_pod_cgroup(API);
+    let agent = node.start_agent();
+    let _web = Server::tcp_http(&node.lab.external, sock(EXTERNAL4, 80));
+    assert!(reaches(&node, API, EXTERNAL4, 80), "audit lets traffic through");
+    let audit = agent.wait_until("egress audit", |e| e["dst"] == EXTERNAL4);
+    assert_eq!(audit["pod"], "api", "{audit:#}");
+
+    node.label("shop", &[("egressfw.io/mode", "enforce")]);
+    assert!(eventually(5, || blocked(&node, API, EXTERNAL4, 80)), "switched to enforce");
+}
+
+#[test]
+fn gateway_endpoint_changes_follow_the_endpointslices() {
+    let node = KubeNode::new();
+    node.label("shop", &[("egressfw.io/mode", "enforce")]);
+    node.add_pod("shop", "web", WEB);
+    node.create_pod_cgroup(WEB);
+    let _agent = node.start_agent();
+    let _old = Server::tcp_http(&node.lab.gateway, sock(GATEWAY4, GATEWAY_PORT));
+    let _new = Server::tcp_http(&node.lab.external, sock(EXTERNAL4, GATEWAY_PORT));
+    assert!(reaches(&node, WEB, GATEWAY4, GATEWAY_PORT));
+    assert!(blocked(&node, WEB, EXTERNAL4, GATEWAY_PORT));
+
+    // The gateway moves: the new backend opens, the old one closes.
+    node.set_gateway_backends(&[EXTERNAL4]);
+    assert!(eventually(5, || reaches(&node, WEB, EXTERNAL4, GATEWAY_PORT)), "new gateway backend allowed");
+    assert!(blocked(&node, WEB, GATEWAY4, GATEWAY_PORT), "old gateway backend no longer allowed");
+}
+
+/// Waits (spinning) for a cgroup to appear, moves itself into it the instant it does, and sends
+/// UDP datagrams as fast as it can; prints what happened as JSON.
+const RACER: &str = r#"
+import json, os, socket, sys, time
+cg, host, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+procs = os.path.join(cg, "cgroup.procs")
+deadline = time.monotonic() + 20
+while not os.path.exists(procs):
+    if time.monotonic() > deadline:
+        sys.exit("cgroup never appeared")
+seen = time.monotonic()
+with open(procs, "w") as f:
+    f.write("0")
+# A socket belongs to the cgroup it was created in: create it inside, as a container would.
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sent = refused = other = 0
+first = None
+for _ in range(n):
+    try:
+        s.sendto(b"x", (host, port))
+        sent += 1
+    except PermissionError:
+        refused += 1
+    except OSError:
+        other += 1
+    if first is None:
+        first = time.monotonic() - seen
+print(json.dumps({"sent": sent, "refused": refused, "other": other, "first_send_after_s": first}))
+"#;
+
+#[test]
+fn a_new_pod_is_enforced_from_the_instant_its_cgroup_appears() {
+    let node = KubeNode::new();
+    node.label("shop", &[("egressfw.io/mode", "enforce")]);
+    let _agent = node.start_agent();
+    let gate = node.lab.pin_dir.join("links/gate");
+    assert!(!gate.exists(), "no pending pod: no gate");
+
+    // The scheduler binds the pod; the agent sees it before the kubelet creates its cgroup.
+    node.add_pod("shop", "web", WEB);
+    assert!(
+        eventually(5, || node.metric(&["egressfw_pod_start_gate_attached"]) == 1.0),
+        "a pending pod of an enforced namespace raises the pod-start gate"
+    );
+    assert!(gate.join("egress_skb").exists());
+
+    let sniffer = Sniffer::start(&node.lab.external, &Lab::pod_sources());
+    let racer = node
+        .lab
+        .pod
+        .command("python3", Some(&node.lab.other_cgroup))
+        .args(["-c", RACER])
+        .arg(node.pod_cgroup(WEB))
+        .args([EXTERNAL4, "9000", "3000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the racer");
+    std::thread::sleep(Duration::from_millis(300)); // let it reach its spin loop
+    node.create_pod_cgroup(WEB); // what the kubelet does
+    let out = racer.wait_with_output().expect("racer output");
+    assert!(out.status.success(), "racer failed:\n{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("racer prints JSON");
+    assert_eq!(report["sent"], 0, "every datagram from the new pod must be refused: {report}");
+    assert_eq!(report["refused"], 3000, "{report}");
+    // Moving into the cgroup takes a few ms; the agent reacting to the new cgroup takes longer.
+    assert!(report["first_send_after_s"].as_f64().unwrap() < 0.05, "the racer sent at once: {report}");
+    assert_eq!(sniffer.seen(), vec![], "nothing from the new pod reached the external host");
+
+    // The agent then enforces the pod itself and lowers the gate.
+    assert!(
+        eventually(5, || node.metric(&["egressfw_pod_start_gate_attached"]) == 0.0),
+        "gate lowered once the pod is enforced"
+    );
+    assert!(!gate.exists());
+    assert!(blocked(&node, WEB, EXTERNAL4, 80), "the pod's own policy holds after the gate is gone");
+    let _proxy = Server::tcp_http(&node.lab.gateway, sock(GATEWAY4, GATEWAY_PORT));
+    assert!(reaches(&node, WEB, GATEWAY4, GATEWAY_PORT), "and lets the gateway through");
+}
+
+#[test]
+fn pods_of_other_namespaces_keep_working_while_the_gate_is_up() {
+    let node = KubeNode::new();
+    node.label("shop", &[("egressfw.io/mode", "enforce")]);
+    node.add_pod("free", "batch", API);
+    node.create_pod_cgroup(API);
+    let _agent = node.start_agent();
+    let _web = Server::tcp_http(&node.lab.external, sock(EXTERNAL4, 80));
+    node.add_pod("shop", "web", WEB); // pending: the gate goes up
+    assert!(eventually(5, || node.metric(&["egressfw_pod_start_gate_attached"]) == 1.0));
+    assert!(reaches(&node, API, EXTERNAL4, 80), "a known pod of an unlabelled namespace passes the gate");
+    // An unknown cgroup under the pods root (a pod the agent has not seen) is held back.
+    let stranger = node.pods_root.join("besteffort/podffffffff-0000-4000-8000-000000000000");
+    std::fs::create_dir_all(&stranger).unwrap();
+    let out = node.lab.in_cgroup(&stranger, tcp(EXTERNAL4, 80));
+    assert!(refused(&out), "unknown pod cgroup while the gate is up:\n{}", text(&out));
+}
+
+#[test]
+fn a_deleted_pod_leaves_nothing_behind() {
+    let node = KubeNode::new();
+    node.label("shop", &[("egressfw.io/mode", "enforce")]);
+    node.add_pod("shop", "web", WEB);
+    node.create_pod_cgroup(WEB);
+    let _agent = node.start_agent();
+    assert!(eventually(5, || node.metric(&["egressfw_map_entries", "map=\"policy\""]) == 1.0));
+    node.api.delete::<k8s_openapi::api::core::v1::Pod>(Some("shop"), "web");
+    node.remove_pod_cgroup(WEB);
+    assert!(
+        eventually(5, || node.metric(&["egressfw_map_entries", "map=\"policy\""]) == 0.0),
+        "policy entry removed"
+    );
+    assert!(eventually(5, || node.metric(&["egressfw_map_entries", "map=\"allow_v4\""]) == 0.0));
+    let links: Vec<_> = std::fs::read_dir(node.lab.pin_dir.join("links")).unwrap().flatten().collect();
+    assert!(links.is_empty(), "link pins left: {links:?}");
+}
