@@ -46,6 +46,7 @@ impl KubeNode {
     /// Like `new`, with extra lines appended to the agent configuration.
     pub fn with_config_extra(extra: &str) -> Self {
         let lab = Lab::new();
+        ensure_host_bpffs();
         let api = FakeApi::start().expect("starting the fake API server");
         let pods_root = lab.base_cgroup.join("kubepods");
         for qos in ["", "burstable", "besteffort"] {
@@ -197,4 +198,15 @@ pub fn eventually(secs: u64, mut check: impl FnMut() -> bool) -> bool {
 fn free_local_port() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").expect("binding a free port");
     l.local_addr().expect("local addr")
+}
+
+/// A Kubernetes node mounts bpffs at /sys/fs/bpf (systemd does); the node agent relies on it
+/// and refuses to mount one itself.
+fn ensure_host_bpffs() {
+    let out = std::process::Command::new("stat").args(["-f", "-c", "%T", "/sys/fs/bpf"]).output();
+    if out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "bpf_fs") {
+        return;
+    }
+    let status = std::process::Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).status();
+    assert!(status.is_ok_and(|s| s.success()), "mounting bpffs at /sys/fs/bpf failed");
 }

@@ -3,9 +3,12 @@
 
 use std::{process::Stdio, time::Duration};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
 use egress_tests::{
     client::{refused, succeeded, tcp, udp_request},
-    kube_node::{KubeNode, eventually},
+    fake_api::fixtures,
+    kube_node::{KubeNode, NODE, eventually},
     lab::{DNS4, EXTERNAL4, GATEWAY_PORT, GATEWAY4, Lab, text},
     listen::Server,
     sniff::Sniffer,
@@ -205,15 +208,33 @@ fn a_deleted_pod_leaves_nothing_behind() {
     node.label("shop", &[("egressfw.io/mode", "enforce")]);
     node.add_pod("shop", "web", WEB);
     node.create_pod_cgroup(WEB);
-    let _agent = node.start_agent();
+    let agent = node.start_agent();
     assert!(eventually(5, || node.metric(&["egressfw_map_entries", "map=\"policy\""]) == 1.0));
-    node.api.delete::<k8s_openapi::api::core::v1::Pod>(Some("shop"), "web");
+    // As in a cluster: the API marks the pod for deletion, the kubelet stops it and removes its
+    // cgroup, then the object goes.
+    let mut pod = fixtures::pod("shop", "web", WEB, NODE, "BestEffort", None);
+    pod.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+    node.api.apply(&pod);
     node.remove_pod_cgroup(WEB);
+    node.api.delete::<k8s_openapi::api::core::v1::Pod>(Some("shop"), "web");
     assert!(
         eventually(5, || node.metric(&["egressfw_map_entries", "map=\"policy\""]) == 0.0),
         "policy entry removed"
     );
     assert!(eventually(5, || node.metric(&["egressfw_map_entries", "map=\"allow_v4\""]) == 0.0));
     let links: Vec<_> = std::fs::read_dir(node.lab.pin_dir.join("links")).unwrap().flatten().collect();
-    assert!(links.is_empty(), "link pins left: {links:?}");
+    assert!(links.is_empty(), "link pins left: {links:?}\n{}", agent.log_text());
+}
+
+#[test]
+fn the_agent_finds_its_own_pod_cgroup_to_exempt_it_from_the_gate() {
+    use egress_agent::k8s::{own_pod, pod_cgroup::PodsRoot};
+    let node = KubeNode::new();
+    let ctr = node.create_pod_cgroup(API);
+    let mut child = node.lab.pod.command("sleep", Some(&ctr)).arg("30").spawn().expect("sleep");
+    let root = PodsRoot::at(node.pods_root.clone()).unwrap();
+    assert_eq!(own_pod::find_pid(&root, child.id()), Some(node.pod_cgroup(API)));
+    assert_eq!(own_pod::find_pid(&root, std::process::id()), None, "the test runner is in no pod");
+    let _ = child.kill();
+    let _ = child.wait();
 }

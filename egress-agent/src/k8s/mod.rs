@@ -5,6 +5,7 @@ pub mod cgroup_watch;
 pub mod config;
 pub mod desired;
 pub mod node;
+pub mod own_pod;
 pub mod pod_cgroup;
 pub mod pod_events;
 pub mod run;

@@ -8,7 +8,10 @@ use std::{
 
 use anyhow::Result;
 use aya::Ebpf;
-use egress_common::maps::{PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SKB_EGRESS};
+use egress_common::{
+    maps::{PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SKB_EGRESS},
+    policy::CgroupPolicy,
+};
 
 use super::{
     config::AgentConfig,
@@ -93,7 +96,7 @@ impl Node {
             let state = if cgroup.is_some() { "running" } else { "pending" };
             *pass.pods.entry((p.mode.name(), state)).or_default() += 1;
             let Some(cgroup) = cgroup else {
-                if p.mode != Mode::Pass {
+                if p.mode != Mode::Pass && !p.terminating {
                     pass.pending.push(format!("{}/{}", p.namespace, p.name));
                 }
                 continue;
@@ -130,6 +133,25 @@ impl Node {
             true
         };
         Ok(pass)
+    }
+
+    /// Registers the agent's own pod as not enforced, straight away (see `own_pod`).
+    pub fn exempt_own_pod(&mut self) -> Result<()> {
+        let Some(path) = super::own_pod::find(&self.pods_root) else {
+            return Ok(());
+        };
+        let cgroup = self.cgroup_of(&path)?;
+        if self.maps.policies()?.contains_key(&cgroup.id) {
+            return Ok(());
+        }
+        self.maps.set_level_mask(self.maps.level_mask()? | (1 << cgroup.level))?;
+        let pass = CgroupPolicy { policy_id: 0, mode: Mode::Pass.kernel_value() };
+        self.maps
+            .policies
+            .insert(cgroup.id, pass, 0)
+            .map_err(|e| anyhow::anyhow!("registering the agent's own pod {}: {e}", path.display()))?;
+        tracing::info!(cgroup = %path.display(), "registered the agent's own pod as not enforced");
+        Ok(())
     }
 
     fn cgroup_of(&self, path: &std::path::Path) -> Result<CgroupRef> {
@@ -185,9 +207,10 @@ impl Node {
 }
 
 /// Pass result for logs.
-pub fn log_pass(why: &str, pass: &Pass) {
+pub fn log_pass(why: &str, pass: &Pass, gate_was: bool) {
     let s = &pass.summary;
-    if s.added + s.updated + s.removed + s.links.attached + s.links.replaced == 0 {
+    let changed = s.added + s.updated + s.removed + s.links.attached + s.links.replaced;
+    if changed == 0 && gate_was == pass.gate_attached {
         tracing::debug!(why, unchanged = s.unchanged, "reconciled, no change");
         return;
     }

@@ -76,13 +76,14 @@ pub async fn run(opts: Options) -> Result<()> {
         .await
         .context("connecting to the Kubernetes API (in-cluster service account, or KUBECONFIG)")?;
 
-    opts.pins.prepare()?;
+    opts.pins.prepare_host_mounted()?;
     let mut ebpf = object::load(&opts.pins)?;
     let maps = KernelMaps::from_ebpf(&mut ebpf)?;
     let ring = object::events_ring(&mut ebpf)?;
     let owners = OwnerIndex::default();
     let mut node =
         Node::new(ebpf, maps, opts.pins.clone(), opts.cgroup_root.clone(), pods_root.clone(), owners.clone());
+    node.exempt_own_pod()?;
 
     let health = Arc::new(Health::new());
     let metrics = Arc::new(Metrics::new(opts.pins.clone(), owners.clone()));
@@ -117,6 +118,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut oldest: Option<std::time::Instant> = None;
     // Readiness needs one link check after the first pass; later ones run on the resync tick.
     let mut links_checked = false;
+    let mut gate_was = false;
     loop {
         let retry = async {
             match retry_at {
@@ -168,7 +170,8 @@ pub async fn run(opts: Options) -> Result<()> {
                 for ((mode, state), n) in &pass.pods {
                     metrics.pods.get_or_create(&vec![("mode", *mode), ("state", *state)]).set(*n);
                 }
-                log_pass("reconcile", &pass);
+                log_pass("reconcile", &pass, gate_was);
+                gate_was = pass.gate_attached;
                 if full_check || !links_checked {
                     links_checked = true;
                     let verdict = node.verify_links(&pass.enforced);

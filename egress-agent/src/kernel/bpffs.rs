@@ -53,6 +53,23 @@ impl PinLayout {
     pub fn prepare(&self) -> Result<()> {
         let mount_point = self.root.parent().context("pin directory has no parent")?;
         ensure_bpffs(mount_point)?;
+        self.create_dirs()
+    }
+
+    /// Like `prepare`, but refuses to mount: inside a container a bpffs mounted by the agent
+    /// would vanish with the pod, and every pin with it, which would end enforcement.
+    pub fn prepare_host_mounted(&self) -> Result<()> {
+        let mount_point = self.root.parent().context("pin directory has no parent")?;
+        if !is_bpffs(mount_point)? {
+            bail!(
+                "{} is not a bpffs: mount the host's bpffs there (hostPath /sys/fs/bpf; `mount -t bpf bpf /sys/fs/bpf` on the node if it has none), so pins outlive the agent's pod",
+                mount_point.display()
+            );
+        }
+        self.create_dirs()
+    }
+
+    fn create_dirs(&self) -> Result<()> {
         for dir in [self.maps(), self.links()] {
             fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         }
