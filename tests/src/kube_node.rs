@@ -78,9 +78,18 @@ impl KubeNode {
     /// Replaces the gateway's backends (one EndpointSlice per address family, as the
     /// EndpointSlice controller publishes them).
     pub fn set_gateway_backends(&self, addrs: &[&str]) {
+        self.set_gateway_slices(addrs, &[GATEWAY_PORT]);
+    }
+
+    /// The lab's gateway as the backend, serving `ports`.
+    pub fn set_gateway_ports(&self, ports: &[u16]) {
+        self.set_gateway_slices(&[GATEWAY4, GATEWAY6], ports);
+    }
+
+    fn set_gateway_slices(&self, addrs: &[&str], ports: &[u16]) {
         let (v4, v6): (Vec<&str>, Vec<&str>) = addrs.iter().partition(|a| !a.contains(':'));
         for (name, list) in [("gw-v4", v4), ("gw-v6", v6)] {
-            self.api.apply(&fixtures::endpoint_slice("egress", name, "gw", &list, &[GATEWAY_PORT]));
+            self.api.apply(&fixtures::endpoint_slice("egress", name, "gw", &list, ports));
         }
     }
 
@@ -130,6 +139,16 @@ impl KubeNode {
     }
 
     pub fn try_start_agent(&self) -> Result<Agent, String> {
+        Agent::spawn(&self.lab, self.agent_command(), |_| self.get("/readyz").0 == 200)
+    }
+
+    /// Starts the agent and returns as soon as it waits for the API (not yet ready).
+    pub fn try_start_agent_unready(&self) -> Agent {
+        Agent::spawn(&self.lab, self.agent_command(), |a| a.log_text().contains("waiting for the API caches"))
+            .unwrap_or_else(|log| panic!("node agent did not start; its log:\n{log}"))
+    }
+
+    fn agent_command(&self) -> std::process::Command {
         let mut cmd = agent::command(&self.lab);
         let pods_cgroup =
             self.pods_root.strip_prefix(&self.lab.cgroup_root).expect("pods root under the mount");
@@ -144,7 +163,7 @@ impl KubeNode {
             .arg(pods_cgroup)
             .env("KUBECONFIG", &self.kubeconfig)
             .env("RUST_LOG", "info,egress_agent=debug");
-        Agent::spawn(&self.lab, cmd, |_| self.get("/readyz").0 == 200)
+        cmd
     }
 
     /// HTTP GET against the agent's health/metrics endpoint: (status, body); status 0 when
