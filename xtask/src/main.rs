@@ -47,6 +47,6 @@ fn main() -> Result<()> {
         }
         Command::Test(args) => test::run(&args),
         Command::Demo => demo::run(),
-        Command::Bench { which } => bench::run(which),
+        Command::Bench { which } => bench::run(&which),
     }
 }

@@ -8,20 +8,15 @@
 use std::{fmt::Write as _, fs, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use clap::{Args, Subcommand};
+use clap::Args;
 use egress_tests::{
     agent::{self, Agent},
     lab::{GATEWAY4, Lab},
     netns::NetNs,
 };
 
+use super::median;
 use crate::{run, toolchain};
-
-#[derive(Subcommand)]
-pub enum Bench {
-    /// iperf3 TCP throughput, 64-byte UDP packet rate, and ns per program run.
-    Datapath(DatapathArgs),
-}
 
 #[derive(Args)]
 pub struct DatapathArgs {
@@ -66,8 +61,7 @@ struct Sample {
     ns_test_run: Option<f64>,
 }
 
-pub fn run(which: Bench) -> Result<()> {
-    let Bench::Datapath(args) = which;
+pub fn run(args: &DatapathArgs) -> Result<()> {
     run::require_root("cargo xtask bench")?;
     let tc = toolchain::setup_all()?;
     let bin = run::build_agent(&tc, true)?;
@@ -80,10 +74,10 @@ pub fn run(which: Bench) -> Result<()> {
     for round in 1..=args.rounds {
         for (i, config) in configs.iter().enumerate() {
             eprintln!("round {round}/{}: {}", args.rounds, config.name(args.entries));
-            samples[i].push(measure(&lab, *config, &args)?);
+            samples[i].push(measure(&lab, *config, args)?);
         }
     }
-    let report = render(&configs, &samples, &args);
+    let report = render(&configs, &samples, args);
     println!("\n{report}");
     Ok(())
 }
@@ -273,11 +267,6 @@ fn ns_per_run(lab: &Lab, args: &DatapathArgs, prog_id: u64) -> Result<f64> {
         bail!("the packet program did not run during the flood (prog id {prog_id})");
     }
     Ok((after.0 - before.0) / runs)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
 }
 
 fn render(configs: &[Config], samples: &[Vec<Sample>], args: &DatapathArgs) -> String {

@@ -1,0 +1,37 @@
+//! `cargo xtask bench ...`: benchmarks that print results measured side by side in one run.
+
+mod datapath;
+mod policy;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum Bench {
+    /// iperf3 TCP throughput, 64-byte UDP packet rate, and ns per program run.
+    Datapath(datapath::DatapathArgs),
+    /// Node agent: time from a label change or pod creation to enforcement, and memory, with
+    /// 1 to 1,000 pods on the node.
+    Policy(policy::PolicyArgs),
+}
+
+pub fn run(which: &Bench) -> Result<()> {
+    match which {
+        Bench::Datapath(args) => datapath::run(args),
+        Bench::Policy(args) => policy::run(args),
+    }
+}
+
+fn median(v: Vec<f64>) -> f64 {
+    percentile(v, 50.0)
+}
+
+/// Nearest-rank percentile (`p` in 0..=100); NaN for no samples.
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
