@@ -10,7 +10,10 @@
 //! The kernel maps are the source of truth: nothing is remembered between runs, so a new agent
 //! adopts whatever an old one left, and leftovers of an interrupted run are cleaned up.
 
-use std::{collections::BTreeSet, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
 
 use anyhow::{Result, bail};
 use aya::Ebpf;
@@ -80,28 +83,97 @@ pub struct Summary {
     pub links: AttachOutcome,
 }
 
+/// What the kernel holds, as last read or written by this process. A full pass reads it from
+/// the maps and checks every link; an incremental pass trusts it, so its cost follows the
+/// number of changes rather than the number of pods. Only this process writes the maps, so the
+/// shadow stays exact between full passes.
+#[derive(Debug, Default)]
+pub struct KernelState {
+    policies: BTreeMap<u64, CgroupPolicy>,
+    entries: BTreeMap<u32, CompiledRules>,
+    level_mask: u32,
+    /// Cgroups whose links were checked or attached since the last full pass.
+    linked: BTreeSet<u64>,
+    /// Whether the next pass must re-read the kernel and check every link.
+    stale: bool,
+}
+
+impl KernelState {
+    /// A state that makes the next `apply` a full pass.
+    pub fn unknown() -> Self {
+        Self { stale: true, ..Self::default() }
+    }
+
+    /// Makes the next `apply` a full pass (after an error, or periodically to catch outside
+    /// interference such as a removed pin).
+    pub fn invalidate(&mut self) {
+        self.stale = true;
+    }
+
+    fn refresh(&mut self, maps: &KernelMaps) -> Result<()> {
+        self.policies = maps.policies()?;
+        self.entries = maps.allow_entries()?;
+        self.level_mask = maps.level_mask()?;
+        self.linked.clear();
+        Ok(())
+    }
+}
+
+/// Applies `desired` with a fresh read of the kernel (standalone mode, one-shot callers).
 pub fn apply(
     ebpf: &mut Ebpf,
     maps: &mut KernelMaps,
     pins: &PinLayout,
     desired: &[Desired],
 ) -> Result<Summary> {
+    apply_with(ebpf, maps, pins, desired, &mut KernelState::unknown())
+}
+
+/// Applies `desired` against `state`. On error the state is marked for a full pass.
+pub fn apply_with(
+    ebpf: &mut Ebpf,
+    maps: &mut KernelMaps,
+    pins: &PinLayout,
+    desired: &[Desired],
+    state: &mut KernelState,
+) -> Result<Summary> {
+    let full = state.stale;
+    if full {
+        state.refresh(maps)?;
+    }
+    // Until this pass completes, a failure anywhere means the shadow may be off.
+    state.stale = true;
+    let summary = apply_diff(ebpf, maps, pins, desired, state, full)?;
+    state.stale = false;
+    Ok(summary)
+}
+
+fn apply_diff(
+    ebpf: &mut Ebpf,
+    maps: &mut KernelMaps,
+    pins: &PinLayout,
+    desired: &[Desired],
+    state: &mut KernelState,
+    full: bool,
+) -> Result<Summary> {
     let mut summary = Summary::default();
-    let current = maps.policies()?;
-    let mut entries = maps.allow_entries()?;
     let mut used_ids: BTreeSet<u32> =
-        current.values().map(|p| p.policy_id).chain(entries.keys().copied()).collect();
+        state.policies.values().map(|p| p.policy_id).chain(state.entries.keys().copied()).collect();
 
     let wanted_mask = desired.iter().fold(0u32, |m, d| m | (1 << d.cgroup.level));
     // Widen the level mask before any new policy depends on it.
-    maps.set_level_mask(maps.level_mask()? | wanted_mask)?;
+    if state.level_mask | wanted_mask != state.level_mask {
+        state.level_mask |= wanted_mask;
+        maps.set_level_mask(state.level_mask)?;
+    }
 
-    let tags = ProgramTags::read(ebpf)?;
+    let mut tags: Option<ProgramTags> = None;
     for d in desired {
         let want = CgroupPolicy { policy_id: 0, mode: d.mode.kernel_value() };
-        let existing = current.get(&d.cgroup.id);
+        let existing = state.policies.get(&d.cgroup.id).copied();
         let same = existing.is_some_and(|p| {
-            p.mode == want.mode && entries.get(&p.policy_id).unwrap_or(&CompiledRules::default()) == &d.rules
+            p.mode == want.mode
+                && state.entries.get(&p.policy_id).unwrap_or(&CompiledRules::default()) == &d.rules
         });
         if same {
             summary.unchanged += 1;
@@ -109,12 +181,15 @@ pub fn apply(
             let id = fresh_id(&used_ids);
             used_ids.insert(id);
             maps.write_rules(id, &d.rules)?;
-            maps.policies.insert(d.cgroup.id, CgroupPolicy { policy_id: id, ..want }, 0).map_err(|e| {
+            state.entries.insert(id, d.rules.clone());
+            let policy = CgroupPolicy { policy_id: id, ..want };
+            maps.policies.insert(d.cgroup.id, policy, 0).map_err(|e| {
                 anyhow::anyhow!("writing the policy of cgroup {}: {e}", d.cgroup.path.display())
             })?;
+            state.policies.insert(d.cgroup.id, policy);
             match existing {
                 Some(old) => {
-                    if let Some(old_rules) = entries.remove(&old.policy_id) {
+                    if let Some(old_rules) = state.entries.remove(&old.policy_id) {
                         maps.remove_rules(old.policy_id, &old_rules)?;
                     }
                     summary.updated += 1;
@@ -124,21 +199,33 @@ pub fn apply(
         }
         if d.mode == Mode::Pass {
             // Released (or never enforced): registered for the gate only, no links of its own.
-            attach::detach(pins, d.cgroup.id)?;
+            if full || state.linked.remove(&d.cgroup.id) {
+                attach::detach(pins, d.cgroup.id)?;
+            }
             continue;
         }
-        let o = attach::ensure_attached(ebpf, pins, &tags, &d.cgroup)?;
+        if !full && state.linked.contains(&d.cgroup.id) {
+            continue;
+        }
+        let tags = match &mut tags {
+            Some(t) => t,
+            None => tags.insert(ProgramTags::read(ebpf)?),
+        };
+        let o = attach::ensure_attached(ebpf, pins, tags, &d.cgroup)?;
+        state.linked.insert(d.cgroup.id);
         summary.links.attached += o.attached;
         summary.links.adopted += o.adopted;
         summary.links.replaced += o.replaced;
     }
 
     let keep: BTreeSet<u64> = desired.iter().map(|d| d.cgroup.id).collect();
+    let pinned = if full { pins.pinned_cgroups()? } else { state.linked.iter().copied().collect() };
     let stale: BTreeSet<u64> =
-        current.keys().copied().chain(pins.pinned_cgroups()?).filter(|id| !keep.contains(id)).collect();
+        state.policies.keys().copied().chain(pinned).filter(|id| !keep.contains(id)).collect();
     for id in stale {
         attach::detach(pins, id)?;
-        if current.contains_key(&id) {
+        state.linked.remove(&id);
+        if state.policies.remove(&id).is_some() {
             maps.policies
                 .remove(&id)
                 .map_err(|e| anyhow::anyhow!("removing the policy of cgroup id {id}: {e}"))?;
@@ -146,14 +233,20 @@ pub fn apply(
         summary.removed += 1;
     }
     // Rules no policy points to: left by removed policies or by an interrupted earlier run.
-    let live: BTreeSet<u32> = maps.policies()?.values().map(|p| p.policy_id).collect();
-    for (id, rules) in maps.allow_entries()? {
-        if !live.contains(&id) {
+    let live: BTreeSet<u32> = state.policies.values().map(|p| p.policy_id).collect();
+    let orphans: Vec<u32> = state.entries.keys().copied().filter(|id| !live.contains(id)).collect();
+    for id in orphans {
+        if let Some(rules) = state.entries.remove(&id) {
             maps.remove_rules(id, &rules)?;
         }
     }
-    maps.set_level_mask(wanted_mask)?;
-    maps.forget_counters_except(&keep)?;
+    if state.level_mask != wanted_mask {
+        state.level_mask = wanted_mask;
+        maps.set_level_mask(wanted_mask)?;
+    }
+    if full || summary.removed > 0 {
+        maps.forget_counters_except(&keep)?;
+    }
     Ok(summary)
 }
 

@@ -32,7 +32,7 @@ use crate::{
         Mode,
         compile::{CompiledRules, compile},
     },
-    reconcile::{self, Desired, Summary},
+    reconcile::{self, Desired, KernelState, Summary},
 };
 
 pub struct Node {
@@ -44,6 +44,10 @@ pub struct Node {
     pub owners: OwnerIndex,
     /// Problems already logged, so each is logged once while it lasts.
     logged: BTreeSet<String>,
+    /// The kernel state as this agent last wrote it (see `KernelState`).
+    state: KernelState,
+    /// Pod cgroup path -> id and level, so an incremental pass does not stat every pod.
+    cgroups: HashMap<PathBuf, CgroupRef>,
 }
 
 /// What a pass did.
@@ -68,7 +72,23 @@ impl Node {
         pods_root: PodsRoot,
         owners: OwnerIndex,
     ) -> Self {
-        Self { ebpf, maps, pins, cgroup_root, pods_root, owners, logged: BTreeSet::new() }
+        Self {
+            ebpf,
+            maps,
+            pins,
+            cgroup_root,
+            pods_root,
+            owners,
+            logged: BTreeSet::new(),
+            state: KernelState::unknown(),
+            cgroups: HashMap::new(),
+        }
+    }
+
+    /// Makes the next pass a full one: re-read the maps, check every link, re-stat every cgroup.
+    pub fn invalidate(&mut self) {
+        self.state.invalidate();
+        self.cgroups.clear();
     }
 
     /// Brings the kernel in line with the stores. Safe to call at any time after the stores
@@ -88,11 +108,14 @@ impl Node {
         self.log_problems(policies.values());
 
         let present = self.pods_root.scan();
+        let present_paths: std::collections::HashSet<&PathBuf> = present.values().collect();
+        self.cgroups.retain(|path, _| present_paths.contains(path));
         let mut pass = Pass::default();
         let mut desired = Vec::with_capacity(policies.len());
         let mut owners = HashMap::with_capacity(policies.len());
+        let mut compiled: HashMap<String, CompiledRules> = HashMap::new();
         for p in policies.values() {
-            let cgroup = present.get(&p.cgroup_uid).and_then(|path| self.cgroup_of(path).ok());
+            let cgroup = present.get(&p.cgroup_uid).and_then(|path| self.cached_cgroup(path));
             let state = if cgroup.is_some() { "running" } else { "pending" };
             *pass.pods.entry((p.mode.name(), state)).or_default() += 1;
             let Some(cgroup) = cgroup else {
@@ -101,7 +124,17 @@ impl Node {
                 }
                 continue;
             };
-            let rules = self.rules_of(p, &cgroup);
+            // Pods of one gateway share their rules: compile them once per pass.
+            let rules = match compiled.get(&p.gateway) {
+                Some(r) if p.mode != Mode::Pass => r.clone(),
+                _ => {
+                    let r = self.rules_of(p, &cgroup);
+                    if p.mode != Mode::Pass {
+                        compiled.insert(p.gateway.clone(), r.clone());
+                    }
+                    r
+                }
+            };
             owners.insert(
                 cgroup.id,
                 Owner {
@@ -120,7 +153,8 @@ impl Node {
         if let Ok(mut index) = self.owners.write() {
             index.clone_from(&owners);
         }
-        pass.summary = reconcile::apply(&mut self.ebpf, &mut self.maps, &self.pins, &desired)?;
+        pass.summary =
+            reconcile::apply_with(&mut self.ebpf, &mut self.maps, &self.pins, &desired, &mut self.state)?;
         // The gate goes up after the pass has registered every known pod (so known pods keep
         // flowing) and comes down only once no enforced pod is waiting for its cgroup.
         pass.gate_attached = if pass.pending.is_empty() {
@@ -152,6 +186,15 @@ impl Node {
             .map_err(|e| anyhow::anyhow!("registering the agent's own pod {}: {e}", path.display()))?;
         tracing::info!(cgroup = %path.display(), "registered the agent's own pod as not enforced");
         Ok(())
+    }
+
+    fn cached_cgroup(&mut self, path: &std::path::Path) -> Option<CgroupRef> {
+        if let Some(c) = self.cgroups.get(path) {
+            return Some(c.clone());
+        }
+        let c = self.cgroup_of(path).ok()?;
+        self.cgroups.insert(path.to_path_buf(), c.clone());
+        Some(c)
     }
 
     fn cgroup_of(&self, path: &std::path::Path) -> Result<CgroupRef> {

@@ -35,8 +35,12 @@ use crate::{
     standalone::watch_file,
 };
 
-/// Full pass and link check even without events: covers anything a watch or inotify missed.
-const RESYNC_EVERY: Duration = Duration::from_secs(10);
+/// A pass even without events (covers anything a watch or inotify missed) and a liveness beat.
+const TICK_EVERY: Duration = Duration::from_secs(10);
+/// Every this many ticks the pass is a full one: maps re-read, every link checked in the kernel
+/// (catches outside interference such as a removed pin), readiness re-evaluated. Its cost grows
+/// with the number of pods, so it is not run for every change.
+const FULL_EVERY_TICKS: u32 = 6;
 /// After a failed pass.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// How long a configuration change may wait for its new Service caches.
@@ -113,7 +117,8 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     tracing::info!("caches synced");
 
-    let mut tick = tokio::time::interval(RESYNC_EVERY);
+    let mut tick = tokio::time::interval(TICK_EVERY);
+    let mut ticks: u32 = 0;
     let mut retry_at: Option<Instant> = Some(Instant::now());
     let mut oldest: Option<std::time::Instant> = None;
     // Readiness needs one link check after the first pass; later ones run on the resync tick.
@@ -147,7 +152,10 @@ pub async fn run(opts: Options) -> Result<()> {
                     ),
                 }
             }
-            _ = tick.tick() => full_check = true,
+            _ = tick.tick() => {
+                ticks = ticks.wrapping_add(1);
+                full_check = ticks % FULL_EVERY_TICKS == 1;
+            }
             () = retry => {}
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -157,6 +165,9 @@ pub async fn run(opts: Options) -> Result<()> {
             note_trigger(t, &mut oldest);
         }
         health.beat();
+        if full_check {
+            node.invalidate();
+        }
         match node.reconcile(&stores, &config) {
             Ok(pass) => {
                 retry_at = None;
