@@ -8,6 +8,7 @@ pub const MAP_ALLOW_V6: &str = "EGRESS_ALLOW6_V1";
 pub const MAP_CONFIG: &str = "EGRESS_CONFIG_V1";
 pub const MAP_COUNTERS: &str = "EGRESS_COUNTERS_V1";
 pub const MAP_CGROUP_COUNTERS: &str = "EGRESS_CGCOUNT_V1";
+pub const MAP_PASSIVE: &str = "EGRESS_PASSIVE_V1";
 pub const MAP_EVENT_BUDGET: &str = "EGRESS_EVBUDGET_V1";
 pub const MAP_EVENTS: &str = "EGRESS_EVENTS_V1";
 
@@ -15,6 +16,8 @@ pub const MAP_EVENTS: &str = "EGRESS_EVENTS_V1";
 pub const MAX_POLICIES: u32 = 16_384;
 /// (cgroup, reason) counter entries: every policy cgroup times the reasons it actually saw.
 pub const MAX_CGROUP_COUNTERS: u32 = 65_536;
+/// Accepted TCP connections remembered at once, over all pods (LRU beyond that).
+pub const MAX_PASSIVE_SOCKETS: u32 = 65_536;
 /// Allow prefixes per address family, over all policies.
 pub const MAX_ALLOW_ENTRIES: u32 = 262_144;
 /// Ring buffer size for events (bytes, power of two).
@@ -26,3 +29,4 @@ pub const PROG_CONNECT4: &str = "egress_connect4";
 pub const PROG_CONNECT6: &str = "egress_connect6";
 pub const PROG_SENDMSG4: &str = "egress_sendmsg4";
 pub const PROG_SENDMSG6: &str = "egress_sendmsg6";
+pub const PROG_SOCKOPS: &str = "egress_sockops";

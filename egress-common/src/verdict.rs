@@ -17,6 +17,9 @@ pub enum Reason {
     /// The cgroup is registered as not enforced (a pod of a namespace that did not opt in). Seen
     /// only while the pod-start gate is attached above the pods (see the agent's `k8s::gate`).
     AllowUnenforced = 5,
+    /// A packet of a TCP connection the workload accepted (a reply to whoever connected in,
+    /// such as a kubelet probe), or the SYN-ACK of a listening socket.
+    AllowReply = 6,
     /// No allow entry covers the destination address.
     DenyDestination = 16,
     /// The destination address is allowed, but not for this protocol or port.
@@ -38,12 +41,13 @@ pub enum Reason {
 pub const REASON_SLOTS: u32 = 32;
 
 /// All reasons, for userspace listings (metrics, inspect).
-pub const ALL_REASONS: [Reason; 12] = [
+pub const ALL_REASONS: [Reason; 13] = [
     Reason::AllowLoopback,
     Reason::AllowGateway,
     Reason::AllowDns,
     Reason::AllowExtraCidr,
     Reason::AllowUnenforced,
+    Reason::AllowReply,
     Reason::DenyDestination,
     Reason::DenyPort,
     Reason::DenyNoPolicy,
@@ -65,6 +69,7 @@ impl Reason {
             3 => Self::AllowDns,
             4 => Self::AllowExtraCidr,
             5 => Self::AllowUnenforced,
+            6 => Self::AllowReply,
             16 => Self::DenyDestination,
             17 => Self::DenyPort,
             18 => Self::DenyNoPolicy,
@@ -84,6 +89,7 @@ impl Reason {
             Self::AllowDns => "allow_dns",
             Self::AllowExtraCidr => "allow_extra_cidr",
             Self::AllowUnenforced => "allow_unenforced",
+            Self::AllowReply => "allow_reply",
             Self::DenyDestination => "deny_destination",
             Self::DenyPort => "deny_port",
             Self::DenyNoPolicy => "deny_no_policy",

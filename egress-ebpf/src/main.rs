@@ -4,6 +4,8 @@
 //!   enforced cgroup, whatever its protocol: the backstop that raw sockets cannot bypass.
 //! - `egress_connect4/6`, `egress_sendmsg4/6` (cgroup sock_addr): refuse a disallowed destination
 //!   at the syscall with EPERM, so applications fail fast instead of timing out.
+//! - `egress_sockops` (sockops): marks the TCP connections the workload accepted, whose packets
+//!   (replies to kubelet probes and to Service clients) the packet program then lets through.
 //!
 //! The programs are attached to each enforced (workload) cgroup; the kernel runs them for that
 //! cgroup and every descendant, including cgroups created later. Each program finds its policy by
@@ -24,6 +26,8 @@ mod report;
 mod skb_egress;
 #[cfg(target_arch = "bpf")]
 mod sock_addr;
+#[cfg(target_arch = "bpf")]
+mod sock_ops;
 
 /// Host builds (`cargo clippy --workspace`) get an empty binary; the real one targets bpfel.
 #[cfg(not(target_arch = "bpf"))]

@@ -4,11 +4,11 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use egress_common::{
     event::EventBudget,
-    maps::{EVENTS_RING_BYTES, MAX_ALLOW_ENTRIES, MAX_CGROUP_COUNTERS, MAX_POLICIES},
+    maps::{EVENTS_RING_BYTES, MAX_ALLOW_ENTRIES, MAX_CGROUP_COUNTERS, MAX_PASSIVE_SOCKETS, MAX_POLICIES},
     policy::{AllowRules, CgroupPolicy, GlobalConfig, Ipv4AllowKey, Ipv6AllowKey},
     verdict::{CgroupReasonKey, REASON_SLOTS, ReasonCounters},
 };
@@ -38,6 +38,10 @@ pub static EGRESS_COUNTERS_V1: PerCpuArray<ReasonCounters> = PerCpuArray::pinned
 #[map]
 pub static EGRESS_CGCOUNT_V1: PerCpuHashMap<CgroupReasonKey, ReasonCounters> =
     PerCpuHashMap::pinned(MAX_CGROUP_COUNTERS, BPF_F_NO_PREALLOC);
+
+/// Socket cookie -> 1 for TCP connections an enforced workload accepted (see `sock_ops`).
+#[map]
+pub static EGRESS_PASSIVE_V1: LruHashMap<u64, u8> = LruHashMap::pinned(MAX_PASSIVE_SOCKETS, 0);
 
 /// Index 0: per-CPU event rate limit state.
 #[map]

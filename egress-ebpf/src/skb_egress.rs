@@ -2,7 +2,12 @@
 //! cgroup (TCP, UDP, ICMP, raw IP, anything), after the kernel has built the header, and judges
 //! the header bytes themselves.
 
-use aya_ebpf::{helpers::generated::bpf_skb_ancestor_cgroup_id, macros::cgroup_skb, programs::SkBuffContext};
+use aya_ebpf::{
+    bindings::{__sk_buff, BPF_TCP_LISTEN},
+    helpers::generated::{bpf_get_socket_cookie, bpf_skb_ancestor_cgroup_id},
+    macros::cgroup_skb,
+    programs::SkBuffContext,
+};
 use egress_common::{
     addr::Destination,
     decide::{Flow, Origin, judge},
@@ -13,6 +18,7 @@ use egress_common::{
 
 use crate::{
     lookup::{KernelAllowTables, find_policy},
+    maps::EGRESS_PASSIVE_V1,
     packet::parse,
     report::{count_allowed, settle},
 };
@@ -22,6 +28,29 @@ const DROP: i32 = 0;
 
 /// Every netns numbers its loopback device 1 (LOOPBACK_IFINDEX in include/net/flow.h).
 const LOOPBACK_IFINDEX: u32 = 1;
+
+/// Whether the packet belongs to a TCP connection the workload accepted: a SYN-ACK sent for a
+/// listening socket, or a packet of a socket that `egress_sockops` marked when the connection
+/// was accepted. (The kernel runs cgroup programs with the full socket as the packet's socket,
+/// so a SYN-ACK shows the listener itself, in TCP_LISTEN; a listener sends nothing else.)
+/// Not inlined: a separate BPF function keeps the packet program's register allocation as it
+/// was (inlined, LLVM spilled an uninitialised register the verifier rejects).
+#[inline(never)]
+fn is_accepted_connection(skb: *mut __sk_buff) -> bool {
+    // SAFETY: reading the context's socket pointer, which the verifier allows for cgroup_skb.
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: `state` lies in the socket's common part, readable for any socket kind.
+    if unsafe { (*sk).state } == BPF_TCP_LISTEN {
+        return true;
+    }
+    // SAFETY: plain helper call on the program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
+    // SAFETY: the value is plain data and only read.
+    unsafe { EGRESS_PASSIVE_V1.get(&cookie) }.is_some()
+}
 
 #[cgroup_skb(egress)]
 pub fn egress_skb(ctx: SkBuffContext) -> i32 {
@@ -63,6 +92,12 @@ fn try_egress(ctx: &SkBuffContext) -> bool {
             };
             judge(&KernelAllowTables, policy_id, &flow)
         }
+    };
+    // Checked only on the way to a denial, so allowed traffic pays nothing for it.
+    let reason = if found.is_some() && !reason.is_allow() && is_accepted_connection(skb) {
+        Reason::AllowReply
+    } else {
+        reason
     };
     settle(reason, mode, policy_cgroup_id, |action| {
         let (dst, src, protocol, sport, dport) = match &packet {

@@ -236,3 +236,34 @@ fn sockets_opened_before_the_policy_are_cut_off_by_the_packet_program() {
         let _ = s.wait();
     }
 }
+
+#[test]
+fn a_server_in_the_enforced_cgroup_still_answers_whoever_connects_to_it() {
+    // Kubelet probes and Service clients connect in; the replies must flow while the server
+    // itself still cannot connect out.
+    let lab = Lab::new();
+    lab.write_policy("enforce");
+    let agent = Agent::start(&lab);
+    let mut server = lab
+        .pod
+        .command("socat", Some(&lab.pod_cgroup))
+        .args(["-T5", "TCP4-LISTEN:8080,reuseaddr,fork", "SYSTEM:echo served"])
+        .spawn()
+        .expect("starting socat");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let out = lab.external.run(None, "sh", &["-c", "echo hi | socat -T2 - TCP4:10.231.0.2:8080"]);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        succeeded(&out) && String::from_utf8_lossy(&out.stdout).contains("served"),
+        "a client outside must get the server's reply:\n{}\nagent log:\n{}",
+        text(&out),
+        agent.log_text()
+    );
+    assert!(refused(&lab.in_pod(tcp(EXTERNAL4, 80))), "the pod still cannot connect out");
+    // The same from a UDP "server": not a connection the kernel tracks, so replies stay denied.
+    let sniffer = Sniffer::start(&lab.external, &Lab::pod_sources());
+    let out = lab.in_pod(udp_sendto(EXTERNAL4, 9000));
+    assert!(refused(&out), "{}", text(&out));
+    assert_eq!(sniffer.seen(), vec![]);
+}

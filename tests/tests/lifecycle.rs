@@ -32,7 +32,7 @@ fn sigkill_leaves_enforcement_in_place_and_a_new_agent_adopts_it() {
     let mut first = Agent::start(&lab);
     let web = Server::tcp_http(&lab.external, sock(EXTERNAL4, 80));
     let before = inspect(&lab);
-    assert_eq!(link_ids(&before).len(), 5, "{before:#}");
+    assert_eq!(link_ids(&before).len(), 6, "{before:#}");
 
     first.kill9();
     let out = lab.in_pod(tcp(EXTERNAL4, 80));
@@ -59,7 +59,7 @@ fn teardown_removes_every_link_and_map() {
 
     let out = agent::cli(&lab, &["teardown"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("removed 5 links"), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed 6 links"), "{}", text(&out));
     assert!(!lab.pin_dir.exists(), "the pin directory is gone");
     let out = lab.in_pod(tcp(EXTERNAL4, 80));
     assert!(succeeded(&out), "after teardown nothing is enforced:\n{}", text(&out));
@@ -137,7 +137,14 @@ fn inspect_shows_links_policy_entries_and_counters() {
         p["links"].as_array().unwrap().iter().map(|l| l["program"].as_str().unwrap()).collect();
     assert_eq!(
         programs,
-        ["egress_connect4", "egress_connect6", "egress_sendmsg4", "egress_sendmsg6", "egress_skb"]
+        [
+            "egress_connect4",
+            "egress_connect6",
+            "egress_sendmsg4",
+            "egress_sendmsg6",
+            "egress_skb",
+            "egress_sockops"
+        ]
     );
     let prefixes: Vec<&str> =
         p["allow"].as_array().unwrap().iter().map(|a| a["prefix"].as_str().unwrap()).collect();

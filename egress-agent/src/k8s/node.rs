@@ -9,7 +9,7 @@ use std::{
 use anyhow::Result;
 use aya::Ebpf;
 use egress_common::{
-    maps::{PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SKB_EGRESS},
+    maps::{PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SKB_EGRESS, PROG_SOCKOPS},
     policy::CgroupPolicy,
 };
 
@@ -226,6 +226,7 @@ impl Node {
     pub fn verify_links(&self, enforced: &[CgroupRef]) -> Result<Option<String>> {
         let tags = ProgramTags::read(&self.ebpf)?;
         let hooks = [
+            (query::ATTACH_SOCK_OPS, PROG_SOCKOPS),
             (query::ATTACH_INET_EGRESS, PROG_SKB_EGRESS),
             (query::ATTACH_INET4_CONNECT, PROG_CONNECT4),
             (query::ATTACH_INET6_CONNECT, PROG_CONNECT6),

@@ -8,12 +8,12 @@ use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps,
         links::{FdLink, PinnedLink},
         loaded_programs,
     },
 };
-use egress_common::maps::PROG_SKB_EGRESS;
+use egress_common::maps::{PROG_SKB_EGRESS, PROG_SOCKOPS};
 
 use super::{bpffs::PinLayout, object::ALL_PROGRAMS};
 use crate::cgroup::CgroupRef;
@@ -133,6 +133,10 @@ fn attach_one(ebpf: &mut Ebpf, name: &str, cgroup: &CgroupRef, pin: &Path) -> Re
         let prog: &mut CgroupSkb = ebpf.program_mut(name).context("program missing")?.try_into()?;
         let id =
             prog.attach(&dir, CgroupSkbAttachType::Egress, CgroupAttachMode::Single).with_context(context)?;
+        prog.take_link(id)?.try_into().with_context(context)?
+    } else if name == PROG_SOCKOPS {
+        let prog: &mut SockOps = ebpf.program_mut(name).context("program missing")?.try_into()?;
+        let id = prog.attach(&dir, CgroupAttachMode::Single).with_context(context)?;
         prog.take_link(id)?.try_into().with_context(context)?
     } else {
         let prog: &mut CgroupSockAddr = ebpf.program_mut(name).context("program missing")?.try_into()?;

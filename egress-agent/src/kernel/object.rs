@@ -4,10 +4,10 @@ use anyhow::{Context as _, Result};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, RingBuf},
-    programs::{CgroupSkb, CgroupSockAddr},
+    programs::{CgroupSkb, CgroupSockAddr, SockOps},
 };
 use egress_common::maps::{
-    MAP_EVENTS, PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SKB_EGRESS,
+    MAP_EVENTS, PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SKB_EGRESS, PROG_SOCKOPS,
 };
 
 use super::bpffs::PinLayout;
@@ -17,9 +17,11 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/eg
 /// The socket-address programs, in attach order.
 pub const SOCK_ADDR_PROGRAMS: [&str; 4] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6];
 
-/// Every program, as named in the object and under each cgroup's links directory.
-pub const ALL_PROGRAMS: [&str; 5] =
-    [PROG_SKB_EGRESS, PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6];
+/// Every program, as named in the object and under each cgroup's links directory, in attach
+/// order. The sockops program comes first so that connections accepted once the packet program
+/// runs are already marked.
+pub const ALL_PROGRAMS: [&str; 6] =
+    [PROG_SOCKOPS, PROG_SKB_EGRESS, PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6];
 
 /// Loads the object, reusing the maps pinned under `pins` (creating and pinning them the first
 /// time), and loads every program into the kernel (the verifier runs here).
@@ -34,6 +36,11 @@ pub fn load(pins: &PinLayout) -> Result<Ebpf> {
         .with_context(|| format!("program {PROG_SKB_EGRESS} missing from the object"))?
         .try_into()?;
     skb.load().with_context(|| format!("loading {PROG_SKB_EGRESS} (verifier)"))?;
+    let ops: &mut SockOps = ebpf
+        .program_mut(PROG_SOCKOPS)
+        .with_context(|| format!("program {PROG_SOCKOPS} missing from the object"))?
+        .try_into()?;
+    ops.load().with_context(|| format!("loading {PROG_SOCKOPS} (verifier)"))?;
     for name in SOCK_ADDR_PROGRAMS {
         let prog: &mut CgroupSockAddr = ebpf
             .program_mut(name)

@@ -10,6 +10,7 @@ const MAX_PROGS: usize = 64;
 
 /// Kernel attach types (enum bpf_attach_type) of the programs egressfw attaches.
 pub const ATTACH_INET_EGRESS: u32 = 1;
+pub const ATTACH_SOCK_OPS: u32 = 3;
 pub const ATTACH_INET4_CONNECT: u32 = 10;
 pub const ATTACH_INET6_CONNECT: u32 = 11;
 pub const ATTACH_UDP4_SENDMSG: u32 = 14;

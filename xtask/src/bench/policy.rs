@@ -3,7 +3,7 @@
 //!
 //! The node is the integration tests' simulated one (fake API server, kubelet-style cgroup
 //! tree, real kernel). The background pods all belong to an enforced namespace, so each has its
-//! policy and five links: the worst case for a full diff. "Enforced" means the kernel state is
+//! policy and six links: the worst case for a full diff. "Enforced" means the kernel state is
 //! complete: the pod's last link pin exists (links are attached after the policy is written).
 //! Two changes are timed:
 //! - label: an unlabelled namespace with one running pod gets `egressfw.io/mode=enforce`;
