@@ -94,8 +94,8 @@ impl Collector for KernelCollector {
         let owners = self.owners.read().map(|o| o.clone()).unwrap_or_default();
         if let Ok(counts) = maps.cgroup_counters() {
             let mut family = encoder.encode_descriptor(
-                "verdicts",
-                "Verdicts by pod and reason (applied: allowed or denied as stated; audited: denials audit mode let through)",
+                "denials",
+                "Denials by pod and reason (applied: dropped or refused; audited: let through by audit mode)",
                 None,
                 prometheus_client::metrics::MetricType::Counter,
             )?;
@@ -112,6 +112,21 @@ impl Collector for KernelCollector {
                         ("reason", reason),
                         ("action", action),
                     ];
+                    ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        if let Ok(counts) = maps.counters() {
+            let mut family = encoder.encode_descriptor(
+                "node_verdicts",
+                "Verdicts on this node by reason, every pod together (allowed traffic is counted only here)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for reason in egress_common::verdict::ALL_REASONS {
+                let c = counts.get(reason as usize).copied().unwrap_or_default();
+                for (action, value) in [("applied", c.applied), ("audited", c.audited)] {
+                    let labels = [("reason", reason.name()), ("action", action)];
                     ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
                 }
             }

@@ -111,7 +111,8 @@ pub struct ReasonCounters {
     pub audited: u64,
 }
 
-/// Key of the per-cgroup counters: the cgroup that holds the policy (a pod) and the reason.
+/// Key of the per-cgroup counters of denials and audits: the cgroup that holds the policy (a
+/// pod) and the reason. (Allowed traffic is counted per reason for the whole node only.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CgroupReasonKey {

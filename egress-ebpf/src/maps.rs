@@ -33,7 +33,7 @@ pub static EGRESS_CONFIG_V1: Array<GlobalConfig> = Array::pinned(1, 0);
 #[map]
 pub static EGRESS_COUNTERS_V1: PerCpuArray<ReasonCounters> = PerCpuArray::pinned(REASON_SLOTS, 0);
 
-/// (policy cgroup, reason) -> verdict counts, per CPU: the per-pod metrics. Not preallocated:
+/// (policy cgroup, deny reason) -> denials and audits, per CPU: the per-pod metrics. Not preallocated:
 /// per-CPU values of every possible entry would cost MAX_CGROUP_COUNTERS x CPUs x 16 bytes.
 #[map]
 pub static EGRESS_CGCOUNT_V1: PerCpuHashMap<CgroupReasonKey, ReasonCounters> =

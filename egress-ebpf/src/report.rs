@@ -11,8 +11,8 @@ use crate::maps::{EGRESS_CGCOUNT_V1, EGRESS_COUNTERS_V1, EGRESS_EVBUDGET_V1, EGR
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
-/// Counts the verdict (globally and for the policy's cgroup, 0 when no policy was found) and,
-/// for a denial, emits an event (built lazily, only if it will be sent).
+/// Counts the verdict (per reason for the node; denials also for the policy's cgroup, 0 when no
+/// policy was found) and, for a denial, emits an event (built lazily, only if it will be sent).
 /// Returns whether the traffic may pass: allowed, or denied in audit mode.
 #[inline(always)]
 pub fn settle(
@@ -26,10 +26,12 @@ pub fn settle(
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { bump(c, audited) };
     }
-    count_for_cgroup(policy_cgroup_id, reason, audited);
     if reason.is_allow() {
+        // Allowed traffic is counted per reason for the node only: a per-pod hash update on
+        // every allowed packet would cost about a quarter of the program's run time.
         return true;
     }
+    count_for_cgroup(policy_cgroup_id, reason, audited);
     if take_event_budget() {
         let action = if audited { ACTION_AUDITED } else { ACTION_DENIED };
         if EGRESS_EVENTS_V1.output::<VerdictEvent>(&event(action), 0).is_err() {
@@ -39,14 +41,13 @@ pub fn settle(
     audited
 }
 
-/// Counts an allow verdict reached without judging a destination.
+/// Counts an allow verdict reached without judging a destination (node-wide, as all allows).
 #[inline(always)]
-pub fn count_allowed(reason: Reason, policy_cgroup_id: u64) {
+pub fn count_allowed(reason: Reason) {
     if let Some(c) = EGRESS_COUNTERS_V1.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { bump(c, false) };
     }
-    count_for_cgroup(policy_cgroup_id, reason, false);
 }
 
 /// SAFETY: `c` points at this CPU's slot of a per-CPU map value.

@@ -69,7 +69,7 @@ fn try_egress(ctx: &SkBuffContext) -> bool {
     };
     if mode == MODE_PASS {
         // A registered, unenforced pod under the pod-start gate: no need to look at the packet.
-        count_allowed(Reason::AllowUnenforced, policy_cgroup_id);
+        count_allowed(Reason::AllowUnenforced);
         return true;
     }
     let packet = parse(ctx);

@@ -89,7 +89,7 @@ fn check(ctx: &SockAddrContext, hook: Hook, dst: Destination) -> i32 {
         None => (0, 0, MODE_ENFORCE),
     };
     if mode == MODE_PASS {
-        count_allowed(Reason::AllowUnenforced, policy_cgroup_id);
+        count_allowed(Reason::AllowUnenforced);
         return ALLOW;
     }
     let reason = match found {

@@ -50,7 +50,7 @@ fn labelling_a_namespace_enforces_its_pods_and_unlabelling_releases_them() {
     let deny = agent.wait_until("egress deny", |e| e["dst"] == EXTERNAL4);
     assert_eq!((deny["namespace"].as_str(), deny["pod"].as_str()), (Some("shop"), Some("web")), "{deny:#}");
     assert!(
-        node.metric(&["egressfw_verdicts_total", "namespace=\"shop\"", "pod=\"web\"", "deny_destination"])
+        node.metric(&["egressfw_denials_total", "namespace=\"shop\"", "pod=\"web\"", "deny_destination"])
             >= 1.0,
         "{}",
         node.get("/metrics").1

@@ -1,0 +1,126 @@
+//! What the agent reads: flags win over environment variables (clap), defaults last.
+
+#[allow(clippy::wildcard_imports)]
+use super::*;
+
+#[derive(Debug, PartialEq)]
+pub(crate) enum Setting {
+    Value(String),
+    FieldRef(String),
+}
+
+pub(crate) fn setting(file: &str, c: &Container, flag: &str, env: &str) -> Option<Setting> {
+    assert!(c.command.is_none(), "{file}: `command` replaces the image's egress-agent entrypoint; use args");
+    assert!(c.env_from.is_none(), "{file}: envFrom hides which settings the agent gets; use env");
+    let args = c.args.as_deref().unwrap_or_default();
+    if let Some(short) = args.iter().find(|a| a.starts_with('-') && !a.starts_with("--")) {
+        panic!("{file}: use long flags in args ({short:?}): this test resolves only those");
+    }
+    let long = format!("--{flag}");
+    for (i, a) in args.iter().enumerate() {
+        if let Some(v) = a.strip_prefix(&format!("{long}=")) {
+            return Some(Setting::Value(v.to_owned()));
+        }
+        if *a == long {
+            let v = args.get(i + 1).unwrap_or_else(|| panic!("{file}: {long} without a value"));
+            return Some(Setting::Value(v.clone()));
+        }
+    }
+    let var = c.env.as_deref().unwrap_or_default().iter().find(|e| e.name == env)?;
+    let found = match (&var.value, var.value_from.as_ref().and_then(|f| f.field_ref.as_ref())) {
+        (Some(v), None) => Setting::Value(v.clone()),
+        (None, Some(f)) => Setting::FieldRef(f.field_path.clone()),
+        _ => panic!("{file}: env {env} is neither a plain value nor a fieldRef"),
+    };
+    if let Setting::Value(v) = &found {
+        assert!(!v.contains("$("), "{file}: {env}={v:?}: variable references are not resolved by this test");
+    }
+    Some(found)
+}
+
+pub(crate) fn value_or(file: &str, c: &Container, flag: &str, env: &str, default: &str) -> String {
+    match setting(file, c, flag, env) {
+        None => default.to_owned(),
+        Some(Setting::Value(v)) => v,
+        Some(other) => panic!("{file}: --{flag}/{env} should be a plain value, is {other:?}"),
+    }
+}
+
+/// The volume mount that holds `path` in the container (the longest mount path containing it).
+pub(crate) fn mount_holding<'a>(c: &'a Container, path: &Path) -> Option<&'a VolumeMount> {
+    c.volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| path.starts_with(&m.mount_path))
+        .max_by_key(|m| m.mount_path.len())
+}
+
+/// The host directory mounted exactly at `path`, with its mount.
+pub(crate) fn host_dir_at<'a>(
+    file: &str,
+    pod: &PodSpec,
+    c: &'a Container,
+    path: &str,
+) -> (String, &'a VolumeMount) {
+    let m = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| Path::new(&m.mount_path) == Path::new(path))
+        .unwrap_or_else(|| panic!("{file}: nothing is mounted at {path}"));
+    let volume = pod.volumes.iter().flatten().find(|v| v.name == m.name);
+    let host = volume.and_then(|v| v.host_path.as_ref()).unwrap_or_else(|| {
+        panic!("{file}: the volume {:?} mounted at {path} is not a hostPath volume", m.name)
+    });
+    assert_eq!(
+        host.type_.as_deref(),
+        Some("Directory"),
+        "{file}: hostPath {} needs type Directory",
+        host.path
+    );
+    (host.path.clone(), m)
+}
+
+pub(crate) fn http_port(file: &str, c: &Container) -> u16 {
+    let addr = value_or(file, c, "http-addr", "EGRESSFW_HTTP_ADDR", DEFAULT_HTTP_ADDR);
+    let addr: SocketAddr =
+        addr.parse().unwrap_or_else(|e| panic!("{file}: --http-addr/EGRESSFW_HTTP_ADDR {addr:?}: {e}"));
+    assert!(
+        !addr.ip().is_loopback(),
+        "{file}: the agent listens on {addr}: the kubelet's probes and Prometheus come from outside the pod"
+    );
+    addr.port()
+}
+
+/// The container port a probe's httpGet targets, resolved through the port's name.
+pub(crate) fn probe_target(file: &str, c: &Container, probe: Option<&Probe>, which: &str) -> (String, i32) {
+    let get = probe.and_then(|p| p.http_get.as_ref()).unwrap_or_else(|| panic!("{file}: no httpGet {which}"));
+    assert!(get.scheme.as_deref().is_none_or(|s| s == "HTTP"), "{file}: {which} uses {:?}", get.scheme);
+    let ports = c.ports.as_deref().unwrap_or_default();
+    let port = match &get.port {
+        IntOrString::String(name) => {
+            ports.iter().find(|p| p.name.as_deref() == Some(name.as_str())).unwrap_or_else(|| {
+                panic!("{file}: {which} targets port {name:?}, which the container does not declare")
+            })
+        }
+        IntOrString::Int(n) => ports.iter().find(|p| p.container_port == *n).unwrap_or_else(|| {
+            panic!("{file}: {which} targets port {n}, which the container does not declare")
+        }),
+    };
+    (get.path.clone().unwrap_or_default(), port.container_port)
+}
+
+pub(crate) fn selects(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let by_labels = selector.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
+    let by_expressions = selector.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.as_deref().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => labels.get(&e.key).is_some_and(|v| values.contains(v)),
+            "NotIn" => labels.get(&e.key).is_none_or(|v| !values.contains(v)),
+            "Exists" => labels.contains_key(&e.key),
+            "DoesNotExist" => !labels.contains_key(&e.key),
+            other => panic!("unknown label selector operator {other:?}"),
+        }
+    });
+    by_labels && by_expressions
+}

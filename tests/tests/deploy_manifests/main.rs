@@ -1,0 +1,498 @@
+//! The Kubernetes manifests under deploy/, rendered the way `kubectl apply -k deploy/` renders
+//! them and checked against each other and against the agent: its flags, environment variables
+//! and defaults, its configuration parser, the host paths it works in and the API access it needs.
+//!
+//! No kustomize binary is at hand, so the small subset of kustomize the manifests use is rendered
+//! here (resources, namespace, labels, images); any other kustomization field fails the tests
+//! until it is taught to the renderer. Needs no cluster, no root and no kernel.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    net::SocketAddr,
+    path::{Component, Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use egress_agent::{k8s::config::DEFAULT_CONFIG_PATH, kernel::bpffs::DEFAULT_PIN_DIR};
+use k8s_openapi::{
+    ClusterResourceScope, NamespaceResourceScope, Resource,
+    api::{
+        apps::v1::{DaemonSet, Deployment},
+        core::v1::{ConfigMap, Container, Namespace, PodSpec, Probe, Service, ServiceAccount, VolumeMount},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
+    },
+    apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
+};
+use serde::{Deserialize as _, Serialize, de::DeserializeOwned};
+use serde_json::{Map, Value};
+
+/// `--http-addr`'s default in the agent.
+const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:9808";
+/// Every host directory the agent may see, and why: pins must outlive the pod (bpffs), and
+/// cgroup ids and levels are those of the host's hierarchy.
+const HOST_BPFFS: &str = "/sys/fs/bpf";
+const HOST_CGROUP: &str = "/sys/fs/cgroup";
+const PART_OF: (&str, &str) = ("app.kubernetes.io/part-of", "egressfw");
+
+mod agent_view;
+mod render;
+
+use agent_view::*;
+use render::*;
+
+#[test]
+fn kustomization_reaches_every_manifest_file() {
+    let m = manifests();
+    let mut stack = vec![deploy_dir()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap_or_else(|e| panic!("listing {}: {e}", dir.display())) {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                assert!(
+                    m.files.contains(&path),
+                    "{} is not reached from deploy/kustomization.yaml: `kubectl apply -k deploy/` would skip it",
+                    shown(&path)
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_object_is_a_kubernetes_object_with_standard_labels() {
+    let m = manifests();
+    assert!(!m.objects.is_empty(), "deploy/kustomization.yaml renders nothing");
+    let mut names = BTreeSet::new();
+    for o in &m.objects {
+        let kind = kind_of(o).unwrap_or_else(|e| panic!("{e:#}"));
+        let typed = (kind.round_trip)(&o.value)
+            .unwrap_or_else(|e| panic!("{}: not a valid {}: {e}", o.file, kind.kind));
+        if let Some(at) = lost_in_round_trip(&o.value, &typed, kind.kind) {
+            panic!("{}: {at} is not part of the Kubernetes API (misspelt or misplaced?)", o.file);
+        }
+        let name =
+            o.value["metadata"]["name"].as_str().unwrap_or_else(|| panic!("{}: no metadata.name", o.file));
+        let namespace = o.value["metadata"]["namespace"].as_str();
+        assert_eq!(
+            namespace.is_none(),
+            kind.cluster_scoped,
+            "{}: {} {name}: namespace {namespace:?} (the kustomization's namespace: {})",
+            o.file,
+            kind.kind,
+            m.namespace
+        );
+        assert!(
+            names.insert((kind.kind, namespace, name)),
+            "{}: {} {name} is defined twice",
+            o.file,
+            kind.kind
+        );
+        let labels = &o.value["metadata"]["labels"];
+        assert!(
+            labels["app.kubernetes.io/name"].is_string(),
+            "{}: {name} has no app.kubernetes.io/name label",
+            o.file
+        );
+        assert_eq!(
+            labels[PART_OF.0], PART_OF.1,
+            "{}: {name} is not labelled {}={}",
+            o.file, PART_OF.0, PART_OF.1
+        );
+    }
+    let (file, ns) = m.one::<Namespace>();
+    assert_eq!(
+        ns.metadata.name.as_deref(),
+        Some(m.namespace.as_str()),
+        "{file}: the Namespace object is not the kustomization's namespace"
+    );
+}
+
+#[test]
+fn daemonset_selector_matches_its_pods_and_only_them() {
+    let m = manifests();
+    let (file, ds, _, _) = m.agent();
+    let spec = ds.spec.as_ref().unwrap();
+    let labels = spec.template.metadata.as_ref().and_then(|md| md.labels.clone()).unwrap_or_default();
+    assert!(
+        spec.selector.match_labels.as_ref().is_some_and(|l| !l.is_empty()),
+        "{file}: the selector needs matchLabels"
+    );
+    assert!(
+        selects(&spec.selector, &labels),
+        "{file}: selector {:?} does not match template labels {labels:?}",
+        spec.selector
+    );
+    for key in ["app.kubernetes.io/name", "app.kubernetes.io/component", PART_OF.0] {
+        assert!(labels.contains_key(key), "{file}: pod template has no {key} label");
+    }
+    // The gateway's Deployment joins later: neither may adopt the other's pods.
+    for (other_file, d) in m.all::<Deployment>() {
+        let other =
+            d.spec.as_ref().and_then(|s| s.template.metadata.as_ref()).and_then(|md| md.labels.clone());
+        assert!(
+            !selects(&spec.selector, &other.unwrap_or_default()),
+            "{file}: the DaemonSet's selector also matches the pods of {other_file}"
+        );
+    }
+}
+
+#[test]
+fn probes_and_metrics_use_the_port_the_agent_listens_on() {
+    let m = manifests();
+    let (file, ds, _, c) = m.agent();
+    let port = i32::from(http_port(file, &c));
+    let live = probe_target(file, &c, c.liveness_probe.as_ref(), "livenessProbe");
+    assert_eq!(
+        live,
+        ("/healthz".to_owned(), port),
+        "{file}: livenessProbe should GET /healthz on port {port}"
+    );
+    let ready = probe_target(file, &c, c.readiness_probe.as_ref(), "readinessProbe");
+    assert_eq!(
+        ready,
+        ("/readyz".to_owned(), port),
+        "{file}: readinessProbe should GET /readyz on port {port}"
+    );
+    let annotations =
+        ds.spec.and_then(|s| s.template.metadata).and_then(|md| md.annotations).unwrap_or_default();
+    if let Some(p) = annotations.get("prometheus.io/port") {
+        assert_eq!(*p, port.to_string(), "{file}: prometheus.io/port is not the agent's HTTP port");
+    }
+    if let Some(p) = annotations.get("prometheus.io/path") {
+        assert_eq!(p, "/metrics", "{file}: the agent serves metrics at /metrics");
+    }
+}
+
+#[test]
+fn config_map_is_a_valid_agent_config_at_the_config_path() {
+    let m = manifests();
+    let (file, _, pod, c) = m.agent();
+    let path = value_or(file, &c, "config", "EGRESSFW_CONFIG", DEFAULT_CONFIG_PATH);
+    let mount = mount_holding(&c, Path::new(&path))
+        .unwrap_or_else(|| panic!("{file}: nothing is mounted where the agent reads its config ({path})"));
+    assert!(
+        mount.sub_path.is_none(),
+        "{file}: the config is mounted with subPath: the kubelet never updates such a file when the ConfigMap changes"
+    );
+    let volume = pod.volumes.iter().flatten().find(|v| v.name == mount.name);
+    let source = volume
+        .and_then(|v| v.config_map.as_ref())
+        .unwrap_or_else(|| panic!("{file}: {path} is not on a configMap volume"));
+    let within = Path::new(&path).strip_prefix(&mount.mount_path).unwrap().to_string_lossy().into_owned();
+    let key = match &source.items {
+        Some(items) => items.iter().find(|i| i.path == within).map(|i| i.key.clone()),
+        None => Some(within.clone()),
+    }
+    .unwrap_or_else(|| panic!("{file}: the configMap volume's items do not provide {within}"));
+    let (cm_file, cm) = m
+        .all::<ConfigMap>()
+        .into_iter()
+        .find(|(_, cm)| cm.metadata.name.as_deref() == Some(source.name.as_str()))
+        .unwrap_or_else(|| panic!("{file}: ConfigMap {:?} is not in deploy/", source.name));
+    let text = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&key))
+        .unwrap_or_else(|| panic!("{cm_file}: no key {key:?}, which the agent reads as {path}"));
+    let config = egress_agent::k8s::config::parse(text)
+        .unwrap_or_else(|e| panic!("{cm_file}: {key} is not a valid agent config: {e:?}"));
+    assert!(
+        config.gateways.contains_key(&config.default_gateway),
+        "{cm_file}: the default gateway {:?} is not configured",
+        config.default_gateway
+    );
+}
+
+#[test]
+fn node_name_comes_from_the_downward_api() {
+    let m = manifests();
+    let (file, _, _, c) = m.agent();
+    assert_eq!(
+        setting(file, &c, "node-name", "NODE_NAME"),
+        Some(Setting::FieldRef("spec.nodeName".into())),
+        "{file}: the agent's node name (env NODE_NAME) must come from fieldRef spec.nodeName"
+    );
+}
+
+#[test]
+fn cgroup_root_and_pin_dir_are_the_hosts() {
+    let m = manifests();
+    let (file, _, pod, c) = m.agent();
+
+    let Some(Setting::Value(cgroup_root)) = setting(file, &c, "cgroup-root", "EGRESSFW_CGROUP_ROOT") else {
+        panic!(
+            "{file}: set EGRESSFW_CGROUP_ROOT: found from /proc/mounts it would be the container's cgroup namespace"
+        )
+    };
+    let (host, mount) = host_dir_at(file, &pod, &c, &cgroup_root);
+    assert_eq!(
+        host, HOST_CGROUP,
+        "{file}: EGRESSFW_CGROUP_ROOT {cgroup_root} is not the host's {HOST_CGROUP}"
+    );
+    assert_eq!(
+        mount.read_only,
+        Some(true),
+        "{file}: mount the host cgroupfs read-only: the agent only opens directories"
+    );
+
+    let pin_dir = value_or(file, &c, "pin-dir", "EGRESSFW_PIN_DIR", DEFAULT_PIN_DIR);
+    let parent =
+        Path::new(&pin_dir).parent().unwrap_or_else(|| panic!("{file}: pin dir {pin_dir} has no parent"));
+    let (host, mount) = host_dir_at(file, &pod, &c, &parent.to_string_lossy());
+    assert_eq!(host, HOST_BPFFS, "{file}: the pin dir's parent {} is not the host's bpffs", parent.display());
+    assert_ne!(
+        mount.read_only,
+        Some(true),
+        "{file}: the agent pins into {}: it cannot be read-only",
+        parent.display()
+    );
+    assert!(
+        matches!(mount.mount_propagation.as_deref(), Some("HostToContainer" | "Bidirectional")),
+        "{file}: mount {HOST_BPFFS} with mountPropagation HostToContainer, so a bpffs the host mounts later is seen"
+    );
+
+    for v in pod.volumes.iter().flatten() {
+        if let Some(h) = &v.host_path {
+            assert!(
+                [HOST_BPFFS, HOST_CGROUP].contains(&h.path.as_str()),
+                "{file}: hostPath {} is more of the host than the agent needs",
+                h.path
+            );
+        }
+    }
+    for mount in c.volume_mounts.iter().flatten() {
+        assert!(
+            pod.volumes.iter().flatten().any(|v| v.name == mount.name),
+            "{file}: volumeMount {:?} has no volume",
+            mount.name
+        );
+    }
+}
+
+#[test]
+fn service_account_binding_and_role_agree() {
+    let m = manifests();
+    let (file, ds, pod, _) = m.agent();
+    let sa_name = pod.service_account_name.unwrap_or_else(|| panic!("{file}: set serviceAccountName"));
+    let sa_namespace = ds.metadata.namespace.unwrap();
+    let (sa_file, _) = m
+        .all::<ServiceAccount>()
+        .into_iter()
+        .find(|(_, sa)| {
+            sa.metadata.name.as_ref() == Some(&sa_name)
+                && sa.metadata.namespace.as_ref() == Some(&sa_namespace)
+        })
+        .unwrap_or_else(|| panic!("{file}: ServiceAccount {sa_namespace}/{sa_name} is not in deploy/"));
+
+    let for_agent = |subjects: Option<&Vec<k8s_openapi::api::rbac::v1::Subject>>| {
+        subjects.into_iter().flatten().any(|s| {
+            s.kind == "ServiceAccount"
+                && s.name == sa_name
+                && s.namespace.as_deref() == Some(sa_namespace.as_str())
+        })
+    };
+    let all_bindings = m.all::<ClusterRoleBinding>();
+    let bindings: Vec<_> = all_bindings.iter().filter(|(_, b)| for_agent(b.subjects.as_ref())).collect();
+    assert_eq!(
+        bindings.len(),
+        1,
+        "expected one ClusterRoleBinding for the agent's ServiceAccount {sa_namespace}/{sa_name} ({sa_file}); \
+         subjects of the bindings in deploy/: {:?}",
+        all_bindings.iter().map(|(f, b)| (f, &b.subjects)).collect::<Vec<_>>()
+    );
+    assert!(
+        !m.all::<RoleBinding>().iter().any(|(_, b)| for_agent(b.subjects.as_ref())),
+        "a RoleBinding grants the agent more than its ClusterRole"
+    );
+    let (binding_file, binding) = &bindings[0];
+    let role_ref = &binding.role_ref;
+    assert_eq!(
+        (role_ref.api_group.as_str(), role_ref.kind.as_str()),
+        ("rbac.authorization.k8s.io", "ClusterRole"),
+        "{binding_file}: roleRef"
+    );
+    assert!(
+        m.all::<ClusterRole>().iter().any(|(_, r)| r.metadata.name.as_ref() == Some(&role_ref.name)),
+        "{binding_file}: ClusterRole {:?} is not in deploy/",
+        role_ref.name
+    );
+}
+
+#[test]
+fn cluster_role_grants_exactly_what_the_agent_uses() {
+    let watch = ["get", "list", "watch"];
+    let record = ["create", "patch"];
+    let expected: BTreeSet<(&str, &str, &str)> = [("", "namespaces"), ("", "pods"), ("", "services")]
+        .into_iter()
+        .chain([("discovery.k8s.io", "endpointslices")])
+        .flat_map(|(g, r)| watch.map(|v| (g, r, v)))
+        .chain(
+            [("", "events"), ("events.k8s.io", "events")]
+                .into_iter()
+                .flat_map(|(g, r)| record.map(|v| (g, r, v))),
+        )
+        .collect();
+
+    let m = manifests();
+    let (file, role) = m.one::<ClusterRole>();
+    assert!(role.aggregation_rule.is_none(), "{file}: an aggregated role's rules are not reviewable here");
+    let mut granted = BTreeSet::new();
+    for (i, rule) in role.rules.iter().flatten().enumerate() {
+        assert!(rule.non_resource_urls.is_none(), "{file}: rule {i} grants non-resource URLs");
+        assert!(
+            rule.resource_names.is_none(),
+            "{file}: rule {i}: resourceNames is not something the agent uses"
+        );
+        let groups = rule.api_groups.as_deref().unwrap_or_default();
+        let resources = rule.resources.as_deref().unwrap_or_default();
+        for word in groups.iter().chain(resources).chain(&rule.verbs) {
+            assert!(!word.contains('*'), "{file}: rule {i} has a wildcard ({word:?})");
+        }
+        for g in groups {
+            for r in resources {
+                for v in &rule.verbs {
+                    granted.insert((g.as_str(), r.as_str(), v.as_str()));
+                }
+            }
+        }
+    }
+    let extra: Vec<_> = granted.difference(&expected).collect();
+    let missing: Vec<_> = expected.difference(&granted).collect();
+    assert!(extra.is_empty(), "{file}: grants (apiGroup, resource, verb) the agent does not use: {extra:?}");
+    assert!(missing.is_empty(), "{file}: lacks (apiGroup, resource, verb) the agent needs: {missing:?}");
+}
+
+#[test]
+fn privileges_are_explicit_capabilities_not_privileged_mode() {
+    let m = manifests();
+    let (file, _, pod, c) = m.agent();
+    for (what, on) in
+        [("hostNetwork", pod.host_network), ("hostPID", pod.host_pid), ("hostIPC", pod.host_ipc)]
+    {
+        assert_ne!(on, Some(true), "{file}: {what} is not needed by the agent");
+    }
+    let sc = c.security_context.unwrap_or_else(|| panic!("{file}: the container needs a securityContext"));
+    assert_ne!(sc.privileged, Some(true), "{file}: use the explicit capabilities, not privileged: true");
+    let caps = sc.capabilities.clone().unwrap_or_default();
+    assert!(
+        caps.drop.iter().flatten().any(|d| d == "ALL"),
+        "{file}: drop ALL capabilities, then add back the ones the agent needs"
+    );
+    let added: BTreeSet<&str> =
+        caps.add.iter().flatten().map(|a| a.strip_prefix("CAP_").unwrap_or(a)).collect();
+    let expected = BTreeSet::from(["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"]);
+    assert_eq!(added, expected, "{file}: capabilities added");
+    assert_eq!(sc.read_only_root_filesystem, Some(true), "{file}: set readOnlyRootFilesystem: true");
+    let pod_sc = pod.security_context.unwrap_or_default();
+    assert_eq!(
+        sc.run_as_user.or(pod_sc.run_as_user),
+        Some(0),
+        "{file}: added capabilities take effect only for uid 0: set runAsUser: 0"
+    );
+    let seccomp = sc.seccomp_profile.or(pod_sc.seccomp_profile).map(|p| p.type_);
+    assert!(
+        matches!(seccomp.as_deref(), Some("Unconfined" | "Localhost")),
+        "{file}: seccomp {seccomp:?}: RuntimeDefault profiles may refuse bpf(); choose Unconfined or a Localhost profile"
+    );
+    let apparmor = sc.app_armor_profile.or(pod_sc.app_armor_profile).map(|p| p.type_);
+    assert!(
+        matches!(apparmor.as_deref(), Some("Unconfined" | "Localhost")),
+        "{file}: AppArmor {apparmor:?}: the runtime default profile denies writes to /sys/fs/bpf"
+    );
+}
+
+#[test]
+fn daemonset_runs_on_every_node_and_updates_one_node_at_a_time() {
+    let m = manifests();
+    let (file, ds, pod, c) = m.agent();
+    assert!(
+        pod.tolerations
+            .iter()
+            .flatten()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()),
+        "{file}: add a toleration `operator: Exists` with no key and no effect: it tolerates every taint"
+    );
+    assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"), "{file}: priorityClassName");
+    assert!(pod.termination_grace_period_seconds.is_some(), "{file}: set terminationGracePeriodSeconds");
+    let resources = c.resources.unwrap_or_default();
+    let requests = resources.requests.unwrap_or_default();
+    for r in ["cpu", "memory"] {
+        assert!(requests.contains_key(r), "{file}: no {r} request");
+    }
+    assert!(
+        resources.limits.unwrap_or_default().contains_key("memory"),
+        "{file}: set a memory limit (the agent's maps are charged to it)"
+    );
+    let strategy = ds.spec.and_then(|s| s.update_strategy).unwrap_or_default();
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"), "{file}: updateStrategy.type");
+    let rolling = strategy.rolling_update.unwrap_or_default();
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(1)), "{file}: rollingUpdate.maxUnavailable");
+    assert_eq!(
+        rolling.max_surge,
+        Some(IntOrString::Int(0)),
+        "{file}: rollingUpdate.maxSurge must be 0: two agents on a node would both write its pinned maps"
+    );
+}
+
+#[test]
+fn image_and_dockerfile_agree_with_the_container() {
+    let m = manifests();
+    let (file, _, _, c) = m.agent();
+    let image = c.image.clone().unwrap_or_else(|| panic!("{file}: no image"));
+    let (_, tag, digest) = split_image(&image);
+    assert!(
+        digest.is_some() || tag == Some(env!("CARGO_PKG_VERSION")),
+        "{file}: image {image:?}: tag it with the workspace version {} (images: in deploy/kustomization.yaml) or pin a digest",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(
+        c.args.as_deref().and_then(<[String]>::first).map(String::as_str),
+        Some("run"),
+        "{file}: the agent's arguments start with the `run` subcommand"
+    );
+
+    let dockerfile = deploy_dir().join("Dockerfile");
+    let text = fs::read_to_string(&dockerfile).expect("reading deploy/Dockerfile");
+    let entrypoint = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("ENTRYPOINT "))
+        .next_back()
+        .expect("deploy/Dockerfile: no ENTRYPOINT");
+    let entrypoint: Vec<String> = serde_json::from_str(entrypoint)
+        .expect("deploy/Dockerfile: ENTRYPOINT in exec form, so arguments reach the agent unchanged");
+    assert!(
+        entrypoint.len() == 1 && Path::new(&entrypoint[0]).ends_with("egress-agent"),
+        "deploy/Dockerfile: ENTRYPOINT {entrypoint:?} should be the egress-agent binary alone"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("COPY --from=") && l.trim_end().ends_with(&format!(" {}", entrypoint[0]))),
+        "deploy/Dockerfile: nothing is copied to the ENTRYPOINT path {}",
+        entrypoint[0]
+    );
+    assert!(
+        text.contains("--package egress-agent"),
+        "deploy/Dockerfile: does not build the egress-agent package"
+    );
+}
+
+#[test]
+fn own_namespace_admits_the_agent_and_is_never_enforced() {
+    let m = manifests();
+    let (file, ns) = m.one::<Namespace>();
+    let labels = ns.metadata.labels.unwrap_or_default();
+    assert_eq!(
+        labels.get("pod-security.kubernetes.io/enforce").map(String::as_str),
+        Some("privileged"),
+        "{file}: the agent's host mounts, capabilities and unconfined seccomp need Pod Security level \
+         `privileged`; without the label the cluster's default level applies"
+    );
+    let mode = labels.get("egressfw.io/mode").map(String::as_str);
+    assert!(
+        mode.is_none_or(|m| m == "off"),
+        "{file}: egressfw.io/mode={mode:?} on egressfw's own namespace would cut the agent off the API server"
+    );
+}
