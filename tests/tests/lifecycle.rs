@@ -40,7 +40,7 @@ fn sigkill_leaves_enforcement_in_place_and_a_new_agent_adopts_it() {
 
     let second = Agent::start(&lab);
     let applied = second.wait_for("policy applied", 1);
-    assert_eq!(applied[0]["links_adopted"], 5, "{applied:#?}");
+    assert_eq!(applied[0]["links_adopted"], 6, "{applied:#?}");
     assert_eq!(applied[0]["links_attached"], 0);
     assert_eq!(applied[0]["unchanged"], 1);
     assert_eq!(link_ids(&inspect(&lab)), link_ids(&before), "the very same links stay attached");
@@ -97,7 +97,7 @@ fn a_bad_reload_keeps_the_enforced_policy_and_a_good_one_applies_as_a_diff() {
     // A good change (to audit) is picked up from the file alone and keeps the same links.
     fs::write(lab.policy_path(), lab.policy_text("audit")).unwrap();
     let reloaded = agent.wait_until("policy reloaded", |r| r["updated"] == 1);
-    assert_eq!(reloaded["links_adopted"], 5, "{reloaded:#}");
+    assert_eq!(reloaded["links_adopted"], 6, "{reloaded:#}");
     assert_eq!(link_ids(&inspect(&lab)), links);
     let out = lab.in_pod(tcp(EXTERNAL4, 80));
     assert!(succeeded(&out), "audit mode:\n{}", text(&out));
