@@ -1,5 +1,7 @@
-//! `cargo xtask demo`: a simulated node in network namespaces. An enforced pod tries to reach
-//! the world in every way it can; the table shows what the kernel let through and what arrived.
+//! `cargo xtask demo`: a simulated node in network namespaces. Part 1 (standalone mode): an
+//! enforced pod tries to reach the world in every way it can; the table shows what the kernel let
+//! through and what arrived. Part 2 (`demo_k8s`): the Kubernetes node agent enforces a pod when
+//! its namespace is labelled.
 
 use std::{net::SocketAddr, process::Output};
 
@@ -21,7 +23,7 @@ struct Attempt {
     client: (&'static str, Vec<String>),
 }
 
-fn sock(s: &str) -> SocketAddr {
+pub(crate) fn sock(s: &str) -> SocketAddr {
     s.parse().expect("literal address")
 }
 
@@ -134,11 +136,13 @@ pub fn run() -> Result<()> {
     drop(agent);
     drop(lab);
     println!("\nDemo node removed (namespaces, cgroups, pins).");
+    surprises += crate::demo_k8s::run()?;
+    println!("\nDemo node removed (namespaces, cgroups, pins, fake API server).");
     anyhow::ensure!(surprises == 0, "{surprises} attempts did not behave as expected");
     Ok(())
 }
 
-fn describe(out: &Output) -> String {
+pub(crate) fn describe(out: &Output) -> String {
     if succeeded(out) {
         "succeeded".into()
     } else if refused(out) {

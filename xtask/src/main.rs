@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod demo_k8s;
 mod run;
 mod test;
 mod toolchain;
