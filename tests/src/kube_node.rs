@@ -25,10 +25,18 @@ pub const NODE: &str = "node-1";
 pub const GATEWAY_CLUSTER_IP: &str = "10.96.0.10";
 pub const DNS_CLUSTER_IP: &str = "10.96.0.53";
 
+/// The kubelet's cgroup driver, which decides how pod cgroups are named.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Driver {
+    Cgroupfs,
+    Systemd,
+}
+
 pub struct KubeNode {
     pub api: FakeApi,
-    /// `<test cgroup>/kubepods`, as the kubelet's cgroupfs driver lays it out.
+    /// `<test cgroup>/kubepods` (cgroupfs driver) or `<test cgroup>/kubepods.slice` (systemd).
     pub pods_root: PathBuf,
+    pub driver: Driver,
     pub config_path: PathBuf,
     pub kubeconfig: PathBuf,
     pub http: SocketAddr,
@@ -45,11 +53,24 @@ impl KubeNode {
 
     /// Like `new`, with extra lines appended to the agent configuration.
     pub fn with_config_extra(extra: &str) -> Self {
+        Self::build(Driver::Cgroupfs, extra)
+    }
+
+    /// A node whose kubelet uses the systemd cgroup driver.
+    pub fn with_driver(driver: Driver) -> Self {
+        Self::build(driver, "")
+    }
+
+    fn build(driver: Driver, extra: &str) -> Self {
         let lab = Lab::new();
         ensure_host_bpffs();
         let api = FakeApi::start().expect("starting the fake API server");
-        let pods_root = lab.base_cgroup.join("kubepods");
-        for qos in ["", "burstable", "besteffort"] {
+        let (root, qos_dirs) = match driver {
+            Driver::Cgroupfs => ("kubepods", ["burstable", "besteffort"]),
+            Driver::Systemd => ("kubepods.slice", ["kubepods-burstable.slice", "kubepods-besteffort.slice"]),
+        };
+        let pods_root = lab.base_cgroup.join(root);
+        for qos in qos_dirs {
             fs::create_dir_all(pods_root.join(qos)).expect("creating the pods cgroup tree");
         }
         let kubeconfig = lab.dir.join("kubeconfig");
@@ -63,7 +84,7 @@ impl KubeNode {
         )
         .expect("writing the agent config");
         let http = free_local_port();
-        let node = Self { api, pods_root, config_path, kubeconfig, http, lab };
+        let node = Self { api, pods_root, driver, config_path, kubeconfig, http, lab };
         for ns in ["egress", "kube-system", "shop"] {
             node.api.apply(&fixtures::namespace(ns, &[]));
         }
@@ -109,8 +130,15 @@ impl KubeNode {
         container
     }
 
+    /// Where the kubelet puts a BestEffort pod's cgroup with this node's driver.
     pub fn pod_cgroup(&self, uid: &str) -> PathBuf {
-        self.pods_root.join("besteffort").join(format!("pod{uid}"))
+        match self.driver {
+            Driver::Cgroupfs => self.pods_root.join("besteffort").join(format!("pod{uid}")),
+            Driver::Systemd => self
+                .pods_root
+                .join("kubepods-besteffort.slice")
+                .join(format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_"))),
+        }
     }
 
     /// What the kubelet does when the pod is gone: kill its processes, remove its cgroups.

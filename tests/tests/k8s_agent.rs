@@ -8,7 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use egress_tests::{
     client::{refused, succeeded, tcp, udp_request},
     fake_api::fixtures,
-    kube_node::{KubeNode, NODE, eventually},
+    kube_node::{Driver, KubeNode, NODE, eventually},
     lab::{DNS4, EXTERNAL4, GATEWAY_PORT, GATEWAY4, Lab, text},
     listen::Server,
     sniff::Sniffer,
@@ -239,4 +239,20 @@ fn the_agent_finds_its_own_pod_cgroup_to_exempt_it_from_the_gate() {
     assert_eq!(own_pod::find_pid(&root, std::process::id()), None, "the test runner is in no pod");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[test]
+fn pods_are_found_and_enforced_with_the_systemd_cgroup_driver_too() {
+    let node = KubeNode::with_driver(Driver::Systemd);
+    node.label("shop", &[("egressfw.io/mode", "enforce")]);
+    node.add_pod("shop", "web", WEB);
+    node.create_pod_cgroup(WEB);
+    assert!(node.pod_cgroup(WEB).to_string_lossy().contains("kubepods-besteffort-pod0f5e2d3c_1b4a_"));
+    let agent = node.start_agent();
+    let _web = Server::tcp_http(&node.lab.external, sock(EXTERNAL4, 80));
+    let _proxy = Server::tcp_http(&node.lab.gateway, sock(GATEWAY4, GATEWAY_PORT));
+    assert!(eventually(5, || blocked(&node, WEB, EXTERNAL4, 80)), "{}", agent.log_text());
+    assert!(reaches(&node, WEB, GATEWAY4, GATEWAY_PORT));
+    let start = agent.wait_until("starting node agent", |_| true);
+    assert_eq!(start["cgroup_driver"], "Systemd", "{start:#}");
 }
