@@ -13,6 +13,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::Path,
+    sync::Arc,
 };
 
 use anyhow::{Result, bail};
@@ -38,7 +39,8 @@ use crate::{
 pub struct Desired {
     pub cgroup: CgroupRef,
     pub mode: Mode,
-    pub rules: CompiledRules,
+    /// Shared: every pod of one gateway carries the same rules.
+    pub rules: Arc<CompiledRules>,
 }
 
 /// Resolves and compiles every policy; fails on the first problem, naming it.
@@ -69,7 +71,7 @@ pub fn plan(specs: &[PolicySpec], cgroup_root: &Path) -> Result<Vec<Desired>> {
             );
         }
         let rules = compile(spec)?;
-        out.push(Desired { cgroup, mode: spec.mode, rules });
+        out.push(Desired { cgroup, mode: spec.mode, rules: Arc::new(rules) });
     }
     Ok(out)
 }
@@ -102,6 +104,11 @@ impl KernelState {
     /// A state that makes the next `apply` a full pass.
     pub fn unknown() -> Self {
         Self { stale: true, ..Self::default() }
+    }
+
+    /// Whether the next `apply` is a full pass.
+    pub fn is_stale(&self) -> bool {
+        self.stale
     }
 
     /// Makes the next `apply` a full pass (after an error, or periodically to catch outside
@@ -173,7 +180,7 @@ fn apply_diff(
         let existing = state.policies.get(&d.cgroup.id).copied();
         let same = existing.is_some_and(|p| {
             p.mode == want.mode
-                && state.entries.get(&p.policy_id).unwrap_or(&CompiledRules::default()) == &d.rules
+                && state.entries.get(&p.policy_id).unwrap_or(&CompiledRules::default()) == &*d.rules
         });
         if same {
             summary.unchanged += 1;
@@ -181,7 +188,7 @@ fn apply_diff(
             let id = fresh_id(&used_ids);
             used_ids.insert(id);
             maps.write_rules(id, &d.rules)?;
-            state.entries.insert(id, d.rules.clone());
+            state.entries.insert(id, (*d.rules).clone());
             let policy = CgroupPolicy { policy_id: id, ..want };
             maps.policies.insert(d.cgroup.id, policy, 0).map_err(|e| {
                 anyhow::anyhow!("writing the policy of cgroup {}: {e}", d.cgroup.path.display())

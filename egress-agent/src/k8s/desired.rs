@@ -6,7 +6,7 @@
 //! packet hook, and what a hostNetwork pod's packets carry after kube-proxy's OUTPUT DNAT) are
 //! allowed: ClusterIPs on the Service ports, backends on the matching target ports.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
@@ -47,7 +47,8 @@ pub struct PodPolicy {
     pub terminating: bool,
     pub mode: Mode,
     pub gateway: String,
-    pub allowed: Allowed,
+    /// Shared by every pod of one gateway.
+    pub allowed: Arc<Allowed>,
     /// Configuration problems that narrowed this pod's policy (logged and shown by the agent).
     pub problems: Vec<String>,
 }
@@ -89,7 +90,8 @@ fn is_terminal(pod: &Pod) -> bool {
 pub fn pod_policies(world: &World<'_>, config: &AgentConfig) -> BTreeMap<String, PodPolicy> {
     let namespaces: BTreeMap<&str, &Namespace> =
         world.namespaces.iter().filter_map(|n| Some((n.metadata.name.as_deref()?, *n))).collect();
-    let mut per_gateway: BTreeMap<String, (Allowed, Vec<String>)> = BTreeMap::new();
+    let mut per_gateway: BTreeMap<String, (Arc<Allowed>, Vec<String>)> = BTreeMap::new();
+    let nothing = Arc::new(Allowed::default());
     let mut out = BTreeMap::new();
     for pod in world.pods.iter().filter(|p| !is_terminal(p)) {
         let (Some(ns), Some(name)) = (pod.metadata.namespace.as_deref(), pod.metadata.name.as_deref()) else {
@@ -110,10 +112,12 @@ pub fn pod_policies(world: &World<'_>, config: &AgentConfig) -> BTreeMap<String,
             .cloned()
             .unwrap_or_else(|| config.default_gateway.clone());
         let allowed = if mode == Mode::Pass {
-            Allowed::default()
+            nothing.clone()
         } else {
-            let (allowed, gw_problems) =
-                per_gateway.entry(gateway.clone()).or_insert_with(|| allowed_for(world, config, &gateway));
+            let (allowed, gw_problems) = per_gateway.entry(gateway.clone()).or_insert_with(|| {
+                let (a, p) = allowed_for(world, config, &gateway);
+                (Arc::new(a), p)
+            });
             problems.extend(gw_problems.iter().cloned());
             allowed.clone()
         };

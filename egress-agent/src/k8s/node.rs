@@ -2,8 +2,9 @@
 //! the kernel maps and links, then the pod-start gate, then the owner index for logs and metrics.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     path::PathBuf,
+    sync::Arc,
 };
 
 use anyhow::Result;
@@ -48,6 +49,10 @@ pub struct Node {
     state: KernelState,
     /// Pod cgroup path -> id and level, so an incremental pass does not stat every pod.
     cgroups: HashMap<PathBuf, CgroupRef>,
+    /// Pod UID -> pod cgroup, as last scanned; `None` after a pod cgroup appeared or went away.
+    present: Option<HashMap<String, PathBuf>>,
+    /// Cgroup ids in the shared owner index, to update it by difference.
+    owned: HashSet<u64>,
 }
 
 /// What a pass did.
@@ -82,13 +87,21 @@ impl Node {
             logged: BTreeSet::new(),
             state: KernelState::unknown(),
             cgroups: HashMap::new(),
+            present: None,
+            owned: HashSet::new(),
         }
+    }
+
+    /// A pod cgroup appeared or went away: the next pass rescans the pods cgroups.
+    pub fn cgroups_changed(&mut self) {
+        self.present = None;
     }
 
     /// Makes the next pass a full one: re-read the maps, check every link, re-stat every cgroup.
     pub fn invalidate(&mut self) {
         self.state.invalidate();
         self.cgroups.clear();
+        self.present = None;
     }
 
     /// Brings the kernel in line with the stores. Safe to call at any time after the stores
@@ -107,13 +120,23 @@ impl Node {
         let policies = desired::pod_policies(&world, config);
         self.log_problems(policies.values());
 
-        let present = self.pods_root.scan();
-        let present_paths: std::collections::HashSet<&PathBuf> = present.values().collect();
-        self.cgroups.retain(|path, _| present_paths.contains(path));
+        let present = match self.present.take() {
+            Some(p) => p,
+            None => {
+                let p = self.pods_root.scan();
+                let paths: HashSet<&PathBuf> = p.values().collect();
+                self.cgroups.retain(|path, _| paths.contains(path));
+                p
+            }
+        };
+        // The link check only runs after full passes; skip collecting for it otherwise.
+        let full = self.state.is_stale();
         let mut pass = Pass::default();
         let mut desired = Vec::with_capacity(policies.len());
-        let mut owners = HashMap::with_capacity(policies.len());
-        let mut compiled: HashMap<String, CompiledRules> = HashMap::new();
+        let mut new_owners = Vec::new();
+        let mut seen = HashSet::with_capacity(policies.len());
+        let mut compiled: HashMap<String, Arc<CompiledRules>> = HashMap::new();
+        let nothing = Arc::new(CompiledRules::default());
         for p in policies.values() {
             let cgroup = present.get(&p.cgroup_uid).and_then(|path| self.cached_cgroup(path));
             let state = if cgroup.is_some() { "running" } else { "pending" };
@@ -125,33 +148,45 @@ impl Node {
                 continue;
             };
             // Pods of one gateway share their rules: compile them once per pass.
-            let rules = match compiled.get(&p.gateway) {
-                Some(r) if p.mode != Mode::Pass => r.clone(),
-                _ => {
-                    let r = self.rules_of(p, &cgroup);
-                    if p.mode != Mode::Pass {
-                        compiled.insert(p.gateway.clone(), r.clone());
-                    }
-                    r
-                }
+            let rules = if p.mode == Mode::Pass {
+                nothing.clone()
+            } else if let Some(r) = compiled.get(&p.gateway) {
+                r.clone()
+            } else {
+                let r = Arc::new(self.rules_of(p, &cgroup));
+                compiled.insert(p.gateway.clone(), r.clone());
+                r
             };
-            owners.insert(
-                cgroup.id,
-                Owner {
+            // A cgroup id belongs to one pod for good: only new ones need an owner entry.
+            seen.insert(cgroup.id);
+            if !self.owned.contains(&cgroup.id) {
+                let owner = Owner {
                     namespace: p.namespace.clone(),
                     pod: p.name.clone(),
                     cgroup: cgroup.path.display().to_string(),
-                },
-            );
-            if p.mode != Mode::Pass {
+                };
+                new_owners.push((cgroup.id, owner));
+            }
+            if full && p.mode != Mode::Pass {
                 pass.enforced.push(cgroup.clone());
             }
             desired.push(Desired { cgroup, mode: p.mode, rules });
         }
+        self.present = Some(present);
 
         // Owners first, so events from a pod enforced in this pass are named.
-        if let Ok(mut index) = self.owners.write() {
-            index.clone_from(&owners);
+        let gone: Vec<u64> = self.owned.difference(&seen).copied().collect();
+        if (!new_owners.is_empty() || !gone.is_empty())
+            && let Ok(mut index) = self.owners.write()
+        {
+            for id in &gone {
+                index.remove(id);
+                self.owned.remove(id);
+            }
+            for (id, owner) in new_owners {
+                index.insert(id, owner);
+                self.owned.insert(id);
+            }
         }
         pass.summary =
             reconcile::apply_with(&mut self.ebpf, &mut self.maps, &self.pins, &desired, &mut self.state)?;
@@ -202,7 +237,7 @@ impl Node {
     }
 
     fn rules_of(&mut self, p: &PodPolicy, cgroup: &CgroupRef) -> CompiledRules {
-        let spec = p.allowed.clone().into_spec(cgroup.path.display().to_string(), p.mode);
+        let spec = (*p.allowed).clone().into_spec(cgroup.path.display().to_string(), p.mode);
         compile(&spec).unwrap_or_else(|e| {
             // Fail closed: the pod keeps loopback only, and the reason is in the log.
             let problem = format!("pod {}/{}: {e}; nothing but loopback is allowed", p.namespace, p.name);

@@ -117,7 +117,9 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     tracing::info!("caches synced");
 
-    let mut tick = tokio::time::interval(TICK_EVERY);
+    // The first pass is full anyway (nothing is known yet): start ticking one period later, so
+    // a second full pass does not follow it at once.
+    let mut tick = tokio::time::interval_at(Instant::now() + TICK_EVERY, TICK_EVERY);
     let mut ticks: u32 = 0;
     let mut retry_at: Option<Instant> = Some(Instant::now());
     let mut oldest: Option<std::time::Instant> = None;
@@ -133,7 +135,7 @@ pub async fn run(opts: Options) -> Result<()> {
         };
         let mut full_check = false;
         tokio::select! {
-            Some(t) = rx.recv() => note_trigger(t, &mut oldest),
+            Some(t) = rx.recv() => note_trigger(t, &mut oldest, &mut node),
             Some(_) = futures_util::StreamExt::next(&mut config_changes) => {
                 match reload_config(&opts, &config_text, &config, &client, &tx).await {
                     Ok(Some((text, new_config, new_stores, new_watches))) => {
@@ -154,7 +156,7 @@ pub async fn run(opts: Options) -> Result<()> {
             }
             _ = tick.tick() => {
                 ticks = ticks.wrapping_add(1);
-                full_check = ticks % FULL_EVERY_TICKS == 1;
+                full_check = ticks.is_multiple_of(FULL_EVERY_TICKS);
             }
             () = retry => {}
             _ = term.recv() => break,
@@ -162,7 +164,7 @@ pub async fn run(opts: Options) -> Result<()> {
         }
         // Coalesce whatever else arrived meanwhile into this pass.
         while let Ok(t) = rx.try_recv() {
-            note_trigger(t, &mut oldest);
+            note_trigger(t, &mut oldest, &mut node);
         }
         health.beat();
         if full_check {
@@ -213,9 +215,16 @@ fn stopped() {
     tracing::info!("stopping; enforcement stays pinned (use `egress-agent teardown` to remove it)");
 }
 
-/// Keeps the earliest unapplied trigger: the latency metric measures from there.
-fn note_trigger(t: Trigger, oldest: &mut Option<std::time::Instant>) {
-    let (Trigger::Watch(at) | Trigger::Cgroup(at)) = t;
+/// Keeps the earliest unapplied trigger (the latency metric measures from there), and tells the
+/// node when pod cgroups changed.
+fn note_trigger(t: Trigger, oldest: &mut Option<std::time::Instant>, node: &mut Node) {
+    let at = match t {
+        Trigger::Watch(at) => at,
+        Trigger::Cgroup(at) => {
+            node.cgroups_changed();
+            at
+        }
+    };
     if oldest.is_none_or(|o| at < o) {
         *oldest = Some(at);
     }

@@ -141,7 +141,7 @@ fn labels_choose_mode_and_gateway() {
     assert_eq!(p["u-api"].mode, Mode::Audit);
     assert_eq!(p["u-api"].gateway, "eu");
     assert_eq!(p["u-batch"].mode, Mode::Pass);
-    assert_eq!(p["u-batch"].allowed, Allowed::default());
+    assert_eq!(*p["u-batch"].allowed, Allowed::default());
     assert!(!p.contains_key("u-done"), "finished pods hold no policy");
 }
 
