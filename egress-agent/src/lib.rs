@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 pub mod events;
+pub mod gateway;
 pub mod http;
 pub mod inspect;
 pub mod k8s;
