@@ -153,10 +153,7 @@ impl KernelMaps {
         (0..REASON_SLOTS)
             .map(|i| {
                 let per_cpu = self.counters.get(&i, 0).context("reading the counters map")?;
-                Ok(per_cpu.iter().fold(ReasonCounters::default(), |acc, c| ReasonCounters {
-                    applied: acc.applied + c.applied,
-                    audited: acc.audited + c.audited,
-                }))
+                Ok(sum_cpus(&per_cpu))
             })
             .collect()
     }
@@ -166,11 +163,7 @@ impl KernelMaps {
         let mut out = BTreeMap::new();
         for entry in self.cgroup_counters.iter() {
             let (key, per_cpu) = entry.context("reading the per-cgroup counters map")?;
-            let sum = per_cpu.iter().fold(ReasonCounters::default(), |acc, c| ReasonCounters {
-                applied: acc.applied + c.applied,
-                audited: acc.audited + c.audited,
-            });
-            out.insert((key.cgroup_id, key.reason), sum);
+            out.insert((key.cgroup_id, key.reason), sum_cpus(&per_cpu));
         }
         Ok(out)
     }
@@ -195,6 +188,14 @@ impl KernelMaps {
         let per_cpu = self.event_budget.get(&0, 0).context("reading the event budget map")?;
         Ok(per_cpu.iter().fold((0, 0), |(s, f), b| (s + b.suppressed, f + b.ringbuf_full)))
     }
+}
+
+/// One counter value from its per-CPU slots.
+fn sum_cpus(per_cpu: &[ReasonCounters]) -> ReasonCounters {
+    per_cpu.iter().fold(ReasonCounters::default(), |acc, c| ReasonCounters {
+        applied: acc.applied + c.applied,
+        audited: acc.audited + c.audited,
+    })
 }
 
 fn v4_key(policy_id: u32, net: &Ipv4Net) -> Key<Ipv4AllowKey> {
