@@ -9,7 +9,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 
-use crate::metrics::Metrics;
+/// Renders the metrics page (the node agent reads kernel maps, so this may block).
+pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// The agent loop must come round at least this often (it ticks every few seconds), or the
 /// liveness probe fails and the kubelet restarts the agent (enforcement stays pinned meanwhile).
@@ -58,18 +59,24 @@ impl Default for Health {
 #[derive(Clone)]
 struct AppState {
     health: Arc<Health>,
-    metrics: Arc<Metrics>,
+    render: Render,
 }
 
-pub async fn serve(addr: SocketAddr, health: Arc<Health>, metrics: Arc<Metrics>) -> Result<()> {
+pub async fn serve(addr: SocketAddr, health: Arc<Health>, render: Render) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the health/metrics endpoint on {addr}"))?;
+    serve_on(listener, health, render).await
+}
+
+/// Like [`serve`], on a listener the caller bound (so binding errors surface at start).
+pub async fn serve_on(listener: tokio::net::TcpListener, health: Arc<Health>, render: Render) -> Result<()> {
+    let addr = listener.local_addr()?;
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .with_state(AppState { health, metrics });
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the health/metrics endpoint on {addr} (--http-addr)"))?;
+        .with_state(AppState { health, render });
     tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
     axum::serve(listener, app).await.context("health/metrics server")
 }
@@ -92,8 +99,7 @@ async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {
 }
 
 async fn metrics_text(State(s): State<AppState>) -> ([(&'static str, &'static str); 1], String) {
-    let metrics = s.metrics.clone();
-    // Reading the kernel maps is blocking syscalls.
-    let body = tokio::task::spawn_blocking(move || metrics.render()).await.unwrap_or_default();
+    let render = s.render.clone();
+    let body = tokio::task::spawn_blocking(move || render()).await.unwrap_or_default();
     ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
 }

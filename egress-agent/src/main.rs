@@ -3,7 +3,7 @@ use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf};
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use egress_agent::{
-    cgroup, inspect, k8s,
+    cgroup, gateway, inspect, k8s,
     kernel::bpffs::{DEFAULT_PIN_DIR, PinLayout},
     standalone, teardown,
 };
@@ -53,6 +53,17 @@ enum Command {
         /// Policy file; reloaded on SIGHUP and when it changes.
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Egress gateway proxy: CONNECT/HTTP proxy, SNI passthrough, TCP forwards and TLS
+    /// origination, allowlisted per source namespace; one JSON access-log line per connection
+    /// or request on stdout.
+    Gateway {
+        /// Gateway configuration (listeners, rules, sources); reloaded when it changes or on SIGHUP.
+        #[arg(long, short, env = "EGRESSFW_GATEWAY_CONFIG", default_value = gateway::config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Worker threads (default: one per CPU).
+        #[arg(long, env = "EGRESSFW_GATEWAY_THREADS")]
+        threads: Option<usize>,
     },
     /// Show what is attached and enforced, read from the kernel.
     Inspect {
@@ -107,6 +118,13 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(standalone::run(opts))
+        }
+        Command::Gateway { config, threads } => {
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = threads {
+                runtime.worker_threads(n.max(1));
+            }
+            runtime.enable_all().build()?.block_on(gateway::server::run(gateway::server::Options { config }))
         }
         Command::Inspect { json } => {
             let report = inspect::collect(&pins, &cgroup_root()?)?;

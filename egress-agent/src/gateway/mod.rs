@@ -1,7 +1,29 @@
-//! The egress gateway proxy (`egress-agent gateway`, issue 4). So far: the destination checks
-//! every listener will share, as pure functions with unit tests. The listeners, configuration,
-//! logs and metrics come next.
+//! The egress gateway proxy (`egress-agent gateway --config gw.yaml`): the userspace half of
+//! the product. The kernel makes the gateway the only way out; the gateway decides, per source
+//! namespace, which external hosts are reachable, and logs and counts every decision.
+//!
+//! - `config`, `policy`, `identity`: what is allowed, and who is asking;
+//! - `target`, `host`, `ip_literal`, `ranges`, `client_hello`: reading and normalising what the
+//!   client asked for (pure functions, fuzzed);
+//! - `shared`: the one path to an upstream (authorise, resolve, check, dial the checked address);
+//! - `http_proxy`, `tls_passthrough`, `tcp_forward`, `originate`: the listeners;
+//! - `relay`, `access_log`, `metrics`, `server`: moving bytes, accounting, and the process.
 
+pub mod access_log;
+pub mod client_hello;
+pub mod config;
 pub mod host;
+pub mod http_proxy;
+pub mod identity;
 pub mod ip_literal;
+pub mod metrics;
+pub mod originate;
+pub mod policy;
 pub mod ranges;
+pub mod relay;
+pub mod server;
+pub mod shared;
+pub mod target;
+pub mod tcp_forward;
+pub mod tls_passthrough;
+pub mod tunnel;

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 /// Why an address is not a public destination. Names are stable (log and metrics labels).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Blocked {
     /// Cloud instance metadata services (checked before link-local, which holds most of them).
     Metadata,

@@ -262,7 +262,7 @@ async fn reload_config(
 }
 
 async fn http_task(addr: SocketAddr, health: Arc<Health>, metrics: Arc<Metrics>) {
-    if let Err(e) = http::serve(addr, health, metrics).await {
+    if let Err(e) = http::serve(addr, health, Arc::new(move || metrics.render())).await {
         tracing::error!(error = format!("{e:#}"), "health/metrics endpoint stopped");
     }
 }

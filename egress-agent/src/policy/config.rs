@@ -218,7 +218,7 @@ pub(crate) fn parse_ip(s: &str, at: &str) -> Result<IpAddr, ParseError> {
     s.trim().parse().map_err(|_| invalid(at, format!("{s:?} is not an IP address")))
 }
 
-fn parse_cidr(s: &str, at: &str) -> Result<IpNet, ParseError> {
+pub(crate) fn parse_cidr(s: &str, at: &str) -> Result<IpNet, ParseError> {
     let s_trim = s.trim();
     let net: IpNet = match s_trim.parse() {
         Ok(n) => n,

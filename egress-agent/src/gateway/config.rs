@@ -1,0 +1,626 @@
+//! The gateway's configuration file (`egress-agent gateway --config gw.yaml`, a ConfigMap in a
+//! cluster):
+//!
+//! ```yaml
+//! listeners:                       # each optional; at least one
+//!   httpProxy: {listen: "0.0.0.0:3128"}            # CONNECT and absolute-form HTTP (HTTP(S)_PROXY)
+//!   tlsPassthrough: {listen: "0.0.0.0:8443", upstreamPort: 443}   # routed by SNI, not terminated
+//!   httpTransparent: {listen: "0.0.0.0:8080", upstreamPort: 80}   # routed by the Host header
+//!   tcpForwards:                                   # fixed upstreams, no name on the wire
+//!     - {listen: "0.0.0.0:5432", upstream: "db.example.com:5432"}
+//!   tlsOrigination:                                # plain HTTP in, verified HTTPS out
+//!     listen: "0.0.0.0:8081"
+//!     hosts: ["api.example.com"]                   # which Host headers are originated
+//!     upstreamPort: 443
+//!     caFile: /etc/egressfw/upstream-ca.pem        # optional; default: the system roots
+//! admin: "0.0.0.0:9809"            # /healthz, /readyz, /metrics
+//! sources:                         # who a client is: its source address -> namespace
+//!   kubernetes: true               # watch pods (pod IP -> namespace)
+//!   static:                        # and/or a fixed table (standalone use, node ranges)
+//!     - {cidr: 10.231.0.0/24, namespace: team-a}
+//! rules:                           # default deny; a request is allowed when one rule matches
+//!   - namespaces: [team-a]         # "*": any identified namespace
+//!     hosts: ["api.example.com", "*.example.org"]
+//!     cidrs: [10.0.0.0/8]          # by address; the only way to reach non-public addresses
+//!     ports: [443, "8000-8100"]    # omitted: any port
+//! limits:                          # all optional, these are the defaults
+//!   maxConnections: 10000
+//!   headerTimeout: 10s             # whole request head (slowloris), and the ClientHello
+//!   idleTimeout: 5m                # a tunnel or keep-alive connection with no traffic
+//!   connectTimeout: 5s             # upstream TCP connect (and TLS handshake when originating)
+//!   maxHeaderBytes: 16384
+//!   maxHeaders: 64
+//!   clientHelloMaxBytes: 16384
+//! drainTimeout: 30s                # on SIGTERM: stop accepting, let connections finish this long
+//! ```
+//!
+//! Parsing is strict (unknown fields are errors) and every error names the value and where it
+//! sits, so a bad ConfigMap edit is rejected with a message the operator can act on.
+
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, time::Duration};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use super::host::{self, HostName, HostPattern};
+use crate::policy::config::{ParseError, PortRange, RawPort, invalid, parse_cidr, parse_port};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/egressfw/gateway.yaml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayConfigError {
+    #[error("reading gateway config {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("gateway config {path}: {source}")]
+    Syntax { path: String, source: serde_yaml::Error },
+    #[error("gateway config {path}: {at}: {message}")]
+    Invalid { path: String, at: String, message: String },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GatewayConfig {
+    pub listeners: Listeners,
+    pub admin: Option<SocketAddr>,
+    pub sources: Sources,
+    pub rules: Vec<Rule>,
+    pub limits: Limits,
+    pub drain_timeout: Duration,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Listeners {
+    pub http_proxy: Option<SocketAddr>,
+    pub tls_passthrough: Option<Routed>,
+    pub http_transparent: Option<Routed>,
+    pub tcp_forwards: Vec<TcpForward>,
+    pub tls_origination: Option<Origination>,
+}
+
+impl Listeners {
+    /// Every listening address with the listener's name, for binding and for logs.
+    pub fn addresses(&self) -> Vec<(SocketAddr, &'static str)> {
+        let mut all = Vec::new();
+        all.extend(self.http_proxy.map(|a| (a, "http_proxy")));
+        all.extend(self.tls_passthrough.as_ref().map(|l| (l.listen, "tls_passthrough")));
+        all.extend(self.http_transparent.as_ref().map(|l| (l.listen, "http_transparent")));
+        all.extend(self.tcp_forwards.iter().map(|f| (f.listen, "tcp_forward")));
+        all.extend(self.tls_origination.as_ref().map(|l| (l.listen, "tls_origination")));
+        all
+    }
+}
+
+/// A transparent listener: the destination name comes from the traffic, the port from here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Routed {
+    pub listen: SocketAddr,
+    pub upstream_port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpForward {
+    pub listen: SocketAddr,
+    pub upstream: Upstream,
+}
+
+/// `host:port` where host is a name or an IP literal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origination {
+    pub listen: SocketAddr,
+    pub hosts: Vec<HostPattern>,
+    pub upstream_port: u16,
+    /// PEM bundle to verify upstream certificates with; `None`: the system roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sources {
+    pub kubernetes: bool,
+    pub table: Vec<(IpNet, String)>,
+}
+
+/// Which namespaces a rule applies to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Namespaces {
+    Any,
+    Named(BTreeSet<String>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub namespaces: Namespaces,
+    pub hosts: Vec<HostPattern>,
+    pub cidrs: Vec<IpNet>,
+    /// Empty: any port.
+    pub ports: Vec<PortRange>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub client_hello_max_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(5),
+            max_header_bytes: 16 * 1024,
+            max_headers: 64,
+            client_hello_max_bytes: 16 * 1024,
+        }
+    }
+}
+
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawGatewayConfig {
+    listeners: RawListeners,
+    #[serde(default)]
+    admin: Option<String>,
+    #[serde(default)]
+    sources: RawSources,
+    #[serde(default)]
+    rules: Vec<RawRule>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawListeners {
+    #[serde(default)]
+    http_proxy: Option<RawListen>,
+    #[serde(default)]
+    tls_passthrough: Option<RawRouted>,
+    #[serde(default)]
+    http_transparent: Option<RawRouted>,
+    #[serde(default)]
+    tcp_forwards: Vec<RawForward>,
+    #[serde(default)]
+    tls_origination: Option<RawOrigination>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    listen: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRouted {
+    listen: String,
+    #[serde(default)]
+    upstream_port: Option<RawPort>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForward {
+    listen: String,
+    upstream: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawOrigination {
+    listen: String,
+    hosts: Vec<String>,
+    #[serde(default)]
+    upstream_port: Option<RawPort>,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSources {
+    #[serde(default)]
+    kubernetes: bool,
+    #[serde(default, rename = "static")]
+    table: Vec<RawSource>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    cidr: String,
+    namespace: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    namespaces: Vec<String>,
+    #[serde(default)]
+    hosts: Vec<String>,
+    #[serde(default)]
+    cidrs: Vec<String>,
+    #[serde(default)]
+    ports: Vec<RawPort>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawLimits {
+    max_connections: Option<usize>,
+    header_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    connect_timeout: Option<String>,
+    max_header_bytes: Option<usize>,
+    max_headers: Option<usize>,
+    client_hello_max_bytes: Option<usize>,
+}
+
+pub fn load(path: &std::path::Path) -> Result<GatewayConfig, GatewayConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| GatewayConfigError::Read { path: path.display().to_string(), source })?;
+    let shown = path.display().to_string();
+    parse(&text).map_err(|e| match e {
+        ParseError::Syntax(source) => GatewayConfigError::Syntax { path: shown, source },
+        ParseError::Invalid { at, message } => GatewayConfigError::Invalid { path: shown, at, message },
+    })
+}
+
+pub fn parse(text: &str) -> Result<GatewayConfig, ParseError> {
+    let raw: RawGatewayConfig = serde_yaml::from_str(text).map_err(ParseError::Syntax)?;
+    let listeners = parse_listeners(raw.listeners)?;
+    let admin = raw.admin.as_deref().map(|a| parse_listen(a, "admin")).transpose()?;
+    let mut seen = BTreeSet::new();
+    for (addr, name) in listeners.addresses().into_iter().chain(admin.map(|a| (a, "admin"))) {
+        if !seen.insert(addr) {
+            return Err(invalid(name, format!("address {addr} is used by two listeners")));
+        }
+    }
+    if listeners.addresses().is_empty() {
+        return Err(invalid("listeners", "no listener is configured: the gateway would do nothing"));
+    }
+    let sources = parse_sources(raw.sources)?;
+    let rules = raw
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| parse_rule(r, &format!("rules[{i}]")))
+        .collect::<Result<_, _>>()?;
+    let limits = parse_limits(&raw.limits)?;
+    let drain_timeout = raw
+        .drain_timeout
+        .as_deref()
+        .map(|d| parse_duration(d, "drainTimeout"))
+        .transpose()?
+        .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
+    Ok(GatewayConfig { listeners, admin, sources, rules, limits, drain_timeout })
+}
+
+fn parse_listeners(raw: RawListeners) -> Result<Listeners, ParseError> {
+    let routed = |r: &RawRouted, at: &str, default_port: u16| -> Result<Routed, ParseError> {
+        Ok(Routed {
+            listen: parse_listen(&r.listen, &format!("{at}.listen"))?,
+            upstream_port: single_port(r.upstream_port.as_ref(), &format!("{at}.upstreamPort"))?
+                .unwrap_or(default_port),
+        })
+    };
+    let tcp_forwards = raw
+        .tcp_forwards
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let at = format!("listeners.tcpForwards[{i}]");
+            Ok(TcpForward {
+                listen: parse_listen(&f.listen, &format!("{at}.listen"))?,
+                upstream: parse_upstream(&f.upstream, &format!("{at}.upstream"))?,
+            })
+        })
+        .collect::<Result<_, ParseError>>()?;
+    let tls_origination = raw
+        .tls_origination
+        .map(|o| {
+            let at = "listeners.tlsOrigination";
+            if o.hosts.is_empty() {
+                return Err(invalid(format!("{at}.hosts"), "name at least one host to originate TLS to"));
+            }
+            if let Some(ca) = &o.ca_file
+                && !ca.is_file()
+            {
+                return Err(invalid(
+                    format!("{at}.caFile"),
+                    format!("{} is not a readable file", ca.display()),
+                ));
+            }
+            Ok(Origination {
+                listen: parse_listen(&o.listen, &format!("{at}.listen"))?,
+                hosts: parse_patterns(&o.hosts, &format!("{at}.hosts"))?,
+                upstream_port: single_port(o.upstream_port.as_ref(), &format!("{at}.upstreamPort"))?
+                    .unwrap_or(443),
+                ca_file: o.ca_file,
+            })
+        })
+        .transpose()?;
+    Ok(Listeners {
+        http_proxy: raw
+            .http_proxy
+            .map(|l| parse_listen(&l.listen, "listeners.httpProxy.listen"))
+            .transpose()?,
+        tls_passthrough: raw
+            .tls_passthrough
+            .map(|r| routed(&r, "listeners.tlsPassthrough", 443))
+            .transpose()?,
+        http_transparent: raw
+            .http_transparent
+            .map(|r| routed(&r, "listeners.httpTransparent", 80))
+            .transpose()?,
+        tcp_forwards,
+        tls_origination,
+    })
+}
+
+fn parse_sources(raw: RawSources) -> Result<Sources, ParseError> {
+    let table = raw
+        .table
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let at = format!("sources.static[{i}]");
+            let cidr = parse_cidr(&s.cidr, &format!("{at}.cidr"))?;
+            if !crate::k8s::config::is_label_value(&s.namespace) {
+                return Err(invalid(
+                    format!("{at}.namespace"),
+                    format!("{:?} is not a namespace name", s.namespace),
+                ));
+            }
+            Ok((cidr, s.namespace.clone()))
+        })
+        .collect::<Result<Vec<_>, ParseError>>()?;
+    if !raw.kubernetes && table.is_empty() {
+        return Err(invalid(
+            "sources",
+            "no way to identify clients: set kubernetes: true or give a static table (every request would be denied)",
+        ));
+    }
+    Ok(Sources { kubernetes: raw.kubernetes, table })
+}
+
+fn parse_rule(r: &RawRule, at: &str) -> Result<Rule, ParseError> {
+    if r.namespaces.is_empty() {
+        return Err(invalid(format!("{at}.namespaces"), "name the source namespaces, or \"*\" for any"));
+    }
+    let namespaces = if r.namespaces.iter().any(|n| n == "*") {
+        if r.namespaces.len() > 1 {
+            return Err(invalid(
+                format!("{at}.namespaces"),
+                "\"*\" already means every namespace; list it alone",
+            ));
+        }
+        Namespaces::Any
+    } else {
+        for n in &r.namespaces {
+            if !crate::k8s::config::is_label_value(n) {
+                return Err(invalid(format!("{at}.namespaces"), format!("{n:?} is not a namespace name")));
+            }
+        }
+        Namespaces::Named(r.namespaces.iter().cloned().collect())
+    };
+    if r.hosts.is_empty() && r.cidrs.is_empty() {
+        return Err(invalid(at, "a rule needs hosts or cidrs (it would match nothing)"));
+    }
+    let hosts = parse_patterns(&r.hosts, &format!("{at}.hosts"))?;
+    let cidrs = r.cidrs.iter().map(|c| parse_cidr(c, &format!("{at}.cidrs"))).collect::<Result<_, _>>()?;
+    let ports = r.ports.iter().map(|p| parse_port(p, &format!("{at}.ports"))).collect::<Result<_, _>>()?;
+    Ok(Rule { namespaces, hosts, cidrs, ports })
+}
+
+fn parse_patterns(raw: &[String], at: &str) -> Result<Vec<HostPattern>, ParseError> {
+    raw.iter()
+        .map(|h| {
+            if super::ip_literal::parse(h).is_some() {
+                return Err(invalid(at, format!("{h:?} is an IP address; put addresses under cidrs")));
+            }
+            HostPattern::parse(h).map_err(|e| invalid(at, e.to_string()))
+        })
+        .collect()
+}
+
+fn parse_limits(raw: &RawLimits) -> Result<Limits, ParseError> {
+    let d = Limits::default();
+    let duration = |v: &Option<String>, at: &str, default: Duration| {
+        v.as_deref()
+            .map(|s| parse_duration(s, &format!("limits.{at}")))
+            .transpose()
+            .map(|v| v.unwrap_or(default))
+    };
+    let positive = |v: Option<usize>, at: &str, default: usize, min: usize| match v {
+        None => Ok(default),
+        Some(n) if n >= min => Ok(n),
+        Some(n) => Err(invalid(format!("limits.{at}"), format!("{n} is below the minimum of {min}"))),
+    };
+    Ok(Limits {
+        max_connections: positive(raw.max_connections, "maxConnections", d.max_connections, 1)?,
+        header_timeout: duration(&raw.header_timeout, "headerTimeout", d.header_timeout)?,
+        idle_timeout: duration(&raw.idle_timeout, "idleTimeout", d.idle_timeout)?,
+        connect_timeout: duration(&raw.connect_timeout, "connectTimeout", d.connect_timeout)?,
+        // hyper's read buffer cannot be smaller than 8 KiB.
+        max_header_bytes: positive(raw.max_header_bytes, "maxHeaderBytes", d.max_header_bytes, 8192)?,
+        max_headers: positive(raw.max_headers, "maxHeaders", d.max_headers, 8)?,
+        client_hello_max_bytes: positive(
+            raw.client_hello_max_bytes,
+            "clientHelloMaxBytes",
+            d.client_hello_max_bytes,
+            512,
+        )?,
+    })
+}
+
+fn parse_duration(s: &str, at: &str) -> Result<Duration, ParseError> {
+    match humantime::parse_duration(s.trim()) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(invalid(at, format!("{s:?} is zero; give a positive duration"))),
+        Err(e) => Err(invalid(at, format!("{s:?} is not a duration like \"10s\" or \"5m\" ({e})"))),
+    }
+}
+
+fn parse_listen(s: &str, at: &str) -> Result<SocketAddr, ParseError> {
+    s.trim().parse().map_err(|_| invalid(at, format!("{s:?} is not an address:port like \"0.0.0.0:3128\"")))
+}
+
+fn single_port(p: Option<&RawPort>, at: &str) -> Result<Option<u16>, ParseError> {
+    p.map(|p| {
+        let r = parse_port(p, at)?;
+        if r.first != r.last {
+            return Err(invalid(at, format!("{p} is a range; give one port")));
+        }
+        Ok(r.first)
+    })
+    .transpose()
+}
+
+/// `host:port` or `[v6]:port`; the host is checked as a name or an IP literal.
+fn parse_upstream(s: &str, at: &str) -> Result<Upstream, ParseError> {
+    let bad = || invalid(at, format!("{s:?} is not host:port (like \"db.example.com:5432\")"));
+    let (h, p) = s.trim().rsplit_once(':').ok_or_else(bad)?;
+    let port = p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad)?;
+    let host = match super::ip_literal::parse(h) {
+        Some(ip) => ip.to_string(),
+        None => host::normalize(h).map_err(|e| invalid(at, e.to_string()))?.as_str().to_owned(),
+    };
+    Ok(Upstream { host, port })
+}
+
+impl Upstream {
+    /// The name to match rules against, when the upstream is not an IP literal.
+    pub fn name(&self) -> Option<HostName> {
+        if super::ip_literal::parse(&self.host).is_some() { None } else { host::normalize(&self.host).ok() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+listeners:
+  httpProxy: {listen: "0.0.0.0:3128"}
+  tlsPassthrough: {listen: "0.0.0.0:8443"}
+  httpTransparent: {listen: "[::]:8080", upstreamPort: 8080}
+  tcpForwards:
+    - {listen: "0.0.0.0:5432", upstream: "DB.example.com.:5432"}
+  tlsOrigination: {listen: "127.0.0.1:8081", hosts: ["api.example.com"]}
+admin: "0.0.0.0:9809"
+sources:
+  kubernetes: true
+  static:
+    - {cidr: 10.231.0.0/24, namespace: team-a}
+rules:
+  - namespaces: [team-a]
+    hosts: ["api.example.com", "*.example.org"]
+    ports: [443, "8000-8100"]
+  - namespaces: ["*"]
+    cidrs: [10.0.0.0/8]
+limits:
+  headerTimeout: 2s
+  idleTimeout: 1m
+drainTimeout: 5s
+"#;
+
+    fn err(text: &str) -> String {
+        match parse(text) {
+            Ok(c) => panic!("accepted: {c:?}"),
+            Err(ParseError::Invalid { at, message }) => format!("{at}: {message}"),
+            Err(ParseError::Syntax(e)) => format!("syntax: {e}"),
+        }
+    }
+
+    #[test]
+    fn full_config() {
+        let c = parse(FULL).unwrap();
+        assert_eq!(c.listeners.addresses().len(), 5);
+        assert_eq!(c.listeners.tls_passthrough.as_ref().unwrap().upstream_port, 443);
+        assert_eq!(c.listeners.http_transparent.as_ref().unwrap().upstream_port, 8080);
+        assert_eq!(
+            c.listeners.tcp_forwards[0].upstream,
+            Upstream { host: "db.example.com".into(), port: 5432 }
+        );
+        assert_eq!(c.listeners.tls_origination.as_ref().unwrap().upstream_port, 443);
+        assert!(c.sources.kubernetes);
+        assert_eq!(c.sources.table, vec![("10.231.0.0/24".parse().unwrap(), "team-a".to_string())]);
+        assert_eq!(c.rules.len(), 2);
+        assert_eq!(c.rules[1].namespaces, Namespaces::Any);
+        assert_eq!(c.rules[0].ports.len(), 2);
+        assert_eq!(c.limits.header_timeout, Duration::from_secs(2));
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.limits.max_headers, 64);
+        assert_eq!(c.drain_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn errors_name_the_value() {
+        let base = "listeners: {httpProxy: {listen: \"0.0.0.0:3128\"}}\nsources: {kubernetes: true}\n";
+        assert!(err("listeners: {}\nsources: {kubernetes: true}").contains("no listener"));
+        assert!(
+            err("listeners: {httpProxy: {listen: \"nowhere\"}}\nsources: {kubernetes: true}")
+                .contains("\"nowhere\"")
+        );
+        assert!(
+            err("listeners: {httpProxy: {listen: \"0.0.0.0:3128\"}}").contains("no way to identify clients")
+        );
+        assert!(
+            err(&format!("{base}rules: [{{namespaces: [a], hosts: [\"ex ample.com\"]}}]"))
+                .contains("ex ample.com")
+        );
+        assert!(
+            err(&format!("{base}rules: [{{namespaces: [a], hosts: [\"10.0.0.1\"]}}]"))
+                .contains("put addresses under cidrs")
+        );
+        assert!(
+            err(&format!("{base}rules: [{{namespaces: [a]}}]"))
+                .contains("rules[0]: a rule needs hosts or cidrs")
+        );
+        assert!(
+            err(&format!("{base}rules: [{{namespaces: [\"*\", a], hosts: [x.com]}}]"))
+                .contains("list it alone")
+        );
+        assert!(
+            err(&format!("{base}rules: [{{namespaces: [a], hosts: [x.com], ports: [70000]}}]"))
+                .contains("70000")
+        );
+        assert!(
+            err(&format!("{base}limits: {{headerTimeout: soon}}")).contains("limits.headerTimeout: \"soon\"")
+        );
+        assert!(err(&format!("{base}limits: {{maxHeaderBytes: 100}}")).contains("minimum of 8192"));
+        assert!(err(&format!("{base}admin: \"0.0.0.0:3128\"")).contains("used by two listeners"));
+        assert!(err(&format!("{base}bogus: 1")).contains("unknown field `bogus`"));
+        assert!(
+            err("listeners: {tcpForwards: [{listen: \"0.0.0.0:1\", upstream: \"db\"}]}\nsources: {kubernetes: true}")
+                .contains("tcpForwards[0].upstream: \"db\" is not host:port")
+        );
+        assert!(
+            err("listeners: {tlsOrigination: {listen: \"0.0.0.0:1\", hosts: [a.com], caFile: /nonexistent}}\nsources: {kubernetes: true}")
+                .contains("/nonexistent is not a readable file")
+        );
+    }
+
+    #[test]
+    fn upstream_literals_are_normalised() {
+        let u = parse_upstream("[::ffff:10.0.0.1]:80", "x").unwrap();
+        assert_eq!(u, Upstream { host: "10.0.0.1".into(), port: 80 });
+        assert_eq!(u.name(), None);
+        assert_eq!(parse_upstream("0x7f.1:22", "x").unwrap().host, "127.0.0.1");
+    }
+}

@@ -1,0 +1,261 @@
+//! Allow rules, in two steps: may this namespace ask for this name (or address) on this port,
+//! and then, once the gateway itself has resolved the name, which of the addresses may it dial.
+//! Default deny. Non-public addresses pass only when the matching rule names them in `cidrs`.
+
+use std::{fmt, net::IpAddr};
+
+pub use super::target::Target;
+
+use ipnet::IpNet;
+
+use super::{
+    config::{Namespaces, Rule},
+    ip_literal,
+    ranges::{self, Blocked},
+    target::TargetError,
+};
+
+/// Why a request was refused. The names are stable: they are log fields and metric labels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Deny {
+    /// The client's address maps to no namespace.
+    UnknownSource,
+    /// No rule allows this namespace, destination and port.
+    NotAllowed,
+    /// Every address the name resolved to (or the literal) is non-public and not named by a rule.
+    Blocked(Blocked),
+    /// The name does not resolve.
+    ResolveFailed,
+    /// Unparseable target, request or ClientHello.
+    BadTarget,
+    BadRequest,
+    /// Content-Length with Transfer-Encoding, or several Content-Length headers.
+    AmbiguousFraming,
+    /// CONNECT target, SNI and Host disagree (domain fronting).
+    TargetMismatch,
+    /// A TLS listener got a ClientHello without a server name, or with encrypted ClientHello.
+    NoServerName,
+    /// The ClientHello uses Encrypted Client Hello: the real server name is hidden, so the
+    /// outer one proves nothing.
+    EncryptedClientHello,
+    /// The origination listener was asked for a host it does not originate to.
+    NotOriginated,
+    /// The request head or ClientHello did not arrive in time, or was too large.
+    HeaderTimeout,
+    HeaderTooLarge,
+    /// The connection cap was reached.
+    TooManyConnections,
+    /// The gateway is draining (SIGTERM).
+    Draining,
+}
+
+impl Deny {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::UnknownSource => "unknown_source",
+            Self::NotAllowed => "not_allowed",
+            Self::Blocked(b) => match b {
+                Blocked::Metadata => "blocked_metadata",
+                Blocked::Loopback => "blocked_loopback",
+                Blocked::Private => "blocked_private",
+                Blocked::LinkLocal => "blocked_link_local",
+                Blocked::Cgnat => "blocked_cgnat",
+                Blocked::Multicast => "blocked_multicast",
+                Blocked::Unspecified => "blocked_unspecified",
+                Blocked::Reserved => "blocked_reserved",
+            },
+            Self::ResolveFailed => "resolve_failed",
+            Self::BadTarget => "bad_target",
+            Self::BadRequest => "bad_request",
+            Self::AmbiguousFraming => "ambiguous_framing",
+            Self::TargetMismatch => "target_mismatch",
+            Self::NoServerName => "no_server_name",
+            Self::EncryptedClientHello => "encrypted_client_hello",
+            Self::NotOriginated => "not_originated",
+            Self::HeaderTimeout => "header_timeout",
+            Self::HeaderTooLarge => "header_too_large",
+            Self::TooManyConnections => "too_many_connections",
+            Self::Draining => "draining",
+        }
+    }
+}
+
+impl From<TargetError> for Deny {
+    fn from(e: TargetError) -> Self {
+        match e {
+            TargetError::BadTarget => Self::BadTarget,
+            TargetError::BadRequest => Self::BadRequest,
+            TargetError::AmbiguousFraming => Self::AmbiguousFraming,
+            TargetError::TargetMismatch => Self::TargetMismatch,
+        }
+    }
+}
+
+impl fmt::Display for Deny {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A first-step yes: which rule said so, and which non-public ranges those rules open.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// The pattern or CIDR that matched, as written: a bounded label for metrics.
+    pub matched: String,
+    exceptions: Vec<IpNet>,
+}
+
+#[derive(Debug, Default)]
+pub struct Policy {
+    rules: Vec<Rule>,
+}
+
+impl Policy {
+    pub fn new(rules: Vec<Rule>) -> Self {
+        Self { rules }
+    }
+
+    /// May `namespace` (`None`: unidentified client) reach `target` on `port`?
+    pub fn authorize(&self, namespace: Option<&str>, target: &Target, port: u16) -> Result<Grant, Deny> {
+        let ns = namespace.ok_or(Deny::UnknownSource)?;
+        let mut grant: Option<Grant> = None;
+        for rule in self.rules.iter().filter(|r| applies(r, ns, port)) {
+            let matched = match target {
+                Target::Name(h) => rule.hosts.iter().find(|p| p.matches(h)).map(pattern_text),
+                Target::Ip(ip) => rule.cidrs.iter().find(|c| c.contains(ip)).map(ToString::to_string),
+            };
+            if let Some(matched) = matched {
+                let g = grant.get_or_insert_with(|| Grant { matched, exceptions: Vec::new() });
+                g.exceptions.extend(rule.cidrs.iter().copied());
+            }
+        }
+        grant.ok_or(Deny::NotAllowed)
+    }
+
+    /// The addresses the gateway may dial for a granted target, in resolver order: public ones,
+    /// and non-public ones the granting rules name. An IP literal was granted by a CIDR, which is
+    /// its explicit permission. Addresses are normalised (IPv4-mapped -> IPv4) before dialing.
+    pub fn dialable(grant: &Grant, target: &Target, resolved: &[IpAddr]) -> Result<Vec<IpAddr>, Deny> {
+        if let Target::Ip(ip) = target {
+            return Ok(vec![ip_literal::normalize(*ip)]);
+        }
+        let mut first_blocked = None;
+        let ok: Vec<IpAddr> = resolved
+            .iter()
+            .map(|ip| ip_literal::normalize(*ip))
+            .filter(|ip| match ranges::classify(*ip) {
+                None => true,
+                Some(_) if grant.exceptions.iter().any(|c| c.contains(ip)) => true,
+                Some(class) => {
+                    first_blocked.get_or_insert(class);
+                    false
+                }
+            })
+            .collect();
+        match (ok.is_empty(), first_blocked) {
+            (false, _) => Ok(ok),
+            (true, Some(class)) => Err(Deny::Blocked(class)),
+            (true, None) => Err(Deny::ResolveFailed),
+        }
+    }
+}
+
+fn applies(rule: &Rule, ns: &str, port: u16) -> bool {
+    let ns_ok = match &rule.namespaces {
+        Namespaces::Any => true,
+        Namespaces::Named(set) => set.contains(ns),
+    };
+    ns_ok && (rule.ports.is_empty() || rule.ports.iter().any(|r| (r.first..=r.last).contains(&port)))
+}
+
+fn pattern_text(p: &super::host::HostPattern) -> String {
+    match p {
+        super::host::HostPattern::Exact(h) => h.to_string(),
+        super::host::HostPattern::Subdomains(h) => format!("*.{h}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        let c = super::super::config::parse(
+            r#"
+listeners: {httpProxy: {listen: "0.0.0.0:3128"}}
+sources: {kubernetes: true}
+rules:
+  - namespaces: [team-a]
+    hosts: ["api.example.com", "*.example.org"]
+    ports: [443]
+  - namespaces: [team-a]
+    hosts: ["internal.example.com"]
+    cidrs: [10.1.0.0/16]
+  - namespaces: ["*"]
+    hosts: ["public.example.net"]
+"#,
+        )
+        .unwrap();
+        Policy::new(c.rules)
+    }
+
+    fn t(s: &str) -> Target {
+        Target::parse(s).unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn first_step_table() {
+        let p = policy();
+        let cases: &[(Option<&str>, &str, u16, Result<&str, Deny>)] = &[
+            (Some("team-a"), "api.example.com", 443, Ok("api.example.com")),
+            (Some("team-a"), "API.Example.COM.", 443, Ok("api.example.com")),
+            (Some("team-a"), "api.example.com", 80, Err(Deny::NotAllowed)),
+            (Some("team-b"), "api.example.com", 443, Err(Deny::NotAllowed)),
+            (None, "api.example.com", 443, Err(Deny::UnknownSource)),
+            (Some("team-a"), "a.b.example.org", 443, Ok("*.example.org")),
+            (Some("team-a"), "example.org", 443, Err(Deny::NotAllowed)),
+            (Some("team-a"), "evilexample.org", 443, Err(Deny::NotAllowed)),
+            (Some("team-b"), "public.example.net", 8080, Ok("public.example.net")),
+            (Some("team-a"), "10.1.2.3", 22, Ok("10.1.0.0/16")),
+            (Some("team-a"), "0x0a.0x01.515", 22, Ok("10.1.0.0/16")),
+            (Some("team-a"), "[::ffff:10.1.2.3]", 22, Ok("10.1.0.0/16")),
+            (Some("team-a"), "10.2.0.1", 22, Err(Deny::NotAllowed)),
+            (Some("team-a"), "93.184.216.34", 443, Err(Deny::NotAllowed)),
+        ];
+        for (ns, target, port, want) in cases {
+            let got = p.authorize(*ns, &t(target), *port).map(|g| g.matched);
+            assert_eq!(got.as_deref().map_err(|e| *e), *want, "{ns:?} {target} {port}");
+        }
+    }
+
+    #[test]
+    fn resolved_addresses_are_checked() {
+        let p = policy();
+        let api = t("api.example.com");
+        let g = p.authorize(Some("team-a"), &api, 443).unwrap();
+        let dial =
+            |addrs: &[&str]| Policy::dialable(&g, &api, &addrs.iter().map(|a| ip(a)).collect::<Vec<_>>());
+        assert_eq!(dial(&["93.184.216.34"]), Ok(vec![ip("93.184.216.34")]));
+        assert_eq!(dial(&["169.254.169.254"]), Err(Deny::Blocked(Blocked::Metadata)));
+        assert_eq!(dial(&["::ffff:127.0.0.1"]), Err(Deny::Blocked(Blocked::Loopback)));
+        assert_eq!(dial(&["10.1.0.1", "93.184.216.34"]), Ok(vec![ip("93.184.216.34")]));
+        assert_eq!(dial(&["::ffff:93.184.216.34"]), Ok(vec![ip("93.184.216.34")]));
+        assert_eq!(dial(&[]), Err(Deny::ResolveFailed));
+        // The rule for internal.example.com opens 10.1.0.0/16 for that name only.
+        let internal = t("internal.example.com");
+        let gi = p.authorize(Some("team-a"), &internal, 443).unwrap();
+        assert_eq!(Policy::dialable(&gi, &internal, &[ip("10.1.9.9")]), Ok(vec![ip("10.1.9.9")]));
+        assert_eq!(Policy::dialable(&gi, &internal, &[ip("10.2.9.9")]), Err(Deny::Blocked(Blocked::Private)));
+    }
+
+    #[test]
+    fn bad_targets() {
+        assert_eq!(Target::parse("exa mple.com"), Err(TargetError::BadTarget));
+        assert_eq!(Target::parse(""), Err(TargetError::BadTarget));
+        assert_eq!(Target::parse("2130706433"), Ok(Target::Ip(ip("127.0.0.1"))));
+    }
+}

@@ -1,0 +1,259 @@
+//! The gateway process: binds the listeners, serves /healthz, /readyz and /metrics, reloads the
+//! configuration when the file changes (or on SIGHUP) without touching open connections, and
+//! drains on SIGTERM: stop accepting, let connections finish until the deadline, then close.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result};
+use futures_util::StreamExt as _;
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+    task::JoinSet,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    config::{self, GatewayConfig},
+    http_proxy::{self, Mode},
+    identity::Identities,
+    originate::Originator,
+    policy::Policy,
+    shared::{Live, Shared},
+    tcp_forward, tls_passthrough,
+};
+use crate::http::Health;
+
+pub struct Options {
+    pub config: PathBuf,
+}
+
+/// What a listener does with an accepted connection.
+#[derive(Clone)]
+enum Kind {
+    Http(Mode),
+    Tls { upstream_port: u16 },
+    Forward(config::Upstream),
+}
+
+pub async fn run(opts: Options) -> Result<()> {
+    let config = config::load(&opts.config)?;
+    let live = build_live(&config)?;
+    let identities = Arc::new(Identities::new(config.sources.table.clone(), config.sources.kubernetes));
+    let shared = Arc::new(Shared::new(live, identities.clone()));
+    if config.sources.kubernetes {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API for client identities (sources.kubernetes)")?;
+        tokio::spawn(identities.clone().watch_pods(client));
+    }
+
+    // Bind everything before serving anything: a taken port fails the start, naming the listener.
+    let bound = listeners(&config)
+        .into_iter()
+        .map(|(addr, name, kind)| {
+            bind(addr).with_context(|| format!("binding the {name} listener on {addr}")).map(|l| (l, kind))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let admin = match config.admin {
+        Some(addr) => Some(bind(addr).with_context(|| format!("binding the admin endpoint on {addr}"))?),
+        None => None,
+    };
+    let stop_accepting = CancellationToken::new();
+    let mut accepting = JoinSet::new();
+    for (listener, kind) in bound {
+        accepting.spawn(accept_loop(shared.clone(), listener, kind, stop_accepting.clone()));
+    }
+    let health = Arc::new(Health::new());
+    if let Some(admin) = admin {
+        let render = {
+            let shared = shared.clone();
+            Arc::new(move || shared.metrics.render())
+        };
+        let health = health.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::http::serve_on(admin, health, render).await {
+                tracing::error!(error = format!("{e:#}"), "admin endpoint stopped");
+            }
+        });
+    }
+    tokio::spawn(readiness(shared.clone(), health.clone()));
+    tracing::info!(
+        config = %opts.config.display(),
+        listeners = ?config.listeners.addresses().iter().map(|(a, n)| format!("{n}={a}")).collect::<Vec<_>>(),
+        rules = config.rules.len(),
+        kubernetes_sources = config.sources.kubernetes,
+        "gateway ready"
+    );
+
+    let mut changes = crate::standalone::watch_file(&opts.config)?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut current = config;
+    loop {
+        tokio::select! {
+            Some(()) = changes.next() => reload(&shared, &opts, &mut current),
+            _ = hup.recv() => reload(&shared, &opts, &mut current),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    drain(&shared, stop_accepting, accepting, current.drain_timeout).await;
+    Ok(())
+}
+
+fn build_live(config: &GatewayConfig) -> Result<Live> {
+    let originator = config
+        .listeners
+        .tls_origination
+        .as_ref()
+        .map(Originator::new)
+        .transpose()
+        .context("listeners.tlsOrigination")?;
+    Ok(Live { policy: Policy::new(config.rules.clone()), limits: config.limits, originator })
+}
+
+fn listeners(config: &GatewayConfig) -> Vec<(SocketAddr, &'static str, Kind)> {
+    let l = &config.listeners;
+    let mut all = Vec::new();
+    let http = |addr, mode: Mode| (addr, mode.listener(), Kind::Http(mode));
+    all.extend(l.http_proxy.map(|a| http(a, Mode::Proxy)));
+    all.extend(
+        l.http_transparent
+            .as_ref()
+            .map(|r| http(r.listen, Mode::Transparent { default_port: r.upstream_port })),
+    );
+    all.extend(l.tls_origination.as_ref().map(|o| http(o.listen, Mode::Originate)));
+    all.extend(
+        l.tls_passthrough
+            .as_ref()
+            .map(|r| (r.listen, tls_passthrough::LISTENER, Kind::Tls { upstream_port: r.upstream_port })),
+    );
+    all.extend(
+        l.tcp_forwards.iter().map(|f| (f.listen, tcp_forward::LISTENER, Kind::Forward(f.upstream.clone()))),
+    );
+    all
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, kind: Kind, stop: CancellationToken) {
+    let addr = listener.local_addr().ok();
+    loop {
+        let (stream, source) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(?addr, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let shared = shared.clone();
+        match kind.clone() {
+            Kind::Http(mode) => tokio::spawn(http_proxy::serve(shared, stream, source, mode)),
+            Kind::Tls { upstream_port } => {
+                tokio::spawn(tls_passthrough::serve(shared, stream, source, upstream_port))
+            }
+            Kind::Forward(upstream) => tokio::spawn(tcp_forward::serve(shared, stream, source, upstream)),
+        };
+    }
+}
+
+fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // `[::]` also takes IPv4 clients (as mapped addresses, which identities normalise).
+        socket.set_only_v6(false)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into()).with_context(|| format!("binding {addr}"))?;
+    socket.listen(1024)?;
+    Ok(TcpListener::from_std(socket.into())?)
+}
+
+/// Ready when client identities are known (the pod list synced) and not draining.
+async fn readiness(shared: Arc<Shared>, health: Arc<Health>) {
+    loop {
+        health.beat();
+        let not_ready = if shared.draining() {
+            Some("draining".to_owned())
+        } else if !shared.identities.synced() {
+            Some("client identities (pod list) not synced yet".to_owned())
+        } else {
+            None
+        };
+        health.set_ready(not_ready);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Applies a changed configuration file. A bad one is rejected with the error, and the
+/// previous configuration keeps serving. Listener changes need a restart (open connections
+/// must not be cut by a ConfigMap edit); they are reported, the rest applies at once.
+fn reload(shared: &Shared, opts: &Options, current: &mut GatewayConfig) {
+    let loaded =
+        config::load(&opts.config).map_err(anyhow::Error::from).and_then(|c| Ok((build_live(&c)?, c)));
+    let label = |result: &str| vec![("result", result.to_owned())];
+    match loaded {
+        Err(e) => {
+            shared.metrics.reloads.get_or_create(&label("rejected")).inc();
+            tracing::error!(
+                error = format!("{e:#}"),
+                "rejected the new gateway configuration; the previous one stays in force"
+            );
+        }
+        Ok((_, new)) if new == *current => {}
+        Ok((live, new)) => {
+            shared.set_live(live);
+            shared.identities.set_table(new.sources.table.clone());
+            if new.listeners != current.listeners
+                || new.admin != current.admin
+                || new.sources.kubernetes != current.sources.kubernetes
+            {
+                tracing::warn!("listener, admin or sources.kubernetes changes take effect after a restart");
+            }
+            shared.metrics.reloads.get_or_create(&label("applied")).inc();
+            tracing::info!(rules = new.rules.len(), "gateway configuration reloaded");
+            *current = new;
+        }
+    }
+}
+
+/// Stops accepting, asks keep-alive connections to close after their current request, waits
+/// for open connections up to the deadline, then cuts the rest.
+async fn drain(
+    shared: &Shared,
+    stop_accepting: CancellationToken,
+    mut accepting: JoinSet<()>,
+    deadline: Duration,
+) {
+    shared.start_draining();
+    stop_accepting.cancel();
+    while accepting.join_next().await.is_some() {}
+    let open = shared.active();
+    tracing::info!(open_connections = open, deadline_s = deadline.as_secs_f64(), "draining");
+    let waited = tokio::time::timeout(deadline, async {
+        while shared.active() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let cut = shared.active();
+    shared.cancel.cancel();
+    // Let the cut connections write their access-log lines.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while shared.active() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    tracing::info!(
+        open_at_start = open,
+        cut_at_deadline = if waited.is_ok() { 0 } else { cut },
+        "gateway stopped"
+    );
+}

@@ -1,0 +1,207 @@
+//! What every listener shares: the live configuration (swapped whole on reload, so a
+//! connection sees one consistent policy per decision), client identities, metrics, the
+//! connection cap, and the drain state. `dial` is the one path to an upstream: authorise,
+//! resolve, check the addresses, connect to a checked address.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Instant,
+};
+
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    access_log::{self, Record},
+    config::Limits,
+    identity::Identities,
+    metrics::GatewayMetrics,
+    originate::Originator,
+    policy::{Deny, Policy, Target},
+};
+
+/// The parts of the configuration a reload replaces.
+pub struct Live {
+    pub policy: Policy,
+    pub limits: Limits,
+    pub originator: Option<Originator>,
+}
+
+pub struct Shared {
+    live: RwLock<Arc<Live>>,
+    pub identities: Arc<Identities>,
+    pub metrics: GatewayMetrics,
+    active: AtomicUsize,
+    draining: AtomicBool,
+    /// Fires on SIGTERM: keep-alive connections close after their current request.
+    pub drain: CancellationToken,
+    /// Fires when the drain deadline passes: open tunnels and requests end.
+    pub cancel: CancellationToken,
+}
+
+/// Why no upstream connection was made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    Deny(Deny),
+    /// Allowed, but connecting failed.
+    ConnectFailed,
+    ConnectTimeout,
+    /// Originating TLS to the upstream failed (certificate not valid for the name, or no TLS).
+    TlsFailed,
+}
+
+impl From<Deny> for Refusal {
+    fn from(d: Deny) -> Self {
+        Self::Deny(d)
+    }
+}
+
+impl Refusal {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Deny(d) => d.name(),
+            Self::ConnectFailed => "connect_failed",
+            Self::ConnectTimeout => "connect_timeout",
+            Self::TlsFailed => "upstream_tls_failed",
+        }
+    }
+
+    /// Puts the refusal into the access-log record.
+    pub fn note(self, record: &mut Record) {
+        match self {
+            Self::Deny(_) => record.deny(self.reason()),
+            Self::ConnectFailed | Self::ConnectTimeout | Self::TlsFailed => record.fail(self.reason()),
+        }
+    }
+}
+
+/// A connection slot; frees itself on drop.
+pub struct Admitted {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.shared.active.fetch_sub(1, Ordering::AcqRel);
+        self.shared.metrics.active_connections.dec();
+    }
+}
+
+impl Shared {
+    pub fn new(live: Live, identities: Arc<Identities>) -> Self {
+        Self {
+            live: RwLock::new(Arc::new(live)),
+            identities,
+            metrics: GatewayMetrics::new(),
+            active: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            drain: CancellationToken::new(),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    pub fn live(&self) -> Arc<Live> {
+        self.live.read().map(|l| l.clone()).unwrap_or_else(|p| Arc::clone(&p.into_inner()))
+    }
+
+    pub fn set_live(&self, live: Live) {
+        match self.live.write() {
+            Ok(mut l) => *l = Arc::new(live),
+            Err(mut p) => **p.get_mut() = Arc::new(live),
+        }
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.drain.cancel();
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Takes a connection slot, or says why not (cap reached, draining).
+    pub fn admit(self: &Arc<Self>, max: usize) -> Result<Admitted, Deny> {
+        if self.draining() {
+            return Err(Deny::Draining);
+        }
+        if self.active.fetch_add(1, Ordering::AcqRel) >= max {
+            self.active.fetch_sub(1, Ordering::AcqRel);
+            return Err(Deny::TooManyConnections);
+        }
+        self.metrics.active_connections.inc();
+        Ok(Admitted { shared: self.clone() })
+    }
+
+    /// Logs and counts a finished connection or request.
+    pub fn finish(&self, record: &mut Record) {
+        access_log::write(record);
+        self.metrics.record(record);
+    }
+
+    /// The client's namespace, noted in the record.
+    pub fn identify(&self, source: SocketAddr, record: &mut Record) -> Option<String> {
+        let ns = self.identities.namespace_of(source.ip());
+        record.namespace.clone_from(&ns);
+        ns
+    }
+
+    /// Authorises `target:port` for `namespace`, resolves it, keeps the addresses the policy
+    /// allows and connects to the first that answers. The record gets the decision, the rule and
+    /// the upstream address. The returned stream is connected to exactly a checked address.
+    pub async fn dial(
+        &self,
+        live: &Live,
+        namespace: Option<&str>,
+        target: &Target,
+        port: u16,
+        record: &mut Record,
+    ) -> Result<TcpStream, Refusal> {
+        let grant = live.policy.authorize(namespace, target, port)?;
+        let started = Instant::now();
+        let connect_timeout = live.limits.connect_timeout;
+        let resolved = match target {
+            Target::Ip(ip) => vec![*ip],
+            Target::Name(name) => {
+                match tokio::time::timeout(connect_timeout, tokio::net::lookup_host((name.as_str(), port)))
+                    .await
+                {
+                    Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
+                    Ok(Err(_)) => return Err(Deny::ResolveFailed.into()),
+                    Err(_) => return Err(Refusal::ConnectTimeout),
+                }
+            }
+        };
+        let dialable = Policy::dialable(&grant, target, &resolved)?;
+        record.allow(grant.matched);
+        let connected = tokio::time::timeout(connect_timeout, connect_first(&dialable, port)).await;
+        self.metrics.upstream_connect.observe(started.elapsed().as_secs_f64());
+        match connected {
+            Ok(Ok(stream)) => {
+                record.upstream = stream.peer_addr().ok();
+                let _ = stream.set_nodelay(true);
+                Ok(stream)
+            }
+            Ok(Err(())) => Err(Refusal::ConnectFailed),
+            Err(_) => Err(Refusal::ConnectTimeout),
+        }
+    }
+}
+
+async fn connect_first(addrs: &[IpAddr], port: u16) -> Result<TcpStream, ()> {
+    for ip in addrs {
+        match TcpStream::connect(SocketAddr::new(*ip, port)).await {
+            Ok(s) => return Ok(s),
+            Err(e) => tracing::debug!(%ip, port, error = %e, "upstream connect failed"),
+        }
+    }
+    Err(())
+}
