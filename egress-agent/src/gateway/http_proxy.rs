@@ -168,6 +168,11 @@ impl Conn {
         let mut record = Record::new(self.mode.listener(), self.source);
         record.namespace.clone_from(&self.namespace);
         record.method = Some(req.method().to_string());
+        // What the client asked for, as sent, until the checks below produce the normalised form.
+        record.authority = match (self.mode, req.uri().authority()) {
+            (Mode::Proxy, Some(a)) => Some(a.to_string()),
+            _ => req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned),
+        };
         let live = self.shared.live();
         let (target, port) = match self.destination(&req, &live) {
             Ok(d) => d,
@@ -285,6 +290,9 @@ impl Conn {
             Counted::new(b, down, Some(done)).boxed()
         });
         strip_hop_by_hop(response.headers_mut());
+        // The client's hop is ours: an HTTP/1.0 upstream must not make hyper close the client
+        // connection (hyper re-frames the body for the client).
+        *response.version_mut() = http::Version::HTTP_11;
         response
     }
 
