@@ -386,6 +386,17 @@ impl Gateway {
         }
     }
 
+    /// Waits (up to 5 s) until the access log has at least `n` lines, and a moment more for any
+    /// extra line to show; returns them all.
+    pub fn wait_lines(&self, n: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.access_lines().len() < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        self.access_lines()
+    }
+
     /// Waits for the access-log line of a request to `authority` and returns it.
     pub fn line_for(&self, authority: &str) -> serde_json::Value {
         self.wait_access(authority, |v| v["authority"] == authority)

@@ -24,8 +24,10 @@ use tokio::{net::TcpStream, sync::Mutex};
 
 use super::{
     access_log::Record,
+    framing::Framer,
     policy::{Deny, Target},
-    shared::{Live, Refusal, Shared},
+    shared::{Admitted, Live, Refusal, Shared},
+    sniffed_io::Sniffed,
     target, tunnel,
 };
 
@@ -60,6 +62,11 @@ struct Conn {
     namespace: Option<String>,
     mode: Mode,
     requests: AtomicUsize,
+    /// The connection's slot under the cap; a CONNECT tunnel takes it along, since the tunnel
+    /// outlives the HTTP connection.
+    slot: std::sync::Mutex<Option<Admitted>>,
+    /// The framing verdict of each request, judged from the raw bytes (see `framing`).
+    framer: Arc<std::sync::Mutex<Framer>>,
     pool: Mutex<Option<Pooled>>,
 }
 
@@ -74,7 +81,7 @@ struct Pooled {
 /// Serves one client connection until it closes, errs, or the drain deadline passes.
 pub async fn serve(shared: Arc<Shared>, stream: TcpStream, source: SocketAddr, mode: Mode) {
     let live = shared.live();
-    let _slot = match shared.admit(live.limits.max_connections) {
+    let slot = match shared.admit(live.limits.max_connections) {
         Ok(slot) => slot,
         Err(deny) => return refuse_connection(&shared, stream, source, mode, deny).await,
     };
@@ -87,6 +94,8 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, source: SocketAddr, m
         namespace,
         mode,
         requests: AtomicUsize::new(0),
+        slot: std::sync::Mutex::new(Some(slot)),
+        framer: Arc::new(std::sync::Mutex::new(Framer::new(live.limits.max_header_bytes))),
         pool: Mutex::new(None),
     });
     let mut builder = http1::Builder::new();
@@ -103,7 +112,8 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, source: SocketAddr, m
             async move { Ok::<_, Infallible>(conn.handle(req).await) }
         })
     };
-    let served = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    let io = Sniffed { inner: stream, framer: conn.framer.clone() };
+    let served = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
     tokio::pin!(served);
     let mut closing = false;
     let result = loop {
@@ -185,8 +195,10 @@ impl Conn {
                 Ok(upstream) => {
                     let shared = self.shared.clone();
                     let limits = live.limits;
+                    let slot = self.slot.lock().ok().and_then(|mut s| s.take());
                     tokio::spawn(async move {
                         tunnel::after_connect(shared, req, upstream, target, limits, record).await;
+                        drop(slot);
                     });
                     Response::new(empty())
                 }
@@ -199,6 +211,10 @@ impl Conn {
     /// Where the request goes, by this listener's rules, with every consistency check.
     fn destination(&self, req: &Request<Incoming>, live: &Live) -> Result<(Target, u16), Deny> {
         let headers = req.headers();
+        // As sent (hyper has already resolved some ambiguities away), then as parsed. No
+        // verdict means the framer lost track of the stream: refuse rather than guess.
+        let sent = self.framer.lock().ok().and_then(|mut f| f.next_verdict());
+        sent.unwrap_or(Err(target::TargetError::BadRequest))?;
         target::check_framing(headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())))?;
         let mut hosts = headers.get_all(header::HOST).iter();
         let host = hosts.next().map(HeaderValue::as_bytes);

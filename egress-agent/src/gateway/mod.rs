@@ -12,6 +12,7 @@
 pub mod access_log;
 pub mod client_hello;
 pub mod config;
+pub mod framing;
 pub mod host;
 pub mod http_proxy;
 pub mod identity;
@@ -23,6 +24,7 @@ pub mod ranges;
 pub mod relay;
 pub mod server;
 pub mod shared;
+pub mod sniffed_io;
 pub mod target;
 pub mod tcp_forward;
 pub mod tls_passthrough;

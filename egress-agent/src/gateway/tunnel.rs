@@ -15,6 +15,7 @@ use super::{
     policy::{Deny, Target},
     relay::{self, Ended},
     shared::Shared,
+    sniffed_io::Sniffed,
 };
 
 /// Relays an allowed connection to the end and writes its access-log line.
@@ -51,7 +52,7 @@ pub async fn after_connect(
     limits: Limits,
     mut record: Record,
 ) {
-    let parts = match hyper::upgrade::on(req).await.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
+    let parts = match hyper::upgrade::on(req).await.map(|u| u.downcast::<TokioIo<Sniffed<TcpStream>>>()) {
         Ok(Ok(parts)) => parts,
         Ok(Err(_)) | Err(_) => {
             record.fail("upgrade_failed");
@@ -59,7 +60,7 @@ pub async fn after_connect(
             return;
         }
     };
-    let mut client = parts.io.into_inner();
+    let mut client = parts.io.into_inner().inner;
     let mut first = parts.read_buf.to_vec();
     if let Err(reason) =
         check_first_flight(&mut client, &upstream, &mut first, &target, &limits, &mut record).await
