@@ -237,6 +237,11 @@ impl GatewayLab {
     }
 
     pub fn try_start(&self, config: &str) -> Result<Gateway, String> {
+        self.try_start_with_env(config, &[])
+    }
+
+    /// Like [`Self::try_start`], with extra environment (KUBECONFIG for the pod watch).
+    pub fn try_start_with_env(&self, config: &str, env: &[(&str, &Path)]) -> Result<Gateway, String> {
         fs::write(self.config_path(), config).expect("writing the gateway config");
         static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -248,6 +253,7 @@ impl GatewayLab {
             .arg(crate::agent_bin())
             .args(["--log-format", "json", "gateway", "--threads", "2", "--config"])
             .arg(self.config_path())
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdin(Stdio::null())
             .stdout(fs::File::create(&access).expect("access log file"))
             .stderr(fs::File::create(&log).expect("gateway log file"))

@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod demo_k8s;
+mod fuzz;
 mod run;
 mod test;
 mod toolchain;
@@ -19,7 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Install what the build and tests need: nightly rust-src, bpf-linker, Debian packages.
+    /// Install what the build and tests need: nightly rust-src, bpf-linker, Debian packages,
+    /// cargo-fuzz.
     Setup,
     /// Build the agent (with its embedded eBPF object).
     Build {
@@ -33,7 +35,9 @@ enum Command {
         #[command(subcommand)]
         which: bench::Bench,
     },
-    /// Lint, unit tests, BPF_PROG_TEST_RUN tests and network-namespace integration tests.
+    /// Run the fuzz targets (the gateway's readers of client input) for a while each.
+    Fuzz(fuzz::FuzzArgs),
+    /// Lint, unit tests, fuzzing, BPF_PROG_TEST_RUN tests and network-namespace integration tests.
     Test(test::TestArgs),
 }
 
@@ -46,6 +50,7 @@ fn main() -> Result<()> {
             println!("{}", path.display());
             Ok(())
         }
+        Command::Fuzz(args) => fuzz::run(&args),
         Command::Test(args) => test::run(&args),
         Command::Demo => demo::run(),
         Command::Bench { which } => bench::run(&which),

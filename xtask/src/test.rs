@@ -10,9 +10,14 @@ use anyhow::{Context as _, Result, bail};
 use clap::Args;
 
 use crate::{
+    fuzz,
     run::{build_agent, cargo, require_root, status},
     toolchain,
 };
+
+/// Enough to catch a shallow regression in the parsers on every run; long runs are separate
+/// (docs/FUZZING.md).
+const FUZZ_SECONDS: u64 = 15;
 
 #[derive(Args)]
 pub struct TestArgs {
@@ -34,6 +39,14 @@ pub fn run(args: &TestArgs) -> Result<()> {
                 .current_dir(crate::run::workspace_root())
                 .args(["fmt", "--all", "--check"]),
         )?;
+        // The fuzz crate is a workspace of its own, so `--all` above does not reach it.
+        status(Command::new(env!("CARGO")).current_dir(crate::run::workspace_root()).args([
+            "fmt",
+            "--all",
+            "--check",
+            "--manifest-path",
+            "fuzz/Cargo.toml",
+        ]))?;
         step("clippy");
         status(cargo(&tc)?.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     }
@@ -42,6 +55,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let mut tally = Tally::default();
     step("unit tests");
     tally.run(cargo(&tc)?.args(["test", "--workspace", "--exclude", "egress-tests"]))?;
+    step(&format!("fuzz targets, {FUZZ_SECONDS} s each"));
+    tally.fuzz(&fuzz::run_targets(&tc, None, FUZZ_SECONDS)?)?;
     step("kernel tests: BPF_PROG_TEST_RUN and network namespaces (one at a time)");
     let mut cmd = cargo(&tc)?;
     cmd.args(["test", "--package", "egress-tests", "--", "--test-threads=1"]);
@@ -80,6 +95,24 @@ impl Tally {
         let status = child.wait()?;
         if !status.success() {
             bail!("`{line}` failed with {status}");
+        }
+        Ok(())
+    }
+
+    /// One test per fuzz target; a crash fails the suite, naming the saved input.
+    fn fuzz(&mut self, outcomes: &[fuzz::Outcome]) -> Result<()> {
+        let mut crashed = Vec::new();
+        for outcome in outcomes {
+            match &outcome.crash {
+                None => self.passed += 1,
+                Some(input) => {
+                    self.failed += 1;
+                    crashed.push(format!("{} ({})", outcome.target, input.display()));
+                }
+            }
+        }
+        if !crashed.is_empty() {
+            bail!("fuzz targets crashed: {}; see docs/FUZZING.md to reproduce", crashed.join(", "));
         }
         Ok(())
     }
@@ -124,4 +157,26 @@ fn check_no_leftovers() -> Result<()> {
     }
     eprintln!("nothing left behind");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn outcome(target: &str, crash: Option<&str>) -> fuzz::Outcome {
+        fuzz::Outcome { target: target.into(), done: Some((1000, 15)), crash: crash.map(PathBuf::from) }
+    }
+
+    #[test]
+    fn fuzz_targets_count_as_tests_and_a_crash_fails_naming_the_input() {
+        let mut tally = Tally::default();
+        tally.fuzz(&[outcome("a", None), outcome("b", None)]).unwrap();
+        assert_eq!((tally.passed, tally.failed), (2, 0));
+        let e =
+            tally.fuzz(&[outcome("a", None), outcome("b", Some("fuzz/artifacts/b/crash-1"))]).unwrap_err();
+        assert_eq!((tally.passed, tally.failed), (3, 1));
+        assert!(e.to_string().contains("b (fuzz/artifacts/b/crash-1)"), "{e}");
+    }
 }

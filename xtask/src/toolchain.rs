@@ -46,6 +46,7 @@ impl EbpfToolchain {
 pub fn setup_all() -> Result<EbpfToolchain> {
     let toolchain = setup_build()?;
     ensure_debian_packages()?;
+    ensure_cargo_fuzz()?;
     Ok(toolchain)
 }
 
@@ -57,7 +58,9 @@ pub fn setup_build() -> Result<EbpfToolchain> {
     Ok(toolchain)
 }
 
-fn pick_ebpf_toolchain() -> Result<EbpfToolchain> {
+/// The nightly toolchain if there is one; otherwise stable with RUSTC_BOOTSTRAP. The eBPF build
+/// (`-Z build-std`) and cargo-fuzz (`-Z sanitizer`) both need nightly features.
+pub fn pick_ebpf_toolchain() -> Result<EbpfToolchain> {
     let installed = output(Command::new("rustup").args(["toolchain", "list"]))
         .context("rustup is needed to manage the eBPF toolchain")?;
     if installed.lines().any(|l| l.starts_with("nightly")) {
@@ -173,6 +176,17 @@ fn ensure_bpf_linker(toolchain: &EbpfToolchain) -> Result<()> {
         ),
         Err(e) => bail!("{} was built but does not run: {e}", linker.display()),
     }
+}
+
+/// cargo-fuzz, for `cargo xtask fuzz` and the fuzz step of `cargo xtask test`; installed into
+/// `~/.cargo/bin` like any cargo subcommand.
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    if Command::new("cargo").args(["fuzz", "--version"]).output().is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-fuzz (a few minutes)");
+    status(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
+        .context("installing cargo-fuzz from crates.io (the fuzz targets need it)")
 }
 
 fn ensure_debian_packages() -> Result<()> {

@@ -645,6 +645,9 @@ mod tests {
         // Known from the record header alone, before the rest arrives.
         let flight = one_record(&handshake);
         assert_eq!(parse_max(&flight[..RECORD_HEADER + HANDSHAKE_HEADER]), Err(boundary_error()));
+        // The same when the record that overshoots is not the first.
+        let flight = frame(&handshake, &[10, 16384]);
+        assert_eq!(parse_max(&flight[..2 * RECORD_HEADER + 10]), Err(boundary_error()));
     }
 
     #[test]
@@ -783,6 +786,30 @@ mod tests {
         handshake[3] -= 1;
         handshake.pop();
         assert!(matches!(err(&one_record(&handshake)), HelloError::Malformed(_)));
+    }
+
+    #[test]
+    fn bounded_fields_are_checked() {
+        // Well-formed lengths, but values the RFC rules out.
+        let with = |session_id: &[u8], suites: &[u8], compression: &[u8]| {
+            let mut b = vec![3, 3];
+            b.extend_from_slice(&[0; 32]);
+            b.push(u8::try_from(session_id.len()).unwrap());
+            b.extend_from_slice(session_id);
+            b.extend_from_slice(&prefixed16(suites));
+            b.push(u8::try_from(compression.len()).unwrap());
+            b.extend_from_slice(compression);
+            parse_max(&one_record(&handshake_message(HANDSHAKE_CLIENT_HELLO, &b)))
+        };
+        assert!(matches!(with(&[7; 32], &[0x13, 1], &[0]), Ok(Progress::Done(_))));
+        assert!(matches!(with(&[], &[0x13, 1], &[0]), Ok(Progress::Done(_))));
+        let malformed = |r: Result<Progress, HelloError>, what: &str| {
+            assert!(matches!(&r, Err(HelloError::Malformed(m)) if m.contains(what)), "{what}: {r:?}");
+        };
+        malformed(with(&[7; 33], &[0x13, 1], &[0]), "longer than 32");
+        malformed(with(&[], &[0x13, 1, 0x13], &[0]), "odd length");
+        malformed(with(&[], &[], &[0]), "cipher suite list is empty");
+        malformed(with(&[], &[0x13, 1], &[]), "compression method list is empty");
     }
 
     #[test]

@@ -293,7 +293,7 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ParseError> {
     if listeners.addresses().is_empty() {
         return Err(invalid("listeners", "no listener is configured: the gateway would do nothing"));
     }
-    let sources = parse_sources(raw.sources)?;
+    let sources = parse_sources(&raw.sources)?;
     let rules = raw
         .rules
         .iter()
@@ -372,7 +372,7 @@ fn parse_listeners(raw: RawListeners) -> Result<Listeners, ParseError> {
     })
 }
 
-fn parse_sources(raw: RawSources) -> Result<Sources, ParseError> {
+fn parse_sources(raw: &RawSources) -> Result<Sources, ParseError> {
     let table = raw
         .table
         .iter()

@@ -210,7 +210,8 @@ rules:
     #[test]
     fn first_step_table() {
         let p = policy();
-        let cases: &[(Option<&str>, &str, u16, Result<&str, Deny>)] = &[
+        type Case<'a> = (Option<&'a str>, &'a str, u16, Result<&'a str, Deny>);
+        let cases: &[Case] = &[
             (Some("team-a"), "api.example.com", 443, Ok("api.example.com")),
             (Some("team-a"), "API.Example.COM.", 443, Ok("api.example.com")),
             (Some("team-a"), "api.example.com", 80, Err(Deny::NotAllowed)),

@@ -37,7 +37,13 @@ enum Kind {
 }
 
 pub async fn run(opts: Options) -> Result<()> {
+    // Handlers first: a SIGTERM that arrives while starting must drain, not kill.
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let config = config::load(&opts.config)?;
+    raise_open_files_limit();
+    let mut changes = crate::standalone::watch_file(&opts.config)?;
     let live = build_live(&config)?;
     let identities = Arc::new(Identities::new(config.sources.table.clone(), config.sources.kubernetes));
     let shared = Arc::new(Shared::new(live, identities.clone()));
@@ -86,10 +92,6 @@ pub async fn run(opts: Options) -> Result<()> {
         "gateway ready"
     );
 
-    let mut changes = crate::standalone::watch_file(&opts.config)?;
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut current = config;
     loop {
         tokio::select! {
@@ -99,8 +101,26 @@ pub async fn run(opts: Options) -> Result<()> {
             _ = int.recv() => break,
         }
     }
+    health.set_ready(Some("draining".to_owned()));
     drain(&shared, stop_accepting, accepting, current.drain_timeout).await;
     Ok(())
+}
+
+/// Each tunnel holds six descriptors (two sockets, two pipes of two ends); container runtimes
+/// often start processes with a soft limit of 1024, which would cap a replica near 170 tunnels.
+/// The soft limit is raised to the hard one the runtime allows.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit write/read the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let from = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                tracing::info!(from, to = lim.rlim_max, "raised the open-files limit");
+            }
+        }
+    }
 }
 
 fn build_live(config: &GatewayConfig) -> Result<Live> {

@@ -212,7 +212,8 @@ mod tests {
     #[test]
     fn heads_table() {
         use TargetError::*;
-        let cases: &[(&str, Result<(bool, Target, u16), TargetError>)] = &[
+        type Expected = Result<(bool, Target, u16), TargetError>;
+        let cases: &[(&str, Expected)] = &[
             ("CONNECT a.com:443 HTTP/1.1\r\nHost: a.com:443\r\n\r\n", Ok((true, name("a.com"), 443))),
             ("CONNECT a.com HTTP/1.1\r\n\r\n", Err(BadTarget)),
             ("GET http://a.com/x HTTP/1.1\r\nHost: a.com\r\n\r\n", Ok((false, name("a.com"), 80))),

@@ -62,9 +62,17 @@ pub async fn after_connect(
     };
     let mut client = parts.io.into_inner().inner;
     let mut first = parts.read_buf.to_vec();
-    if let Err(reason) =
-        check_first_flight(&mut client, &upstream, &mut first, &target, &limits, &mut record).await
-    {
+    // The drain deadline also ends a tunnel still waiting for its first bytes.
+    let checked = tokio::select! {
+        r = check_first_flight(&mut client, &upstream, &mut first, &target, &limits, &mut record) => r,
+        () = shared.cancel.cancelled() => Err("drain_deadline"),
+    };
+    if let Err("drain_deadline") = checked {
+        record.end = Some("drain_deadline");
+        shared.finish(&mut record);
+        return;
+    }
+    if let Err(reason) = checked {
         record.deny(reason);
         shared.finish(&mut record);
         return;

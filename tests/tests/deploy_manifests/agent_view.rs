@@ -96,18 +96,63 @@ pub(crate) fn http_port(file: &str, c: &Container) -> u16 {
 pub(crate) fn probe_target(file: &str, c: &Container, probe: Option<&Probe>, which: &str) -> (String, i32) {
     let get = probe.and_then(|p| p.http_get.as_ref()).unwrap_or_else(|| panic!("{file}: no httpGet {which}"));
     assert!(get.scheme.as_deref().is_none_or(|s| s == "HTTP"), "{file}: {which} uses {:?}", get.scheme);
-    let ports = c.ports.as_deref().unwrap_or_default();
-    let port = match &get.port {
-        IntOrString::String(name) => {
-            ports.iter().find(|p| p.name.as_deref() == Some(name.as_str())).unwrap_or_else(|| {
-                panic!("{file}: {which} targets port {name:?}, which the container does not declare")
-            })
-        }
-        IntOrString::Int(n) => ports.iter().find(|p| p.container_port == *n).unwrap_or_else(|| {
-            panic!("{file}: {which} targets port {n}, which the container does not declare")
-        }),
-    };
+    let port = container_port(c, &get.port).unwrap_or_else(|| {
+        panic!("{file}: {which} targets port {:?}, which the container does not declare", get.port)
+    });
     (get.path.clone().unwrap_or_default(), port.container_port)
+}
+
+/// The container port a name or number refers to (probes, a Service's targetPort).
+pub(crate) fn container_port<'a>(c: &'a Container, port: &IntOrString) -> Option<&'a ContainerPort> {
+    let mut ports = c.ports.iter().flatten();
+    match port {
+        IntOrString::String(name) => ports.find(|p| p.name.as_deref() == Some(name.as_str())),
+        IntOrString::Int(n) => ports.find(|p| p.container_port == *n),
+    }
+}
+
+/// The ConfigMap entry a container sees at `path`: the mount holding it, a configMap volume
+/// behind that mount, the key (through the volume's items, if any), and the text under it.
+/// Returns the ConfigMap's file, the key and the text.
+pub(crate) fn config_map_entry<'a>(
+    m: &'a Manifests,
+    file: &str,
+    pod: &PodSpec,
+    c: &Container,
+    path: &str,
+) -> (&'a str, String, String) {
+    let mount = mount_holding(c, Path::new(path))
+        .unwrap_or_else(|| panic!("{file}: nothing is mounted at {path}, where the config is read"));
+    assert!(
+        mount.sub_path.is_none(),
+        "{file}: the config is mounted with subPath: the kubelet never updates such a file when the ConfigMap changes"
+    );
+    let volume = pod.volumes.iter().flatten().find(|v| v.name == mount.name);
+    let source = volume
+        .and_then(|v| v.config_map.as_ref())
+        .unwrap_or_else(|| panic!("{file}: {path} is not on a configMap volume"));
+    let within = Path::new(path).strip_prefix(&mount.mount_path).unwrap().to_string_lossy().into_owned();
+    let key = match &source.items {
+        Some(items) => items.iter().find(|i| i.path == within).map(|i| i.key.clone()),
+        None => Some(within.clone()),
+    }
+    .unwrap_or_else(|| panic!("{file}: the configMap volume's items do not provide {within}"));
+    let namespace = m.namespace.as_str();
+    let (cm_file, cm) = m
+        .all::<ConfigMap>()
+        .into_iter()
+        .find(|(_, cm)| {
+            cm.metadata.name.as_deref() == Some(source.name.as_str())
+                && cm.metadata.namespace.as_deref() == Some(namespace)
+        })
+        .unwrap_or_else(|| panic!("{file}: ConfigMap {namespace}/{} is not in deploy/", source.name));
+    let text = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&key))
+        .unwrap_or_else(|| panic!("{cm_file}: no key {key:?}, which {file} reads as {path}"))
+        .clone();
+    (cm_file, key, text)
 }
 
 pub(crate) fn selects(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {

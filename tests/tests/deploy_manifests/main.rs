@@ -1,6 +1,7 @@
 //! The Kubernetes manifests under deploy/, rendered the way `kubectl apply -k deploy/` renders
 //! them and checked against each other and against the agent: its flags, environment variables
 //! and defaults, its configuration parser, the host paths it works in and the API access it needs.
+//! The egress gateway's manifests are checked the same way (gateway.rs).
 //!
 //! No kustomize binary is at hand, so the small subset of kustomize the manifests use is rendered
 //! here (resources, namespace, labels, images); any other kustomization field fails the tests
@@ -11,15 +12,24 @@ use std::{
     fs,
     net::SocketAddr,
     path::{Component, Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use egress_agent::{k8s::config::DEFAULT_CONFIG_PATH, kernel::bpffs::DEFAULT_PIN_DIR};
+use egress_agent::{
+    gateway::config::{DEFAULT_CONFIG_PATH as GATEWAY_DEFAULT_CONFIG_PATH, GatewayConfig},
+    k8s::config::DEFAULT_CONFIG_PATH,
+    kernel::bpffs::DEFAULT_PIN_DIR,
+};
 use k8s_openapi::{
     ClusterResourceScope, NamespaceResourceScope, Resource,
     api::{
         apps::v1::{DaemonSet, Deployment},
-        core::v1::{ConfigMap, Container, Namespace, PodSpec, Probe, Service, ServiceAccount, VolumeMount},
+        core::v1::{
+            ConfigMap, Container, ContainerPort, Namespace, PodSpec, Probe, Service, ServiceAccount,
+            ServicePort, VolumeMount,
+        },
+        policy::v1::PodDisruptionBudget,
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
@@ -36,9 +46,14 @@ const HOST_CGROUP: &str = "/sys/fs/cgroup";
 const PART_OF: (&str, &str) = ("app.kubernetes.io/part-of", "egressfw");
 
 mod agent_view;
+mod gateway;
+mod gateway_view;
+mod rbac;
 mod render;
 
 use agent_view::*;
+use gateway_view::*;
+use rbac::*;
 use render::*;
 
 #[test]
@@ -128,7 +143,7 @@ fn daemonset_selector_matches_its_pods_and_only_them() {
     for key in ["app.kubernetes.io/name", "app.kubernetes.io/component", PART_OF.0] {
         assert!(labels.contains_key(key), "{file}: pod template has no {key} label");
     }
-    // The gateway's Deployment joins later: neither may adopt the other's pods.
+    // Neither the DaemonSet nor the gateway's Deployment may adopt the other's pods.
     for (other_file, d) in m.all::<Deployment>() {
         let other =
             d.spec.as_ref().and_then(|s| s.template.metadata.as_ref()).and_then(|md| md.labels.clone());
@@ -171,33 +186,8 @@ fn config_map_is_a_valid_agent_config_at_the_config_path() {
     let m = manifests();
     let (file, _, pod, c) = m.agent();
     let path = value_or(file, &c, "config", "EGRESSFW_CONFIG", DEFAULT_CONFIG_PATH);
-    let mount = mount_holding(&c, Path::new(&path))
-        .unwrap_or_else(|| panic!("{file}: nothing is mounted where the agent reads its config ({path})"));
-    assert!(
-        mount.sub_path.is_none(),
-        "{file}: the config is mounted with subPath: the kubelet never updates such a file when the ConfigMap changes"
-    );
-    let volume = pod.volumes.iter().flatten().find(|v| v.name == mount.name);
-    let source = volume
-        .and_then(|v| v.config_map.as_ref())
-        .unwrap_or_else(|| panic!("{file}: {path} is not on a configMap volume"));
-    let within = Path::new(&path).strip_prefix(&mount.mount_path).unwrap().to_string_lossy().into_owned();
-    let key = match &source.items {
-        Some(items) => items.iter().find(|i| i.path == within).map(|i| i.key.clone()),
-        None => Some(within.clone()),
-    }
-    .unwrap_or_else(|| panic!("{file}: the configMap volume's items do not provide {within}"));
-    let (cm_file, cm) = m
-        .all::<ConfigMap>()
-        .into_iter()
-        .find(|(_, cm)| cm.metadata.name.as_deref() == Some(source.name.as_str()))
-        .unwrap_or_else(|| panic!("{file}: ConfigMap {:?} is not in deploy/", source.name));
-    let text = cm
-        .data
-        .as_ref()
-        .and_then(|d| d.get(&key))
-        .unwrap_or_else(|| panic!("{cm_file}: no key {key:?}, which the agent reads as {path}"));
-    let config = egress_agent::k8s::config::parse(text)
+    let (cm_file, key, text) = config_map_entry(&m, file, &pod, &c, &path);
+    let config = egress_agent::k8s::config::parse(&text)
         .unwrap_or_else(|e| panic!("{cm_file}: {key} is not a valid agent config: {e:?}"));
     assert!(
         config.gateways.contains_key(&config.default_gateway),
@@ -276,56 +266,14 @@ fn cgroup_root_and_pin_dir_are_the_hosts() {
 fn service_account_binding_and_role_agree() {
     let m = manifests();
     let (file, ds, pod, _) = m.agent();
-    let sa_name = pod.service_account_name.unwrap_or_else(|| panic!("{file}: set serviceAccountName"));
-    let sa_namespace = ds.metadata.namespace.unwrap();
-    let (sa_file, _) = m
-        .all::<ServiceAccount>()
-        .into_iter()
-        .find(|(_, sa)| {
-            sa.metadata.name.as_ref() == Some(&sa_name)
-                && sa.metadata.namespace.as_ref() == Some(&sa_namespace)
-        })
-        .unwrap_or_else(|| panic!("{file}: ServiceAccount {sa_namespace}/{sa_name} is not in deploy/"));
-
-    let for_agent = |subjects: Option<&Vec<k8s_openapi::api::rbac::v1::Subject>>| {
-        subjects.into_iter().flatten().any(|s| {
-            s.kind == "ServiceAccount"
-                && s.name == sa_name
-                && s.namespace.as_deref() == Some(sa_namespace.as_str())
-        })
-    };
-    let all_bindings = m.all::<ClusterRoleBinding>();
-    let bindings: Vec<_> = all_bindings.iter().filter(|(_, b)| for_agent(b.subjects.as_ref())).collect();
-    assert_eq!(
-        bindings.len(),
-        1,
-        "expected one ClusterRoleBinding for the agent's ServiceAccount {sa_namespace}/{sa_name} ({sa_file}); \
-         subjects of the bindings in deploy/: {:?}",
-        all_bindings.iter().map(|(f, b)| (f, &b.subjects)).collect::<Vec<_>>()
-    );
-    assert!(
-        !m.all::<RoleBinding>().iter().any(|(_, b)| for_agent(b.subjects.as_ref())),
-        "a RoleBinding grants the agent more than its ClusterRole"
-    );
-    let (binding_file, binding) = &bindings[0];
-    let role_ref = &binding.role_ref;
-    assert_eq!(
-        (role_ref.api_group.as_str(), role_ref.kind.as_str()),
-        ("rbac.authorization.k8s.io", "ClusterRole"),
-        "{binding_file}: roleRef"
-    );
-    assert!(
-        m.all::<ClusterRole>().iter().any(|(_, r)| r.metadata.name.as_ref() == Some(&role_ref.name)),
-        "{binding_file}: ClusterRole {:?} is not in deploy/",
-        role_ref.name
-    );
+    bound_cluster_role(&m, file, "the agent", ds.metadata.namespace.as_deref().unwrap(), &pod);
 }
 
 #[test]
 fn cluster_role_grants_exactly_what_the_agent_uses() {
     let watch = ["get", "list", "watch"];
     let record = ["create", "patch"];
-    let expected: BTreeSet<(&str, &str, &str)> = [("", "namespaces"), ("", "pods"), ("", "services")]
+    let expected: BTreeSet<Grant> = [("", "namespaces"), ("", "pods"), ("", "services")]
         .into_iter()
         .chain([("discovery.k8s.io", "endpointslices")])
         .flat_map(|(g, r)| watch.map(|v| (g, r, v)))
@@ -334,31 +282,14 @@ fn cluster_role_grants_exactly_what_the_agent_uses() {
                 .into_iter()
                 .flat_map(|(g, r)| record.map(|v| (g, r, v))),
         )
+        .map(|(g, r, v)| (g.to_owned(), r.to_owned(), v.to_owned()))
         .collect();
 
     let m = manifests();
-    let (file, role) = m.one::<ClusterRole>();
-    assert!(role.aggregation_rule.is_none(), "{file}: an aggregated role's rules are not reviewable here");
-    let mut granted = BTreeSet::new();
-    for (i, rule) in role.rules.iter().flatten().enumerate() {
-        assert!(rule.non_resource_urls.is_none(), "{file}: rule {i} grants non-resource URLs");
-        assert!(
-            rule.resource_names.is_none(),
-            "{file}: rule {i}: resourceNames is not something the agent uses"
-        );
-        let groups = rule.api_groups.as_deref().unwrap_or_default();
-        let resources = rule.resources.as_deref().unwrap_or_default();
-        for word in groups.iter().chain(resources).chain(&rule.verbs) {
-            assert!(!word.contains('*'), "{file}: rule {i} has a wildcard ({word:?})");
-        }
-        for g in groups {
-            for r in resources {
-                for v in &rule.verbs {
-                    granted.insert((g.as_str(), r.as_str(), v.as_str()));
-                }
-            }
-        }
-    }
+    let (ds_file, ds, pod, _) = m.agent();
+    let (file, role) =
+        bound_cluster_role(&m, ds_file, "the agent", ds.metadata.namespace.as_deref().unwrap(), &pod);
+    let granted = grants(file, &role);
     let extra: Vec<_> = granted.difference(&expected).collect();
     let missing: Vec<_> = expected.difference(&granted).collect();
     assert!(extra.is_empty(), "{file}: grants (apiGroup, resource, verb) the agent does not use: {extra:?}");

@@ -59,7 +59,7 @@ pub(crate) fn render(
     for key in k.keys() {
         ensure!(
             KUSTOMIZATION_FIELDS.contains(&key.as_str()),
-            "{file}: field `{key}` is not rendered by tests/tests/deploy_manifests.rs; teach the renderer \
+            "{file}: field `{key}` is not rendered by tests/tests/deploy_manifests/render.rs; teach the renderer \
              there (handled: {KUSTOMIZATION_FIELDS:?})"
         );
     }
@@ -176,7 +176,7 @@ pub(crate) fn apply_labels(file: &str, labels: &Value, objects: &mut [Object]) -
         for key in entry.keys() {
             ensure!(
                 ["pairs", "includeSelectors", "includeTemplates"].contains(&key.as_str()),
-                "{file}: labels field `{key}` is not rendered by tests/tests/deploy_manifests.rs"
+                "{file}: labels field `{key}` is not rendered by tests/tests/deploy_manifests/render.rs"
             );
         }
         ensure!(
@@ -233,7 +233,7 @@ pub(crate) fn apply_images(file: &str, images: &Value, objects: &mut [Object]) -
         for key in entry.keys() {
             ensure!(
                 ["name", "newName", "newTag", "digest"].contains(&key.as_str()),
-                "{file}: images field `{key}` is not rendered by tests/tests/deploy_manifests.rs"
+                "{file}: images field `{key}` is not rendered by tests/tests/deploy_manifests/render.rs"
             );
         }
         let name = entry.get("name").with_context(|| format!("{file}: images entry without a name"))?;
@@ -326,12 +326,13 @@ pub(crate) fn kind_of(o: &Object) -> Result<Kind> {
         kind::<RoleBinding>(),
         kind::<DaemonSet>(),
         kind::<Deployment>(),
+        kind::<PodDisruptionBudget>(),
     ]
     .into_iter()
     .find(|known| Some(known.api_version) == api_version && Some(known.kind) == k)
     .with_context(|| {
         format!(
-            "{}: {api_version:?} {k:?} is not a kind tests/tests/deploy_manifests.rs knows; add it to kind_of()",
+            "{}: {api_version:?} {k:?} is not a kind tests/tests/deploy_manifests/render.rs knows; add it to kind_of()",
             o.file
         )
     })
