@@ -138,6 +138,8 @@ pub fn run() -> Result<()> {
     println!("\nDemo node removed (namespaces, cgroups, pins).");
     surprises += crate::demo_k8s::run()?;
     println!("\nDemo node removed (namespaces, cgroups, pins, fake API server).");
+    surprises += crate::demo_gateway::run()?;
+    println!("\nDemo node removed (namespaces, cgroups, pins, gateway, upstream servers).");
     anyhow::ensure!(surprises == 0, "{surprises} attempts did not behave as expected");
     Ok(())
 }

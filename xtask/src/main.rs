@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod demo_gateway;
 mod demo_k8s;
 mod fuzz;
 mod run;

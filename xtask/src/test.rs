@@ -144,6 +144,15 @@ fn check_no_leftovers() -> Result<()> {
                 .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("eft"))),
         );
     }
+    // The gateway tests' per-namespace hosts files (`ip netns exec` mounts them).
+    if let Ok(entries) = fs::read_dir("/etc/netns") {
+        left.extend(
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("eft"))),
+        );
+    }
     if let Ok(entries) = fs::read_dir("/sys/fs/bpf") {
         left.extend(
             entries
