@@ -157,3 +157,31 @@ fn transparent_port_routes_by_host() {
     let out = g.curl(POD4, &["-H", "Host: api.example.test:9", &url]);
     assert_eq!(status_and_body(&out).0, 403, "{}", text(&out));
 }
+
+#[test]
+fn curl_honours_the_proxy_environment_variables() {
+    let g = GatewayLab::new();
+    let gw = g.start(&base_config(&g.ca, 100));
+    let ca = g.ca.display().to_string();
+    // How workloads are pointed at the gateway: HTTPS_PROXY / http_proxy, no curl flags.
+    for (url, extra) in
+        [("https://api.example.test/", vec!["--cacert", ca.as_str()]), ("http://www.example.test/", vec![])]
+    {
+        let out = g
+            .lab
+            .pod
+            .command("curl", None)
+            .args(["-sS", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(&extra)
+            .arg(url)
+            .env("HTTPS_PROXY", proxy())
+            // curl reads only the lower-case http_proxy (httpoxy); HTTPS_PROXY in either case.
+            .env("http_proxy", proxy())
+            .env_remove("NO_PROXY")
+            .output()
+            .expect("running curl");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{url}: {}", text(&out));
+    }
+    assert_eq!(gw.line_for("api.example.test:443")["method"], "CONNECT");
+    assert_eq!(gw.line_for("www.example.test:80")["method"], "GET");
+}
