@@ -14,7 +14,8 @@ use crate::run::{output, status};
 
 /// Debian packages the integration tests, demo and benchmarks call. Each one is a real tool the
 /// tests drive (curl for TCP, socat for UDP, ping for ICMP, hping3 for raw IP, bpftool for
-/// bpf_stats, iperf3 for throughput).
+/// bpf_stats, iperf3 for throughput, squid and tinyproxy as the gateway benchmark's
+/// references).
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("curl", "curl"),
@@ -24,6 +25,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("iperf3", "iperf3"),
     ("python3", "python3"),
+    ("squid", "squid"),
+    ("tinyproxy", "tinyproxy"),
 ];
 
 /// The toolchain that builds the eBPF crate (aya-build runs `rustup run <toolchain> cargo`).

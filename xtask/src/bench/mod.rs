@@ -1,6 +1,7 @@
 //! `cargo xtask bench ...`: benchmarks that print results measured side by side in one run.
 
 mod datapath;
+mod gateway;
 mod policy;
 
 use anyhow::Result;
@@ -13,12 +14,16 @@ pub enum Bench {
     /// Node agent: time from a label change or pod creation to enforcement, and memory, with
     /// 1 to 1,000 pods on the node.
     Policy(policy::PolicyArgs),
+    /// Egress gateway vs squid vs tinyproxy vs no proxy: CONNECT throughput, new tunnels per
+    /// second, added round-trip latency, memory per idle tunnel.
+    Gateway(gateway::GatewayArgs),
 }
 
 pub fn run(which: &Bench) -> Result<()> {
     match which {
         Bench::Datapath(args) => datapath::run(args),
         Bench::Policy(args) => policy::run(args),
+        Bench::Gateway(args) => gateway::run(args),
     }
 }
 

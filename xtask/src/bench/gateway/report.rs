@@ -1,0 +1,118 @@
+//! The report of `bench gateway`: medians over rounds, ratios taken within each round, and the
+//! gateway's targets marked met or not.
+
+use std::fmt::Write as _;
+
+use egress_tests::gateway::UPSTREAM4;
+
+use super::{Route, Sample, Settings};
+use crate::bench::median;
+
+pub fn render(samples: &[Vec<Sample>], s: &Settings) -> String {
+    let index = |r: Route| Route::ALL.iter().position(|x| *x == r).expect("listed");
+    let direct = &samples[index(Route::Direct)];
+    let squid = &samples[index(Route::Squid)];
+    let med = |rows: &[Sample], f: &dyn Fn(&Sample) -> f64| median(rows.iter().map(f).collect());
+    // Within a round first (same round's direct or squid), then the median over rounds.
+    let vs = |rows: &[Sample], base: &[Sample], f: &dyn Fn(&Sample) -> f64| {
+        median(rows.iter().zip(base).map(|(r, b)| f(r) / f(b)).collect())
+    };
+    let added = |rows: &[Sample], f: &dyn Fn(&Sample) -> f64| {
+        median(rows.iter().zip(direct).map(|(r, d)| f(r) - f(d)).collect())
+    };
+    let gbps = |x: &Sample| x.gbps;
+    let tps = |x: &Sample| x.tunnels_per_s;
+    let p50 = |x: &Sample| x.p50_us;
+    let p99 = |x: &Sample| x.p99_us;
+
+    let mut out = String::new();
+    let _ = writeln!(out, "{}\n", s.command());
+    let _ = writeln!(
+        out,
+        "| route | bulk Gbit/s | vs direct | new tunnels/s | vs squid | RTT p50 µs | RTT p99 µs | added p50 µs | added p99 µs | KiB per idle tunnel |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+    for (route, rows) in Route::ALL.iter().zip(samples) {
+        let proxied = *route != Route::Direct;
+        let dash = |v: f64, digits: usize| if proxied { format!("{v:.digits$}") } else { "-".into() };
+        let kib: Vec<f64> = rows.iter().filter_map(|r| r.kib_per_tunnel).collect();
+        let _ = writeln!(
+            out,
+            "| {} | {:.2} | {:.2} | {:.0} | {} | {:.1} | {:.1} | {} | {} | {} |",
+            route.name(),
+            med(rows, &gbps),
+            vs(rows, direct, &gbps),
+            med(rows, &tps),
+            dash(vs(rows, squid, &tps), 2),
+            med(rows, &p50),
+            med(rows, &p99),
+            dash(added(rows, &p50), 1),
+            dash(added(rows, &p99), 1),
+            if kib.is_empty() { "-".into() } else { format!("{:.1}", median(kib)) },
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n| route | machine CPU busy during bulk | proxy CPU per GiB relayed | proxy CPU per tunnel (churn) | proxy CPU per round trip |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    for (route, rows) in Route::ALL.iter().zip(samples) {
+        let cpu = |f: &dyn Fn(&Sample) -> Option<f64>, unit: &str, digits: usize| {
+            let v: Vec<f64> = rows.iter().filter_map(f).collect();
+            if v.is_empty() { "-".to_string() } else { format!("{:.digits$} {unit}", median(v)) }
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {:.0}% | {} | {} | {} |",
+            route.name(),
+            100.0 * med(rows, &|x| x.machine_busy_bulk),
+            cpu(&|x| x.cpu_ms_per_gib, "ms", 0),
+            cpu(&|x| x.cpu_us_per_tunnel, "µs", 1),
+            cpu(&|x| x.cpu_us_per_rtt, "µs", 1)
+        );
+    }
+    let gw = &samples[index(Route::Gateway)];
+    let targets = [
+        ("bulk throughput >= 0.8x direct", vs(gw, direct, &gbps), "x", 0.8, true),
+        ("new tunnels/s >= 1.5x squid", vs(gw, squid, &tps), "x", 1.5, true),
+        ("added RTT p50 <= 10 µs", added(gw, &p50), " µs", 10.0, false),
+        (
+            "memory per idle tunnel <= 64 KiB",
+            median(gw.iter().filter_map(|r| r.kib_per_tunnel).collect()),
+            " KiB",
+            64.0,
+            false,
+        ),
+    ];
+    let _ = writeln!(out, "\n| gateway target | measured | |");
+    let _ = writeln!(out, "|---|---|---|");
+    for (what, value, unit, limit, at_least) in targets {
+        let met = if at_least { value >= limit } else { value <= limit };
+        let digits = if unit == "x" { 2 } else { 1 };
+        let _ = writeln!(
+            out,
+            "| {what} | {value:.digits$}{unit} | {} |",
+            if met { "met" } else { "**not met**" }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nMedians over {} round(s); ratios and added latency are taken within each round. All \
+         routes: CONNECT to {UPSTREAM4} from one client; bulk is one tunnel, churn is {} client \
+         threads (open, CONNECT, 1-byte echo, close). The gateway writes its access log (a JSON \
+         line per tunnel) to a file; squid runs with `access_log none`, tinyproxy at LogLevel \
+         Warning (no per-connection lines).",
+        s.rounds, s.concurrency
+    );
+    let errors: Vec<String> = Route::ALL
+        .iter()
+        .zip(samples)
+        .map(|(r, rows)| (r, rows.iter().map(|x| x.churn_errors).sum::<u64>()))
+        .filter(|(_, e)| *e > 0)
+        .map(|(r, e)| format!("{}: {e}", r.name()))
+        .collect();
+    if !errors.is_empty() {
+        let _ = writeln!(out, "Failed tunnels during the churn (not counted): {}.", errors.join(", "));
+    }
+    out
+}
