@@ -1,8 +1,9 @@
 //! Moves bytes between a client and its upstream once a tunnel is allowed.
 //!
-//! The bytes go socket -> pipe -> socket with splice(2), so they never enter this process: no
-//! per-tunnel buffers (an idle tunnel costs a task and two empty pipes), and bulk transfers cost
-//! no copies in userspace. Each direction ends with a half-close, so protocols that shut down
+//! Small messages are copied through a buffer that belongs to the worker thread, not the tunnel;
+//! bulk transfers go socket -> pipe -> socket with splice(2), so they never enter this process.
+//! An idle tunnel holds no buffer (its task, and pipes only if it ever moved bulk data), and
+//! bulk costs no copies in userspace. Each direction ends with a half-close, so protocols that shut down
 //! one side (HTTP/1.0 clients, `nc -q`) keep working; a tunnel with no traffic either way for
 //! the idle timeout is closed.
 
@@ -37,8 +38,8 @@ pub enum Ended {
     Cancelled,
 }
 
-/// The largest chunk one splice moves: the default pipe capacity.
-const CHUNK: usize = 1 << 16;
+/// The largest chunk one splice moves, and the pipe size asked for in bulk mode.
+const CHUNK: usize = 1 << 20;
 
 /// Relays until both directions finish, the tunnel idles out, or `cancel` fires. `first_up`
 /// holds bytes the gateway already read from the client (a peeked ClientHello, bytes after a
@@ -46,18 +47,20 @@ const CHUNK: usize = 1 << 16;
 pub async fn relay(
     client: &TcpStream,
     upstream: &TcpStream,
-    first_up: &[u8],
+    first_up: Vec<u8>,
     idle: Duration,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> (Moved, Ended) {
     let activity = Activity::new();
     let mut moved = Moved::default();
     if !first_up.is_empty() {
-        if write_all(upstream, first_up).await.is_err() {
+        if write_all(upstream, &first_up).await.is_err() {
             return (moved, Ended::Closed);
         }
         moved.up = first_up.len() as u64;
     }
+    // Not kept for the tunnel's lifetime.
+    drop(first_up);
     let up_count = AtomicU64::new(0);
     let down_count = AtomicU64::new(0);
     let both = async {
@@ -91,27 +94,39 @@ async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// One direction: splice from `from` into a pipe, then from the pipe into `to`, until EOF; then
-/// half-close `to`. Errors (a reset) also end the direction, and the other one with it.
+/// One direction, until EOF; then half-close `to`. Errors (a reset) also end the direction, and
+/// the other one with it.
+///
+/// Small messages (requests, handshakes, interactive traffic) go through one read and one
+/// write with a buffer borrowed from the worker thread, which holds nothing between messages.
+/// The first read that fills that buffer marks a bulk transfer: from then on the direction
+/// splices through its own pipe, enlarged so that each pair of calls moves up to 1 MiB.
 async fn one_way(from: &TcpStream, to: &TcpStream, count: &AtomicU64, activity: &Activity) -> io::Result<()> {
-    let (pipe_r, pipe_w) = pipe()?;
     let result = async {
+        let mut bulk = None;
         loop {
-            let n = from
-                .async_io(Interest::READABLE, || splice(from.as_raw_fd(), pipe_w.as_raw_fd(), CHUNK))
-                .await?;
-            if n == 0 {
-                return Ok(());
+            if let Some((pipe_r, pipe_w)) = &bulk {
+                if !splice_once(from, to, pipe_r, pipe_w, count, activity).await? {
+                    return Ok(());
+                }
+                continue;
             }
-            activity.touch();
-            let mut left = n;
-            while left > 0 {
-                let m = to
-                    .async_io(Interest::WRITABLE, || splice(pipe_r.as_raw_fd(), to.as_raw_fd(), left))
-                    .await?;
-                left -= m;
-                count.fetch_add(m as u64, Ordering::Relaxed);
-                activity.touch();
+            from.readable().await?;
+            let step = SMALL.with(|buf| copy_small(from, to, &mut buf.borrow_mut()[..]));
+            match step {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+                Ok(Small { read: 0, .. }) => return Ok(()),
+                Ok(Small { read, unwritten }) => {
+                    activity.touch();
+                    count.fetch_add((read - unwritten.len()) as u64, Ordering::Relaxed);
+                    // The receiver is slower than the sender: keep the rest until it drains.
+                    write_all(to, &unwritten).await?;
+                    count.fetch_add(unwritten.len() as u64, Ordering::Relaxed);
+                    if read == SMALL_BUF {
+                        bulk = Some(bulk_pipe()?);
+                    }
+                }
             }
         }
     }
@@ -124,6 +139,63 @@ async fn one_way(from: &TcpStream, to: &TcpStream, count: &AtomicU64, activity: 
         unsafe { libc::shutdown(from.as_raw_fd(), libc::SHUT_RD) };
     }
     result
+}
+
+/// The per-thread buffer for small messages.
+const SMALL_BUF: usize = 16 * 1024;
+
+thread_local! {
+    static SMALL: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0; SMALL_BUF].into_boxed_slice());
+}
+
+struct Small {
+    read: usize,
+    /// What the receiving socket did not take at once (usually nothing).
+    unwritten: Vec<u8>,
+}
+
+/// One non-blocking read and an immediate write of what it got.
+fn copy_small(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> io::Result<Small> {
+    let read = from.try_read(buf)?;
+    let written = match to.try_write(&buf[..read]) {
+        Ok(w) => w,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    Ok(Small { read, unwritten: buf[written..read].to_vec() })
+}
+
+/// Splices one chunk from `from` through the pipe into `to`; `false` at EOF.
+async fn splice_once(
+    from: &TcpStream,
+    to: &TcpStream,
+    pipe_r: &OwnedFd,
+    pipe_w: &OwnedFd,
+    count: &AtomicU64,
+    activity: &Activity,
+) -> io::Result<bool> {
+    let n = from.async_io(Interest::READABLE, || splice(from.as_raw_fd(), pipe_w.as_raw_fd(), CHUNK)).await?;
+    if n == 0 {
+        return Ok(false);
+    }
+    activity.touch();
+    let mut left = n;
+    while left > 0 {
+        let m = to.async_io(Interest::WRITABLE, || splice(pipe_r.as_raw_fd(), to.as_raw_fd(), left)).await?;
+        left -= m;
+        count.fetch_add(m as u64, Ordering::Relaxed);
+        activity.touch();
+    }
+    Ok(true)
+}
+
+/// A pipe for a bulk direction, enlarged to [`CHUNK`] where the system allows (pipe pages are
+/// only allocated while data sits in them; over the per-user pipe budget it stays at 64 KiB).
+fn bulk_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = pipe()?;
+    // SAFETY: fcntl on a pipe fd we own.
+    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
+    Ok((r, w))
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -207,7 +279,7 @@ mod tests {
         let (upstream_side, mut server) = pair().await;
         let cancel = tokio_util::sync::CancellationToken::new();
         let relay = tokio::spawn(async move {
-            relay(&client_side, &upstream_side, b"hello ", Duration::from_secs(5), &cancel).await
+            relay(&client_side, &upstream_side, b"hello ".to_vec(), Duration::from_secs(5), &cancel).await
         });
         let big = vec![7u8; 1 << 20];
         client.write_all(&big).await.unwrap();
@@ -232,7 +304,8 @@ mod tests {
         let (upstream_side, _server) = pair().await;
         let cancel = tokio_util::sync::CancellationToken::new();
         let t = Instant::now();
-        let (_, ended) = relay(&client_side, &upstream_side, b"", Duration::from_millis(200), &cancel).await;
+        let (_, ended) =
+            relay(&client_side, &upstream_side, Vec::new(), Duration::from_millis(200), &cancel).await;
         assert_eq!(ended, Ended::Idle);
         assert!(t.elapsed() >= Duration::from_millis(200));
     }

@@ -30,7 +30,7 @@ pub async fn serve(shared: Arc<Shared>, client: TcpStream, source: SocketAddr, u
         Err(e) => Err(super::policy::Deny::from(e).into()),
     };
     match dialed {
-        Ok(up) => tunnel::run(shared, client, up, &[], live.limits, record).await,
+        Ok(up) => tunnel::run(shared, client, up, Vec::new(), live.limits, record).await,
         Err(refusal) => {
             refusal.note(&mut record);
             shared.finish(&mut record);

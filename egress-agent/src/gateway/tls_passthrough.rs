@@ -51,7 +51,7 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, source: SocketAdd
     };
     record.authority = Some(format!("{target}:{upstream_port}"));
     match shared.dial(&live, namespace.as_deref(), &target, upstream_port, &mut record).await {
-        Ok(upstream) => tunnel::run(shared, client, upstream, &first, limits, record).await,
+        Ok(upstream) => tunnel::run(shared, client, upstream, first, limits, record).await,
         Err(refusal) => refuse(&shared, &mut client, record, refusal).await,
     }
 }

@@ -23,7 +23,7 @@ pub async fn run(
     shared: Arc<Shared>,
     client: TcpStream,
     upstream: TcpStream,
-    first_up: &[u8],
+    first_up: Vec<u8>,
     limits: Limits,
     mut record: Record,
 ) {
@@ -77,7 +77,7 @@ pub async fn after_connect(
         shared.finish(&mut record);
         return;
     }
-    run(shared, client, upstream, &first, limits, record).await;
+    run(shared, client, upstream, first, limits, record).await;
 }
 
 /// Domain fronting through CONNECT: a tunnel opened for `allowed.example` whose ClientHello asks
@@ -91,20 +91,25 @@ async fn check_first_flight(
     limits: &Limits,
     record: &mut Record,
 ) -> Result<(), &'static str> {
-    if first.is_empty() {
+    // Wait for the first bytes from either side; read the client's (they are relayed first).
+    while first.is_empty() {
         tokio::select! {
             r = client.readable() => if r.is_err() { return Ok(()) },
             _ = upstream.readable() => return Ok(()),
             () = tokio::time::sleep(limits.idle_timeout) => return Err("idle_before_first_byte"),
         }
-    }
-    if first.is_empty() {
-        let mut byte = [0u8; 1];
-        match client.peek(&mut byte).await {
-            Ok(1) if byte[0] == 22 => {}
-            _ => return Ok(()),
+        let mut buf = vec![0u8; 4096];
+        match client.try_read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                buf.truncate(n);
+                *first = buf;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return Ok(()),
         }
-    } else if first[0] != 22 {
+    }
+    if first[0] != 22 {
         return Ok(());
     }
     let hello =
