@@ -185,8 +185,8 @@ impl Shared {
         let connected = tokio::time::timeout(connect_timeout, connect_first(&dialable, port)).await;
         self.metrics.upstream_connect.observe(started.elapsed().as_secs_f64());
         match connected {
-            Ok(Ok(stream)) => {
-                record.upstream = stream.peer_addr().ok();
+            Ok(Ok((stream, addr))) => {
+                record.upstream = Some(addr);
                 let _ = stream.set_nodelay(true);
                 Ok(stream)
             }
@@ -196,10 +196,12 @@ impl Shared {
     }
 }
 
-async fn connect_first(addrs: &[IpAddr], port: u16) -> Result<TcpStream, ()> {
+/// The stream and the (checked) address it is connected to.
+async fn connect_first(addrs: &[IpAddr], port: u16) -> Result<(TcpStream, SocketAddr), ()> {
     for ip in addrs {
-        match TcpStream::connect(SocketAddr::new(*ip, port)).await {
-            Ok(s) => return Ok(s),
+        let addr = SocketAddr::new(*ip, port);
+        match TcpStream::connect(addr).await {
+            Ok(s) => return Ok((s, addr)),
             Err(e) => tracing::debug!(%ip, port, error = %e, "upstream connect failed"),
         }
     }
