@@ -49,6 +49,7 @@ const HOSTS: &str = "\
 169.254.169.254 meta.example.test
 127.0.0.1 loop.example.test
 ::ffff:127.0.0.1 mapped.example.test
+64:ff9b:1::a9fe:a9fe nat64.example.test
 ";
 
 /// The configuration most tests use; `{ca}`, `{max_connections}` are filled in.
@@ -72,7 +73,8 @@ sources:
 rules:
   - namespaces: [team-a]
     hosts: [api.example.test, www.example.test, v6.example.test, bad.example.test, nowhere.example.test,
-            internal.example.test, meta.example.test, loop.example.test, mapped.example.test]
+            internal.example.test, meta.example.test, loop.example.test, mapped.example.test,
+            nat64.example.test]
     ports: [80, 443, 7000]
   - namespaces: [team-b]
     hosts: [www.example.test]

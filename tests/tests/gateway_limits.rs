@@ -9,8 +9,10 @@ use std::{
 };
 
 use egress_tests::{
-    gateway::{FORWARD_BLOCKED_PORT, FORWARD_PORT, GatewayLab, PROXY_PORT, UPSTREAM_BODY, base_config},
-    lab::GATEWAY4,
+    gateway::{
+        FORWARD_BLOCKED_PORT, FORWARD_PORT, GatewayLab, PROXY_PORT, TEAM_B4, UPSTREAM_BODY, base_config,
+    },
+    lab::{GATEWAY4, POD4},
 };
 
 /// Sends `request` in one write and reads until the gateway closes or 3 s pass.
@@ -192,10 +194,8 @@ fn the_connection_cap_holds() {
     });
     gw.wait_access("cap", |v| v["reason"] == "too_many_connections");
     // Slots come back when tunnels close.
-    let out = g.curl(
-        egress_tests::lab::POD4,
-        &["--proxy", &format!("http://{GATEWAY4}:{PROXY_PORT}"), "http://api.example.test/"],
-    );
+    let out =
+        g.curl(POD4, &["--proxy", &format!("http://{GATEWAY4}:{PROXY_PORT}"), "http://api.example.test/"]);
     assert_eq!(egress_tests::gateway::status_and_body(&out).0, 200);
 }
 
@@ -224,4 +224,41 @@ fn static_tcp_forwards_apply_the_policy() {
     });
     assert!(got.is_empty(), "{got:?}");
     assert_eq!(gw.line_for("internal.example.test:80")["reason"], "blocked_private");
+}
+
+#[test]
+fn one_client_cannot_take_every_slot() {
+    let g = GatewayLab::new();
+    let config = base_config(&g.ca, 100)
+        .replace("  maxConnections: 100", "  maxConnections: 100\n  maxConnectionsPerSource: 2");
+    let gw = g.start(&config);
+    g.in_pod(|| {
+        let open = || {
+            let mut s = socket_from(POD4);
+            s.write_all(b"CONNECT api.example.test:80 HTTP/1.1\r\n\r\n").expect("write");
+            s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+            let mut buf = [0u8; 128];
+            let n = s.read(&mut buf).expect("reply");
+            (s, String::from_utf8_lossy(&buf[..n]).to_string())
+        };
+        let (a, ra) = open();
+        let (b, rb) = open();
+        assert!(ra.starts_with("HTTP/1.1 200") && rb.starts_with("HTTP/1.1 200"), "{ra} {rb}");
+        let (_c, rc) = open();
+        assert!(rc.starts_with("HTTP/1.1 429"), "a third connection from the same address: {rc}");
+        drop((a, b));
+    });
+    gw.wait_access("per-source cap", |v| v["reason"] == "source_connection_limit");
+    // Another client is not affected.
+    let out =
+        g.curl(TEAM_B4, &["--proxy", &format!("http://{GATEWAY4}:{PROXY_PORT}"), "http://www.example.test/"]);
+    assert_eq!(egress_tests::gateway::status_and_body(&out).0, 200);
+}
+
+/// A TCP connection to the proxy port from a given local address.
+fn socket_from(source: &str) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    sock.bind(&egress_tests::sock(source, 0).into()).expect("bind");
+    sock.connect(&egress_tests::sock(GATEWAY4, PROXY_PORT).into()).expect("connect");
+    sock.into()
 }

@@ -31,6 +31,8 @@ fn each_namespace_reaches_only_what_its_rules_allow() {
         (POD4, "http://meta.example.test/", &[], 403, "blocked_metadata"),
         (POD4, "http://loop.example.test/", &[], 403, "blocked_loopback"),
         (POD4, "http://mapped.example.test/", &[], 403, "blocked_loopback"),
+        // Metadata through a local-use NAT64 prefix: not decoded, so not public either.
+        (POD4, "http://nat64.example.test/", &[], 403, "blocked_reserved"),
         (POD4, "http://nowhere.example.test/", &[], 502, "resolve_failed"),
         // IP literals in every spelling are addresses, and no rule names an address.
         (POD4, "http://11.231.0.5/", &[], 403, "not_allowed"),

@@ -25,6 +25,7 @@
 //!     ports: [443, "8000-8100"]    # omitted: any port
 //! limits:                          # all optional, these are the defaults
 //!   maxConnections: 10000
+//!   maxConnectionsPerSource: 1000  # per client address
 //!   headerTimeout: 10s             # whole request head (slowloris), and the ClientHello
 //!   idleTimeout: 5m                # a tunnel or keep-alive connection with no traffic
 //!   connectTimeout: 5s             # upstream TCP connect (and TLS handshake when originating)
@@ -143,6 +144,8 @@ pub struct Rule {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     pub max_connections: usize,
+    /// Per client address: one pod cannot take every slot.
+    pub max_connections_per_source: usize,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
@@ -155,6 +158,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 10_000,
+            max_connections_per_source: 1_000,
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(5),
@@ -166,6 +170,9 @@ impl Default for Limits {
 }
 
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// No timeout is longer than this (timer arithmetic stays far from overflow).
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -262,6 +269,7 @@ struct RawRule {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawLimits {
     max_connections: Option<usize>,
+    max_connections_per_source: Option<usize>,
     header_timeout: Option<String>,
     idle_timeout: Option<String>,
     connect_timeout: Option<String>,
@@ -453,12 +461,26 @@ fn parse_limits(raw: &RawLimits) -> Result<Limits, ParseError> {
     };
     Ok(Limits {
         max_connections: positive(raw.max_connections, "maxConnections", d.max_connections, 1)?,
+        max_connections_per_source: positive(
+            raw.max_connections_per_source,
+            "maxConnectionsPerSource",
+            d.max_connections_per_source,
+            1,
+        )?,
         header_timeout: duration(&raw.header_timeout, "headerTimeout", d.header_timeout)?,
         idle_timeout: duration(&raw.idle_timeout, "idleTimeout", d.idle_timeout)?,
         connect_timeout: duration(&raw.connect_timeout, "connectTimeout", d.connect_timeout)?,
         // hyper's read buffer cannot be smaller than 8 KiB.
         max_header_bytes: positive(raw.max_header_bytes, "maxHeaderBytes", d.max_header_bytes, 8192)?,
-        max_headers: positive(raw.max_headers, "maxHeaders", d.max_headers, 8)?,
+        max_headers: match positive(raw.max_headers, "maxHeaders", d.max_headers, 8)? {
+            n if n <= super::framing::MAX_HEADERS => n,
+            n => {
+                return Err(invalid(
+                    "limits.maxHeaders",
+                    format!("{n} is above the maximum of {}", super::framing::MAX_HEADERS),
+                ));
+            }
+        },
         client_hello_max_bytes: positive(
             raw.client_hello_max_bytes,
             "clientHelloMaxBytes",
@@ -470,6 +492,7 @@ fn parse_limits(raw: &RawLimits) -> Result<Limits, ParseError> {
 
 fn parse_duration(s: &str, at: &str) -> Result<Duration, ParseError> {
     match humantime::parse_duration(s.trim()) {
+        Ok(d) if d > MAX_DURATION => Err(invalid(at, format!("{s:?} is longer than a week"))),
         Ok(d) if !d.is_zero() => Ok(d),
         Ok(_) => Err(invalid(at, format!("{s:?} is zero; give a positive duration"))),
         Err(e) => Err(invalid(at, format!("{s:?} is not a duration like \"10s\" or \"5m\" ({e})"))),

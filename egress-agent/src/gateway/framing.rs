@@ -18,6 +18,9 @@ use super::target::{TargetError, check_framing};
 /// The longest chunk-size or trailer line accepted.
 const MAX_LINE: usize = 4096;
 
+/// The most header fields a head may have (the gateway's `maxHeaders` is capped to this).
+pub const MAX_HEADERS: usize = 256;
+
 #[derive(Debug)]
 pub struct Framer {
     state: State,
@@ -110,9 +113,12 @@ impl Framer {
     }
 
     fn judge(&mut self, head: &[u8]) {
-        let mut headers = vec![httparse::EMPTY_HEADER; 256];
+        // httparse (and so hyper) also accepts a bare LF as a line end; the framer does not, so
+        // the two can never disagree on where a head ends: a head with one gets no verdict.
+        let bare_lf = head.iter().enumerate().any(|(i, b)| *b == b'\n' && (i == 0 || head[i - 1] != b'\r'));
+        let mut headers = vec![httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
-        if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
+        if bare_lf || !matches!(req.parse(head), Ok(httparse::Status::Complete(n)) if n == head.len()) {
             self.state = State::Lost;
             return;
         }
@@ -144,7 +150,11 @@ impl Framer {
             Some(i) => {
                 self.buf.extend_from_slice(&bytes[..i]);
                 let line = std::mem::take(&mut self.buf);
-                done(self, line.strip_suffix(b"\r").unwrap_or(&line));
+                // Chunk-size and trailer lines end in CRLF; hyper ends trailer lines only there.
+                match line.strip_suffix(b"\r") {
+                    Some(line) => done(self, line),
+                    None => self.state = State::Lost,
+                }
                 &bytes[i + 1..]
             }
             None => {
@@ -211,6 +221,15 @@ GET http://c/ HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx";
         ] {
             assert_eq!(verdicts(head, 5), vec![Some(Err(TargetError::AmbiguousFraming))]);
         }
+    }
+
+    #[test]
+    fn bare_line_feeds_are_never_trusted() {
+        // httparse accepts bare LF; a second head hidden behind one must not earn a verdict.
+        let hidden = b"GET http://a/ HTTP/1.1\nHost: a\n\nGET http://b/ HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx";
+        assert_eq!(verdicts(hidden, 7), vec![]);
+        let trailer = b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: a\n\nGET http://x/ HTTP/1.1\r\n\r\n";
+        assert_eq!(verdicts(trailer, 5), vec![Some(Ok(()))]);
     }
 
     #[test]

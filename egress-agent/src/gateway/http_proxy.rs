@@ -25,7 +25,7 @@ use tokio::{net::TcpStream, sync::Mutex};
 use super::{
     access_log::Record,
     framing::Framer,
-    policy::{Deny, Target},
+    policy::{Deny, Policy, Target},
     shared::{Admitted, Live, Refusal, Shared},
     sniffed_io::Sniffed,
     target, tunnel,
@@ -81,7 +81,7 @@ struct Pooled {
 /// Serves one client connection until it closes, errs, or the drain deadline passes.
 pub async fn serve(shared: Arc<Shared>, stream: TcpStream, source: SocketAddr, mode: Mode) {
     let live = shared.live();
-    let slot = match shared.admit(live.limits.max_connections) {
+    let slot = match shared.admit(&live.limits, source.ip()) {
         Ok(slot) => slot,
         Err(deny) => return refuse_connection(&shared, stream, source, mode, deny).await,
     };
@@ -150,7 +150,8 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, source: SocketAddr, m
     }
 }
 
-/// Answers a connection that gets no slot (cap reached, draining) with 503 and closes it.
+/// Answers a connection that gets no slot (cap reached, draining) with 503 (429 for the
+/// per-client cap) and closes it.
 async fn refuse_connection(
     shared: &Shared,
     mut stream: TcpStream,
@@ -161,10 +162,13 @@ async fn refuse_connection(
     let mut record = Record::new(mode.listener(), source);
     shared.identify(source, &mut record);
     record.deny(deny.name());
-    record.status = Some(503);
+    let status = status_for(deny.into());
+    record.status = Some(status.as_u16());
     let body = format!("egress gateway: {}\n", deny.name());
     let head = format!(
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\nX-Egressfw-Reason: {}\r\n\r\n{body}",
+        "HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\nX-Egressfw-Reason: {}\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
         body.len(),
         deny.name()
     );
@@ -270,9 +274,14 @@ impl Conn {
             Some(p) if p.target == target && p.port == port && !p.sender.is_closed() => {
                 match live.policy.authorize(self.namespace.as_deref(), &target, port) {
                     Ok(grant) => {
+                        // The kept connection's address is judged again too (a reload may have
+                        // closed the range it is in).
+                        let still_dialable = p.upstream.is_some_and(|a| {
+                            Policy::dialable(&grant, &target, &[a.ip()]).is_ok_and(|d| d == [a.ip()])
+                        });
                         record.allow(grant.matched);
                         record.upstream = p.upstream;
-                        p.sender.ready().await.is_ok()
+                        still_dialable && p.sender.ready().await.is_ok()
                     }
                     Err(deny) => return self.refuse(record, deny.into()),
                 }
@@ -378,6 +387,7 @@ pub fn status_for(refusal: Refusal) -> StatusCode {
             Deny::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
             Deny::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Deny::TooManyConnections | Deny::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Deny::SourceLimit => StatusCode::TOO_MANY_REQUESTS,
             Deny::ResolveFailed => StatusCode::BAD_GATEWAY,
             _ => StatusCode::FORBIDDEN,
         },

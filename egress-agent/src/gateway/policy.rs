@@ -35,9 +35,6 @@ pub enum Deny {
     TargetMismatch,
     /// A TLS listener got a ClientHello without a server name, or with encrypted ClientHello.
     NoServerName,
-    /// The ClientHello uses Encrypted Client Hello: the real server name is hidden, so the
-    /// outer one proves nothing.
-    EncryptedClientHello,
     /// The origination listener was asked for a host it does not originate to.
     NotOriginated,
     /// The request head or ClientHello did not arrive in time, or was too large.
@@ -45,6 +42,8 @@ pub enum Deny {
     HeaderTooLarge,
     /// The connection cap was reached.
     TooManyConnections,
+    /// The cap for one client address was reached.
+    SourceLimit,
     /// The gateway is draining (SIGTERM).
     Draining,
 }
@@ -70,11 +69,11 @@ impl Deny {
             Self::AmbiguousFraming => "ambiguous_framing",
             Self::TargetMismatch => "target_mismatch",
             Self::NoServerName => "no_server_name",
-            Self::EncryptedClientHello => "encrypted_client_hello",
             Self::NotOriginated => "not_originated",
             Self::HeaderTimeout => "header_timeout",
             Self::HeaderTooLarge => "header_too_large",
             Self::TooManyConnections => "too_many_connections",
+            Self::SourceLimit => "source_connection_limit",
             Self::Draining => "draining",
         }
     }
@@ -103,6 +102,17 @@ pub struct Grant {
     /// The pattern or CIDR that matched, as written: a bounded label for metrics.
     pub matched: String,
     exceptions: Vec<IpNet>,
+}
+
+impl Grant {
+    /// Whether the granting rules open this non-public address. Metadata services only open to
+    /// a CIDR naming exactly that address: a broad `cidrs: [0.0.0.0/0]` must not hand out cloud
+    /// credentials.
+    fn exempts(&self, class: Blocked, ip: &IpAddr) -> bool {
+        self.exceptions
+            .iter()
+            .any(|c| c.contains(ip) && (class != Blocked::Metadata || c.prefix_len() == c.max_prefix_len()))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -137,7 +147,11 @@ impl Policy {
     /// its explicit permission. Addresses are normalised (IPv4-mapped -> IPv4) before dialing.
     pub fn dialable(grant: &Grant, target: &Target, resolved: &[IpAddr]) -> Result<Vec<IpAddr>, Deny> {
         if let Target::Ip(ip) = target {
-            return Ok(vec![ip_literal::normalize(*ip)]);
+            let ip = ip_literal::normalize(*ip);
+            return match ranges::classify(ip) {
+                Some(class) if !grant.exempts(class, &ip) => Err(Deny::Blocked(class)),
+                _ => Ok(vec![ip]),
+            };
         }
         let mut first_blocked = None;
         let ok: Vec<IpAddr> = resolved
@@ -145,7 +159,7 @@ impl Policy {
             .map(|ip| ip_literal::normalize(*ip))
             .filter(|ip| match ranges::classify(*ip) {
                 None => true,
-                Some(_) if grant.exceptions.iter().any(|c| c.contains(ip)) => true,
+                Some(class) if grant.exempts(class, ip) => true,
                 Some(class) => {
                     first_blocked.get_or_insert(class);
                     false
@@ -193,6 +207,10 @@ rules:
     cidrs: [10.1.0.0/16]
   - namespaces: ["*"]
     hosts: ["public.example.net"]
+  - namespaces: [ops]
+    cidrs: [0.0.0.0/0]
+  - namespaces: [cloud]
+    cidrs: [169.254.169.254/32]
 "#,
         )
         .unwrap();
@@ -251,6 +269,19 @@ rules:
         let gi = p.authorize(Some("team-a"), &internal, 443).unwrap();
         assert_eq!(Policy::dialable(&gi, &internal, &[ip("10.1.9.9")]), Ok(vec![ip("10.1.9.9")]));
         assert_eq!(Policy::dialable(&gi, &internal, &[ip("10.2.9.9")]), Err(Deny::Blocked(Blocked::Private)));
+    }
+
+    #[test]
+    fn metadata_needs_a_rule_naming_exactly_it() {
+        let p = policy();
+        let md = t("169.254.169.254");
+        let wide = p.authorize(Some("ops"), &md, 80).unwrap();
+        assert_eq!(Policy::dialable(&wide, &md, &[]), Err(Deny::Blocked(Blocked::Metadata)));
+        let other_private = t("10.9.9.9");
+        let g = p.authorize(Some("ops"), &other_private, 80).unwrap();
+        assert_eq!(Policy::dialable(&g, &other_private, &[]), Ok(vec![ip("10.9.9.9")]));
+        let exact = p.authorize(Some("cloud"), &md, 80).unwrap();
+        assert_eq!(Policy::dialable(&exact, &md, &[]), Ok(vec![ip("169.254.169.254")]));
     }
 
     #[test]

@@ -63,6 +63,12 @@ const TABLE: &[(&str, Blocked)] = &[
     ("198.51.100.0/24", Blocked::Reserved),
     ("203.0.113.0/24", Blocked::Reserved),
     ("2001:db8::/32", Blocked::Reserved),
+    // Transition mechanisms whose embedded IPv4 is not decoded here: Teredo, 6to4, local-use
+    // NAT64 (RFC 8215; the well-known 64:ff9b::/96 is decoded instead), SIIT.
+    ("2001::/32", Blocked::Reserved),
+    ("2002::/16", Blocked::Reserved),
+    ("64:ff9b:1::/48", Blocked::Reserved),
+    ("::ffff:0:0:0/96", Blocked::Reserved),
     ("100::/64", Blocked::Reserved),
 ];
 
@@ -70,10 +76,19 @@ const TABLE: &[(&str, Blocked)] = &[
 /// compatible, NAT64) is judged as that IPv4 (see `ip_literal::normalize`).
 pub fn classify(ip: IpAddr) -> Option<Blocked> {
     let ip = super::ip_literal::normalize(ip);
-    TABLE.iter().find_map(|(net, class)| {
+    let listed = TABLE.iter().find_map(|(net, class)| {
         let net: IpNet = net.parse().expect("the table holds valid CIDRs");
         net.contains(&ip).then_some(*class)
-    })
+    });
+    // IPv6 is public only inside the global unicast block 2000::/3; everything outside it that
+    // the table does not name (deprecated site-local, unassigned space, other NAT64 prefixes)
+    // is not a destination on the internet.
+    match ip {
+        IpAddr::V6(v6) if listed.is_none() && (v6.segments()[0] & 0xe000) != 0x2000 => {
+            Some(Blocked::Reserved)
+        }
+        _ => listed,
+    }
 }
 
 #[cfg(test)]
@@ -98,6 +113,22 @@ mod tests {
         assert_eq!(class("0.0.0.0"), Some(Blocked::Unspecified));
         assert_eq!(class("::"), Some(Blocked::Unspecified));
         assert_eq!(class("255.255.255.255"), Some(Blocked::Reserved));
+    }
+
+    #[test]
+    fn ipv6_outside_global_unicast_and_transition_prefixes() {
+        for s in [
+            "fec0::1",
+            "64:ff9b:1::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+            "2001:0:4136:e378::1",
+            "::ffff:0:a9fe:a9fe",
+            "4000::1",
+        ] {
+            assert_eq!(class(s), Some(Blocked::Reserved), "{s}");
+        }
+        assert_eq!(class("fe80::1"), Some(Blocked::LinkLocal));
+        assert_eq!(class("2001:db9::1"), None);
     }
 
     #[test]

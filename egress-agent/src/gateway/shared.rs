@@ -4,9 +4,10 @@
 //! resolve, check the addresses, connect to a checked address.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc, RwLock,
+        Arc, Mutex, RwLock,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Instant,
@@ -19,10 +20,14 @@ use super::{
     access_log::{self, Record},
     config::Limits,
     identity::Identities,
+    ip_literal,
     metrics::GatewayMetrics,
     originate::Originator,
     policy::{Deny, Policy, Target},
 };
+
+/// Name lookups in flight at once (tokio's blocking pool has 512 threads).
+const MAX_CONCURRENT_LOOKUPS: usize = 64;
 
 /// The parts of the configuration a reload replaces.
 pub struct Live {
@@ -36,6 +41,10 @@ pub struct Shared {
     pub identities: Arc<Identities>,
     pub metrics: GatewayMetrics,
     active: AtomicUsize,
+    per_source: Mutex<HashMap<IpAddr, usize>>,
+    /// getaddrinfo runs on tokio's blocking pool; this bounds how much of it lookups may hold,
+    /// so slow names cannot starve everything else.
+    lookups: tokio::sync::Semaphore,
     draining: AtomicBool,
     /// Fires on SIGTERM: keep-alive connections close after their current request.
     pub drain: CancellationToken,
@@ -82,10 +91,24 @@ impl Refusal {
 /// A connection slot; frees itself on drop.
 pub struct Admitted {
     shared: Arc<Shared>,
+    source: IpAddr,
+}
+
+impl Admitted {
+    fn release_source(&self) {
+        let mut per = self.shared.per_source.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = per.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.source);
+            }
+        }
+    }
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
+        self.release_source();
         self.shared.active.fetch_sub(1, Ordering::AcqRel);
         self.shared.metrics.active_connections.dec();
     }
@@ -98,6 +121,8 @@ impl Shared {
             identities,
             metrics: GatewayMetrics::new(),
             active: AtomicUsize::new(0),
+            per_source: Mutex::new(HashMap::new()),
+            lookups: tokio::sync::Semaphore::new(MAX_CONCURRENT_LOOKUPS),
             draining: AtomicBool::new(false),
             drain: CancellationToken::new(),
             cancel: CancellationToken::new(),
@@ -129,16 +154,30 @@ impl Shared {
     }
 
     /// Takes a connection slot, or says why not (cap reached, draining).
-    pub fn admit(self: &Arc<Self>, max: usize) -> Result<Admitted, Deny> {
+    /// Takes a connection slot, or says why not: draining, the gateway's cap, or the cap for one
+    /// client address (so that one pod cannot take every slot).
+    pub fn admit(self: &Arc<Self>, limits: &Limits, source: IpAddr) -> Result<Admitted, Deny> {
         if self.draining() {
             return Err(Deny::Draining);
         }
-        if self.active.fetch_add(1, Ordering::AcqRel) >= max {
+        let source = ip_literal::normalize(source);
+        {
+            let mut per = self.per_source.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let n = per.entry(source).or_insert(0);
+            if *n >= limits.max_connections_per_source {
+                return Err(Deny::SourceLimit);
+            }
+            *n += 1;
+        }
+        let admitted = Admitted { shared: self.clone(), source };
+        if self.active.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
             self.active.fetch_sub(1, Ordering::AcqRel);
+            admitted.release_source();
+            std::mem::forget(admitted);
             return Err(Deny::TooManyConnections);
         }
         self.metrics.active_connections.inc();
-        Ok(Admitted { shared: self.clone() })
+        Ok(admitted)
     }
 
     /// Logs and counts a finished connection or request.
@@ -171,9 +210,14 @@ impl Shared {
         let resolved = match target {
             Target::Ip(ip) => vec![*ip],
             Target::Name(name) => {
-                match tokio::time::timeout(connect_timeout, tokio::net::lookup_host((name.as_str(), port)))
-                    .await
-                {
+                // As written, so /etc/hosts (hostAliases) applies. The Deployment sets ndots: 1,
+                // so a name with a dot is tried as absolute first; whatever a search domain
+                // might still produce is a cluster address, which the range check refuses.
+                let lookup = async {
+                    let _permit = self.lookups.acquire().await;
+                    tokio::net::lookup_host((name.as_str(), port)).await
+                };
+                match tokio::time::timeout(connect_timeout, lookup).await {
                     Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
                     Ok(Err(_)) => return Err(Deny::ResolveFailed.into()),
                     Err(_) => return Err(Refusal::ConnectTimeout),

@@ -16,7 +16,7 @@ pub async fn serve(shared: Arc<Shared>, client: TcpStream, source: SocketAddr, u
     let mut record = Record::new(LISTENER, source);
     let namespace = shared.identify(source, &mut record);
     record.authority = Some(format!("{}:{}", upstream.host, upstream.port));
-    let _slot = match shared.admit(live.limits.max_connections) {
+    let _slot = match shared.admit(&live.limits, source.ip()) {
         Ok(slot) => slot,
         Err(deny) => {
             record.deny(deny.name());

@@ -20,7 +20,7 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, source: SocketAdd
     let live = shared.live();
     let mut record = Record::new(LISTENER, source);
     let namespace = shared.identify(source, &mut record);
-    let _slot = match shared.admit(live.limits.max_connections) {
+    let _slot = match shared.admit(&live.limits, source.ip()) {
         Ok(slot) => slot,
         Err(deny) => return refuse(&shared, &mut client, record, deny.into()).await,
     };

@@ -129,12 +129,12 @@ async fn check_first_flight(
     Ok(())
 }
 
-/// Checks a ClientHello's server name: present unless `connect_target` is an IP tunnel, no
-/// ECH, and (for a tunnel to a name) the same name.
+/// Checks a ClientHello's server name: present unless `connect_target` is an IP tunnel, and
+/// (for a tunnel to a name) the same name.
 pub fn sni_verdict(hello: &ClientHello, connect_target: Option<&Target>) -> Result<Option<Target>, Deny> {
-    if hello.ech {
-        return Err(Deny::EncryptedClientHello);
-    }
+    // Encrypted Client Hello is judged by its outer (public) name, which a rule must allow
+    // like any other: real ECH then reaches only providers whose public name is allowed, and
+    // browsers that send GREASE ECH (no real inner hello) keep working.
     // Through the same IP-literal reading as every other target: an SNI of `10.0.0.1` is an
     // address and needs a CIDR rule, never a host pattern.
     let sni = hello.server_name.as_deref().map(Target::parse).transpose()?;
