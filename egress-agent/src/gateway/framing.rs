@@ -116,7 +116,8 @@ impl Framer {
         // httparse (and so hyper) also accepts a bare LF as a line end; the framer does not, so
         // the two can never disagree on where a head ends: a head with one gets no verdict.
         let bare_lf = head.iter().enumerate().any(|(i, b)| *b == b'\n' && (i == 0 || head[i - 1] != b'\r'));
-        let mut headers = vec![httparse::EMPTY_HEADER; MAX_HEADERS];
+        // On the stack: this runs for every request head.
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
         if bare_lf || !matches!(req.parse(head), Ok(httparse::Status::Complete(n)) if n == head.len()) {
             self.state = State::Lost;

@@ -72,14 +72,19 @@ const TABLE: &[(&str, Blocked)] = &[
     ("100::/64", Blocked::Reserved),
 ];
 
+/// The table parsed once: `classify` runs for every address a connection may dial.
+fn parsed_table() -> &'static [(IpNet, Blocked)] {
+    static PARSED: std::sync::LazyLock<Vec<(IpNet, Blocked)>> = std::sync::LazyLock::new(|| {
+        TABLE.iter().map(|(net, class)| (net.parse().expect("the table holds valid CIDRs"), *class)).collect()
+    });
+    &PARSED
+}
+
 /// The class of a non-public address; `None` for a public one. Embedded IPv4 (mapped,
 /// compatible, NAT64) is judged as that IPv4 (see `ip_literal::normalize`).
 pub fn classify(ip: IpAddr) -> Option<Blocked> {
     let ip = super::ip_literal::normalize(ip);
-    let listed = TABLE.iter().find_map(|(net, class)| {
-        let net: IpNet = net.parse().expect("the table holds valid CIDRs");
-        net.contains(&ip).then_some(*class)
-    });
+    let listed = parsed_table().iter().find_map(|(net, class)| net.contains(&ip).then_some(*class));
     // IPv6 is public only inside the global unicast block 2000::/3; everything outside it that
     // the table does not name (deprecated site-local, unassigned space, other NAT64 prefixes)
     // is not a destination on the internet.

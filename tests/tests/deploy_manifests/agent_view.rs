@@ -102,6 +102,30 @@ pub(crate) fn probe_target(file: &str, c: &Container, probe: Option<&Probe>, whi
     (get.path.clone().unwrap_or_default(), port.container_port)
 }
 
+/// The probes GET /healthz and /readyz on `port`, and prometheus.io annotations on the pod
+/// template (if any) point at that port and /metrics. `what` names the port in messages.
+pub(crate) fn assert_health_endpoints(
+    file: &str,
+    c: &Container,
+    annotations: &BTreeMap<String, String>,
+    port: i32,
+    what: &str,
+) {
+    for (probe, which, path) in [
+        (c.liveness_probe.as_ref(), "livenessProbe", "/healthz"),
+        (c.readiness_probe.as_ref(), "readinessProbe", "/readyz"),
+    ] {
+        let target = probe_target(file, c, probe, which);
+        assert_eq!(target, (path.to_owned(), port), "{file}: {which} should GET {path} on {what} {port}");
+    }
+    if let Some(p) = annotations.get("prometheus.io/port") {
+        assert_eq!(*p, port.to_string(), "{file}: prometheus.io/port is not {what}");
+    }
+    if let Some(p) = annotations.get("prometheus.io/path") {
+        assert_eq!(p, "/metrics", "{file}: metrics are served at /metrics");
+    }
+}
+
 /// The container port a name or number refers to (probes, a Service's targetPort).
 pub(crate) fn container_port<'a>(c: &'a Container, port: &IntOrString) -> Option<&'a ContainerPort> {
     let mut ports = c.ports.iter().flatten();

@@ -185,26 +185,9 @@ fn gateway_probes_use_the_admin_endpoint() {
         "{config_file}: admin {admin}: the kubelet's probes and Prometheus come from outside the pod"
     );
     let port = i32::from(admin.port());
-    let live = probe_target(file, c, c.liveness_probe.as_ref(), "livenessProbe");
-    assert_eq!(
-        live,
-        ("/healthz".to_owned(), port),
-        "{file}: livenessProbe should GET /healthz on the admin port {port} ({config_file})"
-    );
-    let ready = probe_target(file, c, c.readiness_probe.as_ref(), "readinessProbe");
-    assert_eq!(
-        ready,
-        ("/readyz".to_owned(), port),
-        "{file}: readinessProbe should GET /readyz on the admin port {port} ({config_file})"
-    );
     let annotations =
         g.deployment.spec.and_then(|s| s.template.metadata).and_then(|md| md.annotations).unwrap_or_default();
-    if let Some(p) = annotations.get("prometheus.io/port") {
-        assert_eq!(*p, port.to_string(), "{file}: prometheus.io/port is not the admin port ({config_file})");
-    }
-    if let Some(p) = annotations.get("prometheus.io/path") {
-        assert_eq!(p, "/metrics", "{file}: the gateway serves metrics at /metrics");
-    }
+    assert_health_endpoints(file, c, &annotations, port, &format!("the admin port ({config_file})"));
 }
 
 #[test]

@@ -159,26 +159,9 @@ fn probes_and_metrics_use_the_port_the_agent_listens_on() {
     let m = manifests();
     let (file, ds, _, c) = m.agent();
     let port = i32::from(http_port(file, &c));
-    let live = probe_target(file, &c, c.liveness_probe.as_ref(), "livenessProbe");
-    assert_eq!(
-        live,
-        ("/healthz".to_owned(), port),
-        "{file}: livenessProbe should GET /healthz on port {port}"
-    );
-    let ready = probe_target(file, &c, c.readiness_probe.as_ref(), "readinessProbe");
-    assert_eq!(
-        ready,
-        ("/readyz".to_owned(), port),
-        "{file}: readinessProbe should GET /readyz on port {port}"
-    );
     let annotations =
         ds.spec.and_then(|s| s.template.metadata).and_then(|md| md.annotations).unwrap_or_default();
-    if let Some(p) = annotations.get("prometheus.io/port") {
-        assert_eq!(*p, port.to_string(), "{file}: prometheus.io/port is not the agent's HTTP port");
-    }
-    if let Some(p) = annotations.get("prometheus.io/path") {
-        assert_eq!(p, "/metrics", "{file}: the agent serves metrics at /metrics");
-    }
+    assert_health_endpoints(file, &c, &annotations, port, "the agent's HTTP port");
 }
 
 #[test]
