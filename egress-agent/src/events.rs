@@ -120,7 +120,7 @@ fn log_event(ev: &VerdictEvent, reason: &str, owner: &Owner) {
         protocol = %protocol_name(ev.protocol),
         dst = %dst,
         dport = ev.dport,
-        src = %if ev.hook == Hook::SkbEgress as u8 { address(ev.saddr, ev.family).to_string() } else { String::new() },
+        src = %if ev.hook == Hook::SkbEgress as u8 || ev.hook == Hook::TcFromPod as u8 { address(ev.saddr, ev.family).to_string() } else { String::new() },
         sport = ev.sport,
         cgroup_id = ev.cgroup_id,
         policy_cgroup_id = ev.policy_cgroup_id,

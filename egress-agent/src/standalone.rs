@@ -2,7 +2,8 @@
 //!
 //! Reloads on SIGHUP and whenever the file changes (editors and ConfigMap updates replace the
 //! file, so the directory is watched). A bad file is logged and ignored: what is enforced stays.
-//! SIGTERM/SIGINT stop the agent and leave enforcement exactly as it is.
+//! SIGTERM/SIGINT stop the agent and leave enforcement exactly as it is. Workload interfaces the
+//! file names get the tc layer; they are looked up again whenever a link appears or goes.
 
 use std::{
     path::{Path, PathBuf},
@@ -17,7 +18,9 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     events,
-    kernel::{bpffs::PinLayout, maps::KernelMaps, object},
+    interfaces::{self, DesiredInterface, TcState, TcSummary},
+    kernel::{bpffs::PinLayout, maps::KernelMaps, object, tc_maps::TcMaps},
+    link_events::LinkEvents,
     metrics::{Owner, OwnerIndex},
     policy::config,
     reconcile::{self, Summary},
@@ -32,6 +35,10 @@ pub struct Options {
 struct Agent {
     ebpf: Ebpf,
     maps: KernelMaps,
+    tc_maps: TcMaps,
+    tc_state: TcState,
+    /// Interfaces of the applied policy, re-resolved on every link event.
+    interfaces: Vec<DesiredInterface>,
     opts: Options,
     /// Enforced cgroup id -> path, for naming cgroups in event logs.
     owners: OwnerIndex,
@@ -53,6 +60,19 @@ impl Agent {
             .with_context(|| format!("policy file {}", self.opts.config.display()))?;
         let summary = reconcile::apply(&mut self.ebpf, &mut self.maps, &self.opts.pins, &desired)?;
         self.applied_text = Some(text);
+        // `plan` keeps the order of the specs, one entry each.
+        self.interfaces = specs
+            .iter()
+            .zip(&desired)
+            .flat_map(|(spec, d)| {
+                spec.interfaces.iter().map(|i| DesiredInterface {
+                    name: i.name.clone(),
+                    policy_cgroup_id: d.cgroup.id,
+                    addresses: i.addresses.clone(),
+                })
+            })
+            .collect();
+        self.apply_interfaces(true)?;
         let mut owners = self.owners.write().expect("owner index lock");
         owners.clear();
         owners.extend(desired.iter().map(|d| {
@@ -60,6 +80,44 @@ impl Agent {
         }));
         Ok(Some(summary))
     }
+
+    /// Brings the tc layer in line with the applied policy's interfaces; logs what changed
+    /// (`always`: even if nothing did).
+    fn apply_interfaces(&mut self, always: bool) -> Result<()> {
+        let s = interfaces::apply(
+            &mut self.ebpf,
+            &mut self.tc_maps,
+            &self.opts.pins,
+            &self.interfaces,
+            &mut self.tc_state,
+        )?;
+        log_tc_summary(&s, always);
+        Ok(())
+    }
+}
+
+fn log_tc_summary(s: &TcSummary, always: bool) {
+    let changed = s.released > 0 || s.links != Default::default() || !s.failed.is_empty();
+    if !(changed || always) || (s.enforced == 0 && s.missing.is_empty() && !changed) {
+        return;
+    }
+    for (name, error) in &s.failed {
+        tracing::error!(interface = name, error, "tc layer not attached; retrying on the next link event");
+    }
+    tracing::info!(
+        enforced = s.enforced,
+        released = s.released,
+        missing = ?s.missing,
+        links_attached = s.links.attached,
+        links_adopted = s.links.adopted,
+        links_replaced = s.links.replaced,
+        mechanism = interfaces_mechanism(s),
+        "tc layer applied"
+    );
+}
+
+fn interfaces_mechanism(s: &TcSummary) -> &'static str {
+    if s.enforced == 0 { "none" } else { crate::kernel::tc_attach::mechanism().name() }
 }
 
 fn log_summary(what: &str, s: &Summary) {
@@ -90,9 +148,21 @@ pub async fn run(opts: Options) -> Result<()> {
     opts.pins.prepare()?;
     let mut ebpf = object::load(&opts.pins)?;
     let maps = KernelMaps::from_ebpf(&mut ebpf)?;
+    let tc_maps = TcMaps::from_ebpf(&mut ebpf)?;
     let ring = object::events_ring(&mut ebpf)?;
     let owners: OwnerIndex = Arc::default();
-    let mut agent = Agent { ebpf, maps, opts, owners: owners.clone(), applied_text: None };
+    // Subscribed before the first pass, so an interface created meanwhile is not missed.
+    let mut links = LinkEvents::subscribe()?;
+    let mut agent = Agent {
+        ebpf,
+        maps,
+        tc_maps,
+        tc_state: TcState::default(),
+        interfaces: Vec::new(),
+        opts,
+        owners: owners.clone(),
+        applied_text: None,
+    };
     if let Some(summary) = agent.reload(false)? {
         log_summary("policy applied", &summary);
     }
@@ -106,6 +176,13 @@ pub async fn run(opts: Options) -> Result<()> {
     tracing::info!("ready");
     loop {
         let (why, only_if_changed) = tokio::select! {
+            r = links.next() => {
+                r?;
+                if let Err(e) = agent.apply_interfaces(false) {
+                    tracing::error!(error = format!("{e:#}"), "updating the tc layer after a link event failed; retrying on the next one");
+                }
+                continue;
+            }
             _ = hup.recv() => ("SIGHUP", false),
             Some(_) = changes.next() => ("policy file changed", true),
             _ = term.recv() => break,

@@ -5,13 +5,21 @@ use std::fs;
 
 use anyhow::{Context as _, Result};
 
-use crate::kernel::{attach, bpffs::PinLayout};
+use crate::{
+    interfaces,
+    kernel::{attach, bpffs::PinLayout, tc_maps::TcMaps},
+};
 
 pub fn run(pins: &PinLayout) -> Result<()> {
     if !pins.root.exists() {
         println!("nothing to remove: {} does not exist", pins.root.display());
         return Ok(());
     }
+    // Older pin directories have no tc maps; nothing was attached to interfaces then.
+    let interfaces = match TcMaps::from_pins(pins) {
+        Ok(mut tc) => interfaces::remove_all(&mut tc, pins)?,
+        Err(_) => 0,
+    };
     let mut links = 0;
     let cgroups = pins.pinned_cgroups()?;
     for id in &cgroups {
@@ -27,13 +35,13 @@ pub fn run(pins: &PinLayout) -> Result<()> {
             maps += 1;
         }
     }
-    for dir in [pins.links(), pins.maps(), pins.root.clone()] {
+    for dir in [pins.links(), pins.tc(), pins.maps(), pins.root.clone()] {
         if dir.exists() {
             fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
         }
     }
     println!(
-        "removed {links} links on {} cgroups and {maps} maps from {}; nothing is enforced any more",
+        "removed {links} links on {} cgroups, the tc programs on {interfaces} interfaces and {maps} maps from {}; nothing is enforced any more",
         cgroups.len(),
         pins.root.display()
     );

@@ -11,6 +11,7 @@ pub mod decide;
 pub mod event;
 pub mod maps;
 pub mod policy;
+pub mod tc;
 pub mod verdict;
 
 #[cfg(feature = "user")]

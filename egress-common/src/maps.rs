@@ -11,6 +11,10 @@ pub const MAP_CGROUP_COUNTERS: &str = "EGRESS_CGCOUNT_V1";
 pub const MAP_PASSIVE: &str = "EGRESS_PASSIVE_V1";
 pub const MAP_EVENT_BUDGET: &str = "EGRESS_EVBUDGET_V1";
 pub const MAP_EVENTS: &str = "EGRESS_EVENTS_V1";
+pub const MAP_TC_INTERFACES: &str = "EGRESS_TCIF_V1";
+pub const MAP_TC_SOURCES_V4: &str = "EGRESS_TCSRC4_V1";
+pub const MAP_TC_SOURCES_V6: &str = "EGRESS_TCSRC6_V1";
+pub const MAP_INBOUND: &str = "EGRESS_INBOUND_V1";
 
 /// Enforced cgroups (pods) per node.
 pub const MAX_POLICIES: u32 = 16_384;
@@ -20,6 +24,10 @@ pub const MAX_CGROUP_COUNTERS: u32 = 65_536;
 pub const MAX_PASSIVE_SOCKETS: u32 = 65_536;
 /// Allow prefixes per address family, over all policies.
 pub const MAX_ALLOW_ENTRIES: u32 = 262_144;
+/// Pod addresses bound to interfaces, per address family (pods have one or two each).
+pub const MAX_TC_SOURCES: u32 = 4 * MAX_POLICIES;
+/// Inbound TCP connections to pods remembered at once, over all pods (LRU beyond that).
+pub const MAX_INBOUND: u32 = 65_536;
 /// Ring buffer size for events (bytes, power of two).
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 
@@ -30,3 +38,7 @@ pub const PROG_CONNECT6: &str = "egress_connect6";
 pub const PROG_SENDMSG4: &str = "egress_sendmsg4";
 pub const PROG_SENDMSG6: &str = "egress_sendmsg6";
 pub const PROG_SOCKOPS: &str = "egress_sockops";
+/// tc ingress on a pod's host-side veth: judges what the pod sends.
+pub const PROG_TC_FROM_POD: &str = "egress_tc_from_pod";
+/// tc egress on the same veth: records TCP connections opened towards the pod.
+pub const PROG_TC_TO_POD: &str = "egress_tc_to_pod";

@@ -4,6 +4,7 @@
 use crate::{
     event::{EventBudget, VerdictEvent},
     policy::{AllowRules, CgroupPolicy, GlobalConfig, Ipv4AllowKey, Ipv6AllowKey},
+    tc::{InboundKey, InterfaceBinding, SourceBinding},
     verdict::{CgroupReasonKey, ReasonCounters},
 };
 
@@ -17,3 +18,6 @@ unsafe impl aya::Pod for ReasonCounters {}
 unsafe impl aya::Pod for CgroupReasonKey {}
 unsafe impl aya::Pod for VerdictEvent {}
 unsafe impl aya::Pod for EventBudget {}
+unsafe impl aya::Pod for InterfaceBinding {}
+unsafe impl aya::Pod for SourceBinding {}
+unsafe impl aya::Pod for InboundKey {}

@@ -20,6 +20,10 @@ pub enum Reason {
     /// A packet of a TCP connection the workload accepted (a reply to whoever connected in,
     /// such as a kubelet probe), or the SYN-ACK of a listening socket.
     AllowReply = 6,
+    /// Link-layer housekeeping at the tc layer: ARP, and IPv6 neighbour discovery and multicast
+    /// listener messages from a link-local or unspecified source (scoped to the link: a router
+    /// never forwards a packet with a link-local source).
+    AllowLinkControl = 7,
     /// No allow entry covers the destination address.
     DenyDestination = 16,
     /// The destination address is allowed, but not for this protocol or port.
@@ -35,19 +39,26 @@ pub enum Reason {
     DenySourceRoute = 21,
     /// A loopback destination on a packet leaving through a non-loopback device.
     DenyLoopbackSpoof = 22,
+    /// At the tc layer: the source address is not one the agent bound to the interface the
+    /// frame came from (a spoofed source, or another pod's address).
+    DenySpoofedSource = 23,
+    /// At the tc layer: a frame that is neither IPv4, IPv6 nor ARP (raw Ethernet types, VLAN
+    /// tags), which a packet socket can send and the policy cannot judge.
+    DenyNotIp = 24,
 }
 
 /// Size of the counters array: every reason number is an index below this.
 pub const REASON_SLOTS: u32 = 32;
 
 /// All reasons, for userspace listings (metrics, inspect).
-pub const ALL_REASONS: [Reason; 13] = [
+pub const ALL_REASONS: [Reason; 16] = [
     Reason::AllowLoopback,
     Reason::AllowGateway,
     Reason::AllowDns,
     Reason::AllowExtraCidr,
     Reason::AllowUnenforced,
     Reason::AllowReply,
+    Reason::AllowLinkControl,
     Reason::DenyDestination,
     Reason::DenyPort,
     Reason::DenyNoPolicy,
@@ -55,6 +66,8 @@ pub const ALL_REASONS: [Reason; 13] = [
     Reason::DenyFragment,
     Reason::DenySourceRoute,
     Reason::DenyLoopbackSpoof,
+    Reason::DenySpoofedSource,
+    Reason::DenyNotIp,
 ];
 
 impl Reason {
@@ -70,6 +83,7 @@ impl Reason {
             4 => Self::AllowExtraCidr,
             5 => Self::AllowUnenforced,
             6 => Self::AllowReply,
+            7 => Self::AllowLinkControl,
             16 => Self::DenyDestination,
             17 => Self::DenyPort,
             18 => Self::DenyNoPolicy,
@@ -77,6 +91,8 @@ impl Reason {
             20 => Self::DenyFragment,
             21 => Self::DenySourceRoute,
             22 => Self::DenyLoopbackSpoof,
+            23 => Self::DenySpoofedSource,
+            24 => Self::DenyNotIp,
             _ => return None,
         })
     }
@@ -90,6 +106,7 @@ impl Reason {
             Self::AllowExtraCidr => "allow_extra_cidr",
             Self::AllowUnenforced => "allow_unenforced",
             Self::AllowReply => "allow_reply",
+            Self::AllowLinkControl => "allow_link_control",
             Self::DenyDestination => "deny_destination",
             Self::DenyPort => "deny_port",
             Self::DenyNoPolicy => "deny_no_policy",
@@ -97,6 +114,8 @@ impl Reason {
             Self::DenyFragment => "deny_fragment",
             Self::DenySourceRoute => "deny_source_route",
             Self::DenyLoopbackSpoof => "deny_loopback_spoof",
+            Self::DenySpoofedSource => "deny_spoofed_source",
+            Self::DenyNotIp => "deny_not_ip",
         }
     }
 }
@@ -131,6 +150,8 @@ pub enum Hook {
     Connect6 = 3,
     Sendmsg4 = 4,
     Sendmsg6 = 5,
+    /// tc ingress on the host side of a pod's veth: frames from the pod.
+    TcFromPod = 6,
 }
 
 impl Hook {
@@ -141,6 +162,7 @@ impl Hook {
             3 => Self::Connect6,
             4 => Self::Sendmsg4,
             5 => Self::Sendmsg6,
+            6 => Self::TcFromPod,
             _ => return None,
         })
     }
@@ -152,6 +174,7 @@ impl Hook {
             Self::Connect6 => "cgroup/connect6",
             Self::Sendmsg4 => "cgroup/sendmsg4",
             Self::Sendmsg6 => "cgroup/sendmsg6",
+            Self::TcFromPod => "tc/from_pod",
         }
     }
 }

@@ -6,8 +6,10 @@
 //!   at the syscall with EPERM, so applications fail fast instead of timing out.
 //! - `egress_sockops` (sockops): marks the TCP connections the workload accepted, whose packets
 //!   (replies to kubelet probes and to Service clients) the packet program then lets through.
+//! - `egress_tc_from_pod` / `egress_tc_to_pod` (tc on the host side of a pod's veth): judge every
+//!   frame the pod sends, from any socket or none, by the same policy, and drop spoofed sources.
 //!
-//! The programs are attached to each enforced (workload) cgroup; the kernel runs them for that
+//! The cgroup programs are attached to each enforced (workload) cgroup; the kernel runs them for that
 //! cgroup and every descendant, including cgroups created later. Each program finds its policy by
 //! looking up the socket's ancestors at the levels where policies live; finding none inside an
 //! attached subtree denies (fail closed).
@@ -28,6 +30,10 @@ mod skb_egress;
 mod sock_addr;
 #[cfg(target_arch = "bpf")]
 mod sock_ops;
+#[cfg(target_arch = "bpf")]
+mod tc_from_pod;
+#[cfg(target_arch = "bpf")]
+mod tc_to_pod;
 
 /// Host builds (`cargo clippy --workspace`) get an empty binary; the real one targets bpfel.
 #[cfg(not(target_arch = "bpf"))]

@@ -8,8 +8,12 @@ use aya_ebpf::{
 };
 use egress_common::{
     event::EventBudget,
-    maps::{EVENTS_RING_BYTES, MAX_ALLOW_ENTRIES, MAX_CGROUP_COUNTERS, MAX_PASSIVE_SOCKETS, MAX_POLICIES},
+    maps::{
+        EVENTS_RING_BYTES, MAX_ALLOW_ENTRIES, MAX_CGROUP_COUNTERS, MAX_INBOUND, MAX_PASSIVE_SOCKETS,
+        MAX_POLICIES, MAX_TC_SOURCES,
+    },
     policy::{AllowRules, CgroupPolicy, GlobalConfig, Ipv4AllowKey, Ipv6AllowKey},
+    tc::{InboundKey, InterfaceBinding, SourceBinding},
     verdict::{CgroupReasonKey, REASON_SLOTS, ReasonCounters},
 };
 
@@ -50,3 +54,19 @@ pub static EGRESS_EVBUDGET_V1: PerCpuArray<EventBudget> = PerCpuArray::pinned(1,
 /// Deny and audit events for the agent.
 #[map]
 pub static EGRESS_EVENTS_V1: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
+
+/// Host-side ifindex of an enforced pod's veth -> the pod's policy (see `tc_from_pod`).
+#[map]
+pub static EGRESS_TCIF_V1: HashMap<u32, InterfaceBinding> = HashMap::pinned(MAX_POLICIES, 0);
+
+/// Pod IPv4 address -> the interface it may be sent from.
+#[map]
+pub static EGRESS_TCSRC4_V1: HashMap<[u8; 4], SourceBinding> = HashMap::pinned(MAX_TC_SOURCES, 0);
+
+/// Pod IPv6 address -> the interface it may be sent from.
+#[map]
+pub static EGRESS_TCSRC6_V1: HashMap<[u8; 16], SourceBinding> = HashMap::pinned(MAX_TC_SOURCES, 0);
+
+/// TCP connections opened towards pods (recorded by `tc_to_pod`); value unused.
+#[map]
+pub static EGRESS_INBOUND_V1: LruHashMap<InboundKey, u8> = LruHashMap::pinned(MAX_INBOUND, 0);

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     addr::Destination,
-    decide::{Flow, Origin, judge},
+    decide::judge,
     event::VerdictEvent,
     policy::{MODE_ENFORCE, MODE_PASS},
     verdict::{Hook, Reason},
@@ -72,24 +72,14 @@ fn try_egress(ctx: &SkBuffContext) -> bool {
         count_allowed(Reason::AllowUnenforced);
         return true;
     }
-    let packet = parse(ctx);
+    let packet = parse::<0>(&ctx.skb);
     let reason = match (&found, &packet) {
         (None, _) => Reason::DenyNoPolicy,
         (Some(_), Err(())) => Reason::DenyMalformed,
         (Some(_), Ok(p)) => {
             // SAFETY: reading a context field the verifier allows for cgroup_skb.
             let ifindex = unsafe { (*skb).ifindex };
-            let flow = Flow {
-                dst: p.dst,
-                protocol: p.protocol,
-                dport: p.dport,
-                port_known: p.port_known,
-                later_fragment: p.later_fragment,
-                origin: Origin::Packet {
-                    via_loopback: ifindex == LOOPBACK_IFINDEX,
-                    source_routed: p.source_routed,
-                },
-            };
+            let flow = p.flow(ifindex == LOOPBACK_IFINDEX);
             judge(&KernelAllowTables, policy_id, &flow)
         }
     };

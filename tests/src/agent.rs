@@ -45,6 +45,26 @@ impl Agent {
         Self::spawn(lab, cmd, |a| a.log_text().contains("\"message\":\"ready\""))
     }
 
+    /// Like `start`, but the agent runs in the node's network namespace, where the pods'
+    /// host-side veths are (as a DaemonSet pod with hostNetwork does): needed for the tc layer.
+    pub fn start_on_node(lab: &Lab) -> Self {
+        let mut cmd = command(lab);
+        let netns = File::open(lab.node.path()).expect("node netns");
+        // SAFETY: only setns between fork and exec.
+        unsafe {
+            use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+            cmd.pre_exec(move || {
+                if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.arg("standalone").arg("--config").arg(lab.policy_path());
+        Self::spawn(lab, cmd, |a| a.log_text().contains("\"message\":\"ready\""))
+            .unwrap_or_else(|log| panic!("agent did not become ready; its log:\n{log}"))
+    }
+
     /// Spawns `cmd` (from [`command`]) and waits until `ready` says so; returns the log when
     /// the agent exits first or is not ready within 30 s.
     pub fn spawn(lab: &Lab, mut cmd: Command, ready: impl Fn(&Self) -> bool) -> Result<Self, String> {

@@ -145,6 +145,14 @@ impl Lab {
         )
     }
 
+    /// The policy, plus the tc layer on the pod's veth (`v-pod`, host side) for its addresses.
+    pub fn policy_text_with_veth(&self, mode: &str) -> String {
+        format!(
+            "{}    interfaces:\n      - name: v-pod\n        addresses: [{POD4}, {POD6}]\n",
+            self.policy_text(mode)
+        )
+    }
+
     pub fn policy_path(&self) -> PathBuf {
         self.dir.join("policy.yaml")
     }

@@ -62,7 +62,14 @@ pub struct Allowed {
 
 impl Allowed {
     pub fn into_spec(self, cgroup: String, mode: Mode) -> PolicySpec {
-        PolicySpec { cgroup, mode, gateways: self.gateways, dns: self.dns, extra: self.extra }
+        PolicySpec {
+            cgroup,
+            mode,
+            gateways: self.gateways,
+            dns: self.dns,
+            extra: self.extra,
+            interfaces: Vec::new(),
+        }
     }
 }
 

@@ -15,7 +15,10 @@ use aya::{
 };
 use egress_common::maps::{PROG_SKB_EGRESS, PROG_SOCKOPS};
 
-use super::{bpffs::PinLayout, object::ALL_PROGRAMS};
+use super::{
+    bpffs::PinLayout,
+    object::{ALL_PROGRAMS, TC_PROGRAMS},
+};
 use crate::cgroup::CgroupRef;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +47,7 @@ impl ProgramTags {
 
     pub fn read(ebpf: &Ebpf) -> Result<Self> {
         let mut ours = HashMap::new();
-        for name in ALL_PROGRAMS {
+        for name in ALL_PROGRAMS.into_iter().chain(TC_PROGRAMS) {
             let prog = ebpf.program(name).with_context(|| format!("program {name} missing"))?;
             ours.insert(name, prog.info().with_context(|| format!("program info of {name}"))?.tag());
         }
@@ -152,7 +155,7 @@ pub fn detach(pins: &PinLayout, cgroup_id: u64) -> Result<usize> {
     remove_link_dir(&pins.cgroup_links(cgroup_id))
 }
 
-fn remove_link_dir(dir: &Path) -> Result<usize> {
+pub(super) fn remove_link_dir(dir: &Path) -> Result<usize> {
     let mut removed = 0;
     if let Ok(entries) = fs::read_dir(dir) {
         for e in entries.flatten() {

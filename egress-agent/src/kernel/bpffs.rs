@@ -12,7 +12,8 @@ use anyhow::{Context as _, Result, bail};
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egressfw";
 
 /// Layout under the pin directory:
-/// `maps/<MAP_NAME>`, `links/<cgroup id>/<program name>` and `links/gate/<program name>`.
+/// `maps/<MAP_NAME>`, `links/<cgroup id>/<program name>`, `links/gate/<program name>` and
+/// `tc/<ifindex>/<program name>` (tcx links on pod veths; clsact filters need no pin).
 #[derive(Clone, Debug)]
 pub struct PinLayout {
     pub root: PathBuf,
@@ -42,6 +43,19 @@ impl PinLayout {
     /// Links of the pod-start gate (not a cgroup id, so never taken for a policy's links).
     pub fn gate_links(&self) -> PathBuf {
         self.links().join("gate")
+    }
+
+    pub fn tc(&self) -> PathBuf {
+        self.root.join("tc")
+    }
+
+    pub fn tc_links(&self, ifindex: u32) -> PathBuf {
+        self.tc().join(ifindex.to_string())
+    }
+
+    /// Interfaces (ifindex) that have a tc links directory.
+    pub fn pinned_interfaces(&self) -> Result<Vec<u32>> {
+        numbered_entries(&self.tc())
     }
 
     pub fn exists(&self) -> bool {
@@ -78,20 +92,24 @@ impl PinLayout {
 
     /// Cgroup ids that have a links directory.
     pub fn pinned_cgroups(&self) -> Result<Vec<u64>> {
-        let dir = self.links();
-        let Ok(entries) = fs::read_dir(&dir) else {
-            return Ok(Vec::new());
-        };
-        let mut ids = Vec::new();
-        for e in entries {
-            let e = e.with_context(|| format!("listing {}", dir.display()))?;
-            if let Some(id) = e.file_name().to_str().and_then(|n| n.parse().ok()) {
-                ids.push(id);
-            }
-        }
-        ids.sort_unstable();
-        Ok(ids)
+        numbered_entries(&self.links())
     }
+}
+
+/// Entries of `dir` named by a number, sorted; nothing when `dir` does not exist.
+fn numbered_entries<T: std::str::FromStr + Ord>(dir: &Path) -> Result<Vec<T>> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(Vec::new());
+    };
+    let mut ids = Vec::new();
+    for e in entries {
+        let e = e.with_context(|| format!("listing {}", dir.display()))?;
+        if let Some(id) = e.file_name().to_str().and_then(|n| n.parse().ok()) {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;

@@ -21,6 +21,13 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use super::bpffs::PinLayout;
 use crate::policy::compile::CompiledRules;
 
+/// Opens one pinned map by name.
+pub(super) fn open_pinned(pins: &PinLayout, name: &str) -> Result<Map> {
+    let path = pins.map(name);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
+    Map::from_map_data(data).with_context(|| format!("pinned map {}", path.display()))
+}
+
 pub struct KernelMaps {
     pub policies: HashMap<MapData, u64, CgroupPolicy>,
     pub allow4: LpmTrie<MapData, Ipv4AllowKey, AllowRules>,
@@ -50,12 +57,7 @@ impl KernelMaps {
 
     /// Opens the pinned maps without loading any program (inspect, teardown).
     pub fn from_pins(pins: &PinLayout) -> Result<Self> {
-        let open = |name: &str| -> Result<Map> {
-            let path = pins.map(name);
-            let data =
-                MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
-            Map::from_map_data(data).with_context(|| format!("pinned map {}", path.display()))
-        };
+        let open = |name: &str| open_pinned(pins, name);
         Self::from_maps(
             open(MAP_POLICIES)?,
             open(MAP_ALLOW_V4)?,

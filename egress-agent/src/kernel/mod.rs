@@ -5,3 +5,5 @@ pub mod bpffs;
 pub mod maps;
 pub mod object;
 pub mod query;
+pub mod tc_attach;
+pub mod tc_maps;

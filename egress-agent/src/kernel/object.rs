@@ -4,10 +4,11 @@ use anyhow::{Context as _, Result};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, RingBuf},
-    programs::{CgroupSkb, CgroupSockAddr, SockOps},
+    programs::{CgroupSkb, CgroupSockAddr, SchedClassifier, SockOps},
 };
 use egress_common::maps::{
     MAP_EVENTS, PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SKB_EGRESS, PROG_SOCKOPS,
+    PROG_TC_FROM_POD, PROG_TC_TO_POD,
 };
 
 use super::bpffs::PinLayout;
@@ -22,6 +23,9 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 4] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SE
 /// runs are already marked.
 pub const ALL_PROGRAMS: [&str; 6] =
     [PROG_SOCKOPS, PROG_SKB_EGRESS, PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6];
+
+/// The tc programs, attached to pods' host-side veths (see `tc_attach`).
+pub const TC_PROGRAMS: [&str; 2] = [PROG_TC_FROM_POD, PROG_TC_TO_POD];
 
 /// Loads the object, reusing the maps pinned under `pins` (creating and pinning them the first
 /// time), and loads every program into the kernel (the verifier runs here).
@@ -43,6 +47,13 @@ pub fn load(pins: &PinLayout) -> Result<Ebpf> {
     ops.load().with_context(|| format!("loading {PROG_SOCKOPS} (verifier)"))?;
     for name in SOCK_ADDR_PROGRAMS {
         let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()?;
+        prog.load().with_context(|| format!("loading {name} (verifier)"))?;
+    }
+    for name in TC_PROGRAMS {
+        let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing from the object"))?
             .try_into()?;

@@ -12,6 +12,9 @@
 //!       - cidr: 192.168.50.0/24
 //!         protocol: tcp           # tcp | udp | icmp | any (default any)
 //!         ports: [443, "8000-8100"]
+//!     interfaces:                 # optional: the tc layer on the workload's veth (host side)
+//!       - name: veth-pod-a
+//!         addresses: [10.10.0.7, fd00:10::7]   # the only sources allowed from it
 //! ```
 //!
 //! Parsing is strict (unknown fields are errors) and every error names the offending value and
@@ -52,6 +55,15 @@ pub struct RawPolicy {
     pub dns: Vec<String>,
     #[serde(default)]
     pub extra: Vec<RawExtra>,
+    #[serde(default)]
+    pub interfaces: Vec<RawInterface>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInterface {
+    pub name: String,
+    pub addresses: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,6 +108,15 @@ pub struct PolicySpec {
     pub gateways: Vec<(IpAddr, Vec<PortRange>)>,
     pub dns: Vec<IpAddr>,
     pub extra: Vec<ExtraSpec>,
+    /// Host-side interfaces of the workload, for the tc layer (empty: socket hooks only).
+    pub interfaces: Vec<InterfaceSpec>,
+}
+
+/// A workload's network interface as the node sees it, and the workload's addresses on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterfaceSpec {
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -156,6 +177,7 @@ pub fn parse(text: &str) -> Result<Vec<PolicySpec>, ParseError> {
             ));
         }
     }
+    check_interfaces_unique(&out)?;
     Ok(out)
 }
 
@@ -192,7 +214,44 @@ fn validate_policy(p: RawPolicy, at: &str) -> Result<PolicySpec, ParseError> {
         .enumerate()
         .map(|(j, e)| validate_extra(&e, &format!("{at}.extra[{j}]")))
         .collect::<Result<_, _>>()?;
-    Ok(PolicySpec { cgroup: p.cgroup, mode, gateways, dns, extra })
+    let interfaces = p
+        .interfaces
+        .iter()
+        .enumerate()
+        .map(|(j, i)| validate_interface(i, &format!("{at}.interfaces[{j}]")))
+        .collect::<Result<_, _>>()?;
+    Ok(PolicySpec { cgroup: p.cgroup, mode, gateways, dns, extra, interfaces })
+}
+
+/// Linux interface names are at most 15 bytes (IFNAMSIZ - 1), without '/', ':' or whitespace.
+fn validate_interface(i: &RawInterface, at: &str) -> Result<InterfaceSpec, ParseError> {
+    let name = i.name.as_str();
+    let bad_char = name.chars().find(|c| c.is_whitespace() || *c == '/' || *c == ':');
+    if name.is_empty() || name.len() > 15 || bad_char.is_some() || name == "." || name == ".." {
+        return Err(invalid(
+            at,
+            format!(
+                "interface name {name:?} is not a Linux interface name (1-15 bytes, no '/', ':' or spaces)"
+            ),
+        ));
+    }
+    if i.addresses.is_empty() {
+        return Err(invalid(
+            at,
+            format!(
+                "interface {name:?} needs the workload's addresses (frames from any other source are dropped)"
+            ),
+        ));
+    }
+    let mut addresses = Vec::with_capacity(i.addresses.len());
+    for (k, a) in i.addresses.iter().enumerate() {
+        let addr = parse_ip(a, &format!("{at}.addresses[{k}]"))?;
+        if addr.is_unspecified() || addr.is_loopback() || addr.is_multicast() {
+            return Err(invalid(at, format!("{addr} cannot be a workload's own address")));
+        }
+        addresses.push(addr);
+    }
+    Ok(InterfaceSpec { name: name.to_string(), addresses })
 }
 
 /// One extra CIDR with its protocol and ports (shared with the Kubernetes agent's config).
@@ -212,6 +271,35 @@ pub(crate) fn validate_extra(e: &RawExtra, at: &str) -> Result<ExtraSpec, ParseE
         return Err(invalid(at, "ports need protocol tcp or udp"));
     }
     Ok(ExtraSpec { cidr, protocol, ports })
+}
+
+/// An interface or an address bound twice would make one workload's frames judged by
+/// another's policy.
+fn check_interfaces_unique(specs: &[PolicySpec]) -> Result<(), ParseError> {
+    let mut names = std::collections::BTreeMap::new();
+    let mut addrs = std::collections::BTreeMap::new();
+    for (i, spec) in specs.iter().enumerate() {
+        for iface in &spec.interfaces {
+            if let Some(prev) = names.insert(iface.name.as_str(), i) {
+                return Err(invalid(
+                    format!("policies[{i}]"),
+                    format!("interface {:?} is already bound by policies[{prev}]", iface.name),
+                ));
+            }
+            for a in &iface.addresses {
+                if let Some(prev) = addrs.insert(*a, (i, iface.name.as_str())) {
+                    return Err(invalid(
+                        format!("policies[{i}]"),
+                        format!(
+                            "address {a} of interface {:?} is already bound to interface {:?} (policies[{}])",
+                            iface.name, prev.1, prev.0
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn parse_ip(s: &str, at: &str) -> Result<IpAddr, ParseError> {

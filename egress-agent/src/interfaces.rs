@@ -1,0 +1,208 @@
+//! Keeps the tc layer in line with the enforced workloads: each workload's host-side interface
+//! is bound to its policy, its addresses are bound to that interface, and both tc programs are
+//! attached. Ordered like the cgroup reconcile, so an enforced interface is never unprotected:
+//!
+//! 1. bindings are written before the programs are attached (and an attached program that finds
+//!    no binding denies anyway);
+//! 2. a removed interface loses its programs first, then its bindings.
+//!
+//! A workload's interface may not exist yet, or may be recreated with a new ifindex (a pod's
+//! sandbox restarting): each pass resolves names again, and the caller runs a pass whenever a
+//! link appears or goes (`link_events`).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::CString,
+    net::IpAddr,
+};
+
+use anyhow::Result;
+use aya::Ebpf;
+
+use crate::kernel::{
+    attach::{AttachOutcome, ProgramTags},
+    bpffs::PinLayout,
+    tc_attach,
+    tc_maps::TcMaps,
+};
+
+/// One workload interface to enforce.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredInterface {
+    /// Host-side interface name.
+    pub name: String,
+    /// Cgroup id of the workload's policy.
+    pub policy_cgroup_id: u64,
+    /// The workload's addresses: the only sources accepted from the interface.
+    pub addresses: Vec<IpAddr>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TcSummary {
+    /// Interfaces bound and attached after this pass.
+    pub enforced: usize,
+    /// Interfaces whose binding was removed in this pass.
+    pub released: usize,
+    /// Named interfaces that do not exist (yet).
+    pub missing: Vec<String>,
+    /// Interfaces that could not be attached, with the error (retried on the next pass).
+    pub failed: Vec<(String, String)>,
+    pub links: AttachOutcome,
+}
+
+/// What the tc maps hold and which interfaces this process attached, as last written; a full
+/// pass (the first, or after an error) re-reads the maps and re-checks every attachment.
+#[derive(Debug)]
+pub struct TcState {
+    interfaces: BTreeMap<u32, u64>,
+    sources: BTreeMap<IpAddr, u32>,
+    attached: BTreeSet<u32>,
+    stale: bool,
+}
+
+impl Default for TcState {
+    fn default() -> Self {
+        Self { interfaces: BTreeMap::new(), sources: BTreeMap::new(), attached: BTreeSet::new(), stale: true }
+    }
+}
+
+/// The kernel's index of an interface in this network namespace, if it exists.
+pub fn ifindex(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: plain libc call on a valid C string.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// The name of interface `index`, if it exists.
+pub fn ifname(index: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer holds IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    Some(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+}
+
+/// Applies `desired`. Errors on individual interfaces are reported in the summary and retried
+/// on the next pass; map errors abort the pass (and make the next one full).
+pub fn apply(
+    ebpf: &mut Ebpf,
+    maps: &mut TcMaps,
+    pins: &PinLayout,
+    desired: &[DesiredInterface],
+    state: &mut TcState,
+) -> Result<TcSummary> {
+    if state.stale {
+        state.interfaces = maps.interfaces()?;
+        state.sources = maps.sources()?;
+        state.attached.clear();
+    }
+    let full = state.stale;
+    state.stale = true;
+    let summary = apply_diff(ebpf, maps, pins, desired, state, full)?;
+    // Failed attachments are retried from scratch.
+    state.stale = !summary.failed.is_empty();
+    Ok(summary)
+}
+
+fn apply_diff(
+    ebpf: &mut Ebpf,
+    maps: &mut TcMaps,
+    pins: &PinLayout,
+    desired: &[DesiredInterface],
+    state: &mut TcState,
+    full: bool,
+) -> Result<TcSummary> {
+    let mut summary = TcSummary::default();
+    let mut wanted_if: BTreeMap<u32, (u64, &str)> = BTreeMap::new();
+    let mut wanted_src: BTreeMap<IpAddr, u32> = BTreeMap::new();
+    for d in desired {
+        let Some(index) = ifindex(&d.name) else {
+            summary.missing.push(d.name.clone());
+            continue;
+        };
+        wanted_if.insert(index, (d.policy_cgroup_id, d.name.as_str()));
+        for a in &d.addresses {
+            wanted_src.insert(*a, index);
+        }
+    }
+
+    // Removals first, programs before bindings: an address that moves to a new interface is
+    // rebound below in one map update.
+    let pinned = if full { pins.pinned_interfaces()? } else { Vec::new() };
+    let gone: BTreeSet<u32> = state
+        .interfaces
+        .keys()
+        .copied()
+        .chain(pinned)
+        .chain(state.attached.iter().copied())
+        .filter(|i| !wanted_if.contains_key(i))
+        .collect();
+    for index in gone {
+        tc_attach::detach(pins, index, ifname(index).as_deref())?;
+        state.attached.remove(&index);
+        if state.interfaces.remove(&index).is_some() {
+            maps.unbind_interface(index)?;
+            summary.released += 1;
+        }
+    }
+    let stale_sources: Vec<IpAddr> =
+        state.sources.keys().copied().filter(|a| !wanted_src.contains_key(a)).collect();
+    for a in stale_sources {
+        maps.unbind_source(a)?;
+        state.sources.remove(&a);
+    }
+
+    for (&index, &(cgroup_id, _)) in &wanted_if {
+        if state.interfaces.get(&index) != Some(&cgroup_id) {
+            maps.bind_interface(index, cgroup_id)?;
+            state.interfaces.insert(index, cgroup_id);
+        }
+    }
+    for (&addr, &index) in &wanted_src {
+        if state.sources.get(&addr) != Some(&index) {
+            maps.bind_source(addr, index)?;
+            state.sources.insert(addr, index);
+        }
+    }
+
+    let mut tags: Option<ProgramTags> = None;
+    for (&index, &(_, name)) in &wanted_if {
+        if state.attached.contains(&index) {
+            summary.enforced += 1;
+            continue;
+        }
+        let tags = match &mut tags {
+            Some(t) => t,
+            None => tags.insert(ProgramTags::read(ebpf)?),
+        };
+        match tc_attach::ensure_attached(ebpf, pins, tags, index, name) {
+            Ok(o) => {
+                state.attached.insert(index);
+                summary.enforced += 1;
+                summary.links.attached += o.attached;
+                summary.links.adopted += o.adopted;
+                summary.links.replaced += o.replaced;
+            }
+            Err(e) => summary.failed.push((name.to_string(), format!("{e:#}"))),
+        }
+    }
+    Ok(summary)
+}
+
+/// Removes every tc attachment and binding (teardown). Returns the number of interfaces.
+pub fn remove_all(maps: &mut TcMaps, pins: &PinLayout) -> Result<usize> {
+    let bound = maps.interfaces()?;
+    let all: BTreeSet<u32> = bound.keys().copied().chain(pins.pinned_interfaces()?).collect();
+    for &index in &all {
+        tc_attach::detach(pins, index, ifname(index).as_deref())?;
+        maps.unbind_interface(index)?;
+    }
+    for a in maps.sources()?.into_keys() {
+        maps.unbind_source(a)?;
+    }
+    Ok(all.len())
+}

@@ -1,0 +1,193 @@
+//! Attaches the tc programs to a pod's host-side veth, adopts what a previous agent attached,
+//! and detaches. Two kernel mechanisms, picked once per process:
+//!
+//! - tcx (Linux 6.6+, commit e420bed02507 "bpf: Add fd-based tcx multi-prog infra"): bpf links,
+//!   pinned under `tc/<ifindex>/` like the cgroup links, so they live until the pin is removed;
+//! - clsact filters (older kernels): netlink filters owned by the interface's qdisc, not by any
+//!   process, so they too outlive the agent. They are placed at a fixed priority and handle, which
+//!   lets a restarted agent replace them in place instead of stacking duplicates.
+//!
+//! Either way the programs run first on the interface (tcx: head of the chain; clsact:
+//! priority 1), so a CNI program that redirects frames cannot take them past us.
+
+use std::{fs, sync::OnceLock};
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::{
+    Ebpf,
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+    },
+    util::KernelVersion,
+};
+use egress_common::maps::{PROG_TC_FROM_POD, PROG_TC_TO_POD};
+
+use super::{
+    attach::{AttachOutcome, ProgramTags, remove_link_dir},
+    bpffs::PinLayout,
+};
+
+/// Each program and the direction it is attached in, seen from the host side of the veth:
+/// ingress is what the pod sends.
+pub const TC_ATTACHMENTS: [(&str, TcAttachType); 2] =
+    [(PROG_TC_FROM_POD, TcAttachType::Ingress), (PROG_TC_TO_POD, TcAttachType::Egress)];
+
+/// clsact filter priority: 1 runs before any filter a CNI adds with the default priority.
+const CLSACT_PRIORITY: u16 = 1;
+/// A fixed handle, so a restarted agent finds and replaces its own filter.
+const CLSACT_HANDLE: TcHandle = TcHandle::new(0, 0xef);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcMechanism {
+    Tcx,
+    Clsact,
+}
+
+impl TcMechanism {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tcx => "tcx",
+            Self::Clsact => "clsact",
+        }
+    }
+}
+
+/// The mechanism this kernel supports, logged the first time it is asked for.
+pub fn mechanism() -> TcMechanism {
+    static PICKED: OnceLock<TcMechanism> = OnceLock::new();
+    *PICKED.get_or_init(|| {
+        let current = KernelVersion::current().ok();
+        let kernel = current.map_or_else(|| "unknown".into(), |v| v.to_string());
+        if current.is_some_and(|v| v >= KernelVersion::new(6, 6, 0)) {
+            tracing::info!(kernel, "tc layer uses tcx links (pinned; Linux 6.6+)");
+            TcMechanism::Tcx
+        } else {
+            tracing::warn!(
+                kernel,
+                "this kernel has no tcx (Linux 6.6+); the tc layer uses clsact filters instead: same enforcement, but they are not bpf links, so `inspect` cannot tie them to pins and another tc user could delete them"
+            );
+            TcMechanism::Clsact
+        }
+    })
+}
+
+/// Makes sure both tc programs are attached to the interface.
+pub fn ensure_attached(
+    ebpf: &mut Ebpf,
+    pins: &PinLayout,
+    tags: &ProgramTags,
+    ifindex: u32,
+    ifname: &str,
+) -> Result<AttachOutcome> {
+    let mut outcome = AttachOutcome::default();
+    for (name, direction) in TC_ATTACHMENTS {
+        let prog: &mut SchedClassifier = ebpf.program_mut(name).context("program missing")?.try_into()?;
+        match mechanism() {
+            TcMechanism::Tcx => tcx_ensure(prog, pins, tags, name, direction, ifindex, ifname, &mut outcome)?,
+            TcMechanism::Clsact => clsact_ensure(prog, name, direction, ifname, &mut outcome)?,
+        }
+    }
+    Ok(outcome)
+}
+
+#[expect(clippy::too_many_arguments, reason = "one attachment's full description; used once")]
+fn tcx_ensure(
+    prog: &mut SchedClassifier,
+    pins: &PinLayout,
+    tags: &ProgramTags,
+    name: &str,
+    direction: TcAttachType,
+    ifindex: u32,
+    ifname: &str,
+    outcome: &mut AttachOutcome,
+) -> Result<()> {
+    let context = || format!("attaching {name} to interface {ifname} ({ifindex}) with tcx");
+    let dir = pins.tc_links(ifindex);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let pin = dir.join(name);
+    // What the kernel runs on the interface now, by program id: a pin whose link is not among
+    // them is left from an interface that no longer exists (an ifindex reused).
+    let (_, running) = SchedClassifier::query_tcx(ifname, direction).with_context(context)?;
+    let existing =
+        pin.exists().then(|| PinnedLink::from_pin(&pin)).transpose().ok().flatten().map(FdLink::from);
+    let pinned_program = existing.as_ref().and_then(|l| l.info().ok()).map(|i| i.program_id());
+    let live = pinned_program.filter(|id| running.iter().any(|p| p.id() == *id));
+    match (existing, live) {
+        (Some(link), Some(id)) if tags.is_ours(name, id) => {
+            drop(link);
+            outcome.adopted += 1;
+        }
+        (Some(link), Some(_)) => {
+            // Another build: swap the program inside the same link (bpf_link_update), no gap.
+            let link: SchedClassifierLink = link.try_into().with_context(context)?;
+            let id = prog.attach_to_link(link).with_context(context)?;
+            let _: FdLink = prog.take_link(id)?.try_into().with_context(context)?;
+            outcome.replaced += 1;
+        }
+        _ => {
+            let _ = fs::remove_file(&pin);
+            let id = prog
+                .attach_with_options(ifname, direction, TcAttachOptions::TcxOrder(LinkOrder::first()))
+                .with_context(context)?;
+            let link: FdLink = prog.take_link(id)?.try_into().with_context(context)?;
+            link.pin(&pin).with_context(|| format!("pinning tc link at {}", pin.display()))?;
+            outcome.attached += 1;
+        }
+    }
+    Ok(())
+}
+
+fn clsact_ensure(
+    prog: &mut SchedClassifier,
+    name: &str,
+    direction: TcAttachType,
+    ifname: &str,
+    outcome: &mut AttachOutcome,
+) -> Result<()> {
+    let context = || format!("attaching {name} to interface {ifname} with a clsact filter");
+    if let Err(e) = tc::qdisc_add_clsact(ifname) {
+        // Present already (ours from before, or a CNI's): fine. Anything else fails below.
+        tracing::debug!(interface = ifname, error = %e, "clsact qdisc not added");
+    }
+    // Replace our filter in place if it is there (no gap), create it otherwise.
+    let ours = SchedClassifierLink::attached(ifname, direction, CLSACT_PRIORITY, CLSACT_HANDLE, None)
+        .with_context(context)?;
+    let id = match prog.attach_to_link(ours) {
+        Ok(id) => {
+            outcome.replaced += 1;
+            id
+        }
+        Err(_) => {
+            let options =
+                NlOptions { priority: CLSACT_PRIORITY, handle: CLSACT_HANDLE, ..NlOptions::default() };
+            let id = prog
+                .attach_with_options(ifname, direction, TcAttachOptions::Netlink(options))
+                .with_context(context)?;
+            outcome.attached += 1;
+            id
+        }
+    };
+    // The filter belongs to the interface, not to us: dropping the handle would delete it.
+    std::mem::forget(prog.take_link(id)?);
+    Ok(())
+}
+
+/// Detaches the tc programs from an interface: removes the tcx pins (each link detaches with
+/// its last reference) and, when the interface still exists, our clsact filters.
+pub fn detach(pins: &PinLayout, ifindex: u32, ifname: Option<&str>) -> Result<usize> {
+    let mut removed = remove_link_dir(&pins.tc_links(ifindex))?;
+    if let (Some(ifname), TcMechanism::Clsact) = (ifname, mechanism()) {
+        for (name, direction) in TC_ATTACHMENTS {
+            match tc::qdisc_detach_program(ifname, direction, name) {
+                Ok(()) => removed += 1,
+                Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(anyhow!("detaching {name} from interface {ifname}: {e}"));
+                }
+            }
+        }
+    }
+    Ok(removed)
+}

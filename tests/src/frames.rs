@@ -1,0 +1,108 @@
+//! Hand-made Ethernet frames, sent from inside a pod through a packet socket (AF_PACKET), the
+//! way a workload with CAP_NET_RAW can: no socket hook ever sees them.
+
+use std::{net::IpAddr, path::Path, process::Output};
+
+use crate::netns::NetNs;
+
+/// The MAC address of `dev` in `ns`.
+pub fn mac(ns: &NetNs, dev: &str) -> [u8; 6] {
+    let out = ns.run(None, "ip", &["-j", "link", "show", dev]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("ip -j link show {dev} in {}: {e}", ns.name));
+    let text = v[0]["address"].as_str().unwrap_or_else(|| panic!("no address for {dev}: {v}"));
+    let mut out = [0u8; 6];
+    for (o, part) in out.iter_mut().zip(text.split(':')) {
+        *o = u8::from_str_radix(part, 16).expect("hex MAC");
+    }
+    out
+}
+
+fn checksum(chunks: &[&[u8]]) -> u16 {
+    let mut sum: u32 = 0;
+    for chunk in chunks {
+        for pair in chunk.chunks(2) {
+            let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+            sum += u32::from(word);
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet frame carrying a UDP datagram from `src` to `dst` (same family), checksums right.
+pub fn udp(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: IpAddr,
+    dst: IpAddr,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let sport: u16 = 40_000;
+    let udp_len = (8 + payload.len()) as u16;
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&sport.to_be_bytes());
+    udp.extend_from_slice(&dport.to_be_bytes());
+    udp.extend_from_slice(&udp_len.to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    let (ethertype, header) = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let pseudo = [&s.octets()[..], &d.octets()[..], &[0, 17], &udp_len.to_be_bytes()[..]].concat();
+            let c = checksum(&[&pseudo, &udp]);
+            udp[6..8].copy_from_slice(&c.to_be_bytes());
+            let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 17, 0, 0];
+            ip[2..4].copy_from_slice(&(20 + udp_len).to_be_bytes());
+            ip.extend_from_slice(&s.octets());
+            ip.extend_from_slice(&d.octets());
+            let c = checksum(&[&ip]);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            (0x0800u16, ip)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let pseudo =
+                [&s.octets()[..], &d.octets()[..], &u32::from(udp_len).to_be_bytes()[..], &[0, 0, 0, 17]]
+                    .concat();
+            let c = checksum(&[&pseudo, &udp]);
+            udp[6..8].copy_from_slice(&c.to_be_bytes());
+            let mut ip = vec![0x60, 0, 0, 0];
+            ip.extend_from_slice(&udp_len.to_be_bytes());
+            ip.extend_from_slice(&[17, 64]);
+            ip.extend_from_slice(&s.octets());
+            ip.extend_from_slice(&d.octets());
+            (0x86dd, ip)
+        }
+        _ => panic!("{src} and {dst} are of different families"),
+    };
+    let mut frame = ethernet(src_mac, dst_mac, ethertype);
+    frame.extend_from_slice(&header);
+    frame.extend_from_slice(&udp);
+    frame
+}
+
+/// An Ethernet header.
+pub fn ethernet(src_mac: [u8; 6], dst_mac: [u8; 6], ethertype: u16) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(64);
+    frame.extend_from_slice(&dst_mac);
+    frame.extend_from_slice(&src_mac);
+    frame.extend_from_slice(&ethertype.to_be_bytes());
+    frame
+}
+
+/// Sends `frame` out of the pod's eth0 through a packet socket, from a process in `cgroup`.
+pub fn send(pod: &NetNs, cgroup: &Path, frame: &[u8]) -> Output {
+    let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
+    let script = format!(
+        "import socket; s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind(('eth0', 0)); s.send(bytes.fromhex('{hex}'))"
+    );
+    let out = pod.run(Some(cgroup), "python3", &["-c", &script]);
+    assert!(
+        out.status.success(),
+        "sending a packet-socket frame failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}

@@ -1,0 +1,231 @@
+//! The tc layer on the pod's veth: what the socket hooks cannot see (packet-socket frames, sockets
+//! of other cgroups used inside the pod's network namespace, spoofed sources) is dropped where the
+//! pod's frames enter the node, while the gateway, DNS and replies to inbound connections still
+//! flow. Each denial is first shown to get through without the tc layer, so the tests can fail.
+
+use std::{fs, net::IpAddr};
+
+use egress_tests::{
+    agent::{self, Agent},
+    client::{succeeded, tcp, udp_request},
+    frames,
+    lab::{DNS4, DNS6, EXTERNAL4, EXTERNAL6, GATEWAY_PORT, GATEWAY4, GATEWAY6, Lab, POD4, POD6, text},
+    listen::Server,
+    sniff::Sniffer,
+    sock,
+};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("literal")
+}
+
+/// The policy without the tc layer, then with it (reloaded in place); returns the agent.
+fn agent_with_veth(lab: &Lab) -> Agent {
+    fs::write(lab.policy_path(), lab.policy_text_with_veth("enforce")).expect("policy");
+    let agent = Agent::start_on_node(lab);
+    let applied = agent.wait_for("tc layer applied", 1);
+    assert_eq!(applied.first().map(|l| l["enforced"].clone()), Some(1.into()), "{}", agent.log_text());
+    agent
+}
+
+fn use_veth(lab: &Lab, agent: &Agent, with: bool) {
+    let before = agent.lines("tc layer applied").len();
+    let text = if with { lab.policy_text_with_veth("enforce") } else { lab.policy_text("enforce") };
+    fs::write(lab.policy_path(), text).expect("policy");
+    agent.wait_for("tc layer applied", before + 1);
+}
+
+fn pod_udp_frame(lab: &Lab, src: &str, dst: &str, dst_ns_mac: [u8; 6]) -> Vec<u8> {
+    frames::udp(frames::mac(&lab.pod, "eth0"), dst_ns_mac, ip(src), ip(dst), 9999, b"exfil")
+}
+
+#[test]
+fn packet_socket_frames_to_an_external_address_are_dropped_at_the_veth() {
+    let lab = Lab::new();
+    lab.write_policy("enforce");
+    let agent = Agent::start_on_node(&lab);
+    let ext_mac = frames::mac(&lab.external, "eth0");
+    let sniff = Sniffer::start(&lab.external, &[ip(POD4), ip(POD6)]);
+    let v4 = pod_udp_frame(&lab, POD4, EXTERNAL4, ext_mac);
+    let v6 = pod_udp_frame(&lab, POD6, EXTERNAL6, ext_mac);
+
+    // Socket hooks only: a packet socket goes straight past them.
+    frames::send(&lab.pod, &lab.pod_cgroup, &v4);
+    frames::send(&lab.pod, &lab.pod_cgroup, &v6);
+    let seen = sniff.seen();
+    assert_eq!(seen.len(), 2, "without the tc layer both frames arrive: {seen:?}");
+
+    sniff.clear();
+    use_veth(&lab, &agent, true);
+    frames::send(&lab.pod, &lab.pod_cgroup, &v4);
+    frames::send(&lab.pod, &lab.pod_cgroup, &v6);
+    assert_eq!(sniff.seen(), vec![], "the tc layer drops them");
+    let denial = agent.wait_until("egress deny", |l| l["hook"] == "tc/from_pod" && l["dst"] == EXTERNAL4);
+    assert_eq!(denial["reason"], "deny_destination", "{denial}");
+    assert_eq!(denial["src"], POD4, "{denial}");
+}
+
+#[test]
+fn a_socket_of_an_unenforced_cgroup_used_in_the_pods_namespace_is_dropped_at_the_veth() {
+    let lab = Lab::new();
+    lab.write_policy("enforce");
+    let agent = Agent::start_on_node(&lab);
+    let web = Server::tcp_http(&lab.external, sock(EXTERNAL4, 80));
+    // A process outside the pod's cgroup, inside its network namespace (a socket passed over a
+    // unix socket, or a process moved to another cgroup, looks the same to the kernel).
+    let out = lab.in_other_cgroup(tcp(EXTERNAL4, 80));
+    assert!(succeeded(&out), "without the tc layer it connects:\n{}", text(&out));
+    assert_eq!(web.hits(), 1);
+
+    use_veth(&lab, &agent, true);
+    let out = lab.in_other_cgroup(tcp(EXTERNAL4, 80));
+    assert!(!succeeded(&out), "with the tc layer it must not connect:\n{}", text(&out));
+    let out = lab.in_other_cgroup(tcp(EXTERNAL6, 80));
+    assert!(!succeeded(&out), "nor over IPv6:\n{}", text(&out));
+    assert_eq!(web.hits(), 1, "no new connection reached the external host");
+    agent.wait_until("egress deny", |l| l["hook"] == "tc/from_pod" && l["dport"] == 80);
+}
+
+#[test]
+fn gateway_dns_and_replies_to_inbound_connections_still_flow() {
+    let lab = Lab::new();
+    let _agent = agent_with_veth(&lab);
+    let _gw4 = Server::tcp_http(&lab.gateway, sock(GATEWAY4, GATEWAY_PORT));
+    let _gw6 = Server::tcp_http(&lab.gateway, sock(GATEWAY6, GATEWAY_PORT));
+    let _dns4 = Server::udp_echo(&lab.gateway, sock(DNS4, 53));
+    let _dns6 = Server::udp_echo(&lab.gateway, sock(DNS6, 53));
+    for (what, client) in [
+        ("gateway over IPv4", tcp(GATEWAY4, GATEWAY_PORT)),
+        ("gateway over IPv6", tcp(GATEWAY6, GATEWAY_PORT)),
+        ("DNS over IPv4", udp_request(DNS4, 53)),
+        ("DNS over IPv6", udp_request(DNS6, 53)),
+    ] {
+        let out = lab.in_pod(client.clone());
+        assert!(succeeded(&out), "{what} from the pod:\n{}", text(&out));
+        // The tc layer judges by the pod's policy, not by the socket's cgroup.
+        let out = lab.in_other_cgroup(client);
+        assert!(succeeded(&out), "{what} from another cgroup in the pod's namespace:\n{}", text(&out));
+    }
+    // A peer connecting in (a kubelet probe, a Service client) gets its replies.
+    let _pod_web = Server::tcp_http(&lab.pod, sock(POD4, 8080));
+    let out = lab.external.run(None, "curl", &["-sS", "--max-time", "3", &format!("http://{POD4}:8080/")]);
+    assert!(succeeded(&out), "an inbound connection to the pod is answered:\n{}", text(&out));
+    // ...but the pod cannot open one to the same peer.
+    let _ext_web = Server::tcp_http(&lab.external, sock(EXTERNAL4, 8080));
+    assert!(!succeeded(&lab.in_other_cgroup(tcp(EXTERNAL4, 8080))));
+}
+
+#[test]
+fn spoofed_sources_are_dropped_even_towards_the_gateway() {
+    let lab = Lab::new();
+    let agent = agent_with_veth(&lab);
+    let gw_mac = frames::mac(&lab.gateway, "eth0");
+    let spoofed4 = "10.231.0.99";
+    let spoofed6 = "fd00:231::99";
+    let sniff = Sniffer::start(&lab.gateway, &[ip(POD4), ip(POD6), ip(spoofed4), ip(spoofed6)]);
+    // The pod's own address towards the gateway port passes: the frames are well formed.
+    frames::send(&lab.pod, &lab.pod_cgroup, &pod_udp_frame(&lab, POD4, GATEWAY4, gw_mac));
+    let seen = sniff.seen();
+    assert_eq!(
+        seen.len(),
+        0,
+        "UDP to the gateway is not allowed at all (its rule is TCP {GATEWAY_PORT}): {seen:?}"
+    );
+    let mut frame = frames::udp(frames::mac(&lab.pod, "eth0"), gw_mac, ip(POD4), ip(DNS4), 53, b"q");
+    frames::send(&lab.pod, &lab.pod_cgroup, &frame);
+    assert_eq!(sniff.seen().len(), 1, "a hand-made DNS query from the pod's own address arrives");
+
+    sniff.clear();
+    frame = frames::udp(frames::mac(&lab.pod, "eth0"), gw_mac, ip(spoofed4), ip(DNS4), 53, b"q");
+    frames::send(&lab.pod, &lab.pod_cgroup, &frame);
+    frame = frames::udp(frames::mac(&lab.pod, "eth0"), gw_mac, ip(spoofed6), ip(DNS6), 53, b"q");
+    frames::send(&lab.pod, &lab.pod_cgroup, &frame);
+    // Another workload's address (the external host's) is just as spoofed.
+    frame = frames::udp(frames::mac(&lab.pod, "eth0"), gw_mac, ip(EXTERNAL4), ip(DNS4), 53, b"q");
+    frames::send(&lab.pod, &lab.pod_cgroup, &frame);
+    assert_eq!(sniff.seen(), vec![], "spoofed sources are dropped");
+    let denial = agent.wait_until("egress deny", |l| l["reason"] == "deny_spoofed_source");
+    assert_eq!(denial["hook"], "tc/from_pod", "{denial}");
+}
+
+#[test]
+fn frames_that_are_not_ip_are_dropped_and_arp_passes() {
+    let lab = Lab::new();
+    let _agent = agent_with_veth(&lab);
+    let ext_mac = frames::mac(&lab.external, "eth0");
+    let pod_mac = frames::mac(&lab.pod, "eth0");
+    // IEEE local experimental Ethertype: the bridge would switch it to the external host.
+    let mut frame = frames::ethernet(pod_mac, ext_mac, 0x88b5);
+    frame.extend_from_slice(&[0x42; 46]);
+    let before = counter(&lab, "deny_not_ip");
+    frames::send(&lab.pod, &lab.pod_cgroup, &frame);
+    assert_eq!(counter(&lab, "deny_not_ip"), before + 1);
+    // ARP keeps working: the pod resolves the gateway (a fresh neighbour entry needs ARP).
+    lab.pod.ip(&["neigh", "flush", "dev", "eth0"]).expect("flush");
+    let _gw = Server::tcp_http(&lab.gateway, sock(GATEWAY4, GATEWAY_PORT));
+    assert!(succeeded(&lab.in_pod(tcp(GATEWAY4, GATEWAY_PORT))));
+    assert!(counter(&lab, "allow_link_control") > 0);
+}
+
+fn counter(lab: &Lab, reason: &str) -> u64 {
+    let out = agent::cli(lab, &["inspect", "--json"]);
+    assert!(out.status.success(), "inspect:\n{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    v["counters"]
+        .as_array()
+        .expect("counters")
+        .iter()
+        .find(|c| c["reason"] == reason)
+        .and_then(|c| c["applied"].as_u64())
+        .unwrap_or_else(|| panic!("no counter {reason} in {v}"))
+}
+
+#[test]
+fn a_recreated_veth_is_enforced_again_and_enforcement_survives_the_agent() {
+    let lab = Lab::new();
+    let mut agent = agent_with_veth(&lab);
+    let ext_mac = frames::mac(&lab.external, "eth0");
+    let sniff = Sniffer::start(&lab.external, &[ip(POD4)]);
+
+    // The pod's sandbox is recreated: a new veth pair with the same names and a new ifindex.
+    lab.node.ip(&["link", "del", "v-pod"]).expect("delete veth");
+    egress_tests::netns::ip(&[
+        "link",
+        "add",
+        "eth0",
+        "netns",
+        &lab.pod.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "v-pod",
+        "netns",
+        &lab.node.name,
+    ])
+    .expect("recreate veth");
+    lab.node.ip(&["link", "set", "v-pod", "master", "br0", "up"]).expect("bridge");
+    lab.pod.ip(&["addr", "add", &format!("{POD4}/24"), "dev", "eth0"]).expect("address");
+    lab.pod.ip(&["link", "set", "eth0", "up"]).expect("up");
+    agent.wait_until("tc layer applied", |l| l["links_attached"].as_u64() == Some(2));
+    frames::send(&lab.pod, &lab.pod_cgroup, &pod_udp_frame(&lab, POD4, EXTERNAL4, ext_mac));
+    assert_eq!(sniff.seen(), vec![], "the new veth drops the frame too");
+
+    // SIGKILL: the programs stay attached; a new agent adopts them.
+    agent.kill9();
+    frames::send(&lab.pod, &lab.pod_cgroup, &pod_udp_frame(&lab, POD4, EXTERNAL4, ext_mac));
+    assert_eq!(sniff.seen(), vec![], "with the agent dead");
+    let second = Agent::start_on_node(&lab);
+    let applied = second.wait_for("tc layer applied", 1);
+    let adopted =
+        applied[0]["links_adopted"].as_u64().unwrap() + applied[0]["links_replaced"].as_u64().unwrap();
+    assert_eq!(adopted, 2, "{applied:#?}");
+    assert_eq!(applied[0]["links_attached"], 0, "{applied:#?}");
+    drop(second);
+
+    // Teardown is the one way to remove it.
+    let out = agent::cli(&lab, &["teardown"]);
+    assert!(out.status.success(), "{}", text(&out));
+    frames::send(&lab.pod, &lab.pod_cgroup, &pod_udp_frame(&lab, POD4, EXTERNAL4, ext_mac));
+    assert_eq!(sniff.seen().len(), 1, "after teardown the frame passes again");
+}
