@@ -14,7 +14,8 @@ use serde::Serialize;
 use crate::{
     cgroup,
     events::protocol_name,
-    kernel::{bpffs::PinLayout, maps::KernelMaps},
+    interfaces::ifname,
+    kernel::{bpffs::PinLayout, maps::KernelMaps, tc_maps::TcMaps},
     policy::Mode,
 };
 
@@ -22,6 +23,8 @@ use crate::{
 pub struct Report {
     pub pin_dir: String,
     pub policies: Vec<PolicyReport>,
+    /// Pod interfaces under the tc layer.
+    pub interfaces: Vec<InterfaceReport>,
     pub counters: Vec<CounterReport>,
     pub events_suppressed: u64,
     pub events_lost_ring_full: u64,
@@ -36,6 +39,18 @@ pub struct PolicyReport {
     pub policy_id: u32,
     pub links: Vec<LinkReport>,
     pub allow: Vec<AllowReport>,
+}
+
+#[derive(Serialize)]
+pub struct InterfaceReport {
+    pub ifindex: u32,
+    /// None when the interface no longer exists in this network namespace.
+    pub name: Option<String>,
+    pub policy_cgroup_id: u64,
+    /// The only source addresses accepted from it.
+    pub sources: Vec<String>,
+    /// tcx links pinned for it (none with clsact filters, which have no pins).
+    pub links: Vec<LinkReport>,
 }
 
 #[derive(Serialize)]
@@ -94,11 +109,13 @@ pub fn collect(pins: &PinLayout, cgroup_root: &Path) -> Result<Report> {
             allow,
         });
     }
+    let interfaces = interfaces_of(pins)?;
     let counters = maps.counters()?;
     let (suppressed, ring_full) = maps.event_losses()?;
     Ok(Report {
         pin_dir: pins.root.display().to_string(),
         policies: out,
+        interfaces,
         counters: ALL_REASONS
             .iter()
             .map(|r| {
@@ -111,9 +128,29 @@ pub fn collect(pins: &PinLayout, cgroup_root: &Path) -> Result<Report> {
     })
 }
 
+fn interfaces_of(pins: &PinLayout) -> Result<Vec<InterfaceReport>> {
+    // Pins from before the tc layer have no tc maps.
+    let Ok(tc) = TcMaps::from_pins(pins) else { return Ok(Vec::new()) };
+    let sources = tc.sources()?;
+    Ok(tc
+        .interfaces()?
+        .into_iter()
+        .map(|(ifindex, policy_cgroup_id)| InterfaceReport {
+            ifindex,
+            name: ifname(ifindex),
+            policy_cgroup_id,
+            sources: sources.iter().filter(|(_, i)| **i == ifindex).map(|(a, _)| a.to_string()).collect(),
+            links: links_in(&pins.tc_links(ifindex)),
+        })
+        .collect())
+}
+
 fn links_of(pins: &PinLayout, cgroup_id: u64) -> Vec<LinkReport> {
-    let dir = pins.cgroup_links(cgroup_id);
-    let mut names: Vec<String> = fs::read_dir(&dir)
+    links_in(&pins.cgroup_links(cgroup_id))
+}
+
+fn links_in(dir: &Path) -> Vec<LinkReport> {
+    let mut names: Vec<String> = fs::read_dir(dir)
         .map(|it| it.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
         .unwrap_or_default();
     names.sort();
@@ -175,6 +212,16 @@ pub fn print_table(r: &Report) {
         for a in &p.allow {
             println!("  {:<44} {}", a.prefix, a.rules.join(", "));
         }
+    }
+    for i in &r.interfaces {
+        println!(
+            "\ninterface {} (ifindex {}): policy of cgroup id {}, sources {}, {} tcx links",
+            i.name.as_deref().unwrap_or("<gone>"),
+            i.ifindex,
+            i.policy_cgroup_id,
+            i.sources.join(", "),
+            i.links.len()
+        );
     }
     println!("\n{:<22} {:>4} {:>14} {:>14}", "REASON", "NO.", "APPLIED", "AUDIT-PASSED");
     for c in &r.counters {

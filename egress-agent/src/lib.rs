@@ -13,5 +13,6 @@ pub mod link_events;
 pub mod metrics;
 pub mod policy;
 pub mod reconcile;
+pub mod routes;
 pub mod standalone;
 pub mod teardown;

@@ -37,13 +37,6 @@ pub fn egress_tc_from_pod(ctx: TcContext) -> i32 {
     if try_from_pod(&ctx.skb) { TC_NEXT } else { TC_ACT_SHOT as i32 }
 }
 
-/// The policy that governs the interface.
-struct Governing {
-    policy_cgroup_id: u64,
-    policy_id: u32,
-    mode: u32,
-}
-
 /// What an event reports about a packet; zero for frames without an IP header.
 struct Seen {
     dst: Destination,
@@ -71,10 +64,7 @@ fn try_from_pod(skb: &SkBuff) -> bool {
             count_allowed(Reason::AllowUnenforced);
             return true;
         }
-        Some(p) => {
-            let gov = Governing { policy_cgroup_id, policy_id: p.policy_id, mode: p.mode };
-            (judge_frame(skb, ifindex, &gov, &mut seen), p.mode)
-        }
+        Some(p) => (judge_frame(skb, ifindex, p.policy_id, &mut seen), p.mode),
     };
     settle(reason, mode, policy_cgroup_id, |action| VerdictEvent {
         // SAFETY: plain helper call.
@@ -100,7 +90,7 @@ fn try_from_pod(skb: &SkBuff) -> bool {
 /// up with it, and a parse failure returns before anything of the packet is used (an unused
 /// error payload would spill an uninitialised register, which the verifier rejects).
 #[inline(never)]
-fn judge_frame(skb: &SkBuff, ifindex: u32, gov: &Governing, seen: &mut Seen) -> Reason {
+fn judge_frame(skb: &SkBuff, ifindex: u32, policy_id: u32, seen: &mut Seen) -> Reason {
     let ethertype = head::<0, ETH_HEADER_LEN>(skb).map_or(0, |e| u16::from_be_bytes([e[12], e[13]]));
     // SAFETY: reading a context field tc programs may read.
     if unsafe { (*skb.skb).vlan_present } != 0 {
@@ -121,7 +111,7 @@ fn judge_frame(skb: &SkBuff, ifindex: u32, gov: &Governing, seen: &mut Seen) -> 
     seen.protocol = p.protocol;
     seen.sport = p.sport;
     seen.dport = p.dport;
-    judge_ip(skb, &p, ethertype, ifindex, gov.policy_id)
+    judge_ip(skb, &p, ethertype, ifindex, policy_id)
 }
 
 /// The verdict for an IP packet from the pod's interface.

@@ -8,8 +8,18 @@ use crate::netns::NetNs;
 /// The MAC address of `dev` in `ns`.
 pub fn mac(ns: &NetNs, dev: &str) -> [u8; 6] {
     let out = ns.run(None, "ip", &["-j", "link", "show", dev]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("ip -j link show {dev} in {}: {e}", ns.name));
+    parse_mac(&out.stdout, dev)
+}
+
+/// The MAC address of `dev` in the test's own network namespace.
+pub fn mac_root(dev: &str) -> [u8; 6] {
+    let out = std::process::Command::new("ip").args(["-j", "link", "show", dev]).output().expect("ip");
+    parse_mac(&out.stdout, dev)
+}
+
+fn parse_mac(json: &[u8], dev: &str) -> [u8; 6] {
+    let v: serde_json::Value =
+        serde_json::from_slice(json).unwrap_or_else(|e| panic!("ip -j link show {dev}: {e}"));
     let text = v[0]["address"].as_str().unwrap_or_else(|| panic!("no address for {dev}: {v}"));
     let mut out = [0u8; 6];
     for (o, part) in out.iter_mut().zip(text.split(':')) {

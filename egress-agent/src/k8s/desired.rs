@@ -50,6 +50,9 @@ pub struct PodPolicy {
     pub allowed: Arc<Allowed>,
     /// Configuration problems that narrowed this pod's policy (logged and shown by the agent).
     pub problems: Vec<String>,
+    /// The pod's own addresses (status.podIPs), for the tc layer on its veth. Empty for
+    /// hostNetwork pods: their addresses are the node's, and they have no veth.
+    pub addresses: Vec<IpAddr>,
 }
 
 /// The destinations of one gateway + DNS + extras, as the standalone policy spells them.
@@ -138,9 +141,24 @@ pub fn pod_policies(world: &World<'_>, config: &AgentConfig) -> BTreeMap<String,
                 gateway,
                 allowed,
                 problems,
+                addresses: pod_addresses(pod),
             },
         );
     }
+    out
+}
+
+/// A pod's IPs from its status; none for hostNetwork pods or unparsable entries.
+fn pod_addresses(pod: &Pod) -> Vec<IpAddr> {
+    if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+        return Vec::new();
+    }
+    let Some(status) = pod.status.as_ref() else { return Vec::new() };
+    let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
+    let mut out: Vec<IpAddr> =
+        listed.chain(status.pod_ip.as_deref()).filter_map(|s| s.parse().ok()).collect();
+    out.sort_unstable();
+    out.dedup();
     out
 }
 

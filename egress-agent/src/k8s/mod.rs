@@ -8,5 +8,6 @@ pub mod node;
 pub mod own_pod;
 pub mod pod_cgroup;
 pub mod pod_events;
+pub mod pod_interfaces;
 pub mod run;
 pub mod watch;

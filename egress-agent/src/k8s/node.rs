@@ -18,15 +18,18 @@ use super::{
     config::AgentConfig,
     desired::{self, PodPolicy, World},
     pod_cgroup::PodsRoot,
+    pod_interfaces,
     watch::Stores,
 };
 use crate::{
     cgroup::{self, CgroupRef},
+    interfaces::{self, TcState, TcSummary},
     kernel::{
         attach::{self, ProgramTags},
         bpffs::PinLayout,
         maps::KernelMaps,
         query,
+        tc_maps::TcMaps,
     },
     metrics::{Owner, OwnerIndex},
     policy::{
@@ -39,6 +42,7 @@ use crate::{
 pub struct Node {
     pub ebpf: Ebpf,
     pub maps: KernelMaps,
+    pub tc_maps: TcMaps,
     pub pins: PinLayout,
     pub cgroup_root: PathBuf,
     pub pods_root: PodsRoot,
@@ -47,6 +51,8 @@ pub struct Node {
     logged: BTreeSet<String>,
     /// The kernel state as this agent last wrote it (see `KernelState`).
     state: KernelState,
+    /// The tc layer as this agent last wrote it.
+    tc_state: TcState,
     /// Pod cgroup path -> id and level, so an incremental pass does not stat every pod.
     cgroups: HashMap<PathBuf, CgroupRef>,
     /// Pod UID -> pod cgroup, as last scanned; `None` after a pod cgroup appeared or went away.
@@ -66,12 +72,15 @@ pub struct Pass {
     pub pods: HashMap<(&'static str, &'static str), i64>,
     /// Enforced/audited cgroups written in this pass, for the link check.
     pub enforced: Vec<CgroupRef>,
+    /// The tc layer on the pods' veths.
+    pub tc: TcSummary,
 }
 
 impl Node {
     pub fn new(
         ebpf: Ebpf,
         maps: KernelMaps,
+        tc_maps: TcMaps,
         pins: PinLayout,
         cgroup_root: PathBuf,
         pods_root: PodsRoot,
@@ -80,12 +89,14 @@ impl Node {
         Self {
             ebpf,
             maps,
+            tc_maps,
             pins,
             cgroup_root,
             pods_root,
             owners,
             logged: BTreeSet::new(),
             state: KernelState::unknown(),
+            tc_state: TcState::default(),
             cgroups: HashMap::new(),
             present: None,
             owned: HashSet::new(),
@@ -100,6 +111,7 @@ impl Node {
     /// Makes the next pass a full one: re-read the maps, check every link, re-stat every cgroup.
     pub fn invalidate(&mut self) {
         self.state.invalidate();
+        self.tc_state = TcState::default();
         self.cgroups.clear();
         self.present = None;
     }
@@ -136,6 +148,7 @@ impl Node {
         let mut new_owners = Vec::new();
         let mut seen = HashSet::with_capacity(policies.len());
         let mut compiled: HashMap<String, Arc<CompiledRules>> = HashMap::new();
+        let mut with_cgroup: Vec<(&PodPolicy, CgroupRef)> = Vec::new();
         let nothing = Arc::new(CompiledRules::default());
         for p in policies.values() {
             let cgroup = present.get(&p.cgroup_uid).and_then(|path| self.cached_cgroup(path));
@@ -170,6 +183,9 @@ impl Node {
             if full && p.mode != Mode::Pass {
                 pass.enforced.push(cgroup.clone());
             }
+            if p.mode != Mode::Pass && !p.addresses.is_empty() {
+                with_cgroup.push((p, cgroup.clone()));
+            }
             desired.push(Desired { cgroup, mode: p.mode, rules });
         }
         self.present = Some(present);
@@ -190,6 +206,11 @@ impl Node {
         }
         pass.summary =
             reconcile::apply_with(&mut self.ebpf, &mut self.maps, &self.pins, &desired, &mut self.state)?;
+        // After the policies exist: a bound interface finds its pod's policy at once.
+        let (wanted, problems) = pod_interfaces::desired_interfaces(with_cgroup.iter().map(|(p, c)| (*p, c)));
+        self.log_tc_problems(problems);
+        pass.tc =
+            interfaces::apply(&mut self.ebpf, &mut self.tc_maps, &self.pins, &wanted, &mut self.tc_state)?;
         // The gate goes up after the pass has registered every known pod (so known pods keep
         // flowing) and comes down only once no enforced pod is waiting for its cgroup.
         pass.gate_attached = if pass.pending.is_empty() {
@@ -248,12 +269,22 @@ impl Node {
         })
     }
 
+    /// Logs each tc-layer problem once while it lasts (they are re-found on every pass).
+    fn log_tc_problems(&mut self, problems: Vec<String>) {
+        let now: BTreeSet<String> = problems.into_iter().map(|p| format!("tc: {p}")).collect();
+        for problem in now.difference(&self.logged) {
+            tracing::warn!(problem, "tc layer not applied to a pod; its socket hooks still enforce");
+        }
+        self.logged.retain(|p| !p.starts_with("tc: ") || now.contains(p));
+        self.logged.extend(now);
+    }
+
     fn log_problems<'a>(&mut self, policies: impl Iterator<Item = &'a PodPolicy>) {
         let now: BTreeSet<String> = policies.flat_map(|p| p.problems.iter().cloned()).collect();
         for problem in now.difference(&self.logged) {
             tracing::warn!(problem, "policy narrowed");
         }
-        self.logged.retain(|p| now.contains(p) || p.starts_with("pod "));
+        self.logged.retain(|p| now.contains(p) || p.starts_with("pod ") || p.starts_with("tc: "));
         self.logged.extend(now);
     }
 
@@ -288,7 +319,19 @@ impl Node {
 /// Pass result for logs.
 pub fn log_pass(why: &str, pass: &Pass, gate_was: bool) {
     let s = &pass.summary;
-    let changed = s.added + s.updated + s.removed + s.links.attached + s.links.replaced;
+    let tc = &pass.tc;
+    let changed = s.added
+        + s.updated
+        + s.removed
+        + s.links.attached
+        + s.links.replaced
+        + tc.released
+        + tc.links.attached
+        + tc.links.replaced
+        + tc.failed.len();
+    for (interface, error) in &tc.failed {
+        tracing::error!(interface, error, "tc layer not attached; retrying on the next pass");
+    }
     if changed == 0 && gate_was == pass.gate_attached {
         tracing::debug!(why, unchanged = s.unchanged, "reconciled, no change");
         return;
@@ -303,6 +346,9 @@ pub fn log_pass(why: &str, pass: &Pass, gate_was: bool) {
         links_adopted = s.links.adopted,
         pending = pass.pending.len(),
         gate = pass.gate_attached,
+        tc_interfaces = tc.enforced,
+        tc_links_attached = tc.links.attached,
+        tc_links_adopted = tc.links.adopted,
         "policy applied"
     );
 }

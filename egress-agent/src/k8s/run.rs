@@ -30,7 +30,8 @@ use super::{
 use crate::{
     events,
     http::{self, Health},
-    kernel::{bpffs::PinLayout, maps::KernelMaps, object},
+    kernel::{bpffs::PinLayout, maps::KernelMaps, object, tc_maps::TcMaps},
+    link_events::LinkEvents,
     metrics::{Metrics, Owner, OwnerIndex},
     standalone::watch_file,
 };
@@ -83,10 +84,20 @@ pub async fn run(opts: Options) -> Result<()> {
     opts.pins.prepare_host_mounted()?;
     let mut ebpf = object::load(&opts.pins)?;
     let maps = KernelMaps::from_ebpf(&mut ebpf)?;
+    let tc_maps = TcMaps::from_ebpf(&mut ebpf)?;
     let ring = object::events_ring(&mut ebpf)?;
     let owners = OwnerIndex::default();
-    let mut node =
-        Node::new(ebpf, maps, opts.pins.clone(), opts.cgroup_root.clone(), pods_root.clone(), owners.clone());
+    // Before the first pass, so a pod veth created meanwhile triggers another.
+    let mut links = LinkEvents::subscribe()?;
+    let mut node = Node::new(
+        ebpf,
+        maps,
+        tc_maps,
+        opts.pins.clone(),
+        opts.cgroup_root.clone(),
+        pods_root.clone(),
+        owners.clone(),
+    );
     node.exempt_own_pod()?;
 
     let health = Arc::new(Health::new());
@@ -136,6 +147,8 @@ pub async fn run(opts: Options) -> Result<()> {
         let mut full_check = false;
         tokio::select! {
             Some(t) = rx.recv() => note_trigger(t, &mut oldest, &mut node),
+            // A veth appeared, changed or went: the tc layer resolves pod interfaces again.
+            r = links.next() => r?,
             Some(_) = futures_util::StreamExt::next(&mut config_changes) => {
                 match reload_config(&opts, &config_text, &config, &client, &tx).await {
                     Ok(Some((text, new_config, new_stores, new_watches))) => {

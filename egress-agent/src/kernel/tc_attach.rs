@@ -156,7 +156,9 @@ fn clsact_ensure(
         .with_context(context)?;
     let id = match prog.attach_to_link(ours) {
         Ok(id) => {
-            outcome.replaced += 1;
+            // Filters cannot be asked which program they run, so ours is always swapped in
+            // place; that keeps (or updates) it, so it counts as adopted.
+            outcome.adopted += 1;
             id
         }
         Err(_) => {

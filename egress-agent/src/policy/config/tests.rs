@@ -68,3 +68,44 @@ fn errors_say_which_policy() {
     let e = error("policies: [{cgroup: ok, mode: enforce}, {cgroup: bad, mode: enforce, dns: [x]}]");
     assert!(e.contains("policies[1]") && e.contains("\"bad\""), "{e}");
 }
+
+#[test]
+fn interfaces_name_the_workloads_veth_and_addresses() {
+    let p = parse(
+        "policies: [{cgroup: a, mode: enforce, interfaces: [{name: veth-a, addresses: [10.0.0.7, 'fd00::7']}]}]",
+    )
+    .unwrap();
+    assert_eq!(p[0].interfaces.len(), 1);
+    assert_eq!(p[0].interfaces[0].name, "veth-a");
+    assert_eq!(
+        p[0].interfaces[0].addresses,
+        vec!["10.0.0.7".parse::<std::net::IpAddr>().unwrap(), "fd00::7".parse().unwrap()]
+    );
+    assert!(parse("policies: [{cgroup: a, mode: enforce}]").unwrap()[0].interfaces.is_empty());
+}
+
+#[test]
+fn bad_interfaces_are_rejected_naming_the_value() {
+    let one = |iface: &str| format!("policies: [{{cgroup: a, mode: enforce, interfaces: [{iface}]}}]");
+    let cases = [
+        (one("{name: '', addresses: [10.0.0.7]}"), "\"\" is not a Linux interface name"),
+        (one("{name: averyveryverylongname, addresses: [10.0.0.7]}"), "averyveryverylongname"),
+        (one("{name: 'a/b', addresses: [10.0.0.7]}"), "\"a/b\""),
+        (one("{name: veth-a, addresses: []}"), "needs the workload's addresses"),
+        (one("{name: veth-a, addresses: [10.0.0.300]}"), "10.0.0.300"),
+        (one("{name: veth-a, addresses: [127.0.0.1]}"), "127.0.0.1 cannot be"),
+        (one("{name: veth-a, addresses: [10.0.0.7], mtu: 1500}"), "mtu"),
+        (
+            "policies: [{cgroup: a, mode: enforce, interfaces: [{name: v1, addresses: [10.0.0.7]}]}, {cgroup: b, mode: enforce, interfaces: [{name: v1, addresses: [10.0.0.8]}]}]".into(),
+            "interface \"v1\" is already bound by policies[0]",
+        ),
+        (
+            "policies: [{cgroup: a, mode: enforce, interfaces: [{name: v1, addresses: [10.0.0.7]}]}, {cgroup: b, mode: enforce, interfaces: [{name: v2, addresses: [10.0.0.7]}]}]".into(),
+            "address 10.0.0.7 of interface \"v2\" is already bound to interface \"v1\"",
+        ),
+    ];
+    for (yaml, expected) in cases {
+        let e = error(&yaml);
+        assert!(e.contains(expected), "{yaml}\n=> {e}\nexpected to contain {expected}");
+    }
+}
