@@ -48,6 +48,12 @@ impl Agent {
     /// Like `start`, but the agent runs in the node's network namespace, where the pods'
     /// host-side veths are (as a DaemonSet pod with hostNetwork does): needed for the tc layer.
     pub fn start_on_node(lab: &Lab) -> Self {
+        Self::try_start_on_node(lab)
+            .unwrap_or_else(|log| panic!("agent did not become ready; its log:\n{log}"))
+    }
+
+    /// Like `start_on_node`, but returns the log when the agent exits or never becomes ready.
+    pub fn try_start_on_node(lab: &Lab) -> Result<Self, String> {
         let mut cmd = command(lab);
         let netns = File::open(lab.node.path()).expect("node netns");
         // SAFETY: only setns between fork and exec.
@@ -62,7 +68,6 @@ impl Agent {
         }
         cmd.arg("standalone").arg("--config").arg(lab.policy_path());
         Self::spawn(lab, cmd, |a| a.log_text().contains("\"message\":\"ready\""))
-            .unwrap_or_else(|log| panic!("agent did not become ready; its log:\n{log}"))
     }
 
     /// Spawns `cmd` (from [`command`]) and waits until `ready` says so; returns the log when

@@ -1,9 +1,9 @@
 //! `cargo xtask bench datapath`: the cost of the programs on the data path, measured side by
 //! side. Each round runs the same iperf3 client from the pod to the gateway namespace over veth
 //! with no programs attached, with a one-entry policy, and with a policy of 100,000 allow
-//! entries, interleaved so machine noise hits every configuration alike. Reported as ratios to
-//! the baseline of the same round (median over rounds), plus the mean kernel run time of the
-//! packet program from bpf_stats.
+//! entries, each also with the tc layer on the pod's veth, interleaved so machine noise hits
+//! every configuration alike. Reported as ratios to the baseline of the same round (median over
+//! rounds), plus the mean kernel run time of the programs from bpf_stats.
 
 use std::{fmt::Write as _, fs, process::Command, time::Duration};
 
@@ -38,6 +38,8 @@ enum Config {
     Baseline,
     Small,
     Large,
+    SmallTc,
+    LargeTc,
 }
 
 impl Config {
@@ -46,7 +48,17 @@ impl Config {
             Self::Baseline => "no programs".into(),
             Self::Small => "policy, 1 allow entry".into(),
             Self::Large => format!("policy, {entries} allow entries"),
+            Self::SmallTc => "policy + tc layer, 1 allow entry".into(),
+            Self::LargeTc => format!("policy + tc layer, {entries} allow entries"),
         }
+    }
+
+    fn tc_layer(self) -> bool {
+        matches!(self, Self::SmallTc | Self::LargeTc)
+    }
+
+    fn large(self) -> bool {
+        matches!(self, Self::Large | Self::LargeTc)
     }
 }
 
@@ -59,6 +71,8 @@ struct Sample {
     /// Mean ns per run from BPF_PROG_TEST_RUN on an allowed packet, without bpf_stats' clock
     /// reads around each run.
     ns_test_run: Option<f64>,
+    /// Mean ns per run of the tc programs from bpf_stats: (from the pod, to the pod).
+    tc_ns_per_run: Option<(f64, f64)>,
 }
 
 pub fn run(args: &DatapathArgs) -> Result<()> {
@@ -69,7 +83,7 @@ pub fn run(args: &DatapathArgs) -> Result<()> {
     unsafe { std::env::set_var("EGRESS_AGENT_BIN", &bin) };
     let lab = Lab::named("bench").context("building the benchmark node")?;
     let _server = IperfServer::start(&lab.gateway)?;
-    let configs = [Config::Baseline, Config::Small, Config::Large];
+    let configs = [Config::Baseline, Config::Small, Config::Large, Config::SmallTc, Config::LargeTc];
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); configs.len()];
     for round in 1..=args.rounds {
         for (i, config) in configs.iter().enumerate() {
@@ -83,9 +97,11 @@ pub fn run(args: &DatapathArgs) -> Result<()> {
 }
 
 fn write_policy(lab: &Lab, config: Config, entries: usize) -> Result<()> {
-    let mut yaml = lab.policy_text("enforce").replace("ports: [3128]", &format!("ports: [{PORT}]"));
+    let text =
+        if config.tc_layer() { lab.policy_text_with_veth("enforce") } else { lab.policy_text("enforce") };
+    let mut yaml = text.replace("ports: [3128]", &format!("ports: [{PORT}]"));
     let _ = writeln!(yaml, "    extra:\n      - {{cidr: {GATEWAY4}/32, protocol: udp, ports: [{PORT}]}}");
-    if config == Config::Large {
+    if config.large() {
         // Disjoint /32s in 100.64.0.0/10: entries only, never a destination.
         for i in 0..entries.saturating_sub(1) {
             let n = 100u32 << 24 | 64 << 16 | (i as u32 + 1);
@@ -105,16 +121,27 @@ fn measure(lab: &Lab, config: Config, args: &DatapathArgs) -> Result<Sample> {
         None
     } else {
         write_policy(lab, config, args.entries)?;
-        Some(Agent::try_start(lab).map_err(|log| anyhow::anyhow!("agent did not start:\n{log}"))?)
+        // The tc layer needs the agent where the pod's veth is: the node's namespace.
+        let started = if config.tc_layer() { Agent::try_start_on_node(lab) } else { Agent::try_start(lab) };
+        Some(started.map_err(|log| anyhow::anyhow!("agent did not start:\n{log}"))?)
     };
     let tcp_gbps = iperf(lab, &["-t", &args.seconds.to_string()])?.tcp_gbps()?;
     let udp_pps = iperf(lab, &["-u", "-b", "0", "-l", "64", "-t", &args.seconds.to_string()])?.udp_pps()?;
-    let (ns_per_run, ns_test_run) = match agent {
+    let (ns_per_run, ns_test_run, tc_ns_per_run) = match agent {
         Some(_) => {
-            let prog_id = skb_program_id(lab)?;
-            (Some(ns_per_run(lab, args, prog_id)?), Some(ns_test_run(lab, prog_id)?))
+            let report = inspect(lab)?;
+            let skb = program_id(&report["policies"][0]["links"], "egress_skb")?;
+            let mut ids = vec![skb];
+            if config.tc_layer() {
+                let links = &report["interfaces"][0]["links"];
+                ids.push(program_id(links, "egress_tc_from_pod")?);
+                ids.push(program_id(links, "egress_tc_to_pod")?);
+            }
+            let ns = ns_per_run(lab, args, &ids)?;
+            let tc = config.tc_layer().then(|| (ns[1], ns[2]));
+            (Some(ns[0]), Some(ns_test_run(lab, skb)?), tc)
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     drop(agent);
     if config != Config::Baseline {
@@ -123,7 +150,7 @@ fn measure(lab: &Lab, config: Config, args: &DatapathArgs) -> Result<Sample> {
             bail!("teardown failed: {}", String::from_utf8_lossy(&out.stderr));
         }
     }
-    Ok(Sample { tcp_gbps, udp_pps, ns_per_run, ns_test_run })
+    Ok(Sample { tcp_gbps, udp_pps, ns_per_run, ns_test_run, tc_ns_per_run })
 }
 
 struct IperfServer {
@@ -184,14 +211,18 @@ fn iperf(lab: &Lab, extra: &[&str]) -> Result<IperfResult> {
     Ok(IperfResult(json))
 }
 
-fn skb_program_id(lab: &Lab) -> Result<u64> {
+fn inspect(lab: &Lab) -> Result<serde_json::Value> {
     let report = agent::cli(lab, &["inspect", "--json"]);
-    let report: serde_json::Value = serde_json::from_slice(&report.stdout).context("inspect --json")?;
-    report["policies"][0]["links"]
+    serde_json::from_slice(&report.stdout).context("inspect --json")
+}
+
+/// The program id of the pinned link running `program` in an inspect `links` list.
+fn program_id(links: &serde_json::Value, program: &str) -> Result<u64> {
+    links
         .as_array()
-        .and_then(|links| links.iter().find(|l| l["program"] == "egress_skb"))
+        .and_then(|links| links.iter().find(|l| l["program"] == program))
         .and_then(|l| l["program_id"].as_u64())
-        .context("no egress_skb link in inspect")
+        .with_context(|| format!("no {program} link in inspect (tcx needs Linux 6.6+)"))
 }
 
 /// Mean ns per run over a million BPF_PROG_TEST_RUN runs of an allowed TCP packet (the common
@@ -241,32 +272,43 @@ fn ns_test_run(lab: &Lab, prog_id: u64) -> Result<f64> {
     Ok(ns)
 }
 
-/// Mean ns per run of the packet program over a short UDP flood, from the kernel's bpf_stats
+/// Mean ns per run of each program over a short UDP flood, from the kernel's bpf_stats
 /// (enabled only for this measurement: collecting them costs a few ns per run itself).
-fn ns_per_run(lab: &Lab, args: &DatapathArgs, prog_id: u64) -> Result<f64> {
-    let stats = |_: ()| -> Result<(f64, f64)> {
-        let out = run::output(Command::new("bpftool").args([
-            "prog",
-            "show",
-            "id",
-            &prog_id.to_string(),
-            "--json",
-        ]))?;
-        let v: serde_json::Value = serde_json::from_str(&out)?;
-        Ok((v["run_time_ns"].as_f64().unwrap_or(0.0), v["run_cnt"].as_f64().unwrap_or(0.0)))
+fn ns_per_run(lab: &Lab, args: &DatapathArgs, prog_ids: &[u64]) -> Result<Vec<f64>> {
+    let stats = || -> Result<Vec<(f64, f64)>> {
+        prog_ids
+            .iter()
+            .map(|id| {
+                let out = run::output(Command::new("bpftool").args([
+                    "prog",
+                    "show",
+                    "id",
+                    &id.to_string(),
+                    "--json",
+                ]))?;
+                let v: serde_json::Value = serde_json::from_str(&out)?;
+                Ok((v["run_time_ns"].as_f64().unwrap_or(0.0), v["run_cnt"].as_f64().unwrap_or(0.0)))
+            })
+            .collect()
     };
     fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").context("enabling bpf_stats")?;
-    let before = stats(())?;
+    let before = stats();
     let flood = iperf(lab, &["-u", "-b", "0", "-l", "64", "-t", &args.seconds.min(2).to_string()]);
-    let after = stats(());
+    let after = stats();
     fs::write("/proc/sys/kernel/bpf_stats_enabled", "0").context("disabling bpf_stats")?;
     flood?;
-    let after = after?;
-    let runs = after.1 - before.1;
-    if runs <= 0.0 {
-        bail!("the packet program did not run during the flood (prog id {prog_id})");
-    }
-    Ok((after.0 - before.0) / runs)
+    let (before, after) = (before?, after?);
+    prog_ids
+        .iter()
+        .zip(before.iter().zip(&after))
+        .map(|(id, (b, a))| {
+            let runs = a.1 - b.1;
+            if runs <= 0.0 {
+                bail!("program {id} did not run during the flood");
+            }
+            Ok((a.0 - b.0) / runs)
+        })
+        .collect()
 }
 
 fn render(configs: &[Config], samples: &[Vec<Sample>], args: &DatapathArgs) -> String {
@@ -279,9 +321,9 @@ fn render(configs: &[Config], samples: &[Vec<Sample>], args: &DatapathArgs) -> S
     );
     let _ = writeln!(
         s,
-        "| configuration | TCP Gbit/s (median) | TCP ratio | UDP 64 B pkt/s (median) | UDP ratio | ns/run, bpf_stats | ns/run, test run |"
+        "| configuration | TCP Gbit/s (median) | TCP ratio | UDP 64 B pkt/s (median) | UDP ratio | ns/run, bpf_stats | ns/run, test run | tc ns/run from / to pod, bpf_stats |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
     for (config, rows) in configs.iter().zip(samples) {
         // Ratios are taken round by round (same round's baseline), then the median.
         let tcp_ratio = median(rows.iter().zip(base).map(|(r, b)| r.tcp_gbps / b.tcp_gbps).collect());
@@ -289,16 +331,21 @@ fn render(configs: &[Config], samples: &[Vec<Sample>], args: &DatapathArgs) -> S
         let ns: Vec<f64> = rows.iter().filter_map(|r| r.ns_per_run).collect();
         let ns_run: Vec<f64> = rows.iter().filter_map(|r| r.ns_test_run).collect();
         let show = |v: Vec<f64>| if v.is_empty() { "-".to_string() } else { format!("{:.0}", median(v)) };
+        let tc_from: Vec<f64> = rows.iter().filter_map(|r| r.tc_ns_per_run.map(|t| t.0)).collect();
+        let tc_to: Vec<f64> = rows.iter().filter_map(|r| r.tc_ns_per_run.map(|t| t.1)).collect();
+        let tc =
+            if tc_from.is_empty() { "-".to_string() } else { format!("{} / {}", show(tc_from), show(tc_to)) };
         let _ = writeln!(
             s,
-            "| {} | {:.2} | {:.3} | {:.0} | {:.3} | {} | {} |",
+            "| {} | {:.2} | {:.3} | {:.0} | {:.3} | {} | {} | {} |",
             config.name(args.entries),
             median(rows.iter().map(|r| r.tcp_gbps).collect()),
             tcp_ratio,
             median(rows.iter().map(|r| r.udp_pps).collect()),
             udp_ratio,
             show(ns),
-            show(ns_run)
+            show(ns_run),
+            tc
         );
     }
     let _ = writeln!(
