@@ -32,6 +32,27 @@ pub fn cli(lab: &Lab, args: &[&str]) -> Output {
     command(lab).args(args).output().expect("running egress-agent")
 }
 
+/// Like `cli`, in the node's network namespace (where `inspect` can name the pods' veths).
+pub fn cli_on_node(lab: &Lab, args: &[&str]) -> Output {
+    on_node(lab, command(lab)).args(args).output().expect("running egress-agent")
+}
+
+/// Makes `cmd` enter the node's network namespace before it runs.
+fn on_node(lab: &Lab, mut cmd: Command) -> Command {
+    let netns = File::open(lab.node.path()).expect("node netns");
+    // SAFETY: only setns between fork and exec.
+    unsafe {
+        use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+        cmd.pre_exec(move || {
+            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
 impl Agent {
     /// Starts `standalone` with the lab's policy file and waits until it reports ready.
     pub fn start(lab: &Lab) -> Self {
@@ -54,18 +75,7 @@ impl Agent {
 
     /// Like `start_on_node`, but returns the log when the agent exits or never becomes ready.
     pub fn try_start_on_node(lab: &Lab) -> Result<Self, String> {
-        let mut cmd = command(lab);
-        let netns = File::open(lab.node.path()).expect("node netns");
-        // SAFETY: only setns between fork and exec.
-        unsafe {
-            use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
-            cmd.pre_exec(move || {
-                if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        let mut cmd = on_node(lab, command(lab));
         cmd.arg("standalone").arg("--config").arg(lab.policy_path());
         Self::spawn(lab, cmd, |a| a.log_text().contains("\"message\":\"ready\""))
     }

@@ -102,13 +102,21 @@ pub fn ethernet(src_mac: [u8; 6], dst_mac: [u8; 6], ethertype: u16) -> Vec<u8> {
     frame
 }
 
-/// Sends `frame` out of the pod's eth0 through a packet socket, from a process in `cgroup`.
-pub fn send(pod: &NetNs, cgroup: &Path, frame: &[u8]) -> Output {
+/// A client (for `Lab::in_pod` and friends) that sends `frame` out of eth0 through a packet
+/// socket.
+pub fn packet_socket_client(frame: &[u8]) -> (&'static str, Vec<String>) {
     let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
     let script = format!(
         "import socket; s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind(('eth0', 0)); s.send(bytes.fromhex('{hex}'))"
     );
-    let out = pod.run(Some(cgroup), "python3", &["-c", &script]);
+    ("python3", vec!["-c".into(), script])
+}
+
+/// Sends `frame` out of the pod's eth0 through a packet socket, from a process in `cgroup`.
+pub fn send(pod: &NetNs, cgroup: &Path, frame: &[u8]) -> Output {
+    let (program, args) = packet_socket_client(frame);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = pod.run(Some(cgroup), program, &args);
     assert!(
         out.status.success(),
         "sending a packet-socket frame failed: {}",
