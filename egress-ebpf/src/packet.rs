@@ -94,20 +94,28 @@ fn has_ports(protocol: u8) -> bool {
 /// (source port, destination port, known) at `offset`. Unknown if the header is cut short (a
 /// tiny first fragment), which then matches no port-restricted rule. Every output is written on
 /// every path so the verifier never sees an uninitialised register.
+///
+/// Direct reads need an offset the verifier can bound: IPv4's is at most 60 (IHL is 4 bits), and
+/// IPv6 without extension headers has the constant 40. Any other IPv6 offset goes through the
+/// helper. (Comparing a variable IPv6 offset against 60 instead made LLVM emit `61 > offset`,
+/// whose impossible branch Linux 6.1's verifier does not prune; it then rejects the program.)
 #[inline(always)]
-fn ports_at<const L3: usize>(ctx: &SkBuff, offset: usize, wanted: bool) -> (u16, u16, bool) {
+fn ports_at<const L3: usize, const V4: bool>(ctx: &SkBuff, offset: usize, wanted: bool) -> (u16, u16, bool) {
     if !wanted {
         return (0, 0, false);
     }
-    // Transport headers sit at most 60 bytes in for IPv4 (IHL is 4 bits); IPv6 offsets are
-    // unbounded, so those go through the helper.
-    // SAFETY: reading context fields, then a read bounds-checked against data_end.
+    // SAFETY: reading context fields, then reads bounds-checked against data_end.
     unsafe {
         let skb = ctx.skb;
         let start = (*skb).data as usize;
         let end = (*skb).data_end as usize;
-        if offset <= 60 && start + L3 + offset + 4 <= end {
-            let p = core::ptr::read_unaligned((start + L3 + offset) as *const [u8; 4]);
+        let direct = if V4 {
+            (offset <= 60 && start + L3 + offset + 4 <= end).then_some(offset)
+        } else {
+            (offset == 40 && start + L3 + 40 + 4 <= end).then_some(40)
+        };
+        if let Some(at) = direct {
+            let p = core::ptr::read_unaligned((start + L3 + at) as *const [u8; 4]);
             return (u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]]), true);
         }
     }
@@ -126,7 +134,8 @@ fn parse_v4<const L3: usize>(ctx: &SkBuff, h: &[u8; 20]) -> Result<Packet, ()> {
     let frag_offset = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
     let later_fragment = frag_offset != 0;
     let protocol = h[9];
-    let (sport, dport, port_known) = ports_at::<L3>(ctx, ihl * 4, has_ports(protocol) && !later_fragment);
+    let (sport, dport, port_known) =
+        ports_at::<L3, true>(ctx, ihl * 4, has_ports(protocol) && !later_fragment);
     Ok(Packet {
         src: Destination::V4([h[12], h[13], h[14], h[15]]),
         dst: Destination::V4([h[16], h[17], h[18], h[19]]),
@@ -187,7 +196,7 @@ fn parse_v6<const L3: usize>(ctx: &SkBuff) -> Result<Packet, ()> {
     if !done {
         return Err(());
     }
-    let (sport, dport, port_known) = ports_at::<L3>(ctx, offset, has_ports(next) && !later_fragment);
+    let (sport, dport, port_known) = ports_at::<L3, false>(ctx, offset, has_ports(next) && !later_fragment);
     Ok(Packet {
         src: Destination::V6(src),
         dst: Destination::V6(dst),
