@@ -5,7 +5,7 @@
 
 use crate::{
     addr::Destination,
-    policy::{AllowRules, PROTO_ANY},
+    policy::{AllowRules, MAX_RULES_PER_PREFIX, PROTO_ANY},
     verdict::Reason,
 };
 
@@ -87,9 +87,20 @@ pub fn judge<L: AllowLookup>(lookup: &L, policy_id: u32, flow: &Flow) -> Reason 
 }
 
 /// The reason of the first rule that permits the flow's protocol and port.
+///
+/// An index loop bounded by the array's constant length, with the rule count checked inside:
+/// a slice iterator over `as_slice()` counts a remaining length down to zero, which Linux 6.1's
+/// verifier cannot bound, so it rejects the read past the last rule it imagines.
 #[inline(always)]
 fn matching_rule(rules: &AllowRules, flow: &Flow) -> Option<Reason> {
-    for rule in rules.as_slice() {
+    let count = rules.count as usize;
+    let mut i = 0;
+    while i < MAX_RULES_PER_PREFIX {
+        if i >= count {
+            break;
+        }
+        let rule = &rules.rules[i];
+        i += 1;
         if rule.protocol != PROTO_ANY && rule.protocol != flow.protocol {
             continue;
         }
