@@ -8,6 +8,7 @@ mod fuzz;
 mod run;
 mod test;
 mod toolchain;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -40,6 +41,9 @@ enum Command {
     Fuzz(fuzz::FuzzArgs),
     /// Lint, unit tests, fuzzing, BPF_PROG_TEST_RUN tests and network-namespace integration tests.
     Test(test::TestArgs),
+    /// The kernel integration suite on Debian's 6.1 and 6.12 kernels (or others), each booted
+    /// in qemu.
+    Vm(vm::VmArgs),
 }
 
 fn main() -> Result<()> {
@@ -53,6 +57,7 @@ fn main() -> Result<()> {
         }
         Command::Fuzz(args) => fuzz::run(&args),
         Command::Test(args) => test::run(&args),
+        Command::Vm(args) => vm::run(&args),
         Command::Demo => demo::run(),
         Command::Bench { which } => bench::run(&which),
     }

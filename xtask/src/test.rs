@@ -119,7 +119,7 @@ impl Tally {
 }
 
 /// The number before `label` in "ok. 8 passed; 0 failed; ...".
-fn count(summary: &str, label: &str) -> u64 {
+pub(crate) fn count(summary: &str, label: &str) -> u64 {
     summary
         .split(';')
         .find_map(|part| {

@@ -198,18 +198,23 @@ fn ensure_debian_packages() -> Result<()> {
         .filter(|(tool, _)| !command_exists(tool))
         .map(|(_, package)| *package)
         .collect();
-    if missing.is_empty() {
+    apt_install(&missing)
+}
+
+/// Installs Debian packages with apt-get; nothing to do for an empty list.
+pub(crate) fn apt_install(packages: &[&str]) -> Result<()> {
+    if packages.is_empty() {
         return Ok(());
     }
-    eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+    eprintln!("xtask: installing Debian packages: {}", packages.join(" "));
     status(Command::new("apt-get").arg("update").arg("-qq"))?;
     status(
         Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
+            .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
-    .with_context(|| format!("installing {}", missing.join(" ")))
+    .with_context(|| format!("installing {}", packages.join(" ")))
 }
 
 pub fn command_exists(tool: &str) -> bool {
