@@ -15,6 +15,8 @@ mod host;
 mod initramfs;
 mod kernel;
 mod modules;
+mod path;
+mod progress;
 mod qemu;
 mod report;
 mod stage2;
@@ -33,6 +35,7 @@ use self::{
     apt::Apt,
     host::{Accel, AccelChoice},
     kernel::Kernel,
+    progress::Progress,
     qemu::{Boot, End},
     report::{BinaryResult, KernelReport, Outcome},
     suite::Suite,
@@ -77,6 +80,7 @@ pub fn run(args: &VmArgs) -> Result<()> {
     eprintln!("\n==> building the agent and the kernel test binaries");
     let suite = suite::build(&cache.join("bin"), &args.tests)?;
     let apt = Apt::new(&cache.join("apt"))?;
+    let ctx = Ctx { args, accel, cache: &cache, apt: &apt, suite: &suite, guest_path: path::for_guest() };
     let mut reports = Vec::new();
     for series in &args.kernels {
         if reports.iter().any(|r: &KernelReport| !r.ok()) && !args.keep_going {
@@ -89,7 +93,7 @@ pub fn run(args: &VmArgs) -> Result<()> {
             continue;
         }
         eprintln!("\n==> kernel {series}");
-        let report = run_kernel(&Ctx { args, accel, cache: &cache, apt: &apt, suite: &suite }, series);
+        let report = run_kernel(&ctx, series);
         print!("{}", report.details());
         reports.push(report);
     }
@@ -116,6 +120,7 @@ struct Ctx<'a> {
     cache: &'a Path,
     apt: &'a Apt,
     suite: &'a Suite,
+    guest_path: String,
 }
 
 /// One kernel, start to finish; any error becomes that kernel's "broken" result so the others
@@ -152,7 +157,6 @@ fn boot_and_test(ctx: &Ctx<'_>, kernel: &Kernel) -> Result<(Outcome, Vec<BinaryR
     let _ = fs::remove_dir_all(&run_dir);
     fs::create_dir_all(&share).with_context(|| format!("creating {}", share.display()))?;
     let binaries = &ctx.suite.binaries;
-    let host_path = env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
     let timeout = ctx.args.timeout * ctx.accel.slowdown();
     let script = stage2::script(&stage2::Plan {
         binaries,
@@ -160,7 +164,7 @@ fn boot_and_test(ctx: &Ctx<'_>, kernel: &Kernel) -> Result<(Outcome, Vec<BinaryR
         filter: ctx.args.filter.as_deref(),
         keep_going: ctx.args.keep_going,
         timeout,
-        path: &host_path,
+        path: &ctx.guest_path,
     });
     let script_path = share.join("stage2.sh");
     fs::write(&script_path, script).with_context(|| format!("writing {}", script_path.display()))?;
@@ -176,25 +180,21 @@ fn boot_and_test(ctx: &Ctx<'_>, kernel: &Kernel) -> Result<(Outcome, Vec<BinaryR
         accel: ctx.accel,
         deadline,
     };
-    let mut ready = false;
-    let mut finished = false;
-    let mut stage1_failure = None;
-    let end = qemu::boot(&boot, |line| {
-        let Some(mark) = marker(line) else { return };
-        if let Some(release) = mark.strip_prefix("ready ") {
-            ready = true;
-            eprintln!("{tag} {release} is up; running the tests");
-        } else if let Some(name) = mark.strip_prefix("begin ") {
-            eprintln!("{tag} {name} ...");
-        } else if let Some(rest) = mark.strip_prefix("end ") {
-            let name = rest.split_whitespace().next().unwrap_or(rest);
-            eprintln!("{tag} {}", BinaryResult::read(&share, name).line());
-        } else if mark == "done" {
-            finished = true;
-        } else if let Some(why) = mark.strip_prefix("stage 1 failed: ") {
-            stage1_failure = Some(why.to_owned());
-        }
-    })?;
+    let mut progress = Progress::new(&tag, &share);
+    let mut end = qemu::boot(&boot, |line| progress.line(line))?;
+    // Under emulation a kernel now and then panics while booting (an int3 Oops in live code
+    // patching, text_poke, racing between the emulated CPUs); nothing has run yet, so boot once
+    // more. A kernel that really cannot boot fails again.
+    if let (End::Panicked(line), Accel::Tcg, false) = (&end, ctx.accel, progress.ready) {
+        let first = run_dir.join("console-first-boot.log");
+        eprintln!(
+            "{tag} the kernel panicked while booting ({line}); booting once more (first console: {})",
+            first.display()
+        );
+        fs::rename(&console_log, &first).with_context(|| format!("keeping {}", first.display()))?;
+        progress = Progress::new(&tag, &share);
+        end = qemu::boot(&boot, |line| progress.line(line))?;
+    }
     // The binaries that started; with no --keep-going the rest never ran after a failure.
     let results: Vec<BinaryResult> = binaries
         .iter()
@@ -208,10 +208,10 @@ fn boot_and_test(ctx: &Ctx<'_>, kernel: &Kernel) -> Result<(Outcome, Vec<BinaryR
             Outcome::TimedOut(format!("no end within {} s; last console line: {last}", deadline.as_secs()))
         }
         // A panic while the VM powers off, after the tests, changes nothing about the results.
-        End::Panicked(line) if !finished => {
+        End::Panicked(line) if !progress.finished => {
             Outcome::Broken(format!("kernel panic: {line} (see {})", console_log.display()))
         }
-        End::PoweredOff if !ready => Outcome::Broken(match stage1_failure {
+        End::PoweredOff if !progress.ready => Outcome::Broken(match progress.stage1_failure {
             Some(why) => format!("the VM could not set up its root: {why}"),
             None => format!("the VM stopped before the tests started (see {})", console_log.display()),
         }),
@@ -219,12 +219,6 @@ fn boot_and_test(ctx: &Ctx<'_>, kernel: &Kernel) -> Result<(Outcome, Vec<BinaryR
         _ => Outcome::Failed,
     };
     Ok((outcome, results))
-}
-
-/// The text after stage 1's or stage 2's marker, wherever in the line it starts (kernel
-/// messages can land in front of it on the shared console).
-fn marker(line: &str) -> Option<&str> {
-    line.find(stage2::MARK).map(|i| line[i + stage2::MARK.len()..].trim())
 }
 
 /// "6.1", "6.12": major.minor only.
@@ -243,13 +237,6 @@ fn cache_dir() -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn markers_are_found_after_kernel_noise() {
-        assert_eq!(marker("egressfw-vm: begin enforcement"), Some("begin enforcement"));
-        assert_eq!(marker("[   3.1] veth: loaded egressfw-vm: end x rc=0"), Some("end x rc=0"));
-        assert_eq!(marker("[   3.1] random: crng init done"), None);
-    }
 
     #[test]
     fn kernel_series_are_major_dot_minor() {

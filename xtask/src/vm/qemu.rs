@@ -108,7 +108,7 @@ fn command(b: &Boot<'_>) -> Command {
     cmd.arg("-kernel").arg(b.kernel.vmlinuz());
     cmd.arg("-initrd").arg(b.initramfs);
     // panic=-1: reboot at once on a panic, which -no-reboot turns into qemu exiting.
-    // noapic: works around "IO-APIC + timer doesn't work" panics seen under emulation.
+    // noapic: aya's VM tests hit "IO-APIC + timer doesn't work" panics under emulation.
     // loglevel=4: warnings and worse only, so the console stays readable.
     cmd.args(["-append", "console=ttyS0 panic=-1 noapic loglevel=4 rdinit=/init"]);
     // multidevs=remap: the host root spans several filesystems; keeps inode numbers unique.

@@ -50,6 +50,8 @@ pub fn build(dir: &Path, only: &[String]) -> Result<Suite> {
     if binaries.is_empty() {
         bail!("`{line}` built no test executables");
     }
+    // cargo reports them in build order; by name, runs and reports read the same every time.
+    binaries.sort_by(|a, b| a.name.cmp(&b.name));
     if !only.is_empty() {
         let names: Vec<String> = binaries.iter().map(|b| b.name.clone()).collect();
         binaries.retain(|b| only.contains(&b.name));
