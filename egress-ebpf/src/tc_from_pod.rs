@@ -66,6 +66,14 @@ fn try_from_pod(skb: &SkBuff) -> bool {
         }
         Some(p) => (judge_frame(skb, ifindex, p.policy_id, &mut seen), p.mode),
     };
+    report(reason, mode, policy_cgroup_id, &seen)
+}
+
+/// Counts the verdict and sends its event; true lets the frame through. Not inlined, so the
+/// event is built in a frame of its own: on the stack next to `judge_frame`'s, the two would
+/// pass the 512-byte limit for a call chain (Linux 6.1 rounds every frame up to 32 bytes).
+#[inline(never)]
+fn report(reason: Reason, mode: u32, policy_cgroup_id: u64, seen: &Seen) -> bool {
     settle(reason, mode, policy_cgroup_id, |action| VerdictEvent {
         // SAFETY: plain helper call.
         timestamp_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },

@@ -92,7 +92,7 @@ impl Agent {
             .spawn()
             .expect("spawning egress-agent");
         let mut agent = Self { child: Some(child), log };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(30));
         loop {
             if ready(&agent) {
                 return Ok(agent);
@@ -127,7 +127,7 @@ impl Agent {
 
     /// Waits until at least `count` lines match `message`.
     pub fn wait_for(&self, message: &str, count: usize) -> Vec<serde_json::Value> {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(10));
         loop {
             let found = self.lines(message);
             if found.len() >= count || Instant::now() > deadline {
@@ -139,7 +139,7 @@ impl Agent {
 
     /// Waits for a line with `message` that satisfies `pred`, and returns it.
     pub fn wait_until(&self, message: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(10));
         loop {
             if let Some(v) = self.lines(message).into_iter().find(|v| pred(v)) {
                 return v;

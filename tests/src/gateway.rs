@@ -262,7 +262,7 @@ impl GatewayLab {
             .spawn()
             .expect("spawning egress-agent gateway");
         let mut g = Gateway { child: Some(child), access, log };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(20));
         loop {
             if g.log_text().contains("\"message\":\"gateway ready\"") {
                 return Ok(g);
@@ -331,11 +331,14 @@ fn run_ok(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 fn wait_listening(addr: SocketAddr) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let patience = crate::patience(Duration::from_secs(10));
+    let deadline = Instant::now() + patience;
     loop {
         match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
             Ok(_) => return Ok(()),
-            Err(e) if Instant::now() > deadline => return Err(format!("not listening after 10 s: {e}")),
+            Err(e) if Instant::now() > deadline => {
+                return Err(format!("not listening after {} s: {e}", patience.as_secs()));
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }

@@ -230,7 +230,7 @@ impl Default for KubeNode {
 
 /// Polls `check` every 20 ms until it holds or `secs` pass; returns whether it held.
 pub fn eventually(secs: u64, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(secs);
+    let deadline = Instant::now() + crate::patience(Duration::from_secs(secs));
     loop {
         if check() {
             return true;

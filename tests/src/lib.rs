@@ -18,7 +18,26 @@ pub mod netns;
 pub mod routed_pod;
 pub mod sniff;
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
+
+/// How long to wait for something that should happen (an agent or gateway getting ready, a log
+/// line appearing): `base`, stretched by `EGRESS_TEST_TIME_SCALE` where everything runs slower
+/// (`cargo xtask vm` sets it under TCG emulation, where loading the programs alone takes seconds).
+/// Only waits for an expected event are stretched; a test never passes by waiting longer.
+pub fn patience(base: Duration) -> Duration {
+    base * time_scale()
+}
+
+fn time_scale() -> u32 {
+    match std::env::var("EGRESS_TEST_TIME_SCALE") {
+        Err(_) => 1,
+        Ok(v) => {
+            v.parse().ok().filter(|&n| n >= 1).unwrap_or_else(|| {
+                panic!("EGRESS_TEST_TIME_SCALE={v:?}: expected a whole number of at least 1")
+            })
+        }
+    }
+}
 
 /// Fails the test (never skips it) when not running as root.
 pub fn require_root() {

@@ -165,6 +165,7 @@ fn boot_and_test(ctx: &Ctx<'_>, kernel: &Kernel) -> Result<(Outcome, Vec<BinaryR
         keep_going: ctx.args.keep_going,
         timeout,
         path: &ctx.guest_path,
+        time_scale: ctx.accel.slowdown(),
     });
     let script_path = share.join("stage2.sh");
     fs::write(&script_path, script).with_context(|| format!("writing {}", script_path.display()))?;

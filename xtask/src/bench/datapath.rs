@@ -11,7 +11,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use egress_tests::{
     agent::{self, Agent},
-    lab::{GATEWAY4, Lab},
+    lab::{GATEWAY4, Lab, POD4},
     netns::NetNs,
 };
 
@@ -73,6 +73,8 @@ struct Sample {
     ns_test_run: Option<f64>,
     /// Mean ns per run of the tc programs from bpf_stats: (from the pod, to the pod).
     tc_ns_per_run: Option<(f64, f64)>,
+    /// The same from BPF_PROG_TEST_RUN: an allowed frame from the pod, a plain ACK to it.
+    tc_ns_test_run: Option<(f64, f64)>,
 }
 
 pub fn run(args: &DatapathArgs) -> Result<()> {
@@ -127,7 +129,7 @@ fn measure(lab: &Lab, config: Config, args: &DatapathArgs) -> Result<Sample> {
     };
     let tcp_gbps = iperf(lab, &["-t", &args.seconds.to_string()])?.tcp_gbps()?;
     let udp_pps = iperf(lab, &["-u", "-b", "0", "-l", "64", "-t", &args.seconds.to_string()])?.udp_pps()?;
-    let (ns_per_run, ns_test_run, tc_ns_per_run) = match agent {
+    let (ns_per_run, ns_test_run, tc_ns_per_run, tc_ns_test_run) = match agent {
         Some(_) => {
             let report = inspect(lab)?;
             let skb = program_id(&report["policies"][0]["links"], "egress_skb")?;
@@ -138,10 +140,14 @@ fn measure(lab: &Lab, config: Config, args: &DatapathArgs) -> Result<Sample> {
                 ids.push(program_id(links, "egress_tc_to_pod")?);
             }
             let ns = ns_per_run(lab, args, &ids)?;
-            let tc = config.tc_layer().then(|| (ns[1], ns[2]));
-            (Some(ns[0]), Some(ns_test_run(lab, skb)?), tc)
+            let (tc, tc_test_run) = if config.tc_layer() {
+                (Some((ns[1], ns[2])), Some(tc_ns_test_run(lab, ids[1], ids[2])?))
+            } else {
+                (None, None)
+            };
+            (Some(ns[0]), Some(ns_test_run(lab, skb)?), tc, tc_test_run)
         }
-        None => (None, None, None),
+        None => (None, None, None, None),
     };
     drop(agent);
     if config != Config::Baseline {
@@ -150,7 +156,7 @@ fn measure(lab: &Lab, config: Config, args: &DatapathArgs) -> Result<Sample> {
             bail!("teardown failed: {}", String::from_utf8_lossy(&out.stderr));
         }
     }
-    Ok(Sample { tcp_gbps, udp_pps, ns_per_run, ns_test_run, tc_ns_per_run })
+    Ok(Sample { tcp_gbps, udp_pps, ns_per_run, ns_test_run, tc_ns_per_run, tc_ns_test_run })
 }
 
 struct IperfServer {
@@ -230,6 +236,26 @@ fn program_id(links: &serde_json::Value, program: &str) -> Result<u64> {
 /// caller's cgroup, so the pod's policy applies) and network namespace (so the packet can name
 /// eth0 as its device rather than loopback, which the program would let through untested).
 fn ns_test_run(lab: &Lab, prog_id: u64) -> Result<f64> {
+    let ifindex = ifindex(&lab.pod, "eth0")?;
+    let run = TestRun { prog_id, frame: tcp_frame(0), ifindex, returns: "1" };
+    run.mean_ns(lab, &lab.pod, Some(&lab.pod_cgroup), "skb")
+}
+
+/// The tc programs by BPF_PROG_TEST_RUN, run in the node's namespace with the pod's host-side
+/// veth as the frame's device (the programs find the pod's policy through it): from the pod, an
+/// allowed TCP segment to the gateway; to the pod, a plain ACK (the common case, which the fast
+/// path skips). Both go on to the next program (TC_NEXT, -1).
+fn tc_ns_test_run(lab: &Lab, from_pod: u64, to_pod: u64) -> Result<(f64, f64)> {
+    const TCP_ACK: u8 = 0x10;
+    let ifindex = ifindex(&lab.node, "v-pod")?;
+    let next = "4294967295";
+    let from = TestRun { prog_id: from_pod, frame: tcp_frame(TCP_ACK), ifindex, returns: next };
+    let to = TestRun { prog_id: to_pod, frame: tcp_frame(TCP_ACK), ifindex, returns: next };
+    Ok((from.mean_ns(lab, &lab.node, None, "tc-from")?, to.mean_ns(lab, &lab.node, None, "tc-to")?))
+}
+
+/// An Ethernet frame with an IPv4 TCP segment from the pod to the gateway's benchmark port.
+fn tcp_frame(tcp_flags: u8) -> Vec<u8> {
     let mut frame = vec![0u8; 12];
     frame.extend_from_slice(&0x0800u16.to_be_bytes());
     let mut ip = [0u8; 40];
@@ -237,39 +263,65 @@ fn ns_test_run(lab: &Lab, prog_id: u64) -> Result<f64> {
     ip[2..4].copy_from_slice(&40u16.to_be_bytes());
     ip[8] = 64;
     ip[9] = 6;
-    ip[12..16].copy_from_slice(&[10, 231, 0, 2]);
-    ip[16..20].copy_from_slice(&GATEWAY4.parse::<std::net::Ipv4Addr>()?.octets());
+    ip[12..16].copy_from_slice(&POD4.parse::<std::net::Ipv4Addr>().expect("POD4 is an address").octets());
+    ip[16..20]
+        .copy_from_slice(&GATEWAY4.parse::<std::net::Ipv4Addr>().expect("GATEWAY4 is an address").octets());
     ip[20..22].copy_from_slice(&40000u16.to_be_bytes());
     ip[22..24].copy_from_slice(&PORT.to_be_bytes());
+    ip[32] = 5 << 4;
+    ip[33] = tcp_flags;
     frame.extend_from_slice(&ip);
-    let data = lab.dir.join("frame.bin");
-    fs::write(&data, &frame)?;
-    let links = run::output(Command::new("ip").args(["-n", &lab.pod.name, "-j", "link", "show", "eth0"]))?;
+    frame
+}
+
+fn ifindex(ns: &NetNs, device: &str) -> Result<u32> {
+    let links = run::output(Command::new("ip").args(["-n", &ns.name, "-j", "link", "show", device]))?;
     let links: serde_json::Value = serde_json::from_str(&links)?;
-    let ifindex = links[0]["ifindex"].as_u64().context("no ifindex for the pod's eth0")? as u32;
-    // struct __sk_buff up to ifindex (offset 40).
-    let mut ctx = [0u8; 44];
-    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-    let ctx_path = lab.dir.join("ctx.bin");
-    fs::write(&ctx_path, ctx)?;
-    let id = prog_id.to_string();
-    let (d, c) = (data.to_string_lossy().into_owned(), ctx_path.to_string_lossy().into_owned());
-    let out = lab.pod.run(
-        Some(&lab.pod_cgroup),
-        "bpftool",
-        &["prog", "run", "id", &id, "data_in", &d, "ctx_in", &c, "repeat", "1000000"],
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() || !text.contains("Return value: 1") {
-        bail!("bpftool prog run: {text} {}", String::from_utf8_lossy(&out.stderr));
+    let ifindex =
+        links[0]["ifindex"].as_u64().with_context(|| format!("no ifindex for {device} in {}", ns.name))?;
+    Ok(ifindex as u32)
+}
+
+/// One `bpftool prog run ... repeat 1000000`.
+struct TestRun {
+    prog_id: u64,
+    frame: Vec<u8>,
+    /// The frame's device (`struct __sk_buff` ifindex).
+    ifindex: u32,
+    /// The return value every run must give, as bpftool prints it.
+    returns: &'static str,
+}
+
+impl TestRun {
+    fn mean_ns(&self, lab: &Lab, ns: &NetNs, cgroup: Option<&std::path::Path>, name: &str) -> Result<f64> {
+        let data = lab.dir.join(format!("{name}-frame.bin"));
+        fs::write(&data, &self.frame)?;
+        // struct __sk_buff up to ifindex (offset 40).
+        let mut ctx = [0u8; 44];
+        ctx[40..44].copy_from_slice(&self.ifindex.to_ne_bytes());
+        let ctx_path = lab.dir.join(format!("{name}-ctx.bin"));
+        fs::write(&ctx_path, ctx)?;
+        let id = self.prog_id.to_string();
+        let (d, c) = (data.to_string_lossy().into_owned(), ctx_path.to_string_lossy().into_owned());
+        let out = ns.run(
+            cgroup,
+            "bpftool",
+            &["prog", "run", "id", &id, "data_in", &d, "ctx_in", &c, "repeat", "1000000"],
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || !text.contains(&format!("Return value: {},", self.returns)) {
+            bail!(
+                "bpftool prog run (program {id}, expected return {}): {text} {}",
+                self.returns,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        text.split("duration (average): ")
+            .nth(1)
+            .and_then(|r| r.split("ns").next())
+            .and_then(|n| n.trim().parse::<f64>().ok())
+            .with_context(|| format!("no duration in bpftool output: {text}"))
     }
-    let ns = text
-        .split("duration (average): ")
-        .nth(1)
-        .and_then(|r| r.split("ns").next())
-        .and_then(|n| n.trim().parse::<f64>().ok())
-        .with_context(|| format!("no duration in bpftool output: {text}"))?;
-    Ok(ns)
 }
 
 /// Mean ns per run of each program over a short UDP flood, from the kernel's bpf_stats
@@ -321,9 +373,9 @@ fn render(configs: &[Config], samples: &[Vec<Sample>], args: &DatapathArgs) -> S
     );
     let _ = writeln!(
         s,
-        "| configuration | TCP Gbit/s (median) | TCP ratio | UDP 64 B pkt/s (median) | UDP ratio | ns/run, bpf_stats | ns/run, test run | tc ns/run from / to pod, bpf_stats |"
+        "| configuration | TCP Gbit/s (median) | TCP ratio | UDP 64 B pkt/s (median) | UDP ratio | ns/run, bpf_stats | ns/run, test run | tc ns/run from / to pod, bpf_stats | tc ns/run from / to pod, test run |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
     for (config, rows) in configs.iter().zip(samples) {
         // Ratios are taken round by round (same round's baseline), then the median.
         let tcp_ratio = median(rows.iter().zip(base).map(|(r, b)| r.tcp_gbps / b.tcp_gbps).collect());
@@ -331,13 +383,15 @@ fn render(configs: &[Config], samples: &[Vec<Sample>], args: &DatapathArgs) -> S
         let ns: Vec<f64> = rows.iter().filter_map(|r| r.ns_per_run).collect();
         let ns_run: Vec<f64> = rows.iter().filter_map(|r| r.ns_test_run).collect();
         let show = |v: Vec<f64>| if v.is_empty() { "-".to_string() } else { format!("{:.0}", median(v)) };
-        let tc_from: Vec<f64> = rows.iter().filter_map(|r| r.tc_ns_per_run.map(|t| t.0)).collect();
-        let tc_to: Vec<f64> = rows.iter().filter_map(|r| r.tc_ns_per_run.map(|t| t.1)).collect();
-        let tc =
-            if tc_from.is_empty() { "-".to_string() } else { format!("{} / {}", show(tc_from), show(tc_to)) };
+        let pair = |pick: fn(&Sample) -> Option<(f64, f64)>| {
+            let from: Vec<f64> = rows.iter().filter_map(|r| pick(r).map(|t| t.0)).collect();
+            let to: Vec<f64> = rows.iter().filter_map(|r| pick(r).map(|t| t.1)).collect();
+            if from.is_empty() { "-".to_string() } else { format!("{} / {}", show(from), show(to)) }
+        };
+        let (tc, tc_run) = (pair(|r| r.tc_ns_per_run), pair(|r| r.tc_ns_test_run));
         let _ = writeln!(
             s,
-            "| {} | {:.2} | {:.3} | {:.0} | {:.3} | {} | {} | {} |",
+            "| {} | {:.2} | {:.3} | {:.0} | {:.3} | {} | {} | {} | {} |",
             config.name(args.entries),
             median(rows.iter().map(|r| r.tcp_gbps).collect()),
             tcp_ratio,
@@ -345,7 +399,8 @@ fn render(configs: &[Config], samples: &[Vec<Sample>], args: &DatapathArgs) -> S
             udp_ratio,
             show(ns),
             show(ns_run),
-            tc
+            tc,
+            tc_run
         );
     }
     let _ = writeln!(

@@ -76,7 +76,11 @@ impl Accel {
     pub fn qemu_args(self) -> [&'static str; 4] {
         match self {
             Self::Kvm => ["-accel", "kvm", "-cpu", "host"],
-            Self::Tcg => ["-accel", "tcg", "-cpu", "max"],
+            // One host thread runs every vCPU in turn. With a thread per vCPU (MTTCG) a guest
+            // CPU can run a stale copy of kernel text another one just patched (static keys
+            // flipped by attaching cgroup programs, text_poke): the guest dies with an int3 Oops
+            // in the middle of tcp_connect, as 6.12 did here. The guest still has several CPUs.
+            Self::Tcg => ["-accel", "tcg,thread=single", "-cpu", "max"],
         }
     }
 

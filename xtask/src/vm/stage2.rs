@@ -21,6 +21,9 @@ pub struct Plan<'a> {
     pub timeout: u64,
     /// The host's PATH: tools the tests call (python3, curl, ...) are found where they are there.
     pub path: &'a str,
+    /// How much slower than the host the guest runs; the tests stretch their waits for
+    /// expected events by it (`EGRESS_TEST_TIME_SCALE`).
+    pub time_scale: u64,
 }
 
 /// Mounts a node has and the tests rely on. /proc and /sys are fresh; cgroup v2 alone at
@@ -76,6 +79,7 @@ pub fn script(plan: &Plan<'_>) -> String {
     s.push_str(SETUP);
     let _ = writeln!(s, "export PATH={} HOME=/root RUST_BACKTRACE=1", quote(plan.path));
     let _ = writeln!(s, "export EGRESS_AGENT_BIN={}", quote(&plan.agent.display().to_string()));
+    let _ = writeln!(s, "export EGRESS_TEST_TIME_SCALE={}", plan.time_scale);
     s.push_str("say \"ready $(uname -r)\"\n");
     for b in plan.binaries {
         // `timeout` from the host's coreutils: a hung binary is reported and the next one runs.
@@ -136,8 +140,10 @@ mod tests {
             keep_going: false,
             timeout: 600,
             path: "/usr/bin:/bin",
+            time_scale: 10,
         };
         let s = script(&plan);
+        assert!(s.contains("export EGRESS_TEST_TIME_SCALE=10\n"), "{s}");
         assert!(s.contains(
             "run 'enforcement' '/w/tests' env CARGO_MANIFEST_DIR='/w/tests' timeout -k 10 600 '/t/deps/enforcement-0123' --test-threads=1 'ipv6' || {"
         ), "{s}");
@@ -155,6 +161,7 @@ mod tests {
             keep_going: true,
             timeout: 1,
             path: "/bin",
+            time_scale: 1,
         };
         let s = script(&plan);
         assert!(s.contains("--test-threads=1\n"), "{s}");
