@@ -198,7 +198,16 @@ pub fn remove_all(maps: &mut TcMaps, pins: &PinLayout) -> Result<usize> {
     let bound = maps.interfaces()?;
     let all: BTreeSet<u32> = bound.keys().copied().chain(pins.pinned_interfaces()?).collect();
     for &index in &all {
-        tc_attach::detach(pins, index, ifname(index).as_deref())?;
+        let name = ifname(index);
+        if name.is_none() && tc_attach::mechanism() == tc_attach::TcMechanism::Clsact {
+            // clsact filters are found by interface name, in this network namespace only. A
+            // deleted interface took its filters with it; one in another namespace keeps them.
+            tracing::warn!(
+                ifindex = index,
+                "no interface with this index in teardown's network namespace: if it still exists in another one (run teardown where the agent runs, in the node's), its clsact filters stay attached"
+            );
+        }
+        tc_attach::detach(pins, index, name.as_deref())?;
         maps.unbind_interface(index)?;
     }
     for a in maps.sources()?.into_keys() {

@@ -223,8 +223,9 @@ fn a_recreated_veth_is_enforced_again_and_enforcement_survives_the_agent() {
     assert_eq!(applied[0]["links_attached"], 0, "{applied:#?}");
     drop(second);
 
-    // Teardown is the one way to remove it.
-    let out = agent::cli(&lab, &["teardown"]);
+    // Teardown is the one way to remove it; run where the agent runs, as on a node (clsact
+    // filters, on kernels without tcx, are found by interface name in that namespace).
+    let out = agent::cli_on_node(&lab, &["teardown"]);
     assert!(out.status.success(), "{}", text(&out));
     frames::send(&lab.pod, &lab.pod_cgroup, &pod_udp_frame(&lab, POD4, EXTERNAL4, ext_mac));
     assert_eq!(sniff.seen().len(), 1, "after teardown the frame passes again");

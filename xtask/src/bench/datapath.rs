@@ -151,7 +151,9 @@ fn measure(lab: &Lab, config: Config, args: &DatapathArgs) -> Result<Sample> {
     };
     drop(agent);
     if config != Config::Baseline {
-        let out = agent::cli(lab, &["teardown"]);
+        // Where the agent ran: on kernels without tcx the tc layer's clsact filters are found by
+        // interface name in that namespace.
+        let out = agent::cli_on_node(lab, &["teardown"]);
         if !out.status.success() {
             bail!("teardown failed: {}", String::from_utf8_lossy(&out.stderr));
         }
