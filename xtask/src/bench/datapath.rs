@@ -298,8 +298,10 @@ impl TestRun {
     fn mean_ns(&self, lab: &Lab, ns: &NetNs, cgroup: Option<&std::path::Path>, name: &str) -> Result<f64> {
         let data = lab.dir.join(format!("{name}-frame.bin"));
         fs::write(&data, &self.frame)?;
-        // struct __sk_buff up to ifindex (offset 40).
+        // struct __sk_buff up to ifindex (offset 40), with ingress_ifindex (36) the same: the
+        // tc program finds the pod's policy by the device the frame came in on.
         let mut ctx = [0u8; 44];
+        ctx[36..40].copy_from_slice(&self.ifindex.to_ne_bytes());
         ctx[40..44].copy_from_slice(&self.ifindex.to_ne_bytes());
         let ctx_path = lab.dir.join(format!("{name}-ctx.bin"));
         fs::write(&ctx_path, ctx)?;
