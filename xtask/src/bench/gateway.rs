@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!   pod       10.231.0.2   the Rust client (threads in the pod namespace)
-//!   gateway   10.231.0.3   egress gateway :3128, squid :3129, tinyproxy :8888
+//!   gateway   10.231.0.3   egress gateway :3128, squid :3129, tinyproxy :8888,
+//!                          plain relays to the echo port: gateway :3130, socat :3131
 //!   external  11.231.0.5   echo :7000 and sink :7001 (tokio, in this process)
 //! ```
 //!
@@ -11,9 +12,12 @@
 //! from round to round, so machine noise and warm caches fall on every route alike. Per route:
 //! memory per idle tunnel first (on the fresh process), then 1-byte round trips in one tunnel,
 //! tunnel churn with concurrent clients, and bulk throughput through one tunnel. Ratios and
-//! added latency are taken within a round, then the median over rounds is reported.
+//! added latency are taken within a round, then the median over rounds is reported. Each round
+//! ends with round trips through two plain TCP relays (no CONNECT), the gateway's `tcpForwards`
+//! listener and socat: what one userspace hop adds here, whatever the proxy.
 
 mod proxies;
+mod relays;
 mod report;
 mod traffic;
 
@@ -24,7 +28,8 @@ use clap::Args;
 use egress_tests::{gateway::UPSTREAM4, lab::Lab};
 
 use self::{
-    proxies::{Proxy, Sizing},
+    proxies::{CpuTime, Proxy, Sizing},
+    relays::{Relay, Socat},
     traffic::Via,
 };
 use super::percentile;
@@ -155,12 +160,19 @@ struct Sample {
     /// The proxy's CPU time per GiB of the bulk transfer.
     cpu_ms_per_gib: Option<f64>,
     /// The proxy's CPU time per tunnel of the churn.
-    cpu_us_per_tunnel: Option<f64>,
+    cpu_us_per_tunnel: Option<CpuTime>,
     /// The proxy's CPU time per 1-byte round trip.
     cpu_us_per_rtt: Option<f64>,
     /// Share of the whole machine's CPU time that was busy during the bulk transfer: near 1,
     /// the transfer is CPU-bound, and a proxy's work comes out of the client's and server's.
     machine_busy_bulk: f64,
+}
+
+/// One plain relay's round trips in one round.
+#[derive(Clone)]
+struct RelaySample {
+    p50_us: f64,
+    p99_us: f64,
 }
 
 pub fn run(args: &GatewayArgs) -> Result<()> {
@@ -182,8 +194,10 @@ pub fn run(args: &GatewayArgs) -> Result<()> {
     let lab = Lab::named("gwbench").context("building the benchmark node")?;
     prepare(&lab)?;
     let _upstream = traffic::Upstream::start(&lab.external)?;
+    let _socat = Socat::start(&lab, &lab.dir)?;
     let sizing = Sizing { idle: s.idle, gateway_threads: s.gateway_threads };
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); Route::ALL.len()];
+    let mut relayed: Vec<Vec<RelaySample>> = vec![Vec::new(); Relay::ALL.len()];
     for round in 0..s.rounds {
         let proxies = Route::ALL[1..]
             .iter()
@@ -205,11 +219,29 @@ pub fn run(args: &GatewayArgs) -> Result<()> {
             );
             samples[i].push(sample);
         }
+        // The gateway's forward listener lives in this round's gateway process.
+        for k in 0..Relay::ALL.len() {
+            let i = (round + k) % Relay::ALL.len();
+            let relay = Relay::ALL[i];
+            let rtts = lab
+                .pod
+                .within(|| traffic::latency(Via::Relay(relay.addr()), s.pings))
+                .with_context(|| format!("latency via {}", relay.name()))?;
+            let sample =
+                RelaySample { p50_us: percentile(rtts.clone(), 50.0), p99_us: percentile(rtts, 99.0) };
+            eprintln!(
+                "  plain relay, {}: RTT p50 {:.1} µs p99 {:.1} µs",
+                relay.name(),
+                sample.p50_us,
+                sample.p99_us
+            );
+            relayed[i].push(sample);
+        }
         if let Some(gw) = proxies.iter().find(|p| p.route == Route::Gateway) {
             eprintln!("  gateway access log: {} lines this round", gw.access_lines());
         }
     }
-    println!("\n{}", report::render(&samples, &s));
+    println!("\n{}", report::render(&samples, &relayed, &s));
     Ok(())
 }
 
@@ -262,7 +294,8 @@ fn measure(lab: &Lab, route: Route, proxy: Option<&Proxy>, s: &Settings) -> Resu
     let start = cpu.now()?;
     let rtts =
         lab.pod.within(|| traffic::latency(via, s.pings)).with_context(|| format!("latency via {name}"))?;
-    let cpu_us_per_rtt = cpu.since(start, 1e6 / (s.pings + traffic::WARM_UP_PINGS) as f64)?;
+    let cpu_us_per_rtt =
+        cpu.since(start, 1e6 / (s.pings + traffic::WARM_UP_PINGS) as f64)?.map(CpuTime::total);
 
     let start = cpu.now()?;
     let churn = lab.pod.within(|| traffic::churn(via, s.seconds, s.concurrency));
@@ -283,7 +316,7 @@ fn measure(lab: &Lab, route: Route, proxy: Option<&Proxy>, s: &Settings) -> Resu
         .pod
         .within(|| traffic::bulk(via, s.mib))
         .with_context(|| format!("bulk throughput via {name}"))?;
-    let cpu_ms_per_gib = cpu.since(start, 1e3 * 1024.0 / s.mib as f64)?;
+    let cpu_ms_per_gib = cpu.since(start, 1e3 * 1024.0 / s.mib as f64)?.map(CpuTime::total);
     let machine_end = machine_cpu()?;
     let machine_busy_bulk =
         (machine_end.0 - machine_start.0) as f64 / (machine_end.1 - machine_start.1).max(1) as f64;
@@ -323,14 +356,14 @@ fn machine_cpu() -> Result<(u64, u64)> {
 struct CpuMeter<'a>(Option<&'a Proxy>);
 
 impl CpuMeter<'_> {
-    fn now(&self) -> Result<f64> {
-        self.0.map_or(Ok(0.0), Proxy::cpu_seconds)
+    fn now(&self) -> Result<CpuTime> {
+        self.0.map_or(Ok(CpuTime::default()), Proxy::cpu_time)
     }
 
     /// CPU seconds since `start`, times `scale` (to a unit per operation).
-    fn since(&self, start: f64, scale: f64) -> Result<Option<f64>> {
+    fn since(&self, start: CpuTime, scale: f64) -> Result<Option<CpuTime>> {
         Ok(match self.0 {
-            Some(p) => Some((p.cpu_seconds()? - start) * scale),
+            Some(p) => Some(p.cpu_time()?.since(start, scale)),
             None => None,
         })
     }

@@ -152,8 +152,8 @@ impl Proxy {
 
     /// CPU seconds the proxy and every process it started have used so far (clock-tick
     /// resolution, 10 ms: runs are sized to use a few hundred ticks).
-    pub fn cpu_seconds(&self) -> Result<f64> {
-        process_tree(self.child.id())?.into_iter().map(cpu_seconds).sum()
+    pub fn cpu_time(&self) -> Result<CpuTime> {
+        process_tree(self.child.id())?.into_iter().map(cpu_time).sum()
     }
 
     /// Lines in the gateway's access log so far.
@@ -190,7 +190,7 @@ fn gateway_config(idle: usize) -> String {
     format!(
         r#"listeners:
   httpProxy: {{listen: "{GATEWAY4}:{GATEWAY_PORT}"}}
-sources:
+{forward}sources:
   static:
     - {{cidr: {POD4}/32, namespace: bench}}
 rules:
@@ -202,7 +202,8 @@ limits:
   idleTimeout: 10m
 drainTimeout: 1s
 "#,
-        max = idle + 10_000
+        max = idle + 10_000,
+        forward = super::relays::gateway_forward_config(),
     )
 }
 
@@ -288,8 +289,33 @@ fn stat_field(stat: &str, n: usize) -> Option<&str> {
     stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(n))
 }
 
-/// User plus system CPU time of a process, including its threads that already exited.
-fn cpu_seconds(pid: u32) -> Result<f64> {
+/// CPU seconds, as the kernel splits them: in the process itself, and in the kernel on its
+/// behalf (system calls, and the network stack work they do inline).
+#[derive(Clone, Copy, Default)]
+pub struct CpuTime {
+    pub user: f64,
+    pub system: f64,
+}
+
+impl CpuTime {
+    pub fn total(self) -> f64 {
+        self.user + self.system
+    }
+
+    /// `self - earlier`, times `scale`.
+    pub fn since(self, earlier: Self, scale: f64) -> Self {
+        Self { user: (self.user - earlier.user) * scale, system: (self.system - earlier.system) * scale }
+    }
+}
+
+impl std::iter::Sum for CpuTime {
+    fn sum<I: Iterator<Item = Self>>(iter: I) -> Self {
+        iter.fold(Self::default(), |a, b| Self { user: a.user + b.user, system: a.system + b.system })
+    }
+}
+
+/// User and system CPU time of a process, including its threads that already exited.
+fn cpu_time(pid: u32) -> Result<CpuTime> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     let ticks = |n| stat_field(&stat, n).and_then(|v| v.parse::<u64>().ok());
@@ -297,7 +323,7 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
         ticks(11).zip(ticks(12)).with_context(|| format!("no utime/stime in /proc/{pid}/stat"))?;
     // SAFETY: plain sysconf query.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Ok((user + system) as f64 / hz)
+    Ok(CpuTime { user: user as f64 / hz, system: system as f64 / hz })
 }
 
 fn vm_rss_kib(pid: u32) -> Result<u64> {

@@ -5,10 +5,10 @@ use std::fmt::Write as _;
 
 use egress_tests::gateway::UPSTREAM4;
 
-use super::{Route, Sample, Settings};
+use super::{RelaySample, Route, Sample, Settings, relays::Relay};
 use crate::bench::median;
 
-pub fn render(samples: &[Vec<Sample>], s: &Settings) -> String {
+pub fn render(samples: &[Vec<Sample>], relayed: &[Vec<RelaySample>], s: &Settings) -> String {
     let index = |r: Route| Route::ALL.iter().position(|x| *x == r).expect("listed");
     let direct = &samples[index(Route::Direct)];
     let squid = &samples[index(Route::Squid)];
@@ -53,7 +53,7 @@ pub fn render(samples: &[Vec<Sample>], s: &Settings) -> String {
     }
     let _ = writeln!(
         out,
-        "\n| route | machine CPU busy during bulk | proxy CPU per GiB relayed | proxy CPU per tunnel (churn) | proxy CPU per round trip |"
+        "\n| route | machine CPU busy during bulk | proxy CPU per GiB relayed | proxy CPU per tunnel (churn), of it in the kernel | proxy CPU per round trip |"
     );
     let _ = writeln!(out, "|---|---|---|---|---|");
     for (route, rows) in Route::ALL.iter().zip(samples) {
@@ -67,8 +67,27 @@ pub fn render(samples: &[Vec<Sample>], s: &Settings) -> String {
             route.name(),
             100.0 * med(rows, &|x| x.machine_busy_bulk),
             cpu(&|x| x.cpu_ms_per_gib, "ms", 0),
-            cpu(&|x| x.cpu_us_per_tunnel, "µs", 1),
+            per_tunnel(rows),
             cpu(&|x| x.cpu_us_per_rtt, "µs", 1)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n| plain TCP relay (no CONNECT), to the same echo server | RTT p50 µs | RTT p99 µs | added p50 µs | added p99 µs |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    for (relay, rows) in Relay::ALL.iter().zip(relayed) {
+        let added = |f: &dyn Fn(&RelaySample) -> f64, g: &dyn Fn(&Sample) -> f64| {
+            median(rows.iter().zip(direct).map(|(r, d)| f(r) - g(d)).collect())
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            relay.name(),
+            median(rows.iter().map(|r| r.p50_us).collect()),
+            median(rows.iter().map(|r| r.p99_us).collect()),
+            added(&|r| r.p50_us, &p50),
+            added(&|r| r.p99_us, &p99),
         );
     }
     let gw = &samples[index(Route::Gateway)];
@@ -115,4 +134,15 @@ pub fn render(samples: &[Vec<Sample>], s: &Settings) -> String {
         let _ = writeln!(out, "Failed tunnels during the churn (not counted): {}.", errors.join(", "));
     }
     out
+}
+
+/// The proxy's CPU time per tunnel of the churn, and the part of it spent in the kernel.
+fn per_tunnel(rows: &[Sample]) -> String {
+    let t: Vec<_> = rows.iter().filter_map(|x| x.cpu_us_per_tunnel).collect();
+    if t.is_empty() {
+        return "-".into();
+    }
+    let total = median(t.iter().map(|c| c.total()).collect());
+    let kernel = median(t.iter().map(|c| c.system).collect());
+    format!("{total:.1} µs, {kernel:.1} µs")
 }

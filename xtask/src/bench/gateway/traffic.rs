@@ -34,6 +34,8 @@ pub enum Via {
     Direct,
     /// An HTTP proxy, asked with `CONNECT <upstream ip>:<port>`.
     Proxy(SocketAddr),
+    /// A plain TCP relay to a fixed upstream port: no request, bytes only.
+    Relay(SocketAddr),
 }
 
 fn upstream(port: u16) -> SocketAddr {
@@ -45,7 +47,7 @@ pub fn open(via: Via, port: u16) -> io::Result<TcpStream> {
     let target = upstream(port);
     let first_hop = match via {
         Via::Direct => target,
-        Via::Proxy(proxy) => proxy,
+        Via::Proxy(hop) | Via::Relay(hop) => hop,
     };
     let s = TcpStream::connect_timeout(&first_hop, IO_TIMEOUT)?;
     s.set_nodelay(true)?;
