@@ -61,7 +61,8 @@ enum Command {
         /// Gateway configuration (listeners, rules, sources); reloaded when it changes or on SIGHUP.
         #[arg(long, short, env = "EGRESSFW_GATEWAY_CONFIG", default_value = gateway::config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
-        /// Worker threads (default: one per CPU).
+        /// Worker threads, each serving its own copy of every listener (default: one per CPU
+        /// this process may use).
         #[arg(long, env = "EGRESSFW_GATEWAY_THREADS")]
         threads: Option<usize>,
     },
@@ -120,11 +121,12 @@ fn main() -> Result<()> {
                 .block_on(standalone::run(opts))
         }
         Command::Gateway { config, threads } => {
-            let mut runtime = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = threads {
-                runtime.worker_threads(n.max(1));
-            }
-            runtime.enable_all().build()?.block_on(gateway::server::run(gateway::server::Options { config }))
+            // Control only (signals, reloads, admin): connections are served on worker threads.
+            let threads = threads.unwrap_or_else(gateway::workers::default_count).max(1);
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(gateway::server::run(gateway::server::Options { config, threads }))
         }
         Command::Inspect { json } => {
             let report = inspect::collect(&pins, &cgroup_root()?)?;

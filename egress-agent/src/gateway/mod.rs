@@ -7,7 +7,8 @@
 //!   client asked for (pure functions, fuzzed);
 //! - `shared`: the one path to an upstream (authorise, resolve, check, dial the checked address);
 //! - `http_proxy`, `tls_passthrough`, `tcp_forward`, `originate`: the listeners;
-//! - `relay`, `access_log`, `metrics`, `server`: moving bytes, accounting, and the process.
+//! - `relay`, `access_log`, `metrics`, `server`, `workers`: moving bytes, accounting, and the
+//!   process.
 
 pub mod access_log;
 pub mod client_hello;
@@ -29,3 +30,4 @@ pub mod target;
 pub mod tcp_forward;
 pub mod tls_passthrough;
 pub mod tunnel;
+pub mod workers;

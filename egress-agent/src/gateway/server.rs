@@ -1,6 +1,7 @@
-//! The gateway process: binds the listeners, serves /healthz, /readyz and /metrics, reloads the
-//! configuration when the file changes (or on SIGHUP) without touching open connections, and
-//! drains on SIGTERM: stop accepting, let connections finish until the deadline, then close.
+//! The gateway process: binds the listeners (a copy for each worker thread, see `workers`),
+//! serves /healthz, /readyz and /metrics, reloads the configuration when the file changes (or
+//! on SIGHUP) without touching open connections, and drains on SIGTERM: stop accepting, let
+//! connections finish until the deadline, then close.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -21,11 +22,14 @@ use super::{
     policy::Policy,
     shared::{Live, Shared},
     tcp_forward, tls_passthrough,
+    workers::{Workers, bind_copies},
 };
 use crate::http::Health;
 
 pub struct Options {
     pub config: PathBuf,
+    /// Worker threads, each serving its own copy of every listener.
+    pub threads: usize,
 }
 
 /// What a listener does with an accepted connection.
@@ -55,10 +59,14 @@ pub async fn run(opts: Options) -> Result<()> {
     }
 
     // Bind everything before serving anything: a taken port fails the start, naming the listener.
+    let workers = Workers::start(opts.threads)?;
+    let copies = workers.handles().len();
     let bound = listeners(&config)
         .into_iter()
         .map(|(addr, name, kind)| {
-            bind(addr).with_context(|| format!("binding the {name} listener on {addr}")).map(|l| (l, kind))
+            bind_copies(addr, copies)
+                .with_context(|| format!("binding the {name} listener on {addr}"))
+                .map(|l| (l, kind))
         })
         .collect::<Result<Vec<_>>>()?;
     let admin = match config.admin {
@@ -67,8 +75,11 @@ pub async fn run(opts: Options) -> Result<()> {
     };
     let stop_accepting = CancellationToken::new();
     let mut accepting = JoinSet::new();
-    for (listener, kind) in bound {
-        accepting.spawn(accept_loop(shared.clone(), listener, kind, stop_accepting.clone()));
+    for (listeners, kind) in bound {
+        for (listener, worker) in listeners.into_iter().zip(workers.handles()) {
+            let accept = accept_loop(shared.clone(), listener, kind.clone(), stop_accepting.clone());
+            accepting.spawn_on(accept, worker);
+        }
     }
     let health = Arc::new(Health::new());
     if let Some(admin) = admin {
@@ -89,6 +100,7 @@ pub async fn run(opts: Options) -> Result<()> {
         listeners = ?config.listeners.addresses().iter().map(|(a, n)| format!("{n}={a}")).collect::<Vec<_>>(),
         rules = config.rules.len(),
         kubernetes_sources = config.sources.kubernetes,
+        worker_threads = copies,
         "gateway ready"
     );
 
@@ -103,6 +115,7 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     health.set_ready(Some("draining".to_owned()));
     drain(&shared, stop_accepting, accepting, current.drain_timeout).await;
+    workers.stop();
     Ok(())
 }
 
@@ -156,8 +169,22 @@ fn listeners(config: &GatewayConfig) -> Vec<(SocketAddr, &'static str, Kind)> {
     all
 }
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, kind: Kind, stop: CancellationToken) {
+/// Accepts on one worker's copy of a listener; every connection is served on that worker.
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: std::net::TcpListener,
+    kind: Kind,
+    stop: CancellationToken,
+) {
     let addr = listener.local_addr().ok();
+    // Registered here, with this worker's reactor.
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(?addr, error = %e, "cannot serve a listener");
+            return;
+        }
+    };
     loop {
         let (stream, source) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -182,17 +209,10 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, kind: Kind, sto
     }
 }
 
+/// One listening socket, served on the control runtime (the admin endpoint).
 fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        // `[::]` also takes IPv4 clients (as mapped addresses, which identities normalise).
-        socket.set_only_v6(false)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into()).with_context(|| format!("binding {addr}"))?;
-    socket.listen(1024)?;
-    Ok(TcpListener::from_std(socket.into())?)
+    let socket = bind_copies(addr, 1)?.pop().context("no socket bound")?;
+    Ok(TcpListener::from_std(socket)?)
 }
 
 /// Ready when client identities are known (the pod list synced) and not draining.
