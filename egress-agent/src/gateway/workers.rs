@@ -1,10 +1,10 @@
 //! The gateway's worker threads: a single-threaded tokio runtime on each, and a copy of every
 //! listener per worker (SO_REUSEPORT), so a connection is accepted, authorised and relayed on
 //! one thread from its first byte to its last. No task moves between threads and no thread
-//! wakes another to share work: with one work-stealing runtime, idle workers were woken for
-//! every new task, which on a busy two-core node cost a fifth of the tunnels per second (see
-//! docs/BENCHMARKS.md). The kernel spreads new connections over the copies by their addresses;
-//! Envoy and nginx's `reuseport` work the same way.
+//! wakes another to share work (a work-stealing runtime wakes idle workers for new tasks,
+//! which on a busy node costs wake-ups that do nothing useful). The kernel spreads new
+//! connections over the copies by their addresses; Envoy and nginx's `reuseport` work the
+//! same way.
 //!
 //! The process's control (signals, reloads, admin endpoint, drain) runs on the main thread's
 //! own runtime and reaches the workers through their handles.
