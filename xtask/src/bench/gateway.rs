@@ -29,7 +29,7 @@ use egress_tests::{gateway::UPSTREAM4, lab::Lab};
 
 use self::{
     proxies::{CpuTime, Proxy, Sizing},
-    relays::{Relay, Socat},
+    relays::{Relay, start_socat},
     traffic::Via,
 };
 use super::percentile;
@@ -194,7 +194,7 @@ pub fn run(args: &GatewayArgs) -> Result<()> {
     let lab = Lab::named("gwbench").context("building the benchmark node")?;
     prepare(&lab)?;
     let _upstream = traffic::Upstream::start(&lab.external)?;
-    let _socat = Socat::start(&lab, &lab.dir)?;
+    let _socat = start_socat(&lab, &lab.dir)?;
     let sizing = Sizing { idle: s.idle, gateway_threads: s.gateway_threads };
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); Route::ALL.len()];
     let mut relayed: Vec<Vec<RelaySample>> = vec![Vec::new(); Relay::ALL.len()];

@@ -44,7 +44,7 @@ pub struct Sizing {
 /// A running proxy; killed on drop.
 pub struct Proxy {
     pub route: Route,
-    child: Child,
+    child: Daemon,
     log: PathBuf,
     /// The gateway's access log (its stdout).
     pub access_log: Option<PathBuf>,
@@ -107,53 +107,33 @@ impl Proxy {
             .stderr(fs::File::create(&log).context("creating the proxy's stderr log")?)
             .spawn()
             .with_context(|| format!("starting {}", route.name()))?;
-        let mut proxy = Self { route, child, log, access_log };
+        let mut proxy = Self { route, child: Daemon(child), log, access_log };
         proxy.wait_ready(lab, &dir)?;
         Ok(proxy)
     }
 
     fn wait_ready(&mut self, lab: &Lab, dir: &Path) -> Result<()> {
         let addr = self.route.proxy_addr().expect("a proxy route");
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let gateway_ready = match self.route {
-                // The gateway binds before it reads the rules in; its log says when it serves.
-                Route::Gateway => fs::read_to_string(&self.log)
-                    .unwrap_or_default()
-                    .contains("\"message\":\"gateway ready\""),
-                _ => true,
-            };
-            if gateway_ready
-                && lab
-                    .pod
-                    .within(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)))
-                    .is_ok()
-            {
-                return Ok(());
+        let log = &self.log;
+        let ready = || match self.route {
+            // The gateway binds before it reads the rules in; its log says when it serves.
+            Route::Gateway => {
+                fs::read_to_string(log).unwrap_or_default().contains("\"message\":\"gateway ready\"")
             }
-            let exited = self.child.try_wait().ok().flatten();
-            if exited.is_some() || Instant::now() > deadline {
-                bail!(
-                    "{} did not start listening on {addr} ({}); its logs in {}:\n{}",
-                    self.route.name(),
-                    exited.map_or_else(|| format!("not within {START_TIMEOUT:?}"), |s| s.to_string()),
-                    dir.display(),
-                    logs_of(dir)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            _ => true,
+        };
+        self.child.wait_serving(lab, self.route.name(), addr, ready, dir)
     }
 
     /// Resident memory of the proxy and every process it started (squid may fork workers).
     pub fn rss_kib(&self) -> Result<u64> {
-        process_tree(self.child.id())?.into_iter().map(vm_rss_kib).sum()
+        process_tree(self.child.0.id())?.into_iter().map(vm_rss_kib).sum()
     }
 
     /// CPU seconds the proxy and every process it started have used so far (clock-tick
     /// resolution, 10 ms: runs are sized to use a few hundred ticks).
     pub fn cpu_time(&self) -> Result<CpuTime> {
-        process_tree(self.child.id())?.into_iter().map(cpu_time).sum()
+        process_tree(self.child.0.id())?.into_iter().map(cpu_time).sum()
     }
 
     /// Lines in the gateway's access log so far.
@@ -162,16 +142,54 @@ impl Proxy {
     }
 }
 
-impl Drop for Proxy {
+/// A process of the benchmark (a proxy, a relay); killed on drop.
+pub struct Daemon(pub Child);
+
+impl Daemon {
+    /// Waits until `addr` takes connections from the pod namespace and `ready()` holds. Fails
+    /// if the process exits first or [`START_TIMEOUT`] passes, with the logs in `dir`.
+    pub fn wait_serving(
+        &mut self,
+        lab: &Lab,
+        name: &str,
+        addr: SocketAddr,
+        ready: impl Fn() -> bool,
+        dir: &Path,
+    ) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if ready()
+                && lab
+                    .pod
+                    .within(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)))
+                    .is_ok()
+            {
+                return Ok(());
+            }
+            let exited = self.0.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > deadline {
+                bail!(
+                    "{name} did not start listening on {addr} ({}); its logs in {}:\n{}",
+                    exited.map_or_else(|| format!("not within {START_TIMEOUT:?}"), |s| s.to_string()),
+                    dir.display(),
+                    logs_of(dir)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
 fn logs_of(dir: &Path) -> String {
     let mut all = String::new();
-    for name in ["stderr.log", "cache.log", "tinyproxy.log"] {
+    for name in ["stderr.log", "cache.log", "tinyproxy.log", "socat.log"] {
         if let Ok(text) = fs::read_to_string(dir.join(name)) {
             let tail: Vec<&str> = text.lines().rev().take(20).collect();
             all.push_str(&format!("--- {name}\n"));

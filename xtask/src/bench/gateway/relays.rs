@@ -7,26 +7,19 @@
 //! - socat, a process per connection that loops on poll(2), read(2) and write(2): about as
 //!   little work per message as a userspace relay can do.
 
-use std::{
-    fs,
-    net::SocketAddr,
-    path::Path,
-    process::{Child, Stdio},
-    time::{Duration, Instant},
-};
+use std::{fs, net::SocketAddr, path::Path, process::Stdio};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use egress_tests::{
     gateway::UPSTREAM4,
     lab::{GATEWAY4, Lab},
 };
 
-use super::traffic::ECHO_PORT;
+use super::{proxies::Daemon, traffic::ECHO_PORT};
 
 /// The gateway's static forward to the upstream's echo port.
 pub const GATEWAY_FORWARD_PORT: u16 = 3130;
 const SOCAT_PORT: u16 = 3131;
-const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Relay {
@@ -60,44 +53,19 @@ pub fn gateway_forward_config() -> String {
     )
 }
 
-/// A socat relay in the gateway namespace; killed on drop.
-pub struct Socat(Child);
-
-impl Socat {
-    pub fn start(lab: &Lab, dir: &Path) -> Result<Self> {
-        let log = dir.join("socat.log");
-        let child = lab
-            .gateway
-            .command("socat", None)
-            .arg(format!("TCP-LISTEN:{SOCAT_PORT},bind={GATEWAY4},reuseaddr,fork,backlog=1024,nodelay"))
-            .arg(format!("TCP:{UPSTREAM4}:{ECHO_PORT},nodelay"))
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).context("creating socat's log")?)
-            .spawn()
-            .context("starting socat")?;
-        let mut socat = Self(child);
-        let addr = Relay::Socat.addr();
-        let deadline = Instant::now() + START_TIMEOUT;
-        while lab
-            .pod
-            .within(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)))
-            .is_err()
-        {
-            if let Some(status) = socat.0.try_wait().ok().flatten() {
-                bail!("socat exited ({status}): {}", fs::read_to_string(&log).unwrap_or_default());
-            }
-            if Instant::now() > deadline {
-                bail!("socat did not listen on {addr} within {START_TIMEOUT:?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(socat)
-    }
-}
-
-impl Drop for Socat {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// Starts socat in the gateway namespace and waits until it listens; killed when dropped.
+pub fn start_socat(lab: &Lab, dir: &Path) -> Result<Daemon> {
+    let log = dir.join("socat.log");
+    let child = lab
+        .gateway
+        .command("socat", None)
+        .arg(format!("TCP-LISTEN:{SOCAT_PORT},bind={GATEWAY4},reuseaddr,fork,backlog=1024,nodelay"))
+        .arg(format!("TCP:{UPSTREAM4}:{ECHO_PORT},nodelay"))
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).context("creating socat's log")?)
+        .spawn()
+        .context("starting socat")?;
+    let mut socat = Daemon(child);
+    socat.wait_serving(lab, "socat", Relay::Socat.addr(), || true, dir)?;
+    Ok(socat)
 }
