@@ -139,7 +139,7 @@ fn interfaces_of(pins: &PinLayout) -> Result<Vec<InterfaceReport>> {
             ifindex,
             name: ifname(ifindex),
             policy_cgroup_id,
-            sources: sources.iter().filter(|(_, i)| **i == ifindex).map(|(a, _)| a.to_string()).collect(),
+            sources: sources.keys().filter(|s| s.ifindex == ifindex).map(|s| s.addr.to_string()).collect(),
             links: links_in(&pins.tc_links(ifindex)),
         })
         .collect())

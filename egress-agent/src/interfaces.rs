@@ -23,7 +23,7 @@ use crate::kernel::{
     attach::{AttachOutcome, ProgramTags},
     bpffs::PinLayout,
     tc_attach,
-    tc_maps::TcMaps,
+    tc_maps::{BoundSource, TcMaps},
 };
 
 /// One workload interface to enforce.
@@ -55,7 +55,8 @@ pub struct TcSummary {
 #[derive(Debug)]
 pub struct TcState {
     interfaces: BTreeMap<u32, u64>,
-    sources: BTreeMap<IpAddr, u32>,
+    /// Source map entries: (interface, address) -> policy cgroup id.
+    sources: BTreeMap<BoundSource, u64>,
     attached: BTreeSet<u32>,
     stale: bool,
 }
@@ -118,7 +119,8 @@ fn apply_diff(
 ) -> Result<TcSummary> {
     let mut summary = TcSummary::default();
     let mut wanted_if: BTreeMap<u32, (u64, &str)> = BTreeMap::new();
-    let mut wanted_src: BTreeMap<IpAddr, u32> = BTreeMap::new();
+    // An address is bound to one interface at most: the last workload that claims it.
+    let mut wanted_addr: BTreeMap<IpAddr, (u32, u64)> = BTreeMap::new();
     for d in desired {
         let Some(index) = ifindex(&d.name) else {
             summary.missing.push(d.name.clone());
@@ -126,12 +128,17 @@ fn apply_diff(
         };
         wanted_if.insert(index, (d.policy_cgroup_id, d.name.as_str()));
         for a in &d.addresses {
-            wanted_src.insert(*a, index);
+            wanted_addr.insert(*a, (index, d.policy_cgroup_id));
         }
     }
+    let wanted_src: BTreeMap<BoundSource, u64> = wanted_addr
+        .into_iter()
+        .map(|(addr, (ifindex, cgroup_id))| (BoundSource { ifindex, addr }, cgroup_id))
+        .collect();
 
-    // Removals first, programs before bindings: an address that moves to a new interface is
-    // rebound below in one map update.
+    // Removals first, programs before bindings. An address that moves to a new interface loses
+    // its old binding before it gets the new one: meanwhile the new interface drops its frames
+    // as spoofed.
     let pinned = if full { pins.pinned_interfaces()? } else { Vec::new() };
     let gone: BTreeSet<u32> = state
         .interfaces
@@ -149,11 +156,11 @@ fn apply_diff(
             summary.released += 1;
         }
     }
-    let stale_sources: Vec<IpAddr> =
-        state.sources.keys().copied().filter(|a| !wanted_src.contains_key(a)).collect();
-    for a in stale_sources {
-        maps.unbind_source(a)?;
-        state.sources.remove(&a);
+    let stale_sources: Vec<BoundSource> =
+        state.sources.keys().copied().filter(|s| !wanted_src.contains_key(s)).collect();
+    for s in stale_sources {
+        maps.unbind_source(s)?;
+        state.sources.remove(&s);
     }
 
     for (&index, &(cgroup_id, _)) in &wanted_if {
@@ -162,10 +169,10 @@ fn apply_diff(
             state.interfaces.insert(index, cgroup_id);
         }
     }
-    for (&addr, &index) in &wanted_src {
-        if state.sources.get(&addr) != Some(&index) {
-            maps.bind_source(addr, index)?;
-            state.sources.insert(addr, index);
+    for (&source, &cgroup_id) in &wanted_src {
+        if state.sources.get(&source) != Some(&cgroup_id) {
+            maps.bind_source(source, cgroup_id)?;
+            state.sources.insert(source, cgroup_id);
         }
     }
 
@@ -193,9 +200,14 @@ fn apply_diff(
     Ok(summary)
 }
 
-/// Removes every tc attachment and binding (teardown). Returns the number of interfaces.
-pub fn remove_all(maps: &mut TcMaps, pins: &PinLayout) -> Result<usize> {
-    let bound = maps.interfaces()?;
+/// Removes every tc attachment and binding (teardown). Returns the number of interfaces. `maps`
+/// is None when the pin directory has no tc maps of this version (older agents): their
+/// attachments are still found through the pins.
+pub fn remove_all(mut maps: Option<&mut TcMaps>, pins: &PinLayout) -> Result<usize> {
+    let bound = match &maps {
+        Some(m) => m.interfaces()?,
+        None => BTreeMap::new(),
+    };
     let all: BTreeSet<u32> = bound.keys().copied().chain(pins.pinned_interfaces()?).collect();
     for &index in &all {
         let name = ifname(index);
@@ -208,10 +220,14 @@ pub fn remove_all(maps: &mut TcMaps, pins: &PinLayout) -> Result<usize> {
             );
         }
         tc_attach::detach(pins, index, name.as_deref())?;
-        maps.unbind_interface(index)?;
+        if let Some(m) = maps.as_deref_mut() {
+            m.unbind_interface(index)?;
+        }
     }
-    for a in maps.sources()?.into_keys() {
-        maps.unbind_source(a)?;
+    if let Some(m) = maps {
+        for s in m.sources()?.into_keys() {
+            m.unbind_source(s)?;
+        }
     }
     Ok(all.len())
 }

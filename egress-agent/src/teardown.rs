@@ -15,11 +15,10 @@ pub fn run(pins: &PinLayout) -> Result<()> {
         println!("nothing to remove: {} does not exist", pins.root.display());
         return Ok(());
     }
-    // Older pin directories have no tc maps; nothing was attached to interfaces then.
-    let interfaces = match TcMaps::from_pins(pins) {
-        Ok(mut tc) => interfaces::remove_all(&mut tc, pins)?,
-        Err(_) => 0,
-    };
+    // Older pin directories may have no tc maps of this version: their maps go with the rest
+    // below, and their tc programs through the pins.
+    let mut tc = TcMaps::from_pins(pins).ok();
+    let interfaces = interfaces::remove_all(tc.as_mut(), pins)?;
     let mut links = 0;
     let cgroups = pins.pinned_cgroups()?;
     for id in &cgroups {

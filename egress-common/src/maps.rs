@@ -12,8 +12,8 @@ pub const MAP_PASSIVE: &str = "EGRESS_PASSIVE_V1";
 pub const MAP_EVENT_BUDGET: &str = "EGRESS_EVBUDGET_V1";
 pub const MAP_EVENTS: &str = "EGRESS_EVENTS_V1";
 pub const MAP_TC_INTERFACES: &str = "EGRESS_TCIF_V1";
-pub const MAP_TC_SOURCES_V4: &str = "EGRESS_TCSRC4_V1";
-pub const MAP_TC_SOURCES_V6: &str = "EGRESS_TCSRC6_V1";
+pub const MAP_TC_SOURCES_V4: &str = "EGRESS_TCSRC4_V2";
+pub const MAP_TC_SOURCES_V6: &str = "EGRESS_TCSRC6_V2";
 pub const MAP_INBOUND: &str = "EGRESS_INBOUND_V1";
 
 /// Enforced cgroups (pods) per node.

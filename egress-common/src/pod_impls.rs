@@ -4,7 +4,7 @@
 use crate::{
     event::{EventBudget, VerdictEvent},
     policy::{AllowRules, CgroupPolicy, GlobalConfig, Ipv4AllowKey, Ipv6AllowKey},
-    tc::{InboundKey, InterfaceBinding, SourceBinding},
+    tc::{InboundKey, PolicyBinding, SourceKey4, SourceKey6},
     verdict::{CgroupReasonKey, ReasonCounters},
 };
 
@@ -18,6 +18,7 @@ unsafe impl aya::Pod for ReasonCounters {}
 unsafe impl aya::Pod for CgroupReasonKey {}
 unsafe impl aya::Pod for VerdictEvent {}
 unsafe impl aya::Pod for EventBudget {}
-unsafe impl aya::Pod for InterfaceBinding {}
-unsafe impl aya::Pod for SourceBinding {}
+unsafe impl aya::Pod for PolicyBinding {}
+unsafe impl aya::Pod for SourceKey4 {}
+unsafe impl aya::Pod for SourceKey6 {}
 unsafe impl aya::Pod for InboundKey {}

@@ -1,27 +1,38 @@
 //! The tc layer: programs on the host side of each enforced pod's veth judge every frame the pod
 //! sends, whichever socket (or no socket: AF_PACKET) produced it. Frames are tied to a policy
-//! through the interface they arrive on, and their source address must be one the agent bound to
-//! that interface.
+//! through the interface they arrive on and their source address, which must be one the agent
+//! bound to that interface.
 
-/// Value of the interface map, keyed by ifindex (u32, host order, in the agent's network
-/// namespace): the enforced cgroup whose policy judges the interface's frames.
+/// Value of the interface map and the source maps: the enforced cgroup whose policy judges the
+/// frames. The policy itself (id and mode) is read from the policy map, so a policy change
+/// reaches the tc layer in the same single map update as the socket hooks.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct InterfaceBinding {
-    /// Cgroup id (host order) of the pod's policy entry in the policy map. The policy itself
-    /// (id and mode) is read from there, so a policy change reaches the tc layer in the same
-    /// single map update as the socket hooks.
+pub struct PolicyBinding {
+    /// Cgroup id (host order) of the pod's entry in the policy map.
     pub policy_cgroup_id: u64,
 }
 
-/// Value of the source maps, keyed by a pod address (`[u8; 4]` or `[u8; 16]`, network order):
-/// the only interface that address may be sent from.
+/// Key of the IPv4 source map: a pod address together with the one interface (host-order
+/// ifindex, in the agent's network namespace) it may be sent from. Keying by both makes the
+/// source check and the policy binding of an allowed frame a single lookup; the interface map
+/// (keyed by ifindex alone) is only read for frames that miss, to tell a spoofed source on an
+/// enforced interface from an interface nobody bound.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SourceBinding {
-    /// Host-order ifindex.
+pub struct SourceKey4 {
     pub ifindex: u32,
-    pub reserved: u32,
+    /// Network order.
+    pub addr: [u8; 4],
+}
+
+/// Key of the IPv6 source map (see [`SourceKey4`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceKey6 {
+    pub ifindex: u32,
+    /// Network order.
+    pub addr: [u8; 16],
 }
 
 /// Key of the inbound-connection map: a TCP connection someone opened towards a pod, recorded
@@ -112,7 +123,8 @@ mod tests {
     #[test]
     fn shared_structs_have_no_padding() {
         assert_eq!(size_of::<InboundKey>(), 40);
-        assert_eq!(size_of::<SourceBinding>(), 8);
-        assert_eq!(size_of::<InterfaceBinding>(), 8);
+        assert_eq!(size_of::<PolicyBinding>(), 8);
+        assert_eq!(size_of::<SourceKey4>(), 8);
+        assert_eq!(size_of::<SourceKey6>(), 20);
     }
 }

@@ -13,7 +13,7 @@ use egress_common::{
         MAX_POLICIES, MAX_TC_SOURCES,
     },
     policy::{AllowRules, CgroupPolicy, GlobalConfig, Ipv4AllowKey, Ipv6AllowKey},
-    tc::{InboundKey, InterfaceBinding, SourceBinding},
+    tc::{InboundKey, PolicyBinding, SourceKey4, SourceKey6},
     verdict::{CgroupReasonKey, REASON_SLOTS, ReasonCounters},
 };
 
@@ -57,15 +57,15 @@ pub static EGRESS_EVENTS_V1: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 
 /// Host-side ifindex of an enforced pod's veth -> the pod's policy (see `tc_from_pod`).
 #[map]
-pub static EGRESS_TCIF_V1: HashMap<u32, InterfaceBinding> = HashMap::pinned(MAX_POLICIES, 0);
+pub static EGRESS_TCIF_V1: HashMap<u32, PolicyBinding> = HashMap::pinned(MAX_POLICIES, 0);
 
-/// Pod IPv4 address -> the interface it may be sent from.
+/// (ifindex, pod IPv4 address) -> the pod's policy: the address may be sent from that interface.
 #[map]
-pub static EGRESS_TCSRC4_V1: HashMap<[u8; 4], SourceBinding> = HashMap::pinned(MAX_TC_SOURCES, 0);
+pub static EGRESS_TCSRC4_V2: HashMap<SourceKey4, PolicyBinding> = HashMap::pinned(MAX_TC_SOURCES, 0);
 
-/// Pod IPv6 address -> the interface it may be sent from.
+/// (ifindex, pod IPv6 address) -> the pod's policy.
 #[map]
-pub static EGRESS_TCSRC6_V1: HashMap<[u8; 16], SourceBinding> = HashMap::pinned(MAX_TC_SOURCES, 0);
+pub static EGRESS_TCSRC6_V2: HashMap<SourceKey6, PolicyBinding> = HashMap::pinned(MAX_TC_SOURCES, 0);
 
 /// TCP connections opened towards pods (recorded by `tc_to_pod`); value unused.
 #[map]

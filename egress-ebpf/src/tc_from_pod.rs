@@ -2,7 +2,8 @@
 //! produced it. The socket hooks cannot see frames from packet sockets (AF_PACKET, which
 //! CAP_NET_RAW allows) or from sockets created outside the pod's cgroup and used inside its
 //! network namespace; this program judges them all by the same policy, found through the
-//! interface, and drops frames whose source address is not the pod's.
+//! interface and the frame's source address, and drops frames whose source address is not one
+//! of the pod's.
 
 use aya_ebpf::{
     bindings::TC_ACT_SHOT,
@@ -15,15 +16,15 @@ use egress_common::{
     event::VerdictEvent,
     policy::{MODE_ENFORCE, MODE_PASS, PROTO_ICMPV6, PROTO_TCP},
     tc::{
-        ETH_HEADER_LEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, InboundKey, is_link_control_icmp6,
-        is_link_scoped_control_v6,
+        ETH_HEADER_LEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, InboundKey, PolicyBinding, SourceKey4, SourceKey6,
+        is_link_control_icmp6, is_link_scoped_control_v6,
     },
     verdict::{Hook, Reason},
 };
 
 use crate::{
     lookup::KernelAllowTables,
-    maps::{EGRESS_INBOUND_V1, EGRESS_POLICY_V1, EGRESS_TCIF_V1, EGRESS_TCSRC4_V1, EGRESS_TCSRC6_V1},
+    maps::{EGRESS_INBOUND_V1, EGRESS_POLICY_V1, EGRESS_TCIF_V1, EGRESS_TCSRC4_V2, EGRESS_TCSRC6_V2},
     packet::{Packet, head, parse},
     report::{count_allowed, settle},
 };
@@ -37,131 +38,205 @@ pub fn egress_tc_from_pod(ctx: TcContext) -> i32 {
     if try_from_pod(&ctx.skb) { TC_NEXT } else { TC_ACT_SHOT as i32 }
 }
 
-/// What an event reports about a packet; zero for frames without an IP header.
-struct Seen {
-    dst: Destination,
-    src: Destination,
-    protocol: u8,
-    sport: u16,
-    dport: u16,
+/// The policy that judged a frame: cgroup id 0 and enforce when none did. (Small on purpose:
+/// it is initialised for every frame, and zeroing a larger struct costs a byte-by-byte memset
+/// call in BPF.)
+struct Judged {
+    policy_cgroup_id: u64,
+    mode: u32,
 }
 
 #[inline(always)]
 fn try_from_pod(skb: &SkBuff) -> bool {
     // SAFETY: reading a context field tc programs may read.
     let ifindex = unsafe { (*skb.skb).ingress_ifindex };
-    // SAFETY: the values are plain data and only read.
-    let binding = unsafe { EGRESS_TCIF_V1.get(&ifindex) };
-    let policy_cgroup_id = binding.map_or(0, |b| b.policy_cgroup_id);
-    let mut seen =
-        Seen { dst: Destination::V4([0; 4]), src: Destination::V4([0; 4]), protocol: 0, sport: 0, dport: 0 };
-    // SAFETY: as above.
-    let (reason, mode) = match unsafe { EGRESS_POLICY_V1.get(&policy_cgroup_id) } {
-        // Attached but unbound, or bound to a removed policy: the agent detaches before it
-        // unbinds, so this is an interrupted change. Fail closed.
-        None => (Reason::DenyNoPolicy, MODE_ENFORCE),
-        Some(p) if p.mode == MODE_PASS => {
-            count_allowed(Reason::AllowUnenforced);
-            return true;
-        }
-        Some(p) => (judge_frame(skb, ifindex, p.policy_id, &mut seen), p.mode),
-    };
-    report(reason, mode, policy_cgroup_id, &seen)
+    let mut judged = Judged { policy_cgroup_id: 0, mode: MODE_ENFORCE };
+    let reason = judge_frame(skb, ifindex, &mut judged);
+    if reason.is_allow() {
+        count_allowed(reason);
+        return true;
+    }
+    report(skb, reason, &judged)
 }
 
-/// Counts the verdict and sends its event; true lets the frame through. Not inlined, so the
-/// event is built in a frame of its own: on the stack next to `judge_frame`'s, the two would
-/// pass the 512-byte limit for a call chain (Linux 6.1 rounds every frame up to 32 bytes).
+/// Counts a denial and sends its event; true lets the frame through (audit mode). Not inlined,
+/// so the event is built in a frame of its own: on the stack next to `judge_frame`'s, the two
+/// would pass the 512-byte limit for a call chain (Linux 6.1 rounds every frame up to 32 bytes).
+/// The packet is read again for the event, only when one is sent, so the allowed path never
+/// spends anything on describing it.
 #[inline(never)]
-fn report(reason: Reason, mode: u32, policy_cgroup_id: u64, seen: &Seen) -> bool {
-    settle(reason, mode, policy_cgroup_id, |action| VerdictEvent {
-        // SAFETY: plain helper call.
-        timestamp_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
-        // No socket here: the frame may not have come from one.
-        cgroup_id: 0,
-        policy_cgroup_id,
-        daddr: seen.dst.to_event_bytes(),
-        saddr: seen.src.to_event_bytes(),
-        dport: seen.dport,
-        sport: seen.sport,
-        reason: reason as u8,
-        family: seen.dst.family(),
-        protocol: seen.protocol,
-        hook: Hook::TcFromPod as u8,
-        action,
-        reserved: [0; 7],
+fn report(skb: &SkBuff, reason: Reason, judged: &Judged) -> bool {
+    settle(reason, judged.mode, judged.policy_cgroup_id, |action| {
+        let mut event = VerdictEvent {
+            // SAFETY: plain helper call.
+            timestamp_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
+            // No socket here: the frame may not have come from one.
+            cgroup_id: 0,
+            policy_cgroup_id: judged.policy_cgroup_id,
+            daddr: [0; 16],
+            saddr: [0; 16],
+            dport: 0,
+            sport: 0,
+            reason: reason as u8,
+            family: 0,
+            protocol: 0,
+            hook: Hook::TcFromPod as u8,
+            action,
+            reserved: [0; 7],
+        };
+        describe(skb, &mut event);
+        event
     })
 }
 
-/// The verdict for one frame; fills `seen` when it has an IP header. Not inlined: the packet
-/// lives in this function's own stack frame, so the event and the counters' frames do not add
-/// up with it, and a parse failure returns before anything of the packet is used (an unused
-/// error payload would spill an uninitialised register, which the verifier rejects).
+/// The frame's Ethertype; 0 for a frame too short to have one.
+#[inline(always)]
+fn ethertype(skb: &SkBuff) -> u16 {
+    head::<12, 2>(skb).map_or(0, u16::from_be_bytes)
+}
+
+/// Fills the event's packet fields for a frame with an IP header; leaves them zero otherwise.
 #[inline(never)]
-fn judge_frame(skb: &SkBuff, ifindex: u32, policy_id: u32, seen: &mut Seen) -> Reason {
-    let ethertype = head::<0, ETH_HEADER_LEN>(skb).map_or(0, |e| u16::from_be_bytes([e[12], e[13]]));
+fn describe(skb: &SkBuff, event: &mut VerdictEvent) {
+    let ethertype = ethertype(skb);
+    if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
+        return;
+    }
+    let Ok(p) = parse::<ETH_HEADER_LEN>(skb) else {
+        return;
+    };
+    let dst = p.dst.normalize();
+    event.daddr = dst.to_event_bytes();
+    event.saddr = p.src.to_event_bytes();
+    event.family = dst.family();
+    event.protocol = p.protocol;
+    event.sport = p.sport;
+    event.dport = p.dport;
+}
+
+/// The verdict for one frame; fills `judged` with the policy. Not inlined: the packet lives in
+/// this function's own stack frame, so the event and the counters' frames do not add up with
+/// it, and a parse failure returns before anything of the packet is used (an unused error
+/// payload would spill an uninitialised register, which the verifier rejects).
+///
+/// The common case, an IP packet from one of the interface's own addresses, finds its policy
+/// with one lookup keyed by (interface, source) and a second in the policy map. Everything
+/// else goes by the interface alone ([`by_interface`]).
+#[inline(never)]
+fn judge_frame(skb: &SkBuff, ifindex: u32, judged: &mut Judged) -> Reason {
+    let ethertype = ethertype(skb);
     // SAFETY: reading a context field tc programs may read.
     if unsafe { (*skb.skb).vlan_present } != 0 {
         // The tag may sit in the skb's metadata rather than the frame: a VLAN the node would
         // switch onward, which the policy cannot judge.
-        return Reason::DenyNotIp;
+        return by_interface(ifindex, Reason::DenyNotIp, judged);
     }
     match ethertype {
-        ETH_P_ARP => return Reason::AllowLinkControl,
+        ETH_P_ARP => return by_interface(ifindex, Reason::AllowLinkControl, judged),
         ETH_P_IP | ETH_P_IPV6 => {}
-        _ => return Reason::DenyNotIp,
+        _ => return by_interface(ifindex, Reason::DenyNotIp, judged),
     }
     let Ok(p) = parse::<ETH_HEADER_LEN>(skb) else {
-        return Reason::DenyMalformed;
+        return by_interface(ifindex, Reason::DenyMalformed, judged);
     };
-    seen.dst = p.dst.normalize();
-    seen.src = p.src;
-    seen.protocol = p.protocol;
-    seen.sport = p.sport;
-    seen.dport = p.dport;
-    judge_ip(skb, &p, ethertype, ifindex, policy_id)
+    judge_packet(skb, ifindex, ethertype, &p, judged)
 }
 
-/// The verdict for an IP packet from the pod's interface.
+/// The verdict for an IP packet; see [`judge_frame`].
 #[inline(always)]
-fn judge_ip(skb: &SkBuff, p: &Packet, ethertype: u16, ifindex: u32, policy_id: u32) -> Reason {
+fn judge_packet(skb: &SkBuff, ifindex: u32, ethertype: u16, p: &Packet, judged: &mut Judged) -> Reason {
     // The host's stack reads the version the Ethertype names; a header of the other version
     // would be judged as one thing and handled as another.
-    let v4_header = matches!(p.src, Destination::V4(_));
-    if v4_header != (ethertype == ETH_P_IP) {
-        return Reason::DenyMalformed;
+    if matches!(p.src, Destination::V4(_)) != (ethertype == ETH_P_IP) {
+        return by_interface(ifindex, Reason::DenyMalformed, judged);
     }
-    let bound_here = match p.src {
-        // SAFETY: the values are plain data and only read.
-        Destination::V4(a) => unsafe { EGRESS_TCSRC4_V1.get(&a) }.is_some_and(|b| b.ifindex == ifindex),
-        Destination::V6(a) => unsafe { EGRESS_TCSRC6_V1.get(&a) }.is_some_and(|b| b.ifindex == ifindex),
+    // SAFETY: the values are plain data and only read.
+    let source = unsafe {
+        match p.src {
+            Destination::V4(addr) => EGRESS_TCSRC4_V2.get(&SourceKey4 { ifindex, addr }),
+            Destination::V6(addr) => EGRESS_TCSRC6_V2.get(&SourceKey6 { ifindex, addr }),
+        }
     };
-    // Neighbour discovery and multicast listener messages the pod's kernel sends by itself.
-    let control = match (p.src, p.dst) {
+    let Some(source) = source else {
+        // Not one of the interface's addresses: only the link's own control messages pass.
+        let reason =
+            if is_link_control(skb, p, false) { Reason::AllowLinkControl } else { Reason::DenySpoofedSource };
+        return by_interface(ifindex, reason, judged);
+    };
+    judged.policy_cgroup_id = source.policy_cgroup_id;
+    // SAFETY: as above.
+    match unsafe { EGRESS_POLICY_V1.get(&source.policy_cgroup_id) } {
+        // Bound to a removed policy: the agent detaches before it unbinds, so this is an
+        // interrupted change. Fail closed.
+        None => Reason::DenyNoPolicy,
+        Some(policy) if policy.mode == MODE_PASS => Reason::AllowUnenforced,
+        Some(policy) => {
+            judged.mode = policy.mode;
+            judge_ip(skb, p, policy.policy_id)
+        }
+    }
+}
+
+/// The verdict for a frame that did not come from one of the interface's own addresses (or has
+/// none): `reason`, under the policy the interface is bound to. An interface that is attached
+/// but not bound (or bound to a removed policy) is an interrupted change: fail closed.
+#[inline(always)]
+fn by_interface(ifindex: u32, reason: Reason, judged: &mut Judged) -> Reason {
+    // SAFETY: the values are plain data and only read.
+    let binding: Option<&PolicyBinding> = unsafe { EGRESS_TCIF_V1.get(&ifindex) };
+    let policy_cgroup_id = binding.map_or(0, |b| b.policy_cgroup_id);
+    judged.policy_cgroup_id = policy_cgroup_id;
+    // SAFETY: as above.
+    match unsafe { EGRESS_POLICY_V1.get(&policy_cgroup_id) } {
+        None => Reason::DenyNoPolicy,
+        Some(policy) if policy.mode == MODE_PASS => Reason::AllowUnenforced,
+        Some(policy) => {
+            judged.mode = policy.mode;
+            reason
+        }
+    }
+}
+
+/// Neighbour discovery and multicast listener messages the pod's kernel sends by itself to a
+/// link-scoped destination, from `source_bound` (one of the interface's addresses), a
+/// link-local address or the unspecified one.
+#[inline(always)]
+fn is_link_control(skb: &SkBuff, p: &Packet, source_bound: bool) -> bool {
+    match (p.src, p.dst) {
         (Destination::V6(src), Destination::V6(dst)) if p.protocol == PROTO_ICMPV6 => {
             let icmp_type = skb.load::<u8>(ETH_HEADER_LEN + p.l4_offset).unwrap_or(0);
-            if is_link_control_icmp6(icmp_type) && is_link_scoped_control_v6(&src, &dst, bound_here) {
-                return Reason::AllowLinkControl;
-            }
-            is_link_control_icmp6(icmp_type)
+            is_link_control_icmp6(icmp_type) && is_link_scoped_control_v6(&src, &dst, source_bound)
         }
         _ => false,
-    };
-    if !bound_here {
-        return Reason::DenySpoofedSource;
     }
-    // Nothing from the veth is on loopback: a loopback destination here is a spoof.
-    let flow = p.flow(false);
-    let reason = judge(&KernelAllowTables, policy_id, &flow);
-    // Unicast neighbour discovery towards an address the policy allows (an on-link gateway):
-    // the pod may reach that address anyway.
-    if control && reason == Reason::DenyPort {
+}
+
+/// The verdict for an IP packet from one of the interface's own addresses, under its policy.
+#[inline(always)]
+fn judge_ip(skb: &SkBuff, p: &Packet, policy_id: u32) -> Reason {
+    if is_link_control(skb, p, true) {
         return Reason::AllowLinkControl;
     }
-    if !reason.is_allow() && p.protocol == PROTO_TCP && p.port_known && is_inbound_reply(p) {
+    // Nothing from the veth is on loopback: a loopback destination here is a spoof.
+    let reason = judge(&KernelAllowTables, policy_id, &p.flow(false));
+    if reason.is_allow() {
+        return reason;
+    }
+    // Unicast neighbour discovery towards an address the policy allows (an on-link gateway):
+    // the pod may reach that address anyway.
+    if reason == Reason::DenyPort && p.protocol == PROTO_ICMPV6 && is_neighbour_message(skb, p) {
+        return Reason::AllowLinkControl;
+    }
+    if p.protocol == PROTO_TCP && p.port_known && is_inbound_reply(p) {
         return Reason::AllowReply;
     }
     reason
+}
+
+/// Whether an ICMPv6 packet is one of the link's control messages, whatever its destination.
+#[inline(always)]
+fn is_neighbour_message(skb: &SkBuff, p: &Packet) -> bool {
+    is_link_control_icmp6(skb.load::<u8>(ETH_HEADER_LEN + p.l4_offset).unwrap_or(0))
 }
 
 /// Whether the packet belongs to a TCP connection a peer opened towards the pod.

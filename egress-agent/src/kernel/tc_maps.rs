@@ -1,5 +1,5 @@
-//! Typed handles on the tc layer's maps: which policy judges each interface, and which interface
-//! each pod address may be sent from.
+//! Typed handles on the tc layer's maps: which policy judges each interface, and which pod
+//! addresses may be sent from it (under which policy).
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -10,15 +10,22 @@ use aya::{
 };
 use egress_common::{
     maps::{MAP_TC_INTERFACES, MAP_TC_SOURCES_V4, MAP_TC_SOURCES_V6},
-    tc::{InterfaceBinding, SourceBinding},
+    tc::{PolicyBinding, SourceKey4, SourceKey6},
 };
 
 use super::{bpffs::PinLayout, maps::open_pinned};
 
 pub struct TcMaps {
-    pub interfaces: HashMap<MapData, u32, InterfaceBinding>,
-    pub sources4: HashMap<MapData, [u8; 4], SourceBinding>,
-    pub sources6: HashMap<MapData, [u8; 16], SourceBinding>,
+    pub interfaces: HashMap<MapData, u32, PolicyBinding>,
+    pub sources4: HashMap<MapData, SourceKey4, PolicyBinding>,
+    pub sources6: HashMap<MapData, SourceKey6, PolicyBinding>,
+}
+
+/// An address bound to an interface: the key of a source map entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BoundSource {
+    pub ifindex: u32,
+    pub addr: IpAddr,
 }
 
 impl TcMaps {
@@ -52,23 +59,23 @@ impl TcMaps {
             .collect()
     }
 
-    /// Pod address -> ifindex.
-    pub fn sources(&self) -> Result<BTreeMap<IpAddr, u32>> {
+    /// (interface, pod address) -> policy cgroup id.
+    pub fn sources(&self) -> Result<BTreeMap<BoundSource, u64>> {
         let mut out = BTreeMap::new();
         for r in self.sources4.iter() {
             let (k, v) = r.context("reading the tc IPv4 source map")?;
-            out.insert(IpAddr::from(k), v.ifindex);
+            out.insert(BoundSource { ifindex: k.ifindex, addr: k.addr.into() }, v.policy_cgroup_id);
         }
         for r in self.sources6.iter() {
             let (k, v) = r.context("reading the tc IPv6 source map")?;
-            out.insert(IpAddr::from(k), v.ifindex);
+            out.insert(BoundSource { ifindex: k.ifindex, addr: k.addr.into() }, v.policy_cgroup_id);
         }
         Ok(out)
     }
 
     pub fn bind_interface(&mut self, ifindex: u32, policy_cgroup_id: u64) -> Result<()> {
         self.interfaces
-            .insert(ifindex, InterfaceBinding { policy_cgroup_id }, 0)
+            .insert(ifindex, PolicyBinding { policy_cgroup_id }, 0)
             .with_context(|| format!("binding interface {ifindex} to cgroup id {policy_cgroup_id}"))
     }
 
@@ -77,21 +84,25 @@ impl TcMaps {
             .with_context(|| format!("unbinding interface {ifindex}"))
     }
 
-    pub fn bind_source(&mut self, addr: IpAddr, ifindex: u32) -> Result<()> {
-        let value = SourceBinding { ifindex, reserved: 0 };
-        match addr {
-            IpAddr::V4(a) => self.sources4.insert(a.octets(), value, 0),
-            IpAddr::V6(a) => self.sources6.insert(a.octets(), value, 0),
+    pub fn bind_source(&mut self, source: BoundSource, policy_cgroup_id: u64) -> Result<()> {
+        let value = PolicyBinding { policy_cgroup_id };
+        let ifindex = source.ifindex;
+        match source.addr {
+            IpAddr::V4(a) => self.sources4.insert(SourceKey4 { ifindex, addr: a.octets() }, value, 0),
+            IpAddr::V6(a) => self.sources6.insert(SourceKey6 { ifindex, addr: a.octets() }, value, 0),
         }
-        .with_context(|| format!("binding source {addr} to interface {ifindex}"))
+        .with_context(|| {
+            format!("binding source {} on interface {ifindex} to cgroup id {policy_cgroup_id}", source.addr)
+        })
     }
 
-    pub fn unbind_source(&mut self, addr: IpAddr) -> Result<()> {
-        ignore_missing(match addr {
-            IpAddr::V4(a) => self.sources4.remove(&a.octets()),
-            IpAddr::V6(a) => self.sources6.remove(&a.octets()),
+    pub fn unbind_source(&mut self, source: BoundSource) -> Result<()> {
+        let ifindex = source.ifindex;
+        ignore_missing(match source.addr {
+            IpAddr::V4(a) => self.sources4.remove(&SourceKey4 { ifindex, addr: a.octets() }),
+            IpAddr::V6(a) => self.sources6.remove(&SourceKey6 { ifindex, addr: a.octets() }),
         })
-        .with_context(|| format!("unbinding source {addr}"))
+        .with_context(|| format!("unbinding source {} from interface {ifindex}", source.addr))
     }
 }
 
