@@ -163,36 +163,32 @@ fn judge_packet(skb: &SkBuff, ifindex: u32, ethertype: u16, p: &Packet, judged: 
             if is_link_control(skb, p, false) { Reason::AllowLinkControl } else { Reason::DenySpoofedSource };
         return by_interface(ifindex, reason, judged);
     };
-    judged.policy_cgroup_id = source.policy_cgroup_id;
-    // SAFETY: as above.
-    match unsafe { EGRESS_POLICY_V1.get(&source.policy_cgroup_id) } {
-        // Bound to a removed policy: the agent detaches before it unbinds, so this is an
-        // interrupted change. Fail closed.
-        None => Reason::DenyNoPolicy,
-        Some(policy) if policy.mode == MODE_PASS => Reason::AllowUnenforced,
-        Some(policy) => {
-            judged.mode = policy.mode;
-            judge_ip(skb, p, policy.policy_id)
-        }
-    }
+    under_policy(source.policy_cgroup_id, judged, |policy_id| judge_ip(skb, p, policy_id))
 }
 
 /// The verdict for a frame that did not come from one of the interface's own addresses (or has
-/// none): `reason`, under the policy the interface is bound to. An interface that is attached
-/// but not bound (or bound to a removed policy) is an interrupted change: fail closed.
+/// none): `reason`, under the policy the interface is bound to.
 #[inline(always)]
 fn by_interface(ifindex: u32, reason: Reason, judged: &mut Judged) -> Reason {
-    // SAFETY: the values are plain data and only read.
+    // SAFETY: the value is plain data and only read.
     let binding: Option<&PolicyBinding> = unsafe { EGRESS_TCIF_V1.get(&ifindex) };
-    let policy_cgroup_id = binding.map_or(0, |b| b.policy_cgroup_id);
+    under_policy(binding.map_or(0, |b| b.policy_cgroup_id), judged, |_| reason)
+}
+
+/// `verdict(policy id)` under the policy of `policy_cgroup_id`, which is recorded in `judged`
+/// with its mode. Everything passes a pass-mode policy. No policy (an interface attached but not
+/// bound, or bound to a removed policy) is an interrupted change, since the agent detaches
+/// before it unbinds: fail closed.
+#[inline(always)]
+fn under_policy(policy_cgroup_id: u64, judged: &mut Judged, verdict: impl FnOnce(u32) -> Reason) -> Reason {
     judged.policy_cgroup_id = policy_cgroup_id;
-    // SAFETY: as above.
+    // SAFETY: the value is plain data and only read.
     match unsafe { EGRESS_POLICY_V1.get(&policy_cgroup_id) } {
         None => Reason::DenyNoPolicy,
         Some(policy) if policy.mode == MODE_PASS => Reason::AllowUnenforced,
         Some(policy) => {
             judged.mode = policy.mode;
-            reason
+            verdict(policy.policy_id)
         }
     }
 }
@@ -204,8 +200,7 @@ fn by_interface(ifindex: u32, reason: Reason, judged: &mut Judged) -> Reason {
 fn is_link_control(skb: &SkBuff, p: &Packet, source_bound: bool) -> bool {
     match (p.src, p.dst) {
         (Destination::V6(src), Destination::V6(dst)) if p.protocol == PROTO_ICMPV6 => {
-            let icmp_type = skb.load::<u8>(ETH_HEADER_LEN + p.l4_offset).unwrap_or(0);
-            is_link_control_icmp6(icmp_type) && is_link_scoped_control_v6(&src, &dst, source_bound)
+            is_neighbour_message(skb, p) && is_link_scoped_control_v6(&src, &dst, source_bound)
         }
         _ => false,
     }
@@ -233,7 +228,8 @@ fn judge_ip(skb: &SkBuff, p: &Packet, policy_id: u32) -> Reason {
     reason
 }
 
-/// Whether an ICMPv6 packet is one of the link's control messages, whatever its destination.
+/// Whether an ICMPv6 packet is one of the link's control messages (see
+/// [`is_link_control_icmp6`]), whatever its destination.
 #[inline(always)]
 fn is_neighbour_message(skb: &SkBuff, p: &Packet) -> bool {
     is_link_control_icmp6(skb.load::<u8>(ETH_HEADER_LEN + p.l4_offset).unwrap_or(0))
