@@ -46,6 +46,9 @@ pub fn protocol_name(p: u8) -> String {
         6 => "tcp".into(),
         17 => "udp".into(),
         58 => "icmpv6".into(),
+        4 => "ipip".into(),
+        41 => "ipv6".into(),
+        47 => "gre".into(),
         132 => "sctp".into(),
         other => other.to_string(),
     }

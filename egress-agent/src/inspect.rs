@@ -15,7 +15,11 @@ use crate::{
     cgroup,
     events::protocol_name,
     interfaces::ifname,
-    kernel::{bpffs::PinLayout, maps::KernelMaps, tc_maps::TcMaps},
+    kernel::{
+        bpffs::PinLayout,
+        maps::{KernelMaps, PassiveMarkStats},
+        tc_maps::TcMaps,
+    },
     policy::Mode,
 };
 
@@ -28,6 +32,8 @@ pub struct Report {
     pub counters: Vec<CounterReport>,
     pub events_suppressed: u64,
     pub events_lost_ring_full: u64,
+    /// Accepted connections marked for the reply exemption (see `egress_sockops`).
+    pub passive_marks: PassiveMarkStats,
 }
 
 #[derive(Serialize)]
@@ -112,6 +118,7 @@ pub fn collect(pins: &PinLayout, cgroup_root: &Path) -> Result<Report> {
     let interfaces = interfaces_of(pins)?;
     let counters = maps.counters()?;
     let (suppressed, ring_full) = maps.event_losses()?;
+    let passive_marks = maps.passive_marks()?;
     Ok(Report {
         pin_dir: pins.root.display().to_string(),
         policies: out,
@@ -125,6 +132,7 @@ pub fn collect(pins: &PinLayout, cgroup_root: &Path) -> Result<Report> {
             .collect(),
         events_suppressed: suppressed,
         events_lost_ring_full: ring_full,
+        passive_marks,
     })
 }
 
@@ -230,6 +238,14 @@ pub fn print_table(r: &Report) {
     println!(
         "\nevents held back by the kernel rate limit: {}, lost to a full ring buffer: {}",
         r.events_suppressed, r.events_lost_ring_full
+    );
+    let m = &r.passive_marks;
+    println!(
+        "accepted connections marked for replies: {} now ({} marked, {} released), {} evicted while in use",
+        m.live(),
+        m.marked,
+        m.released,
+        m.evicted_in_use
     );
 }
 

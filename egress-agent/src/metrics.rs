@@ -143,6 +143,21 @@ impl Collector for KernelCollector {
         for (map, n) in [("policy", policies), ("allow_v4", v4), ("allow_v6", v6), ("counters", counters)] {
             ConstGauge::new(n as i64).encode(family.encode_family(&[("map", map)])?)?;
         }
+        if let Ok(marks) = maps.passive_marks() {
+            let mut family = encoder.encode_descriptor(
+                "passive_marks",
+                "Accepted TCP connections whose replies the packet program lets through: marks made, released at close, and evicted while in use (LRU pressure: those connections lost their replies)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (event, n) in [
+                ("marked", marks.marked),
+                ("released", marks.released),
+                ("evicted_in_use", marks.evicted_in_use),
+            ] {
+                ConstCounter::new(n).encode(family.encode_family(&[("event", event)])?)?;
+            }
+        }
         if let Ok((suppressed, ring_full)) = maps.event_losses() {
             let mut family = encoder.encode_descriptor(
                 "events_lost",

@@ -9,6 +9,7 @@ pub const MAP_CONFIG: &str = "EGRESS_CONFIG_V1";
 pub const MAP_COUNTERS: &str = "EGRESS_COUNTERS_V1";
 pub const MAP_CGROUP_COUNTERS: &str = "EGRESS_CGCOUNT_V1";
 pub const MAP_PASSIVE: &str = "EGRESS_PASSIVE_V1";
+pub const MAP_PASSIVE_STATS: &str = "EGRESS_PASSIVE_STATS_V1";
 pub const MAP_EVENT_BUDGET: &str = "EGRESS_EVBUDGET_V1";
 pub const MAP_EVENTS: &str = "EGRESS_EVENTS_V1";
 pub const MAP_TC_INTERFACES: &str = "EGRESS_TCIF_V1";
@@ -20,8 +21,18 @@ pub const MAP_INBOUND: &str = "EGRESS_INBOUND_V1";
 pub const MAX_POLICIES: u32 = 16_384;
 /// (cgroup, reason) counter entries: every policy cgroup times the reasons it actually saw.
 pub const MAX_CGROUP_COUNTERS: u32 = 65_536;
-/// Accepted TCP connections remembered at once, over all pods (LRU beyond that).
-pub const MAX_PASSIVE_SOCKETS: u32 = 65_536;
+/// Accepted TCP connections remembered at once, over all pods (LRU beyond that): the size of a
+/// node's default conntrack table (nf_conntrack_max on a 16 GiB node), about 20 MiB of kernel
+/// memory. Loopback connections are not marked, so only connections that really cross the
+/// pods' links take room. (The size of a map pinned by an older agent stays until teardown.)
+pub const MAX_PASSIVE_SOCKETS: u32 = 262_144;
+
+/// Slots of the passive-mark statistics (per-CPU u64 counters).
+pub const PASSIVE_STAT_MARKED: u32 = 0;
+pub const PASSIVE_STAT_RELEASED: u32 = 1;
+/// A marked socket closed and its mark was gone: the LRU evicted it while it was in use.
+pub const PASSIVE_STAT_LOST: u32 = 2;
+pub const PASSIVE_STAT_SLOTS: u32 = 3;
 /// Allow prefixes per address family, over all policies.
 pub const MAX_ALLOW_ENTRIES: u32 = 262_144;
 /// Pod addresses bound to interfaces, per address family (pods have one or two each).

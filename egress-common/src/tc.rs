@@ -59,10 +59,18 @@ pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 
 /// ICMPv6 messages a host's kernel sends on its own to keep the link working: multicast
-/// listener query/report/done (130-132), router and neighbour discovery and redirect
-/// (133-137), and MLDv2 reports (143).
+/// listener query/report/done (130-132), router solicitation (133), neighbour solicitation and
+/// advertisement (135, 136), and MLDv2 reports (143). Never what only a router sends: a router
+/// advertisement (134) from a pod would make the node (or its neighbours) route through the
+/// pod, and a redirect (137) would move their next hop to it.
 pub const fn is_link_control_icmp6(icmp_type: u8) -> bool {
-    matches!(icmp_type, 130..=137 | 143)
+    matches!(icmp_type, 130..=133 | 135 | 136 | 143)
+}
+
+/// Neighbour solicitation and advertisement (135, 136): what a host sends to resolve, or
+/// answer for, one unicast address.
+pub const fn is_neighbour_discovery_icmp6(icmp_type: u8) -> bool {
+    matches!(icmp_type, 135 | 136)
 }
 
 /// fe80::/10.
@@ -100,7 +108,7 @@ mod tests {
             assert!(is_link_scoped_control_v6(&v6("::"), &v6(dst), false), "{dst}");
             assert!(is_link_scoped_control_v6(&v6("fd00::2"), &v6(dst), true), "{dst}");
         }
-        for t in [130, 131, 132, 133, 134, 135, 136, 137, 143] {
+        for t in [130, 131, 132, 133, 135, 136, 143] {
             assert!(is_link_control_icmp6(t), "type {t}");
         }
     }
@@ -114,9 +122,14 @@ mod tests {
         assert!(!is_link_scoped_control_v6(&v6("fe80::1"), &v6("ff0e::1"), false));
         assert!(!is_link_scoped_control_v6(&v6("fd00::99"), &v6("ff02::1"), false));
         assert!(!is_link_scoped_control_v6(&v6("fec0::1"), &v6("ff02::1"), false));
-        // Echo and the rest are not control messages.
-        for t in [1, 2, 3, 128, 129, 138, 255] {
+        // Echo and the rest are not control messages; router advertisements and redirects are
+        // a router's, never a pod's.
+        for t in [1, 2, 3, 128, 129, 134, 137, 138, 255] {
             assert!(!is_link_control_icmp6(t), "type {t}");
+        }
+        assert!(is_neighbour_discovery_icmp6(135) && is_neighbour_discovery_icmp6(136));
+        for t in [130, 133, 134, 137, 143] {
+            assert!(!is_neighbour_discovery_icmp6(t), "type {t}");
         }
     }
 

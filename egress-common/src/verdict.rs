@@ -45,13 +45,17 @@ pub enum Reason {
     /// At the tc layer: a frame that is neither IPv4, IPv6 nor ARP (raw Ethernet types, VLAN
     /// tags), which a packet socket can send and the policy cannot judge.
     DenyNotIp = 24,
+    /// An encapsulating protocol (IP-in-IP, GRE, ...) or UDP to a well-known tunnel port, to an
+    /// address whose rules do not name it: a rule for any protocol or any UDP port does not
+    /// cover a tunnel, whose inner packet the destination would forward past both layers.
+    DenyEncapsulation = 25,
 }
 
 /// Size of the counters array: every reason number is an index below this.
 pub const REASON_SLOTS: u32 = 32;
 
 /// All reasons, for userspace listings (metrics, inspect).
-pub const ALL_REASONS: [Reason; 16] = [
+pub const ALL_REASONS: [Reason; 17] = [
     Reason::AllowLoopback,
     Reason::AllowGateway,
     Reason::AllowDns,
@@ -68,6 +72,7 @@ pub const ALL_REASONS: [Reason; 16] = [
     Reason::DenyLoopbackSpoof,
     Reason::DenySpoofedSource,
     Reason::DenyNotIp,
+    Reason::DenyEncapsulation,
 ];
 
 impl Reason {
@@ -93,6 +98,7 @@ impl Reason {
             22 => Self::DenyLoopbackSpoof,
             23 => Self::DenySpoofedSource,
             24 => Self::DenyNotIp,
+            25 => Self::DenyEncapsulation,
             _ => return None,
         })
     }
@@ -116,6 +122,7 @@ impl Reason {
             Self::DenyLoopbackSpoof => "deny_loopback_spoof",
             Self::DenySpoofedSource => "deny_spoofed_source",
             Self::DenyNotIp => "deny_not_ip",
+            Self::DenyEncapsulation => "deny_encapsulation",
         }
     }
 }

@@ -10,7 +10,7 @@ use egress_common::{
     event::EventBudget,
     maps::{
         EVENTS_RING_BYTES, MAX_ALLOW_ENTRIES, MAX_CGROUP_COUNTERS, MAX_INBOUND, MAX_PASSIVE_SOCKETS,
-        MAX_POLICIES, MAX_TC_SOURCES,
+        MAX_POLICIES, MAX_TC_SOURCES, PASSIVE_STAT_SLOTS,
     },
     policy::{AllowRules, CgroupPolicy, GlobalConfig, Ipv4AllowKey, Ipv6AllowKey},
     tc::{InboundKey, PolicyBinding, SourceKey4, SourceKey6},
@@ -46,6 +46,10 @@ pub static EGRESS_CGCOUNT_V1: PerCpuHashMap<CgroupReasonKey, ReasonCounters> =
 /// Socket cookie -> 1 for TCP connections an enforced workload accepted (see `sock_ops`).
 #[map]
 pub static EGRESS_PASSIVE_V1: LruHashMap<u64, u8> = LruHashMap::pinned(MAX_PASSIVE_SOCKETS, 0);
+
+/// Passive marks made, released at close and found evicted at close (`PASSIVE_STAT_*`), per CPU.
+#[map]
+pub static EGRESS_PASSIVE_STATS_V1: PerCpuArray<u64> = PerCpuArray::pinned(PASSIVE_STAT_SLOTS, 0);
 
 /// Index 0: per-CPU event rate limit state.
 #[map]

@@ -4,10 +4,16 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use egress_common::{
     event::{ACTION_AUDITED, ACTION_DENIED, EVENTS_PER_CPU_PER_SEC, VerdictEvent},
     policy::MODE_AUDIT,
+    verdict::Hook,
     verdict::{CgroupReasonKey, Reason, ReasonCounters},
 };
 
-use crate::maps::{EGRESS_CGCOUNT_V1, EGRESS_COUNTERS_V1, EGRESS_EVBUDGET_V1, EGRESS_EVENTS_V1};
+use aya_ebpf::programs::sk_buff::SkBuff;
+
+use crate::{
+    maps::{EGRESS_CGCOUNT_V1, EGRESS_COUNTERS_V1, EGRESS_EVBUDGET_V1, EGRESS_EVENTS_V1},
+    packet::parse,
+};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -113,4 +119,52 @@ fn note_ringbuf_full() {
         // SAFETY: per-CPU slot.
         unsafe { (*b).ringbuf_full += 1 };
     }
+}
+
+/// What a packet program decided, for its event.
+pub struct Verdict {
+    pub hook: Hook,
+    pub reason: Reason,
+    /// `ACTION_DENIED` or `ACTION_AUDITED`.
+    pub action: u8,
+    /// The socket's cgroup; 0 where there is no socket (tc).
+    pub cgroup_id: u64,
+    pub policy_cgroup_id: u64,
+}
+
+/// The event for a packet program's denial, its packet fields read from the packet (network
+/// header at `L3`) when `describe` is set and it has a parsable IP header, zero otherwise. Not
+/// inlined: the event gets a frame of its own, and the packet is read again only when an event
+/// is sent, so the allowed path never spends anything on describing it.
+#[inline(never)]
+pub fn packet_event<const L3: usize>(skb: &SkBuff, verdict: &Verdict, describe: bool) -> VerdictEvent {
+    let mut event = VerdictEvent {
+        // SAFETY: plain helper call.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        cgroup_id: verdict.cgroup_id,
+        policy_cgroup_id: verdict.policy_cgroup_id,
+        daddr: [0; 16],
+        saddr: [0; 16],
+        dport: 0,
+        sport: 0,
+        reason: verdict.reason as u8,
+        family: 0,
+        protocol: 0,
+        hook: verdict.hook as u8,
+        action: verdict.action,
+        reserved: [0; 7],
+    };
+    if !describe {
+        return event;
+    }
+    if let Ok(p) = parse::<L3>(skb) {
+        let dst = p.dst.normalize();
+        event.daddr = dst.to_event_bytes();
+        event.saddr = p.src.to_event_bytes();
+        event.family = dst.family();
+        event.protocol = p.protocol;
+        event.sport = p.sport;
+        event.dport = p.dport;
+    }
+    event
 }

@@ -3,16 +3,14 @@
 //! the header bytes themselves.
 
 use aya_ebpf::{
-    bindings::{__sk_buff, BPF_TCP_LISTEN},
-    helpers::generated::{bpf_get_socket_cookie, bpf_skb_ancestor_cgroup_id},
+    bindings::BPF_TCP_LISTEN,
+    helpers::generated::{bpf_get_socket_cookie, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id},
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
 use egress_common::{
-    addr::Destination,
     decide::judge,
-    event::VerdictEvent,
-    policy::{MODE_ENFORCE, MODE_PASS},
+    policy::{MODE_ENFORCE, MODE_PASS, PROTO_TCP},
     verdict::{Hook, Reason},
 };
 
@@ -20,7 +18,7 @@ use crate::{
     lookup::{KernelAllowTables, find_policy},
     maps::EGRESS_PASSIVE_V1,
     packet::parse,
-    report::{count_allowed, settle},
+    report::{Verdict, count_allowed, packet_event, settle},
 };
 
 const PASS: i32 = 1;
@@ -29,22 +27,42 @@ const DROP: i32 = 0;
 /// Every netns numbers its loopback device 1 (LOOPBACK_IFINDEX in include/net/flow.h).
 const LOOPBACK_IFINDEX: u32 = 1;
 
-/// Whether the packet belongs to a TCP connection the workload accepted: a SYN-ACK sent for a
-/// listening socket, or a packet of a socket that `egress_sockops` marked when the connection
-/// was accepted. (The kernel runs cgroup programs with the full socket as the packet's socket,
-/// so a SYN-ACK shows the listener itself, in TCP_LISTEN; a listener sends nothing else.)
+/// TCP flags byte: SYN and ACK, and the flags a SYN-ACK must not carry with them.
+const TCP_SYN_ACK: u8 = 0x12;
+const TCP_SYN_ACK_MASK: u8 = 0x17; // FIN, SYN, RST, ACK
+
+/// Whether a TCP packet (`l4_offset`: its TCP header) belongs to a connection the workload
+/// accepted: a SYN-ACK sent for a listening TCP socket, or a packet of a socket that
+/// `egress_sockops` marked when the connection was accepted. (The kernel runs cgroup programs
+/// with the full socket as the packet's socket, so a SYN-ACK shows the listener itself, in
+/// TCP_LISTEN.) Both the socket's protocol and the segment's flags are checked: an SCTP
+/// one-to-many socket is in the same state value after listen() while it sends INIT and DATA
+/// to any peer, and a listener sends nothing but SYN-ACKs.
 /// Not inlined: a separate BPF function keeps the packet program's register allocation as it
 /// was (inlined, LLVM spilled an uninitialised register the verifier rejects).
 #[inline(never)]
-fn is_accepted_connection(skb: *mut __sk_buff) -> bool {
+fn is_accepted_connection(ctx: &SkBuffContext, l4_offset: usize) -> bool {
+    let skb = ctx.skb.skb;
     // SAFETY: reading the context's socket pointer, which the verifier allows for cgroup_skb.
     let sk = unsafe { (*skb).__bindgen_anon_2.sk };
     if sk.is_null() {
         return false;
     }
-    // SAFETY: `state` lies in the socket's common part, readable for any socket kind.
-    if unsafe { (*sk).state } == BPF_TCP_LISTEN {
-        return true;
+    // The protocol is not in the socket's common part: the full socket has it. (cgroup programs
+    // run with the full socket, so this finds it; a miss gets no exemption.)
+    // SAFETY: plain helper call on the context's socket pointer.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return false;
+    }
+    // SAFETY: fields of a full socket, which the verifier allows reading.
+    let (protocol, state) = unsafe { ((*full).protocol, (*full).state) };
+    if protocol != u32::from(PROTO_TCP) {
+        return false;
+    }
+    if state == BPF_TCP_LISTEN {
+        let flags = ctx.skb.load::<u8>(l4_offset + 13).unwrap_or(0);
+        return flags & TCP_SYN_ACK_MASK == TCP_SYN_ACK;
     }
     // SAFETY: plain helper call on the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
@@ -72,43 +90,34 @@ fn try_egress(ctx: &SkBuffContext) -> bool {
         count_allowed(Reason::AllowUnenforced);
         return true;
     }
-    let packet = parse::<0>(&ctx.skb);
-    let reason = match (&found, &packet) {
-        (None, _) => Reason::DenyNoPolicy,
-        (Some(_), Err(())) => Reason::DenyMalformed,
-        (Some(_), Ok(p)) => {
-            // SAFETY: reading a context field the verifier allows for cgroup_skb.
-            let ifindex = unsafe { (*skb).ifindex };
-            let flow = p.flow(ifindex == LOOPBACK_IFINDEX);
-            judge(&KernelAllowTables, policy_id, &flow)
-        }
-    };
-    // Checked only on the way to a denial, so allowed traffic pays nothing for it.
-    let reason = if found.is_some() && !reason.is_allow() && is_accepted_connection(skb) {
-        Reason::AllowReply
-    } else {
-        reason
-    };
+    let reason = if found.is_some() { judge_packet(ctx, policy_id) } else { Reason::DenyNoPolicy };
     settle(reason, mode, policy_cgroup_id, |action| {
-        let (dst, src, protocol, sport, dport) = match &packet {
-            Ok(p) => (p.dst.normalize(), p.src, p.protocol, p.sport, p.dport),
-            Err(()) => (Destination::V4([0; 4]), Destination::V4([0; 4]), 0, 0, 0),
-        };
-        VerdictEvent {
-            // SAFETY: plain helper calls.
-            timestamp_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
-            cgroup_id: unsafe { aya_ebpf::helpers::generated::bpf_skb_cgroup_id(skb.cast()) },
-            policy_cgroup_id,
-            daddr: dst.to_event_bytes(),
-            saddr: src.to_event_bytes(),
-            dport,
-            sport,
-            reason: reason as u8,
-            family: dst.family(),
-            protocol,
-            hook: Hook::SkbEgress as u8,
-            action,
-            reserved: [0; 7],
-        }
+        // SAFETY: plain helper call on the program's context.
+        let cgroup_id = unsafe { aya_ebpf::helpers::generated::bpf_skb_cgroup_id(skb.cast()) };
+        let verdict = Verdict { hook: Hook::SkbEgress, reason, action, cgroup_id, policy_cgroup_id };
+        packet_event::<0>(&ctx.skb, &verdict, true)
     })
+}
+
+/// The verdict for the packet under policy `policy_id`. Not inlined: the packet lives in this
+/// function's own frame and a parse failure returns before any of it is used (inlined, LLVM
+/// spilled an uninitialised register on the failure path, which the verifier rejects).
+#[inline(never)]
+fn judge_packet(ctx: &SkBuffContext, policy_id: u32) -> Reason {
+    let Ok(p) = parse::<0>(&ctx.skb) else {
+        return Reason::DenyMalformed;
+    };
+    // SAFETY: reading a context field the verifier allows for cgroup_skb.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let reason = judge(&KernelAllowTables, policy_id, &p.flow(ifindex == LOOPBACK_IFINDEX));
+    // Checked only on the way to a denial, so allowed traffic pays nothing for it. Only TCP
+    // with its header in this packet (a later fragment has none to check).
+    if !reason.is_allow()
+        && p.protocol == PROTO_TCP
+        && p.port_known
+        && is_accepted_connection(ctx, p.l4_offset)
+    {
+        return Reason::AllowReply;
+    }
+    reason
 }

@@ -13,11 +13,10 @@ use aya_ebpf::{
 use egress_common::{
     addr::Destination,
     decide::judge,
-    event::VerdictEvent,
     policy::{MODE_ENFORCE, MODE_PASS, PROTO_ICMPV6, PROTO_TCP},
     tc::{
         ETH_HEADER_LEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, InboundKey, PolicyBinding, SourceKey4, SourceKey6,
-        is_link_control_icmp6, is_link_scoped_control_v6,
+        is_link_control_icmp6, is_link_scoped_control_v6, is_neighbour_discovery_icmp6,
     },
     verdict::{Hook, Reason},
 };
@@ -26,7 +25,7 @@ use crate::{
     lookup::KernelAllowTables,
     maps::{EGRESS_INBOUND_V1, EGRESS_POLICY_V1, EGRESS_TCIF_V1, EGRESS_TCSRC4_V2, EGRESS_TCSRC6_V2},
     packet::{Packet, head, parse},
-    report::{count_allowed, settle},
+    report::{Verdict, count_allowed, packet_event, settle},
 };
 
 /// Allowed: hand the frame to the next program (tcx: TCX_NEXT; clsact: TC_ACT_UNSPEC), so a CNI
@@ -67,25 +66,18 @@ fn try_from_pod(skb: &SkBuff) -> bool {
 #[inline(never)]
 fn report(skb: &SkBuff, reason: Reason, judged: &Judged) -> bool {
     settle(reason, judged.mode, judged.policy_cgroup_id, |action| {
-        let mut event = VerdictEvent {
-            // SAFETY: plain helper call.
-            timestamp_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
-            // No socket here: the frame may not have come from one.
+        let ethertype = ethertype(skb);
+        // No socket here (cgroup id 0): the frame may not have come from one. Frames that are
+        // not IP are described by their reason alone.
+        let is_ip = ethertype == ETH_P_IP || ethertype == ETH_P_IPV6;
+        let verdict = Verdict {
+            hook: Hook::TcFromPod,
+            reason,
+            action,
             cgroup_id: 0,
             policy_cgroup_id: judged.policy_cgroup_id,
-            daddr: [0; 16],
-            saddr: [0; 16],
-            dport: 0,
-            sport: 0,
-            reason: reason as u8,
-            family: 0,
-            protocol: 0,
-            hook: Hook::TcFromPod as u8,
-            action,
-            reserved: [0; 7],
         };
-        describe(skb, &mut event);
-        event
+        packet_event::<ETH_HEADER_LEN>(skb, &verdict, is_ip)
     })
 }
 
@@ -93,25 +85,6 @@ fn report(skb: &SkBuff, reason: Reason, judged: &Judged) -> bool {
 #[inline(always)]
 fn ethertype(skb: &SkBuff) -> u16 {
     head::<12, 2>(skb).map_or(0, u16::from_be_bytes)
-}
-
-/// Fills the event's packet fields for a frame with an IP header; leaves them zero otherwise.
-#[inline(never)]
-fn describe(skb: &SkBuff, event: &mut VerdictEvent) {
-    let ethertype = ethertype(skb);
-    if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
-        return;
-    }
-    let Ok(p) = parse::<ETH_HEADER_LEN>(skb) else {
-        return;
-    };
-    let dst = p.dst.normalize();
-    event.daddr = dst.to_event_bytes();
-    event.saddr = p.src.to_event_bytes();
-    event.family = dst.family();
-    event.protocol = p.protocol;
-    event.sport = p.sport;
-    event.dport = p.dport;
 }
 
 /// The verdict for one frame; fills `judged` with the policy. Not inlined: the packet lives in
@@ -217,9 +190,12 @@ fn judge_ip(skb: &SkBuff, p: &Packet, policy_id: u32) -> Reason {
     if reason.is_allow() {
         return reason;
     }
-    // Unicast neighbour discovery towards an address the policy allows (an on-link gateway):
-    // the pod may reach that address anyway.
-    if reason == Reason::DenyPort && p.protocol == PROTO_ICMPV6 && is_neighbour_message(skb, p) {
+    // Unicast neighbour solicitation or advertisement towards an address the policy allows (an
+    // on-link gateway): the pod may reach that address anyway. Nothing else of the control set.
+    if reason == Reason::DenyPort
+        && p.protocol == PROTO_ICMPV6
+        && is_neighbour_discovery_icmp6(icmp6_type(skb, p))
+    {
         return Reason::AllowLinkControl;
     }
     if p.protocol == PROTO_TCP && p.port_known && is_inbound_reply(p) {
@@ -228,11 +204,17 @@ fn judge_ip(skb: &SkBuff, p: &Packet, policy_id: u32) -> Reason {
     reason
 }
 
-/// Whether an ICMPv6 packet is one of the link's control messages (see
+/// Whether an ICMPv6 packet is one of the link's control messages a host sends (see
 /// [`is_link_control_icmp6`]), whatever its destination.
 #[inline(always)]
 fn is_neighbour_message(skb: &SkBuff, p: &Packet) -> bool {
-    is_link_control_icmp6(skb.load::<u8>(ETH_HEADER_LEN + p.l4_offset).unwrap_or(0))
+    is_link_control_icmp6(icmp6_type(skb, p))
+}
+
+/// The ICMPv6 type of an ICMPv6 packet; 0 (no control message) when it cannot be read.
+#[inline(always)]
+fn icmp6_type(skb: &SkBuff, p: &Packet) -> u8 {
+    skb.load::<u8>(ETH_HEADER_LEN + p.l4_offset).unwrap_or(0)
 }
 
 /// Whether the packet belongs to a TCP connection a peer opened towards the pod.

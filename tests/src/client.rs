@@ -67,8 +67,15 @@ pub fn hping_icmp(host: &str) -> (&'static str, Vec<String>) {
 
 /// One raw IPv6 packet with next header 253, sent by Python on a SOCK_RAW socket.
 pub fn raw6(host: &str) -> (&'static str, Vec<String>) {
+    raw_ip(host, 253)
+}
+
+/// One raw IP packet of `protocol` (either family, by the address), sent by Python on a
+/// SOCK_RAW socket; the payload is 20 bytes of zeros, the size of an inner IPv4 header.
+pub fn raw_ip(host: &str, protocol: u8) -> (&'static str, Vec<String>) {
+    let family = if host.contains(':') { "AF_INET6" } else { "AF_INET" };
     let script = format!(
-        "import socket,sys\ns=socket.socket(socket.AF_INET6, socket.SOCK_RAW, 253)\ntry:\n    s.sendto(b'exfiltrate', ('{host}', 0))\nexcept OSError as e:\n    print(e, file=sys.stderr); sys.exit(1)\n"
+        "import socket,sys\ns=socket.socket(socket.{family}, socket.SOCK_RAW, {protocol})\ntry:\n    s.sendto(bytes(20), ('{host}', 0))\nexcept OSError as e:\n    print(e, file=sys.stderr); sys.exit(1)\n"
     );
     ("python3", vec!["-c".into(), script])
 }

@@ -1,7 +1,11 @@
 //! Hand-made Ethernet frames, sent from inside a pod through a packet socket (AF_PACKET), the
 //! way a workload with CAP_NET_RAW can: no socket hook ever sees them.
 
-use std::{net::IpAddr, path::Path, process::Output};
+use std::{
+    net::{IpAddr, Ipv6Addr},
+    path::Path,
+    process::Output,
+};
 
 use crate::netns::NetNs;
 
@@ -91,6 +95,44 @@ pub fn udp(
     frame.extend_from_slice(&header);
     frame.extend_from_slice(&udp);
     frame
+}
+
+/// An Ethernet frame carrying ICMPv6 `message` (type, code, two checksum bytes left zero, then
+/// the body) from `src` to `dst` with hop limit 255, as neighbour discovery requires; the
+/// checksum is filled in.
+pub fn icmp6(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv6Addr, dst: Ipv6Addr, message: &[u8]) -> Vec<u8> {
+    let mut icmp = message.to_vec();
+    let len = icmp.len() as u32;
+    let pseudo = [&src.octets()[..], &dst.octets()[..], &len.to_be_bytes()[..], &[0, 0, 0, 58]].concat();
+    let c = checksum(&[&pseudo, &icmp]);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut frame = ethernet(src_mac, dst_mac, 0x86dd);
+    frame.extend_from_slice(&[0x60, 0, 0, 0]);
+    frame.extend_from_slice(&(len as u16).to_be_bytes());
+    frame.extend_from_slice(&[58, 255]);
+    frame.extend_from_slice(&src.octets());
+    frame.extend_from_slice(&dst.octets());
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
+/// The Ethernet address an IPv6 multicast group maps to (33:33 and its last four bytes).
+pub fn multicast_mac(group: Ipv6Addr) -> [u8; 6] {
+    let o = group.octets();
+    [0x33, 0x33, o[12], o[13], o[14], o[15]]
+}
+
+/// The link-local IPv6 address of `dev` in `ns`.
+pub fn link_local(ns: &NetNs, dev: &str) -> Ipv6Addr {
+    let out = ns.run(None, "ip", &["-j", "-6", "addr", "show", "dev", dev, "scope", "link"]);
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("ip -j -6 addr show {dev}: {e}"));
+    // iproute2 may list an empty object before the address.
+    v[0]["addr_info"]
+        .as_array()
+        .and_then(|infos| infos.iter().find_map(|i| i["local"].as_str()))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no link-local address on {dev} in {}: {v}", ns.name))
 }
 
 /// An Ethernet header.

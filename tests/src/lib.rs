@@ -62,3 +62,14 @@ pub fn agent_bin() -> PathBuf {
     assert!(path.is_file(), "EGRESS_AGENT_BIN={} does not exist", path.display());
     path
 }
+
+/// Polls `check` every 20 ms until it returns true; fails the test, naming `what`, when it has
+/// not within `patience(base)`.
+pub fn wait_until(what: &str, base: Duration, mut check: impl FnMut() -> bool) {
+    let limit = patience(base);
+    let start = std::time::Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -28,9 +28,10 @@ pub struct Seen {
 
 impl Seen {
     /// Neighbour discovery and multicast listener reports come from the kernel's own sockets,
-    /// not from the workload; they are not traffic the policy governs.
+    /// not from the workload; they are not traffic the policy governs. (Router advertisements
+    /// and redirects are not among them: a host never sends those, so they are reported.)
     pub fn is_link_housekeeping(&self) -> bool {
-        self.protocol == 58 && (130..=143).contains(&self.icmp6_type)
+        self.protocol == 58 && matches!(self.icmp6_type, 130..=133 | 135 | 136 | 143)
     }
 }
 

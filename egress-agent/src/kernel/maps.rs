@@ -11,7 +11,7 @@ use egress_common::{
     event::EventBudget,
     maps::{
         MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_CGROUP_COUNTERS, MAP_CONFIG, MAP_COUNTERS, MAP_EVENT_BUDGET,
-        MAP_POLICIES,
+        MAP_PASSIVE_STATS, MAP_POLICIES, PASSIVE_STAT_LOST, PASSIVE_STAT_MARKED, PASSIVE_STAT_RELEASED,
     },
     policy::{AllowRules, CgroupPolicy, GlobalConfig, Ipv4AllowKey, Ipv6AllowKey, POLICY_ID_BITS},
     verdict::{CgroupReasonKey, REASON_SLOTS, ReasonCounters},
@@ -36,56 +36,52 @@ pub struct KernelMaps {
     pub counters: PerCpuArray<MapData, ReasonCounters>,
     pub event_budget: PerCpuArray<MapData, EventBudget>,
     pub cgroup_counters: PerCpuHashMap<MapData, CgroupReasonKey, ReasonCounters>,
+    /// Absent in pins written by an agent older than the map.
+    pub passive_stats: Option<PerCpuArray<MapData, u64>>,
+}
+
+/// What the sockops program did with the passive marks (accepted connections), summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PassiveMarkStats {
+    pub marked: u64,
+    pub released: u64,
+    /// Marked connections that closed after the LRU had evicted their mark: replies were lost.
+    pub evicted_in_use: u64,
+}
+
+impl PassiveMarkStats {
+    /// Marks currently held (approximately: a socket marked before a counter reset is missed).
+    pub fn live(&self) -> u64 {
+        self.marked.saturating_sub(self.released + self.evicted_in_use)
+    }
 }
 
 impl KernelMaps {
     /// Takes the maps out of a loaded object (the programs keep their own references).
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self> {
-        let mut take = |name: &str| {
+        Self::from_source(|name| {
             ebpf.take_map(name).with_context(|| format!("map {name} missing from the eBPF object"))
-        };
-        Self::from_maps(
-            take(MAP_POLICIES)?,
-            take(MAP_ALLOW_V4)?,
-            take(MAP_ALLOW_V6)?,
-            take(MAP_CONFIG)?,
-            take(MAP_COUNTERS)?,
-            take(MAP_EVENT_BUDGET)?,
-            take(MAP_CGROUP_COUNTERS)?,
-        )
+        })
     }
 
     /// Opens the pinned maps without loading any program (inspect, teardown).
     pub fn from_pins(pins: &PinLayout) -> Result<Self> {
-        let open = |name: &str| open_pinned(pins, name);
-        Self::from_maps(
-            open(MAP_POLICIES)?,
-            open(MAP_ALLOW_V4)?,
-            open(MAP_ALLOW_V6)?,
-            open(MAP_CONFIG)?,
-            open(MAP_COUNTERS)?,
-            open(MAP_EVENT_BUDGET)?,
-            open(MAP_CGROUP_COUNTERS)?,
-        )
+        Self::from_source(|name| open_pinned(pins, name))
     }
 
-    fn from_maps(
-        policies: Map,
-        allow4: Map,
-        allow6: Map,
-        config: Map,
-        counters: Map,
-        budget: Map,
-        cgroup_counters: Map,
-    ) -> Result<Self> {
+    fn from_source(mut get: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
         Ok(Self {
-            policies: policies.try_into().context(MAP_POLICIES)?,
-            allow4: allow4.try_into().context(MAP_ALLOW_V4)?,
-            allow6: allow6.try_into().context(MAP_ALLOW_V6)?,
-            config: config.try_into().context(MAP_CONFIG)?,
-            counters: counters.try_into().context(MAP_COUNTERS)?,
-            event_budget: budget.try_into().context(MAP_EVENT_BUDGET)?,
-            cgroup_counters: cgroup_counters.try_into().context(MAP_CGROUP_COUNTERS)?,
+            policies: get(MAP_POLICIES)?.try_into().context(MAP_POLICIES)?,
+            allow4: get(MAP_ALLOW_V4)?.try_into().context(MAP_ALLOW_V4)?,
+            allow6: get(MAP_ALLOW_V6)?.try_into().context(MAP_ALLOW_V6)?,
+            config: get(MAP_CONFIG)?.try_into().context(MAP_CONFIG)?,
+            counters: get(MAP_COUNTERS)?.try_into().context(MAP_COUNTERS)?,
+            event_budget: get(MAP_EVENT_BUDGET)?.try_into().context(MAP_EVENT_BUDGET)?,
+            cgroup_counters: get(MAP_CGROUP_COUNTERS)?.try_into().context(MAP_CGROUP_COUNTERS)?,
+            passive_stats: get(MAP_PASSIVE_STATS)
+                .ok()
+                .map(|m| m.try_into().context(MAP_PASSIVE_STATS))
+                .transpose()?,
         })
     }
 
@@ -189,6 +185,21 @@ impl KernelMaps {
     pub fn event_losses(&self) -> Result<(u64, u64)> {
         let per_cpu = self.event_budget.get(&0, 0).context("reading the event budget map")?;
         Ok(per_cpu.iter().fold((0, 0), |(s, f), b| (s + b.suppressed, f + b.ringbuf_full)))
+    }
+}
+
+impl KernelMaps {
+    /// The passive-mark statistics; zero when the pins predate them.
+    pub fn passive_marks(&self) -> Result<PassiveMarkStats> {
+        let Some(stats) = &self.passive_stats else { return Ok(PassiveMarkStats::default()) };
+        let read = |slot: u32| -> Result<u64> {
+            Ok(stats.get(&slot, 0).context("reading the passive-mark statistics")?.iter().sum())
+        };
+        Ok(PassiveMarkStats {
+            marked: read(PASSIVE_STAT_MARKED)?,
+            released: read(PASSIVE_STAT_RELEASED)?,
+            evicted_in_use: read(PASSIVE_STAT_LOST)?,
+        })
     }
 }
 

@@ -94,6 +94,7 @@ enum ProtocolKey {
     Tcp,
     Udp,
     Icmp,
+    Number(u8),
 }
 
 impl PortRuleSpec {
@@ -103,6 +104,7 @@ impl PortRuleSpec {
             Protocol::Tcp => ProtocolKey::Tcp,
             Protocol::Udp => ProtocolKey::Udp,
             Protocol::Icmp => ProtocolKey::Icmp,
+            Protocol::Number(n) => ProtocolKey::Number(n),
         };
         Self { protocol, ports, reason: reason as u8 }
     }
@@ -114,6 +116,7 @@ impl PortRuleSpec {
                 ProtocolKey::Tcp => PROTO_TCP,
                 ProtocolKey::Udp => PROTO_UDP,
                 ProtocolKey::Icmp => icmp,
+                ProtocolKey::Number(n) => n,
             },
             reason: self.reason,
             reserved: [0; 2],

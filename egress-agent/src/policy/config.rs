@@ -10,7 +10,8 @@
 //!     dns: [10.10.0.3]            # UDP and TCP port 53 only
 //!     extra:
 //!       - cidr: 192.168.50.0/24
-//!         protocol: tcp           # tcp | udp | icmp | any (default any)
+//!         protocol: tcp           # tcp | udp | icmp | any (default any) | gre | ipip | ipv6 | 0-254
+//!                                 # (tunnels are never covered by `any`: name them, see README)
 //!         ports: [443, "8000-8100"]
 //!     interfaces:                 # optional: the tc layer on the workload's veth (host side)
 //!       - name: veth-pod-a
@@ -257,20 +258,42 @@ fn validate_interface(i: &RawInterface, at: &str) -> Result<InterfaceSpec, Parse
 /// One extra CIDR with its protocol and ports (shared with the Kubernetes agent's config).
 pub(crate) fn validate_extra(e: &RawExtra, at: &str) -> Result<ExtraSpec, ParseError> {
     let cidr = parse_cidr(&e.cidr, at)?;
-    let protocol = match e.protocol.as_deref().unwrap_or("any") {
-        "any" => Protocol::Any,
-        "tcp" => Protocol::Tcp,
-        "udp" => Protocol::Udp,
-        "icmp" => Protocol::Icmp,
-        other => {
-            return Err(invalid(at, format!("protocol {other:?} is not one of: tcp, udp, icmp, any")));
-        }
-    };
+    let protocol = parse_protocol(e.protocol.as_deref().unwrap_or("any"), at)?;
     let ports: Vec<PortRange> = e.ports.iter().map(|p| parse_port(p, at)).collect::<Result<_, _>>()?;
     if !ports.is_empty() && !matches!(protocol, Protocol::Tcp | Protocol::Udp) {
         return Err(invalid(at, "ports need protocol tcp or udp"));
     }
     Ok(ExtraSpec { cidr, protocol, ports })
+}
+
+/// A protocol by name, or any other by number. The tunnel protocols have names because a rule
+/// for `any` does not cover them (see `egress_common::decide::is_encapsulation`).
+fn parse_protocol(text: &str, at: &str) -> Result<Protocol, ParseError> {
+    Ok(match text {
+        "any" => Protocol::Any,
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        "icmp" => Protocol::Icmp,
+        "ipip" => Protocol::Number(4),
+        "ipv6" => Protocol::Number(41),
+        "gre" => Protocol::Number(47),
+        other => match other.parse::<u8>() {
+            // 255 is reserved (the kernel tables use it for "any").
+            Ok(n) if n < 255 => match n {
+                6 => Protocol::Tcp,
+                17 => Protocol::Udp,
+                n => Protocol::Number(n),
+            },
+            _ => {
+                return Err(invalid(
+                    at,
+                    format!(
+                        "protocol {other:?} is not one of: tcp, udp, icmp, any, gre, ipip, ipv6, or a number 0-254"
+                    ),
+                ));
+            }
+        },
+    })
 }
 
 /// An interface or an address bound twice would make one workload's frames judged by

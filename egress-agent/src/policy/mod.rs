@@ -48,4 +48,7 @@ pub enum Protocol {
     Udp,
     /// ICMP for IPv4 destinations, ICMPv6 for IPv6 ones.
     Icmp,
+    /// One IP protocol by number (0-254). Tunnels (GRE 47, IP-in-IP 4, IPv6-in-IP 41, ...)
+    /// are allowed only by a rule that names them this way; `Any` does not cover them.
+    Number(u8),
 }

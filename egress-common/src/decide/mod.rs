@@ -5,7 +5,7 @@
 
 use crate::{
     addr::Destination,
-    policy::{AllowRules, MAX_RULES_PER_PREFIX, PROTO_ANY},
+    policy::{AllowRules, MAX_RULES_PER_PREFIX, PROTO_ANY, PROTO_UDP},
     verdict::Reason,
 };
 
@@ -79,11 +79,27 @@ pub fn judge<L: AllowLookup>(lookup: &L, policy_id: u32, flow: &Flow) -> Reason 
     let Some(rules) = rules else {
         return Reason::DenyDestination;
     };
-    match matching_rule(rules, flow) {
+    let encapsulated = is_encapsulation(flow);
+    match matching_rule(rules, flow, encapsulated) {
         Some(reason) => reason,
         None if flow.later_fragment => Reason::DenyFragment,
+        None if encapsulated => Reason::DenyEncapsulation,
         None => Reason::DenyPort,
     }
+}
+
+/// Whether the flow carries another packet or frame that a tunnel device at the destination
+/// would take out and forward on its own: IP-in-IP (4), IPv6-in-IP (41), GRE (47), L2TPv3 (115),
+/// MPLS-in-IP (137), or UDP to a well-known tunnel port: L2TP (1701), VXLAN (4789, and 8472,
+/// Linux's default and flannel's), VXLAN-GPE (4790), Geneve (6081). The inner packet would go
+/// past both layers, so only a rule that names the protocol (and, for UDP, the port) covers one;
+/// a rule for any protocol, or for UDP on every port, does not.
+#[inline(always)]
+pub fn is_encapsulation(flow: &Flow) -> bool {
+    matches!(flow.protocol, 4 | 41 | 47 | 115 | 137)
+        || (flow.protocol == PROTO_UDP
+            && flow.port_known
+            && matches!(flow.dport, 1701 | 4789 | 4790 | 6081 | 8472))
 }
 
 /// The reason of the first rule that permits the flow's protocol and port.
@@ -92,7 +108,7 @@ pub fn judge<L: AllowLookup>(lookup: &L, policy_id: u32, flow: &Flow) -> Reason 
 /// a slice iterator over `as_slice()` counts a remaining length down to zero, which Linux 6.1's
 /// verifier cannot bound, so it rejects the read past the last rule it imagines.
 #[inline(always)]
-fn matching_rule(rules: &AllowRules, flow: &Flow) -> Option<Reason> {
+fn matching_rule(rules: &AllowRules, flow: &Flow, encapsulated: bool) -> Option<Reason> {
     let count = rules.count as usize;
     let mut i = 0;
     while i < MAX_RULES_PER_PREFIX {
@@ -102,6 +118,10 @@ fn matching_rule(rules: &AllowRules, flow: &Flow) -> Option<Reason> {
         let rule = &rules.rules[i];
         i += 1;
         if rule.protocol != PROTO_ANY && rule.protocol != flow.protocol {
+            continue;
+        }
+        // See `is_encapsulation`: only a rule that names the tunnel covers it.
+        if encapsulated && (rule.protocol == PROTO_ANY || (rule.protocol == PROTO_UDP && rule.any_port())) {
             continue;
         }
         let port_ok = rule.any_port()

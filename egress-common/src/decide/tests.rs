@@ -157,3 +157,41 @@ fn ipv4_mapped_ipv6_is_judged_as_ipv4() {
     f.dport = 80;
     assert_eq!(judge(&t, 7, &f), Reason::DenyPort);
 }
+
+#[test]
+fn tunnels_need_a_rule_that_names_them() {
+    let mut t = table();
+    // Any protocol and every UDP port to 192.168/16: not enough for a tunnel.
+    for (protocol, dport) in [(4, None), (41, None), (47, None), (115, None), (137, None)] {
+        assert_eq!(
+            judge(&t, 7, &flow([192, 168, 1, 1], protocol, dport)),
+            Reason::DenyEncapsulation,
+            "{protocol}"
+        );
+    }
+    for port in [1701, 4789, 4790, 6081, 8472] {
+        assert_eq!(
+            judge(&t, 7, &flow([192, 168, 1, 1], PROTO_UDP, Some(port))),
+            Reason::DenyEncapsulation,
+            "udp {port}"
+        );
+    }
+    assert_eq!(judge(&t, 7, &flow([192, 168, 1, 1], PROTO_UDP, Some(4788))), Reason::AllowExtraCidr);
+    // Rules that name them: GRE by protocol, VXLAN by protocol and port.
+    t.v4.push((
+        7,
+        [172, 16, 0, 0],
+        12,
+        rules(&[
+            (47, Reason::AllowExtraCidr, 0, u16::MAX),
+            (PROTO_UDP, Reason::AllowExtraCidr, 0, u16::MAX),
+            (PROTO_UDP, Reason::AllowExtraCidr, 4789, 4789),
+        ]),
+    ));
+    assert_eq!(judge(&t, 7, &flow([172, 16, 0, 1], 47, None)), Reason::AllowExtraCidr);
+    assert_eq!(judge(&t, 7, &flow([172, 16, 0, 1], PROTO_UDP, Some(4789))), Reason::AllowExtraCidr);
+    assert_eq!(judge(&t, 7, &flow([172, 16, 0, 1], PROTO_UDP, Some(6081))), Reason::DenyEncapsulation);
+    assert_eq!(judge(&t, 7, &flow([172, 16, 0, 1], 4, None)), Reason::DenyEncapsulation);
+    // No rule for the address at all: the ordinary reason.
+    assert_eq!(judge(&t, 7, &flow([10, 9, 9, 9], 47, None)), Reason::DenyDestination);
+}

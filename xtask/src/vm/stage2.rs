@@ -83,10 +83,12 @@ pub fn script(plan: &Plan<'_>) -> String {
     s.push_str("say \"ready $(uname -r)\"\n");
     for b in plan.binaries {
         // `timeout` from the host's coreutils: a hung binary is reported and the next one runs.
-        // Like cargo test: in the package directory, with CARGO_MANIFEST_DIR set.
+        // Like cargo test: in the package directory, with CARGO_MANIFEST_DIR set. Ignored tests
+        // run too: a test is ignored on the host only when it needs a kernel feature the host
+        // lacks (SCTP, GRE, IPIP), which these kernels have.
         let dir = quote(&b.manifest_dir.display().to_string());
         let mut line = format!(
-            "run {} {dir} env CARGO_MANIFEST_DIR={dir} timeout -k 10 {} {} --test-threads=1",
+            "run {} {dir} env CARGO_MANIFEST_DIR={dir} timeout -k 10 {} {} --test-threads=1 --include-ignored",
             quote(&b.name),
             plan.timeout,
             quote(&b.path.display().to_string()),
@@ -145,7 +147,7 @@ mod tests {
         let s = script(&plan);
         assert!(s.contains("export EGRESS_TEST_TIME_SCALE=10\n"), "{s}");
         assert!(s.contains(
-            "run 'enforcement' '/w/tests' env CARGO_MANIFEST_DIR='/w/tests' timeout -k 10 600 '/t/deps/enforcement-0123' --test-threads=1 'ipv6' || {"
+            "run 'enforcement' '/w/tests' env CARGO_MANIFEST_DIR='/w/tests' timeout -k 10 600 '/t/deps/enforcement-0123' --test-threads=1 --include-ignored 'ipv6' || {"
         ), "{s}");
         assert!(s.contains("export EGRESS_AGENT_BIN='/t/egress-agent'"));
         assert!(s.trim_end().ends_with("finish"));
@@ -164,7 +166,7 @@ mod tests {
             time_scale: 1,
         };
         let s = script(&plan);
-        assert!(s.contains("--test-threads=1\n"), "{s}");
+        assert!(s.contains("--test-threads=1 --include-ignored\n"), "{s}");
         assert!(!s.contains("stopping after"));
     }
 }

@@ -1,5 +1,5 @@
 use super::{ParseError, PortRange, parse};
-use crate::policy::Mode;
+use crate::policy::{Mode, Protocol};
 
 fn error(yaml: &str) -> String {
     match parse(yaml) {
@@ -52,7 +52,11 @@ fn errors_name_the_offending_value() {
             "policies: [{cgroup: a, mode: enforce, extra: [{cidr: 10.0.0.0/8, protocol: icmp, ports: [1]}]}]",
             "tcp or udp",
         ),
-        ("policies: [{cgroup: a, mode: enforce, extra: [{cidr: 10.0.0.0/8, protocol: gre}]}]", "\"gre\""),
+        (
+            "policies: [{cgroup: a, mode: enforce, extra: [{cidr: 10.0.0.0/8, protocol: grease}]}]",
+            "\"grease\"",
+        ),
+        ("policies: [{cgroup: a, mode: enforce, extra: [{cidr: 10.0.0.0/8, protocol: \"255\"}]}]", "\"255\""),
         ("policies: [{cgroup: a, mode: enforce}, {cgroup: a, mode: audit}]", "already has a policy"),
         ("policies: [{cgroup: a, mode: enforce, gateway: []}]", "unknown field `gateway`"),
         ("polices: []", "unknown field `polices`"),
@@ -108,4 +112,23 @@ fn bad_interfaces_are_rejected_naming_the_value() {
         let e = error(&yaml);
         assert!(e.contains(expected), "{yaml}\n=> {e}\nexpected to contain {expected}");
     }
+}
+
+#[test]
+fn tunnel_protocols_are_named_or_numbered() {
+    let p = parse(
+        "policies: [{cgroup: a, mode: enforce, extra: [{cidr: 10.0.0.0/8, protocol: gre}, {cidr: 10.0.0.0/8, protocol: ipip}, {cidr: 10.0.0.0/8, protocol: ipv6}, {cidr: 10.0.0.0/8, protocol: '115'}, {cidr: 10.0.0.0/8, protocol: '17'}]}]",
+    )
+    .unwrap();
+    let protocols: Vec<Protocol> = p[0].extra.iter().map(|e| e.protocol).collect();
+    assert_eq!(
+        protocols,
+        [
+            Protocol::Number(47),
+            Protocol::Number(4),
+            Protocol::Number(41),
+            Protocol::Number(115),
+            Protocol::Udp
+        ]
+    );
 }
