@@ -62,6 +62,10 @@ pub struct VmArgs {
     /// How qemu runs the guests.
     #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
     pub accel: AccelChoice,
+    /// Run the tests against this egress-agent binary instead of the one built from the tree
+    /// (an older build, to see a new test fail on the code it guards against).
+    #[arg(long, value_name = "PATH")]
+    pub agent: Option<PathBuf>,
 }
 
 /// Booting and mounting the root over 9p takes seconds; this is the slack on top of the test
@@ -78,7 +82,14 @@ pub fn run(args: &VmArgs) -> Result<()> {
     let accel = Accel::pick(args.accel);
     let cache = cache_dir()?;
     eprintln!("\n==> building the agent and the kernel test binaries");
-    let suite = suite::build(&cache.join("bin"), &args.tests)?;
+    let mut suite = suite::build(&cache.join("bin"), &args.tests)?;
+    if let Some(agent) = &args.agent {
+        if !agent.is_file() {
+            bail!("--agent {}: no such file", agent.display());
+        }
+        eprintln!("    against the agent at {}", agent.display());
+        suite.agent = agent.canonicalize().with_context(|| format!("--agent {}", agent.display()))?;
+    }
     let apt = Apt::new(&cache.join("apt"))?;
     let ctx = Ctx { args, accel, cache: &cache, apt: &apt, suite: &suite, guest_path: path::for_guest() };
     let mut reports = Vec::new();
