@@ -278,6 +278,29 @@ impl GatewayLab {
         }
     }
 
+    /// Starts the gateway on the base configuration with client identities from a fake API
+    /// server (in the gateway's namespace, where the gateway reaches it) and a rule that lets
+    /// namespace team-c reach `team_c_host`; waits until the pod list is synced (ready).
+    pub fn start_with_pod_watch(&self, team_c_host: &str) -> (crate::fake_api::FakeApi, Gateway) {
+        let api = self
+            .lab
+            .gateway
+            .within(|| crate::fake_api::FakeApi::start_with(crate::fake_api::Options::default()))
+            .expect("starting the fake API server");
+        let kubeconfig = self.dir().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+        let config = base_config(&self.ca, 100)
+            .replace("sources:\n  static:", "sources:\n  kubernetes: true\n  static:")
+            .replace("limits:", &format!("  - namespaces: [team-c]\n    hosts: [{team_c_host}]\nlimits:"));
+        let gw = self
+            .try_start_with_env(&config, &[("KUBECONFIG", &kubeconfig)])
+            .unwrap_or_else(|log| panic!("gateway did not start:\n{log}"));
+        wait_until("the gateway ready (pod list synced)", Duration::from_secs(10), || {
+            self.admin_get("/readyz").0 == 200
+        });
+        (api, gw)
+    }
+
     /// curl in the pod namespace from `source` (one of the pod's addresses).
     pub fn curl(&self, source: &str, args: &[&str]) -> Output {
         let mut all =
@@ -355,6 +378,50 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
+}
+
+/// Opens `CONNECT authority` on the proxy port (run it in the pod namespace) and returns the
+/// socket once the gateway answered 200.
+pub fn connect_tunnel(authority: &str) -> TcpStream {
+    let mut s = TcpStream::connect((GATEWAY4, PROXY_PORT)).expect("connect to the proxy port");
+    s.set_nodelay(true).expect("nodelay");
+    write!(s, "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").expect("CONNECT");
+    s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).expect("CONNECT reply");
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 200"), "CONNECT {authority}: {head}");
+    s
+}
+
+/// Reads until the peer closes or `limit` passes: the bytes, and whether the peer closed.
+pub fn read_reply(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+    let deadline = Instant::now() + limit;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return (got, false);
+        }
+        s.set_read_timeout(Some(left)).expect("timeout");
+        match s.read(&mut buf) {
+            Ok(0) => return (got, true),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            // A reset after the reply counts as closed; a timeout as still open.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return (got, true),
+            Err(_) => return (got, false),
+        }
+    }
+}
+
+/// Polls `done` every 25 ms until it holds or `limit` passes; panics naming `what` then.
+pub fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + crate::patience(limit);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
 }
 
 /// The running gateway; killed on drop.

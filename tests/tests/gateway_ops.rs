@@ -10,7 +10,7 @@ use std::{
 };
 
 use egress_tests::{
-    fake_api::{self, FakeApi, fixtures},
+    fake_api::fixtures,
     gateway::{GatewayLab, PROXY_PORT, STRANGER4, UPSTREAM_BODY, base_config, status_and_body},
     lab::{GATEWAY4, POD4, text},
 };
@@ -156,27 +156,9 @@ fn metrics_and_probes() {
 #[test]
 fn client_namespaces_come_from_the_pod_list() {
     let g = GatewayLab::new();
-    // The fake API server listens inside the gateway's namespace, where the gateway can reach it.
-    let api = g
-        .lab
-        .gateway
-        .within(|| FakeApi::start_with(fake_api::Options::default()))
-        .expect("starting the fake API server");
-    let kubeconfig = g.lab.dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
-    let config = base_config(&g.ca, 100)
-        .replace("sources:\n  static:", "sources:\n  kubernetes: true\n  static:")
-        .replace("limits:", "  - namespaces: [team-c]\n    hosts: [www.example.test]\nlimits:");
-    let gw = g
-        .try_start_with_env(&config, &[("KUBECONFIG", &kubeconfig)])
-        .unwrap_or_else(|log| panic!("gateway did not start:\n{log}"));
+    let (api, gw) = g.start_with_pod_watch("www.example.test");
     let from_stranger =
         || status_and_body(&g.curl(STRANGER4, &["--proxy", &proxy(), "http://www.example.test/"])).0;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while g.admin_get("/readyz").0 != 200 {
-        assert!(Instant::now() < deadline, "never ready:\n{}", gw.log_text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
     assert_eq!(from_stranger(), 403);
     api.apply(&fixtures::pod("team-c", "web", "uid-web", "node-1", "BestEffort", Some(STRANGER4)));
     let deadline = Instant::now() + Duration::from_secs(5);

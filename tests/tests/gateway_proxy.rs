@@ -187,3 +187,23 @@ fn curl_honours_the_proxy_environment_variables() {
     assert_eq!(gw.line_for("api.example.test:443")["method"], "CONNECT");
     assert_eq!(gw.line_for("www.example.test:80")["method"], "GET");
 }
+
+#[test]
+fn blocked_cidrs_close_public_ranges_that_a_rule_can_reopen() {
+    let g = GatewayLab::new();
+    // The "internet" range stands in for a cloud's public pod or node range.
+    let config = format!("blockedCidrs: [11.231.0.0/24]\n{}", base_config(&g.ca, 100)).replace(
+        "  - namespaces: [team-b]\n    hosts: [www.example.test]\n",
+        "  - namespaces: [team-b]\n    hosts: [www.example.test]\n    cidrs: [11.231.0.5/32]\n",
+    );
+    let gw = g.start(&config);
+    let out = g.curl(POD4, &["--proxy", &proxy(), "http://api.example.test/"]);
+    assert_eq!(status_and_body(&out).0, 403, "{}", text(&out));
+    assert_eq!(gw.line_for("api.example.test:80")["reason"], "blocked_configured");
+    // The IPv6 address of the same host is outside the blocked range.
+    let out = g.curl(POD4, &["--proxy", &proxy(), "http://v6.example.test/"]);
+    assert_eq!(status_and_body(&out).0, 200, "{}", text(&out));
+    // A rule that names the address in its cidrs opens it again, for that rule's namespace.
+    let out = g.curl(TEAM_B4, &["--proxy", &proxy(), "http://www.example.test/"]);
+    assert_eq!(status_and_body(&out), (200, UPSTREAM_BODY.to_string()), "{}", text(&out));
+}

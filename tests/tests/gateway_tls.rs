@@ -16,12 +16,18 @@ use egress_tests::{
 
 /// A real ClientHello (rustls) for `server_name`.
 fn client_hello(server_name: &str) -> Vec<u8> {
+    client_hello_with(server_name, true)
+}
+
+/// A real ClientHello (rustls) for `server_name`, with or without the SNI extension.
+fn client_hello_with(server_name: &str, sni: bool) -> Vec<u8> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("protocol versions")
         .with_root_certificates(rustls::RootCertStore::empty())
         .with_no_client_auth();
+    config.enable_sni = sni;
     let name = rustls::pki_types::ServerName::try_from(server_name.to_owned()).expect("server name");
     let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client connection");
     let mut out = Vec::new();
@@ -43,6 +49,7 @@ fn send_in_pieces(stream: &mut TcpStream, chunks: &[&[u8]]) -> Vec<u8> {
 }
 
 const ALERT_ACCESS_DENIED: [u8; 7] = [21, 3, 3, 0, 2, 2, 49];
+const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [21, 3, 3, 0, 2, 2, 112];
 
 #[test]
 fn sni_passthrough_relays_allowed_names_untouched() {
@@ -124,7 +131,9 @@ fn connect_tunnels_cannot_front_another_name() {
     let g = GatewayLab::new();
     let gw = g.start(&base_config(&g.ca, 100));
     let connect_then = |sni: &str| {
-        let hello = client_hello(sni);
+        // "": a ClientHello without the SNI extension.
+        let hello =
+            if sni.is_empty() { client_hello_with("api.example.test", false) } else { client_hello(sni) };
         g.in_pod(|| {
             let mut s = TcpStream::connect((GATEWAY4, PROXY_PORT)).expect("connect");
             s.write_all(b"CONNECT api.example.test:443 HTTP/1.1\r\nHost: api.example.test:443\r\n\r\n")
@@ -143,6 +152,11 @@ fn connect_tunnels_cannot_front_another_name() {
     assert_eq!(connect_then("forbidden.example.test"), ALERT_ACCESS_DENIED);
     let line = gw.wait_access("fronting", |v| v["reason"] == "target_mismatch");
     assert_eq!(line["sni"], "forbidden.example.test");
+    assert_eq!(line["authority"], "api.example.test:443");
+    // No SNI at all in a tunnel to a name: the upstream (a CDN) would pick the site by other
+    // means, so the gateway cannot tell which one the client gets.
+    assert_eq!(connect_then(""), ALERT_UNRECOGNIZED_NAME);
+    let line = gw.wait_access("no SNI in a tunnel", |v| v["reason"] == "no_server_name");
     assert_eq!(line["authority"], "api.example.test:443");
 }
 

@@ -51,8 +51,9 @@ pub struct ClientHello {
     pub alpn: Vec<Vec<u8>>,
     /// The version field of the ClientHello body (0x0303 for TLS 1.2 and 1.3 clients).
     pub legacy_version: u16,
-    /// The client offers Encrypted Client Hello. The name above is then the outer (public) name,
-    /// not where the client is really going, so the caller should refuse the connection.
+    /// The client offers Encrypted Client Hello. The name above is then the outer (public) name:
+    /// the gateway judges that name like any SNI (see `tunnel::sni_verdict`), since browsers send
+    /// GREASE ECH with the real name outside, and real ECH only reaches an allowed public name.
     pub ech: bool,
 }
 

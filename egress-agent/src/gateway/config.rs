@@ -23,12 +23,17 @@
 //!     hosts: ["api.example.com", "*.example.org"]
 //!     cidrs: [10.0.0.0/8]          # by address; the only way to reach non-public addresses
 //!     ports: [443, "8000-8100"]    # omitted: any port
+//!     allowH2PriorKnowledge: false # HTTP/2 without TLS inside a CONNECT tunnel to a name
+//! blockedCidrs: [10.96.0.0/12]     # refused like private ranges (a rule's cidrs reopen them)
 //! limits:                          # all optional, these are the defaults
 //!   maxConnections: 10000
 //!   maxConnectionsPerSource: 1000  # per client address
 //!   headerTimeout: 10s             # whole request head (slowloris), and the ClientHello
 //!   idleTimeout: 5m                # a tunnel or keep-alive connection with no traffic
 //!   connectTimeout: 5s             # upstream TCP connect (and TLS handshake when originating)
+//!   requestBodyTimeout: 60s        # longest pause inside a forwarded request body
+//!   responseTimeout: 60s           # longest upstream silence: before the response head, and
+//!                                  # between response body chunks
 //!   maxHeaderBytes: 16384
 //!   maxHeaders: 64
 //!   clientHelloMaxBytes: 16384
@@ -43,7 +48,11 @@ use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, time::Duration}
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use super::host::{self, HostName, HostPattern};
+pub use super::limits::Limits;
+use super::{
+    host::{self, HostName, HostPattern},
+    limits::{RawLimits, parse_duration, parse_limits},
+};
 use crate::policy::config::{ParseError, PortRange, RawPort, invalid, parse_cidr, parse_port};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/egressfw/gateway.yaml";
@@ -64,6 +73,9 @@ pub struct GatewayConfig {
     pub admin: Option<SocketAddr>,
     pub sources: Sources,
     pub rules: Vec<Rule>,
+    /// Addresses refused like non-public ones although they are public on the wire (a cloud's
+    /// pod, Service or node ranges); a rule's `cidrs` can open them.
+    pub blocked_cidrs: Vec<IpNet>,
     pub limits: Limits,
     pub drain_timeout: Duration,
 }
@@ -139,40 +151,13 @@ pub struct Rule {
     pub cidrs: Vec<IpNet>,
     /// Empty: any port.
     pub ports: Vec<PortRange>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Limits {
-    pub max_connections: usize,
-    /// Per client address: one pod cannot take every slot.
-    pub max_connections_per_source: usize,
-    pub header_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub connect_timeout: Duration,
-    pub max_header_bytes: usize,
-    pub max_headers: usize,
-    pub client_hello_max_bytes: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_connections: 10_000,
-            max_connections_per_source: 1_000,
-            header_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(300),
-            connect_timeout: Duration::from_secs(5),
-            max_header_bytes: 16 * 1024,
-            max_headers: 64,
-            client_hello_max_bytes: 16 * 1024,
-        }
-    }
+    /// HTTP/2 with prior knowledge (no TLS) inside a CONNECT tunnel to a name: its requests name
+    /// their host in compressed headers the gateway does not read, so it is refused unless the
+    /// rule that allows the tunnel says so.
+    pub allow_h2_prior_knowledge: bool,
 }
 
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// No timeout is longer than this (timer arithmetic stays far from overflow).
-const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -184,6 +169,8 @@ struct RawGatewayConfig {
     sources: RawSources,
     #[serde(default)]
     rules: Vec<RawRule>,
+    #[serde(default)]
+    blocked_cidrs: Vec<String>,
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
@@ -254,7 +241,7 @@ struct RawSource {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawRule {
     namespaces: Vec<String>,
     #[serde(default)]
@@ -263,19 +250,8 @@ struct RawRule {
     cidrs: Vec<String>,
     #[serde(default)]
     ports: Vec<RawPort>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawLimits {
-    max_connections: Option<usize>,
-    max_connections_per_source: Option<usize>,
-    header_timeout: Option<String>,
-    idle_timeout: Option<String>,
-    connect_timeout: Option<String>,
-    max_header_bytes: Option<usize>,
-    max_headers: Option<usize>,
-    client_hello_max_bytes: Option<usize>,
+    #[serde(default)]
+    allow_h2_prior_knowledge: bool,
 }
 
 pub fn load(path: &std::path::Path) -> Result<GatewayConfig, GatewayConfigError> {
@@ -308,6 +284,12 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ParseError> {
         .enumerate()
         .map(|(i, r)| parse_rule(r, &format!("rules[{i}]")))
         .collect::<Result<_, _>>()?;
+    let blocked_cidrs = raw
+        .blocked_cidrs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| parse_cidr(c, &format!("blockedCidrs[{i}]")))
+        .collect::<Result<_, _>>()?;
     let limits = parse_limits(&raw.limits)?;
     let drain_timeout = raw
         .drain_timeout
@@ -315,7 +297,7 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ParseError> {
         .map(|d| parse_duration(d, "drainTimeout"))
         .transpose()?
         .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
-    Ok(GatewayConfig { listeners, admin, sources, rules, limits, drain_timeout })
+    Ok(GatewayConfig { listeners, admin, sources, rules, blocked_cidrs, limits, drain_timeout })
 }
 
 fn parse_listeners(raw: RawListeners) -> Result<Listeners, ParseError> {
@@ -432,7 +414,7 @@ fn parse_rule(r: &RawRule, at: &str) -> Result<Rule, ParseError> {
     let hosts = parse_patterns(&r.hosts, &format!("{at}.hosts"))?;
     let cidrs = r.cidrs.iter().map(|c| parse_cidr(c, &format!("{at}.cidrs"))).collect::<Result<_, _>>()?;
     let ports = r.ports.iter().map(|p| parse_port(p, &format!("{at}.ports"))).collect::<Result<_, _>>()?;
-    Ok(Rule { namespaces, hosts, cidrs, ports })
+    Ok(Rule { namespaces, hosts, cidrs, ports, allow_h2_prior_knowledge: r.allow_h2_prior_knowledge })
 }
 
 fn parse_patterns(raw: &[String], at: &str) -> Result<Vec<HostPattern>, ParseError> {
@@ -444,59 +426,6 @@ fn parse_patterns(raw: &[String], at: &str) -> Result<Vec<HostPattern>, ParseErr
             HostPattern::parse(h).map_err(|e| invalid(at, e.to_string()))
         })
         .collect()
-}
-
-fn parse_limits(raw: &RawLimits) -> Result<Limits, ParseError> {
-    let d = Limits::default();
-    let duration = |v: &Option<String>, at: &str, default: Duration| {
-        v.as_deref()
-            .map(|s| parse_duration(s, &format!("limits.{at}")))
-            .transpose()
-            .map(|v| v.unwrap_or(default))
-    };
-    let positive = |v: Option<usize>, at: &str, default: usize, min: usize| match v {
-        None => Ok(default),
-        Some(n) if n >= min => Ok(n),
-        Some(n) => Err(invalid(format!("limits.{at}"), format!("{n} is below the minimum of {min}"))),
-    };
-    Ok(Limits {
-        max_connections: positive(raw.max_connections, "maxConnections", d.max_connections, 1)?,
-        max_connections_per_source: positive(
-            raw.max_connections_per_source,
-            "maxConnectionsPerSource",
-            d.max_connections_per_source,
-            1,
-        )?,
-        header_timeout: duration(&raw.header_timeout, "headerTimeout", d.header_timeout)?,
-        idle_timeout: duration(&raw.idle_timeout, "idleTimeout", d.idle_timeout)?,
-        connect_timeout: duration(&raw.connect_timeout, "connectTimeout", d.connect_timeout)?,
-        // hyper's read buffer cannot be smaller than 8 KiB.
-        max_header_bytes: positive(raw.max_header_bytes, "maxHeaderBytes", d.max_header_bytes, 8192)?,
-        max_headers: match positive(raw.max_headers, "maxHeaders", d.max_headers, 8)? {
-            n if n <= super::framing::MAX_HEADERS => n,
-            n => {
-                return Err(invalid(
-                    "limits.maxHeaders",
-                    format!("{n} is above the maximum of {}", super::framing::MAX_HEADERS),
-                ));
-            }
-        },
-        client_hello_max_bytes: positive(
-            raw.client_hello_max_bytes,
-            "clientHelloMaxBytes",
-            d.client_hello_max_bytes,
-            512,
-        )?,
-    })
-}
-
-fn parse_duration(s: &str, at: &str) -> Result<Duration, ParseError> {
-    match humantime::parse_duration(s.trim()) {
-        Ok(d) if d > MAX_DURATION => Err(invalid(at, format!("{s:?} is longer than a week"))),
-        Ok(d) if !d.is_zero() => Ok(d),
-        Ok(_) => Err(invalid(at, format!("{s:?} is zero; give a positive duration"))),
-        Err(e) => Err(invalid(at, format!("{s:?} is not a duration like \"10s\" or \"5m\" ({e})"))),
-    }
 }
 
 fn parse_listen(s: &str, at: &str) -> Result<SocketAddr, ParseError> {
@@ -534,116 +463,4 @@ impl Upstream {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const FULL: &str = r#"
-listeners:
-  httpProxy: {listen: "0.0.0.0:3128"}
-  tlsPassthrough: {listen: "0.0.0.0:8443"}
-  httpTransparent: {listen: "[::]:8080", upstreamPort: 8080}
-  tcpForwards:
-    - {listen: "0.0.0.0:5432", upstream: "DB.example.com.:5432"}
-  tlsOrigination: {listen: "127.0.0.1:8081", hosts: ["api.example.com"]}
-admin: "0.0.0.0:9809"
-sources:
-  kubernetes: true
-  static:
-    - {cidr: 10.231.0.0/24, namespace: team-a}
-rules:
-  - namespaces: [team-a]
-    hosts: ["api.example.com", "*.example.org"]
-    ports: [443, "8000-8100"]
-  - namespaces: ["*"]
-    cidrs: [10.0.0.0/8]
-limits:
-  headerTimeout: 2s
-  idleTimeout: 1m
-drainTimeout: 5s
-"#;
-
-    fn err(text: &str) -> String {
-        match parse(text) {
-            Ok(c) => panic!("accepted: {c:?}"),
-            Err(ParseError::Invalid { at, message }) => format!("{at}: {message}"),
-            Err(ParseError::Syntax(e)) => format!("syntax: {e}"),
-        }
-    }
-
-    #[test]
-    fn full_config() {
-        let c = parse(FULL).unwrap();
-        assert_eq!(c.listeners.addresses().len(), 5);
-        assert_eq!(c.listeners.tls_passthrough.as_ref().unwrap().upstream_port, 443);
-        assert_eq!(c.listeners.http_transparent.as_ref().unwrap().upstream_port, 8080);
-        assert_eq!(
-            c.listeners.tcp_forwards[0].upstream,
-            Upstream { host: "db.example.com".into(), port: 5432 }
-        );
-        assert_eq!(c.listeners.tls_origination.as_ref().unwrap().upstream_port, 443);
-        assert!(c.sources.kubernetes);
-        assert_eq!(c.sources.table, vec![("10.231.0.0/24".parse().unwrap(), "team-a".to_string())]);
-        assert_eq!(c.rules.len(), 2);
-        assert_eq!(c.rules[1].namespaces, Namespaces::Any);
-        assert_eq!(c.rules[0].ports.len(), 2);
-        assert_eq!(c.limits.header_timeout, Duration::from_secs(2));
-        assert_eq!(c.limits.idle_timeout, Duration::from_secs(60));
-        assert_eq!(c.limits.max_headers, 64);
-        assert_eq!(c.drain_timeout, Duration::from_secs(5));
-    }
-
-    #[test]
-    fn errors_name_the_value() {
-        let base = "listeners: {httpProxy: {listen: \"0.0.0.0:3128\"}}\nsources: {kubernetes: true}\n";
-        assert!(err("listeners: {}\nsources: {kubernetes: true}").contains("no listener"));
-        assert!(
-            err("listeners: {httpProxy: {listen: \"nowhere\"}}\nsources: {kubernetes: true}")
-                .contains("\"nowhere\"")
-        );
-        assert!(
-            err("listeners: {httpProxy: {listen: \"0.0.0.0:3128\"}}").contains("no way to identify clients")
-        );
-        assert!(
-            err(&format!("{base}rules: [{{namespaces: [a], hosts: [\"ex ample.com\"]}}]"))
-                .contains("ex ample.com")
-        );
-        assert!(
-            err(&format!("{base}rules: [{{namespaces: [a], hosts: [\"10.0.0.1\"]}}]"))
-                .contains("put addresses under cidrs")
-        );
-        assert!(
-            err(&format!("{base}rules: [{{namespaces: [a]}}]"))
-                .contains("rules[0]: a rule needs hosts or cidrs")
-        );
-        assert!(
-            err(&format!("{base}rules: [{{namespaces: [\"*\", a], hosts: [x.com]}}]"))
-                .contains("list it alone")
-        );
-        assert!(
-            err(&format!("{base}rules: [{{namespaces: [a], hosts: [x.com], ports: [70000]}}]"))
-                .contains("70000")
-        );
-        assert!(
-            err(&format!("{base}limits: {{headerTimeout: soon}}")).contains("limits.headerTimeout: \"soon\"")
-        );
-        assert!(err(&format!("{base}limits: {{maxHeaderBytes: 100}}")).contains("minimum of 8192"));
-        assert!(err(&format!("{base}admin: \"0.0.0.0:3128\"")).contains("used by two listeners"));
-        assert!(err(&format!("{base}bogus: 1")).contains("unknown field `bogus`"));
-        assert!(
-            err("listeners: {tcpForwards: [{listen: \"0.0.0.0:1\", upstream: \"db\"}]}\nsources: {kubernetes: true}")
-                .contains("tcpForwards[0].upstream: \"db\" is not host:port")
-        );
-        assert!(
-            err("listeners: {tlsOrigination: {listen: \"0.0.0.0:1\", hosts: [a.com], caFile: /nonexistent}}\nsources: {kubernetes: true}")
-                .contains("/nonexistent is not a readable file")
-        );
-    }
-
-    #[test]
-    fn upstream_literals_are_normalised() {
-        let u = parse_upstream("[::ffff:10.0.0.1]:80", "x").unwrap();
-        assert_eq!(u, Upstream { host: "10.0.0.1".into(), port: 80 });
-        assert_eq!(u.name(), None);
-        assert_eq!(parse_upstream("0x7f.1:22", "x").unwrap().host, "127.0.0.1");
-    }
-}
+mod tests;

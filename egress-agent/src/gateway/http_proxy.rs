@@ -1,38 +1,40 @@
 //! The HTTP listeners, on hyper: the proxy port (CONNECT tunnels and absolute-form forwarding),
 //! the transparent HTTP port (routed by Host) and the TLS origination port (plain HTTP in,
-//! HTTPS out). Every request is authorised on its own, also on a kept-alive connection; an
-//! upstream connection is reused only for the same destination after the new request passed.
+//! HTTPS out), and plain HTTP/1 inside a CONNECT tunnel. Every request is authorised on its own,
+//! also on a kept-alive connection; an upstream connection is reused only for the same
+//! destination after the new request passed.
 
 use std::{
     convert::Infallible,
+    future::Future,
     net::SocketAddr,
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
 };
 
-use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
-use http_body::Frame;
-use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt as _;
 use hyper::{body::Incoming, client::conn::http1::SendRequest, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpStream, sync::Mutex};
 
 use super::{
     access_log::Record,
+    forward_body::{Body, Counted, Exchange, Finisher, empty, full},
     framing::Framer,
-    policy::{Deny, Policy, Target},
+    policy::{Deny, Target},
     shared::{Admitted, Live, Refusal, Shared},
-    sniffed_io::Sniffed,
-    target, tunnel,
+    sniffed_io::{IoCounts, Sniffed},
+    tunnel,
 };
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type Body = BoxBody<Bytes, BoxError>;
+mod rewrite;
+mod route;
+
+use rewrite::{rewrite_request, strip_hop_by_hop};
 
 /// Which HTTP listener a connection came in on.
 #[derive(Clone, Copy, Debug)]
@@ -43,12 +45,14 @@ pub enum Mode {
     Transparent { default_port: u16 },
     /// Origin-form requests routed by Host, sent on over verified TLS.
     Originate,
+    /// Plain HTTP/1 inside a CONNECT tunnel: Host must name the tunnel's target.
+    Tunneled,
 }
 
 impl Mode {
     pub fn listener(self) -> &'static str {
         match self {
-            Self::Proxy => "http_proxy",
+            Self::Proxy | Self::Tunneled => "http_proxy",
             Self::Transparent { .. } => "http_transparent",
             Self::Originate => "tls_origination",
         }
@@ -68,6 +72,8 @@ struct Conn {
     /// The framing verdict of each request, judged from the raw bytes (see `framing`).
     framer: Arc<std::sync::Mutex<Framer>>,
     pool: Mutex<Option<Pooled>>,
+    /// `Mode::Tunneled`: the CONNECT target and port every request must name.
+    tunnel: Option<(Target, u16)>,
 }
 
 /// The upstream connection of the previous request, kept for the next one to the same place.
@@ -88,16 +94,68 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, source: SocketAddr, m
     let _ = stream.set_nodelay(true);
     let mut record = Record::new(mode.listener(), source);
     let namespace = shared.identify(source, &mut record);
-    let conn = Arc::new(Conn {
-        shared: shared.clone(),
-        source,
-        namespace,
-        mode,
-        requests: AtomicUsize::new(0),
-        slot: std::sync::Mutex::new(Some(slot)),
-        framer: Arc::new(std::sync::Mutex::new(Framer::new(live.limits.max_header_bytes))),
-        pool: Mutex::new(None),
-    });
+    let conn = Conn::new(&shared, &live, source, namespace, mode, Some(slot));
+    serve_conn(conn, stream, Vec::new(), record).await;
+}
+
+/// Serves the plain HTTP/1 a client sent inside a CONNECT tunnel (`first`: what was read of it
+/// already) as forwarded requests, each checked: Host must name `target:port`. The tunnel's
+/// upstream connection serves the first request. The caller holds the connection's slot.
+/// Returns the bytes read from and written to the client.
+///
+/// Boxed with its `Send` spelled out: serving HTTP leads back here (a CONNECT whose tunnel
+/// carries HTTP), and the compiler cannot infer that of a future that contains itself.
+pub fn serve_tunneled(
+    shared: Arc<Shared>,
+    client: TcpStream,
+    first: Vec<u8>,
+    upstream: (TcpStream, Option<SocketAddr>),
+    target: Target,
+    port: u16,
+    record: &Record,
+) -> Pin<Box<dyn Future<Output = (u64, u64)> + Send>> {
+    let (source, namespace) = (record.source, record.namespace.clone());
+    Box::pin(async move {
+        let live = shared.live();
+        let mut conn = Conn::new(&shared, &live, source, namespace, Mode::Tunneled, None);
+        if let Ok(sender) = handshake(upstream.0).await {
+            conn.pool =
+                Mutex::new(Some(Pooled { target: target.clone(), port, upstream: upstream.1, sender }));
+        }
+        conn.tunnel = Some((target, port));
+        serve_conn(conn, client, first, Record::new(Mode::Tunneled.listener(), source)).await
+    })
+}
+
+impl Conn {
+    fn new(
+        shared: &Arc<Shared>,
+        live: &Live,
+        source: SocketAddr,
+        namespace: Option<String>,
+        mode: Mode,
+        slot: Option<Admitted>,
+    ) -> Self {
+        Self {
+            shared: shared.clone(),
+            source,
+            namespace,
+            mode,
+            requests: AtomicUsize::new(0),
+            slot: std::sync::Mutex::new(slot),
+            framer: Arc::new(std::sync::Mutex::new(Framer::new(live.limits.max_header_bytes))),
+            pool: Mutex::new(None),
+            tunnel: None,
+        }
+    }
+}
+
+/// Serves until the connection ends; returns the bytes read from and written to the client.
+async fn serve_conn(conn: Conn, stream: TcpStream, pending: Vec<u8>, mut record: Record) -> (u64, u64) {
+    let conn = Arc::new(conn);
+    let shared = conn.shared.clone();
+    let live = shared.live();
+    let source = conn.source;
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -112,15 +170,17 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, source: SocketAddr, m
             async move { Ok::<_, Infallible>(conn.handle(req).await) }
         })
     };
-    let io = Sniffed { inner: stream, framer: conn.framer.clone() };
+    let moved = Arc::new(IoCounts::default());
+    let io = Sniffed { inner: stream, framer: conn.framer.clone(), pending, moved: moved.clone() };
     let served = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
     tokio::pin!(served);
     let mut closing = false;
     let result = loop {
         tokio::select! {
             r = &mut served => break r,
-            // Draining: finish the request in flight, then close instead of keeping alive.
-            () = shared.drain.cancelled(), if !closing => {
+            // Draining: finish the request in flight, then close instead of keeping alive. A
+            // tunnel opened before the drain may finish, as byte tunnels do (until the deadline).
+            () = shared.drain.cancelled(), if !closing && conn.tunnel.is_none() => {
                 served.as_mut().graceful_shutdown();
                 closing = true;
             }
@@ -148,6 +208,7 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, source: SocketAddr, m
             None => tracing::debug!(%source, error = %e, "client connection ended with an error"),
         }
     }
+    (moved.read.load(Ordering::Relaxed), moved.written.load(Ordering::Relaxed))
 }
 
 /// Answers a connection that gets no slot (cap reached, draining) with 503 (429 for the
@@ -196,12 +257,18 @@ impl Conn {
         if req.method() == Method::CONNECT {
             return match self.shared.dial(&live, self.namespace.as_deref(), &target, port, &mut record).await
             {
-                Ok(upstream) => {
+                Ok((upstream, grant)) => {
                     let shared = self.shared.clone();
-                    let limits = live.limits;
                     let slot = self.slot.lock().ok().and_then(|mut s| s.take());
+                    let tunnel = tunnel::Connected {
+                        upstream,
+                        target,
+                        port,
+                        limits: live.limits,
+                        allow_h2_prior_knowledge: grant.allow_h2_prior_knowledge,
+                    };
                     tokio::spawn(async move {
-                        tunnel::after_connect(shared, req, upstream, target, limits, record).await;
+                        tunnel::after_connect(shared, req, tunnel, record).await;
                         drop(slot);
                     });
                     Response::new(empty())
@@ -210,53 +277,6 @@ impl Conn {
             };
         }
         self.forward(req, record, &live, target, port).await
-    }
-
-    /// Where the request goes, by this listener's rules, with every consistency check.
-    fn destination(&self, req: &Request<Incoming>, live: &Live) -> Result<(Target, u16), Deny> {
-        let headers = req.headers();
-        // As sent (hyper has already resolved some ambiguities away), then as parsed. No
-        // verdict means the framer lost track of the stream: refuse rather than guess.
-        let sent = self.framer.lock().ok().and_then(|mut f| f.next_verdict());
-        sent.unwrap_or(Err(target::TargetError::BadRequest))?;
-        target::check_framing(headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())))?;
-        let mut hosts = headers.get_all(header::HOST).iter();
-        let host = hosts.next().map(HeaderValue::as_bytes);
-        if hosts.next().is_some() {
-            return Err(Deny::BadRequest);
-        }
-        let uri = req.uri().to_string();
-        let method = req.method().as_str();
-        if let Mode::Proxy = self.mode {
-            let t = target::proxy_target(method, &uri)?;
-            if !t.connect {
-                target::check_host_agrees(host, &t.target, t.port, 80)?;
-            }
-            return Ok((t.target, t.port));
-        }
-        if req.method() == Method::CONNECT {
-            return Err(Deny::BadRequest);
-        }
-        // Origin-form: the Host header names the destination. An absolute URI must agree.
-        let host = std::str::from_utf8(host.ok_or(Deny::BadRequest)?).map_err(|_| Deny::BadRequest)?;
-        let (t, host_port) = target::parse_authority(host.trim())?;
-        if req.uri().authority().is_some() {
-            let abs = target::proxy_target(method, &uri)?;
-            if abs.target != t || host_port.is_some_and(|p| p != abs.port) {
-                return Err(Deny::TargetMismatch);
-            }
-        }
-        match self.mode {
-            Mode::Transparent { default_port } => Ok((t, host_port.unwrap_or(default_port))),
-            Mode::Originate => {
-                let originator = live.originator.as_ref().ok_or(Deny::NotOriginated)?;
-                match &t {
-                    Target::Name(name) if originator.originates(name) => Ok((t, originator.upstream_port)),
-                    _ => Err(Deny::NotOriginated),
-                }
-            }
-            Mode::Proxy => unreachable!("handled above"),
-        }
     }
 
     /// Forwards a plain HTTP request (absolute-form or routed by Host) and streams the answer.
@@ -277,7 +297,7 @@ impl Conn {
                         // The kept connection's address is judged again too (a reload may have
                         // closed the range it is in).
                         let still_dialable = p.upstream.is_some_and(|a| {
-                            Policy::dialable(&grant, &target, &[a.ip()]).is_ok_and(|d| d == [a.ip()])
+                            live.policy.dialable(&grant, &target, &[a.ip()]).is_ok_and(|d| d == [a.ip()])
                         });
                         record.allow(grant.matched);
                         record.upstream = p.upstream;
@@ -297,22 +317,34 @@ impl Conn {
         }
         let Some(p) = pool.as_mut() else { unreachable!("set above") };
 
-        let up = Arc::new(AtomicU64::new(0));
-        let down = Arc::new(AtomicU64::new(0));
+        let exchange = Arc::new(Exchange::default());
+        let limits = live.limits;
         rewrite_request(&mut req, &target, port, self.mode);
-        let req = req.map(|b| Counted::new(b, up.clone(), None).boxed());
-        let response = match p.sender.send_request(req).await {
-            Ok(r) => r,
-            Err(e) => {
+        let req = req.map(|b| Counted::request(b, exchange.clone(), limits.request_body_timeout).boxed());
+        // The upstream may stay silent for responseTimeout after the last request bytes moved
+        // (a long upload that keeps moving is not cut).
+        let sent = tokio::select! {
+            r = p.sender.send_request(req) => r.map_err(|e| {
                 tracing::debug!(error = %e, "upstream request failed");
+                if exchange.request_stalled.load(Ordering::Relaxed) {
+                    Refusal::RequestBodyTimeout
+                } else {
+                    Refusal::ConnectFailed
+                }
+            }),
+            () = exchange.activity.idle_for(limits.response_timeout) => Err(Refusal::ResponseTimeout),
+        };
+        let response = match sent {
+            Ok(r) => r,
+            Err(refusal) => {
                 *pool = None;
-                return self.refuse(record, Refusal::ConnectFailed);
+                return self.refuse(record, refusal);
             }
         };
         record.status = Some(response.status().as_u16());
         let mut response = response.map(|b| {
-            let done = Finisher { shared: self.shared.clone(), record: Some(record), up, down: down.clone() };
-            Counted::new(b, down, Some(done)).boxed()
+            let done = Finisher { shared: self.shared.clone(), record: Some(record), exchange };
+            Counted::response(b, done, limits.response_timeout).boxed()
         });
         strip_hop_by_hop(response.headers_mut());
         // The client's hop is ours: an HTTP/1.0 upstream must not make hyper close the client
@@ -329,7 +361,7 @@ impl Conn {
         port: u16,
         record: &mut Record,
     ) -> Result<Pooled, Refusal> {
-        let tcp = self.shared.dial(live, self.namespace.as_deref(), target, port, record).await?;
+        let (tcp, _) = self.shared.dial(live, self.namespace.as_deref(), target, port, record).await?;
         let upstream = record.upstream;
         let sender = match (self.mode, &live.originator, target) {
             (Mode::Originate, Some(originator), Target::Name(name)) => {
@@ -358,8 +390,16 @@ impl Conn {
         let h = r.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         h.insert("x-egressfw-reason", HeaderValue::from_static(refusal.reason()));
-        // Framing or request errors leave the connection in an unknown state: close it.
-        if matches!(refusal, Refusal::Deny(Deny::AmbiguousFraming | Deny::BadRequest | Deny::BadTarget)) {
+        // Framing or request errors leave the connection in an unknown state, and an unread
+        // request body would be taken for the next request: close it. Inside a tunnel the
+        // client asked for one host only; one that asks for another gets no second try.
+        if self.tunnel.is_some()
+            || matches!(
+                refusal,
+                Refusal::Deny(Deny::AmbiguousFraming | Deny::BadRequest | Deny::BadTarget)
+                    | Refusal::RequestBodyTimeout
+            )
+        {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         r
@@ -392,119 +432,7 @@ pub fn status_for(refusal: Refusal) -> StatusCode {
             _ => StatusCode::FORBIDDEN,
         },
         Refusal::ConnectFailed | Refusal::TlsFailed => StatusCode::BAD_GATEWAY,
-        Refusal::ConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
-    }
-}
-
-/// Origin-form target, Host set to the checked destination, hop-by-hop headers (and the
-/// client's proxy credentials) removed.
-fn rewrite_request(req: &mut Request<Incoming>, target: &Target, port: u16, mode: Mode) {
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
-    if let Ok(uri) = path.parse::<Uri>() {
-        *req.uri_mut() = uri;
-    }
-    strip_hop_by_hop(req.headers_mut());
-    let default = if matches!(mode, Mode::Originate) { 443 } else { 80 };
-    let host = if port == default { target.to_string() } else { format!("{target}:{port}") };
-    if let Ok(v) = HeaderValue::from_str(&host) {
-        req.headers_mut().insert(header::HOST, v);
-    }
-}
-
-/// RFC 9110 7.6.1: headers for this hop only, plus the ones `Connection` names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
-        .filter(|s| !s.is_empty())
-        .collect();
-    for h in named {
-        headers.remove(h.as_str());
-    }
-    for h in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authorization",
-        "proxy-authenticate",
-        "te",
-        "trailer",
-        "upgrade",
-    ] {
-        headers.remove(h);
-    }
-}
-
-pub fn empty() -> Body {
-    Full::new(Bytes::new()).map_err(|never| match never {}).boxed()
-}
-
-fn full(text: String) -> Body {
-    Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed()
-}
-
-/// Writes a forwarded request's access-log line when its response body ends (or is dropped),
-/// so the line has the bytes and the full duration.
-struct Finisher {
-    shared: Arc<Shared>,
-    record: Option<Record>,
-    up: Arc<AtomicU64>,
-    down: Arc<AtomicU64>,
-}
-
-impl Drop for Finisher {
-    fn drop(&mut self) {
-        if let Some(mut r) = self.record.take() {
-            r.bytes_up = self.up.load(Ordering::Relaxed);
-            r.bytes_down = self.down.load(Ordering::Relaxed);
-            self.shared.finish(&mut r);
-        }
-    }
-}
-
-/// A body that counts its data bytes (and finishes a record when it is done).
-struct Counted {
-    inner: Incoming,
-    count: Arc<AtomicU64>,
-    done: Option<Finisher>,
-}
-
-impl Counted {
-    fn new(inner: Incoming, count: Arc<AtomicU64>, done: Option<Finisher>) -> Self {
-        Self { inner, count, done }
-    }
-}
-
-impl http_body::Body for Counted {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
-                }
-            }
-            Poll::Ready(None) => {
-                self.done.take();
-            }
-            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
-        }
-        polled.map(|f| f.map(|r| r.map_err(Into::into)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        Refusal::ConnectTimeout | Refusal::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
+        Refusal::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
     }
 }

@@ -1,9 +1,9 @@
 //! Who a client is: its source address mapped to a namespace. Pod IPs come from a cluster-wide
-//! pod watch (exact match); a static CIDR table covers standalone use and fixed ranges. Pod IPs
-//! win over the table, and the table's most specific CIDR wins within it.
+//! pod watch (exact match, the newest running pod owning a reused address: see `pod_index`); a
+//! static CIDR table covers standalone use and fixed ranges. Pod IPs win over the table, and the
+//! table's most specific CIDR wins within it.
 
 use std::{
-    collections::HashMap,
     net::IpAddr,
     sync::{
         Arc, RwLock,
@@ -19,22 +19,15 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 
-use super::ip_literal;
+use super::{ip_literal, pod_index::PodIndex};
 
 #[derive(Default)]
 pub struct Identities {
     /// Sorted by prefix length, longest first.
     table: RwLock<Vec<(IpNet, String)>>,
-    pods: RwLock<HashMap<IpAddr, PodIdentity>>,
+    pods: RwLock<PodIndex>,
     /// False until the pod watch (if any) has listed everything once.
     synced: AtomicBool,
-}
-
-#[derive(Clone, Debug)]
-struct PodIdentity {
-    namespace: String,
-    /// `namespace/name`, to drop the right entry when a pod goes and its IP is reused.
-    key: String,
 }
 
 impl Identities {
@@ -60,46 +53,16 @@ impl Identities {
     /// looked up as the IPv4 they carry.
     pub fn namespace_of(&self, source: IpAddr) -> Option<String> {
         let ip = ip_literal::normalize(source);
-        if let Some(p) = self.pods.read().ok().and_then(|m| m.get(&ip).cloned()) {
-            return Some(p.namespace);
+        if let Some(ns) = self.pods.read().ok().and_then(|m| m.namespace_of(ip).map(str::to_owned)) {
+            return Some(ns);
         }
         let table = self.table.read().ok()?;
         table.iter().find(|(net, _)| net.contains(&ip)).map(|(_, ns)| ns.clone())
     }
 
-    fn replace_pods(&self, pods: HashMap<IpAddr, PodIdentity>) {
+    fn replace_pods(&self, pods: PodIndex) {
         if let Ok(mut m) = self.pods.write() {
             *m = pods;
-        }
-    }
-
-    fn apply_pod(&self, pod: &Pod, into: &mut HashMap<IpAddr, PodIdentity>) {
-        let (Some(ns), Some(name)) = (pod.metadata.namespace.as_deref(), pod.metadata.name.as_deref()) else {
-            return;
-        };
-        let key = format!("{ns}/{name}");
-        into.retain(|_, p| p.key != key);
-        // hostNetwork pods carry the node's address, shared with everything on the node: it
-        // identifies no namespace. Finished pods no longer own their IP.
-        let host_network = pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
-        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-        if host_network || matches!(phase, Some("Succeeded" | "Failed")) {
-            return;
-        }
-        let ips = pod.status.as_ref().and_then(|s| s.pod_ips.as_ref()).into_iter().flatten();
-        for ip in ips.filter_map(|p| p.ip.parse::<IpAddr>().ok()) {
-            into.insert(ip, PodIdentity { namespace: ns.to_owned(), key: key.clone() });
-        }
-    }
-
-    fn delete_pod(&self, pod: &Pod) {
-        let key = format!(
-            "{}/{}",
-            pod.metadata.namespace.as_deref().unwrap_or_default(),
-            pod.metadata.name.as_deref().unwrap_or_default()
-        );
-        if let Ok(mut m) = self.pods.write() {
-            m.retain(|_, p| p.key != key);
         }
     }
 
@@ -108,28 +71,32 @@ impl Identities {
     pub async fn watch_pods(self: Arc<Self>, client: Client) {
         let api: Api<Pod> = Api::all(client);
         let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
-        let mut relist: Option<HashMap<IpAddr, PodIdentity>> = None;
+        let mut relist: Option<PodIndex> = None;
         while let Some(event) = stream.next().await {
             match event {
-                Ok(watcher::Event::Init) => relist = Some(HashMap::new()),
+                Ok(watcher::Event::Init) => relist = Some(PodIndex::default()),
                 Ok(watcher::Event::InitApply(pod)) => {
                     if let Some(m) = relist.as_mut() {
-                        self.apply_pod(&pod, m);
+                        m.apply(&pod);
                     }
                 }
                 Ok(watcher::Event::InitDone) => {
                     if let Some(m) = relist.take() {
-                        tracing::info!(pod_ips = m.len(), "pod identities listed");
+                        tracing::info!(pod_ips = m.addresses(), "pod identities listed");
                         self.replace_pods(m);
                     }
                     self.synced.store(true, Ordering::Release);
                 }
                 Ok(watcher::Event::Apply(pod)) => {
                     if let Ok(mut m) = self.pods.write() {
-                        self.apply_pod(&pod, &mut m);
+                        m.apply(&pod);
                     }
                 }
-                Ok(watcher::Event::Delete(pod)) => self.delete_pod(&pod),
+                Ok(watcher::Event::Delete(pod)) => {
+                    if let Ok(mut m) = self.pods.write() {
+                        m.delete(&pod);
+                    }
+                }
                 Err(e) => tracing::warn!(error = %e, "pod watch (client identities) failed; retrying"),
             }
         }
@@ -161,7 +128,7 @@ mod tests {
     }
 
     #[test]
-    fn pods_win_and_leave() {
+    fn pods_win_over_the_table_and_leave() {
         let ids = Identities::new(vec![("10.0.0.0/8".parse().unwrap(), "wide".into())], true);
         assert!(!ids.synced());
         let pod: Pod = serde_json::from_value(serde_json::json!({
@@ -169,21 +136,13 @@ mod tests {
             "status": {"phase": "Running", "podIPs": [{"ip": "10.9.0.1"}, {"ip": "fd00::1"}]}
         }))
         .unwrap();
-        let mut m = HashMap::new();
-        ids.apply_pod(&pod, &mut m);
+        let mut m = PodIndex::default();
+        m.apply(&pod);
         ids.replace_pods(m);
         assert_eq!(ids.namespace_of(ip("10.9.0.1")).as_deref(), Some("team-a"));
+        assert_eq!(ids.namespace_of(ip("::ffff:10.9.0.1")).as_deref(), Some("team-a"));
         assert_eq!(ids.namespace_of(ip("fd00::1")).as_deref(), Some("team-a"));
-        ids.delete_pod(&pod);
+        ids.replace_pods(PodIndex::default());
         assert_eq!(ids.namespace_of(ip("10.9.0.1")).as_deref(), Some("wide"));
-        let host: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"namespace": "kube-system", "name": "h"},
-            "spec": {"hostNetwork": true, "containers": []},
-            "status": {"phase": "Running", "podIPs": [{"ip": "10.9.0.2"}]}
-        }))
-        .unwrap();
-        let mut m = HashMap::new();
-        ids.apply_pod(&host, &mut m);
-        assert!(m.is_empty(), "hostNetwork pods identify no namespace");
     }
 }

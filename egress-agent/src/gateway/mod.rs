@@ -2,24 +2,28 @@
 //! the product. The kernel makes the gateway the only way out; the gateway decides, per source
 //! namespace, which external hosts are reachable, and logs and counts every decision.
 //!
-//! - `config`, `policy`, `identity`: what is allowed, and who is asking;
-//! - `target`, `host`, `ip_literal`, `ranges`, `client_hello`: reading and normalising what the
-//!   client asked for (pure functions, fuzzed);
+//! - `config`, `limits`, `policy`, `identity`, `pod_index`: what is allowed, and who is asking;
+//! - `target`, `host`, `ip_literal`, `ranges`, `client_hello`, `first_flight`: reading and
+//!   normalising what the client asked for (pure functions, fuzzed);
 //! - `shared`: the one path to an upstream (authorise, resolve, check, dial the checked address);
 //! - `http_proxy`, `tls_passthrough`, `tcp_forward`, `originate`: the listeners;
-//! - `relay`, `access_log`, `metrics`, `server`, `workers`: moving bytes, accounting, and the
-//!   process.
+//! - `relay`, `forward_body`, `access_log`, `metrics`, `server`, `workers`: moving bytes,
+//!   accounting, and the process.
 
 pub mod access_log;
 pub mod client_hello;
 pub mod config;
+pub mod first_flight;
+pub mod forward_body;
 pub mod framing;
 pub mod host;
 pub mod http_proxy;
 pub mod identity;
 pub mod ip_literal;
+pub mod limits;
 pub mod metrics;
 pub mod originate;
+pub mod pod_index;
 pub mod policy;
 pub mod ranges;
 pub mod relay;

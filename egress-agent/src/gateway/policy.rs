@@ -33,8 +33,10 @@ pub enum Deny {
     AmbiguousFraming,
     /// CONNECT target, SNI and Host disagree (domain fronting).
     TargetMismatch,
-    /// A TLS listener got a ClientHello without a server name, or with encrypted ClientHello.
+    /// A ClientHello without a server name, on the TLS listener or in a CONNECT tunnel to a name.
     NoServerName,
+    /// HTTP/2 with prior knowledge in a CONNECT tunnel to a name, and no rule allows it.
+    H2PriorKnowledge,
     /// The origination listener was asked for a host it does not originate to.
     NotOriginated,
     /// The request head or ClientHello did not arrive in time, or was too large.
@@ -62,6 +64,7 @@ impl Deny {
                 Blocked::Multicast => "blocked_multicast",
                 Blocked::Unspecified => "blocked_unspecified",
                 Blocked::Reserved => "blocked_reserved",
+                Blocked::Configured => "blocked_configured",
             },
             Self::ResolveFailed => "resolve_failed",
             Self::BadTarget => "bad_target",
@@ -69,6 +72,7 @@ impl Deny {
             Self::AmbiguousFraming => "ambiguous_framing",
             Self::TargetMismatch => "target_mismatch",
             Self::NoServerName => "no_server_name",
+            Self::H2PriorKnowledge => "h2_prior_knowledge",
             Self::NotOriginated => "not_originated",
             Self::HeaderTimeout => "header_timeout",
             Self::HeaderTooLarge => "header_too_large",
@@ -102,6 +106,8 @@ pub struct Grant {
     /// The pattern or CIDR that matched, as written: a bounded label for metrics.
     pub matched: String,
     exceptions: Vec<IpNet>,
+    /// One of the granting rules allows HTTP/2 with prior knowledge inside a tunnel.
+    pub allow_h2_prior_knowledge: bool,
 }
 
 impl Grant {
@@ -118,11 +124,20 @@ impl Grant {
 #[derive(Debug, Default)]
 pub struct Policy {
     rules: Vec<Rule>,
+    /// `blockedCidrs`: public on the wire, not in the operator's world.
+    blocked: Vec<IpNet>,
 }
 
 impl Policy {
-    pub fn new(rules: Vec<Rule>) -> Self {
-        Self { rules }
+    pub fn new(rules: Vec<Rule>, blocked: Vec<IpNet>) -> Self {
+        Self { rules, blocked }
+    }
+
+    /// The class of a non-public address: the built-in ranges first (so metadata keeps its
+    /// stricter exemption), then the configured ones.
+    fn classify(&self, ip: IpAddr) -> Option<Blocked> {
+        ranges::classify(ip)
+            .or_else(|| self.blocked.iter().any(|c| c.contains(&ip)).then_some(Blocked::Configured))
     }
 
     /// May `namespace` (`None`: unidentified client) reach `target` on `port`?
@@ -135,8 +150,13 @@ impl Policy {
                 Target::Ip(ip) => rule.cidrs.iter().find(|c| c.contains(ip)).map(ToString::to_string),
             };
             if let Some(matched) = matched {
-                let g = grant.get_or_insert_with(|| Grant { matched, exceptions: Vec::new() });
+                let g = grant.get_or_insert_with(|| Grant {
+                    matched,
+                    exceptions: Vec::new(),
+                    allow_h2_prior_knowledge: false,
+                });
                 g.exceptions.extend(rule.cidrs.iter().copied());
+                g.allow_h2_prior_knowledge |= rule.allow_h2_prior_knowledge;
             }
         }
         grant.ok_or(Deny::NotAllowed)
@@ -145,10 +165,10 @@ impl Policy {
     /// The addresses the gateway may dial for a granted target, in resolver order: public ones,
     /// and non-public ones the granting rules name. An IP literal was granted by a CIDR, which is
     /// its explicit permission. Addresses are normalised (IPv4-mapped -> IPv4) before dialing.
-    pub fn dialable(grant: &Grant, target: &Target, resolved: &[IpAddr]) -> Result<Vec<IpAddr>, Deny> {
+    pub fn dialable(&self, grant: &Grant, target: &Target, resolved: &[IpAddr]) -> Result<Vec<IpAddr>, Deny> {
         if let Target::Ip(ip) = target {
             let ip = ip_literal::normalize(*ip);
-            return match ranges::classify(ip) {
+            return match self.classify(ip) {
                 Some(class) if !grant.exempts(class, &ip) => Err(Deny::Blocked(class)),
                 _ => Ok(vec![ip]),
             };
@@ -157,7 +177,7 @@ impl Policy {
         let ok: Vec<IpAddr> = resolved
             .iter()
             .map(|ip| ip_literal::normalize(*ip))
-            .filter(|ip| match ranges::classify(*ip) {
+            .filter(|ip| match self.classify(*ip) {
                 None => true,
                 Some(class) if grant.exempts(class, ip) => true,
                 Some(class) => {
@@ -211,10 +231,15 @@ rules:
     cidrs: [0.0.0.0/0]
   - namespaces: [cloud]
     cidrs: [169.254.169.254/32]
+  - namespaces: [team-a]
+    hosts: ["pods.example.com"]
+    cidrs: [34.118.0.0/24]
+    allowH2PriorKnowledge: true
+blockedCidrs: [34.118.0.0/16]
 "#,
         )
         .unwrap();
-        Policy::new(c.rules)
+        Policy::new(c.rules, c.blocked_cidrs)
     }
 
     fn t(s: &str) -> Target {
@@ -256,8 +281,7 @@ rules:
         let p = policy();
         let api = t("api.example.com");
         let g = p.authorize(Some("team-a"), &api, 443).unwrap();
-        let dial =
-            |addrs: &[&str]| Policy::dialable(&g, &api, &addrs.iter().map(|a| ip(a)).collect::<Vec<_>>());
+        let dial = |addrs: &[&str]| p.dialable(&g, &api, &addrs.iter().map(|a| ip(a)).collect::<Vec<_>>());
         assert_eq!(dial(&["93.184.216.34"]), Ok(vec![ip("93.184.216.34")]));
         assert_eq!(dial(&["169.254.169.254"]), Err(Deny::Blocked(Blocked::Metadata)));
         assert_eq!(dial(&["::ffff:127.0.0.1"]), Err(Deny::Blocked(Blocked::Loopback)));
@@ -267,8 +291,8 @@ rules:
         // The rule for internal.example.com opens 10.1.0.0/16 for that name only.
         let internal = t("internal.example.com");
         let gi = p.authorize(Some("team-a"), &internal, 443).unwrap();
-        assert_eq!(Policy::dialable(&gi, &internal, &[ip("10.1.9.9")]), Ok(vec![ip("10.1.9.9")]));
-        assert_eq!(Policy::dialable(&gi, &internal, &[ip("10.2.9.9")]), Err(Deny::Blocked(Blocked::Private)));
+        assert_eq!(p.dialable(&gi, &internal, &[ip("10.1.9.9")]), Ok(vec![ip("10.1.9.9")]));
+        assert_eq!(p.dialable(&gi, &internal, &[ip("10.2.9.9")]), Err(Deny::Blocked(Blocked::Private)));
     }
 
     #[test]
@@ -276,12 +300,36 @@ rules:
         let p = policy();
         let md = t("169.254.169.254");
         let wide = p.authorize(Some("ops"), &md, 80).unwrap();
-        assert_eq!(Policy::dialable(&wide, &md, &[]), Err(Deny::Blocked(Blocked::Metadata)));
+        assert_eq!(p.dialable(&wide, &md, &[]), Err(Deny::Blocked(Blocked::Metadata)));
         let other_private = t("10.9.9.9");
         let g = p.authorize(Some("ops"), &other_private, 80).unwrap();
-        assert_eq!(Policy::dialable(&g, &other_private, &[]), Ok(vec![ip("10.9.9.9")]));
+        assert_eq!(p.dialable(&g, &other_private, &[]), Ok(vec![ip("10.9.9.9")]));
         let exact = p.authorize(Some("cloud"), &md, 80).unwrap();
-        assert_eq!(Policy::dialable(&exact, &md, &[]), Ok(vec![ip("169.254.169.254")]));
+        assert_eq!(p.dialable(&exact, &md, &[]), Ok(vec![ip("169.254.169.254")]));
+    }
+
+    #[test]
+    fn blocked_cidrs_are_refused_unless_a_rule_names_them() {
+        let p = policy();
+        let api = t("api.example.com");
+        let g = p.authorize(Some("team-a"), &api, 443).unwrap();
+        assert!(!g.allow_h2_prior_knowledge);
+        assert_eq!(p.dialable(&g, &api, &[ip("34.118.1.1")]), Err(Deny::Blocked(Blocked::Configured)));
+        assert_eq!(Deny::Blocked(Blocked::Configured).name(), "blocked_configured");
+        // The rule for pods.example.com names part of the range: that part opens, for that name.
+        let pods = t("pods.example.com");
+        let gp = p.authorize(Some("team-a"), &pods, 80).unwrap();
+        assert!(gp.allow_h2_prior_knowledge);
+        assert_eq!(p.dialable(&gp, &pods, &[ip("34.118.0.9")]), Ok(vec![ip("34.118.0.9")]));
+        assert_eq!(p.dialable(&gp, &pods, &[ip("34.118.1.9")]), Err(Deny::Blocked(Blocked::Configured)));
+        // ops' 0.0.0.0/0 opens configured ranges too (only metadata needs an exact CIDR).
+        let literal = t("34.118.1.1");
+        let wide = p.authorize(Some("ops"), &literal, 80).unwrap();
+        assert_eq!(p.dialable(&wide, &literal, &[]), Ok(vec![ip("34.118.1.1")]));
+        // Azure's WireServer is a metadata service, public address or not.
+        let wire = t("168.63.129.16");
+        let wide = p.authorize(Some("ops"), &wire, 80).unwrap();
+        assert_eq!(p.dialable(&wide, &wire, &[]), Err(Deny::Blocked(Blocked::Metadata)));
     }
 
     #[test]

@@ -20,6 +20,9 @@ pub enum Blocked {
     Unspecified,
     /// Reserved, broadcast, documentation and benchmarking ranges: never a real server.
     Reserved,
+    /// In `blockedCidrs`: public on the wire, but the operator's own (a cloud's pod, Service or
+    /// node ranges).
+    Configured,
 }
 
 impl Blocked {
@@ -33,16 +36,19 @@ impl Blocked {
             Self::Multicast => "multicast",
             Self::Unspecified => "unspecified",
             Self::Reserved => "reserved",
+            Self::Configured => "configured",
         }
     }
 }
 
 const TABLE: &[(&str, Blocked)] = &[
-    // AWS, GCP, Azure, OpenStack, Oracle; AWS ECS task metadata; AWS IPv6; Alibaba.
+    // AWS, GCP, Azure, OpenStack, Oracle; AWS ECS task metadata; AWS IPv6; Alibaba; Azure's
+    // WireServer (a public address, but the host's agent channel: VM extensions, health, keys).
     ("169.254.169.254/32", Blocked::Metadata),
     ("169.254.170.2/32", Blocked::Metadata),
     ("fd00:ec2::254/128", Blocked::Metadata),
     ("100.100.100.200/32", Blocked::Metadata),
+    ("168.63.129.16/32", Blocked::Metadata),
     ("127.0.0.0/8", Blocked::Loopback),
     ("::1/128", Blocked::Loopback),
     ("10.0.0.0/8", Blocked::Private),
@@ -108,6 +114,7 @@ mod tests {
     fn each_class() {
         assert_eq!(class("169.254.169.254"), Some(Blocked::Metadata));
         assert_eq!(class("fd00:ec2::254"), Some(Blocked::Metadata));
+        assert_eq!(class("168.63.129.16"), Some(Blocked::Metadata), "Azure WireServer");
         assert_eq!(class("169.254.1.1"), Some(Blocked::LinkLocal));
         assert_eq!(class("127.3.2.1"), Some(Blocked::Loopback));
         assert_eq!(class("10.96.0.1"), Some(Blocked::Private));

@@ -224,22 +224,30 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 }
 
 /// The last time bytes moved, for the idle timeout.
-struct Activity {
+/// When something last moved: tunnels idle out, and a forwarded request waits for its response,
+/// counting from it. Starts "now".
+pub struct Activity {
     start: Instant,
     last_ms: AtomicU64,
 }
 
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Activity {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Self { start: Instant::now(), last_ms: AtomicU64::new(0) }
     }
 
-    fn touch(&self) {
+    pub fn touch(&self) {
         self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Resolves once nothing moved for `idle`.
-    async fn idle_for(&self, idle: Duration) {
+    pub async fn idle_for(&self, idle: Duration) {
         loop {
             let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
             let deadline = last + idle;

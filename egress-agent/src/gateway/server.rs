@@ -144,7 +144,11 @@ fn build_live(config: &GatewayConfig) -> Result<Live> {
         .map(Originator::new)
         .transpose()
         .context("listeners.tlsOrigination")?;
-    Ok(Live { policy: Policy::new(config.rules.clone()), limits: config.limits, originator })
+    Ok(Live {
+        policy: Policy::new(config.rules.clone(), config.blocked_cidrs.clone()),
+        limits: config.limits,
+        originator,
+    })
 }
 
 fn listeners(config: &GatewayConfig) -> Vec<(SocketAddr, &'static str, Kind)> {

@@ -23,7 +23,7 @@ use super::{
     ip_literal,
     metrics::GatewayMetrics,
     originate::Originator,
-    policy::{Deny, Policy, Target},
+    policy::{Deny, Grant, Policy, Target},
 };
 
 /// Name lookups in flight at once (tokio's blocking pool has 512 threads).
@@ -61,6 +61,10 @@ pub enum Refusal {
     ConnectTimeout,
     /// Originating TLS to the upstream failed (certificate not valid for the name, or no TLS).
     TlsFailed,
+    /// The client stopped sending its request body (`requestBodyTimeout`).
+    RequestBodyTimeout,
+    /// The upstream did not answer (`responseTimeout`).
+    ResponseTimeout,
 }
 
 impl From<Deny> for Refusal {
@@ -76,14 +80,19 @@ impl Refusal {
             Self::ConnectFailed => "connect_failed",
             Self::ConnectTimeout => "connect_timeout",
             Self::TlsFailed => "upstream_tls_failed",
+            Self::RequestBodyTimeout => "request_body_timeout",
+            Self::ResponseTimeout => "response_timeout",
         }
     }
 
     /// Puts the refusal into the access-log record.
     pub fn note(self, record: &mut Record) {
         match self {
-            Self::Deny(_) => record.deny(self.reason()),
-            Self::ConnectFailed | Self::ConnectTimeout | Self::TlsFailed => record.fail(self.reason()),
+            // The client's fault, like a slow request head: a denial.
+            Self::Deny(_) | Self::RequestBodyTimeout => record.deny(self.reason()),
+            Self::ConnectFailed | Self::ConnectTimeout | Self::TlsFailed | Self::ResponseTimeout => {
+                record.fail(self.reason());
+            }
         }
     }
 }
@@ -195,7 +204,8 @@ impl Shared {
 
     /// Authorises `target:port` for `namespace`, resolves it, keeps the addresses the policy
     /// allows and connects to the first that answers. The record gets the decision, the rule and
-    /// the upstream address. The returned stream is connected to exactly a checked address.
+    /// the upstream address. The returned stream is connected to exactly a checked address; the
+    /// grant says what else the granting rules allow.
     pub async fn dial(
         &self,
         live: &Live,
@@ -203,7 +213,7 @@ impl Shared {
         target: &Target,
         port: u16,
         record: &mut Record,
-    ) -> Result<TcpStream, Refusal> {
+    ) -> Result<(TcpStream, Grant), Refusal> {
         let grant = live.policy.authorize(namespace, target, port)?;
         let started = Instant::now();
         let connect_timeout = live.limits.connect_timeout;
@@ -224,15 +234,15 @@ impl Shared {
                 }
             }
         };
-        let dialable = Policy::dialable(&grant, target, &resolved)?;
-        record.allow(grant.matched);
+        let dialable = live.policy.dialable(&grant, target, &resolved)?;
+        record.allow(grant.matched.clone());
         let connected = tokio::time::timeout(connect_timeout, connect_first(&dialable, port)).await;
         self.metrics.upstream_connect.observe(started.elapsed().as_secs_f64());
         match connected {
             Ok(Ok((stream, addr))) => {
                 record.upstream = Some(addr);
                 let _ = stream.set_nodelay(true);
-                Ok(stream)
+                Ok((stream, grant))
             }
             Ok(Err(())) => Err(Refusal::ConnectFailed),
             Err(_) => Err(Refusal::ConnectTimeout),

@@ -26,7 +26,10 @@ pub async fn serve(shared: Arc<Shared>, client: TcpStream, source: SocketAddr, u
     };
     let _ = client.set_nodelay(true);
     let dialed = match Target::parse(&upstream.host) {
-        Ok(target) => shared.dial(&live, namespace.as_deref(), &target, upstream.port, &mut record).await,
+        Ok(target) => shared
+            .dial(&live, namespace.as_deref(), &target, upstream.port, &mut record)
+            .await
+            .map(|(stream, _)| stream),
         Err(e) => Err(super::policy::Deny::from(e).into()),
     };
     match dialed {

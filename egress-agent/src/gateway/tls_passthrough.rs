@@ -51,18 +51,19 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, source: SocketAdd
     };
     record.authority = Some(format!("{target}:{upstream_port}"));
     match shared.dial(&live, namespace.as_deref(), &target, upstream_port, &mut record).await {
-        Ok(upstream) => tunnel::run(shared, client, upstream, first, limits, record).await,
+        Ok((upstream, _)) => tunnel::run(shared, client, upstream, first, limits, record).await,
         Err(refusal) => refuse(&shared, &mut client, record, refusal).await,
     }
 }
 
 async fn refuse(shared: &Shared, client: &mut TcpStream, mut record: Record, refusal: Refusal) {
     let alert = match refusal {
-        Refusal::Deny(Deny::NoServerName | Deny::BadTarget) => AlertDescription::UnrecognizedName,
-        Refusal::Deny(_) => AlertDescription::AccessDenied,
-        Refusal::ConnectFailed | Refusal::ConnectTimeout | Refusal::TlsFailed => {
-            AlertDescription::InternalError
-        }
+        Refusal::Deny(deny) => tunnel::deny_alert(deny),
+        Refusal::ConnectFailed
+        | Refusal::ConnectTimeout
+        | Refusal::TlsFailed
+        | Refusal::RequestBodyTimeout
+        | Refusal::ResponseTimeout => AlertDescription::InternalError,
     };
     send_alert(client, alert).await;
     refusal.note(&mut record);

@@ -1,0 +1,181 @@
+//! Which pod owns a client address, from the pod watch's events. Pod IPs are reused: a new pod
+//! can get an address while the old one is still terminating, and watch events about the two
+//! can arrive in any order. So identities are keyed by pod, each address keeps the set of pods
+//! that claim it, and the newest running claimant owns it. A pod that stops running
+//! (Succeeded, Failed) or is terminating (deletionTimestamp) claims nothing; when the owner
+//! goes, an older pod that still runs there owns the address again.
+//!
+//! Each event touches only that pod's entry and its own addresses (no scan of every pod).
+
+use std::{collections::HashMap, net::IpAddr};
+
+use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time};
+
+use super::ip_literal;
+
+#[derive(Default)]
+pub struct PodIndex {
+    /// `namespace/name` -> what the pod claims.
+    pods: HashMap<String, Claim>,
+    /// Address -> the pods that claim it (one, except while an address is being reused).
+    owners: HashMap<IpAddr, Vec<Claimant>>,
+}
+
+struct Claim {
+    namespace: String,
+    ips: Vec<IpAddr>,
+}
+
+/// The newest claimant wins: by creation time, then by key so the choice is stable.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Claimant {
+    created: Option<Time>,
+    key: String,
+}
+
+impl PodIndex {
+    /// An ADDED or MODIFIED pod: replaces whatever the pod claimed before.
+    pub fn apply(&mut self, pod: &Pod) {
+        let Some(key) = key_of(pod) else { return };
+        self.remove(&key);
+        let Some((namespace, ips)) = claim_of(pod) else { return };
+        let claimant = Claimant { created: created_at(pod), key: key.clone() };
+        for ip in &ips {
+            self.owners.entry(*ip).or_default().push(claimant.clone());
+        }
+        self.pods.insert(key, Claim { namespace, ips });
+    }
+
+    /// A DELETED pod.
+    pub fn delete(&mut self, pod: &Pod) {
+        if let Some(key) = key_of(pod) {
+            self.remove(&key);
+        }
+    }
+
+    /// The namespace of the pod that owns `ip` (already normalised), if any.
+    pub fn namespace_of(&self, ip: IpAddr) -> Option<&str> {
+        let owner = self.owners.get(&ip)?.iter().max()?;
+        self.pods.get(&owner.key).map(|c| c.namespace.as_str())
+    }
+
+    /// Addresses with an owner.
+    pub fn addresses(&self) -> usize {
+        self.owners.len()
+    }
+
+    fn remove(&mut self, key: &str) {
+        let Some(old) = self.pods.remove(key) else { return };
+        for ip in old.ips {
+            if let Some(claimants) = self.owners.get_mut(&ip) {
+                claimants.retain(|c| c.key != key);
+                if claimants.is_empty() {
+                    self.owners.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+fn key_of(pod: &Pod) -> Option<String> {
+    let m = &pod.metadata;
+    Some(format!("{}/{}", m.namespace.as_deref()?, m.name.as_deref()?))
+}
+
+/// The namespace and addresses a pod claims, or `None` when it claims none.
+fn claim_of(pod: &Pod) -> Option<(String, Vec<IpAddr>)> {
+    // hostNetwork pods carry the node's address, shared with everything on the node: it
+    // identifies no namespace. Finished and terminating pods no longer own their IP: the
+    // address may already belong to a new pod.
+    let host_network = pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
+    let status = pod.status.as_ref()?;
+    let finished = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
+    if host_network || finished || pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let mut ips: Vec<IpAddr> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse::<IpAddr>().ok())
+        .map(ip_literal::normalize)
+        .collect();
+    ips.sort_unstable();
+    ips.dedup();
+    Some((pod.metadata.namespace.clone()?, ips))
+}
+
+/// When the pod was created (its start time if the API left that out).
+fn created_at(pod: &Pod) -> Option<Time> {
+    pod.metadata.creation_timestamp.clone().or_else(|| pod.status.as_ref()?.start_time.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(ns: &str, name: &str, ip: &str, created: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": ns, "name": name, "creationTimestamp": created},
+            "status": {"phase": "Running", "podIPs": [{"ip": ip}]}
+        }))
+        .unwrap()
+    }
+
+    fn with(mut p: Pod, edit: impl FnOnce(&mut serde_json::Value)) -> Pod {
+        let mut v = serde_json::to_value(&p).unwrap();
+        edit(&mut v);
+        p = serde_json::from_value(v).unwrap();
+        p
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_newest_running_pod_owns_a_reused_address() {
+        let mut idx = PodIndex::default();
+        let old = pod("a", "old", "10.0.0.1", "2024-01-01T00:00:00Z");
+        let new = pod("b", "new", "10.0.0.1", "2024-02-01T00:00:00Z");
+        // Newer first, then a late update of the older pod: the newer one still owns it.
+        idx.apply(&new);
+        idx.apply(&old);
+        assert_eq!(idx.namespace_of(ip("10.0.0.1")), Some("b"));
+        // The newer one goes: the older one, still running, owns the address again.
+        idx.delete(&new);
+        assert_eq!(idx.namespace_of(ip("10.0.0.1")), Some("a"));
+        idx.apply(&new);
+        assert_eq!(idx.namespace_of(ip("10.0.0.1")), Some("b"));
+        // A newer pod that finishes gives the address back too.
+        idx.apply(&with(new.clone(), |v| v["status"]["phase"] = "Succeeded".into()));
+        assert_eq!(idx.namespace_of(ip("10.0.0.1")), Some("a"));
+        // A terminating pod owns nothing.
+        idx.apply(&with(old, |v| v["metadata"]["deletionTimestamp"] = "2024-03-01T00:00:00Z".into()));
+        assert_eq!(idx.namespace_of(ip("10.0.0.1")), None);
+        assert_eq!(idx.addresses(), 0);
+    }
+
+    #[test]
+    fn a_pod_that_changes_address_leaves_the_old_one() {
+        let mut idx = PodIndex::default();
+        let p = pod("a", "p", "10.0.0.1", "2024-01-01T00:00:00Z");
+        idx.apply(&p);
+        idx.apply(&with(p, |v| {
+            v["status"]["podIPs"] = serde_json::json!([{"ip": "10.0.0.2"}, {"ip": "fd00::2"}])
+        }));
+        assert_eq!(idx.namespace_of(ip("10.0.0.1")), None);
+        assert_eq!(idx.namespace_of(ip("10.0.0.2")), Some("a"));
+        assert_eq!(idx.namespace_of(ip("fd00::2")), Some("a"));
+    }
+
+    #[test]
+    fn host_network_pods_identify_no_namespace() {
+        let mut idx = PodIndex::default();
+        let host = with(pod("kube-system", "h", "10.9.0.2", "2024-01-01T00:00:00Z"), |v| {
+            v["spec"] = serde_json::json!({"hostNetwork": true, "containers": []});
+        });
+        idx.apply(&host);
+        assert_eq!(idx.namespace_of(ip("10.9.0.2")), None);
+    }
+}
