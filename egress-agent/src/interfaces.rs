@@ -4,7 +4,9 @@
 //!
 //! 1. bindings are written before the programs are attached (and an attached program that finds
 //!    no binding denies anyway);
-//! 2. a removed interface loses its programs first, then its bindings.
+//! 2. a removed interface loses its programs first, then its bindings;
+//! 3. every pass checks that ours still run first on each interface, and moves them back to
+//!    the head when another program was put ahead of them (`tc_attach::ensure_first`).
 //!
 //! A workload's interface may not exist yet, or may be recreated with a new ifindex (a pod's
 //! sandbox restarting): each pass resolves names again, and the caller runs a pass whenever a
@@ -48,6 +50,9 @@ pub struct TcSummary {
     /// Interfaces that could not be attached, with the error (retried on the next pass).
     pub failed: Vec<(String, String)>,
     pub links: AttachOutcome,
+    /// (interface, direction) where another program ran before ours: ours was moved back to
+    /// the head in this pass.
+    pub moved_to_head: Vec<(String, &'static str)>,
 }
 
 /// What the tc maps hold and which interfaces this process attached, as last written; a full
@@ -64,6 +69,20 @@ pub struct TcState {
 impl Default for TcState {
     fn default() -> Self {
         Self { interfaces: BTreeMap::new(), sources: BTreeMap::new(), attached: BTreeSet::new(), stale: true }
+    }
+}
+
+impl TcSummary {
+    /// One warning per hook where ours had to be moved back to the head.
+    pub fn warn_moved_to_head(&self) {
+        for (interface, direction) in &self.moved_to_head {
+            tracing::warn!(
+                interface,
+                direction,
+                why = "another tc program was attached ahead of ours: it could pass or redirect frames before they are judged (check which CNI or tool attaches programs at the head)",
+                "tc program moved back to the head"
+            );
+        }
     }
 }
 
@@ -179,6 +198,15 @@ fn apply_diff(
     let mut tags: Option<ProgramTags> = None;
     for (&index, &(_, name)) in &wanted_if {
         if state.attached.contains(&index) {
+            // Attached before: still first? (Anything attached later may have gone ahead.)
+            match tc_attach::ensure_first(ebpf, pins, index, name) {
+                Ok(moved) => summary.moved_to_head.extend(moved.into_iter().map(|d| (name.to_string(), d))),
+                Err(e) => {
+                    state.attached.remove(&index);
+                    summary.failed.push((name.to_string(), format!("{e:#}")));
+                    continue;
+                }
+            }
             summary.enforced += 1;
             continue;
         }
@@ -186,8 +214,12 @@ fn apply_diff(
             Some(t) => t,
             None => tags.insert(ProgramTags::read(ebpf)?),
         };
-        match tc_attach::ensure_attached(ebpf, pins, tags, index, name) {
-            Ok(o) => {
+        // Adopted attachments may have had something put ahead of them while no agent ran.
+        let attached = tc_attach::ensure_attached(ebpf, pins, tags, index, name)
+            .and_then(|o| Ok((o, tc_attach::ensure_first(ebpf, pins, index, name)?)));
+        match attached {
+            Ok((o, moved)) => {
+                summary.moved_to_head.extend(moved.into_iter().map(|d| (name.to_string(), d)));
                 state.attached.insert(index);
                 summary.enforced += 1;
                 summary.links.attached += o.attached;

@@ -11,6 +11,7 @@ pub mod k8s;
 pub mod kernel;
 pub mod link_events;
 pub mod metrics;
+pub mod netlink_wait;
 pub mod policy;
 pub mod reconcile;
 pub mod routes;

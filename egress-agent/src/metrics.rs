@@ -41,6 +41,8 @@ pub struct Metrics {
     pub pods: Family<Vec<(&'static str, &'static str)>, Gauge>,
     pub pending_pods: Gauge,
     pub gate_attached: Gauge,
+    /// Times another tc program was found ahead of ours and ours was moved back to the head.
+    pub tc_moved_to_head: Counter,
 }
 
 impl Metrics {
@@ -69,8 +71,14 @@ impl Metrics {
             "1 while the pod-start gate denies unregistered pod cgroups",
             gate_attached.clone(),
         );
+        let tc_moved_to_head = Counter::default();
+        registry.register(
+            "tc_moved_to_head",
+            "Times another tc program was found ahead of ours on a pod's interface (it could pass or redirect frames before they are judged) and ours was moved back to the head",
+            tc_moved_to_head.clone(),
+        );
         registry.register_collector(Box::new(KernelCollector { pins, owners }));
-        Self { registry, apply_latency, reconciles, pods, pending_pods, gate_attached }
+        Self { registry, apply_latency, reconciles, pods, pending_pods, gate_attached, tc_moved_to_head }
     }
 
     pub fn render(&self) -> String {

@@ -75,18 +75,7 @@ fn route_oif(addr: IpAddr) -> io::Result<Option<u32>> {
     }
     // SAFETY: a fresh fd nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // A bounded wait: the kernel answers at once, but the agent must never hang on it.
-    let timeout = libc::timeval { tv_sec: 2, tv_usec: 0 };
-    // SAFETY: setting a socket option from a valid struct of the stated size.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const timeout).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        );
-    }
+    crate::netlink_wait::bound_receives(&fd)?;
     // SAFETY: sending from a buffer of the stated size (to the kernel: no address needed).
     if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
         return Err(io::Error::last_os_error());

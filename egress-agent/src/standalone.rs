@@ -97,7 +97,11 @@ impl Agent {
 }
 
 fn log_tc_summary(s: &TcSummary, always: bool) {
-    let changed = s.released > 0 || s.links != Default::default() || !s.failed.is_empty();
+    s.warn_moved_to_head();
+    let changed = s.released > 0
+        || s.links != Default::default()
+        || !s.failed.is_empty()
+        || !s.moved_to_head.is_empty();
     if !(changed || always) || (s.enforced == 0 && s.missing.is_empty() && !changed) {
         return;
     }
@@ -111,6 +115,7 @@ fn log_tc_summary(s: &TcSummary, always: bool) {
         links_attached = s.links.attached,
         links_adopted = s.links.adopted,
         links_replaced = s.links.replaced,
+        moved_to_head = s.moved_to_head.len(),
         mechanism = interfaces_mechanism(s),
         "tc layer applied"
     );
@@ -132,6 +137,10 @@ fn log_summary(what: &str, s: &Summary) {
         "{what}"
     );
 }
+
+/// How often the tc layer's attachments are checked (ours first on every interface) between
+/// link events: a few syscalls per interface.
+const TC_ORDER_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub async fn run(opts: Options) -> Result<()> {
     tracing::info!(
@@ -173,6 +182,10 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    // Nothing announces a program attached ahead of ours: the tc layer's order is checked on
+    // a timer as well as on link events.
+    let mut order_check = tokio::time::interval(TC_ORDER_CHECK_EVERY);
+    order_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!("ready");
     loop {
         let (why, only_if_changed) = tokio::select! {
@@ -180,6 +193,12 @@ pub async fn run(opts: Options) -> Result<()> {
                 r?;
                 if let Err(e) = agent.apply_interfaces(false) {
                     tracing::error!(error = format!("{e:#}"), "updating the tc layer after a link event failed; retrying on the next one");
+                }
+                continue;
+            }
+            _ = order_check.tick() => {
+                if let Err(e) = agent.apply_interfaces(false) {
+                    tracing::error!(error = format!("{e:#}"), "checking the tc layer failed; retrying");
                 }
                 continue;
             }

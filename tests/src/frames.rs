@@ -166,3 +166,12 @@ pub fn send(pod: &NetNs, cgroup: &Path, frame: &[u8]) -> Output {
     );
     out
 }
+
+/// The index of interface `dev` in the calling thread's network namespace.
+pub fn ifindex(dev: &str) -> u32 {
+    let name = std::ffi::CString::new(dev).expect("interface name");
+    // SAFETY: plain libc call on a valid C string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert_ne!(index, 0, "no interface {dev}: {}", std::io::Error::last_os_error());
+    index
+}

@@ -15,6 +15,7 @@ pub mod kube_node;
 pub mod lab;
 pub mod listen;
 pub mod netns;
+pub mod preempt;
 pub mod routed_pod;
 pub mod sniff;
 

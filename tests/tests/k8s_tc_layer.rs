@@ -9,6 +9,7 @@ use egress_tests::{
     frames,
     kube_node::{KubeNode, NODE, eventually},
     lab::text,
+    preempt::Preemptor,
     routed_pod::RoutedPod,
 };
 use k8s_openapi::api::core::v1::Pod;
@@ -63,6 +64,23 @@ fn an_enforced_pods_veth_is_found_by_its_route_and_gets_the_tc_layer() {
         "the tc layer counts the dropped frame"
     );
     agent.wait_until("egress deny", |l| l["hook"] == "tc/from_pod" && l["dst"] == HOST_ADDR);
+
+    // A program put ahead of ours (a CNI attaching later) is found on the next pass: ours is
+    // moved back to the head, logged and counted, and the frame is dropped again.
+    let _ahead = Preemptor::attach(None, &pod.host_side, 0x51);
+    assert!(
+        eventually(20, || node.metric(&["egressfw_tc_moved_to_head_total"]) >= 1.0),
+        "the agent moves ours back to the head and counts it:\n{}",
+        agent.log_text()
+    );
+    agent.wait_until("tc program moved back to the head", |l| l["interface"] == pod.host_side.as_str());
+    let before = counter(&inspect(&node), "deny_destination");
+    frames::send(&pod.ns, &cgroup, &frame);
+    assert!(
+        eventually(5, || counter(&inspect(&node), "deny_destination") > before),
+        "ours judges the pod's frames first again"
+    );
+    assert_eq!(node.get("/readyz").0, 200, "ready once ours is first again");
 
     // The pod goes: its veth is released.
     assert!(node.api.delete::<Pod>(Some("shop"), "web"));

@@ -328,10 +328,12 @@ pub fn log_pass(why: &str, pass: &Pass, gate_was: bool) {
         + tc.released
         + tc.links.attached
         + tc.links.replaced
-        + tc.failed.len();
+        + tc.failed.len()
+        + tc.moved_to_head.len();
     for (interface, error) in &tc.failed {
         tracing::error!(interface, error, "tc layer not attached; retrying on the next pass");
     }
+    tc.warn_moved_to_head();
     if changed == 0 && gate_was == pass.gate_attached {
         tracing::debug!(why, unchanged = s.unchanged, "reconciled, no change");
         return;

@@ -136,6 +136,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut oldest: Option<std::time::Instant> = None;
     // Readiness needs one link check after the first pass; later ones run on the resync tick.
     let mut links_checked = false;
+    let mut tc_failed_before = false;
     let mut gate_was = false;
     loop {
         let retry = async {
@@ -192,20 +193,27 @@ pub async fn run(opts: Options) -> Result<()> {
                 metrics.reconciles.get_or_create(&vec![("result", "ok")]).inc();
                 metrics.pending_pods.set(pass.pending.len() as i64);
                 metrics.gate_attached.set(i64::from(pass.gate_attached));
+                metrics.tc_moved_to_head.inc_by(pass.tc.moved_to_head.len() as u64);
                 metrics.pods.clear();
                 for ((mode, state), n) in &pass.pods {
                     metrics.pods.get_or_create(&vec![("mode", *mode), ("state", *state)]).set(*n);
                 }
                 log_pass("reconcile", &pass, gate_was);
                 gate_was = pass.gate_attached;
-                if full_check || !links_checked {
+                if full_check || !links_checked || !pass.tc.failed.is_empty() || tc_failed_before {
                     links_checked = true;
                     let verdict = node.verify_links(&pass.enforced);
                     health.set_ready(match verdict {
+                        // A pod interface whose tc layer is not attached (or could not be put
+                        // back first) is unprotected at that layer: not ready until it is.
+                        Ok(None) => pass.tc.failed.first().map(|(interface, error)| {
+                            format!("tc layer not in place on interface {interface}: {error}")
+                        }),
                         Ok(v) => v,
                         Err(e) => Some(format!("{e:#}")),
                     });
                 }
+                tc_failed_before = !pass.tc.failed.is_empty();
             }
             Err(e) => {
                 metrics.reconciles.get_or_create(&vec![("result", "error")]).inc();

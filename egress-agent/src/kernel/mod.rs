@@ -6,4 +6,5 @@ pub mod maps;
 pub mod object;
 pub mod query;
 pub mod tc_attach;
+pub mod tc_filters;
 pub mod tc_maps;

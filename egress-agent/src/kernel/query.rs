@@ -63,3 +63,37 @@ pub fn attached_programs(cgroup: &Path, attach_type: u32) -> Result<Vec<u32>> {
     }
     Ok(ids[..(attr.prog_cnt as usize).min(MAX_PROGS)].to_vec())
 }
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// Detaches the link pinned at `pin` from its hook now (BPF_LINK_DETACH, Linux 5.9). Removing
+/// the pin would too, but the reference a bpffs pin holds is put from a workqueue after the pin
+/// is gone, so the program may stay attached for a moment: too late for a caller that attaches
+/// the same program again at once (the kernel refuses it twice on one hook).
+pub fn detach_pinned_link(pin: &Path) -> Result<()> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())
+        .with_context(|| format!("pin path {}", pin.display()))?;
+    // `obj_get` member of `union bpf_attr`: pathname, bpf_fd, file_flags.
+    let mut get = [0u64; 2];
+    get[0] = path.as_ptr() as u64;
+    // SAFETY: attr is a valid bpf_attr prefix of the stated size; the path outlives the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, get.as_mut_ptr(), size_of_val(&get) as u32) };
+    if fd < 0 {
+        bail!("opening pinned link {}: {}", pin.display(), std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor the kernel just returned; owned (and closed) here.
+    let link = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    // `link_detach` member: the link's fd.
+    let mut detach = [0u32; 2];
+    detach[0] = link.as_raw_fd() as u32;
+    // SAFETY: attr is a valid bpf_attr prefix of the stated size.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, detach.as_mut_ptr(), size_of_val(&detach) as u32)
+    };
+    if rc != 0 {
+        bail!("detaching link {}: {}", pin.display(), std::io::Error::last_os_error());
+    }
+    Ok(())
+}

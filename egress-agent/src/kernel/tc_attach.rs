@@ -128,14 +128,29 @@ fn tcx_ensure(
         }
         _ => {
             let _ = fs::remove_file(&pin);
-            let id = prog
-                .attach_with_options(ifname, direction, TcAttachOptions::TcxOrder(LinkOrder::first()))
-                .with_context(context)?;
-            let link: FdLink = prog.take_link(id)?.try_into().with_context(context)?;
-            link.pin(&pin).with_context(|| format!("pinning tc link at {}", pin.display()))?;
+            tcx_attach_first(prog, pins, name, direction, ifindex, ifname)?;
             outcome.attached += 1;
         }
     }
+    Ok(())
+}
+
+/// A new tcx link for `prog` at the head of the chain, pinned.
+fn tcx_attach_first(
+    prog: &mut SchedClassifier,
+    pins: &PinLayout,
+    name: &str,
+    direction: TcAttachType,
+    ifindex: u32,
+    ifname: &str,
+) -> Result<()> {
+    let context = || format!("attaching {name} to interface {ifname} ({ifindex}) with tcx");
+    let pin = pins.tc_links(ifindex).join(name);
+    let id = prog
+        .attach_with_options(ifname, direction, TcAttachOptions::TcxOrder(LinkOrder::first()))
+        .with_context(context)?;
+    let link: FdLink = prog.take_link(id)?.try_into().with_context(context)?;
+    link.pin(&pin).with_context(|| format!("pinning tc link at {}", pin.display()))?;
     Ok(())
 }
 
@@ -174,6 +189,89 @@ fn clsact_ensure(
     // The filter belongs to the interface, not to us: dropping the handle would delete it.
     std::mem::forget(prog.take_link(id)?);
     Ok(())
+}
+
+/// Makes sure our programs run first on the interface: another program attached later ahead
+/// of ours (a tcx link put at the head, a clsact filter added at our priority, which cls_bpf
+/// runs before older ones) could end classification, passing or redirecting a frame before ours
+/// judges it. Ours is moved back to the head: detached and attached again there, since the
+/// kernel cannot move an attachment and refuses the same program twice on one hook (so for a
+/// moment neither copy runs; that is no worse than the state it repairs, in which the other
+/// program already decided first). Returns the directions that were moved.
+pub fn ensure_first(
+    ebpf: &mut Ebpf,
+    pins: &PinLayout,
+    ifindex: u32,
+    ifname: &str,
+) -> Result<Vec<&'static str>> {
+    let mut moved = Vec::new();
+    for (name, direction) in TC_ATTACHMENTS {
+        let context = || format!("checking that {name} runs first on interface {ifname} ({ifindex})");
+        let first = match mechanism() {
+            TcMechanism::Tcx => {
+                tcx_first_is_ours(pins, name, direction, ifindex, ifname).with_context(context)?
+            }
+            TcMechanism::Clsact => clsact_first_is_ours(name, direction, ifindex).with_context(context)?,
+        };
+        if first {
+            continue;
+        }
+        let prog: &mut SchedClassifier = ebpf.program_mut(name).context("program missing")?.try_into()?;
+        match mechanism() {
+            TcMechanism::Tcx => {
+                let pin = pins.tc_links(ifindex).join(name);
+                if pin.exists() {
+                    super::query::detach_pinned_link(&pin).with_context(context)?;
+                }
+                let _ = fs::remove_file(&pin);
+                tcx_attach_first(prog, pins, name, direction, ifindex, ifname)?;
+            }
+            TcMechanism::Clsact => {
+                match tc::qdisc_detach_program(ifname, direction, name) {
+                    Ok(()) => {}
+                    Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(anyhow!("detaching {name} from interface {ifname}: {e}")),
+                }
+                clsact_ensure(prog, name, direction, ifname, &mut AttachOutcome::default())?;
+            }
+        }
+        moved.push(direction_name(direction));
+    }
+    Ok(moved)
+}
+
+fn direction_name(direction: TcAttachType) -> &'static str {
+    match direction {
+        TcAttachType::Ingress => "ingress",
+        TcAttachType::Egress => "egress",
+        TcAttachType::Custom(_) => "custom",
+    }
+}
+
+/// Whether the head of the interface's tcx chain is the program of our pinned link.
+fn tcx_first_is_ours(
+    pins: &PinLayout,
+    name: &str,
+    direction: TcAttachType,
+    ifindex: u32,
+    ifname: &str,
+) -> Result<bool> {
+    let (_, running) = SchedClassifier::query_tcx(ifname, direction)?;
+    let pin = pins.tc_links(ifindex).join(name);
+    let ours =
+        PinnedLink::from_pin(&pin).ok().and_then(|l| FdLink::from(l).info().ok()).map(|i| i.program_id());
+    Ok(ours.is_some() && running.first().map(|p| p.id()) == ours)
+}
+
+/// Whether the first clsact filter on the hook is ours (priority, handle and program name).
+fn clsact_first_is_ours(name: &str, direction: TcAttachType, ifindex: u32) -> Result<bool> {
+    let filters = super::tc_filters::filters(ifindex, direction)?;
+    Ok(filters.first().is_some_and(|f| {
+        f.kind == "bpf"
+            && f.priority == CLSACT_PRIORITY
+            && f.handle == u32::from(CLSACT_HANDLE)
+            && f.program_name.as_deref().is_some_and(|n| n.starts_with(name))
+    }))
 }
 
 /// Detaches the tc programs from an interface: removes the tcx pins (each link detaches with
