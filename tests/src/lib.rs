@@ -16,6 +16,7 @@ pub mod lab;
 pub mod listen;
 pub mod netns;
 pub mod preempt;
+pub mod raw_bpf;
 pub mod routed_pod;
 pub mod sniff;
 

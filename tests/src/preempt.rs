@@ -5,12 +5,9 @@
 //! older filters of the same priority, with classic BPF that matches everything and the `ok`
 //! action. Removed on drop.
 
-use std::{
-    io,
-    os::fd::{FromRawFd as _, OwnedFd},
-};
+use std::{io, os::fd::OwnedFd};
 
-use crate::netns::NetNs;
+use crate::{netns::NetNs, raw_bpf};
 
 pub enum Preemptor {
     /// The tcx link; closing it detaches the program.
@@ -76,41 +73,15 @@ fn tcx_kernel() -> bool {
     (major, minor) >= (6, 6)
 }
 
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_TCX_INGRESS: u32 = 46;
 /// With no relative program: the head of the chain.
 const BPF_F_BEFORE: u32 = 1 << 3;
 
-fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> io::Result<OwnedFd> {
-    // SAFETY: the attribute buffer is valid for its size, which is passed along.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor the kernel just returned to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
 /// `r0 = 0 (TCX_PASS); exit`.
 fn load_pass_all() -> io::Result<OwnedFd> {
-    let insns: [u8; 16] = [0xb7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
-    let license = b"GPL\0";
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_SCHED_CLS.to_ne_bytes());
-    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
-    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
-    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-    bpf(BPF_PROG_LOAD, &mut attr)
+    raw_bpf::load(raw_bpf::PROG_TYPE_SCHED_CLS, 0)
 }
 
 fn link_at_head(prog: &OwnedFd, ifindex: u32) -> io::Result<OwnedFd> {
-    use std::os::fd::AsRawFd as _;
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
-    attr[4..8].copy_from_slice(&ifindex.to_ne_bytes());
-    attr[8..12].copy_from_slice(&BPF_TCX_INGRESS.to_ne_bytes());
-    attr[12..16].copy_from_slice(&BPF_F_BEFORE.to_ne_bytes());
-    bpf(BPF_LINK_CREATE, &mut attr)
+    raw_bpf::link_create(prog, ifindex, BPF_TCX_INGRESS, BPF_F_BEFORE)
 }
