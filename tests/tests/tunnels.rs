@@ -79,3 +79,85 @@ fn a_rule_that_names_the_tunnel_lets_it_through() {
     let protocols: Vec<(u8, u16)> = sniffer.seen().iter().map(|s| (s.protocol, s.dport)).collect();
     assert_eq!(protocols, vec![(GRE, 0), (17, 4789)]);
 }
+
+/// A tunnel device made inside the pod's network namespace towards the external host (which
+/// the policy's `any` rule covers), and an inner packet sent through it from a cgroup with no
+/// policy, so only the outer packet's judges stand between it and the host. `kind` is an
+/// `ip link add ... type` with its arguments; `made_in_pod`: `ip` runs in the pod's cgroup, so
+/// the kernel's tunnel socket (VXLAN's) belongs to it.
+fn send_through_tunnel(lab: &Lab, kind: &[&str], made_in_pod: bool) {
+    let cgroup = if made_in_pod { &lab.pod_cgroup } else { &lab.other_cgroup };
+    let mut add = vec!["link", "add", "tun9"];
+    add.extend_from_slice(kind);
+    for args in
+        [add, vec!["addr", "add", "192.168.77.1/24", "dev", "tun9"], vec!["link", "set", "tun9", "up"]]
+    {
+        let out = lab.pod.run(Some(cgroup), "ip", &args);
+        assert!(out.status.success(), "ip {}:\n{}", args.join(" "), text(&out));
+    }
+    // The inner destination is on the tunnel's subnet; the sender has no policy of its own.
+    let _ = lab.in_other_cgroup(udp_sendto("192.168.77.2", 9000));
+    let out = lab.pod.run(None, "ip", &["link", "del", "tun9"]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+fn tunnel_policy(lab: &Lab) -> String {
+    let mut text = policy_with_extra(lab, &["protocol: any"]);
+    // The tc layer judges what the tunnel sends out of the pod's veth, whoever made it.
+    text.push_str(&format!(
+        "    interfaces:\n      - name: v-pod\n        addresses: [{}, {}]\n",
+        egress_tests::lab::POD4,
+        egress_tests::lab::POD6
+    ));
+    text
+}
+
+#[test]
+fn a_vxlan_device_in_the_pods_namespace_carries_nothing_out() {
+    let lab = Lab::new();
+    fs::write(lab.policy_path(), policy_with_extra(&lab, &["protocol: any"])).expect("policy");
+    let agent = Agent::start_on_node(&lab);
+    let sniffer = Sniffer::start(&lab.external, &Lab::pod_sources());
+    let vxlan = ["type", "vxlan", "id", "42", "remote", EXTERNAL4, "dstport", "4789"];
+    // Socket hooks only, device made outside the pod's cgroup: its packets are the kernel's.
+    send_through_tunnel(&lab, &vxlan, false);
+    let seen = sniffer.seen();
+    assert!(seen.iter().any(|s| s.dport == 4789), "without the tc layer VXLAN gets out: {seen:?}");
+    sniffer.clear();
+
+    let before = agent.lines("tc layer applied").len();
+    fs::write(lab.policy_path(), tunnel_policy(&lab)).expect("policy");
+    agent.wait_for("tc layer applied", before + 1);
+    send_through_tunnel(&lab, &vxlan, false);
+    send_through_tunnel(&lab, &vxlan, true);
+    assert_eq!(sniffer.seen(), vec![], "no VXLAN packet may reach the host");
+    let denial = agent.wait_until("egress deny", |e| e["dport"] == 4789);
+    assert_eq!(denial["reason"], "deny_encapsulation", "{denial}");
+}
+
+#[test]
+#[ignore = "needs GRE and IPIP, which this host's kernel lacks: `cargo xtask vm` runs it on Debian's kernels"]
+fn gre_and_ipip_devices_in_the_pods_namespace_carry_nothing_out() {
+    let lab = Lab::new();
+    for module in ["ip_gre", "ipip"] {
+        let out = std::process::Command::new("modprobe").arg(module).output().expect("running modprobe");
+        assert!(
+            out.status.success(),
+            "this test needs the kernel's {module} module (`modprobe {module}` failed: {}); run it with `cargo xtask vm`",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    fs::write(lab.policy_path(), tunnel_policy(&lab)).expect("policy");
+    let _agent = Agent::start_on_node(&lab);
+    let sniffer = Sniffer::start(&lab.external, &Lab::pod_sources());
+    for kind in [
+        ["type", "gre", "remote", EXTERNAL4, "local", egress_tests::lab::POD4],
+        ["type", "ipip", "remote", EXTERNAL4, "local", egress_tests::lab::POD4],
+    ] {
+        send_through_tunnel(&lab, &kind, false);
+        send_through_tunnel(&lab, &kind, true);
+    }
+    let tunnelled: Vec<_> =
+        sniffer.seen().into_iter().filter(|s| s.protocol == GRE || s.protocol == IPIP).collect();
+    assert_eq!(tunnelled, vec![], "no GRE or IP-in-IP packet may reach the host");
+}
