@@ -34,6 +34,9 @@ pub struct Report {
     pub events_lost_ring_full: u64,
     /// Accepted connections marked for the reply exemption (see `egress_sockops`).
     pub passive_marks: PassiveMarkStats,
+    /// Entries in the IPv4 and IPv6 allow tables, over all policies (and leftovers).
+    pub allow_entries_v4: usize,
+    pub allow_entries_v6: usize,
 }
 
 #[derive(Serialize)]
@@ -119,6 +122,7 @@ pub fn collect(pins: &PinLayout, cgroup_root: &Path) -> Result<Report> {
     let counters = maps.counters()?;
     let (suppressed, ring_full) = maps.event_losses()?;
     let passive_marks = maps.passive_marks()?;
+    let (allow_entries_v4, allow_entries_v6) = maps.allow_entry_counts()?;
     Ok(Report {
         pin_dir: pins.root.display().to_string(),
         policies: out,
@@ -133,6 +137,8 @@ pub fn collect(pins: &PinLayout, cgroup_root: &Path) -> Result<Report> {
         events_suppressed: suppressed,
         events_lost_ring_full: ring_full,
         passive_marks,
+        allow_entries_v4,
+        allow_entries_v6,
     })
 }
 

@@ -174,6 +174,10 @@ fn apply_diff(
         maps.set_level_mask(state.level_mask)?;
     }
 
+    // Rules no policy points to (an interrupted earlier run) go first: they take room the
+    // writes below may need.
+    remove_orphan_rules(maps, state)?;
+
     let mut tags: Option<ProgramTags> = None;
     for d in desired {
         let want = CgroupPolicy { policy_id: 0, mode: d.mode.kernel_value() };
@@ -187,7 +191,16 @@ fn apply_diff(
         } else {
             let id = fresh_id(&used_ids);
             used_ids.insert(id);
-            maps.write_rules(id, &d.rules)?;
+            if let Err(e) = maps.write_rules(id, &d.rules) {
+                // A full table (or any other failure) midway: take back what was written, so
+                // the refused change leaves no rules behind to crowd out the next one. The
+                // cgroup still points at its old rules, which stay enforced.
+                maps.remove_rules_present(id, &d.rules);
+                return Err(e.context(format!(
+                    "the rules of cgroup {} do not fit (a change needs room for the old and the new rules side by side); nothing was changed",
+                    d.cgroup.path.display()
+                )));
+            }
             state.entries.insert(id, (*d.rules).clone());
             let policy = CgroupPolicy { policy_id: id, ..want };
             maps.policies.insert(d.cgroup.id, policy, 0).map_err(|e| {
@@ -239,14 +252,8 @@ fn apply_diff(
         }
         summary.removed += 1;
     }
-    // Rules no policy points to: left by removed policies or by an interrupted earlier run.
-    let live: BTreeSet<u32> = state.policies.values().map(|p| p.policy_id).collect();
-    let orphans: Vec<u32> = state.entries.keys().copied().filter(|id| !live.contains(id)).collect();
-    for id in orphans {
-        if let Some(rules) = state.entries.remove(&id) {
-            maps.remove_rules(id, &rules)?;
-        }
-    }
+    // Rules no policy points to any more: left by removed policies.
+    remove_orphan_rules(maps, state)?;
     if state.level_mask != wanted_mask {
         state.level_mask = wanted_mask;
         maps.set_level_mask(wanted_mask)?;
@@ -255,6 +262,18 @@ fn apply_diff(
         maps.forget_counters_except(&keep)?;
     }
     Ok(summary)
+}
+
+/// Removes the rules of policy ids no cgroup's policy points to.
+fn remove_orphan_rules(maps: &mut KernelMaps, state: &mut KernelState) -> Result<()> {
+    let live: BTreeSet<u32> = state.policies.values().map(|p| p.policy_id).collect();
+    let orphans: Vec<u32> = state.entries.keys().copied().filter(|id| !live.contains(id)).collect();
+    for id in orphans {
+        if let Some(rules) = state.entries.remove(&id) {
+            maps.remove_rules(id, &rules)?;
+        }
+    }
+    Ok(())
 }
 
 fn fresh_id(used: &BTreeSet<u32>) -> u32 {

@@ -138,6 +138,17 @@ impl KernelMaps {
         Ok(())
     }
 
+    /// Removes whatever of `rules` is present under `policy_id`, ignoring entries that are not
+    /// (taking back a write that failed midway).
+    pub fn remove_rules_present(&mut self, policy_id: u32, rules: &CompiledRules) {
+        for net in rules.v4.keys() {
+            let _ = self.allow4.remove(&v4_key(policy_id, net));
+        }
+        for net in rules.v6.keys() {
+            let _ = self.allow6.remove(&v6_key(policy_id, net));
+        }
+    }
+
     pub fn level_mask(&self) -> Result<u32> {
         Ok(self.config.get(&0, 0).context("reading the config map")?.level_mask)
     }
