@@ -46,6 +46,7 @@ const HOSTS: &str = "\
 2001:db9:231::5 v6.example.test
 11.231.0.6 bad.example.test
 10.231.0.5 internal.example.test
+11.231.0.8 switch.example.test
 169.254.169.254 meta.example.test
 127.0.0.1 loop.example.test
 ::ffff:127.0.0.1 mapped.example.test
@@ -378,6 +379,17 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
+}
+
+/// A raw client (run it in the pod namespace): sends `request` to the gateway's `port` in one
+/// write, exactly as given (curl would normalise targets such as `0x7f.1`), and reads until the
+/// gateway closes or 3 s pass. Returns the reply and whether the gateway closed.
+pub fn raw_request(port: u16, request: &[u8]) -> (String, bool) {
+    let mut s = TcpStream::connect((GATEWAY4, port))
+        .unwrap_or_else(|e| panic!("connect to the gateway's port {port}: {e}"));
+    s.write_all(request).expect("write the request");
+    let (got, closed) = read_reply(&mut s, Duration::from_secs(3));
+    (String::from_utf8_lossy(&got).to_string(), closed)
 }
 
 /// Opens `CONNECT authority` on the proxy port (run it in the pod namespace) and returns the

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod client;
 pub mod fake_api;
+pub mod fake_dns;
 pub mod frames;
 pub mod gateway;
 pub mod kube_node;

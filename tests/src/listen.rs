@@ -5,8 +5,8 @@ use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, UdpSocket},
     sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
         mpsc,
     },
     thread::JoinHandle,
@@ -16,42 +16,68 @@ use std::{
 use crate::netns::NetNs;
 
 pub struct Server {
-    hits: Arc<AtomicUsize>,
+    /// The peer of every connection accepted or datagram received, in order.
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    /// The test's own probe connections (`hits_before_probe`), which are not counted.
+    probes: Mutex<Vec<SocketAddr>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Server {
-    /// Connections accepted (TCP) or datagrams received (UDP).
+    /// Connections accepted (TCP) or datagrams received (UDP), probes included.
     pub fn hits(&self) -> usize {
         std::thread::sleep(Duration::from_millis(200));
-        self.hits.load(Ordering::SeqCst)
+        self.peers.lock().expect("peers").len()
+    }
+
+    /// Connections accepted before this call, without guessing how long a late one may take:
+    /// opens one connection of its own to `addr` from `ns`, waits (bounded) until the server has
+    /// accepted it, and returns how many it accepted before. A listener's accept queue is FIFO,
+    /// so a connection that reached it before the probe has been counted by then.
+    pub fn hits_before_probe(&self, ns: &NetNs, addr: SocketAddr) -> usize {
+        let probe = ns.within(|| {
+            let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                .unwrap_or_else(|e| panic!("probe connection to {addr}: {e}"));
+            // Closed at once, so a server that reads after accepting is not held up by it.
+            s.local_addr().expect("probe address")
+        });
+        let mut probes = self.probes.lock().expect("probes");
+        probes.push(probe);
+        let mut before = 0;
+        crate::wait_until(&format!("{addr} to accept the probe connection"), Duration::from_secs(5), || {
+            let peers = self.peers.lock().expect("peers");
+            let Some(at) = peers.iter().position(|p| *p == probe) else { return false };
+            before = peers[..at].iter().filter(|p| !probes.contains(p)).count();
+            true
+        });
+        before
     }
 
     fn start(
         ns: &NetNs,
-        body: impl FnOnce(Arc<AtomicUsize>, Arc<AtomicBool>, mpsc::Sender<()>) + Send + 'static,
+        body: impl FnOnce(Arc<Mutex<Vec<SocketAddr>>>, Arc<AtomicBool>, mpsc::Sender<()>) + Send + 'static,
     ) -> Self {
-        let hits = Arc::new(AtomicUsize::new(0));
+        let peers = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         let thread = ns.spawn({
-            let (hits, stop) = (hits.clone(), stop.clone());
-            move || body(hits, stop, tx)
+            let (peers, stop) = (Arc::clone(&peers), stop.clone());
+            move || body(peers, stop, tx)
         });
         rx.recv_timeout(Duration::from_secs(5)).expect("server did not start");
-        Self { hits, stop, thread: Some(thread) }
+        Self { peers, probes: Mutex::default(), stop, thread: Some(thread) }
     }
 
     pub fn tcp_http(ns: &NetNs, addr: SocketAddr) -> Self {
-        Self::start(ns, move |hits, stop, ready| {
+        Self::start(ns, move |peers, stop, ready| {
             let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
             l.set_nonblocking(true).expect("nonblocking");
             ready.send(()).expect("test waits");
             while !stop.load(Ordering::Relaxed) {
                 match l.accept() {
-                    Ok((mut s, _)) => {
-                        hits.fetch_add(1, Ordering::SeqCst);
+                    Ok((mut s, peer)) => {
+                        peers.lock().expect("peers").push(peer);
                         let _ = s.set_nonblocking(false);
                         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
                         let mut buf = [0u8; 4096];
@@ -68,15 +94,15 @@ impl Server {
 
     /// Accepts TCP connections and keeps them open, discarding what arrives.
     pub fn tcp_sink(ns: &NetNs, addr: SocketAddr) -> Self {
-        Self::start(ns, move |hits, stop, ready| {
+        Self::start(ns, move |peers, stop, ready| {
             let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
             l.set_nonblocking(true).expect("nonblocking");
             ready.send(()).expect("test waits");
             let mut open = Vec::new();
             let mut buf = [0u8; 4096];
             while !stop.load(Ordering::Relaxed) {
-                if let Ok((s, _)) = l.accept() {
-                    hits.fetch_add(1, Ordering::SeqCst);
+                if let Ok((s, peer)) = l.accept() {
+                    peers.lock().expect("peers").push(peer);
                     let _ = s.set_nonblocking(true);
                     open.push(s);
                 }
@@ -89,14 +115,14 @@ impl Server {
     }
 
     pub fn udp_echo(ns: &NetNs, addr: SocketAddr) -> Self {
-        Self::start(ns, move |hits, stop, ready| {
+        Self::start(ns, move |peers, stop, ready| {
             let s = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
             s.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
             ready.send(()).expect("test waits");
             let mut buf = [0u8; 2048];
             while !stop.load(Ordering::Relaxed) {
                 if let Ok((n, from)) = s.recv_from(&mut buf) {
-                    hits.fetch_add(1, Ordering::SeqCst);
+                    peers.lock().expect("peers").push(from);
                     let _ = s.send_to(&buf[..n], from);
                 }
             }

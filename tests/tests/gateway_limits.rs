@@ -11,26 +11,10 @@ use std::{
 use egress_tests::{
     gateway::{
         FORWARD_BLOCKED_PORT, FORWARD_PORT, GatewayLab, PROXY_PORT, TEAM_B4, UPSTREAM_BODY, base_config,
+        raw_request,
     },
     lab::{GATEWAY4, POD4},
 };
-
-/// Sends `request` in one write and reads until the gateway closes or 3 s pass.
-fn exchange(request: &[u8]) -> (String, bool) {
-    let mut s = TcpStream::connect((GATEWAY4, PROXY_PORT)).expect("connect to the proxy port");
-    s.write_all(request).expect("write");
-    s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
-    let mut got = Vec::new();
-    let mut buf = [0u8; 8192];
-    let closed = loop {
-        match s.read(&mut buf) {
-            Ok(0) => break true,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(_) => break false,
-        }
-    };
-    (String::from_utf8_lossy(&got).to_string(), closed)
-}
 
 #[test]
 fn malformed_requests_are_refused_and_logged() {
@@ -96,7 +80,7 @@ fn malformed_requests_are_refused_and_logged() {
     ];
     for (name, request, status, reason, closes) in &corpus {
         let before = gw.access_lines().len();
-        let (reply, closed) = g.in_pod(|| exchange(request.as_bytes()));
+        let (reply, closed) = g.in_pod(|| raw_request(PROXY_PORT, request.as_bytes()));
         assert!(reply.starts_with(status), "{name}: expected {status}, got {reply:?}");
         assert_eq!(closed, *closes, "{name}: connection closed? reply {reply:?}");
         let lines = gw.wait_lines(before + 1);
@@ -113,7 +97,8 @@ fn pipelined_requests_are_each_authorised() {
     let gw = g.start(&base_config(&g.ca, 100));
     // A smuggling attempt without ambiguous framing: the second request rides behind the first.
     let (reply, _) = g.in_pod(|| {
-        exchange(
+        raw_request(
+            PROXY_PORT,
             b"GET http://api.example.test/ HTTP/1.1\r\nHost: api.example.test\r\n\r\nGET http://forbidden.example.test/ HTTP/1.1\r\nHost: forbidden.example.test\r\nConnection: close\r\n\r\n",
         )
     });
@@ -189,7 +174,7 @@ fn the_connection_cap_holds() {
             s
         };
         let _held: Vec<TcpStream> = (0..2).map(open).collect();
-        let (reply, closed) = exchange(b"GET http://api.example.test/ HTTP/1.1\r\n\r\n");
+        let (reply, closed) = raw_request(PROXY_PORT, b"GET http://api.example.test/ HTTP/1.1\r\n\r\n");
         assert!(reply.starts_with("HTTP/1.1 503") && closed, "{reply}");
     });
     gw.wait_access("cap", |v| v["reason"] == "too_many_connections");
