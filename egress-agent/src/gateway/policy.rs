@@ -111,13 +111,16 @@ pub struct Grant {
 }
 
 impl Grant {
-    /// Whether the granting rules open this non-public address. Metadata services only open to
-    /// a CIDR naming exactly that address: a broad `cidrs: [0.0.0.0/0]` must not hand out cloud
-    /// credentials.
+    /// Whether the granting rules open this non-public address. Metadata services, loopback and
+    /// the unspecified address open only to a CIDR inside their own range (see
+    /// `ranges::narrow_range`): a broad `cidrs: [0.0.0.0/0]` must neither hand out cloud
+    /// credentials nor reach services listening on the gateway pod's own loopback.
     fn exempts(&self, class: Blocked, ip: &IpAddr) -> bool {
-        self.exceptions
-            .iter()
-            .any(|c| c.contains(ip) && (class != Blocked::Metadata || c.prefix_len() == c.max_prefix_len()))
+        let narrow = match class {
+            Blocked::Metadata | Blocked::Loopback | Blocked::Unspecified => ranges::narrow_range(*ip),
+            _ => None,
+        };
+        self.exceptions.iter().any(|c| c.contains(ip) && narrow.is_none_or(|range| range.contains(c)))
     }
 }
 
@@ -231,6 +234,8 @@ rules:
     cidrs: [0.0.0.0/0]
   - namespaces: [cloud]
     cidrs: [169.254.169.254/32]
+  - namespaces: [local]
+    cidrs: [127.0.0.1/32]
   - namespaces: [team-a]
     hosts: ["pods.example.com"]
     cidrs: [34.118.0.0/24]
@@ -309,6 +314,20 @@ blockedCidrs: [34.118.0.0/16]
     }
 
     #[test]
+    fn loopback_and_unspecified_need_a_rule_inside_their_range() {
+        let p = policy();
+        // ops' 0.0.0.0/0 covers them but must not reach the gateway's own pod.
+        for literal in ["127.0.0.1", "127.9.9.9", "0.0.0.0"] {
+            let target = t(literal);
+            let wide = p.authorize(Some("ops"), &target, 80).unwrap();
+            assert!(p.dialable(&wide, &target, &[]).is_err(), "{literal}");
+        }
+        let lo = t("127.0.0.1");
+        let named = p.authorize(Some("local"), &lo, 80).unwrap();
+        assert_eq!(p.dialable(&named, &lo, &[]), Ok(vec![ip("127.0.0.1")]));
+    }
+
+    #[test]
     fn blocked_cidrs_are_refused_unless_a_rule_names_them() {
         let p = policy();
         let api = t("api.example.com");
@@ -322,7 +341,8 @@ blockedCidrs: [34.118.0.0/16]
         assert!(gp.allow_h2_prior_knowledge);
         assert_eq!(p.dialable(&gp, &pods, &[ip("34.118.0.9")]), Ok(vec![ip("34.118.0.9")]));
         assert_eq!(p.dialable(&gp, &pods, &[ip("34.118.1.9")]), Err(Deny::Blocked(Blocked::Configured)));
-        // ops' 0.0.0.0/0 opens configured ranges too (only metadata needs an exact CIDR).
+        // ops' 0.0.0.0/0 opens configured ranges too (only metadata, loopback and unspecified need
+        // a CIDR inside their own range).
         let literal = t("34.118.1.1");
         let wide = p.authorize(Some("ops"), &literal, 80).unwrap();
         assert_eq!(p.dialable(&wide, &literal, &[]), Ok(vec![ip("34.118.1.1")]));

@@ -102,6 +102,19 @@ pub fn classify(ip: IpAddr) -> Option<Blocked> {
     }
 }
 
+/// For the classes a broad rule must not open (metadata services; loopback and the unspecified
+/// address, which reach the gateway's own pod: a sidecar's admin port, say), the built-in range
+/// that holds `ip`. A rule opens such an address only with a CIDR inside that range: an exact
+/// /32 for a metadata service, something within 127.0.0.0/8 for loopback. `None` for every other
+/// address, which any covering CIDR opens.
+pub fn narrow_range(ip: IpAddr) -> Option<IpNet> {
+    let ip = super::ip_literal::normalize(ip);
+    parsed_table().iter().find_map(|(net, class)| {
+        (net.contains(&ip) && matches!(class, Blocked::Metadata | Blocked::Loopback | Blocked::Unspecified))
+            .then_some(*net)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
