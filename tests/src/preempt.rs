@@ -2,8 +2,8 @@
 //! pass-all program that ends classification before ours sees the frame. On tcx kernels (6.6+)
 //! a tcx link at the head of the chain, made with raw bpf(2) calls (two instructions: return
 //! TCX_PASS); on older kernels a cls_bpf filter at our priority (1), which cls_bpf runs before
-//! older filters of the same priority, with classic BPF that matches everything and the `ok`
-//! action. Removed on drop.
+//! older filters of the same priority, with classic BPF that matches everything (a match with
+//! no action passes the frame). Removed on drop.
 
 use std::{io, os::fd::OwnedFd};
 
@@ -35,7 +35,9 @@ impl Preemptor {
                 .to_vec();
         let mut args = vec!["filter".to_string(), "add".into()];
         args.extend(name.iter().cloned());
-        args.extend(["bytecode", "1,6 0 0 4294967295,", "action", "ok"].map(String::from));
+        // A classic BPF filter that matches everything and has no action: cls_bpf then ends
+        // classification with TC_ACT_OK (pass), and ours never runs.
+        args.extend(["bytecode", "1,6 0 0 4294967295,"].map(String::from));
         let out = tc(ns.map(|n| n.name.as_str()), &args);
         assert!(out.status.success(), "tc {}:\n{}", args.join(" "), crate::lab::text(&out));
         Self::Clsact { ns: ns.map(|n| n.name.clone()), name }
@@ -65,8 +67,12 @@ impl Drop for Preemptor {
     }
 }
 
-/// Linux 6.6+, where the agent uses tcx (as `tc_attach::mechanism` decides).
+/// Linux 6.6+, where the agent uses tcx (as `tc_attach::mechanism` decides, unless
+/// `EGRESSFW_TC_MECHANISM=clsact` tells it, and the tests, to use clsact filters).
 fn tcx_kernel() -> bool {
+    if std::env::var("EGRESSFW_TC_MECHANISM").as_deref() == Ok("clsact") {
+        return false;
+    }
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("kernel release");
     let mut parts = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));

@@ -48,12 +48,19 @@ fn a_program_put_ahead_of_ours_is_found_and_ours_runs_first_again() {
     let moved = agent.wait_until("tc program moved back to the head", |l| l["direction"] == "ingress");
     assert_eq!(moved["interface"], "v-pod", "{moved}");
     frames::send(&lab.pod, &lab.pod_cgroup, &frame);
-    assert_eq!(sniff.seen(), vec![], "ours runs first again");
+    let filters = lab.node.run(None, "tc", &["filter", "show", "dev", "v-pod", "ingress"]);
+    assert_eq!(
+        sniff.seen(),
+        vec![],
+        "ours runs first again; filters:\n{}",
+        egress_tests::lab::text(&filters)
+    );
 
     // The same while the agent runs: found within one periodic pass.
+    let moved_before = agent.lines("tc program moved back to the head").len();
     let _second = Preemptor::attach(Some(&lab.node), "v-pod", 0x52);
     let deadline = std::time::Instant::now() + egress_tests::patience(Duration::from_secs(10));
-    while agent.lines("tc program moved back to the head").len() < 2 {
+    while agent.lines("tc program moved back to the head").len() <= moved_before {
         assert!(
             std::time::Instant::now() < deadline,
             "the agent did not move ours back again; its log:\n{}",
@@ -62,6 +69,16 @@ fn a_program_put_ahead_of_ours_is_found_and_ours_runs_first_again() {
         std::thread::sleep(Duration::from_millis(50));
     }
     frames::send(&lab.pod, &lab.pod_cgroup, &frame);
-    assert_eq!(sniff.seen(), vec![], "ours runs first again");
+    let filters = lab.node.run(None, "tc", &["filter", "show", "dev", "v-pod", "ingress"]);
+    assert_eq!(
+        sniff.seen(),
+        vec![],
+        "ours runs first again; filters:\n{}",
+        egress_tests::lab::text(&filters)
+    );
+    // Nothing else moved: no spurious moves on the egress side, one per program put ahead.
+    let moved = agent.lines("tc program moved back to the head");
+    assert!(moved.iter().all(|l| l["direction"] == "ingress"), "{moved:#?}");
+    assert_eq!(moved.len(), moved_before + 1, "{moved:#?}");
     drop(first);
 }

@@ -19,6 +19,9 @@ use crate::{
 /// (docs/FUZZING.md).
 const FUZZ_SECONDS: u64 = 15;
 
+/// Integration suites that exercise the tc layer's attachment.
+const TC_SUITES: [&str; 4] = ["tc_layer", "tc_order", "tc_router_messages", "k8s_tc_layer"];
+
 #[derive(Args)]
 pub struct TestArgs {
     /// Skip `cargo fmt --check` and clippy (quicker iteration).
@@ -65,6 +68,19 @@ pub fn run(args: &TestArgs) -> Result<()> {
     }
     cmd.env("EGRESS_AGENT_BIN", &agent);
     tally.run(&mut cmd)?;
+    if args.filter.is_none() {
+        // This host has tcx, so the suite above used it; kernels before 6.6 use clsact filters,
+        // which the tc suites also cover here rather than only in `cargo xtask vm`.
+        step("the tc layer again, with clsact filters (the path of kernels before 6.6)");
+        let mut cmd = cargo(&tc)?;
+        cmd.args(["test", "--package", "egress-tests"]);
+        for suite in TC_SUITES {
+            cmd.args(["--test", suite]);
+        }
+        cmd.args(["--", "--test-threads=1"]);
+        cmd.env("EGRESS_AGENT_BIN", &agent).env("EGRESSFW_TC_MECHANISM", "clsact");
+        tally.run(&mut cmd)?;
+    }
     step("checking that the tests left nothing behind");
     check_no_leftovers()?;
     // One closing line for the whole suite (cargo's own last line is a doc-test summary).

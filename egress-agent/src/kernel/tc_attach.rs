@@ -58,6 +58,12 @@ impl TcMechanism {
 pub fn mechanism() -> TcMechanism {
     static PICKED: OnceLock<TcMechanism> = OnceLock::new();
     *PICKED.get_or_init(|| {
+        // Forcing clsact on a tcx kernel tests (and, if ever needed, works around) the path
+        // older kernels take.
+        if std::env::var("EGRESSFW_TC_MECHANISM").as_deref() == Ok("clsact") {
+            tracing::warn!("EGRESSFW_TC_MECHANISM=clsact: the tc layer uses clsact filters although tcx may exist");
+            return TcMechanism::Clsact;
+        }
         let current = KernelVersion::current().ok();
         let kernel = current.map_or_else(|| "unknown".into(), |v| v.to_string());
         if current.is_some_and(|v| v >= KernelVersion::new(6, 6, 0)) {

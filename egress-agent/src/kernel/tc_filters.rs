@@ -64,7 +64,11 @@ pub fn filters(ifindex: u32, direction: TcAttachType) -> io::Result<Vec<Filter>>
                     Some(code) => return Err(io::Error::from_raw_os_error(-code.get())),
                     None => return Ok(out),
                 },
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewTrafficFilter(m)) => {
+                // Handle 0: the header of a priority's classifier (what `tc` prints as a line
+                // of its own), not a filter.
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewTrafficFilter(m))
+                    if u32::from(m.header.handle) != 0 =>
+                {
                     out.push(describe(&m))
                 }
                 _ => {}
