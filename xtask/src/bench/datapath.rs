@@ -29,6 +29,10 @@ pub struct DatapathArgs {
     /// Allow entries in the large policy.
     #[arg(long, default_value_t = 100_000)]
     entries: usize,
+    /// Measure this egress-agent build instead of building the tree's (an older build, to put
+    /// its programs' cost next to the current one's in back-to-back runs).
+    #[arg(long, value_name = "PATH")]
+    agent: Option<std::path::PathBuf>,
 }
 
 const PORT: u16 = 5201;
@@ -80,7 +84,11 @@ struct Sample {
 pub fn run(args: &DatapathArgs) -> Result<()> {
     run::require_root("cargo xtask bench")?;
     let tc = toolchain::setup_all()?;
-    let bin = run::build_agent(&tc, true)?;
+    let bin = match &args.agent {
+        Some(path) if path.is_file() => path.clone(),
+        Some(path) => anyhow::bail!("--agent {}: no such file", path.display()),
+        None => run::build_agent(&tc, true)?,
+    };
     // SAFETY: single-threaded here; the harness reads it when starting the agent.
     unsafe { std::env::set_var("EGRESS_AGENT_BIN", &bin) };
     let lab = Lab::named("bench").context("building the benchmark node")?;
