@@ -138,3 +138,16 @@ impl Drop for Server {
         }
     }
 }
+
+/// Waits until something in `ns` listens on TCP `port` (for servers started as processes, which
+/// say nothing when they are ready); fails the test if nothing does in time.
+pub fn wait_listening(ns: &NetNs, port: u16) {
+    crate::wait_until(
+        &format!("a TCP listener on port {port} in {}", ns.name),
+        Duration::from_secs(5),
+        || {
+            let out = ns.run(None, "ss", &["-Htln", &format!("sport = :{port}")]);
+            !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+        },
+    );
+}

@@ -250,10 +250,7 @@ fn a_server_in_the_enforced_cgroup_still_answers_whoever_connects_to_it() {
         .args(["-T5", "TCP4-LISTEN:8080,reuseaddr,fork", "SYSTEM:echo served"])
         .spawn()
         .expect("starting socat");
-    egress_tests::wait_until("the pod's server to listen", std::time::Duration::from_secs(5), || {
-        let out = lab.pod.run(None, "ss", &["-Htln", "sport = :8080"]);
-        !String::from_utf8_lossy(&out.stdout).trim().is_empty()
-    });
+    egress_tests::listen::wait_listening(&lab.pod, 8080);
     let out = lab.external.run(None, "sh", &["-c", "echo hi | socat -T2 - TCP4:10.231.0.2:8080"]);
     let _ = server.kill();
     let _ = server.wait();

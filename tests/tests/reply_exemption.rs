@@ -150,10 +150,7 @@ fn connections_over_loopback_take_no_reply_marks_and_marks_are_counted() {
         .args(["-T5", "TCP4-LISTEN:8080,reuseaddr", "SYSTEM:echo served"])
         .spawn()
         .expect("starting socat");
-    egress_tests::wait_until("the pod's server to listen", std::time::Duration::from_secs(5), || {
-        let out = lab.pod.run(None, "ss", &["-Htln", "sport = :8080"]);
-        !String::from_utf8_lossy(&out.stdout).trim().is_empty()
-    });
+    egress_tests::listen::wait_listening(&lab.pod, 8080);
     let out = lab.external.run(None, "sh", &["-c", &format!("echo hi | socat -T2 - TCP4:{POD4}:8080")]);
     let _ = server.kill();
     let _ = server.wait();

@@ -18,6 +18,19 @@ fn ip(s: &str) -> IpAddr {
     s.parse().expect("literal")
 }
 
+/// Sends `frame` from the pod and checks that ours, first again, dropped it (naming the filters
+/// on the veth if not).
+fn assert_dropped(lab: &Lab, sniff: &Sniffer, frame: &[u8]) {
+    frames::send(&lab.pod, &lab.pod_cgroup, frame);
+    let filters = lab.node.run(None, "tc", &["filter", "show", "dev", "v-pod", "ingress"]);
+    assert_eq!(
+        sniff.seen(),
+        vec![],
+        "ours runs first again; filters:\n{}",
+        egress_tests::lab::text(&filters)
+    );
+}
+
 #[test]
 fn a_program_put_ahead_of_ours_is_found_and_ours_runs_first_again() {
     let lab = Lab::new();
@@ -47,14 +60,7 @@ fn a_program_put_ahead_of_ours_is_found_and_ours_runs_first_again() {
     let agent = Agent::start_on_node(&lab);
     let moved = agent.wait_until("tc program moved back to the head", |l| l["direction"] == "ingress");
     assert_eq!(moved["interface"], "v-pod", "{moved}");
-    frames::send(&lab.pod, &lab.pod_cgroup, &frame);
-    let filters = lab.node.run(None, "tc", &["filter", "show", "dev", "v-pod", "ingress"]);
-    assert_eq!(
-        sniff.seen(),
-        vec![],
-        "ours runs first again; filters:\n{}",
-        egress_tests::lab::text(&filters)
-    );
+    assert_dropped(&lab, &sniff, &frame);
 
     // The same while the agent runs: found within one periodic pass.
     let moved_before = agent.lines("tc program moved back to the head").len();
@@ -68,14 +74,7 @@ fn a_program_put_ahead_of_ours_is_found_and_ours_runs_first_again() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    frames::send(&lab.pod, &lab.pod_cgroup, &frame);
-    let filters = lab.node.run(None, "tc", &["filter", "show", "dev", "v-pod", "ingress"]);
-    assert_eq!(
-        sniff.seen(),
-        vec![],
-        "ours runs first again; filters:\n{}",
-        egress_tests::lab::text(&filters)
-    );
+    assert_dropped(&lab, &sniff, &frame);
     // Nothing else moved: no spurious moves on the egress side, one per program put ahead.
     let moved = agent.lines("tc program moved back to the head");
     assert!(moved.iter().all(|l| l["direction"] == "ingress"), "{moved:#?}");
