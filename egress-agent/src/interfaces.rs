@@ -53,6 +53,8 @@ pub struct TcSummary {
     /// (interface, direction) where another program ran before ours: ours was moved back to
     /// the head in this pass.
     pub moved_to_head: Vec<(String, &'static str)>,
+    /// Interfaces the CNI plugin gated whose pod is not placed yet (they drop everything).
+    pub gated: usize,
 }
 
 /// What the tc maps hold and which interfaces this process attached, as last written; a full
@@ -106,6 +108,15 @@ pub fn ifname(index: u32) -> Option<String> {
     Some(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
 }
 
+/// Interfaces attached by someone else than this agent's passes: the CNI plugin's gates.
+#[derive(Debug, Default)]
+pub struct Gated {
+    /// Left attached and unbound although not desired (a pod not placed yet).
+    pub keep: BTreeSet<u32>,
+    /// Detached although never bound here (a pod that is not enforced).
+    pub release: BTreeSet<u32>,
+}
+
 /// Applies `desired`. Errors on individual interfaces are reported in the summary and retried
 /// on the next pass; map errors abort the pass (and make the next one full).
 pub fn apply(
@@ -113,6 +124,7 @@ pub fn apply(
     maps: &mut TcMaps,
     pins: &PinLayout,
     desired: &[DesiredInterface],
+    gated: &Gated,
     state: &mut TcState,
 ) -> Result<TcSummary> {
     if state.stale {
@@ -122,7 +134,7 @@ pub fn apply(
     }
     let full = state.stale;
     state.stale = true;
-    let summary = apply_diff(ebpf, maps, pins, desired, state, full)?;
+    let summary = apply_diff(ebpf, maps, pins, desired, gated, state, full)?;
     // Failed attachments are retried from scratch.
     state.stale = !summary.failed.is_empty();
     Ok(summary)
@@ -133,6 +145,7 @@ fn apply_diff(
     maps: &mut TcMaps,
     pins: &PinLayout,
     desired: &[DesiredInterface],
+    gated: &Gated,
     state: &mut TcState,
     full: bool,
 ) -> Result<TcSummary> {
@@ -165,7 +178,8 @@ fn apply_diff(
         .copied()
         .chain(pinned)
         .chain(state.attached.iter().copied())
-        .filter(|i| !wanted_if.contains_key(i))
+        .chain(gated.release.iter().copied())
+        .filter(|i| !wanted_if.contains_key(i) && !gated.keep.contains(i))
         .collect();
     for index in gone {
         tc_attach::detach(pins, index, ifname(index).as_deref())?;

@@ -2,6 +2,7 @@
 //! the configuration, reports verdicts, and shows what is enforced.
 
 pub mod cgroup;
+pub mod cni;
 pub mod events;
 pub mod gateway;
 pub mod http;

@@ -2,8 +2,9 @@ use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
+use egress_agent::cni::install::Chained;
 use egress_agent::{
-    cgroup, gateway, inspect, k8s,
+    cgroup, cni, gateway, inspect, k8s,
     kernel::bpffs::{DEFAULT_PIN_DIR, PinLayout},
     standalone, teardown,
 };
@@ -47,6 +48,13 @@ enum Command {
         /// The kubelet's pods cgroup (relative to the cgroup root); found by name when not given.
         #[arg(long, env = "EGRESSFW_PODS_CGROUP")]
         pods_cgroup: Option<PathBuf>,
+        /// Directory shared with the CNI plugin (namespace modes, gated interfaces).
+        #[arg(long, env = "EGRESSFW_CNI_STATE_DIR", default_value = cni::state::DEFAULT_STATE_DIR)]
+        cni_state_dir: PathBuf,
+        /// The node's CNI configuration directory: when given, the agent keeps the plugin's entry
+        /// at the end of the active conflist (network plugins rewrite theirs when they restart).
+        #[arg(long, env = "EGRESSFW_CNI_CONF_DIR")]
+        cni_conf_dir: Option<PathBuf>,
     },
     /// Enforce the policies of a YAML file on this machine (no Kubernetes).
     Standalone {
@@ -65,6 +73,20 @@ enum Command {
         /// this process may use).
         #[arg(long, env = "EGRESSFW_GATEWAY_THREADS")]
         threads: Option<usize>,
+    },
+    /// Install the CNI plugin that gates new pods' veths: the binary as `egressfw` in the CNI
+    /// bin directory, and its entry at the end of the active conflist (DaemonSet init container).
+    CniInstall {
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+        /// The state directory as the plugin sees it on the node.
+        #[arg(long, env = "EGRESSFW_CNI_STATE_DIR", default_value = cni::state::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// The pin directory as the plugin sees it on the node (default: --pin-dir).
+        #[arg(long)]
+        node_pin_dir: Option<PathBuf>,
     },
     /// Show what is attached and enforced, read from the kernel.
     Inspect {
@@ -91,12 +113,16 @@ fn init_tracing(format: Option<LogFormat>) {
 }
 
 fn main() -> Result<()> {
+    // Run by the container runtime as the `egressfw` CNI plugin: its own protocol, no CLI.
+    if cni::plugin::invoked_as_plugin() {
+        std::process::exit(cni::plugin::main());
+    }
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let pins = PinLayout::new(cli.pin_dir);
     let cgroup_root = || cli.cgroup_root.clone().map_or_else(cgroup::cgroup2_mount, Ok);
     match cli.command {
-        Command::Run { config, node_name, http_addr, pods_cgroup } => {
+        Command::Run { config, node_name, http_addr, pods_cgroup, cni_state_dir, cni_conf_dir } => {
             let opts = k8s::run::Options {
                 config,
                 node_name,
@@ -104,6 +130,8 @@ fn main() -> Result<()> {
                 pins,
                 cgroup_root: cgroup_root()?,
                 pods_cgroup,
+                cni_state: cni::state::StateDir::new(cni_state_dir),
+                cni_conf_dir,
             };
             // Multi-threaded: the watches, the event reader and the HTTP server must keep going
             // while a reconcile pass makes its (blocking) map and link syscalls.
@@ -136,6 +164,22 @@ fn main() -> Result<()> {
                 inspect::print_table(&report);
                 Ok(())
             }
+        }
+        Command::CniInstall { bin_dir, conf_dir, state_dir, node_pin_dir } => {
+            if cni::install::install_binary(&bin_dir)? {
+                println!("installed the plugin as {}", bin_dir.join(cni::install::PLUGIN_TYPE).display());
+            }
+            let placement =
+                cni::install::Placement { conf_dir, pin_dir: node_pin_dir.unwrap_or(pins.root), state_dir };
+            match cni::install::ensure_chained(&placement)? {
+                Chained::Updated(path) => println!("chained egressfw at the end of {}", path.display()),
+                Chained::Already(path) => println!("egressfw is already chained in {}", path.display()),
+                Chained::NoConfiguration => println!(
+                    "no CNI network configuration in {} yet: the node agent chains egressfw when the network plugin installs one",
+                    placement.conf_dir.display()
+                ),
+            }
+            Ok(())
         }
         Command::Teardown => teardown::run(&pins),
     }

@@ -30,6 +30,10 @@ pub enum RouteError {
         "the route to pod address {addr} goes through {device}, which is a {driver:?} device, not the pod's veth (bridged CNIs are not supported by the tc layer yet; the socket hooks still enforce)"
     )]
     NotVeth { addr: IpAddr, device: String, driver: String },
+    #[error(
+        "the route to pod address {addr} is this network namespace's default route (through {device}): the agent is not in the node's network namespace (run it with hostNetwork: true); the tc layer is not applied"
+    )]
+    DefaultRoute { addr: IpAddr, device: String },
     #[error("looking up the route to {addr}: {error}")]
     Netlink { addr: IpAddr, error: String },
 }
@@ -39,11 +43,26 @@ pub fn pod_interface(addr: IpAddr) -> Result<String, RouteError> {
     let netlink = |e: io::Error| RouteError::Netlink { addr, error: e.to_string() };
     let oif = route_oif(addr).map_err(netlink)?.ok_or(RouteError::NoRoute(addr))?;
     let device = ifname(oif).ok_or(RouteError::NoRoute(addr))?;
+    // Inside a pod's own network namespace every address routes through its eth0, a veth: the
+    // pod's interface would be the agent's own. A node routes each pod through its own veth,
+    // never through the default route.
+    if route_oif(somewhere_else(addr)).map_err(netlink)? == Some(oif) {
+        return Err(RouteError::DefaultRoute { addr, device });
+    }
     let driver = driver_of(&device).map_err(netlink)?;
     if driver != "veth" {
         return Err(RouteError::NotVeth { addr, device, driver });
     }
     Ok(device)
+}
+
+/// An address of the same family that no pod has (documentation ranges, RFC 5737 and 3849):
+/// where it routes is where the default route goes. Only looked up, never sent to.
+fn somewhere_else(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1)),
+        IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
+    }
 }
 
 /// RTM_GETROUTE for one destination; the output interface of the answer.

@@ -89,6 +89,8 @@ impl Agent {
             &mut self.tc_maps,
             &self.opts.pins,
             &self.interfaces,
+            // No CNI plugin here: every interface is named in the policy file.
+            &interfaces::Gated::default(),
             &mut self.tc_state,
         )?;
         log_tc_summary(&s, always);

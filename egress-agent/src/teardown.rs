@@ -27,14 +27,10 @@ pub fn run(pins: &PinLayout) -> Result<()> {
     if attach::remove_gate(pins)? {
         links += 1;
     }
-    let mut maps = 0;
-    if let Ok(entries) = fs::read_dir(pins.maps()) {
-        for e in entries.flatten() {
-            fs::remove_file(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
-            maps += 1;
-        }
-    }
-    for dir in [pins.links(), pins.tc(), pins.maps(), pins.root.clone()] {
+    // Without its pinned programs the CNI plugin gates nothing any more.
+    remove_files(&pins.programs())?;
+    let maps = remove_files(&pins.maps())?;
+    for dir in [pins.links(), pins.tc(), pins.programs(), pins.maps(), pins.root.clone()] {
         if dir.exists() {
             fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
         }
@@ -45,4 +41,16 @@ pub fn run(pins: &PinLayout) -> Result<()> {
         pins.root.display()
     );
     Ok(())
+}
+
+/// Removes the files (pins) in `dir`; returns how many.
+fn remove_files(dir: &std::path::Path) -> Result<usize> {
+    let mut removed = 0;
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            fs::remove_file(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }

@@ -189,9 +189,16 @@ impl KubeNode {
             .arg(self.http.to_string())
             .arg("--pods-cgroup")
             .arg(pods_cgroup)
+            .arg("--cni-state-dir")
+            .arg(self.cni_state_dir())
             .env("KUBECONFIG", &self.kubeconfig)
             .env("RUST_LOG", "info,egress_agent=debug");
         cmd
+    }
+
+    /// The directory the agent shares with the CNI plugin.
+    pub fn cni_state_dir(&self) -> PathBuf {
+        self.lab.dir.join("cni")
     }
 
     /// HTTP GET against the agent's health/metrics endpoint: (status, body); status 0 when

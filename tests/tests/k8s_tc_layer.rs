@@ -93,3 +93,17 @@ fn an_enforced_pods_veth_is_found_by_its_route_and_gets_the_tc_layer() {
     let released = agent.lines("policy applied");
     assert!(released.iter().any(|l| l["tc_interfaces"] == 0), "{released:#?}");
 }
+
+/// An agent run in a pod's own network namespace (a DaemonSet without hostNetwork) would find
+/// every pod address behind that pod's eth0, a veth, and put another pod's policy on its own
+/// interface. The route lookup refuses: a pod's interface is never the default route's.
+#[test]
+fn outside_the_nodes_network_namespace_no_pod_interface_is_found() {
+    let pod = RoutedPod::create(&format!("{}d", std::process::id() % 100_000), "10.231.78.2", "10.231.78.1")
+        .unwrap_or_else(|e| panic!("building the routed pod: {e:#}"));
+    let on_node = egress_agent::routes::pod_interface("10.231.78.2".parse().unwrap());
+    assert_eq!(on_node, Ok(pod.host_side.clone()), "from the node, the pod's own veth");
+    let inside = pod.ns.within(|| egress_agent::routes::pod_interface("10.231.79.2".parse().unwrap()));
+    let err = inside.expect_err("inside a pod, another pod's address routes through the default route");
+    assert!(err.to_string().contains("hostNetwork: true"), "{err}");
+}

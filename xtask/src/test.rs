@@ -20,7 +20,7 @@ use crate::{
 const FUZZ_SECONDS: u64 = 15;
 
 /// Integration suites that exercise the tc layer's attachment.
-const TC_SUITES: [&str; 4] = ["tc_layer", "tc_order", "tc_router_messages", "k8s_tc_layer"];
+const TC_SUITES: [&str; 5] = ["tc_layer", "tc_order", "tc_router_messages", "k8s_tc_layer", "cni_gate"];
 
 #[derive(Args)]
 pub struct TestArgs {

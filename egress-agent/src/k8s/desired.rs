@@ -40,6 +40,8 @@ pub struct World<'a> {
 pub struct PodPolicy {
     /// The UID its cgroup is named by.
     pub cgroup_uid: String,
+    /// metadata.uid (differs from `cgroup_uid` for static pods): what the CNI runtime reports.
+    pub api_uid: Option<String>,
     pub namespace: String,
     pub name: String,
     /// Being deleted: a missing cgroup means it is gone, not that it is about to start.
@@ -134,6 +136,7 @@ pub fn pod_policies(world: &World<'_>, config: &AgentConfig) -> BTreeMap<String,
             uid.clone(),
             PodPolicy {
                 cgroup_uid: uid,
+                api_uid: pod.metadata.uid.clone(),
                 namespace: ns.to_owned(),
                 name: name.to_owned(),
                 terminating: pod.metadata.deletion_timestamp.is_some(),

@@ -23,6 +23,7 @@ use super::{
 };
 use crate::{
     cgroup::{self, CgroupRef},
+    cni::state::{NamespaceModes, StateDir},
     interfaces::{self, TcState, TcSummary},
     kernel::{
         attach::{self, ProgramTags},
@@ -59,6 +60,10 @@ pub struct Node {
     present: Option<HashMap<String, PathBuf>>,
     /// Cgroup ids in the shared owner index, to update it by difference.
     owned: HashSet<u64>,
+    /// The directory shared with the CNI plugin.
+    cni_state: StateDir,
+    /// The namespace modes last written there.
+    published_modes: Option<NamespaceModes>,
 }
 
 /// What a pass did.
@@ -76,16 +81,17 @@ pub struct Pass {
     pub tc: TcSummary,
 }
 
+/// Where a node's agent finds its cgroups and the files it shares.
+pub struct Places {
+    pub pins: PinLayout,
+    pub cgroup_root: PathBuf,
+    pub pods_root: PodsRoot,
+    pub cni_state: StateDir,
+}
+
 impl Node {
-    pub fn new(
-        ebpf: Ebpf,
-        maps: KernelMaps,
-        tc_maps: TcMaps,
-        pins: PinLayout,
-        cgroup_root: PathBuf,
-        pods_root: PodsRoot,
-        owners: OwnerIndex,
-    ) -> Self {
+    pub fn new(ebpf: Ebpf, maps: KernelMaps, tc_maps: TcMaps, places: Places, owners: OwnerIndex) -> Self {
+        let Places { pins, cgroup_root, pods_root, cni_state } = places;
         Self {
             ebpf,
             maps,
@@ -100,6 +106,8 @@ impl Node {
             cgroups: HashMap::new(),
             present: None,
             owned: HashSet::new(),
+            cni_state,
+            published_modes: None,
         }
     }
 
@@ -148,7 +156,8 @@ impl Node {
         let mut new_owners = Vec::new();
         let mut seen = HashSet::with_capacity(policies.len());
         let mut compiled: HashMap<String, Arc<CompiledRules>> = HashMap::new();
-        let mut with_cgroup: Vec<(&PodPolicy, CgroupRef)> = Vec::new();
+        // Enforced and audited pods' cgroups, by cgroup UID, for the tc layer.
+        let mut with_cgroup: HashMap<&str, CgroupRef> = HashMap::new();
         let nothing = Arc::new(CompiledRules::default());
         for p in policies.values() {
             let cgroup = present.get(&p.cgroup_uid).and_then(|path| self.cached_cgroup(path));
@@ -183,8 +192,8 @@ impl Node {
             if full && p.mode != Mode::Pass {
                 pass.enforced.push(cgroup.clone());
             }
-            if p.mode != Mode::Pass && !p.addresses.is_empty() {
-                with_cgroup.push((p, cgroup.clone()));
+            if p.mode != Mode::Pass {
+                with_cgroup.insert(p.cgroup_uid.as_str(), cgroup.clone());
             }
             desired.push(Desired { cgroup, mode: p.mode, rules });
         }
@@ -206,11 +215,33 @@ impl Node {
         }
         pass.summary =
             reconcile::apply_with(&mut self.ebpf, &mut self.maps, &self.pins, &desired, &mut self.state)?;
+        self.publish_namespace_modes(&world);
         // After the policies exist: a bound interface finds its pod's policy at once.
-        let (wanted, problems) = pod_interfaces::desired_interfaces(with_cgroup.iter().map(|(p, c)| (*p, c)));
-        self.log_tc_problems(problems);
-        pass.tc =
-            interfaces::apply(&mut self.ebpf, &mut self.tc_maps, &self.pins, &wanted, &mut self.tc_state)?;
+        let (records, record_problems) = self.cni_state.read_interfaces();
+        let records = records
+            .into_iter()
+            .map(|(index, r)| {
+                let live = interfaces::ifname(index).as_deref() == Some(r.interface.as_str());
+                (index, (r, live))
+            })
+            .collect();
+        let cgroups = with_cgroup.iter().map(|(uid, c)| (*uid, c)).collect();
+        let plan = pod_interfaces::plan(&policies, &cgroups, &records);
+        self.log_tc_problems(plan.problems.iter().cloned().chain(record_problems).collect());
+        let gated = interfaces::Gated { keep: plan.keep, release: plan.release };
+        pass.tc = interfaces::apply(
+            &mut self.ebpf,
+            &mut self.tc_maps,
+            &self.pins,
+            &plan.wanted,
+            &gated,
+            &mut self.tc_state,
+        )?;
+        pass.tc.gated = gated.keep.len();
+        // Only once the gate is off: a record removed first would leave a gate nobody releases.
+        for index in plan.forget {
+            self.cni_state.remove_interface(index)?;
+        }
         // The gate goes up after the pass has registered every known pod (so known pods keep
         // flowing) and comes down only once no enforced pod is waiting for its cgroup.
         pass.gate_attached = if pass.pending.is_empty() {
@@ -223,6 +254,32 @@ impl Node {
             true
         };
         Ok(pass)
+    }
+
+    /// Tells the CNI plugin which namespaces need no gate for their new pods (written when it
+    /// changes). A failed write is logged and retried on the next pass; meanwhile the plugin
+    /// gates by the older file, or every pod without one (fail closed).
+    fn publish_namespace_modes(&mut self, world: &World<'_>) {
+        let modes = NamespaceModes {
+            namespaces: world
+                .namespaces
+                .iter()
+                .filter_map(|n| {
+                    let name = n.metadata.name.clone()?;
+                    Some((name, desired::namespace_mode(Some(n)).0.name().to_string()))
+                })
+                .collect(),
+        };
+        if self.published_modes.as_ref() == Some(&modes) {
+            return;
+        }
+        match self.cni_state.write_namespaces(&modes) {
+            Ok(()) => self.published_modes = Some(modes),
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "could not tell the CNI plugin the namespaces' modes; it gates every new pod until this works"
+            ),
+        }
     }
 
     /// Registers the agent's own pod as not enforced, straight away (see `own_pod`).
@@ -351,6 +408,7 @@ pub fn log_pass(why: &str, pass: &Pass, gate_was: bool) {
         tc_interfaces = tc.enforced,
         tc_links_attached = tc.links.attached,
         tc_links_adopted = tc.links.adopted,
+        tc_gated = tc.gated,
         "policy applied"
     );
 }

@@ -22,12 +22,16 @@ use tokio::{
 use super::{
     cgroup_watch,
     config::{self, AgentConfig},
-    node::{Node, log_pass},
+    node::{Node, Places, log_pass},
     pod_cgroup::PodsRoot,
     pod_events::{self, Denial},
     watch::{self, Stores, Trigger},
 };
 use crate::{
+    cni::{
+        install::{Chained, Placement, ensure_chained},
+        state::StateDir,
+    },
     events,
     http::{self, Health},
     kernel::{bpffs::PinLayout, maps::KernelMaps, object, tc_maps::TcMaps},
@@ -55,6 +59,10 @@ pub struct Options {
     pub cgroup_root: PathBuf,
     /// The kubelet's pods cgroup, relative to the cgroup root or absolute; found when `None`.
     pub pods_cgroup: Option<PathBuf>,
+    /// Shared with the CNI plugin.
+    pub cni_state: StateDir,
+    /// When given, the plugin's conflist entry is kept in place on every tick.
+    pub cni_conf_dir: Option<PathBuf>,
 }
 
 pub async fn run(opts: Options) -> Result<()> {
@@ -85,20 +93,21 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut ebpf = object::load(&opts.pins)?;
     let maps = KernelMaps::from_ebpf(&mut ebpf)?;
     let tc_maps = TcMaps::from_ebpf(&mut ebpf)?;
+    // For the CNI plugin's gate: from here on, new pods' veths get this build's programs.
+    object::pin_tc_programs(&mut ebpf, &opts.pins)?;
     let ring = object::events_ring(&mut ebpf)?;
     let owners = OwnerIndex::default();
     // Before the first pass, so a pod veth created meanwhile triggers another.
     let mut links = LinkEvents::subscribe()?;
-    let mut node = Node::new(
-        ebpf,
-        maps,
-        tc_maps,
-        opts.pins.clone(),
-        opts.cgroup_root.clone(),
-        pods_root.clone(),
-        owners.clone(),
-    );
+    let places = Places {
+        pins: opts.pins.clone(),
+        cgroup_root: opts.cgroup_root.clone(),
+        pods_root: pods_root.clone(),
+        cni_state: opts.cni_state.clone(),
+    };
+    let mut node = Node::new(ebpf, maps, tc_maps, places, owners.clone());
     node.exempt_own_pod()?;
+    keep_cni_chained(&opts);
 
     let health = Arc::new(Health::new());
     let metrics = Arc::new(Metrics::new(opts.pins.clone(), owners.clone()));
@@ -171,6 +180,7 @@ pub async fn run(opts: Options) -> Result<()> {
             _ = tick.tick() => {
                 ticks = ticks.wrapping_add(1);
                 full_check = ticks.is_multiple_of(FULL_EVERY_TICKS);
+                keep_cni_chained(&opts);
             }
             () = retry => {}
             _ = term.recv() => break,
@@ -230,6 +240,32 @@ pub async fn run(opts: Options) -> Result<()> {
     background.abort_all();
     stopped();
     Ok(())
+}
+
+/// Puts the plugin's entry back at the end of the active conflist if a network plugin rewrote it
+/// (as Calico and others do when they restart): without it new pods' veths are not gated.
+fn keep_cni_chained(opts: &Options) {
+    let Some(conf_dir) = &opts.cni_conf_dir else { return };
+    let placement = Placement {
+        conf_dir: conf_dir.clone(),
+        pin_dir: opts.pins.root.clone(),
+        state_dir: opts.cni_state.root.clone(),
+    };
+    match ensure_chained(&placement) {
+        Ok(Chained::Already(_)) => {}
+        Ok(Chained::NoConfiguration) => tracing::debug!(
+            conf_dir = %conf_dir.display(),
+            "no CNI network configuration yet: the plugin is chained when the network plugin installs one"
+        ),
+        Ok(Chained::Updated(path)) => tracing::warn!(
+            file = %path.display(),
+            "the CNI plugin's entry was missing from the active network configuration (rewritten by the network plugin?): put back; pods started meanwhile were not gated at their veth"
+        ),
+        Err(e) => tracing::error!(
+            error = format!("{e:#}"),
+            "the CNI plugin is not chained: new pods' veths are not gated until it is"
+        ),
+    }
 }
 
 fn stopped() {

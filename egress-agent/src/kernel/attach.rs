@@ -109,7 +109,8 @@ fn ensure_links(
                 // Make before break: attach the new build next to the old one (cgroup links are
                 // multi-attach, every program must allow), then rename its pin over the old pin,
                 // which releases the old link.
-                let tmp = dir.join(format!("{name}.new"));
+                // bpffs refuses names with a dot (reserved for the kernel), hence the underscore.
+                let tmp = dir.join(format!("{name}_new"));
                 attach_one(ebpf, name, cgroup, &tmp)?;
                 fs::rename(&tmp, &pin).with_context(|| format!("replacing {}", pin.display()))?;
                 outcome.replaced += 1;

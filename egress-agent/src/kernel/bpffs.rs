@@ -13,7 +13,8 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egressfw";
 
 /// Layout under the pin directory:
 /// `maps/<MAP_NAME>`, `links/<cgroup id>/<program name>`, `links/gate/<program name>` and
-/// `tc/<ifindex>/<program name>` (tcx links on pod veths; clsact filters need no pin).
+/// `tc/<ifindex>/<program name>` (tcx links on pod veths; clsact filters need no pin) and
+/// `programs/<program name>` (the tc programs, for the CNI plugin's gate to attach).
 #[derive(Clone, Debug)]
 pub struct PinLayout {
     pub root: PathBuf,
@@ -51,6 +52,16 @@ impl PinLayout {
 
     pub fn tc_links(&self, ifindex: u32) -> PathBuf {
         self.tc().join(ifindex.to_string())
+    }
+
+    /// The node agent pins the tc programs here, so the CNI plugin (another process, run by the
+    /// container runtime) can attach them to a new pod's veth with no agent running.
+    pub fn programs(&self) -> PathBuf {
+        self.root.join("programs")
+    }
+
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.programs().join(name)
     }
 
     /// Interfaces (ifindex) that have a tc links directory.

@@ -5,6 +5,8 @@ pub mod bpffs;
 pub mod maps;
 pub mod object;
 pub mod query;
+pub mod rtnetlink;
 pub mod tc_attach;
 pub mod tc_filters;
 pub mod tc_maps;
+pub mod veth_peer;

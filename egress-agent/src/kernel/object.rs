@@ -62,6 +62,27 @@ pub fn load(pins: &PinLayout) -> Result<Ebpf> {
     Ok(ebpf)
 }
 
+/// Pins the tc programs under `programs/` for the CNI plugin's gate, replacing what an earlier
+/// agent pinned there in one step (a new pin renamed over the old one), so the plugin always
+/// finds a complete program, of this build from now on.
+pub fn pin_tc_programs(ebpf: &mut Ebpf, pins: &PinLayout) -> Result<()> {
+    let dir = pins.programs();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for name in TC_PROGRAMS {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()?;
+        let pin = pins.program(name);
+        // bpffs refuses names with a dot (reserved for the kernel), hence the underscore.
+        let tmp = dir.join(format!("{name}_new"));
+        let _ = std::fs::remove_file(&tmp);
+        prog.pin(&tmp).with_context(|| format!("pinning {name} at {}", tmp.display()))?;
+        std::fs::rename(&tmp, &pin).with_context(|| format!("replacing {}", pin.display()))?;
+    }
+    Ok(())
+}
+
 /// Takes the events ring buffer out of the loaded object.
 pub fn events_ring(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>> {
     ebpf.take_map(MAP_EVENTS)

@@ -17,7 +17,7 @@ use aya::{
     Ebpf,
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
-        links::{FdLink, PinnedLink},
+        links::{FdLink, Link as _, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
     util::KernelVersion,
@@ -141,6 +141,48 @@ fn tcx_ensure(
     Ok(())
 }
 
+/// The CNI plugin's gate: attaches the programs the node agent pinned (`PinLayout::programs`)
+/// to a new pod's host-side interface, first on both hooks, before any of the pod's containers
+/// runs. No binding is written: until the agent binds the interface, the program finds no
+/// policy for it and drops everything the pod sends (`deny_no_policy`). A repeated call keeps
+/// what is already attached.
+pub fn attach_gate(pins: &PinLayout, ifindex: u32, ifname: &str) -> Result<()> {
+    for (name, direction) in TC_ATTACHMENTS {
+        let path = pins.program(name);
+        let mut prog = SchedClassifier::from_pin(&path)
+            .with_context(|| format!("opening the pinned program {}", path.display()))?;
+        match mechanism() {
+            TcMechanism::Tcx => {
+                let dir = pins.tc_links(ifindex);
+                fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                let pin = dir.join(name);
+                if tcx_pin_is_live(&pin, direction, ifname)? {
+                    continue;
+                }
+                // Left from an interface that had this index before: its link is gone.
+                let _ = fs::remove_file(&pin);
+                tcx_attach_first(&mut prog, pins, name, direction, ifindex, ifname)?;
+            }
+            TcMechanism::Clsact => {
+                clsact_ensure(&mut prog, name, direction, ifname, &mut AttachOutcome::default())?
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether the link pinned at `pin` runs on the interface's `direction` hook.
+fn tcx_pin_is_live(pin: &std::path::Path, direction: TcAttachType, ifname: &str) -> Result<bool> {
+    if !pin.exists() {
+        return Ok(false);
+    }
+    let (_, running) = SchedClassifier::query_tcx(ifname, direction)
+        .with_context(|| format!("querying the tcx programs of {ifname}"))?;
+    let pinned =
+        PinnedLink::from_pin(pin).ok().and_then(|l| FdLink::from(l).info().ok()).map(|i| i.program_id());
+    Ok(pinned.is_some_and(|id| running.iter().any(|p| p.id() == id)))
+}
+
 /// A new tcx link for `prog` at the head of the chain, pinned.
 fn tcx_attach_first(
     prog: &mut SchedClassifier,
@@ -233,11 +275,7 @@ pub fn ensure_first(
                 tcx_attach_first(prog, pins, name, direction, ifindex, ifname)?;
             }
             TcMechanism::Clsact => {
-                match tc::qdisc_detach_program(ifname, direction, name) {
-                    Ok(()) => {}
-                    Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(anyhow!("detaching {name} from interface {ifname}: {e}")),
-                }
+                clsact_detach(ifindex, ifname, direction).with_context(context)?;
                 clsact_ensure(prog, name, direction, ifname, &mut AttachOutcome::default())?;
             }
         }
@@ -276,7 +314,9 @@ fn clsact_first_is_ours(name: &str, direction: TcAttachType, ifindex: u32) -> Re
         f.kind == "bpf"
             && f.priority == CLSACT_PRIORITY
             && f.handle == u32::from(CLSACT_HANDLE)
-            && f.program_name.as_deref().is_some_and(|n| n.starts_with(name))
+            // The kernel keeps 15 characters of a program's name (the plugin attaches the
+            // pinned program under that name).
+            && f.program_name.as_deref().is_some_and(|n| n.starts_with(name) || (n.len() >= 15 && name.starts_with(n)))
     }))
 }
 
@@ -286,14 +326,26 @@ pub fn detach(pins: &PinLayout, ifindex: u32, ifname: Option<&str>) -> Result<us
     let mut removed = remove_link_dir(&pins.tc_links(ifindex))?;
     if let (Some(ifname), TcMechanism::Clsact) = (ifname, mechanism()) {
         for (name, direction) in TC_ATTACHMENTS {
-            match tc::qdisc_detach_program(ifname, direction, name) {
-                Ok(()) => removed += 1,
-                Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(anyhow!("detaching {name} from interface {ifname}: {e}"));
-                }
+            if clsact_detach(ifindex, ifname, direction)
+                .with_context(|| format!("detaching {name} from interface {ifname}"))?
+            {
+                removed += 1;
             }
         }
     }
     Ok(removed)
+}
+
+/// Deletes our clsact filter from one hook, found by its priority and handle: the filter's name
+/// cannot tell, since the CNI plugin attaches the pinned program, whose name the kernel keeps
+/// only to 15 characters. Returns whether there was one.
+fn clsact_detach(ifindex: u32, ifname: &str, direction: TcAttachType) -> Result<bool> {
+    let ours =
+        |f: &super::tc_filters::Filter| f.priority == CLSACT_PRIORITY && f.handle == u32::from(CLSACT_HANDLE);
+    if !super::tc_filters::filters(ifindex, direction)?.iter().any(ours) {
+        return Ok(false);
+    }
+    let link = SchedClassifierLink::attached(ifname, direction, CLSACT_PRIORITY, CLSACT_HANDLE, None)?;
+    link.detach().map_err(|e| anyhow!("{e}"))?;
+    Ok(true)
 }

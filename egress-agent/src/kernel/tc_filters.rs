@@ -5,12 +5,12 @@
 use std::io;
 
 use aya::programs::TcAttachType;
-use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
     RouteNetlinkMessage,
     tc::{TcAttribute, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+use super::rtnetlink::{self, invalid};
 
 /// One filter, as far as the order check needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,10 +27,6 @@ pub struct Filter {
 /// The filters on `direction` of interface `ifindex`, first to run first. Empty when the
 /// interface has no clsact qdisc.
 pub fn filters(ifindex: u32, direction: TcAttachType) -> io::Result<Vec<Filter>> {
-    let mut socket = Socket::new(NETLINK_ROUTE)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
-    crate::netlink_wait::bound_receives(&socket)?;
     let mut request = TcMessage::default();
     request.header.index = i32::try_from(ifindex).map_err(|_| invalid("ifindex out of range"))?;
     let minor = match direction {
@@ -39,46 +35,21 @@ pub fn filters(ifindex: u32, direction: TcAttachType) -> io::Result<Vec<Filter>>
         TcAttachType::Custom(_) => return Err(invalid("only clsact ingress and egress are checked")),
     };
     request.header.parent = TcHandle { major: TcHandle::CLSACT.major, minor };
-    let mut message = NetlinkMessage::from(RouteNetlinkMessage::GetTrafficFilter(request));
-    message.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    message.finalize();
-    let mut buf = vec![0u8; message.buffer_len()];
-    message.serialize(&mut buf);
-    socket.send(&buf, 0)?;
-
-    let mut out = Vec::new();
-    loop {
-        let (data, _) = socket.recv_from_full()?;
-        let mut at = 0;
-        while at < data.len() {
-            let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[at..])
-                .map_err(|e| invalid(&format!("malformed filter dump: {e}")))?;
-            let len = reply.header.length as usize;
-            match reply.payload {
-                NetlinkPayload::Done(_) => return Ok(out),
-                NetlinkPayload::Error(e) => match e.code {
-                    // No clsact qdisc: no filters.
-                    Some(code) if code.get() == -libc::EINVAL || code.get() == -libc::ENOENT => {
-                        return Ok(Vec::new());
-                    }
-                    Some(code) => return Err(io::Error::from_raw_os_error(-code.get())),
-                    None => return Ok(out),
-                },
-                // Handle 0: the header of a priority's classifier (what `tc` prints as a line
-                // of its own), not a filter.
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewTrafficFilter(m))
-                    if u32::from(m.header.handle) != 0 =>
-                {
-                    out.push(describe(&m))
-                }
-                _ => {}
-            }
-            if len == 0 {
-                break;
-            }
-            at += len.next_multiple_of(4);
-        }
-    }
+    let answers = match rtnetlink::request(RouteNetlinkMessage::GetTrafficFilter(request), true) {
+        Ok(a) => a,
+        // No clsact qdisc: no filters.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    Ok(answers
+        .iter()
+        .filter_map(|m| match m {
+            // Handle 0: the header of a priority's classifier (what `tc` prints as a line of
+            // its own), not a filter.
+            RouteNetlinkMessage::NewTrafficFilter(m) if u32::from(m.header.handle) != 0 => Some(describe(m)),
+            _ => None,
+        })
+        .collect())
 }
 
 fn describe(m: &TcMessage) -> Filter {
@@ -108,8 +79,4 @@ fn describe(m: &TcMessage) -> Filter {
         }
     }
     filter
-}
-
-fn invalid(message: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, message.to_string())
 }

@@ -39,6 +39,11 @@ impl Mode {
             Self::Pass => "pass",
         }
     }
+
+    /// The mode `name` names (the inverse of [`Mode::name`]).
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Enforce, Self::Audit, Self::Pass].into_iter().find(|m| m.name() == name)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

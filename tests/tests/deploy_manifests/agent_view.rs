@@ -55,12 +55,24 @@ pub(crate) fn mount_holding<'a>(c: &'a Container, path: &Path) -> Option<&'a Vol
         .max_by_key(|m| m.mount_path.len())
 }
 
-/// The host directory mounted exactly at `path`, with its mount.
+/// The host directory mounted exactly at `path`, with its mount; it must exist on the node.
 pub(crate) fn host_dir_at<'a>(
     file: &str,
     pod: &PodSpec,
     c: &'a Container,
     path: &str,
+) -> (String, &'a VolumeMount) {
+    host_dir_of_type(file, pod, c, path, &["Directory"])
+}
+
+/// Like `host_dir_at`, for a hostPath of one of `types` (DirectoryOrCreate where the node may
+/// not have the directory yet).
+pub(crate) fn host_dir_of_type<'a>(
+    file: &str,
+    pod: &PodSpec,
+    c: &'a Container,
+    path: &str,
+    types: &[&str],
 ) -> (String, &'a VolumeMount) {
     let m = c
         .volume_mounts
@@ -72,11 +84,11 @@ pub(crate) fn host_dir_at<'a>(
     let host = volume.and_then(|v| v.host_path.as_ref()).unwrap_or_else(|| {
         panic!("{file}: the volume {:?} mounted at {path} is not a hostPath volume", m.name)
     });
-    assert_eq!(
-        host.type_.as_deref(),
-        Some("Directory"),
-        "{file}: hostPath {} needs type Directory",
-        host.path
+    assert!(
+        host.type_.as_deref().is_some_and(|t| types.contains(&t)),
+        "{file}: hostPath {} needs type {types:?}, has {:?}",
+        host.path,
+        host.type_
     );
     (host.path.clone(), m)
 }

@@ -17,6 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use egress_agent::{
+    cni::state::DEFAULT_STATE_DIR,
     gateway::config::{DEFAULT_CONFIG_PATH as GATEWAY_DEFAULT_CONFIG_PATH, GatewayConfig},
     k8s::config::DEFAULT_CONFIG_PATH,
     kernel::bpffs::DEFAULT_PIN_DIR,
@@ -43,6 +44,9 @@ const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:9808";
 /// cgroup ids and levels are those of the host's hierarchy.
 const HOST_BPFFS: &str = "/sys/fs/bpf";
 const HOST_CGROUP: &str = "/sys/fs/cgroup";
+/// The CNI plugin's places on the node: the runtime's bin and configuration directories.
+const HOST_CNI_BIN: &str = "/opt/cni/bin";
+const HOST_CNI_CONF: &str = "/etc/cni/net.d";
 const PART_OF: (&str, &str) = ("app.kubernetes.io/part-of", "egressfw");
 
 mod agent_view;
@@ -230,7 +234,8 @@ fn cgroup_root_and_pin_dir_are_the_hosts() {
     for v in pod.volumes.iter().flatten() {
         if let Some(h) = &v.host_path {
             assert!(
-                [HOST_BPFFS, HOST_CGROUP].contains(&h.path.as_str()),
+                [HOST_BPFFS, HOST_CGROUP, HOST_CNI_BIN, HOST_CNI_CONF, DEFAULT_STATE_DIR]
+                    .contains(&h.path.as_str()),
                 "{file}: hostPath {} is more of the host than the agent needs",
                 h.path
             );
@@ -243,6 +248,52 @@ fn cgroup_root_and_pin_dir_are_the_hosts() {
             mount.name
         );
     }
+}
+
+#[test]
+fn the_cni_plugin_is_installed_on_the_node_and_shares_the_agents_directories() {
+    let m = manifests();
+    let (file, ds, pod, agent) = m.agent();
+    let _ = ds;
+    let init = pod
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.args.as_deref().unwrap_or_default().first().map(String::as_str) == Some("cni-install"))
+        .unwrap_or_else(|| {
+            panic!("{file}: an init container must run `cni-install` (the tc layer's pod-start gate)")
+        });
+    assert_eq!(init.image, agent.image, "{file}: the plugin is the agent's own binary");
+    let bin_dir = value_or(file, init, "bin-dir", "", "/opt/cni/bin");
+    let conf_dir = value_or(file, init, "conf-dir", "", "/etc/cni/net.d");
+    let types = ["Directory", "DirectoryOrCreate"];
+    assert_eq!(host_dir_of_type(file, &pod, init, &bin_dir, &types).0, HOST_CNI_BIN, "{file}: --bin-dir");
+    assert_eq!(host_dir_of_type(file, &pod, init, &conf_dir, &types).0, HOST_CNI_CONF, "{file}: --conf-dir");
+
+    // The plugin runs on the node and finds the pins and the shared state at the paths written
+    // into the conflist (the defaults of cni-install): the agent must use the same paths on the
+    // node.
+    let state_default = value_or(file, init, "state-dir", "EGRESSFW_CNI_STATE_DIR", DEFAULT_STATE_DIR);
+    let state = value_or(file, &agent, "cni-state-dir", "EGRESSFW_CNI_STATE_DIR", DEFAULT_STATE_DIR);
+    assert_eq!(state, state_default, "{file}: the agent and the plugin share one state directory");
+    let (host, mount) = host_dir_of_type(file, &pod, &agent, &state, &["DirectoryOrCreate"]);
+    assert_eq!(host, state, "{file}: the state directory is mounted at its own path on the node");
+    assert_ne!(mount.read_only, Some(true), "{file}: the agent writes the namespaces' modes there");
+    let pin_dir = value_or(file, &agent, "pin-dir", "EGRESSFW_PIN_DIR", DEFAULT_PIN_DIR);
+    let node_pin_dir = value_or(file, init, "node-pin-dir", "", DEFAULT_PIN_DIR);
+    assert_eq!(pin_dir, node_pin_dir, "{file}: the plugin looks for the agent's pins at {node_pin_dir}");
+
+    // The agent keeps the entry in the conflist the runtime reads.
+    let Some(Setting::Value(conf)) = setting(file, &agent, "cni-conf-dir", "EGRESSFW_CNI_CONF_DIR") else {
+        panic!(
+            "{file}: set EGRESSFW_CNI_CONF_DIR so the agent puts the plugin back when a network plugin rewrites its conflist"
+        )
+    };
+    assert_eq!(
+        host_dir_of_type(file, &pod, &agent, &conf, &types).0,
+        HOST_CNI_CONF,
+        "{file}: EGRESSFW_CNI_CONF_DIR"
+    );
 }
 
 #[test]
@@ -283,11 +334,19 @@ fn cluster_role_grants_exactly_what_the_agent_uses() {
 fn privileges_are_explicit_capabilities_not_privileged_mode() {
     let m = manifests();
     let (file, _, pod, c) = m.agent();
-    for (what, on) in
-        [("hostNetwork", pod.host_network), ("hostPID", pod.host_pid), ("hostIPC", pod.host_ipc)]
-    {
+    for (what, on) in [("hostPID", pod.host_pid), ("hostIPC", pod.host_ipc)] {
         assert_ne!(on, Some(true), "{file}: {what} is not needed by the agent");
     }
+    assert_eq!(
+        pod.host_network,
+        Some(true),
+        "{file}: the agent needs the node's network namespace: the pods' veths and the routes to them are there"
+    );
+    assert_eq!(
+        pod.dns_policy.as_deref(),
+        Some("ClusterFirstWithHostNet"),
+        "{file}: with hostNetwork, dnsPolicy ClusterFirstWithHostNet keeps cluster DNS"
+    );
     let sc = c.security_context.unwrap_or_else(|| panic!("{file}: the container needs a securityContext"));
     assert_ne!(sc.privileged, Some(true), "{file}: use the explicit capabilities, not privileged: true");
     let caps = sc.capabilities.clone().unwrap_or_default();

@@ -1,0 +1,100 @@
+//! What the plugin does on ADD: decide whether the new pod needs the gate, find the host side of
+//! its veth, attach the pinned tc programs there (unbound, so they drop everything the pod sends)
+//! and leave a record saying whose interface it is. The node agent takes over from the record.
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result};
+use egress_common::maps::PROG_TC_FROM_POD;
+
+use super::state::{GatedInterface, StateDir};
+use crate::kernel::{
+    bpffs::PinLayout,
+    tc_attach,
+    veth_peer::{self, PeerError},
+};
+
+/// One pod's ADD, as the runtime described it.
+#[derive(Clone, Debug)]
+pub struct GateRequest {
+    pub pins: PinLayout,
+    pub state: StateDir,
+    pub netns: PathBuf,
+    pub ifname: String,
+    pub container_id: String,
+    pub namespace: String,
+    pub pod: String,
+    pub pod_uid: Option<String>,
+    pub addresses: Vec<std::net::IpAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// No pinned programs: egressfw is not installed on this node (or was torn down).
+    NotInstalled,
+    /// The agent knows the namespace as not enforced (pass or audit).
+    NotEnforced,
+    /// The pod's interface is not a veth: the tc layer has no host side to sit on.
+    NotVeth(String),
+    Gated {
+        ifindex: u32,
+        interface: String,
+    },
+}
+
+pub fn apply(req: &GateRequest) -> Result<Outcome> {
+    let outcome = decide_and_gate(req)?;
+    let pod = format!("{}/{}", req.namespace, req.pod);
+    match &outcome {
+        Outcome::NotInstalled => eprintln!(
+            "egressfw: pod {pod}: no programs pinned under {}: egressfw is not installed on this node; nothing to do",
+            req.pins.programs().display()
+        ),
+        Outcome::NotVeth(why) => eprintln!("egressfw: pod {pod}: not gated: {why}"),
+        Outcome::NotEnforced | Outcome::Gated { .. } => {}
+    }
+    Ok(outcome)
+}
+
+fn decide_and_gate(req: &GateRequest) -> Result<Outcome> {
+    if !req.pins.program(PROG_TC_FROM_POD).exists() {
+        return Ok(Outcome::NotInstalled);
+    }
+    // A namespace the agent never described (the file missing, the namespace created while the
+    // agent was down) is gated: fail closed.
+    if req.state.read_namespaces().is_some_and(|m| m.needs_no_gate(&req.namespace)) {
+        return Ok(Outcome::NotEnforced);
+    }
+    let pair = match veth_peer::host_peer(&req.netns, &req.ifname) {
+        Ok(pair) => pair,
+        Err(e @ PeerError::NotVeth { .. }) => return Ok(Outcome::NotVeth(e.to_string())),
+        Err(e) => return Err(e.into()),
+    };
+    let host = pair.host_side;
+    tc_attach::attach_gate(&req.pins, host.index, &host.name)
+        .with_context(|| format!("gating interface {} ({})", host.name, host.index))?;
+    req.state.write_interface(&GatedInterface {
+        ifindex: host.index,
+        interface: host.name.clone(),
+        namespace: req.namespace.clone(),
+        pod: req.pod.clone(),
+        pod_uid: req.pod_uid.clone(),
+        container_id: req.container_id.clone(),
+        addresses: req.addresses.clone(),
+    })?;
+    Ok(Outcome::Gated { ifindex: host.index, interface: host.name })
+}
+
+/// DEL: drops the records of `container_id`'s interfaces. Best effort: the agent also drops
+/// records of interfaces that no longer exist.
+pub fn forget(state: &StateDir, container_id: &str) {
+    if container_id.is_empty() {
+        return;
+    }
+    let (records, _) = state.read_interfaces();
+    for (ifindex, record) in records {
+        if record.container_id == container_id {
+            let _ = state.remove_interface(ifindex);
+        }
+    }
+}
