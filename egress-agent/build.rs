@@ -7,6 +7,8 @@ use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=EGRESS_EBPF_TOOLCHAIN");
+    // The programs' build stamp (egress-ebpf/src/stamp.rs): another stamp, another build.
+    println!("cargo:rerun-if-env-changed=EGRESSFW_BUILD_STAMP");
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()

@@ -15,6 +15,8 @@
 //! attached subtree denies (fail closed).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// Inline assembly for the build stamp (`stamp`): one instruction, no stack.
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(target_arch = "bpf")]
 mod lookup;
@@ -30,6 +32,8 @@ mod skb_egress;
 mod sock_addr;
 #[cfg(target_arch = "bpf")]
 mod sock_ops;
+#[cfg(target_arch = "bpf")]
+mod stamp;
 #[cfg(target_arch = "bpf")]
 mod tc_from_pod;
 #[cfg(target_arch = "bpf")]

@@ -72,6 +72,7 @@ fn is_accepted_connection(ctx: &SkBuffContext, l4_offset: usize) -> bool {
 
 #[cgroup_skb(egress)]
 pub fn egress_skb(ctx: SkBuffContext) -> i32 {
+    crate::stamp::build_stamp();
     if try_egress(&ctx) { PASS } else { DROP }
 }
 

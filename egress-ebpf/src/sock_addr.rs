@@ -30,21 +30,25 @@ const REFUSE: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
+    crate::stamp::build_stamp();
     check(&ctx, Hook::Connect4, destination_v4(&ctx))
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn egress_sendmsg4(ctx: SockAddrContext) -> i32 {
+    crate::stamp::build_stamp();
     check(&ctx, Hook::Sendmsg4, destination_v4(&ctx))
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
+    crate::stamp::build_stamp();
     check(&ctx, Hook::Connect6, destination_v6(&ctx))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
+    crate::stamp::build_stamp();
     check(&ctx, Hook::Sendmsg6, destination_v6(&ctx))
 }
 

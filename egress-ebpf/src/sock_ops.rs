@@ -29,6 +29,7 @@ const AF_INET6: u32 = 10;
 
 #[sock_ops]
 pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
+    crate::stamp::build_stamp();
     match ctx.op() {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB if !is_loopback_connection(&ctx) => {
             // SAFETY: plain helper call on the program's own context.

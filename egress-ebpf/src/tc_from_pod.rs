@@ -34,6 +34,7 @@ pub const TC_NEXT: i32 = -1;
 
 #[classifier]
 pub fn egress_tc_from_pod(ctx: TcContext) -> i32 {
+    crate::stamp::build_stamp();
     if try_from_pod(&ctx.skb) { TC_NEXT } else { TC_ACT_SHOT as i32 }
 }
 

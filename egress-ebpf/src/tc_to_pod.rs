@@ -31,6 +31,7 @@ const TCP_ACK: u8 = 0x10;
 
 #[classifier]
 pub fn egress_tc_to_pod(ctx: TcContext) -> i32 {
+    crate::stamp::build_stamp();
     record_inbound(&ctx.skb);
     TC_NEXT
 }

@@ -16,13 +16,18 @@ pub struct Agent {
 
 /// `egress-agent --pin-dir <lab pins> --cgroup-root <root> <args>`.
 pub fn command(lab: &Lab) -> Command {
-    let mut cmd = Command::new(crate::agent_bin());
-    cmd.arg("--pin-dir")
-        .arg(&lab.pin_dir)
-        .arg("--cgroup-root")
-        .arg(&lab.cgroup_root)
-        .arg("--log-format")
-        .arg("json");
+    command_of(lab, &crate::agent_bin())
+}
+
+/// Like `command`, running the agent binary at `bin` (another build).
+pub fn command_of(lab: &Lab, bin: &std::path::Path) -> Command {
+    command_for(lab, bin, &lab.pin_dir)
+}
+
+/// Like `command_of`, with the pins in `pins` instead of the lab's pin directory.
+pub fn command_for(lab: &Lab, bin: &std::path::Path, pins: &std::path::Path) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.arg("--pin-dir").arg(pins).arg("--cgroup-root").arg(&lab.cgroup_root).arg("--log-format").arg("json");
     cmd.stdin(Stdio::null());
     cmd
 }
@@ -75,7 +80,17 @@ impl Agent {
 
     /// Like `start_on_node`, but returns the log when the agent exits or never becomes ready.
     pub fn try_start_on_node(lab: &Lab) -> Result<Self, String> {
-        let mut cmd = on_node(lab, command(lab));
+        Self::try_start_build_on_node(lab, &crate::agent_bin())
+    }
+
+    /// `start_on_node` with the agent binary at `bin` (another build).
+    pub fn start_build_on_node(lab: &Lab, bin: &std::path::Path) -> Self {
+        Self::try_start_build_on_node(lab, bin)
+            .unwrap_or_else(|log| panic!("agent {} did not become ready; its log:\n{log}", bin.display()))
+    }
+
+    fn try_start_build_on_node(lab: &Lab, bin: &std::path::Path) -> Result<Self, String> {
+        let mut cmd = on_node(lab, command_of(lab, bin));
         cmd.arg("standalone").arg("--config").arg(lab.policy_path());
         Self::spawn(lab, cmd, |a| a.log_text().contains("\"message\":\"ready\""))
     }

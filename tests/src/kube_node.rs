@@ -177,7 +177,12 @@ impl KubeNode {
     }
 
     fn agent_command(&self) -> std::process::Command {
-        let mut cmd = agent::command(&self.lab);
+        self.agent_command_with_pins(&self.lab.pin_dir)
+    }
+
+    /// `egress-agent run` for this node, pinning under `pins`.
+    pub fn agent_command_with_pins(&self, pins: &std::path::Path) -> std::process::Command {
+        let mut cmd = agent::command_for(&self.lab, &crate::agent_bin(), pins);
         let pods_cgroup =
             self.pods_root.strip_prefix(&self.lab.cgroup_root).expect("pods root under the mount");
         cmd.arg("run")

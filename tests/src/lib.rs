@@ -67,6 +67,15 @@ pub fn agent_bin() -> PathBuf {
     path
 }
 
+/// The agent built with another build stamp: "a different build" (see egress-ebpf's stamp.rs).
+pub fn other_agent_bin() -> PathBuf {
+    let path = std::env::var_os("EGRESS_AGENT_OTHER_BIN").map(PathBuf::from).expect(
+        "EGRESS_AGENT_OTHER_BIN is not set: run the integration tests with `cargo xtask test`, which builds the agent a second time with another build stamp",
+    );
+    assert!(path.is_file(), "EGRESS_AGENT_OTHER_BIN={} does not exist", path.display());
+    path
+}
+
 /// Polls `check` every 20 ms until it returns true; fails the test, naming `what`, when it has
 /// not within `patience(base)`.
 pub fn wait_until(what: &str, base: Duration, mut check: impl FnMut() -> bool) {

@@ -70,6 +70,19 @@ pub fn build_agent(toolchain: &EbpfToolchain, release: bool) -> Result<PathBuf> 
     Ok(workspace_root().join("target").join(profile).join("egress-agent"))
 }
 
+/// The agent built again with another build stamp (egress-ebpf/src/stamp.rs), in a target
+/// directory of its own so neither build undoes the other: "a different build" for the upgrade
+/// test. Returns its path.
+pub fn build_other_agent(toolchain: &EbpfToolchain) -> Result<PathBuf> {
+    let dir = workspace_root().join("target").join("other-build");
+    let mut cmd = cargo(toolchain)?;
+    cmd.args(["build", "--package", "egress-agent"])
+        .env("CARGO_TARGET_DIR", &dir)
+        .env("EGRESSFW_BUILD_STAMP", "1");
+    status(&mut cmd)?;
+    Ok(dir.join("debug").join("egress-agent"))
+}
+
 /// Fails with a clear message unless running as root.
 pub fn require_root(what: &str) -> Result<()> {
     // SAFETY: plain syscall.

@@ -11,7 +11,7 @@ use clap::Args;
 
 use crate::{
     fuzz,
-    run::{build_agent, cargo, require_root, status},
+    run::{build_agent, build_other_agent, cargo, require_root, status},
     toolchain,
 };
 
@@ -20,7 +20,8 @@ use crate::{
 const FUZZ_SECONDS: u64 = 15;
 
 /// Integration suites that exercise the tc layer's attachment.
-const TC_SUITES: [&str; 5] = ["tc_layer", "tc_order", "tc_router_messages", "k8s_tc_layer", "cni_gate"];
+const TC_SUITES: [&str; 6] =
+    ["tc_layer", "tc_order", "tc_router_messages", "k8s_tc_layer", "cni_gate", "upgrade"];
 
 #[derive(Args)]
 pub struct TestArgs {
@@ -55,6 +56,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
     }
     step("build the agent (with its eBPF object)");
     let agent = build_agent(&tc, false)?;
+    step("build the agent again with another build stamp (the upgrade test's other build)");
+    let other = build_other_agent(&tc)?;
     let mut tally = Tally::default();
     step("unit tests");
     tally.run(cargo(&tc)?.args(["test", "--workspace", "--exclude", "egress-tests"]))?;
@@ -66,7 +69,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
     if let Some(f) = &args.filter {
         cmd.arg(f);
     }
-    cmd.env("EGRESS_AGENT_BIN", &agent);
+    cmd.env("EGRESS_AGENT_BIN", &agent).env("EGRESS_AGENT_OTHER_BIN", &other);
     tally.run(&mut cmd)?;
     if args.filter.is_none() {
         // This host has tcx, so the suite above used it; kernels before 6.6 use clsact filters,
@@ -78,7 +81,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
             cmd.args(["--test", suite]);
         }
         cmd.args(["--", "--test-threads=1"]);
-        cmd.env("EGRESS_AGENT_BIN", &agent).env("EGRESSFW_TC_MECHANISM", "clsact");
+        cmd.env("EGRESS_AGENT_BIN", &agent)
+            .env("EGRESS_AGENT_OTHER_BIN", &other)
+            .env("EGRESSFW_TC_MECHANISM", "clsact");
         tally.run(&mut cmd)?;
     }
     step("checking that the tests left nothing behind");

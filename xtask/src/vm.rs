@@ -172,6 +172,7 @@ fn boot_and_test(ctx: &Ctx<'_>, kernel: &Kernel) -> Result<(Outcome, Vec<BinaryR
     let script = stage2::script(&stage2::Plan {
         binaries,
         agent: &ctx.suite.agent,
+        other_agent: &ctx.suite.other_agent,
         filter: ctx.args.filter.as_deref(),
         keep_going: ctx.args.keep_going,
         timeout,

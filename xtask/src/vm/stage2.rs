@@ -15,6 +15,7 @@ pub const MARK: &str = "egressfw-vm:";
 pub struct Plan<'a> {
     pub binaries: &'a [TestBinary],
     pub agent: &'a Path,
+    pub other_agent: &'a Path,
     pub filter: Option<&'a str>,
     pub keep_going: bool,
     /// Limit for each test binary, in seconds.
@@ -79,6 +80,7 @@ pub fn script(plan: &Plan<'_>) -> String {
     s.push_str(SETUP);
     let _ = writeln!(s, "export PATH={} HOME=/root RUST_BACKTRACE=1", quote(plan.path));
     let _ = writeln!(s, "export EGRESS_AGENT_BIN={}", quote(&plan.agent.display().to_string()));
+    let _ = writeln!(s, "export EGRESS_AGENT_OTHER_BIN={}", quote(&plan.other_agent.display().to_string()));
     let _ = writeln!(s, "export EGRESS_TEST_TIME_SCALE={}", plan.time_scale);
     s.push_str("say \"ready $(uname -r)\"\n");
     for b in plan.binaries {
@@ -138,6 +140,7 @@ mod tests {
         let plan = Plan {
             binaries: &binaries,
             agent: Path::new("/t/egress-agent"),
+            other_agent: Path::new("/t/egress-agent-other"),
             filter: Some("ipv6"),
             keep_going: false,
             timeout: 600,
@@ -159,6 +162,7 @@ mod tests {
         let plan = Plan {
             binaries: &binaries,
             agent: Path::new("/a"),
+            other_agent: Path::new("/b"),
             filter: None,
             keep_going: true,
             timeout: 1,

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    run::{build_agent, cargo, describe},
+    run::{build_agent, build_other_agent, cargo, describe},
     toolchain,
 };
 
@@ -26,6 +26,8 @@ pub struct TestBinary {
 /// The built agent and test binaries, snapshotted (see [`snapshot`]).
 pub struct Suite {
     pub agent: PathBuf,
+    /// The agent with another build stamp (the upgrade test's other build).
+    pub other_agent: PathBuf,
     pub binaries: Vec<TestBinary>,
 }
 
@@ -34,6 +36,7 @@ pub struct Suite {
 pub fn build(dir: &Path, only: &[String]) -> Result<Suite> {
     let tc = toolchain::setup_build()?;
     let agent = build_agent(&tc, false)?;
+    let other_agent = build_other_agent(&tc)?;
     let mut cmd = cargo(&tc)?;
     // Human-readable diagnostics on stderr, one JSON message per line on stdout.
     cmd.args(["test", "--package", "egress-tests", "--no-run", "--message-format=json-render-diagnostics"]);
@@ -59,7 +62,7 @@ pub fn build(dir: &Path, only: &[String]) -> Result<Suite> {
             bail!("--test {unknown}: no such test binary; there are {}", names.join(", "));
         }
     }
-    snapshot(Suite { agent, binaries }, dir)
+    snapshot(Suite { agent, other_agent, binaries }, dir)
 }
 
 /// The test executable a `compiler-artifact` message announces, if any.
@@ -84,20 +87,22 @@ fn test_binary(message: &str) -> Option<TestBinary> {
 fn snapshot(suite: Suite, dir: &Path) -> Result<Suite> {
     let _ = fs::remove_dir_all(dir);
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let keep = |from: &Path| -> Result<PathBuf> {
-        let to = dir.join(from.file_name().context("an executable has a file name")?);
+    let keep_as = |from: &Path, name: &std::ffi::OsStr| -> Result<PathBuf> {
+        let to = dir.join(name);
         if fs::hard_link(from, &to).is_err() {
             fs::copy(from, &to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
         }
         Ok(to)
     };
+    let keep = |from: &Path| keep_as(from, from.file_name().context("an executable has a file name")?);
     let agent = keep(&suite.agent)?;
+    let other_agent = keep_as(&suite.other_agent, "egress-agent-other".as_ref())?;
     let binaries = suite
         .binaries
         .into_iter()
         .map(|b| Ok(TestBinary { path: keep(&b.path)?, ..b }))
         .collect::<Result<_>>()?;
-    Ok(Suite { agent, binaries })
+    Ok(Suite { agent, other_agent, binaries })
 }
 
 #[cfg(test)]
