@@ -91,6 +91,8 @@ fn a_new_pods_veth_is_gated_from_cni_add_even_while_the_agent_is_down() {
         "namespaces.json names the modes: {:?}",
         fs::read_to_string(&modes)
     );
+    // Pinned after that first pass (before the agent reports ready): what the plugin attaches.
+    assert!(pins.join("programs/egress_tc_from_pod").exists(), "the tc programs are pinned for the plugin");
     agent.kill9();
     // The agent is down from here. A namespace made meanwhile is unknown to the plugin.
     node.api.apply(&fixtures::namespace("later", &[]));

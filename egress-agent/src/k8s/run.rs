@@ -93,8 +93,6 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut ebpf = object::load(&opts.pins)?;
     let maps = KernelMaps::from_ebpf(&mut ebpf)?;
     let tc_maps = TcMaps::from_ebpf(&mut ebpf)?;
-    // For the CNI plugin's gate: from here on, new pods' veths get this build's programs.
-    object::pin_tc_programs(&mut ebpf, &opts.pins)?;
     let ring = object::events_ring(&mut ebpf)?;
     let owners = OwnerIndex::default();
     // Before the first pass, so a pod veth created meanwhile triggers another.
@@ -147,6 +145,10 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut links_checked = false;
     let mut tc_failed_before = false;
     let mut gate_was = false;
+    // The tc programs are pinned for the CNI plugin after the first pass, which has told it the
+    // namespaces' modes: on a node where egressfw starts for the first time, the plugin does not
+    // gate anything before the agent can release what needs no gate.
+    let mut programs_pinned = false;
     loop {
         let retry = async {
             match retry_at {
@@ -209,6 +211,15 @@ pub async fn run(opts: Options) -> Result<()> {
                     metrics.pods.get_or_create(&vec![("mode", *mode), ("state", *state)]).set(*n);
                 }
                 log_pass("reconcile", &pass, gate_was);
+                if !programs_pinned {
+                    match object::pin_tc_programs(&mut node.ebpf, &opts.pins) {
+                        Ok(()) => programs_pinned = true,
+                        Err(e) => tracing::error!(
+                            error = format!("{e:#}"),
+                            "pinning the tc programs for the CNI plugin failed; new pods are gated with the programs pinned before, if any; retrying"
+                        ),
+                    }
+                }
                 gate_was = pass.gate_attached;
                 if full_check || !links_checked || !pass.tc.failed.is_empty() || tc_failed_before {
                     links_checked = true;
