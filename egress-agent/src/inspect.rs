@@ -58,6 +58,9 @@ pub struct InterfaceReport {
     pub policy_cgroup_id: u64,
     /// The only source addresses accepted from it.
     pub sources: Vec<String>,
+    /// Attached but bound to no policy: the CNI plugin's gate, waiting for the agent (everything
+    /// the pod sends is dropped meanwhile). Seen through the tcx pins; clsact gates have none.
+    pub gated: bool,
     /// tcx links pinned for it (none with clsact filters, which have no pins).
     pub links: Vec<LinkReport>,
 }
@@ -146,14 +149,19 @@ fn interfaces_of(pins: &PinLayout) -> Result<Vec<InterfaceReport>> {
     // Pins from before the tc layer have no tc maps.
     let Ok(tc) = TcMaps::from_pins(pins) else { return Ok(Vec::new()) };
     let sources = tc.sources()?;
-    Ok(tc
-        .interfaces()?
+    let bound = tc.interfaces()?;
+    let gated: Vec<(u32, u64)> =
+        pins.pinned_interfaces()?.into_iter().filter(|i| !bound.contains_key(i)).map(|i| (i, 0)).collect();
+    let mut all: Vec<(u32, u64)> = bound.into_iter().chain(gated).collect();
+    all.sort_unstable();
+    Ok(all
         .into_iter()
         .map(|(ifindex, policy_cgroup_id)| InterfaceReport {
             ifindex,
             name: ifname(ifindex),
             policy_cgroup_id,
             sources: sources.keys().filter(|s| s.ifindex == ifindex).map(|s| s.addr.to_string()).collect(),
+            gated: policy_cgroup_id == 0,
             links: links_in(&pins.tc_links(ifindex)),
         })
         .collect())
@@ -228,6 +236,15 @@ pub fn print_table(r: &Report) {
         }
     }
     for i in &r.interfaces {
+        if i.gated {
+            println!(
+                "\ninterface {} (ifindex {}): gated by the CNI plugin, bound to no policy yet (drops everything), {} tcx links",
+                i.name.as_deref().unwrap_or("<gone>"),
+                i.ifindex,
+                i.links.len()
+            );
+            continue;
+        }
         println!(
             "\ninterface {} (ifindex {}): policy of cgroup id {}, sources {}, {} tcx links",
             i.name.as_deref().unwrap_or("<gone>"),

@@ -60,10 +60,23 @@ impl TestPod {
     }
 }
 
-fn deny_no_policy(node: &KubeNode) -> u64 {
+fn inspect(node: &KubeNode) -> serde_json::Value {
     let out = agent::cli(&node.lab, &["inspect", "--json"]);
     assert!(out.status.success(), "inspect:\n{}", text(&out));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect --json prints JSON");
+    serde_json::from_slice(&out.stdout).expect("inspect --json prints JSON")
+}
+
+/// Whether the tc layer uses tcx links here (Linux 6.6+, unless clsact is forced).
+fn tcx() -> bool {
+    let forced = std::env::var("EGRESSFW_TC_MECHANISM").as_deref() == Ok("clsact");
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut v = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+    !forced && (major, minor) >= (6, 6)
+}
+
+fn deny_no_policy(node: &KubeNode) -> u64 {
+    let report = inspect(node);
     report["counters"].as_array().unwrap().iter().find(|c| c["reason"] == "deny_no_policy").unwrap()["applied"]
         .as_u64()
         .unwrap()
@@ -113,6 +126,16 @@ fn a_new_pods_veth_is_gated_from_cni_add_even_while_the_agent_is_down() {
     assert_eq!(web.race(), 0, "no frame of the enforced pod crosses its veth while the agent is down");
     assert!(deny_no_policy(&node) >= before + RACER_FRAMES as u64, "the gate's drops are counted");
     assert_eq!(records(&node).len(), 1, "one gated interface on record: {:?}", records(&node));
+    let listed = inspect(&node)["interfaces"].clone();
+    if listed.as_array().is_some_and(|l| !l.is_empty()) || tcx() {
+        // tcx gates are pinned links, which `inspect` lists; clsact filters leave no pins.
+        let web_if = listed.as_array().unwrap().iter().find(|i| i["name"] == web.pod.host_side.as_str());
+        assert_eq!(
+            web_if.map(|i| i["gated"].clone()),
+            Some(true.into()),
+            "inspect shows the gate: {listed:#}"
+        );
+    }
 
     // A pod of the unknown namespace is gated too (fail closed)...
     let later = TestPod::create("l", 83);
