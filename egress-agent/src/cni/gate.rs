@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use egress_common::maps::PROG_TC_FROM_POD;
 
 use super::state::{GatedInterface, StateDir};
@@ -71,9 +71,7 @@ fn decide_and_gate(req: &GateRequest) -> Result<Outcome> {
         Err(e) => return Err(e.into()),
     };
     let host = pair.host_side;
-    tc_attach::attach_gate(&req.pins, host.index, &host.name)
-        .with_context(|| format!("gating interface {} ({})", host.name, host.index))?;
-    req.state.write_interface(&GatedInterface {
+    let mut record = GatedInterface {
         ifindex: host.index,
         interface: host.name.clone(),
         namespace: req.namespace.clone(),
@@ -81,7 +79,16 @@ fn decide_and_gate(req: &GateRequest) -> Result<Outcome> {
         pod_uid: req.pod_uid.clone(),
         container_id: req.container_id.clone(),
         addresses: req.addresses.clone(),
-    })?;
+        attached: false,
+    };
+    // Record, attach, then mark the record complete (see `GatedInterface::attached`).
+    req.state.write_interface(&record)?;
+    if let Err(e) = tc_attach::attach_gate(&req.pins, host.index, &host.name) {
+        let _ = req.state.remove_interface(host.index);
+        return Err(e.context(format!("gating interface {} ({})", host.name, host.index)));
+    }
+    record.attached = true;
+    req.state.write_interface(&record)?;
     Ok(Outcome::Gated { ifindex: host.index, interface: host.name })
 }
 

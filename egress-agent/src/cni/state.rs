@@ -56,6 +56,11 @@ pub struct GatedInterface {
     /// The addresses the network plugin gave the pod (its prevResult).
     #[serde(default)]
     pub addresses: Vec<IpAddr>,
+    /// False while the plugin is still attaching: the record is written first, so the agent
+    /// never finds a gate it has no record of (and takes it for a leftover to remove), and the
+    /// agent leaves an interface alone until its record says the gate is complete.
+    #[serde(default)]
+    pub attached: bool,
 }
 
 #[derive(Clone, Debug)]

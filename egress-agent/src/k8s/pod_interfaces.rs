@@ -41,6 +41,11 @@ pub fn plan(
             out.forget.push(index);
             continue;
         }
+        if !record.attached {
+            // The plugin is still at work on it.
+            out.keep.insert(index);
+            continue;
+        }
         let pod = by_name
             .get(&(record.namespace.as_str(), record.pod.as_str()))
             // A pod of the same name but another UID: the record is an older pod's, whose
@@ -128,6 +133,7 @@ mod tests {
             pod_uid: Some(uid.into()),
             container_id: format!("c{index}"),
             addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+            attached: true,
         }
     }
 
@@ -152,6 +158,7 @@ mod tests {
             (record(10, "shop", "gone", "u-gone", &[]), false),
             (record(11, "shop", "unknown", "u-unknown", &[]), true),
             (record(12, "shop", "again", "u-old", &[]), true),
+            (GatedInterface { attached: false, ..record(13, "free", "app", "u-app", &[]) }, true),
         ]
         .into_iter()
         .map(|(r, live)| (r.ifindex, (r, live)))
@@ -166,7 +173,11 @@ mod tests {
             }],
             "bound from the record, with the plugin's addresses while the API has none"
         );
-        assert_eq!(plan.keep, BTreeSet::from([8, 11, 12]), "no cgroup yet; unknown pod; an older pod's veth");
+        assert_eq!(
+            plan.keep,
+            BTreeSet::from([8, 11, 12, 13]),
+            "no cgroup yet; unknown pod; an older pod's veth; the plugin still attaching"
+        );
         assert_eq!(plan.release, BTreeSet::from([9]), "a pod of a namespace that did not opt in");
         assert_eq!(plan.forget, vec![9, 10]);
     }
