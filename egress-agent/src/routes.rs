@@ -2,24 +2,16 @@
 //! IP (rtnetlink RTM_GETROUTE, like `ip route get`). Routed CNIs (Calico, Cilium, kindnet, the
 //! cloud VPC CNIs) install a host route per pod through the pod's veth. Bridged CNIs route the
 //! pod network through the bridge; the route then names the bridge, which is reported as such
-//! rather than guessed at.
+//! rather than guessed at. The device's kind comes from rtnetlink too (IFLA_INFO_KIND).
 
-use std::{
-    ffi::CStr,
-    io,
-    net::IpAddr,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+use std::{io, net::IpAddr};
+
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    route::{RouteAddress, RouteAttribute, RouteMessage},
 };
 
-use crate::interfaces::ifname;
-
-const RTM_NEWROUTE: u16 = 24;
-const RTM_GETROUTE: u16 = 26;
-const NLMSG_ERROR: u16 = 2;
-const RTA_DST: u16 = 1;
-const RTA_OIF: u16 = 4;
-const NLMSG_HDRLEN: usize = 16;
-const RTMSG_LEN: usize = 12;
+use crate::kernel::{rtnetlink, veth_peer::link_by_index};
 
 /// Why no interface was found for a pod address (each names what the operator can check).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -27,9 +19,9 @@ pub enum RouteError {
     #[error("no route to pod address {0} on this node")]
     NoRoute(IpAddr),
     #[error(
-        "the route to pod address {addr} goes through {device}, which is a {driver:?} device, not the pod's veth (bridged CNIs are not supported by the tc layer yet; the socket hooks still enforce)"
+        "the route to pod address {addr} goes through {device}, which is a {kind} device, not the pod's veth (a bridged CNI's pod is covered only through the CNI plugin's record; the socket hooks still enforce)"
     )]
-    NotVeth { addr: IpAddr, device: String, driver: String },
+    NotVeth { addr: IpAddr, device: String, kind: String },
     #[error(
         "the route to pod address {addr} is this network namespace's default route (through {device}): the agent is not in the node's network namespace (run it with hostNetwork: true); the tc layer is not applied"
     )]
@@ -42,18 +34,19 @@ pub enum RouteError {
 pub fn pod_interface(addr: IpAddr) -> Result<String, RouteError> {
     let netlink = |e: io::Error| RouteError::Netlink { addr, error: e.to_string() };
     let oif = route_oif(addr).map_err(netlink)?.ok_or(RouteError::NoRoute(addr))?;
-    let device = ifname(oif).ok_or(RouteError::NoRoute(addr))?;
+    let device = link_by_index(oif).map_err(|_| RouteError::NoRoute(addr))?;
+    if device.kind != "veth" {
+        // Physical and loopback devices report no kind.
+        let kind = if device.kind.is_empty() { "physical or loopback".to_string() } else { device.kind };
+        return Err(RouteError::NotVeth { addr, device: device.name, kind });
+    }
     // Inside a pod's own network namespace every address routes through its eth0, a veth: the
     // pod's interface would be the agent's own. A node routes each pod through its own veth,
     // never through the default route.
     if route_oif(somewhere_else(addr)).map_err(netlink)? == Some(oif) {
-        return Err(RouteError::DefaultRoute { addr, device });
+        return Err(RouteError::DefaultRoute { addr, device: device.name });
     }
-    let driver = driver_of(&device).map_err(netlink)?;
-    if driver != "veth" {
-        return Err(RouteError::NotVeth { addr, device, driver });
-    }
-    Ok(device)
+    Ok(device.name)
 }
 
 /// An address of the same family that no pod has (documentation ranges, RFC 5737 and 3849):
@@ -65,171 +58,57 @@ fn somewhere_else(addr: IpAddr) -> IpAddr {
     }
 }
 
-/// RTM_GETROUTE for one destination; the output interface of the answer.
+/// RTM_GETROUTE for one destination: the output interface of the answer, `None` when there is
+/// no route.
 fn route_oif(addr: IpAddr) -> io::Result<Option<u32>> {
-    let (family, bytes): (u8, Vec<u8>) = match addr {
-        IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
-        IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
+    let mut request = RouteMessage::default();
+    (request.header.address_family, request.header.destination_prefix_length) = match addr {
+        IpAddr::V4(_) => (AddressFamily::Inet, 32),
+        IpAddr::V6(_) => (AddressFamily::Inet6, 128),
     };
-    let attr_len = 4 + bytes.len();
-    let total = NLMSG_HDRLEN + RTMSG_LEN + attr_len;
-    let mut req = Vec::with_capacity(total);
-    req.extend_from_slice(&(total as u32).to_ne_bytes());
-    req.extend_from_slice(&RTM_GETROUTE.to_ne_bytes());
-    req.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
-    req.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-    req.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
-    // struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
-    req.extend_from_slice(&[family, (bytes.len() * 8) as u8, 0, 0, 0, 0, 0, 0]);
-    req.extend_from_slice(&0u32.to_ne_bytes());
-    req.extend_from_slice(&(attr_len as u16).to_ne_bytes());
-    req.extend_from_slice(&RTA_DST.to_ne_bytes());
-    req.extend_from_slice(&bytes);
-
-    // SAFETY: plain socket call; the fd is owned at once.
-    let raw =
-        unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    crate::netlink_wait::bound_receives(&fd)?;
-    // SAFETY: sending from a buffer of the stated size (to the kernel: no address needed).
-    if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut buf = vec![0u8; 8192];
-    // SAFETY: receiving into a buffer of the stated size.
-    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    parse_route_reply(&buf[..n as usize])
-}
-
-/// The RTA_OIF of the first RTM_NEWROUTE in a reply; `None` for "no route" errors.
-fn parse_route_reply(buf: &[u8]) -> io::Result<Option<u32>> {
-    let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
-    let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed netlink route reply");
-    if buf.len() < NLMSG_HDRLEN {
-        return Err(bad());
-    }
-    let len = (u32_at(buf, 0) as usize).min(buf.len());
-    match u16_at(buf, 4) {
-        NLMSG_ERROR => {
-            let errno =
-                buf.get(NLMSG_HDRLEN..NLMSG_HDRLEN + 4).map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-            match errno {
-                Some(e) if e == -libc::ENETUNREACH || e == -libc::EHOSTUNREACH || e == -libc::ESRCH => {
-                    Ok(None)
-                }
-                Some(e) => Err(io::Error::from_raw_os_error(-e)),
-                None => Err(bad()),
-            }
-        }
-        RTM_NEWROUTE => {
-            let mut at = NLMSG_HDRLEN + RTMSG_LEN;
-            while at + 4 <= len {
-                let attr_len = u16_at(buf, at) as usize;
-                if attr_len < 4 || at + attr_len > len {
-                    return Err(bad());
-                }
-                if u16_at(buf, at + 2) == RTA_OIF && attr_len >= 8 {
-                    return Ok(Some(u32_at(buf, at + 4)));
-                }
-                at += attr_len.next_multiple_of(4);
-            }
+    request.attributes.push(RouteAttribute::Destination(RouteAddress::from(addr)));
+    match rtnetlink::request(RouteNetlinkMessage::GetRoute(request), false) {
+        Ok(answers) => Ok(output_interface(&answers)),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ESRCH)) => {
             Ok(None)
         }
-        _ => Err(bad()),
+        Err(e) => Err(e),
     }
 }
 
-/// The driver of a network device (ETHTOOL_GDRVINFO): "veth", "bridge", ...
-fn driver_of(device: &str) -> io::Result<String> {
-    const ETHTOOL_GDRVINFO: u32 = 3;
-    /// struct ethtool_drvinfo: cmd, then driver[32], version[32], ... (196 bytes in all).
-    #[repr(C)]
-    struct DrvInfo {
-        cmd: u32,
-        driver: [u8; 32],
-        rest: [u8; 160],
-    }
-    let mut info = DrvInfo { cmd: ETHTOOL_GDRVINFO, driver: [0; 32], rest: [0; 160] };
-    // SAFETY: zeroed ifreq is valid; name and data are set below.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in ifr.ifr_name.iter_mut().zip(device.bytes().take(libc::IFNAMSIZ - 1)) {
-        *d = s as libc::c_char;
-    }
-    ifr.ifr_ifru.ifru_data = (&raw mut info).cast();
-    // SAFETY: plain socket call; closed below.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: SIOCETHTOOL with an ifreq whose data points at a live ethtool_drvinfo.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCETHTOOL, &mut ifr) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let name = CStr::from_bytes_until_nul(&info.driver).map_err(|_| io::Error::other("driver name"))?;
-    Ok(name.to_string_lossy().into_owned())
+/// The RTA_OIF of the first route in an answer.
+fn output_interface(answers: &[RouteNetlinkMessage]) -> Option<u32> {
+    answers.iter().find_map(|m| match m {
+        RouteNetlinkMessage::NewRoute(r) => r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(index) => Some(*index),
+            _ => None,
+        }),
+        _ => None,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn reply(kind: u16, body: &[u8]) -> Vec<u8> {
-        let mut b = Vec::new();
-        b.extend_from_slice(&((NLMSG_HDRLEN + body.len()) as u32).to_ne_bytes());
-        b.extend_from_slice(&kind.to_ne_bytes());
-        b.extend_from_slice(&[0; 10]);
-        b.extend_from_slice(body);
-        b
-    }
-
-    fn attr(kind: u16, data: &[u8]) -> Vec<u8> {
-        let mut a = Vec::new();
-        a.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
-        a.extend_from_slice(&kind.to_ne_bytes());
-        a.extend_from_slice(data);
-        while a.len() % 4 != 0 {
-            a.push(0);
-        }
-        a
-    }
-
     #[test]
     fn the_output_interface_is_read_past_other_attributes() {
-        let mut body = vec![0u8; RTMSG_LEN];
-        body.extend(attr(RTA_DST, &[10, 0, 0, 7]));
-        body.extend(attr(15, &[1, 2, 3])); // padded attribute before it
-        body.extend(attr(RTA_OIF, &42u32.to_ne_bytes()));
-        assert_eq!(parse_route_reply(&reply(RTM_NEWROUTE, &body)).unwrap(), Some(42));
+        let mut route = RouteMessage::default();
+        route.attributes.push(RouteAttribute::Destination(RouteAddress::from(IpAddr::from([10, 0, 0, 7]))));
+        route.attributes.push(RouteAttribute::Table(254));
+        route.attributes.push(RouteAttribute::Oif(42));
+        assert_eq!(output_interface(&[RouteNetlinkMessage::NewRoute(route)]), Some(42));
+        assert_eq!(output_interface(&[]), None);
     }
 
     #[test]
-    fn unreachable_is_no_route_and_other_errors_are_errors() {
-        let err = |e: i32| reply(NLMSG_ERROR, &e.to_ne_bytes());
-        assert_eq!(parse_route_reply(&err(-libc::ENETUNREACH)).unwrap(), None);
-        assert_eq!(parse_route_reply(&err(-libc::EPERM)).unwrap_err().raw_os_error(), Some(libc::EPERM));
-    }
-
-    #[test]
-    fn truncated_or_overlong_attributes_are_rejected() {
-        let mut body = vec![0u8; RTMSG_LEN];
-        body.extend_from_slice(&200u16.to_ne_bytes());
-        body.extend_from_slice(&RTA_OIF.to_ne_bytes());
-        assert!(parse_route_reply(&reply(RTM_NEWROUTE, &body)).is_err());
-        assert!(parse_route_reply(&[1, 2, 3]).is_err());
-    }
-
-    #[test]
-    fn loopback_is_not_a_veth() {
-        assert_ne!(driver_of("lo").unwrap_or_default(), "veth");
+    fn loopback_routes_through_lo_which_is_not_a_veth() {
+        // The kernel's own answers, no ioctl: a lookup that fails fails the test.
+        let oif =
+            route_oif(IpAddr::from([127, 0, 0, 1])).expect("a route lookup").expect("a route to loopback");
+        let lo = link_by_index(oif).expect("the loopback link");
+        assert_eq!(lo.name, "lo");
+        assert_ne!(lo.kind, "veth");
+        assert!(matches!(pod_interface(IpAddr::from([127, 0, 0, 1])), Err(RouteError::NotVeth { .. })));
     }
 }
