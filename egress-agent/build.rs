@@ -25,6 +25,12 @@ fn main() -> anyhow::Result<()> {
         Some(name) => Toolchain::Custom(name),
         None => Toolchain::Nightly,
     };
+    // aya-build passes every line the inner cargo prints on stderr on as a `cargo:warning`, so
+    // its progress ("Compiling ...", "Finished ...") reads as dozens of warnings. Quiet, it
+    // prints only errors and real warnings. (Single-threaded here: nothing else reads the
+    // environment while it is set.)
+    // SAFETY: the build script has no other threads yet.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [Package { name: "egress-ebpf", root_dir: &root_dir, ..Default::default() }],
         toolchain,

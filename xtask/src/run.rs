@@ -65,6 +65,9 @@ pub fn build_agent(toolchain: &EbpfToolchain, release: bool) -> Result<PathBuf> 
     if release {
         cmd.arg("--release");
     }
+    // The eBPF programs build inside the agent's build script, which shows no progress of its
+    // own: say what is happening before a first build goes quiet for minutes.
+    eprintln!("    building the agent and its eBPF programs (a few minutes the first time)");
     status(&mut cmd)?;
     let profile = if release { "release" } else { "debug" };
     Ok(workspace_root().join("target").join(profile).join("egress-agent"))
