@@ -103,6 +103,12 @@ pub fn run() -> Result<usize> {
         args.extend(row.args.iter().map(String::as_str));
         let out = g.lab.pod.run(Some(&g.lab.pod_cgroup), "curl", &args);
         let (status, _) = status_and_body(&out);
+        // A tunnel (CONNECT, SNI) is logged when it closes, which the gateway may see a moment
+        // after curl has exited: an attempt that got an answer waits (briefly) for its line.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while status != 0 && gw.access_lines().len() <= before && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let lines = gw.access_lines();
         let logged = lines.get(before..).and_then(|l| l.last()).map_or_else(
             || "(nothing: never reached the gateway)".to_string(),
