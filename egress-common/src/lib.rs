@@ -9,6 +9,7 @@
 pub mod addr;
 pub mod decide;
 pub mod event;
+mod layout;
 pub mod maps;
 pub mod policy;
 pub mod tc;
