@@ -1,5 +1,8 @@
 //! `/healthz`, `/readyz` and `/metrics` for the kubelet's probes and Prometheus.
 
+/// Where `run` serves /healthz, /readyz and /metrics unless told otherwise.
+pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:9808";
+
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},

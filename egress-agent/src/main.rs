@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use egress_agent::cni::install::Chained;
 use egress_agent::{
-    cgroup, cni, gateway, inspect, k8s,
+    cgroup, cni, gateway, http, inspect, k8s,
     kernel::bpffs::{DEFAULT_PIN_DIR, PinLayout},
     standalone, teardown,
 };
@@ -43,7 +43,7 @@ enum Command {
         #[arg(long, env = "NODE_NAME")]
         node_name: String,
         /// Address for /healthz, /readyz and /metrics.
-        #[arg(long, env = "EGRESSFW_HTTP_ADDR", default_value = "0.0.0.0:9808")]
+        #[arg(long, env = "EGRESSFW_HTTP_ADDR", default_value = http::DEFAULT_HTTP_ADDR)]
         http_addr: SocketAddr,
         /// The kubelet's pods cgroup (relative to the cgroup root); found by name when not given.
         #[arg(long, env = "EGRESSFW_PODS_CGROUP")]
@@ -77,9 +77,9 @@ enum Command {
     /// Install the CNI plugin that gates new pods' veths: the binary as `egressfw` in the CNI
     /// bin directory, and its entry at the end of the active conflist (DaemonSet init container).
     CniInstall {
-        #[arg(long, default_value = "/opt/cni/bin")]
+        #[arg(long, default_value = cni::install::DEFAULT_BIN_DIR)]
         bin_dir: PathBuf,
-        #[arg(long, default_value = "/etc/cni/net.d")]
+        #[arg(long, default_value = cni::install::DEFAULT_CONF_DIR)]
         conf_dir: PathBuf,
         /// The state directory as the plugin sees it on the node.
         #[arg(long, env = "EGRESSFW_CNI_STATE_DIR", default_value = cni::state::DEFAULT_STATE_DIR)]

@@ -17,6 +17,9 @@ use super::state::write_atomically;
 
 /// The plugin's name: the binary in the bin directory and the `type` in the conflist.
 pub const PLUGIN_TYPE: &str = "egressfw";
+/// Where container runtimes look for CNI plugins and their configuration by default.
+pub const DEFAULT_BIN_DIR: &str = "/opt/cni/bin";
+pub const DEFAULT_CONF_DIR: &str = "/etc/cni/net.d";
 
 #[derive(Clone, Debug)]
 pub struct Placement {

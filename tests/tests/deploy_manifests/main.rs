@@ -17,8 +17,12 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use egress_agent::{
-    cni::state::DEFAULT_STATE_DIR,
+    cni::{
+        install::{DEFAULT_BIN_DIR, DEFAULT_CONF_DIR},
+        state::DEFAULT_STATE_DIR,
+    },
     gateway::config::{DEFAULT_CONFIG_PATH as GATEWAY_DEFAULT_CONFIG_PATH, GatewayConfig},
+    http::DEFAULT_HTTP_ADDR,
     k8s::config::DEFAULT_CONFIG_PATH,
     kernel::bpffs::DEFAULT_PIN_DIR,
 };
@@ -38,8 +42,6 @@ use k8s_openapi::{
 use serde::{Deserialize as _, Serialize, de::DeserializeOwned};
 use serde_json::{Map, Value};
 
-/// `--http-addr`'s default in the agent.
-const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:9808";
 /// Every host directory the agent may see, and why: pins must outlive the pod (bpffs), and
 /// cgroup ids and levels are those of the host's hierarchy.
 const HOST_BPFFS: &str = "/sys/fs/bpf";
@@ -264,8 +266,8 @@ fn the_cni_plugin_is_installed_on_the_node_and_shares_the_agents_directories() {
             panic!("{file}: an init container must run `cni-install` (the tc layer's pod-start gate)")
         });
     assert_eq!(init.image, agent.image, "{file}: the plugin is the agent's own binary");
-    let bin_dir = value_or(file, init, "bin-dir", "", "/opt/cni/bin");
-    let conf_dir = value_or(file, init, "conf-dir", "", "/etc/cni/net.d");
+    let bin_dir = value_or(file, init, "bin-dir", "", DEFAULT_BIN_DIR);
+    let conf_dir = value_or(file, init, "conf-dir", "", DEFAULT_CONF_DIR);
     let types = ["Directory", "DirectoryOrCreate"];
     assert_eq!(host_dir_of_type(file, &pod, init, &bin_dir, &types).0, HOST_CNI_BIN, "{file}: --bin-dir");
     assert_eq!(host_dir_of_type(file, &pod, init, &conf_dir, &types).0, HOST_CNI_CONF, "{file}: --conf-dir");
