@@ -222,9 +222,14 @@ fn sockets_opened_before_the_policy_are_cut_off_by_the_packet_program() {
         let script = format!("while :; do echo x; sleep 0.1; done | socat - {remote}");
         streams.push(lab.pod.command("sh", Some(&lab.pod_cgroup)).args(["-c", &script]).spawn().unwrap());
     }
-    std::thread::sleep(std::time::Duration::from_millis(800));
-    let before = sniffer.seen();
-    assert!(before.iter().any(|s| s.protocol == 6) && before.iter().any(|s| s.protocol == 17), "{before:?}");
+    egress_tests::wait_until(
+        "both flows reaching the external host",
+        std::time::Duration::from_secs(5),
+        || {
+            let seen = sniffer.seen();
+            seen.iter().any(|s| s.protocol == 6) && seen.iter().any(|s| s.protocol == 17)
+        },
+    );
 
     let _agent = Agent::start(&lab);
     std::thread::sleep(std::time::Duration::from_millis(200));

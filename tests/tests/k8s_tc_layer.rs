@@ -1,8 +1,6 @@
 //! The node agent finds an enforced pod's veth from the node's route to the pod's IP, puts the tc
 //! layer on it, and takes it off when the pod goes.
 
-use std::time::Duration;
-
 use egress_tests::{
     agent,
     fake_api::fixtures,
@@ -89,9 +87,7 @@ fn an_enforced_pods_veth_is_found_by_its_route_and_gets_the_tc_layer() {
         eventually(10, || inspect(&node)["interfaces"].as_array().is_some_and(Vec::is_empty)),
         "the interface binding is removed with the pod"
     );
-    std::thread::sleep(Duration::from_millis(100));
-    let released = agent.lines("policy applied");
-    assert!(released.iter().any(|l| l["tc_interfaces"] == 0), "{released:#?}");
+    agent.wait_until("policy applied", |l| l["tc_interfaces"] == 0);
 }
 
 /// An agent run in a pod's own network namespace (a DaemonSet without hostNetwork) would find

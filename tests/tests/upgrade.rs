@@ -60,7 +60,7 @@ fn another_build_takes_over_without_a_gap_while_the_pod_sends() {
     fs::write(lab.policy_path(), lab.policy_text_with_veth("enforce")).expect("policy");
     let mut old = Agent::start_build_on_node(&lab, &other_agent_bin());
     old.wait_for("tc layer applied", 1);
-    let _dns = Server::udp_echo(&lab.gateway, sock(DNS4, 53));
+    let dns = Server::udp_echo(&lab.gateway, sock(DNS4, 53));
     let sniff = Sniffer::start(&lab.external, &[POD4.parse::<IpAddr>().unwrap(), POD6.parse().unwrap()]);
     let frame = frames::udp(
         frames::mac(&lab.pod, "eth0"),
@@ -82,7 +82,7 @@ fn another_build_takes_over_without_a_gap_while_the_pod_sends() {
 
     // The upgrade, as the DaemonSet does it: the old agent stops, the new build starts and
     // takes over what is pinned, while the racer sends.
-    std::thread::sleep(Duration::from_millis(500));
+    egress_tests::wait_until("the racer's DNS queries answered", Duration::from_secs(5), || dns.hits() >= 5);
     old.kill9();
     let new = Agent::start_on_node(&lab);
     let applied = new.wait_for("policy applied", 1);
