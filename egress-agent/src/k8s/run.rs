@@ -182,7 +182,7 @@ pub async fn run(opts: Options) -> Result<()> {
             _ = tick.tick() => {
                 ticks = ticks.wrapping_add(1);
                 full_check = ticks.is_multiple_of(FULL_EVERY_TICKS);
-                keep_cni_chained(&opts);
+                blocking(|| keep_cni_chained(&opts));
             }
             () = retry => {}
             _ = term.recv() => break,
@@ -196,7 +196,9 @@ pub async fn run(opts: Options) -> Result<()> {
         if full_check {
             node.invalidate();
         }
-        match node.reconcile(&stores, &config) {
+        // Map and link syscalls, BPF_PROG_QUERY, rtnetlink: blocking work, done where it does not
+        // hold up the watches, the event reader and the HTTP server.
+        match blocking(|| node.reconcile(&stores, &config)) {
             Ok(pass) => {
                 retry_at = None;
                 if let Some(since) = oldest.take() {
@@ -212,7 +214,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 }
                 log_pass("reconcile", &pass, gate_was);
                 if !programs_pinned {
-                    match object::pin_tc_programs(&mut node.ebpf, &opts.pins) {
+                    match blocking(|| object::pin_tc_programs(&mut node.ebpf, &opts.pins)) {
                         Ok(()) => programs_pinned = true,
                         Err(e) => tracing::error!(
                             error = format!("{e:#}"),
@@ -223,7 +225,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 gate_was = pass.gate_attached;
                 if full_check || !links_checked || !pass.tc.failed.is_empty() || tc_failed_before {
                     links_checked = true;
-                    let verdict = node.verify_links(&pass.enforced);
+                    let verdict = blocking(|| node.verify_links(&pass.enforced));
                     health.set_ready(match verdict {
                         // A pod interface whose tc layer is not attached (or could not be put
                         // back first) is unprotected at that layer: not ready until it is.
@@ -251,6 +253,12 @@ pub async fn run(opts: Options) -> Result<()> {
     background.abort_all();
     stopped();
     Ok(())
+}
+
+/// Runs blocking work (syscalls) on this worker thread after handing the worker's other tasks to
+/// the runtime's other worker, so they keep running meanwhile (the runtime is multi-threaded).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
 }
 
 /// Puts the plugin's entry back at the end of the active conflist if a network plugin rewrote it
