@@ -73,6 +73,10 @@ enum Command {
         /// this process may use).
         #[arg(long, env = "EGRESSFW_GATEWAY_THREADS")]
         threads: Option<usize>,
+        /// Access-log lines that may wait for stdout; when it does not keep up, further lines
+        /// are dropped and counted rather than holding up connections.
+        #[arg(long, env = "EGRESSFW_GATEWAY_ACCESS_LOG_QUEUE", default_value_t = gateway::access_log::DEFAULT_QUEUE_LINES)]
+        access_log_queue: usize,
     },
     /// Install the CNI plugin that gates new pods' veths: the binary as `egressfw` in the CNI
     /// bin directory, and its entry at the end of the active conflist (DaemonSet init container).
@@ -148,13 +152,12 @@ fn main() -> Result<()> {
                 .build()?
                 .block_on(standalone::run(opts))
         }
-        Command::Gateway { config, threads } => {
+        Command::Gateway { config, threads, access_log_queue } => {
             // Control only (signals, reloads, admin): connections are served on worker threads.
             let threads = threads.unwrap_or_else(gateway::workers::default_count).max(1);
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(gateway::server::run(gateway::server::Options { config, threads }))
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(
+                gateway::server::run(gateway::server::Options { config, threads, access_log_queue }),
+            )
         }
         Command::Inspect { json } => {
             let report = inspect::collect(&pins, &cgroup_root()?)?;

@@ -245,10 +245,27 @@ impl GatewayLab {
 
     /// Like [`Self::try_start`], with extra environment (KUBECONFIG for the pod watch).
     pub fn try_start_with_env(&self, config: &str, env: &[(&str, &Path)]) -> Result<Gateway, String> {
+        self.try_start_logging_to(config, env, None)
+    }
+
+    /// Starts the gateway with its access log (stdout) going into a pipe nobody reads: once the
+    /// pipe is full, stdout blocks, as with a stalled log shipper.
+    pub fn start_with_stuck_stdout(&self, config: &str, env: &[(&str, &Path)]) -> Gateway {
+        self.try_start_logging_to(config, env, Some(Stdio::piped()))
+            .unwrap_or_else(|log| panic!("gateway did not start; its log:\n{log}"))
+    }
+
+    fn try_start_logging_to(
+        &self,
+        config: &str,
+        env: &[(&str, &Path)],
+        stdout: Option<Stdio>,
+    ) -> Result<Gateway, String> {
         fs::write(self.config_path(), config).expect("writing the gateway config");
         static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let access = self.dir().join(format!("gateway-{n}.access.log"));
+        let stdout = stdout.unwrap_or_else(|| fs::File::create(&access).expect("access log file").into());
         let log = self.dir().join(format!("gateway-{n}.log"));
         // `ip netns exec` (not setns) so the namespace's hosts file is mounted for the gateway.
         let child = Command::new("ip")
@@ -258,7 +275,7 @@ impl GatewayLab {
             .arg(self.config_path())
             .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdin(Stdio::null())
-            .stdout(fs::File::create(&access).expect("access log file"))
+            .stdout(stdout)
             .stderr(fs::File::create(&log).expect("gateway log file"))
             .spawn()
             .expect("spawning egress-agent gateway");

@@ -1,14 +1,27 @@
 //! One JSON line per connection (tunnels, SNI passthrough, TCP forwards) or per request (HTTP
 //! forwarding), on stdout, apart from the diagnostic log on stderr. Every decision is logged:
 //! allowed, denied and failed alike.
+//!
+//! Lines are written by a thread of their own, fed through a bounded queue: a connection hands
+//! its line over and goes on. When stdout cannot keep up (a stalled log shipper, a full pipe),
+//! the queue fills and further lines are dropped and counted
+//! (`egressfw_gateway_access_log_dropped_lines_total`); connections never wait for the log.
 
 use std::{
     io::Write as _,
     net::SocketAddr,
-    time::{Instant, SystemTime},
+    sync::{
+        OnceLock,
+        mpsc::{self, Receiver, SyncSender, TrySendError},
+    },
+    time::{Duration, Instant, SystemTime},
 };
 
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
+
+/// Lines that may wait for stdout by default (about 2 MiB of typical lines).
+pub const DEFAULT_QUEUE_LINES: usize = 8192;
 
 /// The outcome of one connection or request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -91,13 +104,89 @@ impl Record {
     }
 }
 
-/// Writes records as JSON lines. One write per line, so lines from concurrent connections never
-/// interleave.
+enum Message {
+    Line(Vec<u8>),
+    /// Everything queued before it is written and flushed, then the sender is answered.
+    Flush(mpsc::Sender<()>),
+}
+
+struct Writer {
+    queue: SyncSender<Message>,
+}
+
+static WRITER: OnceLock<Writer> = OnceLock::new();
+
+/// Lines dropped because the queue was full.
+pub fn dropped_lines() -> &'static Counter {
+    static DROPPED: OnceLock<Counter> = OnceLock::new();
+    DROPPED.get_or_init(Counter::default)
+}
+
+/// Starts the writer thread with room for `queue_lines` waiting lines. Later calls (and the
+/// first `write` without one) keep the writer that exists.
+pub fn start(queue_lines: usize) {
+    WRITER.get_or_init(|| {
+        let (queue, lines) = mpsc::sync_channel(queue_lines.max(1));
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || run(&lines))
+            .expect("starting the access-log writer thread");
+        Writer { queue }
+    });
+}
+
+fn run(lines: &Receiver<Message>) {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    while let Ok(first) = lines.recv() {
+        let mut next = Some(first);
+        // Write what is queued, then flush once: one syscall per burst, not per line.
+        while let Some(message) = next {
+            match message {
+                Message::Line(line) => {
+                    let _ = out.write_all(&line);
+                }
+                Message::Flush(done) => {
+                    let _ = out.flush();
+                    let _ = done.send(());
+                }
+            }
+            next = lines.try_recv().ok();
+        }
+        let _ = out.flush();
+    }
+}
+
+/// Hands a record to the writer as one JSON line (one write per line, so lines never
+/// interleave). Never waits: with the queue full the line is dropped and counted.
 pub fn write(record: &mut Record) {
     record.duration_ms = (record.started.elapsed().as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
     let Ok(mut line) = serde_json::to_vec(&*record) else {
         return;
     };
     line.push(b'\n');
-    let _ = std::io::stdout().lock().write_all(&line);
+    start(DEFAULT_QUEUE_LINES);
+    let Some(writer) = WRITER.get() else { return };
+    if let Err(TrySendError::Full(_)) = writer.queue.try_send(Message::Line(line)) {
+        dropped_lines().inc();
+    }
+}
+
+/// Waits (at most `limit`) until every line queued so far is written and flushed: at shutdown,
+/// so the last connections' lines are not lost with the process.
+pub fn flush(limit: Duration) {
+    let Some(writer) = WRITER.get() else { return };
+    let (done, answered) = mpsc::channel();
+    let deadline = Instant::now() + limit;
+    let mut message = Message::Flush(done);
+    loop {
+        match writer.queue.try_send(message) {
+            Ok(()) => break,
+            Err(TrySendError::Full(m)) if Instant::now() < deadline => {
+                message = m;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => return,
+        }
+    }
+    let _ = answered.recv_timeout(deadline.saturating_duration_since(Instant::now()));
 }

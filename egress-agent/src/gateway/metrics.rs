@@ -75,6 +75,11 @@ impl GatewayMetrics {
         );
         let reloads = Family::default();
         registry.register("config_reloads", "Configuration reloads by result", reloads.clone());
+        registry.register(
+            "access_log_dropped_lines",
+            "Access-log lines dropped because stdout did not keep up (the queue was full)",
+            super::access_log::dropped_lines().clone(),
+        );
         Self {
             registry,
             connections,

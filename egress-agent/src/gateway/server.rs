@@ -15,6 +15,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
+    access_log,
     config::{self, GatewayConfig},
     http_proxy::{self, Mode},
     identity::Identities,
@@ -30,6 +31,8 @@ pub struct Options {
     pub config: PathBuf,
     /// Worker threads, each serving its own copy of every listener.
     pub threads: usize,
+    /// Access-log lines that may wait for stdout before further ones are dropped.
+    pub access_log_queue: usize,
 }
 
 /// What a listener does with an accepted connection.
@@ -46,6 +49,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let config = config::load(&opts.config)?;
+    access_log::start(opts.access_log_queue);
     raise_open_files_limit();
     let mut changes = crate::standalone::watch_file(&opts.config)?;
     let live = build_live(&config)?;
@@ -280,21 +284,13 @@ async fn drain(
     while accepting.join_next().await.is_some() {}
     let open = shared.active();
     tracing::info!(open_connections = open, deadline_s = deadline.as_secs_f64(), "draining");
-    let waited = tokio::time::timeout(deadline, async {
-        while shared.active() > 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    let waited = tokio::time::timeout(deadline, shared.idle()).await;
     let cut = shared.active();
     shared.cancel.cancel();
-    // Let the cut connections write their access-log lines.
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        while shared.active() > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    // Let the cut connections write their access-log lines, and the writer put them out.
+    let _ = tokio::time::timeout(Duration::from_secs(1), shared.idle()).await;
+    // The control runtime has nothing else to do by now: waiting here is fine.
+    access_log::flush(Duration::from_secs(2));
     tracing::info!(
         open_at_start = open,
         cut_at_deadline = if waited.is_ok() { 0 } else { cut },

@@ -46,6 +46,8 @@ pub struct Shared {
     /// so slow names cannot starve everything else.
     lookups: tokio::sync::Semaphore,
     draining: AtomicBool,
+    /// Woken when the last open connection ends (`idle`).
+    no_connections: tokio::sync::Notify,
     /// Fires on SIGTERM: keep-alive connections close after their current request.
     pub drain: CancellationToken,
     /// Fires when the drain deadline passes: open tunnels and requests end.
@@ -118,7 +120,9 @@ impl Admitted {
 impl Drop for Admitted {
     fn drop(&mut self) {
         self.release_source();
-        self.shared.active.fetch_sub(1, Ordering::AcqRel);
+        if self.shared.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.no_connections.notify_waiters();
+        }
         self.shared.metrics.active_connections.dec();
     }
 }
@@ -133,6 +137,7 @@ impl Shared {
             per_source: Mutex::new(HashMap::new()),
             lookups: tokio::sync::Semaphore::new(MAX_CONCURRENT_LOOKUPS),
             draining: AtomicBool::new(false),
+            no_connections: tokio::sync::Notify::new(),
             drain: CancellationToken::new(),
             cancel: CancellationToken::new(),
         }
@@ -187,6 +192,20 @@ impl Shared {
         }
         self.metrics.active_connections.inc();
         Ok(admitted)
+    }
+
+    /// Returns once no connection is open: woken by the last one to end, no polling.
+    pub async fn idle(&self) {
+        loop {
+            let ended = self.no_connections.notified();
+            tokio::pin!(ended);
+            // Registered before the check, so an end between the check and the wait is not missed.
+            ended.as_mut().enable();
+            if self.active() == 0 {
+                return;
+            }
+            ended.await;
+        }
     }
 
     /// Logs and counts a finished connection or request.
