@@ -179,6 +179,19 @@ fn tls_origination_verifies_the_upstream() {
     let out = g.curl(POD4, &["-H", "Host: bad.example.test", &url]);
     assert_eq!(status_and_body(&out).0, 502, "{}", text(&out));
     assert_eq!(gw.line_for("bad.example.test:443")["reason"], "upstream_tls_failed");
+    // The diagnostic line says which connection it is about (the connection's span).
+    let diagnostic = gw
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["message"] == "upstream TLS handshake failed")
+        .unwrap_or_else(|| panic!("no handshake failure logged:\n{}", gw.log_text()));
+    let span = &diagnostic["span"];
+    assert_eq!(span["name"], "connection", "{diagnostic}");
+    assert_eq!(span["listener"], "tls_origination", "{diagnostic}");
+    assert_eq!(span["namespace"], "team-a", "{diagnostic}");
+    assert_eq!(span["target"], "bad.example.test:443", "{diagnostic}");
+    assert!(span["source"].as_str().is_some_and(|s| s.starts_with(POD4)), "{diagnostic}");
     // A host the listener does not originate to.
     let out = g.curl(POD4, &["-H", "Host: www.example.test", &url]);
     assert_eq!(status_and_body(&out).0, 403, "{}", text(&out));

@@ -25,6 +25,8 @@ use super::{
     tcp_forward, tls_passthrough,
     workers::{Workers, bind_copies},
 };
+use tracing::Instrument as _;
+
 use crate::http::Health;
 
 pub struct Options {
@@ -70,7 +72,7 @@ pub async fn run(opts: Options) -> Result<()> {
         .map(|(addr, name, kind)| {
             bind_copies(addr, copies)
                 .with_context(|| format!("binding the {name} listener on {addr}"))
-                .map(|l| (l, kind))
+                .map(|l| (l, name, kind))
         })
         .collect::<Result<Vec<_>>>()?;
     let admin = match config.admin {
@@ -79,9 +81,9 @@ pub async fn run(opts: Options) -> Result<()> {
     };
     let stop_accepting = CancellationToken::new();
     let mut accepting = JoinSet::new();
-    for (listeners, kind) in bound {
+    for (listeners, name, kind) in bound {
         for (listener, worker) in listeners.into_iter().zip(workers.handles()) {
-            let accept = accept_loop(shared.clone(), listener, kind.clone(), stop_accepting.clone());
+            let accept = accept_loop(shared.clone(), listener, name, kind.clone(), stop_accepting.clone());
             accepting.spawn_on(accept, worker);
         }
     }
@@ -181,6 +183,7 @@ fn listeners(config: &GatewayConfig) -> Vec<(SocketAddr, &'static str, Kind)> {
 async fn accept_loop(
     shared: Arc<Shared>,
     listener: std::net::TcpListener,
+    name: &'static str,
     kind: Kind,
     stop: CancellationToken,
 ) {
@@ -207,12 +210,25 @@ async fn accept_loop(
             () = stop.cancelled() => return,
         };
         let shared = shared.clone();
+        // Every log line of the connection says which one it is about; the namespace and the
+        // target are filled in as they become known (`Shared::identify`, `Shared::dial`).
+        let span = tracing::info_span!(
+            "connection",
+            listener = name,
+            source = %source,
+            namespace = tracing::field::Empty,
+            target = tracing::field::Empty,
+        );
         match kind.clone() {
-            Kind::Http(mode) => tokio::spawn(http_proxy::serve(shared, stream, source, mode)),
-            Kind::Tls { upstream_port } => {
-                tokio::spawn(tls_passthrough::serve(shared, stream, source, upstream_port))
+            Kind::Http(mode) => {
+                tokio::spawn(http_proxy::serve(shared, stream, source, mode).instrument(span))
             }
-            Kind::Forward(upstream) => tokio::spawn(tcp_forward::serve(shared, stream, source, upstream)),
+            Kind::Tls { upstream_port } => {
+                tokio::spawn(tls_passthrough::serve(shared, stream, source, upstream_port).instrument(span))
+            }
+            Kind::Forward(upstream) => {
+                tokio::spawn(tcp_forward::serve(shared, stream, source, upstream).instrument(span))
+            }
         };
     }
 }

@@ -217,6 +217,9 @@ impl Shared {
     /// The client's namespace, noted in the record.
     pub fn identify(&self, source: SocketAddr, record: &mut Record) -> Option<String> {
         let ns = self.identities.namespace_of(source.ip());
+        if let Some(ns) = &ns {
+            tracing::Span::current().record("namespace", ns.as_str());
+        }
         record.namespace.clone_from(&ns);
         ns
     }
@@ -233,6 +236,7 @@ impl Shared {
         port: u16,
         record: &mut Record,
     ) -> Result<(TcpStream, Grant), Refusal> {
+        tracing::Span::current().record("target", tracing::field::display(format_args!("{target}:{port}")));
         let grant = live.policy.authorize(namespace, target, port)?;
         let started = Instant::now();
         let connect_timeout = live.limits.connect_timeout;
