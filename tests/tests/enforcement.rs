@@ -252,11 +252,13 @@ fn a_server_in_the_enforced_cgroup_still_answers_whoever_connects_to_it() {
     let mut server = lab
         .pod
         .command("socat", Some(&lab.pod_cgroup))
-        .args(["-T5", "TCP4-LISTEN:8080,reuseaddr,fork", "SYSTEM:echo served"])
+        .args(["-T10", "TCP4-LISTEN:8080,reuseaddr,fork", "SYSTEM:echo served"])
         .spawn()
         .expect("starting socat");
     egress_tests::listen::wait_listening(&lab.pod, 8080);
-    let out = lab.external.run(None, "sh", &["-c", "echo hi | socat -T2 - TCP4:10.231.0.2:8080"]);
+    // -T bounds inactivity only (an answer ends it at once): generous, since under load the
+    // server's fork and exec of `echo` can take seconds.
+    let out = lab.external.run(None, "sh", &["-c", "echo hi | socat -T10 - TCP4:10.231.0.2:8080"]);
     let _ = server.kill();
     let _ = server.wait();
     assert!(
