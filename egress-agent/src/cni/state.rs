@@ -123,9 +123,9 @@ impl StateDir {
             if path.extension().is_none_or(|x| x != "json") {
                 continue;
             }
-            match fs::read(&path).map_err(anyhow::Error::from).and_then(|t| Ok(serde_json::from_slice(&t)?)) {
+            let read = fs::read(&path).map_err(anyhow::Error::from);
+            match read.and_then(|t| Ok(serde_json::from_slice::<GatedInterface>(&t)?)) {
                 Ok(g) => {
-                    let g: GatedInterface = g;
                     out.insert(g.ifindex, g);
                 }
                 Err(e) => problems.push(format!("{}: {e}", path.display())),

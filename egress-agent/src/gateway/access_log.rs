@@ -125,6 +125,10 @@ pub fn dropped_lines() -> &'static Counter {
 /// Starts the writer thread with room for `queue_lines` waiting lines. Later calls (and the
 /// first `write` without one) keep the writer that exists.
 pub fn start(queue_lines: usize) {
+    writer(queue_lines);
+}
+
+fn writer(queue_lines: usize) -> &'static Writer {
     WRITER.get_or_init(|| {
         let (queue, lines) = mpsc::sync_channel(queue_lines.max(1));
         std::thread::Builder::new()
@@ -132,7 +136,7 @@ pub fn start(queue_lines: usize) {
             .spawn(move || run(&lines))
             .expect("starting the access-log writer thread");
         Writer { queue }
-    });
+    })
 }
 
 fn run(lines: &Receiver<Message>) {
@@ -164,9 +168,7 @@ pub fn write(record: &mut Record) {
         return;
     };
     line.push(b'\n');
-    start(DEFAULT_QUEUE_LINES);
-    let Some(writer) = WRITER.get() else { return };
-    if let Err(TrySendError::Full(_)) = writer.queue.try_send(Message::Line(line)) {
+    if let Err(TrySendError::Full(_)) = writer(DEFAULT_QUEUE_LINES).queue.try_send(Message::Line(line)) {
         dropped_lines().inc();
     }
 }

@@ -113,19 +113,12 @@ fn tcx_ensure(
     let dir = pins.tc_links(ifindex);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let pin = dir.join(name);
-    // What the kernel runs on the interface now, by program id: a pin whose link is not among
-    // them is left from an interface that no longer exists (an ifindex reused).
-    let (_, running) = SchedClassifier::query_tcx(ifname, direction).with_context(context)?;
-    let existing =
-        pin.exists().then(|| PinnedLink::from_pin(&pin)).transpose().ok().flatten().map(FdLink::from);
-    let pinned_program = existing.as_ref().and_then(|l| l.info().ok()).map(|i| i.program_id());
-    let live = pinned_program.filter(|id| running.iter().any(|p| p.id() == *id));
-    match (existing, live) {
-        (Some(link), Some(id)) if tags.is_ours(name, id) => {
+    match live_pinned_link(&pin, direction, ifname).with_context(context)? {
+        Some((link, id)) if tags.is_ours(name, id) => {
             drop(link);
             outcome.adopted += 1;
         }
-        (Some(link), Some(_)) => {
+        Some((link, _)) => {
             // Another build: swap the program inside the same link (bpf_link_update), no gap.
             let link: SchedClassifierLink = link.try_into().with_context(context)?;
             let id = prog.attach_to_link(link).with_context(context)?;
@@ -156,7 +149,7 @@ pub fn attach_gate(pins: &PinLayout, ifindex: u32, ifname: &str) -> Result<()> {
                 let dir = pins.tc_links(ifindex);
                 fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
                 let pin = dir.join(name);
-                if tcx_pin_is_live(&pin, direction, ifname)? {
+                if live_pinned_link(&pin, direction, ifname)?.is_some() {
                     continue;
                 }
                 // Left from an interface that had this index before: its link is gone.
@@ -171,16 +164,22 @@ pub fn attach_gate(pins: &PinLayout, ifindex: u32, ifname: &str) -> Result<()> {
     Ok(())
 }
 
-/// Whether the link pinned at `pin` runs on the interface's `direction` hook.
-fn tcx_pin_is_live(pin: &std::path::Path, direction: TcAttachType, ifname: &str) -> Result<bool> {
+/// The link pinned at `pin` and its program's id, if that program runs on the interface's
+/// `direction` hook. A pin whose link does not run there is left from an interface that no
+/// longer exists (an ifindex reused).
+fn live_pinned_link(
+    pin: &std::path::Path,
+    direction: TcAttachType,
+    ifname: &str,
+) -> Result<Option<(FdLink, u32)>> {
     if !pin.exists() {
-        return Ok(false);
+        return Ok(None);
     }
     let (_, running) = SchedClassifier::query_tcx(ifname, direction)
         .with_context(|| format!("querying the tcx programs of {ifname}"))?;
-    let pinned =
-        PinnedLink::from_pin(pin).ok().and_then(|l| FdLink::from(l).info().ok()).map(|i| i.program_id());
-    Ok(pinned.is_some_and(|id| running.iter().any(|p| p.id() == id)))
+    let Some(link) = PinnedLink::from_pin(pin).ok().map(FdLink::from) else { return Ok(None) };
+    let Some(id) = link.info().ok().map(|i| i.program_id()) else { return Ok(None) };
+    Ok(running.iter().any(|p| p.id() == id).then_some((link, id)))
 }
 
 /// A new tcx link for `prog` at the head of the chain, pinned.
