@@ -21,7 +21,7 @@ use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use super::{access_log::Record, relay::Activity, shared::Shared};
+use super::{connection::Connection, relay::Activity};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -54,17 +54,17 @@ pub struct Exchange {
 /// Writes a forwarded request's access-log line when its response body ends (or is dropped),
 /// so the line has the bytes and the full duration.
 pub struct Finisher {
-    pub shared: Arc<Shared>,
-    pub record: Option<Record>,
+    /// The request, finished (logged and counted) when the response body is done.
+    pub conn: Option<Connection>,
     pub exchange: Arc<Exchange>,
 }
 
 impl Drop for Finisher {
     fn drop(&mut self) {
-        if let Some(mut r) = self.record.take() {
-            r.bytes_up = self.exchange.up.load(Ordering::Relaxed);
-            r.bytes_down = self.exchange.down.load(Ordering::Relaxed);
-            self.shared.finish(&mut r);
+        if let Some(mut conn) = self.conn.take() {
+            conn.record.bytes_up = self.exchange.up.load(Ordering::Relaxed);
+            conn.record.bytes_down = self.exchange.down.load(Ordering::Relaxed);
+            conn.finish();
         }
     }
 }
@@ -98,9 +98,9 @@ impl Counted {
     }
 
     fn stalled(&mut self) -> BoxError {
-        match self.done.as_mut().and_then(|d| d.record.as_mut()) {
+        match self.done.as_mut().and_then(|d| d.conn.as_mut()) {
             // The upstream stopped mid-response: what came was passed on, the rest never will be.
-            Some(record) => record.fail("response_timeout"),
+            Some(conn) => conn.record.fail("response_timeout"),
             None => self.exchange.request_stalled.store(true, Ordering::Relaxed),
         }
         self.done.take();

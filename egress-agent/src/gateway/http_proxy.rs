@@ -22,13 +22,14 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpStream, sync::Mutex};
 
 use super::{
-    access_log::Record,
+    connect_tunnel::{self, Connected},
+    connection::Connection,
     forward_body::{Body, Counted, Exchange, Finisher, empty, full},
     framing::Framer,
     policy::{Deny, Target},
-    shared::{Admitted, Live, Refusal, Shared},
+    refusal::Refusal,
+    slots::Slot,
     sniffed_io::{IoCounts, Sniffed},
-    tunnel,
 };
 
 mod rewrite;
@@ -59,16 +60,16 @@ impl Mode {
     }
 }
 
-/// One client connection.
+/// One client connection: the target step of each request, by this listener's rules.
 struct Conn {
-    shared: Arc<Shared>,
-    source: SocketAddr,
-    namespace: Option<String>,
+    /// The client: its identity, and where requests are logged from. Requests are connections
+    /// of their own ([`Connection::request`]).
+    client: Connection,
     mode: Mode,
     requests: AtomicUsize,
     /// The connection's slot under the cap; a CONNECT tunnel takes it along, since the tunnel
     /// outlives the HTTP connection.
-    slot: std::sync::Mutex<Option<Admitted>>,
+    slot: std::sync::Mutex<Option<Slot>>,
     /// The framing verdict of each request, judged from the raw bytes (see `framing`).
     framer: Arc<std::sync::Mutex<Framer>>,
     pool: Mutex<Option<Pooled>>,
@@ -85,65 +86,53 @@ struct Pooled {
 }
 
 /// Serves one client connection until it closes, errs, or the drain deadline passes.
-pub async fn serve(shared: Arc<Shared>, stream: TcpStream, source: SocketAddr, mode: Mode) {
-    let live = shared.live();
-    let slot = match shared.admit(&live.limits, source.ip()) {
-        Ok(slot) => slot,
-        Err(deny) => return refuse_connection(&shared, stream, source, mode, deny).await,
-    };
+pub async fn serve(mut conn: Connection, stream: TcpStream, mode: Mode) {
+    if let Err(deny) = conn.admit() {
+        return refuse_connection(conn, stream, deny).await;
+    }
     let _ = stream.set_nodelay(true);
-    let mut record = Record::new(mode.listener(), source);
-    let namespace = shared.identify(source, &mut record);
-    let conn = Conn::new(&shared, &live, source, namespace, mode, Some(slot));
-    serve_conn(conn, stream, Vec::new(), record).await;
+    serve_conn(Conn::new(conn, mode), stream, Vec::new()).await;
 }
 
 /// Serves the plain HTTP/1 a client sent inside a CONNECT tunnel (`first`: what was read of it
-/// already) as forwarded requests, each checked: Host must name `target:port`. The tunnel's
-/// upstream connection serves the first request. The caller holds the connection's slot.
-/// Returns the bytes read from and written to the client.
+/// already) as forwarded requests, each checked: Host must name the tunnel's target. The
+/// tunnel's upstream connection serves the first request. The caller (`tunnel`) holds the
+/// connection's slot. Returns the bytes read from and written to the client.
 ///
 /// Boxed with its `Send` spelled out: serving HTTP leads back here (a CONNECT whose tunnel
 /// carries HTTP), and the compiler cannot infer that of a future that contains itself.
 pub fn serve_tunneled(
-    shared: Arc<Shared>,
+    tunnel_conn: &Connection,
     client: TcpStream,
     first: Vec<u8>,
-    upstream: (TcpStream, Option<SocketAddr>),
-    target: Target,
-    port: u16,
-    record: &Record,
+    tunnel: Connected,
 ) -> Pin<Box<dyn Future<Output = (u64, u64)> + Send>> {
-    let (source, namespace) = (record.source, record.namespace.clone());
+    let mut conn = Conn::new(tunnel_conn.request(Mode::Tunneled.listener()), Mode::Tunneled);
+    let upstream = tunnel_conn.record.upstream;
     Box::pin(async move {
-        let live = shared.live();
-        let mut conn = Conn::new(&shared, &live, source, namespace, Mode::Tunneled, None);
-        if let Ok(sender) = handshake(upstream.0).await {
-            conn.pool =
-                Mutex::new(Some(Pooled { target: target.clone(), port, upstream: upstream.1, sender }));
+        if let Ok(sender) = handshake(tunnel.upstream).await {
+            conn.pool = Mutex::new(Some(Pooled {
+                target: tunnel.target.clone(),
+                port: tunnel.port,
+                upstream,
+                sender,
+            }));
         }
-        conn.tunnel = Some((target, port));
-        serve_conn(conn, client, first, Record::new(Mode::Tunneled.listener(), source)).await
+        conn.tunnel = Some((tunnel.target, tunnel.port));
+        serve_conn(conn, client, first).await
     })
 }
 
 impl Conn {
-    fn new(
-        shared: &Arc<Shared>,
-        live: &Live,
-        source: SocketAddr,
-        namespace: Option<String>,
-        mode: Mode,
-        slot: Option<Admitted>,
-    ) -> Self {
+    fn new(mut client: Connection, mode: Mode) -> Self {
+        let slot = client.take_slot();
+        let framer = Framer::new(client.live.limits.max_header_bytes);
         Self {
-            shared: shared.clone(),
-            source,
-            namespace,
+            client,
             mode,
             requests: AtomicUsize::new(0),
             slot: std::sync::Mutex::new(slot),
-            framer: Arc::new(std::sync::Mutex::new(Framer::new(live.limits.max_header_bytes))),
+            framer: Arc::new(std::sync::Mutex::new(framer)),
             pool: Mutex::new(None),
             tunnel: None,
         }
@@ -151,17 +140,16 @@ impl Conn {
 }
 
 /// Serves until the connection ends; returns the bytes read from and written to the client.
-async fn serve_conn(conn: Conn, stream: TcpStream, pending: Vec<u8>, mut record: Record) -> (u64, u64) {
+async fn serve_conn(conn: Conn, stream: TcpStream, pending: Vec<u8>) -> (u64, u64) {
     let conn = Arc::new(conn);
-    let shared = conn.shared.clone();
-    let live = shared.live();
-    let source = conn.source;
+    let gateway = conn.client.gateway().clone();
+    let limits = conn.client.live.limits;
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(live.limits.header_timeout)
-        .max_buf_size(live.limits.max_header_bytes)
-        .max_headers(live.limits.max_headers)
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .max_headers(limits.max_headers)
         .keep_alive(true);
     let service = {
         let conn = conn.clone();
@@ -172,59 +160,50 @@ async fn serve_conn(conn: Conn, stream: TcpStream, pending: Vec<u8>, mut record:
     };
     let moved = Arc::new(IoCounts::default());
     let io = Sniffed { inner: stream, framer: conn.framer.clone(), pending, moved: moved.clone() };
-    let served = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
-    tokio::pin!(served);
+    let mut served = Box::pin(builder.serve_connection(TokioIo::new(io), service).with_upgrades());
     let mut closing = false;
     let result = loop {
         tokio::select! {
             r = &mut served => break r,
             // Draining: finish the request in flight, then close instead of keeping alive. A
             // tunnel opened before the drain may finish, as byte tunnels do (until the deadline).
-            () = shared.drain.cancelled(), if !closing && conn.tunnel.is_none() => {
+            () = gateway.drain.cancelled(), if !closing && conn.tunnel.is_none() => {
                 served.as_mut().graceful_shutdown();
                 closing = true;
             }
-            () = shared.cancel.cancelled() => break Ok(()),
+            () = gateway.cancel.cancelled() => break Ok(()),
         }
     };
+    // The service, and with it every other reference to the connection, goes with hyper's.
+    drop(served);
+    let counts = (moved.read.load(Ordering::Relaxed), moved.written.load(Ordering::Relaxed));
     // Errors before any request was read are refusals worth a log line; after that, a timeout
     // is just an idle keep-alive connection closing.
-    if let Err(e) = result {
-        let first = conn.requests.load(Ordering::Relaxed) == 0;
-        let reason = if e.is_parse_too_large() {
-            Some(Deny::HeaderTooLarge)
-        } else if e.is_parse() || e.is_parse_status() {
-            Some(Deny::BadRequest)
-        } else if e.is_timeout() && first {
-            Some(Deny::HeaderTimeout)
-        } else {
-            None
-        };
-        match reason {
-            Some(deny) => {
-                record.deny(deny.name());
-                shared.finish(&mut record);
-            }
-            None => tracing::debug!(%source, error = %e, "client connection ended with an error"),
-        }
-    }
-    (moved.read.load(Ordering::Relaxed), moved.written.load(Ordering::Relaxed))
+    let Err(e) = result else { return counts };
+    let first = conn.requests.load(Ordering::Relaxed) == 0;
+    let reason = if e.is_parse_too_large() {
+        Deny::HeaderTooLarge
+    } else if e.is_parse() || e.is_parse_status() {
+        Deny::BadRequest
+    } else if e.is_timeout() && first {
+        Deny::HeaderTimeout
+    } else {
+        tracing::debug!(error = %e, "client connection ended with an error");
+        return counts;
+    };
+    let client = match Arc::try_unwrap(conn) {
+        Ok(conn) => conn.client,
+        Err(conn) => conn.client.request(conn.mode.listener()),
+    };
+    client.refuse(reason.into());
+    counts
 }
 
 /// Answers a connection that gets no slot (cap reached, draining) with 503 (429 for the
 /// per-client cap) and closes it.
-async fn refuse_connection(
-    shared: &Shared,
-    mut stream: TcpStream,
-    source: SocketAddr,
-    mode: Mode,
-    deny: Deny,
-) {
-    let mut record = Record::new(mode.listener(), source);
-    shared.identify(source, &mut record);
-    record.deny(deny.name());
+async fn refuse_connection(mut conn: Connection, mut stream: TcpStream, deny: Deny) {
     let status = status_for(deny.into());
-    record.status = Some(status.as_u16());
+    conn.record.status = Some(status.as_u16());
     let body = format!("egress gateway: {}\n", deny.name());
     let head = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\nX-Egressfw-Reason: {}\r\n\r\n{body}",
@@ -234,57 +213,48 @@ async fn refuse_connection(
         deny.name()
     );
     super::relay::reply_and_close(&mut stream, head.as_bytes()).await;
-    shared.finish(&mut record);
+    conn.refuse(deny.into());
 }
 
 impl Conn {
     async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let mut record = Record::new(self.mode.listener(), self.source);
-        record.namespace.clone_from(&self.namespace);
-        record.method = Some(req.method().to_string());
+        let mut rc = self.client.request(self.mode.listener());
+        rc.record.method = Some(req.method().to_string());
         // What the client asked for, as sent, until the checks below produce the normalised form.
-        record.authority = match (self.mode, req.uri().authority()) {
+        rc.record.authority = match (self.mode, req.uri().authority()) {
             (Mode::Proxy, Some(a)) => Some(a.to_string()),
             _ => req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned),
         };
-        let live = self.shared.live();
-        let (target, port) = match self.destination(&req, &live) {
+        let (target, port) = match self.destination(&req, &rc.live) {
             Ok(d) => d,
-            Err(deny) => return self.refuse(record, deny.into()),
+            Err(deny) => return self.refuse(rc, deny.into()),
         };
-        record.authority = Some(format!("{target}:{port}"));
-        if req.method() == Method::CONNECT {
-            return match self.shared.dial(&live, self.namespace.as_deref(), &target, port, &mut record).await
-            {
-                Ok((upstream, grant)) => {
-                    let shared = self.shared.clone();
-                    let slot = self.slot.lock().ok().and_then(|mut s| s.take());
-                    let tunnel = tunnel::Connected {
-                        upstream,
-                        target,
-                        port,
-                        limits: live.limits,
-                        allow_h2_prior_knowledge: grant.allow_h2_prior_knowledge,
-                    };
-                    tokio::spawn(async move {
-                        tunnel::after_connect(shared, req, tunnel, record).await;
-                        drop(slot);
-                    });
-                    Response::new(empty())
-                }
-                Err(refusal) => self.refuse(record, refusal),
-            };
+        rc.record.authority = Some(format!("{target}:{port}"));
+        if req.method() != Method::CONNECT {
+            return self.forward(req, rc, target, port).await;
         }
-        self.forward(req, record, &live, target, port).await
+        match rc.dial(&target, port).await {
+            Ok(up) => {
+                let tunnel = Connected {
+                    upstream: up.stream,
+                    target,
+                    port,
+                    allow_h2_prior_knowledge: up.grant.allow_h2_prior_knowledge,
+                };
+                rc.hold(self.slot.lock().ok().and_then(|mut s| s.take()));
+                tokio::spawn(connect_tunnel::after_connect(rc, req, tunnel));
+                Response::new(empty())
+            }
+            Err(refusal) => self.refuse(rc, refusal),
+        }
     }
 
     /// Forwards a plain HTTP request (absolute-form or routed by Host) and streams the answer.
     async fn forward(
         self: &Arc<Self>,
         mut req: Request<Incoming>,
-        mut record: Record,
-        live: &Live,
+        mut rc: Connection,
         target: Target,
         port: u16,
     ) -> Response<Body> {
@@ -292,33 +262,33 @@ impl Conn {
         // The new request is authorised like any other; only then may a kept connection serve it.
         let reusable = match pool.as_mut() {
             Some(p) if p.target == target && p.port == port && !p.sender.is_closed() => {
-                match live.policy.authorize(self.namespace.as_deref(), &target, port) {
+                match rc.authorise(&target, port) {
                     Ok(grant) => {
                         // The kept connection's address is judged again too (a reload may have
                         // closed the range it is in).
                         let still_dialable = p.upstream.is_some_and(|a| {
-                            live.policy.dialable(&grant, &target, &[a.ip()]).is_ok_and(|d| d == [a.ip()])
+                            rc.live.policy.dialable(&grant, &target, &[a.ip()]).is_ok_and(|d| d == [a.ip()])
                         });
-                        record.allow(grant.matched);
-                        record.upstream = p.upstream;
+                        rc.record.allow(grant.matched);
+                        rc.record.upstream = p.upstream;
                         still_dialable && p.sender.ready().await.is_ok()
                     }
-                    Err(deny) => return self.refuse(record, deny.into()),
+                    Err(deny) => return self.refuse(rc, deny.into()),
                 }
             }
             _ => false,
         };
         if !reusable {
             *pool = None;
-            match self.open(live, &target, port, &mut record).await {
+            match self.open(&mut rc, &target, port).await {
                 Ok(p) => *pool = Some(p),
-                Err(refusal) => return self.refuse(record, refusal),
+                Err(refusal) => return self.refuse(rc, refusal),
             }
         }
         let Some(p) = pool.as_mut() else { unreachable!("set above") };
 
         let exchange = Arc::new(Exchange::default());
-        let limits = live.limits;
+        let limits = rc.live.limits;
         rewrite_request(&mut req, &target, port, self.mode);
         let req = req.map(|b| Counted::request(b, exchange.clone(), limits.request_body_timeout).boxed());
         // The upstream may stay silent for responseTimeout after the last request bytes moved
@@ -338,12 +308,12 @@ impl Conn {
             Ok(r) => r,
             Err(refusal) => {
                 *pool = None;
-                return self.refuse(record, refusal);
+                return self.refuse(rc, refusal);
             }
         };
-        record.status = Some(response.status().as_u16());
+        rc.record.status = Some(response.status().as_u16());
         let mut response = response.map(|b| {
-            let done = Finisher { shared: self.shared.clone(), record: Some(record), exchange };
+            let done = Finisher { conn: Some(rc), exchange };
             Counted::response(b, done, limits.response_timeout).boxed()
         });
         strip_hop_by_hop(response.headers_mut());
@@ -354,15 +324,10 @@ impl Conn {
     }
 
     /// A new upstream connection (checked dial, then TLS when originating) with its HTTP/1 client.
-    async fn open(
-        &self,
-        live: &Live,
-        target: &Target,
-        port: u16,
-        record: &mut Record,
-    ) -> Result<Pooled, Refusal> {
-        let (tcp, _) = self.shared.dial(live, self.namespace.as_deref(), target, port, record).await?;
-        let upstream = record.upstream;
+    async fn open(&self, rc: &mut Connection, target: &Target, port: u16) -> Result<Pooled, Refusal> {
+        let tcp = rc.dial(target, port).await?.stream;
+        let upstream = rc.record.upstream;
+        let live = rc.live.clone();
         let sender = match (self.mode, &live.originator, target) {
             (Mode::Originate, Some(originator), Target::Name(name)) => {
                 let tls = tokio::time::timeout(live.limits.connect_timeout, originator.handshake(tcp, name))
@@ -380,11 +345,10 @@ impl Conn {
     }
 
     /// A denial or failure: logged and counted now, answered with a status and the reason.
-    fn refuse(&self, mut record: Record, refusal: Refusal) -> Response<Body> {
-        refusal.note(&mut record);
+    fn refuse(&self, mut rc: Connection, refusal: Refusal) -> Response<Body> {
         let status = status_for(refusal);
-        record.status = Some(status.as_u16());
-        self.shared.finish(&mut record);
+        rc.record.status = Some(status.as_u16());
+        rc.refuse(refusal);
         let mut r = Response::new(full(format!("egress gateway: {}\n", refusal.reason())));
         *r.status_mut() = status;
         let h = r.headers_mut();

@@ -24,7 +24,7 @@ use super::{ip_literal, pod_index::PodIndex};
 #[derive(Default)]
 pub struct Identities {
     /// Sorted by prefix length, longest first.
-    table: RwLock<Vec<(IpNet, String)>>,
+    table: RwLock<Vec<(IpNet, Arc<str>)>>,
     pods: RwLock<PodIndex>,
     /// False until the pod watch (if any) has listed everything once.
     synced: AtomicBool,
@@ -41,7 +41,7 @@ impl Identities {
     pub fn set_table(&self, mut table: Vec<(IpNet, String)>) {
         table.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
         if let Ok(mut t) = self.table.write() {
-            *t = table;
+            *t = table.into_iter().map(|(net, ns)| (net, Arc::from(ns))).collect();
         }
     }
 
@@ -51,9 +51,9 @@ impl Identities {
 
     /// The namespace of a client address; IPv4-mapped sources (dual-stack listeners) are
     /// looked up as the IPv4 they carry.
-    pub fn namespace_of(&self, source: IpAddr) -> Option<String> {
+    pub fn namespace_of(&self, source: IpAddr) -> Option<Arc<str>> {
         let ip = ip_literal::normalize(source);
-        if let Some(ns) = self.pods.read().ok().and_then(|m| m.namespace_of(ip).map(str::to_owned)) {
+        if let Some(ns) = self.pods.read().ok().and_then(|m| m.namespace_of(ip).cloned()) {
             return Some(ns);
         }
         let table = self.table.read().ok()?;

@@ -2,7 +2,10 @@
 //! traffic is labelled with the rule pattern that matched (never the raw requested name, which
 //! a client could vary without limit), denials with their reason.
 
+use std::sync::Arc;
+
 use prometheus_client::{
+    encoding::EncodeLabelSet,
     metrics::{
         counter::Counter,
         family::Family,
@@ -14,19 +17,56 @@ use prometheus_client::{
 
 use super::access_log::{Decision, Record};
 
-type Labels = Vec<(&'static str, String)>;
+// Label sets are types over static strings and the policy's shared rule text: counting a
+// connection allocates nothing (a label set is cloned only the first time it is seen).
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByRule {
+    listener: &'static str,
+    rule: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByReason {
+    listener: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByDirection {
+    listener: &'static str,
+    /// `up`: client to upstream.
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByListener {
+    listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByResult {
+    /// `applied` or `rejected`.
+    pub result: &'static str,
+}
+
+/// The rule label of an allowed connection that somehow has no rule (never expected).
+fn no_rule() -> &'static Arc<str> {
+    static EMPTY: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(|| Arc::from(""))
+}
 
 pub struct GatewayMetrics {
     registry: Registry,
-    connections: Family<Labels, Counter>,
-    denials: Family<Labels, Counter>,
-    errors: Family<Labels, Counter>,
-    bytes: Family<Labels, Counter>,
-    pub active_tunnels: Family<Labels, Gauge>,
+    connections: Family<ByRule, Counter>,
+    denials: Family<ByReason, Counter>,
+    errors: Family<ByReason, Counter>,
+    bytes: Family<ByDirection, Counter>,
+    active_tunnels: Family<ByListener, Gauge>,
     pub active_connections: Gauge,
-    duration: Family<Labels, Histogram>,
+    duration: Family<ByListener, Histogram>,
     pub upstream_connect: Histogram,
-    pub reloads: Family<Labels, Counter>,
+    pub reloads: Family<ByResult, Counter>,
 }
 
 impl GatewayMetrics {
@@ -96,32 +136,29 @@ impl GatewayMetrics {
 
     /// Counts a finished connection or request.
     pub fn record(&self, r: &Record) {
-        let listener = ("listener", r.listener.to_owned());
+        let listener = r.listener;
         match r.decision {
             Decision::Allow => {
-                let rule = r.rule.clone().unwrap_or_default();
-                self.connections.get_or_create(&vec![listener.clone(), ("rule", rule)]).inc();
+                let rule = r.rule.as_ref().unwrap_or_else(|| no_rule()).clone();
+                self.connections.get_or_create(&ByRule { listener, rule }).inc();
             }
             Decision::Deny => {
-                self.denials.get_or_create(&vec![listener.clone(), ("reason", r.reason.to_owned())]).inc();
+                self.denials.get_or_create(&ByReason { listener, reason: r.reason }).inc();
             }
             Decision::Error => {
-                self.errors.get_or_create(&vec![listener.clone(), ("reason", r.reason.to_owned())]).inc();
+                self.errors.get_or_create(&ByReason { listener, reason: r.reason }).inc();
             }
         }
-        if r.bytes_up > 0 {
-            self.bytes.get_or_create(&vec![listener.clone(), ("direction", "up".into())]).inc_by(r.bytes_up);
+        for (direction, n) in [("up", r.bytes_up), ("down", r.bytes_down)] {
+            if n > 0 {
+                self.bytes.get_or_create(&ByDirection { listener, direction }).inc_by(n);
+            }
         }
-        if r.bytes_down > 0 {
-            self.bytes
-                .get_or_create(&vec![listener.clone(), ("direction", "down".into())])
-                .inc_by(r.bytes_down);
-        }
-        self.duration.get_or_create(&vec![listener]).observe(r.started.elapsed().as_secs_f64());
+        self.duration.get_or_create(&ByListener { listener }).observe(r.started.elapsed().as_secs_f64());
     }
 
     pub fn tunnel_gauge(&self, listener: &'static str) -> Gauge {
-        self.active_tunnels.get_or_create(&vec![("listener", listener.to_owned())]).clone()
+        self.active_tunnels.get_or_create(&ByListener { listener }).clone()
     }
 
     pub fn render(&self) -> String {

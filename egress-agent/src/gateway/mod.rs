@@ -5,14 +5,18 @@
 //! - `config`, `limits`, `policy`, `identity`, `pod_index`: what is allowed, and who is asking;
 //! - `target`, `host`, `ip_literal`, `ranges`, `client_hello`, `first_flight`: reading and
 //!   normalising what the client asked for (pure functions, fuzzed);
-//! - `shared`: the one path to an upstream (authorise, resolve, check, dial the checked address);
-//! - `http_proxy`, `tls_passthrough`, `tcp_forward`, `originate`: the listeners;
-//! - `relay`, `forward_body`, `access_log`, `metrics`, `server`, `workers`: moving bytes,
-//!   accounting, and the process.
+//! - `connection`: the pipeline every connection walks (admit, identify, authorise, resolve,
+//!   check, dial the checked address, relay, finish), with `slots` and `refusal`;
+//! - `http_proxy`, `tls_passthrough`, `tcp_forward`: the listeners' fronts, each supplying its
+//!   target step; `connect_tunnel`, `tls_hello`, `originate`: what they share;
+//! - `relay`, `forward_body`, `access_log`, `metrics`: moving bytes, and accounting;
+//! - `state`, `server`, `workers`: the running gateway and its process.
 
 pub mod access_log;
 pub mod client_hello;
 pub mod config;
+pub mod connect_tunnel;
+pub mod connection;
 pub mod first_flight;
 pub mod forward_body;
 pub mod framing;
@@ -26,12 +30,14 @@ pub mod originate;
 pub mod pod_index;
 pub mod policy;
 pub mod ranges;
+pub mod refusal;
 pub mod relay;
 pub mod server;
-pub mod shared;
+pub mod slots;
 pub mod sniffed_io;
+pub mod state;
 pub mod target;
 pub mod tcp_forward;
+pub mod tls_hello;
 pub mod tls_passthrough;
-pub mod tunnel;
 pub mod workers;

@@ -7,7 +7,7 @@
 //!
 //! Each event touches only that pod's entry and its own addresses (no scan of every pod).
 
-use std::{collections::HashMap, net::IpAddr};
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time};
 
@@ -22,7 +22,8 @@ pub struct PodIndex {
 }
 
 struct Claim {
-    namespace: String,
+    /// Shared with every connection from the pod (no copy per connection).
+    namespace: Arc<str>,
     ips: Vec<IpAddr>,
 }
 
@@ -43,7 +44,7 @@ impl PodIndex {
         for ip in &ips {
             self.owners.entry(*ip).or_default().push(claimant.clone());
         }
-        self.pods.insert(key, Claim { namespace, ips });
+        self.pods.insert(key, Claim { namespace: namespace.into(), ips });
     }
 
     /// A DELETED pod.
@@ -54,9 +55,9 @@ impl PodIndex {
     }
 
     /// The namespace of the pod that owns `ip` (already normalised), if any.
-    pub fn namespace_of(&self, ip: IpAddr) -> Option<&str> {
+    pub fn namespace_of(&self, ip: IpAddr) -> Option<&Arc<str>> {
         let owner = self.owners.get(&ip)?.iter().max()?;
-        self.pods.get(&owner.key).map(|c| c.namespace.as_str())
+        self.pods.get(&owner.key).map(|c| &c.namespace)
     }
 
     /// Addresses with an owner.
@@ -141,18 +142,18 @@ mod tests {
         // Newer first, then a late update of the older pod: the newer one still owns it.
         idx.apply(&new);
         idx.apply(&old);
-        assert_eq!(idx.namespace_of(ip("10.0.0.1")), Some("b"));
+        assert_eq!(idx.namespace_of(ip("10.0.0.1")).map(|n| &**n), Some("b"));
         // The newer one goes: the older one, still running, owns the address again.
         idx.delete(&new);
-        assert_eq!(idx.namespace_of(ip("10.0.0.1")), Some("a"));
+        assert_eq!(idx.namespace_of(ip("10.0.0.1")).map(|n| &**n), Some("a"));
         idx.apply(&new);
-        assert_eq!(idx.namespace_of(ip("10.0.0.1")), Some("b"));
+        assert_eq!(idx.namespace_of(ip("10.0.0.1")).map(|n| &**n), Some("b"));
         // A newer pod that finishes gives the address back too.
         idx.apply(&with(new.clone(), |v| v["status"]["phase"] = "Succeeded".into()));
-        assert_eq!(idx.namespace_of(ip("10.0.0.1")), Some("a"));
+        assert_eq!(idx.namespace_of(ip("10.0.0.1")).map(|n| &**n), Some("a"));
         // A terminating pod owns nothing.
         idx.apply(&with(old, |v| v["metadata"]["deletionTimestamp"] = "2024-03-01T00:00:00Z".into()));
-        assert_eq!(idx.namespace_of(ip("10.0.0.1")), None);
+        assert_eq!(idx.namespace_of(ip("10.0.0.1")).map(|n| &**n), None);
         assert_eq!(idx.addresses(), 0);
     }
 
@@ -164,9 +165,9 @@ mod tests {
         idx.apply(&with(p, |v| {
             v["status"]["podIPs"] = serde_json::json!([{"ip": "10.0.0.2"}, {"ip": "fd00::2"}])
         }));
-        assert_eq!(idx.namespace_of(ip("10.0.0.1")), None);
-        assert_eq!(idx.namespace_of(ip("10.0.0.2")), Some("a"));
-        assert_eq!(idx.namespace_of(ip("fd00::2")), Some("a"));
+        assert_eq!(idx.namespace_of(ip("10.0.0.1")).map(|n| &**n), None);
+        assert_eq!(idx.namespace_of(ip("10.0.0.2")).map(|n| &**n), Some("a"));
+        assert_eq!(idx.namespace_of(ip("fd00::2")).map(|n| &**n), Some("a"));
     }
 
     #[test]
@@ -176,6 +177,6 @@ mod tests {
             v["spec"] = serde_json::json!({"hostNetwork": true, "containers": []});
         });
         idx.apply(&host);
-        assert_eq!(idx.namespace_of(ip("10.9.0.2")), None);
+        assert_eq!(idx.namespace_of(ip("10.9.0.2")).map(|n| &**n), None);
     }
 }

@@ -2,14 +2,18 @@
 //! and then, once the gateway itself has resolved the name, which of the addresses may it dial.
 //! Default deny. Non-public addresses pass only when the matching rule names them in `cidrs`.
 
-use std::{fmt, net::IpAddr};
+use std::{fmt, net::IpAddr, sync::Arc};
 
 pub use super::target::Target;
+
+mod index;
+
+use index::{Hit, RuleIndex};
 
 use ipnet::IpNet;
 
 use super::{
-    config::{Namespaces, Rule},
+    config::Rule,
     ip_literal,
     ranges::{self, Blocked},
     target::TargetError,
@@ -103,8 +107,9 @@ impl fmt::Display for Deny {
 /// A first-step yes: which rule said so, and which non-public ranges those rules open.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Grant {
-    /// The pattern or CIDR that matched, as written: a bounded label for metrics.
-    pub matched: String,
+    /// The pattern or CIDR that matched, as written: a bounded label for metrics, shared with
+    /// the policy (no copy per request).
+    pub matched: Arc<str>,
     exceptions: Vec<IpNet>,
     /// One of the granting rules allows HTTP/2 with prior knowledge inside a tunnel.
     pub allow_h2_prior_knowledge: bool,
@@ -127,13 +132,14 @@ impl Grant {
 #[derive(Debug, Default)]
 pub struct Policy {
     rules: Vec<Rule>,
+    index: RuleIndex,
     /// `blockedCidrs`: public on the wire, not in the operator's world.
     blocked: Vec<IpNet>,
 }
 
 impl Policy {
     pub fn new(rules: Vec<Rule>, blocked: Vec<IpNet>) -> Self {
-        Self { rules, blocked }
+        Self { index: RuleIndex::new(&rules), rules, blocked }
     }
 
     /// The class of a non-public address: the built-in ranges first (so metadata keeps its
@@ -143,26 +149,38 @@ impl Policy {
             .or_else(|| self.blocked.iter().any(|c| c.contains(&ip)).then_some(Blocked::Configured))
     }
 
-    /// May `namespace` (`None`: unidentified client) reach `target` on `port`?
+    /// May `namespace` (`None`: unidentified client) reach `target` on `port`? Looks only at the
+    /// namespace's rules that name this host or contain this address (see `index`).
     pub fn authorize(&self, namespace: Option<&str>, target: &Target, port: u16) -> Result<Grant, Deny> {
         let ns = namespace.ok_or(Deny::UnknownSource)?;
-        let mut grant: Option<Grant> = None;
-        for rule in self.rules.iter().filter(|r| applies(r, ns, port)) {
-            let matched = match target {
-                Target::Name(h) => rule.hosts.iter().find(|p| p.matches(h)).map(pattern_text),
-                Target::Ip(ip) => rule.cidrs.iter().find(|c| c.contains(ip)).map(ToString::to_string),
-            };
-            if let Some(matched) = matched {
-                let g = grant.get_or_insert_with(|| Grant {
-                    matched,
-                    exceptions: Vec::new(),
-                    allow_h2_prior_knowledge: false,
-                });
-                g.exceptions.extend(rule.cidrs.iter().copied());
-                g.allow_h2_prior_knowledge |= rule.allow_h2_prior_knowledge;
-            }
+        match target {
+            Target::Name(h) => self.grant(self.index.host_hits(ns, h), port),
+            Target::Ip(ip) => self.grant(self.index.address_hits(ns, &self.rules, *ip), port),
         }
-        grant.ok_or(Deny::NotAllowed)
+    }
+
+    /// The grant of the hits whose rule allows `port`: named by the first hit in configuration
+    /// order, with the CIDRs and HTTP/2 permission of every matching rule.
+    fn grant(&self, hits: impl Iterator<Item = Hit>, port: u16) -> Result<Grant, Deny> {
+        let mut first: Option<Hit> = None;
+        let mut exceptions = Vec::new();
+        let mut allow_h2_prior_knowledge = false;
+        for hit in hits {
+            let rule = &self.rules[hit.rule as usize];
+            if !on_port(rule, port) {
+                continue;
+            }
+            if first.is_none_or(|f| hit < f) {
+                first = Some(hit);
+            }
+            exceptions.extend(rule.cidrs.iter().copied());
+            allow_h2_prior_knowledge |= rule.allow_h2_prior_knowledge;
+        }
+        let first = first.ok_or(Deny::NotAllowed)?;
+        // A rule with several matching patterns was counted once per pattern.
+        exceptions.sort_unstable();
+        exceptions.dedup();
+        Ok(Grant { matched: self.index.label(first).clone(), exceptions, allow_h2_prior_knowledge })
     }
 
     /// The addresses the gateway may dial for a granted target, in resolver order: public ones,
@@ -197,24 +215,16 @@ impl Policy {
     }
 }
 
-fn applies(rule: &Rule, ns: &str, port: u16) -> bool {
-    let ns_ok = match &rule.namespaces {
-        Namespaces::Any => true,
-        Namespaces::Named(set) => set.contains(ns),
-    };
-    ns_ok && (rule.ports.is_empty() || rule.ports.iter().any(|r| (r.first..=r.last).contains(&port)))
-}
-
-fn pattern_text(p: &super::host::HostPattern) -> String {
-    match p {
-        super::host::HostPattern::Exact(h) => h.to_string(),
-        super::host::HostPattern::Subdomains(h) => format!("*.{h}"),
-    }
+fn on_port(rule: &Rule, port: u16) -> bool {
+    rule.ports.is_empty() || rule.ports.iter().any(|r| (r.first..=r.last).contains(&port))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{
+        super::{config::Namespaces, host::HostPattern},
+        *,
+    };
 
     fn policy() -> Policy {
         let c = super::super::config::parse(
@@ -350,6 +360,108 @@ blockedCidrs: [34.118.0.0/16]
         let wire = t("168.63.129.16");
         let wide = p.authorize(Some("ops"), &wire, 80).unwrap();
         assert_eq!(p.dialable(&wide, &wire, &[]), Err(Deny::Blocked(Blocked::Metadata)));
+    }
+
+    /// The decision as it was made before the index: every rule scanned in order.
+    fn authorize_by_scan(p: &Policy, ns: &str, target: &Target, port: u16) -> Result<Grant, Deny> {
+        let mut grant: Option<Grant> = None;
+        for rule in &p.rules {
+            let ns_ok = match &rule.namespaces {
+                Namespaces::Any => true,
+                Namespaces::Named(set) => set.contains(ns),
+            };
+            if !ns_ok || !on_port(rule, port) {
+                continue;
+            }
+            let matched = match target {
+                Target::Name(h) => rule.hosts.iter().find(|p| p.matches(h)).map(|p| match p {
+                    HostPattern::Exact(h) => h.to_string(),
+                    HostPattern::Subdomains(h) => format!("*.{h}"),
+                }),
+                Target::Ip(ip) => rule.cidrs.iter().find(|c| c.contains(ip)).map(ToString::to_string),
+            };
+            if let Some(matched) = matched {
+                let g = grant.get_or_insert_with(|| Grant {
+                    matched: matched.into(),
+                    exceptions: Vec::new(),
+                    allow_h2_prior_knowledge: false,
+                });
+                g.exceptions.extend(rule.cidrs.iter().copied());
+                g.allow_h2_prior_knowledge |= rule.allow_h2_prior_knowledge;
+            }
+        }
+        grant
+            .map(|mut g| {
+                g.exceptions.sort_unstable();
+                g.exceptions.dedup();
+                g
+            })
+            .ok_or(Deny::NotAllowed)
+    }
+
+    /// The index decides exactly as a scan of every rule would, on a configuration built to
+    /// overlap: exact names and wildcards at several depths, the same host in several rules and
+    /// namespaces, rules for every namespace, CIDRs inside and around each other, port ranges.
+    #[test]
+    fn the_index_decides_as_a_scan_of_every_rule() {
+        let mut yaml = String::from(
+            "listeners: {httpProxy: {listen: \"0.0.0.0:3128\"}}\nsources: {kubernetes: true}\nrules:\n",
+        );
+        let hosts =
+            ["a.example.com", "*.example.com", "b.a.example.com", "*.a.example.com", "*.com", "example.com"];
+        let cidrs =
+            ["10.0.0.0/8", "10.1.0.0/16", "10.1.2.3/32", "11.0.0.0/8", "::ffff:0:0/96", "2001:db8::/32"];
+        let namespaces = ["n0", "n1", "n2", "*"];
+        for i in 0..60usize {
+            let ns = namespaces[i % namespaces.len()];
+            let h1 = hosts[i % hosts.len()];
+            let h2 = hosts[(i * 7 + 3) % hosts.len()];
+            let c = cidrs[(i * 5 + 1) % cidrs.len()];
+            let mut extra = Vec::new();
+            match i % 3 {
+                0 => {}
+                1 => extra.push("ports: [443]".to_owned()),
+                _ => extra.push("ports: [\"80-443\", 8443]".to_owned()),
+            }
+            if i % 4 != 1 {
+                extra.push(format!("cidrs: [\"{c}\"]"));
+            }
+            if i % 5 == 0 {
+                extra.push("allowH2PriorKnowledge: true".to_owned());
+            }
+            let tail: String = extra.iter().map(|e| format!(", {e}")).collect();
+            yaml.push_str(&format!("  - {{namespaces: [\"{ns}\"], hosts: [\"{h1}\", \"{h2}\"]{tail}}}\n"));
+        }
+        let c = super::super::config::parse(&yaml).unwrap();
+        let p = Policy::new(c.rules, c.blocked_cidrs);
+        let targets = [
+            "example.com",
+            "a.example.com",
+            "b.a.example.com",
+            "c.b.a.example.com",
+            "x.example.com",
+            "other.com",
+            "com",
+            "example.org",
+            "10.1.2.3",
+            "10.1.9.9",
+            "10.9.9.9",
+            "11.1.1.1",
+            "12.0.0.1",
+            "[2001:db8::1]",
+            "[::ffff:10.1.2.3]",
+        ];
+        let mut granted = 0;
+        for ns in ["n0", "n1", "n2", "n3"] {
+            for target in targets {
+                for port in [22, 80, 443, 8443] {
+                    let want = authorize_by_scan(&p, ns, &t(target), port);
+                    granted += usize::from(want.is_ok());
+                    assert_eq!(p.authorize(Some(ns), &t(target), port), want, "{ns} {target} {port}");
+                }
+            }
+        }
+        assert!(granted > 50, "the configuration must grant a good share of the cases, granted {granted}");
     }
 
     #[test]

@@ -17,11 +17,13 @@ use tokio_util::sync::CancellationToken;
 use super::{
     access_log,
     config::{self, GatewayConfig},
+    connection::Connection,
     http_proxy::{self, Mode},
     identity::Identities,
+    metrics::ByResult,
     originate::Originator,
     policy::Policy,
-    shared::{Live, Shared},
+    state::{Gateway, Live},
     tcp_forward, tls_passthrough,
     workers::{Workers, bind_copies},
 };
@@ -41,8 +43,11 @@ pub struct Options {
 #[derive(Clone)]
 enum Kind {
     Http(Mode),
-    Tls { upstream_port: u16 },
-    Forward(config::Upstream),
+    Tls {
+        upstream_port: u16,
+    },
+    /// Shared by the connections of the listener (no copy per connection).
+    Forward(Arc<config::Upstream>),
 }
 
 pub async fn run(opts: Options) -> Result<()> {
@@ -56,7 +61,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut changes = crate::standalone::watch_file(&opts.config)?;
     let live = build_live(&config)?;
     let identities = Arc::new(Identities::new(config.sources.table.clone(), config.sources.kubernetes));
-    let shared = Arc::new(Shared::new(live, identities.clone()));
+    let gateway = Arc::new(Gateway::new(live, identities.clone()));
     if config.sources.kubernetes {
         let client = kube::Client::try_default()
             .await
@@ -83,15 +88,15 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut accepting = JoinSet::new();
     for (listeners, name, kind) in bound {
         for (listener, worker) in listeners.into_iter().zip(workers.handles()) {
-            let accept = accept_loop(shared.clone(), listener, name, kind.clone(), stop_accepting.clone());
+            let accept = accept_loop(gateway.clone(), listener, name, kind.clone(), stop_accepting.clone());
             accepting.spawn_on(accept, worker);
         }
     }
     let health = Arc::new(Health::new());
     if let Some(admin) = admin {
         let render = {
-            let shared = shared.clone();
-            Arc::new(move || shared.metrics.render())
+            let gateway = gateway.clone();
+            Arc::new(move || gateway.metrics.render())
         };
         let health = health.clone();
         tokio::spawn(async move {
@@ -100,7 +105,7 @@ pub async fn run(opts: Options) -> Result<()> {
             }
         });
     }
-    tokio::spawn(readiness(shared.clone(), health.clone()));
+    tokio::spawn(readiness(gateway.clone(), health.clone()));
     tracing::info!(
         config = %opts.config.display(),
         listeners = ?config.listeners.addresses().iter().map(|(a, n)| format!("{n}={a}")).collect::<Vec<_>>(),
@@ -113,14 +118,14 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut current = config;
     loop {
         tokio::select! {
-            Some(()) = changes.next() => reload(&shared, &opts, &mut current),
-            _ = hup.recv() => reload(&shared, &opts, &mut current),
+            Some(()) = changes.next() => reload(&gateway, &opts, &mut current),
+            _ = hup.recv() => reload(&gateway, &opts, &mut current),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
     health.set_ready(Some("draining".to_owned()));
-    drain(&shared, stop_accepting, accepting, current.drain_timeout).await;
+    drain(&gateway, stop_accepting, accepting, current.drain_timeout).await;
     workers.stop();
     Ok(())
 }
@@ -174,14 +179,16 @@ fn listeners(config: &GatewayConfig) -> Vec<(SocketAddr, &'static str, Kind)> {
             .map(|r| (r.listen, tls_passthrough::LISTENER, Kind::Tls { upstream_port: r.upstream_port })),
     );
     all.extend(
-        l.tcp_forwards.iter().map(|f| (f.listen, tcp_forward::LISTENER, Kind::Forward(f.upstream.clone()))),
+        l.tcp_forwards
+            .iter()
+            .map(|f| (f.listen, tcp_forward::LISTENER, Kind::Forward(Arc::new(f.upstream.clone())))),
     );
     all
 }
 
 /// Accepts on one worker's copy of a listener; every connection is served on that worker.
 async fn accept_loop(
-    shared: Arc<Shared>,
+    gateway: Arc<Gateway>,
     listener: std::net::TcpListener,
     name: &'static str,
     kind: Kind,
@@ -209,9 +216,8 @@ async fn accept_loop(
             },
             () = stop.cancelled() => return,
         };
-        let shared = shared.clone();
         // Every log line of the connection says which one it is about; the namespace and the
-        // target are filled in as they become known (`Shared::identify`, `Shared::dial`).
+        // target are filled in as they become known (`Connection::accept`, `Connection::dial`).
         let span = tracing::info_span!(
             "connection",
             listener = name,
@@ -219,17 +225,17 @@ async fn accept_loop(
             namespace = tracing::field::Empty,
             target = tracing::field::Empty,
         );
-        match kind.clone() {
-            Kind::Http(mode) => {
-                tokio::spawn(http_proxy::serve(shared, stream, source, mode).instrument(span))
-            }
-            Kind::Tls { upstream_port } => {
-                tokio::spawn(tls_passthrough::serve(shared, stream, source, upstream_port).instrument(span))
-            }
-            Kind::Forward(upstream) => {
-                tokio::spawn(tcp_forward::serve(shared, stream, source, upstream).instrument(span))
+        let gateway = gateway.clone();
+        let kind = kind.clone();
+        let served = async move {
+            let conn = Connection::accept(gateway, source, name);
+            match kind {
+                Kind::Http(mode) => http_proxy::serve(conn, stream, mode).await,
+                Kind::Tls { upstream_port } => tls_passthrough::serve(conn, stream, upstream_port).await,
+                Kind::Forward(upstream) => tcp_forward::serve(conn, stream, &upstream).await,
             }
         };
+        tokio::spawn(served.instrument(span));
     }
 }
 
@@ -240,12 +246,12 @@ fn bind(addr: SocketAddr) -> Result<TcpListener> {
 }
 
 /// Ready when client identities are known (the pod list synced) and not draining.
-async fn readiness(shared: Arc<Shared>, health: Arc<Health>) {
+async fn readiness(gateway: Arc<Gateway>, health: Arc<Health>) {
     loop {
         health.beat();
-        let not_ready = if shared.draining() {
+        let not_ready = if gateway.draining() {
             Some("draining".to_owned())
-        } else if !shared.identities.synced() {
+        } else if !gateway.identities.synced() {
             Some("client identities (pod list) not synced yet".to_owned())
         } else {
             None
@@ -258,13 +264,13 @@ async fn readiness(shared: Arc<Shared>, health: Arc<Health>) {
 /// Applies a changed configuration file. A bad one is rejected with the error, and the
 /// previous configuration keeps serving. Listener changes need a restart (open connections
 /// must not be cut by a ConfigMap edit); they are reported, the rest applies at once.
-fn reload(shared: &Shared, opts: &Options, current: &mut GatewayConfig) {
+fn reload(gateway: &Gateway, opts: &Options, current: &mut GatewayConfig) {
     let loaded =
         config::load(&opts.config).map_err(anyhow::Error::from).and_then(|c| Ok((build_live(&c)?, c)));
-    let label = |result: &str| vec![("result", result.to_owned())];
+    let label = |result| ByResult { result };
     match loaded {
         Err(e) => {
-            shared.metrics.reloads.get_or_create(&label("rejected")).inc();
+            gateway.metrics.reloads.get_or_create(&label("rejected")).inc();
             tracing::error!(
                 error = format!("{e:#}"),
                 "rejected the new gateway configuration; the previous one stays in force"
@@ -272,15 +278,15 @@ fn reload(shared: &Shared, opts: &Options, current: &mut GatewayConfig) {
         }
         Ok((_, new)) if new == *current => {}
         Ok((live, new)) => {
-            shared.set_live(live);
-            shared.identities.set_table(new.sources.table.clone());
+            gateway.set_live(live);
+            gateway.identities.set_table(new.sources.table.clone());
             if new.listeners != current.listeners
                 || new.admin != current.admin
                 || new.sources.kubernetes != current.sources.kubernetes
             {
                 tracing::warn!("listener, admin or sources.kubernetes changes take effect after a restart");
             }
-            shared.metrics.reloads.get_or_create(&label("applied")).inc();
+            gateway.metrics.reloads.get_or_create(&label("applied")).inc();
             tracing::info!(rules = new.rules.len(), "gateway configuration reloaded");
             *current = new;
         }
@@ -290,21 +296,21 @@ fn reload(shared: &Shared, opts: &Options, current: &mut GatewayConfig) {
 /// Stops accepting, asks keep-alive connections to close after their current request, waits
 /// for open connections up to the deadline, then cuts the rest.
 async fn drain(
-    shared: &Shared,
+    gateway: &Gateway,
     stop_accepting: CancellationToken,
     mut accepting: JoinSet<()>,
     deadline: Duration,
 ) {
-    shared.start_draining();
+    gateway.start_draining();
     stop_accepting.cancel();
     while accepting.join_next().await.is_some() {}
-    let open = shared.active();
+    let open = gateway.slots.active();
     tracing::info!(open_connections = open, deadline_s = deadline.as_secs_f64(), "draining");
-    let waited = tokio::time::timeout(deadline, shared.idle()).await;
-    let cut = shared.active();
-    shared.cancel.cancel();
+    let waited = tokio::time::timeout(deadline, gateway.slots.idle()).await;
+    let cut = gateway.slots.active();
+    gateway.cancel.cancel();
     // Let the cut connections write their access-log lines, and the writer put them out.
-    let _ = tokio::time::timeout(Duration::from_secs(1), shared.idle()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), gateway.slots.idle()).await;
     // The control runtime has nothing else to do by now: waiting here is fine.
     access_log::flush(Duration::from_secs(2));
     tracing::info!(

@@ -16,12 +16,13 @@
 //! ends with round trips through two plain TCP relays (no CONNECT), the gateway's `tcpForwards`
 //! listener and socat: what one userspace hop adds here, whatever the proxy.
 
+mod profile;
 mod proxies;
 mod relays;
 mod report;
 mod traffic;
 
-use std::{fmt::Write as _, time::Duration};
+use std::{fmt::Write as _, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
@@ -62,6 +63,11 @@ pub struct GatewayArgs {
     /// A smoke run of under a minute: one round, small sizes (explicit flags still win).
     #[arg(long)]
     quick: bool,
+    /// Record each proxy with `perf record` during its tunnel churn into this directory, and
+    /// print where its CPU time went. Sampling costs CPU: a profiled run's figures are not for
+    /// the record.
+    #[arg(long)]
+    perf: Option<PathBuf>,
 }
 
 /// The arguments with `--quick` and the defaults applied.
@@ -73,6 +79,7 @@ struct Settings {
     pings: usize,
     idle: usize,
     gateway_threads: Option<usize>,
+    perf: Option<PathBuf>,
 }
 
 impl Settings {
@@ -86,6 +93,7 @@ impl Settings {
             pings: a.pings.unwrap_or(if q { 2000 } else { 20_000 }),
             idle: a.idle.unwrap_or(if q { 200 } else { 1000 }),
             gateway_threads: a.gateway_threads,
+            perf: a.perf.clone(),
         };
         if s.rounds == 0
             || s.mib == 0
@@ -107,6 +115,9 @@ impl Settings {
         );
         if let Some(n) = self.gateway_threads {
             let _ = write!(c, " --gateway-threads {n}");
+        }
+        if let Some(dir) = &self.perf {
+            let _ = write!(c, " --perf {}", dir.display());
         }
         c
     }
@@ -187,6 +198,10 @@ pub fn run(args: &GatewayArgs) -> Result<()> {
             );
         }
     }
+    if let Some(dir) = &s.perf {
+        profile::require_perf()?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let agent = run::build_agent(&tc, true)?;
     // Client and server ends of every idle tunnel live in this process; the proxies inherit
     // the limit too.
@@ -198,6 +213,7 @@ pub fn run(args: &GatewayArgs) -> Result<()> {
     let sizing = Sizing { idle: s.idle, gateway_threads: s.gateway_threads };
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); Route::ALL.len()];
     let mut relayed: Vec<Vec<RelaySample>> = vec![Vec::new(); Relay::ALL.len()];
+    let mut profiles = Vec::new();
     for round in 0..s.rounds {
         let proxies = Route::ALL[1..]
             .iter()
@@ -208,7 +224,8 @@ pub fn run(args: &GatewayArgs) -> Result<()> {
             let route = Route::ALL[i];
             eprintln!("round {}/{}: {}", round + 1, s.rounds, route.name());
             let proxy = proxies.iter().find(|p| p.route == route);
-            let sample = measure(&lab, route, proxy, &s)?;
+            let (sample, profiled) = measure(&lab, route, proxy, &s, round)?;
+            profiles.extend(profiled);
             eprintln!(
                 "  {:.2} Gbit/s, {:.0} tunnels/s, RTT p50 {:.1} µs p99 {:.1} µs{}",
                 sample.gbps,
@@ -242,6 +259,9 @@ pub fn run(args: &GatewayArgs) -> Result<()> {
         }
     }
     println!("\n{}", report::render(&samples, &relayed, &s));
+    for data in profiles {
+        println!("{}", profile::summary(&data)?);
+    }
     Ok(())
 }
 
@@ -285,7 +305,14 @@ fn raise_open_files(need: u64) -> Result<()> {
     Ok(())
 }
 
-fn measure(lab: &Lab, route: Route, proxy: Option<&Proxy>, s: &Settings) -> Result<Sample> {
+/// One route's figures, and the profile of its churn when `--perf` asked for one.
+fn measure(
+    lab: &Lab,
+    route: Route,
+    proxy: Option<&Proxy>,
+    s: &Settings,
+    round: usize,
+) -> Result<(Sample, Option<PathBuf>)> {
     let via = route.via();
     let name = route.name();
     let kib_per_tunnel = proxy.map(|p| idle_memory(lab, p, s.idle)).transpose()?;
@@ -297,9 +324,17 @@ fn measure(lab: &Lab, route: Route, proxy: Option<&Proxy>, s: &Settings) -> Resu
     let cpu_us_per_rtt =
         cpu.since(start, 1e6 / (s.pings + traffic::WARM_UP_PINGS) as f64)?.map(CpuTime::total);
 
+    let recording = match (&s.perf, proxy) {
+        (Some(dir), Some(p)) => Some(profile::Recording::start(
+            p.pid(),
+            dir.join(format!("{}-round{}.data", route.short_name(), round + 1)),
+        )?),
+        _ => None,
+    };
     let start = cpu.now()?;
     let churn = lab.pod.within(|| traffic::churn(via, s.seconds, s.concurrency));
     let cpu_us_per_tunnel = cpu.since(start, 1e6 / churn.done.max(1) as f64)?;
+    let profiled = recording.map(profile::Recording::finish).transpose()?;
     if churn.errors > 0 {
         eprintln!(
             "  warning: {} failed tunnels via {name} during the churn; first: {}",
@@ -321,7 +356,7 @@ fn measure(lab: &Lab, route: Route, proxy: Option<&Proxy>, s: &Settings) -> Resu
     let machine_busy_bulk =
         (machine_end.0 - machine_start.0) as f64 / (machine_end.1 - machine_start.1).max(1) as f64;
 
-    Ok(Sample {
+    let sample = Sample {
         gbps,
         tunnels_per_s: churn.per_second,
         churn_errors: churn.errors,
@@ -332,7 +367,8 @@ fn measure(lab: &Lab, route: Route, proxy: Option<&Proxy>, s: &Settings) -> Resu
         cpu_us_per_tunnel,
         cpu_us_per_rtt,
         machine_busy_bulk,
-    })
+    };
+    Ok((sample, profiled))
 }
 
 /// Busy and total jiffies of the whole machine (all CPUs), from the first line of /proc/stat.

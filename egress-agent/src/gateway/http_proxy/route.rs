@@ -7,7 +7,7 @@ use hyper::body::Incoming;
 use super::{Conn, Mode};
 use crate::gateway::{
     policy::{Deny, Target},
-    shared::Live,
+    state::Live,
     target,
 };
 

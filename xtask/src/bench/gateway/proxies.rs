@@ -125,6 +125,11 @@ impl Proxy {
         self.child.wait_serving(lab, self.route.name(), addr, ready, dir)
     }
 
+    /// The proxy's main process.
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
     /// Resident memory of the proxy and every process it started (squid may fork workers).
     pub fn rss_kib(&self) -> Result<u64> {
         process_tree(self.child.0.id())?.into_iter().map(vm_rss_kib).sum()

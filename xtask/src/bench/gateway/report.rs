@@ -91,10 +91,27 @@ pub fn render(samples: &[Vec<Sample>], relayed: &[Vec<RelaySample>], s: &Setting
         );
     }
     let gw = &samples[index(Route::Gateway)];
+    let tinyproxy = &samples[index(Route::Tinyproxy)];
+    let socat = &relayed[Relay::ALL.iter().position(|r| *r == Relay::Socat).expect("listed")];
+    // Both against the same round's direct route, then gateway over socat within the round.
+    let added_vs_socat = median(
+        gw.iter()
+            .zip(socat)
+            .zip(direct)
+            .map(|((g, so), d)| (g.p50_us - d.p50_us) / (so.p50_us - d.p50_us))
+            .collect(),
+    );
+    let cpu_ratio = |rows: &[Sample], base: &[Sample], f: &dyn Fn(&Sample) -> Option<f64>| {
+        median(rows.iter().zip(base).filter_map(|(r, b)| Some(f(r)? / f(b)?)).collect())
+    };
+    let per_tunnel = |x: &Sample| x.cpu_us_per_tunnel.map(|c| c.total());
+    let per_gib = |x: &Sample| x.cpu_ms_per_gib;
+    // Issue 16: figures that measure the proxy, each against a proxy or relay in the same round
+    // (client, upstream and proxy share two cores here, so absolute rates measure the machine).
     let targets = [
-        ("bulk throughput >= 0.8x direct", vs(gw, direct, &gbps), "x", 0.8, true),
-        ("new tunnels/s >= 1.5x squid", vs(gw, squid, &tps), "x", 1.5, true),
-        ("added RTT p50 <= 10 µs", added(gw, &p50), " µs", 10.0, false),
+        ("proxy CPU per tunnel <= 0.8x tinyproxy's", cpu_ratio(gw, tinyproxy, &per_tunnel), "x", 0.8, false),
+        ("added RTT p50 <= socat's (plain relay)", added_vs_socat, "x", 1.0, false),
+        ("proxy CPU per GiB <= 0.3x squid's", cpu_ratio(gw, squid, &per_gib), "x", 0.3, false),
         (
             "memory per idle tunnel <= 64 KiB",
             median(gw.iter().filter_map(|r| r.kib_per_tunnel).collect()),
@@ -120,7 +137,9 @@ pub fn render(samples: &[Vec<Sample>], relayed: &[Vec<RelaySample>], s: &Setting
          routes: CONNECT to {UPSTREAM4} from one client; bulk is one tunnel, churn is {} client \
          threads (open, CONNECT, 1-byte echo, close). The gateway writes its access log (a JSON \
          line per tunnel) to a file; squid runs with `access_log none`, tinyproxy at LogLevel \
-         Warning (no per-connection lines).",
+         Warning (no per-connection lines). Bulk throughput is reported against direct with \
+         the machine's busy share, not as a target: it measures the two shared cores as much as \
+         the proxy.",
         s.rounds, s.concurrency
     );
     let errors: Vec<String> = Route::ALL

@@ -22,9 +22,11 @@ pub const SINK_PORT: u16 = 7001;
 /// Every socket operation gives up after this, so a stuck proxy fails the run instead of
 /// hanging it.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
-/// What a ping carries. Anything but 22: a first byte of 22 makes the gateway read a TLS
-/// ClientHello and check its SNI against the CONNECT target.
-const PING: u8 = b'x';
+/// What a ping carries. Not 22: a first byte of 22 makes the gateway read a TLS ClientHello
+/// and check its SNI against the CONNECT target. Not a letter: the gateway reads a tunnel's
+/// first bytes until it can tell whether they are an HTTP request (served and checked request
+/// by request), and a lone letter could begin a method name (see `first_flight`).
+const PING: u8 = b'#';
 /// Round trips before the timed ones in [`latency`].
 pub const WARM_UP_PINGS: usize = 200;
 

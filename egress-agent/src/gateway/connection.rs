@@ -1,0 +1,195 @@
+//! One client connection, walked through the steps every listener shares:
+//!
+//! ```text
+//! accept, identify -> admit -> target -> authorise -> resolve, check, dial -> relay -> finish
+//! ```
+//!
+//! - **accept, identify**: the source address names the client's namespace at once, so even a
+//!   connection refused a slot is logged with it;
+//! - **admit**: a slot under the gateway's caps (`slots`), or a refusal while draining;
+//! - **target**: the one step a listener supplies (the CONNECT target, SNI, Host, a fixed
+//!   upstream), in its own front (`http_proxy`, `tls_passthrough`, `tcp_forward`);
+//! - **authorise, resolve, check, dial**: [`Connection::dial`], the one path to an upstream;
+//! - **relay, finish**: [`Connection::relay`], then one access-log line and the metrics.
+//!
+//! A refusal at any step is said in the front's own protocol (an HTTP status, a TLS alert, a
+//! close) and then written down by [`Connection::refuse`]. An HTTP request is a `Connection` of
+//! its own from the target on (its own decision, upstream and log line), under its client
+//! connection's slot ([`Connection::request`]).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Instant,
+};
+
+use tokio::net::TcpStream;
+
+use super::{
+    access_log::{self, Record},
+    policy::{Deny, Grant, Target},
+    refusal::Refusal,
+    relay::{self, Ended},
+    slots::Slot,
+    state::{Gateway, Live},
+};
+
+pub struct Connection {
+    gateway: Arc<Gateway>,
+    /// The configuration this connection decides by: a reload applies to the next one.
+    pub live: Arc<Live>,
+    pub source: SocketAddr,
+    pub namespace: Option<Arc<str>>,
+    /// What goes into the access log when the connection finishes.
+    pub record: Record,
+    slot: Option<Slot>,
+}
+
+/// An upstream connection to a checked address, and what the granting rules allow.
+pub struct Dialed {
+    pub stream: TcpStream,
+    pub grant: Grant,
+}
+
+impl Connection {
+    /// Accepted on `listener`: the client is identified at once.
+    pub fn accept(gateway: Arc<Gateway>, source: SocketAddr, listener: &'static str) -> Self {
+        let namespace = gateway.identities.namespace_of(source.ip());
+        if let Some(ns) = &namespace {
+            tracing::Span::current().record("namespace", &**ns);
+        }
+        Self::identified(gateway, source, namespace, listener)
+    }
+
+    fn identified(
+        gateway: Arc<Gateway>,
+        source: SocketAddr,
+        namespace: Option<Arc<str>>,
+        listener: &'static str,
+    ) -> Self {
+        let mut record = Record::new(listener, source);
+        record.namespace.clone_from(&namespace);
+        Self { live: gateway.live(), gateway, source, namespace, record, slot: None }
+    }
+
+    /// A request of this HTTP connection (or of a tunnel's plain HTTP), decided, dialed and
+    /// logged on its own under the latest configuration.
+    pub fn request(&self, listener: &'static str) -> Self {
+        Self::identified(self.gateway.clone(), self.source, self.namespace.clone(), listener)
+    }
+
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    /// Takes a slot under the caps, or says why not: draining, the gateway's cap, or the cap
+    /// for one client address.
+    pub fn admit(&mut self) -> Result<(), Deny> {
+        if self.gateway.draining() {
+            return Err(Deny::Draining);
+        }
+        self.slot = Some(self.gateway.slots.take(&self.live.limits, self.source.ip())?);
+        Ok(())
+    }
+
+    /// The slot goes with a CONNECT tunnel, which outlives the HTTP connection it came on.
+    pub fn take_slot(&mut self) -> Option<Slot> {
+        self.slot.take()
+    }
+
+    pub fn hold(&mut self, slot: Option<Slot>) {
+        self.slot = slot;
+    }
+
+    /// May this client reach `target:port`? The first step of [`Self::dial`]; on its own where
+    /// a kept upstream connection may serve an allowed request.
+    pub fn authorise(&self, target: &Target, port: u16) -> Result<Grant, Deny> {
+        self.live.policy.authorize(self.namespace.as_deref(), target, port)
+    }
+
+    /// Authorises `target:port`, resolves it, keeps the addresses the policy allows and
+    /// connects to the first that answers. The record gets the decision, the rule and the
+    /// upstream address. The stream is connected to exactly a checked address.
+    pub async fn dial(&mut self, target: &Target, port: u16) -> Result<Dialed, Refusal> {
+        tracing::Span::current().record("target", tracing::field::display(format_args!("{target}:{port}")));
+        let grant = self.authorise(target, port)?;
+        let started = Instant::now();
+        let resolved = self.resolve(target, port).await?;
+        let dialable = self.live.policy.dialable(&grant, target, &resolved)?;
+        self.record.allow(grant.matched.clone());
+        let connect_timeout = self.live.limits.connect_timeout;
+        let connected = tokio::time::timeout(connect_timeout, connect_first(&dialable, port)).await;
+        self.gateway.metrics.upstream_connect.observe(started.elapsed().as_secs_f64());
+        match connected {
+            Ok(Ok((stream, addr))) => {
+                self.record.upstream = Some(addr);
+                let _ = stream.set_nodelay(true);
+                Ok(Dialed { stream, grant })
+            }
+            Ok(Err(())) => Err(Refusal::ConnectFailed),
+            Err(_) => Err(Refusal::ConnectTimeout),
+        }
+    }
+
+    /// The addresses of an allowed target, from the gateway's own resolver.
+    async fn resolve(&self, target: &Target, port: u16) -> Result<Vec<IpAddr>, Refusal> {
+        let name = match target {
+            Target::Ip(ip) => return Ok(vec![*ip]),
+            Target::Name(name) => name,
+        };
+        // As written, so /etc/hosts (hostAliases) applies. The Deployment sets ndots: 1, so a
+        // name with a dot is tried as absolute first; whatever a search domain might still
+        // produce is a cluster address, which the range check refuses.
+        let lookup = async {
+            let _permit = self.gateway.lookups.acquire().await;
+            tokio::net::lookup_host((name.as_str(), port)).await
+        };
+        match tokio::time::timeout(self.live.limits.connect_timeout, lookup).await {
+            Ok(Ok(addrs)) => Ok(addrs.map(|a| a.ip()).collect()),
+            Ok(Err(_)) => Err(Deny::ResolveFailed.into()),
+            Err(_) => Err(Refusal::ConnectTimeout),
+        }
+    }
+
+    /// Relays an allowed connection to its end (`first_up`: bytes already read from the client,
+    /// sent upstream first), then finishes it.
+    pub async fn relay(mut self, client: TcpStream, upstream: TcpStream, first_up: Vec<u8>) {
+        let gauge = self.gateway.metrics.tunnel_gauge(self.record.listener);
+        gauge.inc();
+        let idle = self.live.limits.idle_timeout;
+        let (moved, ended) = relay::relay(&client, &upstream, first_up, idle, &self.gateway.cancel).await;
+        gauge.dec();
+        self.record.bytes_up = moved.up;
+        self.record.bytes_down = moved.down;
+        self.record.end = Some(match ended {
+            Ended::Closed => "closed",
+            Ended::Idle => "idle_timeout",
+            Ended::Cancelled => "drain_deadline",
+        });
+        self.finish();
+    }
+
+    /// Writes down a refusal the front has already told the client about, and finishes.
+    pub fn refuse(mut self, refusal: Refusal) {
+        refusal.note(&mut self.record);
+        self.finish();
+    }
+
+    /// The access-log line and the metrics; the slot (if this connection holds it) is freed.
+    pub fn finish(mut self) {
+        access_log::write(&mut self.record);
+        self.gateway.metrics.record(&self.record);
+    }
+}
+
+/// The stream and the (checked) address it is connected to.
+async fn connect_first(addrs: &[IpAddr], port: u16) -> Result<(TcpStream, SocketAddr), ()> {
+    for ip in addrs {
+        let addr = SocketAddr::new(*ip, port);
+        match TcpStream::connect(addr).await {
+            Ok(s) => return Ok((s, addr)),
+            Err(e) => tracing::debug!(%ip, port, error = %e, "upstream connect failed"),
+        }
+    }
+    Err(())
+}
