@@ -192,7 +192,13 @@ async fn serve_conn(conn: Conn, stream: TcpStream, pending: Vec<u8>) -> (u64, u6
         return counts;
     };
     let client = match Arc::try_unwrap(conn) {
-        Ok(conn) => conn.client,
+        Ok(conn) => {
+            // The line is written before the slot is freed: a drain that sees no connection
+            // left flushes the log, and this line must already be in it.
+            let mut client = conn.client;
+            client.hold(conn.slot.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner));
+            client
+        }
         Err(conn) => conn.client.request(conn.mode.listener()),
     };
     client.refuse(reason.into());
