@@ -142,30 +142,22 @@ impl Agent {
 
     /// Waits until at least `count` lines match `message`.
     pub fn wait_for(&self, message: &str, count: usize) -> Vec<serde_json::Value> {
-        let deadline = Instant::now() + crate::patience(Duration::from_secs(10));
-        loop {
-            let found = self.lines(message);
-            if found.len() >= count || Instant::now() > deadline {
-                return found;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut found = Vec::new();
+        crate::poll_until(Duration::from_secs(10), || {
+            found = self.lines(message);
+            found.len() >= count
+        });
+        found
     }
 
     /// Waits for a line with `message` that satisfies `pred`, and returns it.
     pub fn wait_until(&self, message: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-        let deadline = Instant::now() + crate::patience(Duration::from_secs(10));
-        loop {
-            if let Some(v) = self.lines(message).into_iter().find(|v| pred(v)) {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {message:?} line as expected; agent log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut found = None;
+        crate::poll_until(Duration::from_secs(10), || {
+            found = self.lines(message).into_iter().find(|v| pred(v));
+            found.is_some()
+        });
+        found.unwrap_or_else(|| panic!("no {message:?} line as expected; agent log:\n{}", self.log_text()))
     }
 
     /// SIGKILL: no chance to clean anything up.

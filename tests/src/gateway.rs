@@ -444,14 +444,7 @@ pub fn read_reply(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
     }
 }
 
-/// Polls `done` every 25 ms until it holds or `limit` passes; panics naming `what` then.
-pub fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + crate::patience(limit);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
+pub use crate::wait_until;
 
 /// The running gateway; killed on drop.
 pub struct Gateway {
@@ -478,28 +471,24 @@ impl Gateway {
 
     /// Waits (up to 5 s) for an access-log line that satisfies `pred`.
     pub fn wait_access(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Some(v) = self.access_lines().into_iter().find(|v| pred(v)) {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
+        let mut found = None;
+        crate::poll_until(Duration::from_secs(5), || {
+            found = self.access_lines().into_iter().find(|v| pred(v));
+            found.is_some()
+        });
+        found.unwrap_or_else(|| {
+            panic!(
                 "no access-log line for {what}; lines:\n{}\ngateway log:\n{}",
                 fs::read_to_string(&self.access).unwrap_or_default(),
                 self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(25));
-        }
+            )
+        })
     }
 
     /// Waits (up to 5 s) until the access log has at least `n` lines, and a moment more for any
     /// extra line to show; returns them all.
     pub fn wait_lines(&self, n: usize) -> Vec<serde_json::Value> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.access_lines().len() < n && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        crate::poll_until(Duration::from_secs(5), || self.access_lines().len() >= n);
         std::thread::sleep(Duration::from_millis(100));
         self.access_lines()
     }
@@ -520,19 +509,17 @@ impl Gateway {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Waits up to `limit` for the process to exit.
+    /// Waits up to `limit` (times the VM's scale) for the process to exit.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                self.child = None;
-                return Some(st);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let mut status = None;
+        crate::poll_until(limit, || {
+            status = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            status.is_some()
+        });
+        if status.is_some() {
+            self.child = None;
         }
+        status
     }
 
     pub fn kill(&mut self) {

@@ -12,7 +12,7 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
     process::Output,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crate::{
@@ -240,18 +240,9 @@ impl Default for KubeNode {
     }
 }
 
-/// Polls `check` every 20 ms until it holds or `secs` pass; returns whether it held.
-pub fn eventually(secs: u64, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + crate::patience(Duration::from_secs(secs));
-    loop {
-        if check() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Whether `check` holds within `secs` (times the VM's scale): see [`crate::poll_until`].
+pub fn eventually(secs: u64, check: impl FnMut() -> bool) -> bool {
+    crate::poll_until(Duration::from_secs(secs), check)
 }
 
 fn free_local_port() -> SocketAddr {

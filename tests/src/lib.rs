@@ -76,13 +76,24 @@ pub fn other_agent_bin() -> PathBuf {
     path
 }
 
-/// Polls `check` every 20 ms until it returns true; fails the test, naming `what`, when it has
-/// not within `patience(base)`.
-pub fn wait_until(what: &str, base: Duration, mut check: impl FnMut() -> bool) {
+/// Polls `check` every 20 ms until it holds or `patience(base)` passes, and says whether it
+/// held. The suite's one polling loop: every wait for a condition goes through it, directly or
+/// through [`wait_until`], so the VM's time scale applies to all of them.
+pub fn poll_until(base: Duration, mut check: impl FnMut() -> bool) -> bool {
     let limit = patience(base);
     let start = std::time::Instant::now();
-    while !check() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+    loop {
+        if check() {
+            return true;
+        }
+        if start.elapsed() >= limit {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// [`poll_until`], failing the test, naming `what`, when the condition does not hold in time.
+pub fn wait_until(what: &str, base: Duration, check: impl FnMut() -> bool) {
+    assert!(poll_until(base, check), "timed out after {:?} waiting for {what}", patience(base));
 }
