@@ -11,23 +11,19 @@ use egress_common::{
 use aya_ebpf::programs::sk_buff::SkBuff;
 
 use crate::{
+    governing::Governing,
     maps::{EGRESS_CGCOUNT_V1, EGRESS_COUNTERS_V1, EGRESS_EVBUDGET_V1, EGRESS_EVENTS_V1},
     packet::parse,
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
-/// Counts the verdict (per reason for the node; denials also for the policy's cgroup, 0 when no
-/// policy was found) and, for a denial, emits an event (built lazily, only if it will be sent).
-/// Returns whether the traffic may pass: allowed, or denied in audit mode.
+/// Counts the verdict (per reason for the node; denials also for the governing policy's cgroup,
+/// 0 when no policy was found) and, for a denial, emits an event (built lazily, only if it will
+/// be sent). Returns whether the traffic may pass: allowed, or denied in audit mode.
 #[inline(always)]
-pub fn settle(
-    reason: Reason,
-    mode: u32,
-    policy_cgroup_id: u64,
-    event: impl FnOnce(u8) -> VerdictEvent,
-) -> bool {
-    let audited = !reason.is_allow() && mode == MODE_AUDIT;
+pub fn settle(reason: Reason, governing: &Governing, event: impl FnOnce(u8) -> VerdictEvent) -> bool {
+    let audited = !reason.is_allow() && governing.mode == MODE_AUDIT;
     if let Some(c) = EGRESS_COUNTERS_V1.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { bump(c, audited) };
@@ -37,7 +33,7 @@ pub fn settle(
         // every allowed packet would cost about a quarter of the program's run time.
         return true;
     }
-    count_for_cgroup(policy_cgroup_id, reason, audited);
+    count_for_cgroup(governing.policy_cgroup_id, reason, audited);
     if take_event_budget() {
         let action = if audited { ACTION_AUDITED } else { ACTION_DENIED };
         if EGRESS_EVENTS_V1.output::<VerdictEvent>(&event(action), 0).is_err() {
@@ -47,7 +43,7 @@ pub fn settle(
     audited
 }
 
-/// Counts an allow verdict reached without judging a destination (node-wide, as all allows).
+/// Counts an allow verdict (node-wide, as all allows) where the program settles denials apart.
 #[inline(always)]
 pub fn count_allowed(reason: Reason) {
     if let Some(c) = EGRESS_COUNTERS_V1.get_ptr_mut(reason as u32) {
@@ -132,28 +128,36 @@ pub struct Verdict {
     pub policy_cgroup_id: u64,
 }
 
+impl Verdict {
+    /// Its event, stamped now, with no traffic fields yet: every program's events start here.
+    #[inline(always)]
+    pub fn event(&self) -> VerdictEvent {
+        VerdictEvent {
+            // SAFETY: plain helper call.
+            timestamp_ns: unsafe { bpf_ktime_get_ns() },
+            cgroup_id: self.cgroup_id,
+            policy_cgroup_id: self.policy_cgroup_id,
+            daddr: [0; 16],
+            saddr: [0; 16],
+            dport: 0,
+            sport: 0,
+            reason: self.reason as u8,
+            family: 0,
+            protocol: 0,
+            hook: self.hook as u8,
+            action: self.action,
+            reserved: [0; 7],
+        }
+    }
+}
+
 /// The event for a packet program's denial, its packet fields read from the packet (network
 /// header at `L3`) when `describe` is set and it has a parsable IP header, zero otherwise. Not
 /// inlined: the event gets a frame of its own, and the packet is read again only when an event
 /// is sent, so the allowed path never spends anything on describing it.
 #[inline(never)]
 pub fn packet_event<const L3: usize>(skb: &SkBuff, verdict: &Verdict, describe: bool) -> VerdictEvent {
-    let mut event = VerdictEvent {
-        // SAFETY: plain helper call.
-        timestamp_ns: unsafe { bpf_ktime_get_ns() },
-        cgroup_id: verdict.cgroup_id,
-        policy_cgroup_id: verdict.policy_cgroup_id,
-        daddr: [0; 16],
-        saddr: [0; 16],
-        dport: 0,
-        sport: 0,
-        reason: verdict.reason as u8,
-        family: 0,
-        protocol: 0,
-        hook: verdict.hook as u8,
-        action: verdict.action,
-        reserved: [0; 7],
-    };
+    let mut event = verdict.event();
     if !describe {
         return event;
     }

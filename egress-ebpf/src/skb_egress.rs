@@ -10,15 +10,16 @@ use aya_ebpf::{
 };
 use egress_common::{
     decide::judge,
-    policy::{MODE_ENFORCE, MODE_PASS, PROTO_TCP},
+    policy::PROTO_TCP,
     verdict::{Hook, Reason},
 };
 
 use crate::{
+    governing::{Governing, under_policy},
     lookup::{KernelAllowTables, find_policy},
     maps::EGRESS_PASSIVE_V1,
     packet::parse,
-    report::{Verdict, count_allowed, packet_event, settle},
+    report::{Verdict, packet_event, settle},
 };
 
 const PASS: i32 = 1;
@@ -81,20 +82,17 @@ fn try_egress(ctx: &SkBuffContext) -> bool {
     let skb = ctx.skb.skb;
     // SAFETY: ctx comes from the kernel; the helper only reads the skb's socket cgroup.
     let found = find_policy(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb.cast(), level) });
-    let (policy_cgroup_id, policy_id, mode) = match &found {
-        Some(f) => (f.cgroup_id, f.policy.policy_id, f.policy.mode),
-        // Attached here but no policy: the policy was removed under a live link. Fail closed.
-        None => (0, 0, MODE_ENFORCE),
-    };
-    if mode == MODE_PASS {
-        // A registered, unenforced pod under the pod-start gate: no need to look at the packet.
-        count_allowed(Reason::AllowUnenforced);
-        return true;
-    }
-    let reason = if found.is_some() { judge_packet(ctx, policy_id) } else { Reason::DenyNoPolicy };
-    settle(reason, mode, policy_cgroup_id, |action| {
+    let mut governing = Governing::NONE;
+    let reason = under_policy(
+        found.as_ref().map_or(0, |f| f.cgroup_id),
+        found.as_ref().map(|f| &f.policy),
+        &mut governing,
+        |policy_id| judge_packet(ctx, policy_id),
+    );
+    settle(reason, &governing, |action| {
         // SAFETY: plain helper call on the program's context.
         let cgroup_id = unsafe { aya_ebpf::helpers::generated::bpf_skb_cgroup_id(skb.cast()) };
+        let policy_cgroup_id = governing.policy_cgroup_id;
         let verdict = Verdict { hook: Hook::SkbEgress, reason, action, cgroup_id, policy_cgroup_id };
         packet_event::<0>(&ctx.skb, &verdict, true)
     })

@@ -7,21 +7,20 @@
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, generated::bpf_get_current_ancestor_cgroup_id},
+    helpers::{bpf_get_current_cgroup_id, generated::bpf_get_current_ancestor_cgroup_id},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use egress_common::{
     addr::Destination,
     decide::{Flow, Origin, judge},
-    event::VerdictEvent,
-    policy::{MODE_ENFORCE, MODE_PASS},
-    verdict::{Hook, Reason},
+    verdict::Hook,
 };
 
 use crate::{
+    governing::{Governing, under_policy},
     lookup::{KernelAllowTables, find_policy},
-    report::{count_allowed, settle},
+    report::{Verdict, settle},
 };
 
 const ALLOW: i32 = 1;
@@ -88,17 +87,12 @@ fn check(ctx: &SockAddrContext, hook: Hook, dst: Destination) -> i32 {
     let protocol = sa.protocol as u8;
     // SAFETY: plain helper call.
     let found = find_policy(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) });
-    let (policy_cgroup_id, policy_id, mode) = match &found {
-        Some(f) => (f.cgroup_id, f.policy.policy_id, f.policy.mode),
-        None => (0, 0, MODE_ENFORCE),
-    };
-    if mode == MODE_PASS {
-        count_allowed(Reason::AllowUnenforced);
-        return ALLOW;
-    }
-    let reason = match found {
-        None => Reason::DenyNoPolicy,
-        Some(_) => {
+    let mut governing = Governing::NONE;
+    let reason = under_policy(
+        found.as_ref().map_or(0, |f| f.cgroup_id),
+        found.as_ref().map(|f| &f.policy),
+        &mut governing,
+        |policy_id| {
             let flow = Flow {
                 dst,
                 protocol,
@@ -108,26 +102,24 @@ fn check(ctx: &SockAddrContext, hook: Hook, dst: Destination) -> i32 {
                 origin: Origin::Syscall,
             };
             judge(&KernelAllowTables, policy_id, &flow)
-        }
-    };
-    let pass = settle(reason, mode, policy_cgroup_id, |action| {
+        },
+    );
+    let pass = settle(reason, &governing, |action| {
         let judged = dst.normalize();
-        VerdictEvent {
-            // SAFETY: plain helper calls.
-            timestamp_ns: unsafe { bpf_ktime_get_ns() },
-            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-            policy_cgroup_id,
-            daddr: judged.to_event_bytes(),
-            saddr: [0; 16],
-            dport: port,
-            sport: 0,
-            reason: reason as u8,
-            family: judged.family(),
-            protocol,
-            hook: hook as u8,
+        let verdict = Verdict {
+            hook,
+            reason,
             action,
-            reserved: [0; 7],
-        }
+            // SAFETY: plain helper call.
+            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+            policy_cgroup_id: governing.policy_cgroup_id,
+        };
+        let mut event = verdict.event();
+        event.daddr = judged.to_event_bytes();
+        event.dport = port;
+        event.family = judged.family();
+        event.protocol = protocol;
+        event
     });
     if pass { ALLOW } else { REFUSE }
 }

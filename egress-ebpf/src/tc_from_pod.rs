@@ -13,7 +13,7 @@ use aya_ebpf::{
 use egress_common::{
     addr::Destination,
     decide::judge,
-    policy::{MODE_ENFORCE, MODE_PASS, PROTO_ICMPV6, PROTO_TCP},
+    policy::{PROTO_ICMPV6, PROTO_TCP},
     tc::{
         ETH_HEADER_LEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, InboundKey, PolicyBinding, SourceKey4, SourceKey6,
         is_link_control_icmp6, is_link_scoped_control_v6, is_neighbour_discovery_icmp6,
@@ -22,6 +22,7 @@ use egress_common::{
 };
 
 use crate::{
+    governing::{self, Governing},
     lookup::KernelAllowTables,
     maps::{EGRESS_INBOUND_V1, EGRESS_POLICY_V1, EGRESS_TCIF_V1, EGRESS_TCSRC4_V2, EGRESS_TCSRC6_V2},
     packet::{Packet, head, parse},
@@ -38,19 +39,11 @@ pub fn egress_tc_from_pod(ctx: TcContext) -> i32 {
     if try_from_pod(&ctx.skb) { TC_NEXT } else { TC_ACT_SHOT as i32 }
 }
 
-/// The policy that judged a frame: cgroup id 0 and enforce when none did. (Small on purpose:
-/// it is initialised for every frame, and zeroing a larger struct costs a byte-by-byte memset
-/// call in BPF.)
-struct Judged {
-    policy_cgroup_id: u64,
-    mode: u32,
-}
-
 #[inline(always)]
 fn try_from_pod(skb: &SkBuff) -> bool {
     // SAFETY: reading a context field tc programs may read.
     let ifindex = unsafe { (*skb.skb).ingress_ifindex };
-    let mut judged = Judged { policy_cgroup_id: 0, mode: MODE_ENFORCE };
+    let mut judged = Governing::NONE;
     let reason = judge_frame(skb, ifindex, &mut judged);
     if reason.is_allow() {
         count_allowed(reason);
@@ -65,8 +58,8 @@ fn try_from_pod(skb: &SkBuff) -> bool {
 /// The packet is read again for the event, only when one is sent, so the allowed path never
 /// spends anything on describing it.
 #[inline(never)]
-fn report(skb: &SkBuff, reason: Reason, judged: &Judged) -> bool {
-    settle(reason, judged.mode, judged.policy_cgroup_id, |action| {
+fn report(skb: &SkBuff, reason: Reason, judged: &Governing) -> bool {
+    settle(reason, judged, |action| {
         let ethertype = ethertype(skb);
         // No socket here (cgroup id 0): the frame may not have come from one. Frames that are
         // not IP are described by their reason alone.
@@ -97,7 +90,7 @@ fn ethertype(skb: &SkBuff) -> u16 {
 /// with one lookup keyed by (interface, source) and a second in the policy map. Everything
 /// else goes by the interface alone ([`by_interface`]).
 #[inline(never)]
-fn judge_frame(skb: &SkBuff, ifindex: u32, judged: &mut Judged) -> Reason {
+fn judge_frame(skb: &SkBuff, ifindex: u32, judged: &mut Governing) -> Reason {
     let ethertype = ethertype(skb);
     // SAFETY: reading a context field tc programs may read.
     if unsafe { (*skb.skb).vlan_present } != 0 {
@@ -118,7 +111,7 @@ fn judge_frame(skb: &SkBuff, ifindex: u32, judged: &mut Judged) -> Reason {
 
 /// The verdict for an IP packet; see [`judge_frame`].
 #[inline(always)]
-fn judge_packet(skb: &SkBuff, ifindex: u32, ethertype: u16, p: &Packet, judged: &mut Judged) -> Reason {
+fn judge_packet(skb: &SkBuff, ifindex: u32, ethertype: u16, p: &Packet, judged: &mut Governing) -> Reason {
     // The host's stack reads the version the Ethertype names; a header of the other version
     // would be judged as one thing and handled as another.
     if matches!(p.src, Destination::V4(_)) != (ethertype == ETH_P_IP) {
@@ -143,28 +136,23 @@ fn judge_packet(skb: &SkBuff, ifindex: u32, ethertype: u16, p: &Packet, judged: 
 /// The verdict for a frame that did not come from one of the interface's own addresses (or has
 /// none): `reason`, under the policy the interface is bound to.
 #[inline(always)]
-fn by_interface(ifindex: u32, reason: Reason, judged: &mut Judged) -> Reason {
+fn by_interface(ifindex: u32, reason: Reason, judged: &mut Governing) -> Reason {
     // SAFETY: the value is plain data and only read.
     let binding: Option<&PolicyBinding> = unsafe { EGRESS_TCIF_V1.get(&ifindex) };
     under_policy(binding.map_or(0, |b| b.policy_cgroup_id), judged, |_| reason)
 }
 
-/// `verdict(policy id)` under the policy of `policy_cgroup_id`, which is recorded in `judged`
-/// with its mode. Everything passes a pass-mode policy. No policy (an interface attached but not
-/// bound, or bound to a removed policy) is an interrupted change, since the agent detaches
-/// before it unbinds: fail closed.
+/// `verdict(policy id)` under the policy of `policy_cgroup_id` (see `governing`), recorded in
+/// `judged`. No policy here is an interface attached but not bound, or bound to a removed policy.
 #[inline(always)]
-fn under_policy(policy_cgroup_id: u64, judged: &mut Judged, verdict: impl FnOnce(u32) -> Reason) -> Reason {
-    judged.policy_cgroup_id = policy_cgroup_id;
+fn under_policy(
+    policy_cgroup_id: u64,
+    judged: &mut Governing,
+    verdict: impl FnOnce(u32) -> Reason,
+) -> Reason {
     // SAFETY: the value is plain data and only read.
-    match unsafe { EGRESS_POLICY_V1.get(&policy_cgroup_id) } {
-        None => Reason::DenyNoPolicy,
-        Some(policy) if policy.mode == MODE_PASS => Reason::AllowUnenforced,
-        Some(policy) => {
-            judged.mode = policy.mode;
-            verdict(policy.policy_id)
-        }
-    }
+    let policy = unsafe { EGRESS_POLICY_V1.get(&policy_cgroup_id) };
+    governing::under_policy(policy_cgroup_id, policy, judged, verdict)
 }
 
 /// Neighbour discovery and multicast listener messages the pod's kernel sends by itself to a
