@@ -57,9 +57,10 @@ impl Sniffer {
         Self { seen, stop, thread: Some(thread) }
     }
 
-    /// What arrived so far, after giving in-flight packets a moment to land.
+    /// What arrived so far, after giving in-flight packets a moment to land (longer on a slow
+    /// VM: a check that nothing arrived must not end before a late packet could).
     pub fn seen(&self) -> Vec<Seen> {
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(crate::patience(Duration::from_millis(300)));
         self.seen
             .lock()
             .expect("sniffer lock")

@@ -1,7 +1,10 @@
 //! The node agent against a fake API server and real kernel enforcement: namespace labels,
 //! endpoint changes, pod lifecycle, restarts and API outages, proven with real traffic.
 
-use std::{process::Stdio, time::Duration};
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    process::Stdio,
+};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -111,6 +114,8 @@ import json, os, socket, sys, time
 cg, host, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 procs = os.path.join(cg, "cgroup.procs")
 deadline = time.monotonic() + 20
+# Told before spinning, so the test creates the cgroup while this loop is already watching.
+print("spinning", file=sys.stderr, flush=True)
 while not os.path.exists(procs):
     if time.monotonic() > deadline:
         sys.exit("cgroup never appeared")
@@ -151,7 +156,7 @@ fn a_new_pod_is_enforced_from_the_instant_its_cgroup_appears() {
     assert!(gate.join("egress_skb").exists());
 
     let sniffer = Sniffer::start(&node.lab.external, &Lab::pod_sources());
-    let racer = node
+    let mut racer = node
         .lab
         .pod
         .command("python3", Some(&node.lab.other_cgroup))
@@ -162,10 +167,16 @@ fn a_new_pod_is_enforced_from_the_instant_its_cgroup_appears() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting the racer");
-    std::thread::sleep(Duration::from_millis(300)); // let it reach its spin loop
+    // The racer says when it spins; the cgroup comes only then.
+    let mut racer_err = BufReader::new(racer.stderr.take().expect("racer stderr"));
+    let mut line = String::new();
+    let _ = racer_err.read_line(&mut line);
+    assert_eq!(line.trim(), "spinning", "the racer did not start its loop");
     node.create_pod_cgroup(WEB); // what the kubelet does
     let out = racer.wait_with_output().expect("racer output");
-    assert!(out.status.success(), "racer failed:\n{}", text(&out));
+    let mut rest = String::new();
+    let _ = racer_err.read_to_string(&mut rest);
+    assert!(out.status.success(), "racer failed:\n{}{rest}", text(&out));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("racer prints JSON");
     assert_eq!(report["sent"], 0, "every datagram from the new pod must be refused: {report}");
     assert_eq!(report["refused"], 3000, "{report}");
