@@ -7,20 +7,21 @@
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_current_cgroup_id, generated::bpf_get_current_ancestor_cgroup_id},
+    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, generated::bpf_get_current_ancestor_cgroup_id},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use egress_common::{
     addr::Destination,
     decide::{Flow, Origin, judge},
+    event::VerdictEvent,
     verdict::Hook,
 };
 
 use crate::{
     governing::{Governing, under_policy},
     lookup::{KernelAllowTables, find_policy},
-    report::{Verdict, settle},
+    report::settle,
 };
 
 const ALLOW: i32 = 1;
@@ -104,22 +105,26 @@ fn check(ctx: &SockAddrContext, hook: Hook, dst: Destination) -> i32 {
             judge(&KernelAllowTables, policy_id, &flow)
         },
     );
+    // The event is written out here rather than through `report::Verdict::event`: on Linux 6.1
+    // the extra copy pushes this program past the 512-byte stack of a call chain.
     let pass = settle(reason, &governing, |action| {
         let judged = dst.normalize();
-        let verdict = Verdict {
-            hook,
-            reason,
-            action,
-            // SAFETY: plain helper call.
+        VerdictEvent {
+            // SAFETY: plain helper calls.
+            timestamp_ns: unsafe { bpf_ktime_get_ns() },
             cgroup_id: unsafe { bpf_get_current_cgroup_id() },
             policy_cgroup_id: governing.policy_cgroup_id,
-        };
-        let mut event = verdict.event();
-        event.daddr = judged.to_event_bytes();
-        event.dport = port;
-        event.family = judged.family();
-        event.protocol = protocol;
-        event
+            daddr: judged.to_event_bytes(),
+            saddr: [0; 16],
+            dport: port,
+            sport: 0,
+            reason: reason as u8,
+            family: judged.family(),
+            protocol,
+            hook: hook as u8,
+            action,
+            reserved: [0; 7],
+        }
     });
     if pass { ALLOW } else { REFUSE }
 }
