@@ -10,6 +10,7 @@ use core::mem::size_of;
 use crate::{
     event::{EventBudget, VerdictEvent},
     policy::{AllowRules, CgroupPolicy, GlobalConfig, Ipv4AllowKey, Ipv6AllowKey, PortRule},
+    steer::{SteerKey, SteerTarget, SteeredPeer},
     tc::{InboundKey, PolicyBinding, SourceKey4, SourceKey6},
     verdict::{CgroupReasonKey, ReasonCounters},
 };
@@ -28,3 +29,6 @@ const _: () = assert!(size_of::<PolicyBinding>() == 8);
 const _: () = assert!(size_of::<SourceKey4>() == 8);
 const _: () = assert!(size_of::<SourceKey6>() == 20);
 const _: () = assert!(size_of::<InboundKey>() == 40);
+const _: () = assert!(size_of::<SteerKey>() == 8);
+const _: () = assert!(size_of::<SteerTarget>() == 24);
+const _: () = assert!(size_of::<SteeredPeer>() == 24);

@@ -12,6 +12,7 @@ pub mod event;
 mod layout;
 pub mod maps;
 pub mod policy;
+pub mod steer;
 pub mod tc;
 pub mod verdict;
 

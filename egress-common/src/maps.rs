@@ -16,6 +16,8 @@ pub const MAP_TC_INTERFACES: &str = "EGRESS_TCIF_V1";
 pub const MAP_TC_SOURCES_V4: &str = "EGRESS_TCSRC4_V2";
 pub const MAP_TC_SOURCES_V6: &str = "EGRESS_TCSRC6_V2";
 pub const MAP_INBOUND: &str = "EGRESS_INBOUND_V1";
+pub const MAP_STEER: &str = "EGRESS_STEER_V1";
+pub const MAP_STEERED: &str = "EGRESS_STEERED_V1";
 
 /// Enforced cgroups (pods) per node.
 pub const MAX_POLICIES: u32 = 16_384;
@@ -39,6 +41,11 @@ pub const MAX_ALLOW_ENTRIES: u32 = 262_144;
 pub const MAX_TC_SOURCES: u32 = 4 * MAX_POLICIES;
 /// Inbound TCP connections to pods remembered at once, over all pods (LRU beyond that).
 pub const MAX_INBOUND: u32 = 65_536;
+/// Steered ports over all policies: a few per pod.
+pub const MAX_STEER_ENTRIES: u32 = 4 * MAX_POLICIES;
+/// Steered connections remembered at once (for getpeername), over all pods; LRU beyond that,
+/// and released when the socket closes. A lost entry only makes getpeername show the gateway.
+pub const MAX_STEERED_SOCKETS: u32 = 65_536;
 /// Ring buffer size for events (bytes, power of two).
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 
@@ -49,6 +56,9 @@ pub const PROG_CONNECT6: &str = "egress_connect6";
 pub const PROG_SENDMSG4: &str = "egress_sendmsg4";
 pub const PROG_SENDMSG6: &str = "egress_sendmsg6";
 pub const PROG_SOCKOPS: &str = "egress_sockops";
+/// getpeername() of a steered socket: the address the application connected to.
+pub const PROG_GETPEERNAME4: &str = "egress_getpeername4";
+pub const PROG_GETPEERNAME6: &str = "egress_getpeername6";
 /// tc ingress on a pod's host-side veth: judges what the pod sends.
 pub const PROG_TC_FROM_POD: &str = "egress_tc_from_pod";
 /// tc egress on the same veth: records TCP connections opened towards the pod.

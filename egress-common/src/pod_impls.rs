@@ -4,6 +4,7 @@
 use crate::{
     event::{EventBudget, VerdictEvent},
     policy::{AllowRules, CgroupPolicy, GlobalConfig, Ipv4AllowKey, Ipv6AllowKey},
+    steer::{SteerKey, SteerTarget, SteeredPeer},
     tc::{InboundKey, PolicyBinding, SourceKey4, SourceKey6},
     verdict::{CgroupReasonKey, ReasonCounters},
 };
@@ -22,3 +23,6 @@ unsafe impl aya::Pod for PolicyBinding {}
 unsafe impl aya::Pod for SourceKey4 {}
 unsafe impl aya::Pod for SourceKey6 {}
 unsafe impl aya::Pod for InboundKey {}
+unsafe impl aya::Pod for SteerKey {}
+unsafe impl aya::Pod for SteerTarget {}
+unsafe impl aya::Pod for SteeredPeer {}

@@ -24,6 +24,10 @@ pub enum Reason {
     /// listener messages from a link-local or unspecified source (scoped to the link: a router
     /// never forwards a packet with a link-local source).
     AllowLinkControl = 7,
+    /// A TCP connect() the policy does not allow, to a port the policy steers: carried to the
+    /// gateway's steering listener instead of refused (connect hooks only; see `steer`). In
+    /// audit mode the connection is not rewritten and this is reported as "would steer".
+    AllowSteered = 8,
     /// No allow entry covers the destination address.
     DenyDestination = 16,
     /// The destination address is allowed, but not for this protocol or port.
@@ -55,7 +59,7 @@ pub enum Reason {
 pub const REASON_SLOTS: u32 = 32;
 
 /// All reasons, for userspace listings (metrics, inspect).
-pub const ALL_REASONS: [Reason; 17] = [
+pub const ALL_REASONS: [Reason; 18] = [
     Reason::AllowLoopback,
     Reason::AllowGateway,
     Reason::AllowDns,
@@ -63,6 +67,7 @@ pub const ALL_REASONS: [Reason; 17] = [
     Reason::AllowUnenforced,
     Reason::AllowReply,
     Reason::AllowLinkControl,
+    Reason::AllowSteered,
     Reason::DenyDestination,
     Reason::DenyPort,
     Reason::DenyNoPolicy,
@@ -89,6 +94,7 @@ impl Reason {
             5 => Self::AllowUnenforced,
             6 => Self::AllowReply,
             7 => Self::AllowLinkControl,
+            8 => Self::AllowSteered,
             16 => Self::DenyDestination,
             17 => Self::DenyPort,
             18 => Self::DenyNoPolicy,
@@ -113,6 +119,7 @@ impl Reason {
             Self::AllowUnenforced => "allow_unenforced",
             Self::AllowReply => "allow_reply",
             Self::AllowLinkControl => "allow_link_control",
+            Self::AllowSteered => "allow_steered",
             Self::DenyDestination => "deny_destination",
             Self::DenyPort => "deny_port",
             Self::DenyNoPolicy => "deny_no_policy",

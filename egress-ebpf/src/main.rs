@@ -37,6 +37,8 @@ mod sock_ops;
 #[cfg(target_arch = "bpf")]
 mod stamp;
 #[cfg(target_arch = "bpf")]
+mod steer;
+#[cfg(target_arch = "bpf")]
 mod tc_from_pod;
 #[cfg(target_arch = "bpf")]
 mod tc_to_pod;

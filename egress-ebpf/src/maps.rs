@@ -10,9 +10,10 @@ use egress_common::{
     event::EventBudget,
     maps::{
         EVENTS_RING_BYTES, MAX_ALLOW_ENTRIES, MAX_CGROUP_COUNTERS, MAX_INBOUND, MAX_PASSIVE_SOCKETS,
-        MAX_POLICIES, MAX_TC_SOURCES, PASSIVE_STAT_SLOTS,
+        MAX_POLICIES, MAX_STEER_ENTRIES, MAX_STEERED_SOCKETS, MAX_TC_SOURCES, PASSIVE_STAT_SLOTS,
     },
     policy::{AllowRules, CgroupPolicy, GlobalConfig, Ipv4AllowKey, Ipv6AllowKey},
+    steer::{SteerKey, SteerTarget, SteeredPeer},
     tc::{InboundKey, PolicyBinding, SourceKey4, SourceKey6},
     verdict::{CgroupReasonKey, REASON_SLOTS, ReasonCounters},
 };
@@ -74,3 +75,13 @@ pub static EGRESS_TCSRC6_V2: HashMap<SourceKey6, PolicyBinding> = HashMap::pinne
 /// TCP connections opened towards pods (recorded by `tc_to_pod`); value unused.
 #[map]
 pub static EGRESS_INBOUND_V1: LruHashMap<InboundKey, u8> = LruHashMap::pinned(MAX_INBOUND, 0);
+
+/// (policy id, original port) -> the gateway listener TCP connections to that port are carried
+/// to when the policy does not allow their destination (see `steer`).
+#[map]
+pub static EGRESS_STEER_V1: HashMap<SteerKey, SteerTarget> = HashMap::pinned(MAX_STEER_ENTRIES, 0);
+
+/// Socket cookie -> the destination a steered socket asked for, for getpeername; removed when
+/// the socket closes (see `sock_ops`).
+#[map]
+pub static EGRESS_STEERED_V1: LruHashMap<u64, SteeredPeer> = LruHashMap::pinned(MAX_STEERED_SOCKETS, 0);

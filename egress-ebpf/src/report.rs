@@ -23,12 +23,14 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 /// be sent). Returns whether the traffic may pass: allowed, or denied in audit mode.
 #[inline(always)]
 pub fn settle(reason: Reason, governing: &Governing, event: impl FnOnce(u8) -> VerdictEvent) -> bool {
-    let audited = !reason.is_allow() && governing.mode == MODE_AUDIT;
+    // A connect that would be steered is reported in audit mode, like a denial: nothing is
+    // rewritten, and the operator sees what enforcing would change.
+    let audited = governing.mode == MODE_AUDIT && (!reason.is_allow() || reason == Reason::AllowSteered);
     if let Some(c) = EGRESS_COUNTERS_V1.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { bump(c, audited) };
     }
-    if reason.is_allow() {
+    if reason.is_allow() && !audited {
         // Allowed traffic is counted per reason for the node only: a per-pod hash update on
         // every allowed packet would cost about a quarter of the program's run time.
         return true;

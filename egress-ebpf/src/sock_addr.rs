@@ -15,13 +15,15 @@ use egress_common::{
     addr::Destination,
     decide::{Flow, Origin, judge},
     event::VerdictEvent,
-    verdict::Hook,
+    policy::MODE_ENFORCE,
+    verdict::{Hook, Reason},
 };
 
 use crate::{
     governing::{Governing, under_policy},
     lookup::{KernelAllowTables, find_policy},
-    report::settle,
+    report::{count_allowed, settle},
+    steer,
 };
 
 const ALLOW: i32 = 1;
@@ -50,6 +52,22 @@ pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
 pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
     crate::stamp::build_stamp();
     check(&ctx, Hook::Sendmsg6, destination_v6(&ctx))
+}
+
+/// getpeername() on an IPv4 socket: a steered one shows the address it connected to. Must
+/// return 1 (the kernel allows nothing else for this hook).
+#[cgroup_sock_addr(getpeername4)]
+pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
+    crate::stamp::build_stamp();
+    steer::restore4(ctx.sock_addr);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
+    crate::stamp::build_stamp();
+    steer::restore6(ctx.sock_addr);
+    ALLOW
 }
 
 #[inline(always)]
@@ -86,14 +104,18 @@ fn check(ctx: &SockAddrContext, hook: Hook, dst: Destination) -> i32 {
     // The port sits in network byte order in the low 16 bits of user_port.
     let port = u16::from_be(sa.user_port as u16);
     let protocol = sa.protocol as u8;
+    // Known per program (this function is inlined into each): only TCP connects are steered.
+    let socket_v6 = matches!(hook, Hook::Connect6 | Hook::Sendmsg6);
+    let may_steer = matches!(hook, Hook::Connect4 | Hook::Connect6) && sa.protocol == steer::TCP;
     // SAFETY: plain helper call.
     let found = find_policy(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) });
+    let policy_id = found.as_ref().map_or(0, |f| f.policy.policy_id);
     let mut governing = Governing::NONE;
     let reason = under_policy(
         found.as_ref().map_or(0, |f| f.cgroup_id),
         found.as_ref().map(|f| &f.policy),
         &mut governing,
-        |policy_id| {
+        move |policy_id| {
             let flow = Flow {
                 dst,
                 protocol,
@@ -102,9 +124,28 @@ fn check(ctx: &SockAddrContext, hook: Hook, dst: Destination) -> i32 {
                 later_fragment: false,
                 origin: Origin::Syscall,
             };
-            judge(&KernelAllowTables, policy_id, &flow)
+            let reason = judge(&KernelAllowTables, policy_id, &flow);
+            let refused = matches!(reason, Reason::DenyDestination | Reason::DenyPort);
+            if refused && may_steer && steer::steers(policy_id, port, socket_v6) {
+                return Reason::AllowSteered;
+            }
+            reason
         },
     );
+    if reason == Reason::AllowSteered && governing.mode == MODE_ENFORCE {
+        // Counted like any allow; audit mode (below) reports it and does not rewrite.
+        count_allowed(reason);
+        // On `hook`, which stays a constant in each program: `socket_v6` went into the judging
+        // closure, whose call the compiler does not see through, and a run-time choice would
+        // put the IPv4 rewrite in the IPv6 program, where the verifier refuses its fields.
+        let carried = match hook {
+            Hook::Connect4 => steer::apply4(ctx.sock_addr, policy_id, port),
+            Hook::Connect6 => steer::apply6(ctx.sock_addr, policy_id, port),
+            // Never steered (`may_steer`); no rewrite is even compiled into these programs.
+            _ => false,
+        };
+        return if carried { ALLOW } else { REFUSE };
+    }
     // The event is written out here rather than through `report::Verdict::event`: on Linux 6.1
     // the extra copy pushes this program past the 512-byte stack of a call chain.
     let pass = settle(reason, &governing, |action| {

@@ -59,6 +59,10 @@ pub fn sock(host: &str, port: u16) -> std::net::SocketAddr {
     std::net::SocketAddr::new(ip, port)
 }
 
+/// Programs the agent links to every enforced cgroup (sockops, the packet program, getpeername,
+/// connect and sendmsg for each family): the count inspect and the pass logs report per pod.
+pub const CGROUP_PROGRAMS: usize = 8;
+
 pub fn agent_bin() -> PathBuf {
     let path = std::env::var_os("EGRESS_AGENT_BIN")
         .map(PathBuf::from)

@@ -2,7 +2,7 @@
 //! enforcement never lapses, and the agent catches up with what changed meanwhile.
 
 use egress_tests::{
-    agent,
+    CGROUP_PROGRAMS, agent,
     client::{refused, succeeded, tcp},
     kube_node::{KubeNode, eventually},
     lab::{EXTERNAL4, GATEWAY_PORT, GATEWAY4, text},
@@ -52,7 +52,7 @@ fn a_restarted_agent_adopts_what_is_pinned_and_catches_up() {
     let mut first = node.start_agent();
     assert!(blocked(&node, WEB));
     let before = link_ids(&node);
-    assert_eq!(before.len(), 6, "six links on the pod");
+    assert_eq!(before.len(), CGROUP_PROGRAMS, "a link per cgroup program on the pod");
 
     first.kill9();
     assert!(blocked(&node, WEB), "enforcement outlives the agent");
@@ -61,12 +61,12 @@ fn a_restarted_agent_adopts_what_is_pinned_and_catches_up() {
     node.create_pod_cgroup(API);
 
     let second = node.start_agent();
-    let applied = second.wait_until("policy applied", |l| l["links_adopted"] == 6);
-    assert_eq!(applied["links_attached"], 6, "only the new pod gets new links: {applied:#}");
+    let applied = second.wait_until("policy applied", |l| l["links_adopted"] == CGROUP_PROGRAMS);
+    assert_eq!(applied["links_attached"], CGROUP_PROGRAMS, "only the new pod gets new links: {applied:#}");
     assert!(eventually(5, || blocked(&node, API)), "the pod started while the agent was away is enforced");
     let after = link_ids(&node);
     assert!(before.iter().all(|id| after.contains(id)), "the first pod keeps its very links");
-    assert_eq!(after.len(), 12, "and nothing else is attached: {after:?}");
+    assert_eq!(after.len(), 2 * CGROUP_PROGRAMS, "and nothing else is attached: {after:?}");
 }
 
 #[test]

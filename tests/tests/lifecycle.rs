@@ -3,6 +3,7 @@
 use std::fs;
 
 use egress_tests::{
+    CGROUP_PROGRAMS,
     agent::{self, Agent},
     client::{refused, succeeded, tcp},
     lab::{EXTERNAL4, Lab, text},
@@ -32,7 +33,7 @@ fn sigkill_leaves_enforcement_in_place_and_a_new_agent_adopts_it() {
     let mut first = Agent::start(&lab);
     let web = Server::tcp_http(&lab.external, sock(EXTERNAL4, 80));
     let before = inspect(&lab);
-    assert_eq!(link_ids(&before).len(), 6, "{before:#}");
+    assert_eq!(link_ids(&before).len(), CGROUP_PROGRAMS, "{before:#}");
 
     first.kill9();
     let out = lab.in_pod(tcp(EXTERNAL4, 80));
@@ -40,7 +41,7 @@ fn sigkill_leaves_enforcement_in_place_and_a_new_agent_adopts_it() {
 
     let second = Agent::start(&lab);
     let applied = second.wait_for("policy applied", 1);
-    assert_eq!(applied[0]["links_adopted"], 6, "{applied:#?}");
+    assert_eq!(applied[0]["links_adopted"], CGROUP_PROGRAMS, "{applied:#?}");
     assert_eq!(applied[0]["links_attached"], 0);
     assert_eq!(applied[0]["unchanged"], 1);
     assert_eq!(link_ids(&inspect(&lab)), link_ids(&before), "the very same links stay attached");
@@ -97,7 +98,7 @@ fn a_bad_reload_keeps_the_enforced_policy_and_a_good_one_applies_as_a_diff() {
     // A good change (to audit) is picked up from the file alone and keeps the same links.
     fs::write(lab.policy_path(), lab.policy_text("audit")).unwrap();
     let reloaded = agent.wait_until("policy reloaded", |r| r["updated"] == 1);
-    assert_eq!(reloaded["links_adopted"], 6, "{reloaded:#}");
+    assert_eq!(reloaded["links_adopted"], CGROUP_PROGRAMS, "{reloaded:#}");
     assert_eq!(link_ids(&inspect(&lab)), links);
     let out = lab.in_pod(tcp(EXTERNAL4, 80));
     assert!(succeeded(&out), "audit mode:\n{}", text(&out));
@@ -140,6 +141,8 @@ fn inspect_shows_links_policy_entries_and_counters() {
         [
             "egress_connect4",
             "egress_connect6",
+            "egress_getpeername4",
+            "egress_getpeername6",
             "egress_sendmsg4",
             "egress_sendmsg6",
             "egress_skb",

@@ -8,6 +8,7 @@
 use std::{fs, io::Read as _, net::IpAddr, process::Stdio, time::Duration};
 
 use egress_tests::{
+    CGROUP_PROGRAMS,
     agent::Agent,
     frames,
     lab::{DNS4, EXTERNAL4, Lab, POD4, POD6},
@@ -86,7 +87,12 @@ fn another_build_takes_over_without_a_gap_while_the_pod_sends() {
     old.kill9();
     let new = Agent::start_on_node(&lab);
     let applied = new.wait_for("policy applied", 1);
-    assert_eq!(applied[0]["links_replaced"], 6, "every cgroup link runs the new build: {}", new.log_text());
+    assert_eq!(
+        applied[0]["links_replaced"],
+        CGROUP_PROGRAMS,
+        "every cgroup link runs the new build: {}",
+        new.log_text()
+    );
     let tc = new.wait_for("tc layer applied", 1);
     let tc_swapped = tc[0]["links_replaced"].as_u64().unwrap() + tc[0]["links_adopted"].as_u64().unwrap();
     assert_eq!(tc_swapped, 2, "both tc programs swapped in place: {}", new.log_text());

@@ -10,7 +10,10 @@ use std::{
 use anyhow::Result;
 use aya::Ebpf;
 use egress_common::{
-    maps::{PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SKB_EGRESS, PROG_SOCKOPS},
+    maps::{
+        PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SENDMSG4, PROG_SENDMSG6,
+        PROG_SKB_EGRESS, PROG_SOCKOPS,
+    },
     policy::CgroupPolicy,
 };
 
@@ -345,12 +348,14 @@ impl Node {
         self.logged.extend(now);
     }
 
-    /// Asks the kernel whether every enforced cgroup runs our five programs. `None` when all do.
+    /// Asks the kernel whether every enforced cgroup runs our cgroup programs. `None` when all do.
     pub fn verify_links(&self, enforced: &[CgroupRef]) -> Result<Option<String>> {
         let tags = ProgramTags::read(&self.ebpf)?;
         let hooks = [
             (query::ATTACH_SOCK_OPS, PROG_SOCKOPS),
             (query::ATTACH_INET_EGRESS, PROG_SKB_EGRESS),
+            (query::ATTACH_INET4_GETPEERNAME, PROG_GETPEERNAME4),
+            (query::ATTACH_INET6_GETPEERNAME, PROG_GETPEERNAME6),
             (query::ATTACH_INET4_CONNECT, PROG_CONNECT4),
             (query::ATTACH_INET6_CONNECT, PROG_CONNECT6),
             (query::ATTACH_UDP4_SENDMSG, PROG_SENDMSG4),

@@ -7,22 +7,32 @@ use aya::{
     programs::{CgroupSkb, CgroupSockAddr, SchedClassifier, SockOps},
 };
 use egress_common::maps::{
-    MAP_EVENTS, PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SKB_EGRESS, PROG_SOCKOPS,
-    PROG_TC_FROM_POD, PROG_TC_TO_POD,
+    MAP_EVENTS, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SENDMSG4,
+    PROG_SENDMSG6, PROG_SKB_EGRESS, PROG_SOCKOPS, PROG_TC_FROM_POD, PROG_TC_TO_POD,
 };
 
 use super::bpffs::PinLayout;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress-ebpf"));
 
-/// The socket-address programs, in attach order.
-pub const SOCK_ADDR_PROGRAMS: [&str; 4] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6];
+/// The socket-address programs, in attach order: getpeername before connect, so no socket is
+/// steered before its original peer can be shown.
+pub const SOCK_ADDR_PROGRAMS: [&str; 6] =
+    [PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6];
 
 /// Every program, as named in the object and under each cgroup's links directory, in attach
 /// order. The sockops program comes first so that connections accepted once the packet program
-/// runs are already marked.
-pub const ALL_PROGRAMS: [&str; 6] =
-    [PROG_SOCKOPS, PROG_SKB_EGRESS, PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6];
+/// runs are already marked (and steered ones are released at close).
+pub const ALL_PROGRAMS: [&str; 8] = [
+    PROG_SOCKOPS,
+    PROG_SKB_EGRESS,
+    PROG_GETPEERNAME4,
+    PROG_GETPEERNAME6,
+    PROG_CONNECT4,
+    PROG_CONNECT6,
+    PROG_SENDMSG4,
+    PROG_SENDMSG6,
+];
 
 /// The tc programs, attached to pods' host-side veths (see `tc_attach`).
 pub const TC_PROGRAMS: [&str; 2] = [PROG_TC_FROM_POD, PROG_TC_TO_POD];

@@ -15,6 +15,8 @@ pub const ATTACH_INET4_CONNECT: u32 = 10;
 pub const ATTACH_INET6_CONNECT: u32 = 11;
 pub const ATTACH_UDP4_SENDMSG: u32 = 14;
 pub const ATTACH_UDP6_SENDMSG: u32 = 15;
+pub const ATTACH_INET4_GETPEERNAME: u32 = 29;
+pub const ATTACH_INET6_GETPEERNAME: u32 = 30;
 
 /// The `query` member of `union bpf_attr` (include/uapi/linux/bpf.h), up to `prog_cnt`.
 #[repr(C)]

@@ -1,0 +1,137 @@
+//! Transparent steering in the connect hooks (see `egress_common::steer`): a TCP connect() the
+//! policy refuses, to a port the policy steers, is rewritten to the gateway's steering listener,
+//! and the original destination is kept by socket cookie for getpeername. Each step is a
+//! function of its own (not inlined), so its stack frame is not added to the judging chain's:
+//! the connect programs are near Linux 6.1's 512-byte limit for a call chain.
+
+use core::ptr::write_volatile;
+
+use aya_ebpf::{bindings::bpf_sock_addr, helpers::generated::bpf_get_socket_cookie};
+use egress_common::{
+    addr::Destination,
+    steer::{SteerKey, SteeredPeer},
+};
+
+use crate::maps::{EGRESS_STEER_V1, EGRESS_STEERED_V1};
+
+/// IPPROTO_TCP as `bpf_sock_addr::protocol` holds it. Compared whole: MPTCP (262) would pass a
+/// comparison of the low byte, and it is not steered.
+pub const TCP: u32 = 6;
+
+/// Whether the policy steers `port` for a socket of this family (a target it can reach).
+#[inline(never)]
+pub fn steers(policy_id: u32, port: u16, socket_v6: bool) -> bool {
+    let key = SteerKey { policy_id, port, reserved: 0 };
+    // SAFETY: the value is plain data and only read.
+    unsafe { EGRESS_STEER_V1.get(&key) }.is_some_and(|t| t.address_for(socket_v6).is_some())
+}
+
+/// Carries an IPv4 connect to the gateway: records where it was going, then rewrites the
+/// address and port. False (the connect is refused) when the entry went away since `steers`,
+/// or the record cannot be kept: steering fails closed. One function per family, each writing
+/// only its own context fields: the verifier takes a context write only at a fixed offset, and
+/// one shared function let the compiler pick the field's offset at run time.
+#[inline(never)]
+pub fn apply4(sa: *mut bpf_sock_addr, policy_id: u32, port: u16) -> bool {
+    let Some((to, to_port)) = target(policy_id, port, false) else { return false };
+    let Destination::V4(a) = to else { return false };
+    // SAFETY: the kernel passes a valid context for the program's lifetime; connect hooks may
+    // read and write these fields, as whole 4-byte words.
+    unsafe {
+        let from = (*sa).user_ip4.to_ne_bytes();
+        let mut peer = SteeredPeer { addr: [0; 16], port, family: 4, reserved: [0; 5] };
+        peer.addr[0] = from[0];
+        peer.addr[1] = from[1];
+        peer.addr[2] = from[2];
+        peer.addr[3] = from[3];
+        if !remember(sa, &peer) {
+            return false;
+        }
+        write_volatile(&raw mut (*sa).user_ip4, u32::from_ne_bytes(a));
+        // The port sits in network byte order in the low 16 bits.
+        write_volatile(&raw mut (*sa).user_port, u32::from(to_port.to_be()));
+    }
+    true
+}
+
+/// [`apply4`] for an IPv6 socket.
+#[inline(never)]
+pub fn apply6(sa: *mut bpf_sock_addr, policy_id: u32, port: u16) -> bool {
+    let Some((to, to_port)) = target(policy_id, port, true) else { return false };
+    let Destination::V6(a) = to else { return false };
+    // SAFETY: as in `apply4`.
+    unsafe {
+        let mut peer = SteeredPeer { addr: [0; 16], port, family: 6, reserved: [0; 5] };
+        let mut i = 0;
+        while i < 4 {
+            let w = (*sa).user_ip6[i].to_ne_bytes();
+            peer.addr[i * 4] = w[0];
+            peer.addr[i * 4 + 1] = w[1];
+            peer.addr[i * 4 + 2] = w[2];
+            peer.addr[i * 4 + 3] = w[3];
+            i += 1;
+        }
+        if !remember(sa, &peer) {
+            return false;
+        }
+        write_volatile(&raw mut (*sa).user_ip6[0], u32::from_ne_bytes([a[0], a[1], a[2], a[3]]));
+        write_volatile(&raw mut (*sa).user_ip6[1], u32::from_ne_bytes([a[4], a[5], a[6], a[7]]));
+        write_volatile(&raw mut (*sa).user_ip6[2], u32::from_ne_bytes([a[8], a[9], a[10], a[11]]));
+        write_volatile(&raw mut (*sa).user_ip6[3], u32::from_ne_bytes([a[12], a[13], a[14], a[15]]));
+        write_volatile(&raw mut (*sa).user_port, u32::from(to_port.to_be()));
+    }
+    true
+}
+
+/// The steering entry's address for this socket family, and its port.
+#[inline(always)]
+fn target(policy_id: u32, port: u16, socket_v6: bool) -> Option<(Destination, u16)> {
+    let key = SteerKey { policy_id, port, reserved: 0 };
+    // SAFETY: the value is plain data and only read.
+    let target = unsafe { EGRESS_STEER_V1.get(&key) }?;
+    Some((target.address_for(socket_v6)?, target.port))
+}
+
+/// Keeps what the socket asked for, by its cookie, for getpeername.
+#[inline(always)]
+fn remember(sa: *mut bpf_sock_addr, peer: &SteeredPeer) -> bool {
+    // SAFETY: plain helper call on the program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+    EGRESS_STEERED_V1.insert(&cookie, peer, 0).is_ok()
+}
+
+/// getpeername() of a steered IPv4 socket: the address and port it connected to, as it passed
+/// them. Sockets that were not steered (no record) are left alone.
+#[inline(always)]
+pub fn restore4(sa: *mut bpf_sock_addr) {
+    let Some(peer) = steered(sa, 4) else { return };
+    let a = peer.addr;
+    // SAFETY: getpeername hooks may write these fields, as whole 4-byte words.
+    unsafe {
+        write_volatile(&raw mut (*sa).user_ip4, u32::from_ne_bytes([a[0], a[1], a[2], a[3]]));
+        write_volatile(&raw mut (*sa).user_port, u32::from(peer.port.to_be()));
+    }
+}
+
+/// [`restore4`] for an IPv6 socket.
+#[inline(always)]
+pub fn restore6(sa: *mut bpf_sock_addr) {
+    let Some(peer) = steered(sa, 6) else { return };
+    let a = peer.addr;
+    // SAFETY: as in `restore4`.
+    unsafe {
+        write_volatile(&raw mut (*sa).user_ip6[0], u32::from_ne_bytes([a[0], a[1], a[2], a[3]]));
+        write_volatile(&raw mut (*sa).user_ip6[1], u32::from_ne_bytes([a[4], a[5], a[6], a[7]]));
+        write_volatile(&raw mut (*sa).user_ip6[2], u32::from_ne_bytes([a[8], a[9], a[10], a[11]]));
+        write_volatile(&raw mut (*sa).user_ip6[3], u32::from_ne_bytes([a[12], a[13], a[14], a[15]]));
+        write_volatile(&raw mut (*sa).user_port, u32::from(peer.port.to_be()));
+    }
+}
+
+/// The record of a steered socket of `family`, copied out of the map.
+#[inline(always)]
+fn steered(sa: *mut bpf_sock_addr, family: u8) -> Option<SteeredPeer> {
+    // SAFETY: plain helper call on the program's context; the value is plain data, only read.
+    let peer = unsafe { EGRESS_STEERED_V1.get(&bpf_get_socket_cookie(sa.cast())) }?;
+    (peer.family == family).then_some(*peer)
+}
