@@ -112,7 +112,12 @@ pub async fn run(
 }
 
 fn log_event(ev: &VerdictEvent, reason: &str, owner: &Owner) {
-    let action = if ev.action == ACTION_AUDITED { "audit" } else { "deny" };
+    // Audit mode reports a connect it would have carried to the gateway as such.
+    let action = match (ev.action == ACTION_AUDITED, ev.reason == Reason::AllowSteered as u8) {
+        (true, true) => "would_steer",
+        (true, false) => "audit",
+        (false, _) => "deny",
+    };
     let hook = Hook::from_u8(ev.hook).map_or("unknown", Hook::name);
     let dst = address(ev.daddr, ev.family);
     tracing::warn!(

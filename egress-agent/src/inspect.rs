@@ -48,6 +48,8 @@ pub struct PolicyReport {
     pub policy_id: u32,
     pub links: Vec<LinkReport>,
     pub allow: Vec<AllowReport>,
+    /// Steered TCP ports: `443 -> 10.0.0.3:8443 / [fd00::3]:8443`.
+    pub steer: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -103,6 +105,7 @@ pub fn collect(pins: &PinLayout, cgroup_root: &Path) -> Result<Report> {
         let policy = policies.get(&id);
         let rules = policy.and_then(|p| entries.get(&p.policy_id));
         let mut allow = Vec::new();
+        let steer = rules.map(|r| r.steer.iter().map(|(port, t)| describe_steer(*port, t)).collect());
         if let Some(r) = rules {
             allow.extend(r.v4.iter().map(|(n, v)| AllowReport { prefix: n.to_string(), rules: describe(v) }));
             allow.extend(r.v6.iter().map(|(n, v)| AllowReport { prefix: n.to_string(), rules: describe(v) }));
@@ -118,6 +121,7 @@ pub fn collect(pins: &PinLayout, cgroup_root: &Path) -> Result<Report> {
                 .unwrap_or_else(|| "none (links only: fail closed)".into()),
             policy_id: policy.map_or(0, |p| p.policy_id),
             links: links_of(pins, id),
+            steer: steer.unwrap_or_default(),
             allow,
         });
     }
@@ -275,4 +279,17 @@ pub fn print_table(r: &Report) {
 pub fn print_json(r: &Report) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(r).context("encoding the report")?);
     Ok(())
+}
+
+/// One steered port, as the operator wrote it.
+fn describe_steer(port: u16, t: &egress_common::steer::SteerTarget) -> String {
+    use egress_common::steer::{STEER_V4, STEER_V6};
+    let mut to = Vec::new();
+    if t.families & STEER_V4 != 0 {
+        to.push(format!("{}:{}", std::net::Ipv4Addr::from(t.addr4), t.port));
+    }
+    if t.families & STEER_V6 != 0 {
+        to.push(format!("[{}]:{}", std::net::Ipv6Addr::from(t.addr6), t.port));
+    }
+    format!("{port} -> {}", to.join(" / "))
 }

@@ -74,6 +74,7 @@ impl Allowed {
             dns: self.dns,
             extra: self.extra,
             interfaces: Vec::new(),
+            steer: BTreeMap::new(),
         }
     }
 }

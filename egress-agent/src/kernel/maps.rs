@@ -11,9 +11,11 @@ use egress_common::{
     event::EventBudget,
     maps::{
         MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_CGROUP_COUNTERS, MAP_CONFIG, MAP_COUNTERS, MAP_EVENT_BUDGET,
-        MAP_PASSIVE_STATS, MAP_POLICIES, PASSIVE_STAT_LOST, PASSIVE_STAT_MARKED, PASSIVE_STAT_RELEASED,
+        MAP_PASSIVE_STATS, MAP_POLICIES, MAP_STEER, PASSIVE_STAT_LOST, PASSIVE_STAT_MARKED,
+        PASSIVE_STAT_RELEASED,
     },
     policy::{AllowRules, CgroupPolicy, GlobalConfig, Ipv4AllowKey, Ipv6AllowKey, POLICY_ID_BITS},
+    steer::{SteerKey, SteerTarget},
     verdict::{CgroupReasonKey, REASON_SLOTS, ReasonCounters},
 };
 use ipnet::{Ipv4Net, Ipv6Net};
@@ -38,6 +40,9 @@ pub struct KernelMaps {
     pub cgroup_counters: PerCpuHashMap<MapData, CgroupReasonKey, ReasonCounters>,
     /// Absent in pins written by an agent older than the map.
     pub passive_stats: Option<PerCpuArray<MapData, u64>>,
+    /// Absent in pins written by an agent older than steering (inspect, teardown); a loaded
+    /// object always has it.
+    pub steer: Option<HashMap<MapData, SteerKey, SteerTarget>>,
 }
 
 /// What the sockops program did with the passive marks (accepted connections), summed over CPUs.
@@ -82,6 +87,7 @@ impl KernelMaps {
                 .ok()
                 .map(|m| m.try_into().context(MAP_PASSIVE_STATS))
                 .transpose()?,
+            steer: get(MAP_STEER).ok().map(|m| m.try_into().context(MAP_STEER)).transpose()?,
         })
     }
 
@@ -107,7 +113,15 @@ impl KernelMaps {
             let (id, net) = v6_from_key(&key);
             out.entry(id).or_default().v6.insert(net, rules);
         }
+        for item in self.steer.iter().flat_map(HashMap::iter) {
+            let (key, target) = item.context("reading the steering table")?;
+            out.entry(key.policy_id).or_default().steer.insert(key.port, target);
+        }
         Ok(out)
+    }
+
+    fn steer_map(&mut self) -> Result<&mut HashMap<MapData, SteerKey, SteerTarget>> {
+        self.steer.as_mut().with_context(|| format!("map {MAP_STEER} is not pinned (an older agent's pins)"))
     }
 
     pub fn write_rules(&mut self, policy_id: u32, rules: &CompiledRules) -> Result<()> {
@@ -120,6 +134,11 @@ impl KernelMaps {
             self.allow6
                 .insert(&v6_key(policy_id, net), value, 0)
                 .with_context(|| format!("writing allow entry {net} (policy {policy_id})"))?;
+        }
+        for (port, target) in &rules.steer {
+            self.steer_map()?
+                .insert(steer_key(policy_id, *port), target, 0)
+                .with_context(|| format!("writing the steering of port {port} (policy {policy_id})"))?;
         }
         Ok(())
     }
@@ -135,6 +154,11 @@ impl KernelMaps {
                 .remove(&v6_key(policy_id, net))
                 .with_context(|| format!("removing allow entry {net} (policy {policy_id})"))?;
         }
+        for port in rules.steer.keys() {
+            self.steer_map()?
+                .remove(&steer_key(policy_id, *port))
+                .with_context(|| format!("removing the steering of port {port} (policy {policy_id})"))?;
+        }
         Ok(())
     }
 
@@ -146,6 +170,11 @@ impl KernelMaps {
         }
         for net in rules.v6.keys() {
             let _ = self.allow6.remove(&v6_key(policy_id, net));
+        }
+        if let Some(steer) = self.steer.as_mut() {
+            for port in rules.steer.keys() {
+                let _ = steer.remove(&steer_key(policy_id, *port));
+            }
         }
     }
 
@@ -220,6 +249,10 @@ fn sum_cpus(per_cpu: &[ReasonCounters]) -> ReasonCounters {
         applied: acc.applied + c.applied,
         audited: acc.audited + c.audited,
     })
+}
+
+fn steer_key(policy_id: u32, port: u16) -> SteerKey {
+    SteerKey { policy_id, port, reserved: 0 }
 }
 
 fn v4_key(policy_id: u32, net: &Ipv4Net) -> Key<Ipv4AllowKey> {

@@ -15,13 +15,14 @@ use egress_common::{
     policy::{
         AllowRules, MAX_RULES_PER_PREFIX, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PortRule,
     },
+    steer::{STEER_V4, STEER_V6, SteerTarget},
     verdict::Reason,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::{
     Protocol,
-    config::{PolicySpec, PortRange},
+    config::{PolicySpec, PortRange, SteerSpec},
 };
 
 /// Entries for one policy: prefix -> rules. Ordered, so two compilations compare equal exactly
@@ -30,6 +31,8 @@ use super::{
 pub struct CompiledRules {
     pub v4: BTreeMap<Ipv4Net, AllowRules>,
     pub v6: BTreeMap<Ipv6Net, AllowRules>,
+    /// Steered original ports and their targets, written under the same policy id.
+    pub steer: BTreeMap<u16, SteerTarget>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +80,21 @@ pub fn compile(spec: &PolicySpec) -> Result<CompiledRules, TooManyRules> {
     Ok(CompiledRules {
         v4: merge_covering(v4, &spec.cgroup, PROTO_ICMP, |a, b| a.contains(b), IpNet::V4)?,
         v6: merge_covering(v6, &spec.cgroup, PROTO_ICMPV6, |a, b| a.contains(b), IpNet::V6)?,
+        steer: spec.steer.iter().map(|(port, s)| (*port, steer_target(s))).collect(),
     })
+}
+
+fn steer_target(s: &SteerSpec) -> SteerTarget {
+    let mut t = SteerTarget { port: s.port, ..SteerTarget::default() };
+    if let Some(a) = s.address {
+        t.addr4 = a.octets();
+        t.families |= STEER_V4;
+    }
+    if let Some(a) = s.address6 {
+        t.addr6 = a.octets();
+        t.families |= STEER_V6;
+    }
+    t
 }
 
 /// A rule before it is lowered to the family's protocol numbers.

@@ -16,12 +16,22 @@
 //!     interfaces:                 # optional: the tc layer on the workload's veth (host side)
 //!       - name: veth-pod-a
 //!         addresses: [10.10.0.7, fd00:10::7]   # the only sources allowed from it
+//!     steer:                      # optional: TCP connects to these ports that nothing above
+//!       - ports: [443]            # allows go to the gateway's listener instead of failing
+//!         address: 10.10.0.2      # the listener (one of `gateways`); IPv6 sockets use
+//!         address6: fd00:10::2    # address6, or ::ffff:<address> without it
+//!         port: 8443
 //! ```
 //!
 //! Parsing is strict (unknown fields are errors) and every error names the offending value and
 //! where it sits, because a typo here silently narrowing or widening a policy is the worst outcome.
 
-use std::{fmt, net::IpAddr, path::Path};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -58,6 +68,19 @@ pub struct RawPolicy {
     pub extra: Vec<RawExtra>,
     #[serde(default)]
     pub interfaces: Vec<RawInterface>,
+    #[serde(default)]
+    pub steer: Vec<RawSteer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSteer {
+    pub ports: Vec<RawPort>,
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub address6: Option<String>,
+    pub port: RawPort,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +134,16 @@ pub struct PolicySpec {
     pub extra: Vec<ExtraSpec>,
     /// Host-side interfaces of the workload, for the tc layer (empty: socket hooks only).
     pub interfaces: Vec<InterfaceSpec>,
+    /// Steered ports: original TCP port -> the gateway listener (see `egress_common::steer`).
+    pub steer: BTreeMap<u16, SteerSpec>,
+}
+
+/// Where TCP connects to a steered port go: a gateway listener the policy already allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SteerSpec {
+    pub address: Option<Ipv4Addr>,
+    pub address6: Option<Ipv6Addr>,
+    pub port: u16,
 }
 
 /// A workload's network interface as the node sees it, and the workload's addresses on it.
@@ -221,7 +254,74 @@ fn validate_policy(p: RawPolicy, at: &str) -> Result<PolicySpec, ParseError> {
         .enumerate()
         .map(|(j, i)| validate_interface(i, &format!("{at}.interfaces[{j}]")))
         .collect::<Result<_, _>>()?;
-    Ok(PolicySpec { cgroup: p.cgroup, mode, gateways, dns, extra, interfaces })
+    let steer = validate_steer(&p.steer, &gateways, at)?;
+    Ok(PolicySpec { cgroup: p.cgroup, mode, gateways, dns, extra, interfaces, steer })
+}
+
+/// Steered ports must be single ports, each steered once, to a listener the policy's own
+/// gateways allow: a steered connection is judged as gateway traffic by every later check, so a
+/// target the policy does not allow would only be dropped further on.
+fn validate_steer(
+    raw: &[RawSteer],
+    gateways: &[(IpAddr, Vec<PortRange>)],
+    at: &str,
+) -> Result<BTreeMap<u16, SteerSpec>, ParseError> {
+    let mut out = BTreeMap::new();
+    for (j, r) in raw.iter().enumerate() {
+        let at = format!("{at}.steer[{j}]");
+        let single = |p: &RawPort| -> Result<u16, ParseError> {
+            let range = parse_port(p, &at)?;
+            if range.first != range.last {
+                return Err(invalid(&at, format!("steered port {p} must be a single port, not a range")));
+            }
+            Ok(range.first)
+        };
+        let port = single(&r.port)?;
+        let address = match &r.address {
+            Some(a) => match parse_ip(a, &at)? {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => {
+                    return Err(invalid(&at, format!("address {a:?} is IPv6; put it in address6")));
+                }
+            },
+            None => None,
+        };
+        let address6 = match &r.address6 {
+            Some(a) => match parse_ip(a, &at)? {
+                IpAddr::V6(v6) => Some(v6),
+                IpAddr::V4(_) => {
+                    return Err(invalid(&at, format!("address6 {a:?} is IPv4; put it in address")));
+                }
+            },
+            None => None,
+        };
+        if address.is_none() && address6.is_none() {
+            return Err(invalid(&at, "steering needs the gateway listener's address, address6 or both"));
+        }
+        let covered = |ip: IpAddr| {
+            gateways
+                .iter()
+                .any(|(g, ports)| *g == ip && ports.iter().any(|p| (p.first..=p.last).contains(&port)))
+        };
+        for ip in address.map(IpAddr::V4).into_iter().chain(address6.map(IpAddr::V6)) {
+            if !covered(ip) {
+                return Err(invalid(
+                    &at,
+                    format!("{ip} port {port} is not one of this policy's gateways; add it under gateways"),
+                ));
+            }
+        }
+        if r.ports.is_empty() {
+            return Err(invalid(&at, "steer needs at least one original port"));
+        }
+        for p in &r.ports {
+            let original = single(p)?;
+            if out.insert(original, SteerSpec { address, address6, port }).is_some() {
+                return Err(invalid(&at, format!("port {original} is steered twice")));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Linux interface names are at most 15 bytes (IFNAMSIZ - 1), without '/', ':' or whitespace.
@@ -299,8 +399,8 @@ fn parse_protocol(text: &str, at: &str) -> Result<Protocol, ParseError> {
 /// An interface or an address bound twice would make one workload's frames judged by
 /// another's policy.
 fn check_interfaces_unique(specs: &[PolicySpec]) -> Result<(), ParseError> {
-    let mut names = std::collections::BTreeMap::new();
-    let mut addrs = std::collections::BTreeMap::new();
+    let mut names = BTreeMap::new();
+    let mut addrs = BTreeMap::new();
     for (i, spec) in specs.iter().enumerate() {
         for iface in &spec.interfaces {
             if let Some(prev) = names.insert(iface.name.as_str(), i) {

@@ -132,3 +132,43 @@ fn tunnel_protocols_are_named_or_numbered() {
         ]
     );
 }
+
+#[test]
+fn steering_goes_to_a_gateway_of_the_policy_and_names_what_is_wrong() {
+    let with = |steer: &str| {
+        format!(
+            "policies: [{{cgroup: a, mode: enforce, gateways: [{{address: 10.0.0.3, ports: [8443, 8080]}}, {{address: \"fd00::3\", ports: [8443]}}], steer: [{steer}]}}]"
+        )
+    };
+    let p = parse(&with(
+        "{ports: [443], address: 10.0.0.3, address6: \"fd00::3\", port: 8443}, {ports: [80, 8000], address: 10.0.0.3, port: 8080}",
+    ))
+    .unwrap();
+    let steer = &p[0].steer;
+    assert_eq!(steer.keys().copied().collect::<Vec<_>>(), [80, 443, 8000]);
+    assert_eq!(steer[&443].address6, Some("fd00::3".parse().unwrap()));
+    assert_eq!(steer[&80].address6, None);
+    assert_eq!(steer[&80].port, 8080);
+    let cases = [
+        (
+            "{ports: [443], address: 10.0.0.9, port: 8443}",
+            "10.0.0.9 port 8443 is not one of this policy's gateways",
+        ),
+        ("{ports: [443], address: 10.0.0.3, port: 9999}", "10.0.0.3 port 9999"),
+        ("{ports: [443], address6: \"fd00::3\", port: 8080}", "fd00::3 port 8080"),
+        ("{ports: [\"400-500\"], address: 10.0.0.3, port: 8443}", "\"400-500\" must be a single port"),
+        ("{ports: [443], address: \"fd00::3\", port: 8443}", "is IPv6; put it in address6"),
+        ("{ports: [443], address6: 10.0.0.3, port: 8443}", "is IPv4; put it in address"),
+        ("{ports: [443], port: 8443}", "needs the gateway listener's address"),
+        ("{ports: [], address: 10.0.0.3, port: 8443}", "at least one original port"),
+        (
+            "{ports: [443], address: 10.0.0.3, port: 8443}, {ports: [443], address: 10.0.0.3, port: 8080}",
+            "port 443 is steered twice",
+        ),
+    ];
+    for (steer, want) in cases {
+        let e = error(&with(steer));
+        assert!(e.contains(want), "{steer}: {e}");
+        assert!(e.contains("steer["), "{steer}: the place is named: {e}");
+    }
+}
