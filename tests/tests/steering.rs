@@ -28,6 +28,13 @@ fn steering_policy(g: &GatewayLab, mode: &str) -> String {
     )
 }
 
+/// The tests' gateway configuration with the SNI and Host listeners marked as steering targets.
+fn steering_gateway(g: &GatewayLab) -> String {
+    base_config(&g.ca, 100)
+        .replace("upstreamPort: 443}", "upstreamPort: 443, steered: true}")
+        .replace("upstreamPort: 80}", "upstreamPort: 80, steered: true}")
+}
+
 /// curl in the enforced cgroup, with no proxy settings at all.
 fn curl_in_pod(g: &GatewayLab, args: &[&str]) -> Output {
     let mut all = vec!["-sS", "--max-time", "5", "-o", "-", "-w", "\n%{http_code}", "--noproxy", "*"];
@@ -56,7 +63,7 @@ fn an_unmodified_client_reaches_allowed_hosts_through_the_gateway() {
     let g = GatewayLab::new();
     std::fs::write(g.lab.policy_path(), steering_policy(&g, "enforce")).unwrap();
     let _agent = Agent::start(&g.lab);
-    let gw = g.start(&base_config(&g.ca, 100));
+    let gw = g.start(&steering_gateway(&g));
     let sniffer = Sniffer::start(&g.lab.external, &[ip(POD4), ip(POD6)]);
     let ca = g.ca.display().to_string();
 
@@ -72,6 +79,7 @@ fn an_unmodified_client_reaches_allowed_hosts_through_the_gateway() {
     });
     assert_eq!(line["namespace"], "team-a", "{line}");
     assert_eq!(line["decision"], "allow", "{line}");
+    assert_eq!(line["steered"], true, "the access log says the kernel carried it: {line}");
     // The pod's own address (IPv4-mapped: the listener is dual-stack).
     assert!(line["source"].as_str().unwrap().contains(POD4), "{line}");
 
@@ -81,7 +89,7 @@ fn an_unmodified_client_reaches_allowed_hosts_through_the_gateway() {
     assert_eq!(status_and_body(&out), (200, UPSTREAM_BODY.to_owned()), "steered HTTP: {}", text(&out));
     let line = gw.wait_access("the steered HTTP request", |l| l["listener"] == "http_transparent");
     assert_eq!(line["authority"], "www.example.test:80", "{line}");
-    assert_eq!(line["decision"], "allow", "{line}");
+    assert_eq!((line["decision"].as_str(), line["steered"].as_bool()), (Some("allow"), Some(true)), "{line}");
 
     // A host no rule allows: refused by the gateway at the TLS handshake, and logged.
     let resolve = format!("forbidden.example.test:443:{UPSTREAM4}");
@@ -121,7 +129,7 @@ fn audit_mode_reports_would_steer_and_rewrites_nothing() {
     let g = GatewayLab::new();
     std::fs::write(g.lab.policy_path(), steering_policy(&g, "audit")).unwrap();
     let agent = Agent::start(&g.lab);
-    let gw = g.start(&base_config(&g.ca, 100));
+    let gw = g.start(&steering_gateway(&g));
     let out = peer_after_connect(&g, UPSTREAM4, 443);
     assert!(!out.status.success(), "not carried to the gateway, so not connected: {}", text(&out));
     assert!(!refused(&out), "audit mode refuses nothing: {}", text(&out));

@@ -56,6 +56,10 @@ pub struct Record {
     pub status: Option<u16>,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// Arrived on a listener the node agent steers workloads' connections to (the client did not
+    /// choose the gateway: its kernel carried the connection there).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub steered: bool,
     /// How a tunnel ended: `closed`, `idle_timeout` or `drain_deadline`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub end: Option<&'static str>,
@@ -81,6 +85,7 @@ impl Record {
             status: None,
             bytes_up: 0,
             bytes_down: 0,
+            steered: false,
             end: None,
             duration_ms: 0.0,
             started: Instant::now(),

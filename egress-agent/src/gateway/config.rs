@@ -6,6 +6,8 @@
 //!   httpProxy: {listen: "0.0.0.0:3128"}            # CONNECT and absolute-form HTTP (HTTP(S)_PROXY)
 //!   tlsPassthrough: {listen: "0.0.0.0:8443", upstreamPort: 443}   # routed by SNI, not terminated
 //!   httpTransparent: {listen: "0.0.0.0:8080", upstreamPort: 80}   # routed by the Host header
+//!   # either may add `steered: true`: the node agent steers pods' connections here (its log
+//!   # lines say "steered": true)
 //!   tcpForwards:                                   # fixed upstreams, no name on the wire
 //!     - {listen: "0.0.0.0:5432", upstream: "db.example.com:5432"}
 //!   tlsOrigination:                                # plain HTTP in, verified HTTPS out
@@ -107,6 +109,9 @@ impl Listeners {
 pub struct Routed {
     pub listen: SocketAddr,
     pub upstream_port: u16,
+    /// The node agent steers workloads' connections to this listener (issue 15): its access-log
+    /// lines are marked `steered`.
+    pub steered: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -204,6 +209,8 @@ struct RawRouted {
     listen: String,
     #[serde(default)]
     upstream_port: Option<RawPort>,
+    #[serde(default)]
+    steered: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -306,6 +313,7 @@ fn parse_listeners(raw: RawListeners) -> Result<Listeners, ParseError> {
             listen: parse_listen(&r.listen, &format!("{at}.listen"))?,
             upstream_port: single_port(r.upstream_port.as_ref(), &format!("{at}.upstreamPort"))?
                 .unwrap_or(default_port),
+            steered: r.steered,
         })
     };
     let tcp_forwards = raw

@@ -42,6 +42,8 @@ pub struct Connection {
     pub namespace: Option<Arc<str>>,
     /// What goes into the access log when the connection finishes.
     pub record: Record,
+    /// Came in on a steering listener (see `Connection::steered`).
+    steered: bool,
     slot: Option<Slot>,
 }
 
@@ -69,13 +71,24 @@ impl Connection {
     ) -> Self {
         let mut record = Record::new(listener, source);
         record.namespace.clone_from(&namespace);
-        Self { live: gateway.live(), gateway, source, namespace, record, slot: None }
+        Self { live: gateway.live(), gateway, source, namespace, record, steered: false, slot: None }
     }
 
     /// A request of this HTTP connection (or of a tunnel's plain HTTP), decided, dialed and
     /// logged on its own under the latest configuration.
     pub fn request(&self, listener: &'static str) -> Self {
-        Self::identified(self.gateway.clone(), self.source, self.namespace.clone(), listener)
+        let mut request =
+            Self::identified(self.gateway.clone(), self.source, self.namespace.clone(), listener);
+        if self.steered {
+            request.steered();
+        }
+        request
+    }
+
+    /// Marks a connection that arrived on a steering listener, and its requests.
+    pub fn steered(&mut self) {
+        self.steered = true;
+        self.record.steered = true;
     }
 
     pub fn gateway(&self) -> &Arc<Gateway> {

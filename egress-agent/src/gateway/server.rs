@@ -50,6 +50,14 @@ enum Kind {
     Forward(Arc<config::Upstream>),
 }
 
+/// A listener's front: what it does with a connection, and whether the node agent steers
+/// workloads' connections to it (they are logged as steered).
+#[derive(Clone)]
+struct Front {
+    kind: Kind,
+    steered: bool,
+}
+
 pub async fn run(opts: Options) -> Result<()> {
     // Handlers first: a SIGTERM that arrives while starting must drain, not kill.
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -74,10 +82,10 @@ pub async fn run(opts: Options) -> Result<()> {
     let copies = workers.handles().len();
     let bound = listeners(&config)
         .into_iter()
-        .map(|(addr, name, kind)| {
+        .map(|(addr, name, front)| {
             bind_copies(addr, copies)
                 .with_context(|| format!("binding the {name} listener on {addr}"))
-                .map(|l| (l, name, kind))
+                .map(|l| (l, name, front))
         })
         .collect::<Result<Vec<_>>>()?;
     let admin = match config.admin {
@@ -86,9 +94,9 @@ pub async fn run(opts: Options) -> Result<()> {
     };
     let stop_accepting = CancellationToken::new();
     let mut accepting = JoinSet::new();
-    for (listeners, name, kind) in bound {
+    for (listeners, name, front) in bound {
         for (listener, worker) in listeners.into_iter().zip(workers.handles()) {
-            let accept = accept_loop(gateway.clone(), listener, name, kind.clone(), stop_accepting.clone());
+            let accept = accept_loop(gateway.clone(), listener, name, front.clone(), stop_accepting.clone());
             accepting.spawn_on(accept, worker);
         }
     }
@@ -162,27 +170,24 @@ fn build_live(config: &GatewayConfig) -> Result<Live> {
     })
 }
 
-fn listeners(config: &GatewayConfig) -> Vec<(SocketAddr, &'static str, Kind)> {
+fn listeners(config: &GatewayConfig) -> Vec<(SocketAddr, &'static str, Front)> {
     let l = &config.listeners;
     let mut all = Vec::new();
-    let http = |addr, mode: Mode| (addr, mode.listener(), Kind::Http(mode));
-    all.extend(l.http_proxy.map(|a| http(a, Mode::Proxy)));
+    let front = |kind, steered| Front { kind, steered };
+    let http = |addr, mode: Mode, steered| (addr, mode.listener(), front(Kind::Http(mode), steered));
+    all.extend(l.http_proxy.map(|a| http(a, Mode::Proxy, false)));
     all.extend(
         l.http_transparent
             .as_ref()
-            .map(|r| http(r.listen, Mode::Transparent { default_port: r.upstream_port })),
+            .map(|r| http(r.listen, Mode::Transparent { default_port: r.upstream_port }, r.steered)),
     );
-    all.extend(l.tls_origination.as_ref().map(|o| http(o.listen, Mode::Originate)));
-    all.extend(
-        l.tls_passthrough
-            .as_ref()
-            .map(|r| (r.listen, tls_passthrough::LISTENER, Kind::Tls { upstream_port: r.upstream_port })),
-    );
-    all.extend(
-        l.tcp_forwards
-            .iter()
-            .map(|f| (f.listen, tcp_forward::LISTENER, Kind::Forward(Arc::new(f.upstream.clone())))),
-    );
+    all.extend(l.tls_origination.as_ref().map(|o| http(o.listen, Mode::Originate, false)));
+    all.extend(l.tls_passthrough.as_ref().map(|r| {
+        (r.listen, tls_passthrough::LISTENER, front(Kind::Tls { upstream_port: r.upstream_port }, r.steered))
+    }));
+    all.extend(l.tcp_forwards.iter().map(|f| {
+        (f.listen, tcp_forward::LISTENER, front(Kind::Forward(Arc::new(f.upstream.clone())), false))
+    }));
     all
 }
 
@@ -191,7 +196,7 @@ async fn accept_loop(
     gateway: Arc<Gateway>,
     listener: std::net::TcpListener,
     name: &'static str,
-    kind: Kind,
+    front: Front,
     stop: CancellationToken,
 ) {
     let addr = listener.local_addr().ok();
@@ -226,10 +231,13 @@ async fn accept_loop(
             target = tracing::field::Empty,
         );
         let gateway = gateway.clone();
-        let kind = kind.clone();
+        let front = front.clone();
         let served = async move {
-            let conn = Connection::accept(gateway, source, name);
-            match kind {
+            let mut conn = Connection::accept(gateway, source, name);
+            if front.steered {
+                conn.steered();
+            }
+            match front.kind {
                 Kind::Http(mode) => http_proxy::serve(conn, stream, mode).await,
                 Kind::Tls { upstream_port } => tls_passthrough::serve(conn, stream, upstream_port).await,
                 Kind::Forward(upstream) => tcp_forward::serve(conn, stream, &upstream).await,
