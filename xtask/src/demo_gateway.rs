@@ -23,15 +23,20 @@ pub fn run() -> Result<usize> {
     let g = GatewayLab::new();
     // The kernel policy opens the gateway's proxy and SNI ports (the node agent's config does
     // the same with `gateways[].ports`).
-    let policy = g
-        .lab
-        .policy_text("enforce")
-        .replace(&format!("ports: [{GATEWAY_PORT}]"), &format!("ports: [{GATEWAY_PORT}, {TLS_PORT}]"));
+    // TCP to port 443 that nothing else allows is steered to the SNI port: unmodified clients
+    // (no proxy settings) reach allowed hosts through the gateway (README, transparent steering).
+    let policy = format!(
+        "{}    steer:\n      - ports: [443]\n        address: {GATEWAY4}\n        port: {TLS_PORT}\n",
+        g.lab
+            .policy_text("enforce")
+            .replace(&format!("ports: [{GATEWAY_PORT}]"), &format!("ports: [{GATEWAY_PORT}, {TLS_PORT}]"))
+    );
     std::fs::write(g.lab.policy_path(), policy)?;
     let agent = Agent::try_start(&g.lab).map_err(|log| anyhow!("the agent did not start:\n{log}"))?;
-    let config = base_config(&g.ca, 1000);
+    let config = base_config(&g.ca, 1000).replace("upstreamPort: 443}", "upstreamPort: 443, steered: true}");
     let gw = g.try_start(&config).map_err(|log| anyhow!("the gateway did not start:\n{log}"))?;
-    println!("Kernel: the pod may reach only {GATEWAY4}:{PROXY_PORT} and :{TLS_PORT} (the gateway) and DNS.");
+    println!("Kernel: the pod may reach only {GATEWAY4}:{PROXY_PORT} and :{TLS_PORT} (the gateway) and DNS;");
+    println!("        its TCP connects to port 443 anywhere else are steered to :{TLS_PORT}.");
     println!("Gateway rules (team-a is the pod's namespace, from its source address):");
     for line in
         config.lines().skip_while(|l| !l.starts_with("rules:")).take_while(|l| !l.starts_with("limits:"))
@@ -78,20 +83,31 @@ pub fn run() -> Result<usize> {
             expect: 403,
         },
         Row {
-            what: "straight to the upstream, no proxy",
-            args: vec![format!("http://{UPSTREAM4}/")],
-            expect: 0,
-        },
-        Row {
-            what: "SNI passthrough port, allowed name",
+            what: "unmodified https://api.example.test/ (steered)",
             args: vec![
                 "--cacert".into(),
                 ca.clone(),
                 "--resolve".into(),
-                format!("api.example.test:{TLS_PORT}:{GATEWAY4}"),
-                format!("https://api.example.test:{TLS_PORT}/"),
+                format!("api.example.test:443:{UPSTREAM4}"),
+                "https://api.example.test/".into(),
             ],
             expect: 200,
+        },
+        Row {
+            what: "unmodified https://forbidden.example.test/",
+            args: vec![
+                "--cacert".into(),
+                ca.clone(),
+                "--resolve".into(),
+                format!("forbidden.example.test:443:{UPSTREAM4}"),
+                "https://forbidden.example.test/".into(),
+            ],
+            expect: 0,
+        },
+        Row {
+            what: "straight to the upstream, port 80, no proxy",
+            args: vec![format!("http://{UPSTREAM4}/")],
+            expect: 0,
         },
     ];
     println!("\n{:<46} {:<8} {:<18} GATEWAY LOG", "ATTEMPT FROM THE ENFORCED POD", "STATUS", "EXPECTED");
@@ -105,16 +121,26 @@ pub fn run() -> Result<usize> {
         let (status, _) = status_and_body(&out);
         // A tunnel (CONNECT, SNI) is logged when it closes, which the gateway may see a moment
         // after curl has exited: an attempt that got an answer waits (briefly) for its line.
+        // So does a steered connection the gateway refused (curl fails, the gateway logged it);
+        // only an EPERM from the kernel certainly never reached it.
+        let err = String::from_utf8_lossy(&out.stderr);
+        let reached = status != 0 || !err.contains("not permitted");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-        while status != 0 && gw.access_lines().len() <= before && std::time::Instant::now() < deadline {
+        while reached && gw.access_lines().len() <= before && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         let lines = gw.access_lines();
         let logged = lines.get(before..).and_then(|l| l.last()).map_or_else(
             || "(nothing: never reached the gateway)".to_string(),
-            |v| format!("{} {}", v["decision"].as_str().unwrap_or("?"), v["reason"].as_str().unwrap_or("?")),
+            |v| {
+                let steered = if v["steered"] == true { " (steered)" } else { "" };
+                format!(
+                    "{} {}{steered}",
+                    v["decision"].as_str().unwrap_or("?"),
+                    v["reason"].as_str().unwrap_or("?")
+                )
+            },
         );
-        let err = String::from_utf8_lossy(&out.stderr);
         let shown = if status == 0 {
             if err.contains("not permitted") { "EPERM".to_string() } else { "failed".to_string() }
         } else {
