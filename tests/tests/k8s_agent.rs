@@ -267,3 +267,35 @@ fn pods_are_found_and_enforced_with_the_systemd_cgroup_driver_too() {
     let start = agent.wait_until("starting node agent", |_| true);
     assert_eq!(start["cgroup_driver"], "Systemd", "{start:#}");
 }
+
+/// Issue 15 on Kubernetes: a gateway that steers carries an unmodified pod's TCP connects to
+/// port 443 to its Service, and a namespace labelled `egressfw.io/steering=off` keeps EPERM.
+#[test]
+fn a_steering_gateway_carries_unmodified_https_to_its_service_unless_the_namespace_opts_out() {
+    const STEERED_TO: u16 = 8443;
+    let node = KubeNode::new();
+    std::fs::write(
+        &node.config_path,
+        format!(
+            "gateways:\n  - name: main\n    service: egress/gw\n    ports: [{GATEWAY_PORT}, {STEERED_TO}]\n    steer: [{{port: 443, to: {STEERED_TO}}}]\ndns:\n  service: kube-system/kube-dns\n"
+        ),
+    )
+    .unwrap();
+    // The lab has no kube-proxy to carry a virtual ClusterIP: the Service's ClusterIP is the lab
+    // gateway's own address, where a listener stands for the gateway's SNI port.
+    node.api.apply(&fixtures::service("egress", "gw", GATEWAY4, &[GATEWAY_PORT, STEERED_TO]));
+    node.set_gateway_ports(&[GATEWAY_PORT, STEERED_TO]);
+    let listener = Server::tcp_http(&node.lab.gateway, sock(GATEWAY4, STEERED_TO));
+    node.add_pod("shop", "web", WEB);
+    node.create_pod_cgroup(WEB);
+    let _agent = node.start_agent();
+    node.label("shop", &[("egressfw.io/mode", "enforce")]);
+    // Nothing listens on the external host's 443: a connection there succeeds only if it was
+    // carried to the gateway's listener.
+    assert!(eventually(5, || reaches(&node, WEB, EXTERNAL4, 443)), "steered to the gateway Service");
+    assert!(listener.hits() >= 1, "the gateway's listener got the connection");
+    assert!(blocked(&node, WEB, EXTERNAL4, 80), "a port the gateway does not steer keeps EPERM");
+
+    node.label("shop", &[("egressfw.io/mode", "enforce"), ("egressfw.io/steering", "off")]);
+    assert!(eventually(5, || blocked(&node, WEB, EXTERNAL4, 443)), "steering turned off by the namespace");
+}

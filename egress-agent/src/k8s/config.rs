@@ -57,6 +57,8 @@ pub struct GatewayConfig {
     pub service: ServiceRef,
     /// Service ports the pods may use; empty: every port of the Service.
     pub ports: Vec<PortRange>,
+    /// Transparent steering: original TCP port -> the Service port it is carried to.
+    pub steer: BTreeMap<u16, u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,6 +104,17 @@ struct RawGateway {
     service: String,
     #[serde(default)]
     ports: Vec<RawPort>,
+    #[serde(default)]
+    steer: Vec<RawSteer>,
+}
+
+/// `{port: 443, to: 8443}`: TCP connects to port 443 that nothing else allows go to the
+/// gateway Service's port 8443.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSteer {
+    port: RawPort,
+    to: RawPort,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,9 +158,10 @@ pub fn parse(text: &str) -> Result<AgentConfig, ParseError> {
             ));
         }
         let service = parse_service(&g.service, &format!("{at}.service"))?;
-        let ports =
+        let ports: Vec<PortRange> =
             g.ports.iter().map(|p| parse_port(p, &format!("{at}.ports"))).collect::<Result<_, _>>()?;
-        if gateways.insert(g.name.clone(), GatewayConfig { service, ports }).is_some() {
+        let steer = parse_steer(&g.steer, &ports, &at)?;
+        if gateways.insert(g.name.clone(), GatewayConfig { service, ports, steer }).is_some() {
             return Err(invalid(at, format!("gateway name {:?} is used twice", g.name)));
         }
     }
@@ -177,6 +191,33 @@ pub fn parse(text: &str) -> Result<AgentConfig, ParseError> {
         .map(|(i, e)| validate_extra(&e, &format!("extraCidrs[{i}]")))
         .collect::<Result<_, _>>()?;
     Ok(AgentConfig { gateways, default_gateway, dns, extra, pod_events: raw.pod_events })
+}
+
+/// Steered ports, each once, to Service ports the pods may use (a steered connection is gateway
+/// traffic to every later check).
+fn parse_steer(raw: &[RawSteer], ports: &[PortRange], at: &str) -> Result<BTreeMap<u16, u16>, ParseError> {
+    let mut out = BTreeMap::new();
+    for (i, s) in raw.iter().enumerate() {
+        let at = format!("{at}.steer[{i}]");
+        let single = |p: &RawPort| -> Result<u16, ParseError> {
+            let r = parse_port(p, &at)?;
+            if r.first != r.last {
+                return Err(invalid(&at, format!("port {p} must be a single port, not a range")));
+            }
+            Ok(r.first)
+        };
+        let (port, to) = (single(&s.port)?, single(&s.to)?);
+        if !ports.is_empty() && !ports.iter().any(|r| r.first <= to && to <= r.last) {
+            return Err(invalid(
+                &at,
+                format!("port {to} is not one of this gateway's ports; add it under ports"),
+            ));
+        }
+        if out.insert(port, to).is_some() {
+            return Err(invalid(&at, format!("port {port} is steered twice")));
+        }
+    }
+    Ok(out)
 }
 
 fn parse_service(s: &str, at: &str) -> Result<ServiceRef, ParseError> {

@@ -16,11 +16,13 @@ use k8s_openapi::api::{
 use super::config::{AgentConfig, ServiceRef};
 use crate::policy::{
     Mode, Protocol,
-    config::{ExtraSpec, PolicySpec, PortRange},
+    config::{ExtraSpec, PolicySpec, PortRange, SteerSpec},
 };
 
 pub const LABEL_MODE: &str = "egressfw.io/mode";
 pub const LABEL_GATEWAY: &str = "egressfw.io/gateway";
+/// `off` turns the gateway's transparent steering off for the namespace's pods.
+pub const LABEL_STEERING: &str = "egressfw.io/steering";
 /// Static pods' cgroups are named by this hash, not by the mirror pod's API UID.
 const ANNOTATION_CONFIG_HASH: &str = "kubernetes.io/config.hash";
 const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -48,7 +50,9 @@ pub struct PodPolicy {
     pub terminating: bool,
     pub mode: Mode,
     pub gateway: String,
-    /// Shared by every pod of one gateway.
+    /// The gateway's steering applies (not turned off by the namespace's label).
+    pub steering: bool,
+    /// Shared by every pod of one gateway (and steering choice).
     pub allowed: Arc<Allowed>,
     /// Configuration problems that narrowed this pod's policy (logged and shown by the agent).
     pub problems: Vec<String>,
@@ -63,6 +67,7 @@ pub struct Allowed {
     pub gateways: Vec<(IpAddr, Vec<PortRange>)>,
     pub dns: Vec<IpAddr>,
     pub extra: Vec<ExtraSpec>,
+    pub steer: BTreeMap<u16, SteerSpec>,
 }
 
 impl Allowed {
@@ -74,7 +79,7 @@ impl Allowed {
             dns: self.dns,
             extra: self.extra,
             interfaces: Vec::new(),
-            steer: BTreeMap::new(),
+            steer: self.steer,
         }
     }
 }
@@ -94,6 +99,20 @@ pub fn namespace_mode(ns: Option<&Namespace>) -> (Mode, Option<String>) {
     }
 }
 
+/// Whether the gateway's steering applies to a namespace's pods: on unless labelled `off`. A
+/// value that is not understood keeps it on (steering only ever leads to the gateway) and is
+/// reported.
+pub fn namespace_steering(ns: Option<&Namespace>) -> (bool, Option<String>) {
+    let label = ns.and_then(|n| n.metadata.labels.as_ref()).and_then(|l| l.get(LABEL_STEERING));
+    match label.map(String::as_str) {
+        None | Some("on") => (true, None),
+        Some("off") => (false, None),
+        Some(other) => {
+            (true, Some(format!("label {LABEL_STEERING}={other:?} is not one of on, off; steering stays on")))
+        }
+    }
+}
+
 fn is_terminal(pod: &Pod) -> bool {
     matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
 }
@@ -102,7 +121,7 @@ fn is_terminal(pod: &Pod) -> bool {
 pub fn pod_policies(world: &World<'_>, config: &AgentConfig) -> BTreeMap<String, PodPolicy> {
     let namespaces: BTreeMap<&str, &Namespace> =
         world.namespaces.iter().filter_map(|n| Some((n.metadata.name.as_deref()?, *n))).collect();
-    let mut per_gateway: BTreeMap<String, (Arc<Allowed>, Vec<String>)> = BTreeMap::new();
+    let mut per_gateway: BTreeMap<(String, bool), (Arc<Allowed>, Vec<String>)> = BTreeMap::new();
     let nothing = Arc::new(Allowed::default());
     let mut out = BTreeMap::new();
     for pod in world.pods.iter().filter(|p| !is_terminal(p)) {
@@ -123,11 +142,14 @@ pub fn pod_policies(world: &World<'_>, config: &AgentConfig) -> BTreeMap<String,
             .and_then(|l| l.get(LABEL_GATEWAY))
             .cloned()
             .unwrap_or_else(|| config.default_gateway.clone());
+        let (steering, steering_problem) = namespace_steering(namespace);
+        problems.extend(steering_problem);
         let allowed = if mode == Mode::Pass {
             nothing.clone()
         } else {
-            let (allowed, gw_problems) = per_gateway.entry(gateway.clone()).or_insert_with(|| {
-                let (a, p) = allowed_for(world, config, &gateway);
+            let key = (gateway.clone(), steering);
+            let (allowed, gw_problems) = per_gateway.entry(key).or_insert_with(|| {
+                let (a, p) = allowed_for(world, config, &gateway, steering);
                 (Arc::new(a), p)
             });
             problems.extend(gw_problems.iter().cloned());
@@ -143,6 +165,7 @@ pub fn pod_policies(world: &World<'_>, config: &AgentConfig) -> BTreeMap<String,
                 terminating: pod.metadata.deletion_timestamp.is_some(),
                 mode,
                 gateway,
+                steering,
                 allowed,
                 problems,
                 addresses: pod_addresses(pod),
@@ -168,7 +191,12 @@ fn pod_addresses(pod: &Pod) -> Vec<IpAddr> {
 
 /// What a pod using gateway `name` may reach. Missing pieces narrow the policy (fail closed) and
 /// are reported.
-pub fn allowed_for(world: &World<'_>, config: &AgentConfig, name: &str) -> (Allowed, Vec<String>) {
+pub fn allowed_for(
+    world: &World<'_>,
+    config: &AgentConfig,
+    name: &str,
+    steering: bool,
+) -> (Allowed, Vec<String>) {
     let mut allowed = Allowed { extra: config.extra.clone(), ..Allowed::default() };
     let mut problems = Vec::new();
     match config.gateways.get(name) {
@@ -183,6 +211,19 @@ pub fn allowed_for(world: &World<'_>, config: &AgentConfig, name: &str) -> (Allo
                     problems.push(format!("gateway Service {} has no address or matching port", gw.service));
                 }
                 allowed.gateways.extend(front.into_iter().chain(back));
+                if steering {
+                    for (port, to) in &gw.steer {
+                        match steer_target(svc, *to) {
+                            Some(target) => {
+                                allowed.steer.insert(*port, target);
+                            }
+                            None => problems.push(format!(
+                                "gateway Service {} has no ClusterIP with port {to}; port {port} is not steered",
+                                gw.service
+                            )),
+                        }
+                    }
+                }
             }
         },
     }
@@ -213,6 +254,32 @@ pub fn allowed_for(world: &World<'_>, config: &AgentConfig, name: &str) -> (Allo
     allowed.dns.sort_unstable();
     allowed.dns.dedup();
     (allowed, problems)
+}
+
+/// Where a steered port goes: the Service's ClusterIPs (one per family) on Service port `to`.
+/// Through the ClusterIP, not a backend: kube-proxy or a socket-level load balancer spreads the
+/// steered connections over the gateway's pods as it does for any client.
+fn steer_target(svc: &Service, to: u16) -> Option<SteerSpec> {
+    let spec = svc.spec.as_ref()?;
+    if !spec.ports.iter().flatten().any(|p| p.port == i32::from(to)) {
+        return None;
+    }
+    let ips: Vec<IpAddr> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(spec.cluster_ip.iter())
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    let address = ips.iter().find_map(|ip| match ip {
+        IpAddr::V4(v4) => Some(*v4),
+        IpAddr::V6(_) => None,
+    });
+    let address6 = ips.iter().find_map(|ip| match ip {
+        IpAddr::V6(v6) => Some(*v6),
+        IpAddr::V4(_) => None,
+    });
+    (address.is_some() || address6.is_some()).then_some(SteerSpec { address, address6, port: to })
 }
 
 /// Addresses with the ports allowed on each.

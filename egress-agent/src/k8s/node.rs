@@ -158,7 +158,7 @@ impl Node {
         let mut desired = Vec::with_capacity(policies.len());
         let mut new_owners = Vec::new();
         let mut seen = HashSet::with_capacity(policies.len());
-        let mut compiled: HashMap<String, Arc<CompiledRules>> = HashMap::new();
+        let mut compiled: HashMap<(String, bool), Arc<CompiledRules>> = HashMap::new();
         // Enforced and audited pods' cgroups, by cgroup UID, for the tc layer.
         let mut with_cgroup: HashMap<&str, CgroupRef> = HashMap::new();
         let nothing = Arc::new(CompiledRules::default());
@@ -175,11 +175,11 @@ impl Node {
             // Pods of one gateway share their rules: compile them once per pass.
             let rules = if p.mode == Mode::Pass {
                 nothing.clone()
-            } else if let Some(r) = compiled.get(&p.gateway) {
+            } else if let Some(r) = compiled.get(&(p.gateway.clone(), p.steering)) {
                 r.clone()
             } else {
                 let r = Arc::new(self.rules_of(p, &cgroup));
-                compiled.insert(p.gateway.clone(), r.clone());
+                compiled.insert((p.gateway.clone(), p.steering), r.clone());
                 r
             };
             // A cgroup id belongs to one pod for good: only new ones need an owner entry.

@@ -118,6 +118,7 @@ mod tests {
             terminating: false,
             mode,
             gateway: "main".into(),
+            steering: true,
             allowed: Arc::default(),
             problems: Vec::new(),
             addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),

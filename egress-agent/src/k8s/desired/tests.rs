@@ -209,3 +209,37 @@ fn static_pods_use_the_config_hash() {
     assert_eq!(p["6d8e1e2c"].name, "web");
     assert!(!p.contains_key("u-web"));
 }
+
+#[test]
+fn steering_goes_to_the_gateway_service_and_a_label_turns_it_off() {
+    let config = config::parse(
+        "gateways:\n  - {name: main, service: egress/gw, ports: [3128, 8443], steer: [{port: 443, to: 8443}, {port: 80, to: 9999}]}\n",
+    );
+    assert!(
+        config
+            .as_ref()
+            .is_err_and(|e| format!("{e:?}").contains("port 9999 is not one of this gateway's ports")),
+        "{config:?}"
+    );
+    let config = config::parse(
+        "gateways:\n  - {name: main, service: egress/gw, steer: [{port: 443, to: 8443}, {port: 80, to: 8080}]}\n",
+    )
+    .unwrap();
+    let mut f = Fixture::new();
+    f.services[0] = service("egress", "gw", "10.96.0.10", &[("proxy", 3128), ("tls", 8443)]);
+    f.namespaces.push(namespace("quiet", &[(LABEL_MODE, "enforce"), (LABEL_STEERING, "off")]));
+    f.pods.push(pod("quiet", "svc", "u-quiet", "Running"));
+    let p = f.policies(&config);
+    let web = &p["u-web"];
+    assert!(web.steering);
+    let steer = &web.allowed.steer;
+    assert_eq!(steer.keys().copied().collect::<Vec<_>>(), [443], "the Service has no port 8080: {steer:?}");
+    assert_eq!(
+        steer[&443],
+        SteerSpec { address: Some("10.96.0.10".parse().unwrap()), address6: None, port: 8443 }
+    );
+    assert!(web.problems.iter().any(|m| m.contains("port 80 is not steered")), "{:?}", web.problems);
+    let quiet = &p["u-quiet"];
+    assert!(!quiet.steering && quiet.allowed.steer.is_empty(), "labelled off: {quiet:?}");
+    assert_eq!(quiet.allowed.gateways, web.allowed.gateways, "the gateway itself stays allowed");
+}
