@@ -141,3 +141,29 @@ fn audit_mode_reports_would_steer_and_rewrites_nothing() {
     );
     assert!(gw.access_lines().is_empty(), "the gateway saw nothing: {:?}", gw.access_lines());
 }
+
+/// Steering is pinned like the rest of the policy: it holds while the agent is down (SIGKILL)
+/// and after a new agent adopts what is pinned.
+#[test]
+fn steering_holds_while_the_agent_is_down_and_after_a_restart() {
+    let g = GatewayLab::new();
+    std::fs::write(g.lab.policy_path(), steering_policy(&g, "enforce")).unwrap();
+    let mut agent = Agent::start(&g.lab);
+    let _gw = g.start(&steering_gateway(&g));
+    let ca = g.ca.display().to_string();
+    let resolve = format!("api.example.test:443:{UPSTREAM4}");
+    let https = || {
+        status_and_body(&curl_in_pod(
+            &g,
+            &["--cacert", &ca, "--resolve", &resolve, "https://api.example.test/"],
+        ))
+        .0
+    };
+    assert_eq!(https(), 200, "steered with the agent running");
+    agent.kill9();
+    assert_eq!(https(), 200, "steered with the agent down");
+    let _agent = Agent::start(&g.lab);
+    assert_eq!(https(), 200, "steered after a new agent adopted the pins");
+    let out = peer_after_connect(&g, UPSTREAM4, 443);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{UPSTREAM4} 443"), "{}", text(&out));
+}
