@@ -114,6 +114,21 @@ fn an_unmodified_client_reaches_allowed_hosts_through_the_gateway() {
         );
     }
 
+    // An IPv6-only socket steered to a gateway with no IPv6 address (port 80: address only)
+    // fails as it would on any IPv4-only path, with ENETUNREACH rather than EPERM.
+    let script = "import socket, sys\n\
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n\
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)\n\
+s.settimeout(5)\n\
+try:\n    s.connect((sys.argv[1], 80))\n    print('connected')\nexcept OSError as e:\n    print(e.errno)\n";
+    let out = g.lab.pod.run(Some(&g.lab.pod_cgroup), "python3", &["-c", script, UPSTREAM6]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "101",
+        "V6ONLY to a mapped target: {}",
+        text(&out)
+    );
+
     // What is not steered keeps EPERM: another TCP port, and UDP to a steered one (QUIC).
     assert!(refused(&g.lab.in_pod(tcp(UPSTREAM4, 22))), "TCP to a port that is not steered");
     assert!(refused(&g.lab.in_pod(udp_sendto(UPSTREAM4, 443))), "UDP to a steered port");
