@@ -243,3 +243,30 @@ fn steering_goes_to_the_gateway_service_and_a_label_turns_it_off() {
     assert!(!quiet.steering && quiet.allowed.steer.is_empty(), "labelled off: {quiet:?}");
     assert_eq!(quiet.allowed.gateways, web.allowed.gateways, "the gateway itself stays allowed");
 }
+
+#[test]
+fn a_dual_stack_gateway_service_steers_each_family_to_its_own_cluster_ip() {
+    let config =
+        config::parse("gateways:\n  - {name: main, service: egress/gw, steer: [{port: 443, to: 8443}]}\n")
+            .unwrap();
+    let mut f = Fixture::new();
+    let mut svc = service("egress", "gw", "10.96.0.10", &[("tls", 8443)]);
+    if let Some(spec) = svc.spec.as_mut() {
+        spec.cluster_ips = Some(vec!["10.96.0.10".into(), "fd00:96::10".into()]);
+    }
+    f.services[0] = svc;
+    let p = f.policies(&config);
+    let target = p["u-web"].allowed.steer[&443];
+    assert_eq!(target.address, Some("10.96.0.10".parse().unwrap()));
+    assert_eq!(target.address6, Some("fd00:96::10".parse().unwrap()));
+    // Both are gateway addresses the pod may reach on that port: a steered connect is gateway
+    // traffic to every later check.
+    for ip in ["10.96.0.10", "fd00:96::10"] {
+        let ip: IpAddr = ip.parse().unwrap();
+        assert!(
+            p["u-web"].allowed.gateways.iter().any(|(a, ports)| *a == ip && ports.contains(&port(8443))),
+            "{ip} on 8443 is allowed: {:?}",
+            p["u-web"].allowed.gateways
+        );
+    }
+}
