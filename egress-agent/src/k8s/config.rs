@@ -23,7 +23,8 @@ use std::{collections::BTreeMap, fmt, net::IpAddr, path::Path};
 use serde::Deserialize;
 
 use crate::policy::config::{
-    ExtraSpec, ParseError, PortRange, RawExtra, RawPort, invalid, parse_ip, parse_port, validate_extra,
+    ExtraSpec, ParseError, PortRange, RawExtra, RawPort, invalid, parse_ip, parse_port, parse_single_port,
+    validate_extra,
 };
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/egressfw/agent.yaml";
@@ -199,14 +200,7 @@ fn parse_steer(raw: &[RawSteer], ports: &[PortRange], at: &str) -> Result<BTreeM
     let mut out = BTreeMap::new();
     for (i, s) in raw.iter().enumerate() {
         let at = format!("{at}.steer[{i}]");
-        let single = |p: &RawPort| -> Result<u16, ParseError> {
-            let r = parse_port(p, &at)?;
-            if r.first != r.last {
-                return Err(invalid(&at, format!("port {p} must be a single port, not a range")));
-            }
-            Ok(r.first)
-        };
-        let (port, to) = (single(&s.port)?, single(&s.to)?);
+        let (port, to) = (parse_single_port(&s.port, &at)?, parse_single_port(&s.to, &at)?);
         if !ports.is_empty() && !ports.iter().any(|r| r.first <= to && to <= r.last) {
             return Err(invalid(
                 &at,

@@ -269,13 +269,7 @@ fn validate_steer(
     let mut out = BTreeMap::new();
     for (j, r) in raw.iter().enumerate() {
         let at = format!("{at}.steer[{j}]");
-        let single = |p: &RawPort| -> Result<u16, ParseError> {
-            let range = parse_port(p, &at)?;
-            if range.first != range.last {
-                return Err(invalid(&at, format!("steered port {p} must be a single port, not a range")));
-            }
-            Ok(range.first)
-        };
+        let single = |p: &RawPort| parse_single_port(p, &at);
         let port = single(&r.port)?;
         let address = match &r.address {
             Some(a) => match parse_ip(a, &at)? {
@@ -445,6 +439,15 @@ pub(crate) fn parse_cidr(s: &str, at: &str) -> Result<IpNet, ParseError> {
         return Err(invalid(at, format!("{s:?} has host bits set; did you mean {}?", net.trunc())));
     }
     Ok(net)
+}
+
+/// One port, not a range (steering: shared with the Kubernetes agent's config).
+pub(crate) fn parse_single_port(p: &RawPort, at: &str) -> Result<u16, ParseError> {
+    let range = parse_port(p, at)?;
+    if range.first != range.last {
+        return Err(invalid(at, format!("port {p} must be a single port, not a range")));
+    }
+    Ok(range.first)
 }
 
 pub(crate) fn parse_port(p: &RawPort, at: &str) -> Result<PortRange, ParseError> {
