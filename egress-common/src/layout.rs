@@ -31,4 +31,4 @@ const _: () = assert!(size_of::<SourceKey6>() == 20);
 const _: () = assert!(size_of::<InboundKey>() == 40);
 const _: () = assert!(size_of::<SteerKey>() == 8);
 const _: () = assert!(size_of::<SteerTarget>() == 24);
-const _: () = assert!(size_of::<SteeredPeer>() == 24);
+const _: () = assert!(size_of::<SteeredPeer>() == 40);

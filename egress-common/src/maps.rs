@@ -17,7 +17,7 @@ pub const MAP_TC_SOURCES_V4: &str = "EGRESS_TCSRC4_V2";
 pub const MAP_TC_SOURCES_V6: &str = "EGRESS_TCSRC6_V2";
 pub const MAP_INBOUND: &str = "EGRESS_INBOUND_V1";
 pub const MAP_STEER: &str = "EGRESS_STEER_V1";
-pub const MAP_STEERED: &str = "EGRESS_STEERED_V1";
+pub const MAP_STEERED: &str = "EGRESS_STEERED_V2";
 
 /// Enforced cgroups (pods) per node.
 pub const MAX_POLICIES: u32 = 16_384;
@@ -43,9 +43,6 @@ pub const MAX_TC_SOURCES: u32 = 4 * MAX_POLICIES;
 pub const MAX_INBOUND: u32 = 65_536;
 /// Steered ports over all policies: a few per pod.
 pub const MAX_STEER_ENTRIES: u32 = 4 * MAX_POLICIES;
-/// Steered connections remembered at once (for getpeername), over all pods; LRU beyond that,
-/// and released when the socket closes. A lost entry only makes getpeername show the gateway.
-pub const MAX_STEERED_SOCKETS: u32 = 65_536;
 /// Ring buffer size for events (bytes, power of two).
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 

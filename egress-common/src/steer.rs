@@ -1,9 +1,9 @@
 //! Transparent steering: a TCP connect() that the policy does not allow, to a port the policy
 //! steers, is carried to the egress gateway instead of refused. The kernel's connect hooks
 //! rewrite the destination to the gateway's steering listener (the name travels in the
-//! connection itself: SNI for TLS, Host for HTTP), remember the original destination by socket
-//! cookie, and the getpeername hooks give it back, so the application sees the address it asked
-//! for. Nothing new is opened: a steered connection goes to an address the policy already
+//! connection itself: SNI for TLS, Host for HTTP), keep the original destination in the
+//! socket's own storage (freed with the socket), and the getpeername hooks give it back, so the
+//! application sees the address it asked for. Nothing new is opened: a steered connection goes to an address the policy already
 //! allows (the gateway), and every packet is judged as before.
 
 use crate::addr::Destination;
@@ -38,18 +38,23 @@ pub struct SteerTarget {
     pub reserved: u8,
 }
 
-/// What a steered socket asked for, by socket cookie: given back by getpeername.
+/// What a steered socket asked for, kept with the socket: given back by getpeername while the
+/// socket is still connected where it was carried.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SteeredPeer {
     /// As the application passed it to connect(): 4 bytes (IPv4 socket) or 16 (IPv6 socket),
     /// network byte order, the rest zero.
     pub addr: [u8; 16],
+    /// Where the connect was carried, in the same form.
+    pub to: [u8; 16],
     /// Host byte order.
     pub port: u16,
-    /// 4 or 6: the socket's family.
+    /// Host byte order.
+    pub to_port: u16,
+    /// 4 or 6: the socket's family; 0 in a record not filled in.
     pub family: u8,
-    pub reserved: [u8; 5],
+    pub reserved: [u8; 3],
 }
 
 impl SteerTarget {

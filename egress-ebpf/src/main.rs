@@ -39,6 +39,8 @@ mod stamp;
 #[cfg(target_arch = "bpf")]
 mod steer;
 #[cfg(target_arch = "bpf")]
+mod steered_storage;
+#[cfg(target_arch = "bpf")]
 mod tc_from_pod;
 #[cfg(target_arch = "bpf")]
 mod tc_to_pod;

@@ -3,20 +3,22 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    macros::map,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use egress_common::{
     event::EventBudget,
     maps::{
         EVENTS_RING_BYTES, MAX_ALLOW_ENTRIES, MAX_CGROUP_COUNTERS, MAX_INBOUND, MAX_PASSIVE_SOCKETS,
-        MAX_POLICIES, MAX_STEER_ENTRIES, MAX_STEERED_SOCKETS, MAX_TC_SOURCES, PASSIVE_STAT_SLOTS,
+        MAX_POLICIES, MAX_STEER_ENTRIES, MAX_TC_SOURCES, PASSIVE_STAT_SLOTS,
     },
     policy::{AllowRules, CgroupPolicy, GlobalConfig, Ipv4AllowKey, Ipv6AllowKey},
-    steer::{SteerKey, SteerTarget, SteeredPeer},
+    steer::{SteerKey, SteerTarget},
     tc::{InboundKey, PolicyBinding, SourceKey4, SourceKey6},
     verdict::{CgroupReasonKey, REASON_SLOTS, ReasonCounters},
 };
+
+use crate::steered_storage::SteeredStorage;
 
 /// Enforced cgroup id -> its policy.
 #[map]
@@ -81,7 +83,7 @@ pub static EGRESS_INBOUND_V1: LruHashMap<InboundKey, u8> = LruHashMap::pinned(MA
 #[map]
 pub static EGRESS_STEER_V1: HashMap<SteerKey, SteerTarget> = HashMap::pinned(MAX_STEER_ENTRIES, 0);
 
-/// Socket cookie -> the destination a steered socket asked for, for getpeername; removed when
-/// the socket closes (see `sock_ops`).
-#[map]
-pub static EGRESS_STEERED_V1: LruHashMap<u64, SteeredPeer> = LruHashMap::pinned(MAX_STEERED_SOCKETS, 0);
+/// The destination a steered socket asked for, for getpeername: socket-local storage, which the
+/// kernel frees with the socket (see `steered_storage`).
+#[btf_map]
+pub static EGRESS_STEERED_V2: SteeredStorage = SteeredStorage::new();

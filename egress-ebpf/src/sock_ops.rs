@@ -13,8 +13,7 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
     helpers::generated::bpf_get_socket_cookie,
     macros::sock_ops,
@@ -23,7 +22,7 @@ use aya_ebpf::{
 
 use egress_common::maps::{PASSIVE_STAT_LOST, PASSIVE_STAT_MARKED, PASSIVE_STAT_RELEASED};
 
-use crate::maps::{EGRESS_PASSIVE_STATS_V1, EGRESS_PASSIVE_V1, EGRESS_STEERED_V1};
+use crate::maps::{EGRESS_PASSIVE_STATS_V1, EGRESS_PASSIVE_V1};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -42,26 +41,12 @@ pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
             // Ask for state changes on this socket, to drop the mark when it closes.
             let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
         }
-        BPF_SOCK_OPS_TCP_CONNECT_CB => {
-            // A connect the connect hook steered (it runs before this): ask for state changes,
-            // to drop its record when the socket closes.
-            // SAFETY: plain helper call on the program's own context.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-            // SAFETY: the value is plain data and only read.
-            if unsafe { EGRESS_STEERED_V1.get(&cookie) }.is_some() {
-                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-            }
-        }
         BPF_SOCK_OPS_STATE_CB => {
-            // args[1] is the new state for BPF_SOCK_OPS_STATE_CB. Only marked (accepted) and
-            // steered sockets asked for state changes; a steered one is released here, and a
-            // mark missing from any other was evicted.
+            // args[1] is the new state for BPF_SOCK_OPS_STATE_CB. Only marked sockets asked
+            // for state changes, so a mark missing here was evicted.
             if ctx.arg(1) == BPF_TCP_CLOSE {
                 // SAFETY: plain helper call.
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-                if EGRESS_STEERED_V1.remove(&cookie).is_ok() {
-                    return 1;
-                }
                 let stat = if EGRESS_PASSIVE_V1.remove(&cookie).is_ok() {
                     PASSIVE_STAT_RELEASED
                 } else {

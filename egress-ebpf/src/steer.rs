@@ -1,18 +1,18 @@
 //! Transparent steering in the connect hooks (see `egress_common::steer`): a TCP connect() the
 //! policy refuses, to a port the policy steers, is rewritten to the gateway's steering listener,
-//! and the original destination is kept by socket cookie for getpeername. Each step is a
+//! and the original destination is kept with the socket for getpeername (`steered_storage`). Each step is a
 //! function of its own (not inlined), so its stack frame is not added to the judging chain's:
 //! the connect programs are near Linux 6.1's 512-byte limit for a call chain.
 
 use core::ptr::write_volatile;
 
-use aya_ebpf::{bindings::bpf_sock_addr, helpers::generated::bpf_get_socket_cookie};
+use aya_ebpf::bindings::bpf_sock_addr;
 use egress_common::{
     addr::Destination,
     steer::{SteerKey, SteeredPeer},
 };
 
-use crate::maps::{EGRESS_STEER_V1, EGRESS_STEERED_V1};
+use crate::maps::{EGRESS_STEER_V1, EGRESS_STEERED_V2};
 
 /// IPPROTO_TCP as `bpf_sock_addr::protocol` holds it. Compared whole: MPTCP (262) would pass a
 /// comparison of the low byte, and it is not steered.
@@ -35,18 +35,15 @@ pub fn steers(policy_id: u32, port: u16, socket_v6: bool) -> bool {
 pub fn apply4(sa: *mut bpf_sock_addr, policy_id: u32, port: u16) -> bool {
     let Some((to, to_port)) = target(policy_id, port, false) else { return false };
     let Destination::V4(a) = to else { return false };
+    let Some(peer) = EGRESS_STEERED_V2.get(sa, true) else { return false };
     // SAFETY: the kernel passes a valid context for the program's lifetime; connect hooks may
     // read and write these fields, as whole 4-byte words.
     unsafe {
         let from = (*sa).user_ip4.to_ne_bytes();
-        let mut peer = SteeredPeer { addr: [0; 16], port, family: 4, reserved: [0; 5] };
-        peer.addr[0] = from[0];
-        peer.addr[1] = from[1];
-        peer.addr[2] = from[2];
-        peer.addr[3] = from[3];
-        if !remember(sa, &peer) {
-            return false;
-        }
+        // Filled in whole: a socket connected before (and failed) already has a record.
+        *peer = SteeredPeer { port, to_port, family: 4, ..SteeredPeer::default() };
+        peer.addr[..4].copy_from_slice(&from);
+        peer.to[..4].copy_from_slice(&a);
         write_volatile(&raw mut (*sa).user_ip4, u32::from_ne_bytes(a));
         // The port sits in network byte order in the low 16 bits.
         write_volatile(&raw mut (*sa).user_port, u32::from(to_port.to_be()));
@@ -59,9 +56,10 @@ pub fn apply4(sa: *mut bpf_sock_addr, policy_id: u32, port: u16) -> bool {
 pub fn apply6(sa: *mut bpf_sock_addr, policy_id: u32, port: u16) -> bool {
     let Some((to, to_port)) = target(policy_id, port, true) else { return false };
     let Destination::V6(a) = to else { return false };
+    let Some(peer) = EGRESS_STEERED_V2.get(sa, true) else { return false };
     // SAFETY: as in `apply4`.
     unsafe {
-        let mut peer = SteeredPeer { addr: [0; 16], port, family: 6, reserved: [0; 5] };
+        *peer = SteeredPeer { to: a, port, to_port, family: 6, ..SteeredPeer::default() };
         let mut i = 0;
         while i < 4 {
             let w = (*sa).user_ip6[i].to_ne_bytes();
@@ -70,9 +68,6 @@ pub fn apply6(sa: *mut bpf_sock_addr, policy_id: u32, port: u16) -> bool {
             peer.addr[i * 4 + 2] = w[2];
             peer.addr[i * 4 + 3] = w[3];
             i += 1;
-        }
-        if !remember(sa, &peer) {
-            return false;
         }
         write_volatile(&raw mut (*sa).user_ip6[0], u32::from_ne_bytes([a[0], a[1], a[2], a[3]]));
         write_volatile(&raw mut (*sa).user_ip6[1], u32::from_ne_bytes([a[4], a[5], a[6], a[7]]));
@@ -92,22 +87,24 @@ fn target(policy_id: u32, port: u16, socket_v6: bool) -> Option<(Destination, u1
     Some((target.address_for(socket_v6)?, target.port))
 }
 
-/// Keeps what the socket asked for, by its cookie, for getpeername.
-#[inline(always)]
-fn remember(sa: *mut bpf_sock_addr, peer: &SteeredPeer) -> bool {
-    // SAFETY: plain helper call on the program's context.
-    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
-    EGRESS_STEERED_V1.insert(&cookie, peer, 0).is_ok()
-}
-
 /// getpeername() of a steered IPv4 socket: the address and port it connected to, as it passed
-/// them. Sockets that were not steered (no record) are left alone.
+/// them. Left alone: sockets never steered (no record), and sockets connected elsewhere since
+/// (a failed steered connect, then a connect the policy allows, on the same socket): the peer
+/// the kernel reports must be the one the socket was carried to.
 #[inline(always)]
 pub fn restore4(sa: *mut bpf_sock_addr) {
-    let Some(peer) = steered(sa, 4) else { return };
-    let a = peer.addr;
-    // SAFETY: getpeername hooks may write these fields, as whole 4-byte words.
+    let Some(peer) = EGRESS_STEERED_V2.get(sa, false) else { return };
+    // SAFETY: getpeername hooks may read and write these fields, as whole 4-byte words.
     unsafe {
+        let now = (*sa).user_ip4.to_ne_bytes();
+        let now_port = u16::from_be((*sa).user_port as u16);
+        if peer.family != 4
+            || now != [peer.to[0], peer.to[1], peer.to[2], peer.to[3]]
+            || now_port != peer.to_port
+        {
+            return;
+        }
+        let a = peer.addr;
         write_volatile(&raw mut (*sa).user_ip4, u32::from_ne_bytes([a[0], a[1], a[2], a[3]]));
         write_volatile(&raw mut (*sa).user_port, u32::from(peer.port.to_be()));
     }
@@ -116,22 +113,23 @@ pub fn restore4(sa: *mut bpf_sock_addr) {
 /// [`restore4`] for an IPv6 socket.
 #[inline(always)]
 pub fn restore6(sa: *mut bpf_sock_addr) {
-    let Some(peer) = steered(sa, 6) else { return };
-    let a = peer.addr;
+    let Some(peer) = EGRESS_STEERED_V2.get(sa, false) else { return };
     // SAFETY: as in `restore4`.
     unsafe {
+        let t = peer.to;
+        let now_port = u16::from_be((*sa).user_port as u16);
+        let same = (*sa).user_ip6[0] == u32::from_ne_bytes([t[0], t[1], t[2], t[3]])
+            && (*sa).user_ip6[1] == u32::from_ne_bytes([t[4], t[5], t[6], t[7]])
+            && (*sa).user_ip6[2] == u32::from_ne_bytes([t[8], t[9], t[10], t[11]])
+            && (*sa).user_ip6[3] == u32::from_ne_bytes([t[12], t[13], t[14], t[15]]);
+        if peer.family != 6 || !same || now_port != peer.to_port {
+            return;
+        }
+        let a = peer.addr;
         write_volatile(&raw mut (*sa).user_ip6[0], u32::from_ne_bytes([a[0], a[1], a[2], a[3]]));
         write_volatile(&raw mut (*sa).user_ip6[1], u32::from_ne_bytes([a[4], a[5], a[6], a[7]]));
         write_volatile(&raw mut (*sa).user_ip6[2], u32::from_ne_bytes([a[8], a[9], a[10], a[11]]));
         write_volatile(&raw mut (*sa).user_ip6[3], u32::from_ne_bytes([a[12], a[13], a[14], a[15]]));
         write_volatile(&raw mut (*sa).user_port, u32::from(peer.port.to_be()));
     }
-}
-
-/// The record of a steered socket of `family`, copied out of the map.
-#[inline(always)]
-fn steered(sa: *mut bpf_sock_addr, family: u8) -> Option<SteeredPeer> {
-    // SAFETY: plain helper call on the program's context; the value is plain data, only read.
-    let peer = unsafe { EGRESS_STEERED_V1.get(&bpf_get_socket_cookie(sa.cast())) }?;
-    (peer.family == family).then_some(*peer)
 }

@@ -115,17 +115,26 @@ fn an_unmodified_client_reaches_allowed_hosts_through_the_gateway() {
     }
 
     // An IPv6-only socket steered to a gateway with no IPv6 address (port 80: address only)
-    // fails as it would on any IPv4-only path, with ENETUNREACH rather than EPERM.
+    // fails as it would on any IPv4-only path, with ENETUNREACH rather than EPERM. The same
+    // socket then connects to the gateway itself: getpeername must show that peer, not the
+    // address of the failed steered connect (its record stays with the socket).
     let script = "import socket, sys\n\
 s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n\
 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)\n\
 s.settimeout(5)\n\
-try:\n    s.connect((sys.argv[1], 80))\n    print('connected')\nexcept OSError as e:\n    print(e.errno)\n";
-    let out = g.lab.pod.run(Some(&g.lab.pod_cgroup), "python3", &["-c", script, UPSTREAM6]);
+try:\n    s.connect((sys.argv[1], 80))\n    print('connected')\nexcept OSError as e:\n    print(e.errno)\n\
+s.connect((sys.argv[2], int(sys.argv[3])))\n\
+peer = s.getpeername()\n\
+print(peer[0], peer[1])\n";
+    let out = g.lab.pod.run(
+        Some(&g.lab.pod_cgroup),
+        "python3",
+        &["-c", script, UPSTREAM6, GATEWAY6, &TLS_PORT.to_string()],
+    );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "101",
-        "V6ONLY to a mapped target: {}",
+        format!("101\n{GATEWAY6} {TLS_PORT}"),
+        "V6ONLY to a mapped target, then the same socket to the gateway: {}",
         text(&out)
     );
 

@@ -15,7 +15,7 @@ use egress_tests::{
     netns::NetNs,
 };
 
-use super::median;
+use super::{BpfStats, median};
 use crate::{run, toolchain};
 
 #[derive(Args)]
@@ -339,38 +339,23 @@ impl TestRun {
 /// Mean ns per run of each program over a short UDP flood, from the kernel's bpf_stats
 /// (enabled only for this measurement: collecting them costs a few ns per run itself).
 fn ns_per_run(lab: &Lab, args: &DatapathArgs, prog_ids: &[u64]) -> Result<Vec<f64>> {
-    let stats = || -> Result<Vec<(f64, f64)>> {
-        prog_ids
-            .iter()
-            .map(|id| {
-                let out = run::output(Command::new("bpftool").args([
-                    "prog",
-                    "show",
-                    "id",
-                    &id.to_string(),
-                    "--json",
-                ]))?;
-                let v: serde_json::Value = serde_json::from_str(&out)?;
-                Ok((v["run_time_ns"].as_f64().unwrap_or(0.0), v["run_cnt"].as_f64().unwrap_or(0.0)))
-            })
-            .collect()
-    };
-    fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").context("enabling bpf_stats")?;
-    let before = stats();
+    let stats = BpfStats::enable()?;
+    let read = || prog_ids.iter().map(|&id| stats.read(id)).collect::<Result<Vec<_>>>();
+    let before = read();
     let flood = iperf(lab, &["-u", "-b", "0", "-l", "64", "-t", &args.seconds.min(2).to_string()]);
-    let after = stats();
-    fs::write("/proc/sys/kernel/bpf_stats_enabled", "0").context("disabling bpf_stats")?;
+    let after = read();
+    drop(stats);
     flood?;
     let (before, after) = (before?, after?);
     prog_ids
         .iter()
         .zip(before.iter().zip(&after))
         .map(|(id, (b, a))| {
-            let runs = a.1 - b.1;
-            if runs <= 0.0 {
+            let runs = a.runs - b.runs;
+            if runs == 0 {
                 bail!("program {id} did not run during the flood");
             }
-            Ok((a.0 - b.0) / runs)
+            Ok((a.ns - b.ns) as f64 / runs as f64)
         })
         .collect()
 }

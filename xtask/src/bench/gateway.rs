@@ -14,13 +14,18 @@
 //! tunnel churn with concurrent clients, and bulk throughput through one tunnel. Ratios and
 //! added latency are taken within a round, then the median over rounds is reported. Each round
 //! ends with round trips through two plain TCP relays (no CONNECT), the gateway's `tcpForwards`
-//! listener and socat: what one userspace hop adds here, whatever the proxy.
+//! listener and socat: what one userspace hop adds here, whatever the proxy. Then the steered
+//! route (see `steered`): a client in the enforced cgroup whose plain `connect()` the kernel
+//! carries to the gateway, against CONNECT from the same cgroup.
 
 mod profile;
 mod proxies;
 mod relays;
 mod report;
+mod steered;
 mod traffic;
+
+pub use self::steered::{ClientArgs as SteeringClientArgs, client_main as steering_client};
 
 use std::{fmt::Write as _, path::PathBuf, time::Duration};
 
@@ -56,6 +61,10 @@ pub struct GatewayArgs {
     /// Idle tunnels held through each proxy for its memory per tunnel [default: 1000; --quick: 200].
     #[arg(long)]
     idle: Option<usize>,
+    /// Connections one after the other for the time to first byte, steered and CONNECT
+    /// [default: 2000; --quick: 200].
+    #[arg(long)]
+    connections: Option<usize>,
     /// Worker threads of the gateway (`egress-agent gateway --threads`); default: its own
     /// default, one per CPU.
     #[arg(long)]
@@ -78,6 +87,7 @@ struct Settings {
     concurrency: usize,
     pings: usize,
     idle: usize,
+    connections: usize,
     gateway_threads: Option<usize>,
     perf: Option<PathBuf>,
 }
@@ -92,6 +102,7 @@ impl Settings {
             concurrency: a.concurrency,
             pings: a.pings.unwrap_or(if q { 2000 } else { 20_000 }),
             idle: a.idle.unwrap_or(if q { 200 } else { 1000 }),
+            connections: a.connections.unwrap_or(if q { 200 } else { 2000 }),
             gateway_threads: a.gateway_threads,
             perf: a.perf.clone(),
         };
@@ -101,8 +112,11 @@ impl Settings {
             || s.concurrency == 0
             || s.pings == 0
             || s.idle == 0
+            || s.connections == 0
         {
-            bail!("--rounds, --mib, --seconds, --concurrency, --pings and --idle must be positive");
+            bail!(
+                "--rounds, --mib, --seconds, --concurrency, --pings, --idle and --connections must be positive"
+            );
         }
         Ok(s)
     }
@@ -110,8 +124,8 @@ impl Settings {
     /// The command line that reproduces this run.
     fn command(&self) -> String {
         let mut c = format!(
-            "cargo xtask bench gateway --rounds {} --mib {} --seconds {} --concurrency {} --pings {} --idle {}",
-            self.rounds, self.mib, self.seconds, self.concurrency, self.pings, self.idle
+            "cargo xtask bench gateway --rounds {} --mib {} --seconds {} --concurrency {} --pings {} --idle {} --connections {}",
+            self.rounds, self.mib, self.seconds, self.concurrency, self.pings, self.idle, self.connections
         );
         if let Some(n) = self.gateway_threads {
             let _ = write!(c, " --gateway-threads {n}");
@@ -203,16 +217,21 @@ pub fn run(args: &GatewayArgs) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let agent = run::build_agent(&tc, true)?;
+    // SAFETY: single-threaded here; the harness reads it when starting the node agent.
+    unsafe { std::env::set_var("EGRESS_AGENT_BIN", &agent) };
     // Client and server ends of every idle tunnel live in this process; the proxies inherit
     // the limit too.
     raise_open_files(2 * s.idle as u64 + 1024)?;
     let lab = Lab::named("gwbench").context("building the benchmark node")?;
     prepare(&lab)?;
+    let _hosts = steered::HostsFile::write(&lab)?;
+    let enforcement = steered::Enforcement::start(&lab)?;
     let _upstream = traffic::Upstream::start(&lab.external)?;
     let _socat = start_socat(&lab, &lab.dir)?;
     let sizing = Sizing { idle: s.idle, gateway_threads: s.gateway_threads };
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); Route::ALL.len()];
     let mut relayed: Vec<Vec<RelaySample>> = vec![Vec::new(); Relay::ALL.len()];
+    let mut steering: Vec<Vec<steered::SteerSample>> = vec![Vec::new(); steered::Way::ALL.len()];
     let mut profiles = Vec::new();
     for round in 0..s.rounds {
         let proxies = Route::ALL[1..]
@@ -254,11 +273,22 @@ pub fn run(args: &GatewayArgs) -> Result<()> {
             );
             relayed[i].push(sample);
         }
-        if let Some(gw) = proxies.iter().find(|p| p.route == Route::Gateway) {
-            eprintln!("  gateway access log: {} lines this round", gw.access_lines());
+        let gw = proxies.iter().find(|p| p.route == Route::Gateway).expect("started every round");
+        let settings = steered::RoundSettings {
+            round,
+            seconds: s.seconds,
+            threads: s.concurrency,
+            connections: s.connections,
+        };
+        let measured = steered::measure_round(&lab, gw, &enforcement, &settings)?;
+        for ((way, sample), all) in steered::Way::ALL.iter().zip(measured).zip(&mut steering) {
+            eprintln!("  {}: {sample}", way.name());
+            all.push(sample);
         }
+        eprintln!("  gateway access log: {} lines this round", gw.access_lines());
     }
     println!("\n{}", report::render(&samples, &relayed, &s));
+    println!("{}", steered::render(&steering));
     for data in profiles {
         println!("{}", profile::summary(&data)?);
     }

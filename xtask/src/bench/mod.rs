@@ -5,7 +5,7 @@ mod gateway;
 mod gateway_rules;
 mod policy;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::Subcommand;
 
 #[derive(Subcommand)]
@@ -21,6 +21,10 @@ pub enum Bench {
     /// Egress gateway: the cost of one authorisation from 10 to 10,000 rules over 1,000
     /// namespaces (a micro-benchmark, no network).
     GatewayRules(gateway_rules::GatewayRulesArgs),
+    /// The client of `bench gateway`'s steered route, which must run inside the enforced
+    /// cgroup: started by the benchmark, not by hand.
+    #[command(hide = true)]
+    SteeringClient(gateway::SteeringClientArgs),
 }
 
 pub fn run(which: &Bench) -> Result<()> {
@@ -29,6 +33,49 @@ pub fn run(which: &Bench) -> Result<()> {
         Bench::Policy(args) => policy::run(args),
         Bench::Gateway(args) => gateway::run(args),
         Bench::GatewayRules(args) => gateway_rules::run(args),
+        Bench::SteeringClient(args) => gateway::steering_client(args),
+    }
+}
+
+/// The kernel's run-time statistics of BPF programs (`kernel.bpf_stats_enabled`), on while this
+/// lives: collecting them costs a few ns per run, so they are on only while measuring.
+struct BpfStats;
+
+/// A program's totals so far.
+#[derive(Clone, Copy)]
+struct ProgramRuns {
+    ns: u64,
+    runs: u64,
+}
+
+impl BpfStats {
+    const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    fn enable() -> Result<Self> {
+        std::fs::write(Self::SYSCTL, "1").context("enabling bpf_stats")?;
+        Ok(Self)
+    }
+
+    /// The run time and run count of program `id` so far (bpftool).
+    fn read(&self, id: u64) -> Result<ProgramRuns> {
+        let out = crate::run::output(std::process::Command::new("bpftool").args([
+            "prog",
+            "show",
+            "id",
+            &id.to_string(),
+            "--json",
+        ]))?;
+        let v: serde_json::Value = serde_json::from_str(&out).context("bpftool prog show --json")?;
+        Ok(ProgramRuns {
+            ns: v["run_time_ns"].as_u64().unwrap_or(0),
+            runs: v["run_cnt"].as_u64().unwrap_or(0),
+        })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::SYSCTL, "0");
     }
 }
 

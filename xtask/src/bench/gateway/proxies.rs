@@ -2,7 +2,8 @@
 //! configuration file in the lab's scratch directory, and its resident memory.
 //!
 //! - the egress gateway (release build), HTTP proxy listener, one rule by CIDR for the
-//!   upstream's public address, access log on (to a file: it is part of the product);
+//!   upstream's public address (and by name, for the steered route's SNI listener), access log
+//!   on (to a file: it is part of the product);
 //! - squid, minimal: CONNECT allowed for everyone in the lab, nothing cached, no access log,
 //!   every file it writes in its own directory, in the foreground (`-N`);
 //! - tinyproxy: CONNECT to the two upstream ports, the pod's address allowed, warnings only in
@@ -76,7 +77,10 @@ impl Proxy {
             Route::Gateway => {
                 let conf = dir.join("gateway.yaml");
                 fs::write(&conf, gateway_config(sizing.idle)).context("writing the gateway config")?;
-                let mut cmd = lab.gateway.command(&agent.to_string_lossy(), None);
+                // `ip netns exec` (which execs, keeping the pid) rather than setns: it mounts the
+                // namespace's hosts file, where the gateway finds the steered route's upstream.
+                let mut cmd = std::process::Command::new("ip");
+                cmd.args(["netns", "exec", &lab.gateway.name]).arg(agent).stdin(Stdio::null());
                 cmd.args(["--log-format", "json", "gateway", "--config"]).arg(&conf);
                 if let Some(n) = sizing.gateway_threads {
                     cmd.args(["--threads", &n.to_string()]);
@@ -213,13 +217,13 @@ fn gateway_config(idle: usize) -> String {
     format!(
         r#"listeners:
   httpProxy: {{listen: "{GATEWAY4}:{GATEWAY_PORT}"}}
-{forward}sources:
+{forward}{steered}sources:
   static:
     - {{cidr: {POD4}/32, namespace: bench}}
 rules:
   - namespaces: [bench]
     cidrs: [{UPSTREAM4}/32]
-    ports: [{ECHO_PORT}, {SINK_PORT}]
+{hosts}    ports: [{ECHO_PORT}, {SINK_PORT}]
 limits:
   maxConnections: {max}
   idleTimeout: 10m
@@ -227,6 +231,8 @@ drainTimeout: 1s
 "#,
         max = idle + 10_000,
         forward = super::relays::gateway_forward_config(),
+        steered = super::steered::gateway_listener_config(),
+        hosts = super::steered::gateway_rule_hosts(),
     )
 }
 

@@ -108,7 +108,7 @@ pub fn render(samples: &[Vec<Sample>], relayed: &[Vec<RelaySample>], s: &Setting
     let per_gib = |x: &Sample| x.cpu_ms_per_gib;
     // Issue 16: figures that measure the proxy, each against a proxy or relay in the same round
     // (client, upstream and proxy share two cores here, so absolute rates measure the machine).
-    let targets = [
+    let targets: [Target; 4] = [
         ("proxy CPU per tunnel <= 0.8x tinyproxy's", cpu_ratio(gw, tinyproxy, &per_tunnel), "x", 0.8, false),
         ("added RTT p50 <= socat's (plain relay)", added_vs_socat, "x", 1.0, false),
         ("proxy CPU per GiB <= 0.3x squid's", cpu_ratio(gw, squid, &per_gib), "x", 0.3, false),
@@ -120,17 +120,7 @@ pub fn render(samples: &[Vec<Sample>], relayed: &[Vec<RelaySample>], s: &Setting
             false,
         ),
     ];
-    let _ = writeln!(out, "\n| gateway target | measured | |");
-    let _ = writeln!(out, "|---|---|---|");
-    for (what, value, unit, limit, at_least) in targets {
-        let met = if at_least { value >= limit } else { value <= limit };
-        let digits = if unit == "x" { 2 } else { 1 };
-        let _ = writeln!(
-            out,
-            "| {what} | {value:.digits$}{unit} | {} |",
-            if met { "met" } else { "**not met**" }
-        );
-    }
+    out.push_str(&targets_table("gateway target", &targets));
     let _ = writeln!(
         out,
         "\nMedians over {} round(s); ratios and added latency are taken within each round. All \
@@ -151,6 +141,29 @@ pub fn render(samples: &[Vec<Sample>], relayed: &[Vec<RelaySample>], s: &Setting
         .collect();
     if !errors.is_empty() {
         let _ = writeln!(out, "Failed tunnels during the churn (not counted): {}.", errors.join(", "));
+    }
+    out
+}
+
+/// A target: what, the measured value, its unit (`x` for a ratio), the limit, and whether the
+/// value must be at least the limit (rather than at most).
+pub type Target = (&'static str, f64, &'static str, f64, bool);
+
+/// The targets as a table, each marked met or not.
+pub fn targets_table(title: &str, targets: &[Target]) -> String {
+    let mut out = format!("\n| {title} | measured | |\n|---|---|---|\n");
+    for &(what, value, unit, limit, at_least) in targets {
+        let met = if at_least { value >= limit } else { value <= limit };
+        let digits = match unit {
+            "x" => 2,
+            " ns" => 0,
+            _ => 1,
+        };
+        let _ = writeln!(
+            out,
+            "| {what} | {value:.digits$}{unit} | {} |",
+            if met { "met" } else { "**not met**" }
+        );
     }
     out
 }

@@ -21,7 +21,7 @@ pub const ECHO_PORT: u16 = 7000;
 pub const SINK_PORT: u16 = 7001;
 /// Every socket operation gives up after this, so a stuck proxy fails the run instead of
 /// hanging it.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// What a ping carries. Not 22: a first byte of 22 makes the gateway read a TLS ClientHello
 /// and check its SNI against the CONNECT target. Not a letter: the gateway reads a tunnel's
 /// first bytes until it can tell whether they are an HTTP request (served and checked request
@@ -56,14 +56,14 @@ pub fn open(via: Via, port: u16) -> io::Result<TcpStream> {
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
     if let Via::Proxy(_) = via {
-        connect_through(&s, target)?;
+        connect_through(&s, &target.to_string())?;
     }
     Ok(s)
 }
 
-/// Sends CONNECT and reads the response head. The upstream only ever answers, so nothing may
-/// follow the head yet; a read therefore never swallows tunnel bytes.
-fn connect_through(mut s: &TcpStream, target: SocketAddr) -> io::Result<()> {
+/// Sends `CONNECT target` and reads the response head. The upstream only ever answers, so
+/// nothing may follow the head yet; a read therefore never swallows tunnel bytes.
+pub fn connect_through(mut s: &TcpStream, target: &str) -> io::Result<()> {
     // One write: with TCP_NODELAY, a formatted write would leave as several segments.
     let request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
     s.write_all(request.as_bytes())?;
@@ -96,7 +96,7 @@ fn connect_through(mut s: &TcpStream, target: SocketAddr) -> io::Result<()> {
 }
 
 /// One byte there and back.
-fn ping(mut s: &TcpStream) -> io::Result<()> {
+pub fn ping(mut s: &TcpStream) -> io::Result<()> {
     s.write_all(&[PING])?;
     let mut back = [0u8; 1];
     s.read_exact(&mut back)?;
@@ -152,6 +152,13 @@ pub struct Churn {
 }
 
 pub fn churn(via: Via, seconds: f64, threads: usize) -> Churn {
+    // Dropping the stream closes it (FIN): the proxy sees an ordinary close.
+    churn_of(|| open(via, ECHO_PORT).and_then(|s| ping(&s)), seconds, threads)
+}
+
+/// How many `cycle`s `threads` clients complete in `seconds`, each thread calling it in a loop.
+pub fn churn_of(cycle: impl Fn() -> io::Result<()> + Sync, seconds: f64, threads: usize) -> Churn {
+    let cycle = &cycle;
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(seconds);
     let per_thread: Vec<(u64, u64, Option<String>)> = std::thread::scope(|scope| {
@@ -161,8 +168,7 @@ pub fn churn(via: Via, seconds: f64, threads: usize) -> Churn {
                 scope.spawn(move || {
                     let (mut done, mut errors, mut first_error) = (0u64, 0u64, None);
                     while Instant::now() < deadline {
-                        // Dropping the stream closes it (FIN): the proxy sees an ordinary close.
-                        match open(via, ECHO_PORT).and_then(|s| ping(&s)) {
+                        match cycle() {
                             Ok(()) => done += 1,
                             Err(e) => {
                                 errors += 1;
