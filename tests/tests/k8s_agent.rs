@@ -299,3 +299,39 @@ fn a_steering_gateway_carries_unmodified_https_to_its_service_unless_the_namespa
     node.label("shop", &[("egressfw.io/mode", "enforce"), ("egressfw.io/steering", "off")]);
     assert!(eventually(5, || blocked(&node, WEB, EXTERNAL4, 443)), "steering turned off by the namespace");
 }
+
+/// Issue 17's first shapes: an existing proxy outside the cluster as the gateway (by address and
+/// port, no Service), and a gateway group (a Service and that address): a namespace reaches
+/// exactly its gateway's members.
+#[test]
+fn an_address_gateway_and_a_gateway_group_reach_their_members_and_nothing_else() {
+    const PROXY_PORT: u16 = 8080;
+    let node = KubeNode::new();
+    std::fs::write(
+        &node.config_path,
+        format!(
+            "gateways:\n  - name: main\n    service: egress/gw\n    ports: [{GATEWAY_PORT}]\n  - name: corporate\n    addresses: [{{address: {EXTERNAL4}, ports: [{PROXY_PORT}]}}]\n  - name: group\n    services: [{{service: egress/gw, ports: [{GATEWAY_PORT}]}}]\n    addresses: [{{address: {EXTERNAL4}, ports: [{PROXY_PORT}]}}]\ndefaultGateway: main\ndns:\n  service: kube-system/kube-dns\n"
+        ),
+    )
+    .unwrap();
+    // The "corporate proxy" listens on the external host, next to a web server on 80.
+    let _proxy = Server::tcp_http(&node.lab.external, sock(EXTERNAL4, PROXY_PORT));
+    let _web = Server::tcp_http(&node.lab.external, sock(EXTERNAL4, 80));
+    let _gateway = Server::tcp_http(&node.lab.gateway, sock(GATEWAY4, GATEWAY_PORT));
+    node.add_pod("shop", "web", WEB);
+    node.create_pod_cgroup(WEB);
+    let _agent = node.start_agent();
+
+    node.label("shop", &[("egressfw.io/mode", "enforce"), ("egressfw.io/gateway", "corporate")]);
+    assert!(
+        eventually(5, || blocked(&node, WEB, GATEWAY4, GATEWAY_PORT)),
+        "the address gateway's namespace does not reach the cluster's gateway Service"
+    );
+    assert!(reaches(&node, WEB, EXTERNAL4, PROXY_PORT), "the proxy's address and port");
+    assert!(blocked(&node, WEB, EXTERNAL4, 80), "another port of the proxy's address");
+
+    node.label("shop", &[("egressfw.io/mode", "enforce"), ("egressfw.io/gateway", "group")]);
+    assert!(eventually(5, || reaches(&node, WEB, GATEWAY4, GATEWAY_PORT)), "the group's Service");
+    assert!(reaches(&node, WEB, EXTERNAL4, PROXY_PORT), "the group's address");
+    assert!(blocked(&node, WEB, EXTERNAL4, 80), "nothing else");
+}

@@ -5,6 +5,16 @@
 //!   - name: default
 //!     service: egressfw-system/egress-gateway   # namespace/name of the gateway's Service
 //!     ports: [3128, 8443]                # Service ports; omitted: every port of the Service
+//!     steer: [{port: 443, to: 8443}]     # optional: transparent steering to the Service
+//!   - name: corporate                    # an existing proxy outside the cluster, by address
+//!     addresses:
+//!       - {address: 10.20.0.5, ports: [3128]}
+//!   - name: partners                     # a group: one gateway Deployment per upstream
+//!     services:
+//!       - {service: partners/api-gateway, ports: [8443]}
+//!       - {service: partners/db-gateway}
+//!     addresses:
+//!       - {address: 10.20.0.9, ports: [443]}
 //! defaultGateway: default                # for namespaces without the gateway label
 //! dns:
 //!   service: kube-system/kube-dns        # the default
@@ -53,13 +63,29 @@ impl fmt::Display for ServiceRef {
     }
 }
 
+/// One named gateway: what a namespace that names it may reach. Its members are Services (their
+/// ClusterIPs and backends) and addresses outside the cluster (an existing proxy); a namespace
+/// reaches every member and nothing else.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GatewayConfig {
+    pub services: Vec<ServiceMember>,
+    pub addresses: Vec<AddressMember>,
+    /// Transparent steering: original TCP port -> the port of the gateway's one Service.
+    pub steer: BTreeMap<u16, u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceMember {
     pub service: ServiceRef,
     /// Service ports the pods may use; empty: every port of the Service.
     pub ports: Vec<PortRange>,
-    /// Transparent steering: original TCP port -> the Service port it is carried to.
-    pub steer: BTreeMap<u16, u16>,
+}
+
+/// A gateway outside the cluster: reached at this address, on these ports only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddressMember {
+    pub address: IpAddr,
+    pub ports: Vec<PortRange>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,7 +106,10 @@ pub struct AgentConfig {
 impl AgentConfig {
     /// Every Service the agent must watch.
     pub fn services(&self) -> impl Iterator<Item = &ServiceRef> {
-        self.gateways.values().map(|g| &g.service).chain(std::iter::once(&self.dns.service))
+        self.gateways
+            .values()
+            .flat_map(|g| g.services.iter().map(|m| &m.service))
+            .chain(std::iter::once(&self.dns.service))
     }
 }
 
@@ -102,11 +131,33 @@ struct RawAgentConfig {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawGateway {
     name: String,
-    service: String,
+    /// One Service (with `ports`): the common case, and the one steering can go to.
+    #[serde(default)]
+    service: Option<String>,
     #[serde(default)]
     ports: Vec<RawPort>,
     #[serde(default)]
+    services: Vec<RawServiceMember>,
+    #[serde(default)]
+    addresses: Vec<RawAddressMember>,
+    #[serde(default)]
     steer: Vec<RawSteer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServiceMember {
+    service: String,
+    #[serde(default)]
+    ports: Vec<RawPort>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAddressMember {
+    address: String,
+    #[serde(default)]
+    ports: Vec<RawPort>,
 }
 
 /// `{port: 443, to: 8443}`: TCP connects to port 443 that nothing else allows go to the
@@ -158,11 +209,8 @@ pub fn parse(text: &str) -> Result<AgentConfig, ParseError> {
                 ),
             ));
         }
-        let service = parse_service(&g.service, &format!("{at}.service"))?;
-        let ports: Vec<PortRange> =
-            g.ports.iter().map(|p| parse_port(p, &format!("{at}.ports"))).collect::<Result<_, _>>()?;
-        let steer = parse_steer(&g.steer, &ports, &at)?;
-        if gateways.insert(g.name.clone(), GatewayConfig { service, ports, steer }).is_some() {
+        let gateway = parse_gateway(&g, &at)?;
+        if gateways.insert(g.name.clone(), gateway).is_some() {
             return Err(invalid(at, format!("gateway name {:?} is used twice", g.name)));
         }
     }
@@ -192,6 +240,110 @@ pub fn parse(text: &str) -> Result<AgentConfig, ParseError> {
         .map(|(i, e)| validate_extra(&e, &format!("extraCidrs[{i}]")))
         .collect::<Result<_, _>>()?;
     Ok(AgentConfig { gateways, default_gateway, dns, extra, pod_events: raw.pod_events })
+}
+
+/// A gateway's members and steering. `service` + `ports` is shorthand for one entry of
+/// `services`.
+fn parse_gateway(g: &RawGateway, at: &str) -> Result<GatewayConfig, ParseError> {
+    let mut services = Vec::new();
+    match &g.service {
+        Some(service) => services.push(ServiceMember {
+            service: parse_service(service, &format!("{at}.service"))?,
+            ports: parse_ports(&g.ports, &format!("{at}.ports"))?,
+        }),
+        None if !g.ports.is_empty() => {
+            return Err(invalid(
+                format!("{at}.ports"),
+                "ports go with service; under services and addresses each entry has its own",
+            ));
+        }
+        None => {}
+    }
+    for (i, m) in g.services.iter().enumerate() {
+        let at = format!("{at}.services[{i}]");
+        services.push(ServiceMember {
+            service: parse_service(&m.service, &format!("{at}.service"))?,
+            ports: parse_ports(&m.ports, &format!("{at}.ports"))?,
+        });
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(twice) = services.iter().find(|m| !seen.insert(&m.service)) {
+        return Err(invalid(at, format!("Service {} is listed twice", twice.service)));
+    }
+    let addresses = g
+        .addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| parse_address(a, &format!("{at}.addresses[{i}]")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(twice) = addresses.iter().find(|a| !seen.insert(a.address)) {
+        return Err(invalid(at, format!("address {} is listed twice", twice.address)));
+    }
+    if services.is_empty() && addresses.is_empty() {
+        return Err(invalid(at, "a gateway needs a service, services or addresses: it is the only way out"));
+    }
+    let steer = if g.steer.is_empty() {
+        BTreeMap::new()
+    } else {
+        match services.as_slice() {
+            [only] => parse_steer(&g.steer, &only.ports, at)?,
+            _ => {
+                return Err(invalid(
+                    format!("{at}.steer"),
+                    format!(
+                        "steering carries connections to the gateway's one Service, and this gateway has {}; steer to a gateway with a single service",
+                        services.len()
+                    ),
+                ));
+            }
+        }
+    };
+    Ok(GatewayConfig { services, addresses, steer })
+}
+
+fn parse_ports(raw: &[RawPort], at: &str) -> Result<Vec<PortRange>, ParseError> {
+    raw.iter().map(|p| parse_port(p, at)).collect()
+}
+
+/// An address outside the cluster that pods may reach on its ports: a unicast address a node
+/// can route to. Link-local is refused too: it names the node's own link (the cloud metadata
+/// service lives there), never a proxy elsewhere.
+fn parse_address(a: &RawAddressMember, at: &str) -> Result<AddressMember, ParseError> {
+    let address = parse_ip(&a.address, &format!("{at}.address"))?;
+    let bad = match address {
+        IpAddr::V4(v4) => {
+            v4.is_unspecified()
+                || v4.is_loopback()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || v4.is_link_local()
+        }
+        IpAddr::V6(v6) => {
+            v6.is_unspecified()
+                || v6.is_loopback()
+                || v6.is_multicast()
+                || v6.is_unicast_link_local()
+                || v6.to_ipv4_mapped().is_some()
+        }
+    };
+    if bad {
+        return Err(invalid(
+            format!("{at}.address"),
+            format!(
+                "{address} cannot be a gateway: not a unicast address a pod can reach (loopback, link-local, multicast, unspecified or IPv4-mapped)"
+            ),
+        ));
+    }
+    if a.ports.is_empty() {
+        return Err(invalid(
+            format!("{at}.ports"),
+            format!(
+                "give the ports of {address} that pods may reach (an address gateway has no Service to take them from)"
+            ),
+        ));
+    }
+    Ok(AddressMember { address, ports: parse_ports(&a.ports, &format!("{at}.ports"))? })
 }
 
 /// Steered ports, each once, to Service ports the pods may use (a steered connection is gateway
@@ -261,10 +413,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.default_gateway, "default");
         assert_eq!(
-            c.gateways["default"].ports,
+            c.gateways["default"].services[0].ports,
             vec![PortRange { first: 3128, last: 3128 }, PortRange { first: 8443, last: 8444 }]
         );
-        assert!(c.gateways["eu"].ports.is_empty());
+        assert!(c.gateways["eu"].services[0].ports.is_empty());
         assert_eq!(c.dns.service, ServiceRef { namespace: "kube-system".into(), name: "kube-dns".into() });
         assert_eq!(c.dns.node_local, Some("169.254.20.10".parse().unwrap()));
         assert_eq!(c.extra.len(), 1);
@@ -297,5 +449,72 @@ mod tests {
                 .contains("host bits")
         );
         assert!(err("gateways: [{name: a, service: a/b}]\ntypo: 1").contains("unknown field `typo`"));
+    }
+
+    #[test]
+    fn address_gateways_and_groups() {
+        let c = parse(
+            "gateways:\n  - name: corp\n    addresses:\n      - {address: 10.20.0.5, ports: [3128]}\n      - {address: \"fd00::5\", ports: [3128, \"8000-8001\"]}\n  - name: group\n    services: [{service: a/one, ports: [8443]}, {service: a/two}]\n    addresses: [{address: 10.20.0.9, ports: [443]}]\ndefaultGateway: corp\n",
+        )
+        .unwrap();
+        let corp = &c.gateways["corp"];
+        assert!(corp.services.is_empty());
+        assert_eq!(corp.addresses[0].address, "10.20.0.5".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            corp.addresses[1].ports,
+            vec![PortRange { first: 3128, last: 3128 }, PortRange { first: 8000, last: 8001 }]
+        );
+        let group = &c.gateways["group"];
+        assert_eq!(group.services.len(), 2);
+        assert_eq!(group.services[0].ports, vec![PortRange { first: 8443, last: 8443 }]);
+        assert!(group.services[1].ports.is_empty());
+        assert_eq!(group.addresses.len(), 1);
+        // Both Services of the group and DNS are watched; an address has nothing to watch.
+        assert_eq!(c.services().count(), 3);
+    }
+
+    #[test]
+    fn address_and_group_errors_name_the_value() {
+        let one = |member: &str| err(&format!("gateways: [{{name: a, {member}}}]"));
+        assert!(
+            one("addresses: [{address: 10.0.0.300, ports: [1]}]")
+                .contains("gateways[0] (\"a\").addresses[0].address: \"10.0.0.300\" is not an IP address")
+        );
+        for bad in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "169.254.169.254",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+        ] {
+            let e = one(&format!("addresses: [{{address: \"{bad}\", ports: [1]}}]"));
+            assert!(
+                e.contains(&format!("{} cannot be a gateway", bad.parse::<IpAddr>().unwrap())),
+                "{bad}: {e}"
+            );
+        }
+        assert!(
+            one("addresses: [{address: 10.0.0.1}]")
+                .contains("addresses[0].ports: give the ports of 10.0.0.1")
+        );
+        assert!(
+            one("addresses: [{address: 10.0.0.1, ports: [1]}, {address: 10.0.0.1, ports: [2]}]")
+                .contains("address 10.0.0.1 is listed twice")
+        );
+        assert!(one("ports: [1]").contains("ports go with service"));
+        assert!(one("steer: []").contains("a gateway needs a service, services or addresses"));
+        assert!(one("services: [{service: a/b}, {service: a/b}]").contains("Service a/b is listed twice"));
+        assert!(one("service: a/b, services: [{service: a/b}]").contains("Service a/b is listed twice"));
+        assert!(one("services: [{service: a/b}, {service: a/c}], steer: [{port: 443, to: 8443}]").contains(
+            "steer: steering carries connections to the gateway's one Service, and this gateway has 2"
+        ));
+        assert!(
+            one("addresses: [{address: 10.0.0.1, ports: [1]}], steer: [{port: 443, to: 1}]")
+                .contains("this gateway has 0")
+        );
+        assert!(one("services: [{service: a/b, port: [1]}]").contains("unknown field `port`"));
     }
 }

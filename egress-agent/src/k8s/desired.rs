@@ -203,29 +203,37 @@ pub fn allowed_for(
         None => problems.push(format!(
             "gateway {name:?} (label {LABEL_GATEWAY}) is not in the agent configuration; only DNS is allowed"
         )),
-        Some(gw) => match find_service(world, &gw.service) {
-            None => problems.push(format!("gateway Service {} not found; only DNS is allowed", gw.service)),
-            Some(svc) => {
-                let (front, back) = service_targets(world, svc, &gw.service, &gw.ports);
+        Some(gw) => {
+            for member in &gw.services {
+                let Some(svc) = find_service(world, &member.service) else {
+                    problems.push(format!("gateway Service {} not found; it is not allowed", member.service));
+                    continue;
+                };
+                let (front, back) = service_targets(world, svc, &member.service, &member.ports);
                 if front.is_empty() && back.is_empty() {
-                    problems.push(format!("gateway Service {} has no address or matching port", gw.service));
+                    problems
+                        .push(format!("gateway Service {} has no address or matching port", member.service));
                 }
                 allowed.gateways.extend(front.into_iter().chain(back));
-                if steering {
-                    for (port, to) in &gw.steer {
-                        match steer_target(svc, *to) {
-                            Some(target) => {
-                                allowed.steer.insert(*port, target);
-                            }
-                            None => problems.push(format!(
-                                "gateway Service {} has no ClusterIP with port {to}; port {port} is not steered",
-                                gw.service
-                            )),
+            }
+            allowed.gateways.extend(gw.addresses.iter().map(|a| (a.address, a.ports.clone())));
+            // Steering goes to the gateway's one Service (the configuration checks there is one).
+            let steered_service = gw.services.first().filter(|_| steering && !gw.steer.is_empty());
+            if let Some(member) = steered_service {
+                let svc = find_service(world, &member.service);
+                for (port, to) in &gw.steer {
+                    match svc.and_then(|svc| steer_target(svc, *to)) {
+                        Some(target) => {
+                            allowed.steer.insert(*port, target);
                         }
+                        None => problems.push(format!(
+                            "gateway Service {} has no ClusterIP with port {to}; port {port} is not steered",
+                            member.service
+                        )),
                     }
                 }
             }
-        },
+        }
     }
     if let Some(addr) = config.dns.node_local {
         allowed.dns.push(addr);

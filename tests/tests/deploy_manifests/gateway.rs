@@ -141,11 +141,10 @@ fn agent_config_sends_enforced_pods_to_the_gateway_service() {
     let gateway = config.gateways.get(default);
     let gateway =
         gateway.unwrap_or_else(|| panic!("{cm_file}: the default gateway {default:?} is not configured"));
-    assert_eq!(
-        gateway.service.to_string(),
-        svc_ref,
-        "{cm_file}: the default gateway {default:?} names Service {}, but the gateway's Service is {svc_ref} ({svc_file})",
-        gateway.service
+    let named: Vec<String> = gateway.services.iter().map(|m| m.service.to_string()).collect();
+    assert!(
+        named.contains(&svc_ref),
+        "{cm_file}: the default gateway {default:?} names Services {named:?}, but the gateway's Service is {svc_ref} ({svc_file})",
     );
     let ports: Vec<u16> = svc
         .spec
@@ -153,7 +152,8 @@ fn agent_config_sends_enforced_pods_to_the_gateway_service() {
         .flat_map(|s| s.ports.iter().flatten())
         .filter_map(|p| u16::try_from(p.port).ok())
         .collect();
-    for (name, gw) in config.gateways.iter().filter(|(_, gw)| gw.service.to_string() == svc_ref) {
+    let members = config.gateways.iter().flat_map(|(name, gw)| gw.services.iter().map(move |m| (name, m)));
+    for (name, gw) in members.filter(|(_, m)| m.service.to_string() == svc_ref) {
         for r in &gw.ports {
             assert!(
                 ports.iter().any(|p| (r.first..=r.last).contains(p)),

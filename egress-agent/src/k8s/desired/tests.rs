@@ -270,3 +270,43 @@ fn a_dual_stack_gateway_service_steers_each_family_to_its_own_cluster_ip() {
         );
     }
 }
+
+#[test]
+fn a_gateway_group_allows_every_member_and_an_address_gateway_its_ports() {
+    let c = config::parse(
+        "gateways:\n  - name: main\n    services:\n      - {service: egress/gw, ports: [3128]}\n      - {service: egress/gw-eu}\n    addresses:\n      - {address: 192.0.2.10, ports: [3128]}\n  - name: corporate\n    addresses: [{address: \"2001:db8::5\", ports: [8080]}]\ndefaultGateway: main\n",
+    )
+    .unwrap();
+    let mut f = Fixture::new();
+    f.namespaces[1] = namespace("eu-team", &[(LABEL_MODE, "enforce"), (LABEL_GATEWAY, "corporate")]);
+    let p = f.policies(&c);
+    let web = &p["u-web"].allowed;
+    assert_eq!(
+        web.gateways,
+        vec![
+            ("10.96.0.10".parse().unwrap(), vec![port(3128)]),
+            ("10.244.1.5".parse().unwrap(), vec![port(8080)]),
+            ("10.244.2.6".parse().unwrap(), vec![port(8080)]),
+            ("10.96.0.11".parse().unwrap(), vec![port(3128)]),
+            ("10.244.3.7".parse().unwrap(), vec![port(8080)]),
+            ("192.0.2.10".parse().unwrap(), vec![port(3128)]),
+        ]
+    );
+    assert!(p["u-web"].problems.is_empty(), "{:?}", p["u-web"].problems);
+    // The address gateway: that address and port, and DNS; no Service of any other gateway.
+    let api = &p["u-api"].allowed;
+    assert_eq!(api.gateways, vec![("2001:db8::5".parse().unwrap(), vec![port(8080)])]);
+    assert!(!api.dns.is_empty());
+
+    // A member whose Service is missing is reported; the other members stay reachable.
+    f.services.remove(1);
+    let p = f.policies(&c);
+    let web = &p["u-web"].allowed;
+    assert_eq!(web.gateways.len(), 4, "{:?}", web.gateways);
+    assert!(web.gateways.iter().all(|(ip, _)| ip.to_string() != "10.96.0.11"));
+    assert!(
+        p["u-web"].problems.iter().any(|m| m.contains("egress/gw-eu not found")),
+        "{:?}",
+        p["u-web"].problems
+    );
+}
