@@ -17,6 +17,7 @@ pub mod kube_node;
 pub mod lab;
 pub mod listen;
 pub mod netns;
+pub mod parent_proxy;
 pub mod preempt;
 pub mod raw_bpf;
 pub mod routed_pod;

@@ -52,6 +52,13 @@ pub struct Record {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<Arc<str>>,
     pub upstream: Option<SocketAddr>,
+    /// The parent proxy the connection went through (`upstreamProxy`); `upstream` is then the
+    /// parent's address, and the destination was resolved by the parent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<Arc<str>>,
+    /// What the parent answered CONNECT when it refused (`parent_refused`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_status: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
     pub bytes_up: u64,
@@ -82,6 +89,8 @@ impl Record {
             reason: "incomplete",
             rule: None,
             upstream: None,
+            via: None,
+            parent_status: None,
             status: None,
             bytes_up: 0,
             bytes_down: 0,

@@ -27,6 +27,12 @@
 //!     ports: [443, "8000-8100"]    # omitted: any port
 //!     allowH2PriorKnowledge: false # HTTP/2 without TLS inside a CONNECT tunnel to a name
 //! blockedCidrs: [10.96.0.0/12]     # refused like private ranges (a rule's cidrs reopen them)
+//! upstreamProxy:                   # optional: an existing (corporate) proxy as the way out
+//!   address: "10.20.0.5:3128"      # host:port
+//!   hosts: ["*.example.com"]       # which allowed destinations go through it; omitted: all
+//!   auth:                          # optional basic credentials, e.g. a mounted Secret of type
+//!     usernameFile: /etc/egressfw/upstream-proxy/username    # kubernetes.io/basic-auth
+//!     passwordFile: /etc/egressfw/upstream-proxy/password
 //! limits:                          # all optional, these are the defaults
 //!   maxConnections: 10000
 //!   maxConnectionsPerSource: 1000  # per client address
@@ -80,6 +86,31 @@ pub struct GatewayConfig {
     pub blocked_cidrs: Vec<IpNet>,
     pub limits: Limits,
     pub drain_timeout: Duration,
+    pub upstream_proxy: Option<UpstreamProxy>,
+}
+
+/// A parent proxy: allowed connections to the destinations it covers leave through it, as HTTP
+/// CONNECT tunnels (and plain HTTP as absolute-form requests), instead of being dialed directly.
+/// The rules still decide first; the parent resolves the names it is given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamProxy {
+    pub address: Upstream,
+    /// Empty: every allowed destination.
+    pub hosts: Vec<HostPattern>,
+    pub auth: Option<ProxyCredentials>,
+}
+
+/// Basic credentials for the parent, read from files when the configuration is loaded.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for ProxyCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyCredentials").field("username", &self.username).finish_non_exhaustive()
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -180,6 +211,25 @@ struct RawGatewayConfig {
     limits: RawLimits,
     #[serde(default)]
     drain_timeout: Option<String>,
+    #[serde(default)]
+    upstream_proxy: Option<RawUpstreamProxy>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawUpstreamProxy {
+    address: String,
+    #[serde(default)]
+    hosts: Vec<String>,
+    #[serde(default)]
+    auth: Option<RawProxyAuth>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawProxyAuth {
+    username_file: PathBuf,
+    password_file: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -304,7 +354,54 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ParseError> {
         .map(|d| parse_duration(d, "drainTimeout"))
         .transpose()?
         .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
-    Ok(GatewayConfig { listeners, admin, sources, rules, blocked_cidrs, limits, drain_timeout })
+    let upstream_proxy = raw.upstream_proxy.as_ref().map(parse_upstream_proxy).transpose()?;
+    Ok(GatewayConfig {
+        listeners,
+        admin,
+        sources,
+        rules,
+        blocked_cidrs,
+        limits,
+        drain_timeout,
+        upstream_proxy,
+    })
+}
+
+fn parse_upstream_proxy(raw: &RawUpstreamProxy) -> Result<UpstreamProxy, ParseError> {
+    let at = "upstreamProxy";
+    let address = parse_upstream(&raw.address, &format!("{at}.address"))?;
+    let hosts = parse_patterns(&raw.hosts, &format!("{at}.hosts"))?;
+    let auth = raw
+        .auth
+        .as_ref()
+        .map(|a| {
+            let username = read_secret(&a.username_file, &format!("{at}.auth.usernameFile"))?;
+            if username.contains(':') {
+                return Err(invalid(
+                    format!("{at}.auth.usernameFile"),
+                    format!(
+                        "the user name in {} contains ':', which basic credentials cannot carry",
+                        a.username_file.display()
+                    ),
+                ));
+            }
+            let password = read_secret(&a.password_file, &format!("{at}.auth.passwordFile"))?;
+            Ok(ProxyCredentials { username, password })
+        })
+        .transpose()?;
+    Ok(UpstreamProxy { address, hosts, auth })
+}
+
+/// One line of a mounted Secret file (a trailing newline is not part of it). Control characters
+/// could split the header it goes into, so they are refused.
+fn read_secret(path: &std::path::Path, at: &str) -> Result<String, ParseError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(at, format!("{} cannot be read: {e}", path.display())))?;
+    let value = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
+    if value.is_empty() || value.chars().any(char::is_control) {
+        return Err(invalid(at, format!("{} must hold one line of printable text", path.display())));
+    }
+    Ok(value.to_owned())
 }
 
 fn parse_listeners(raw: RawListeners) -> Result<Listeners, ParseError> {

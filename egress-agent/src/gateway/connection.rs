@@ -51,6 +51,16 @@ pub struct Connection {
 pub struct Dialed {
     pub stream: TcpStream,
     pub grant: Grant,
+    /// Connected to the parent proxy rather than to the destination (see [`Hop`]).
+    pub via_parent: bool,
+}
+
+/// What a connection to a destination the parent proxy covers is: a tunnel through it
+/// (CONNECT), or, for plain HTTP requests, the parent itself, to send absolute-form requests to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
+    Tunnel,
+    Forward,
 }
 
 impl Connection {
@@ -124,8 +134,16 @@ impl Connection {
     /// connects to the first that answers. The record gets the decision, the rule and the
     /// upstream address. The stream is connected to exactly a checked address.
     pub async fn dial(&mut self, target: &Target, port: u16) -> Result<Dialed, Refusal> {
+        self.dial_as(target, port, Hop::Tunnel).await
+    }
+
+    /// [`Self::dial`], where a destination the parent proxy covers is reached as `hop` says.
+    pub async fn dial_as(&mut self, target: &Target, port: u16, hop: Hop) -> Result<Dialed, Refusal> {
         tracing::Span::current().record("target", tracing::field::display(format_args!("{target}:{port}")));
         let grant = self.authorise(target, port)?;
+        if self.live.parent.as_ref().is_some_and(|p| p.covers(target)) {
+            return self.through_parent(grant, target, port, hop).await;
+        }
         let started = Instant::now();
         let resolved = self.resolve(target, port).await?;
         let dialable = self.live.policy.dialable(&grant, target, &resolved)?;
@@ -137,11 +155,41 @@ impl Connection {
             Ok(Ok((stream, addr))) => {
                 self.record.upstream = Some(addr);
                 let _ = stream.set_nodelay(true);
-                Ok(Dialed { stream, grant })
+                Ok(Dialed { stream, grant, via_parent: false })
             }
             Ok(Err(())) => Err(Refusal::ConnectFailed),
             Err(_) => Err(Refusal::ConnectTimeout),
         }
+    }
+
+    /// An allowed destination the parent proxy covers. The parent resolves names, so only an
+    /// IP literal can be checked against the ranges here; a name is handed on as it is.
+    async fn through_parent(
+        &mut self,
+        grant: Grant,
+        target: &Target,
+        port: u16,
+        hop: Hop,
+    ) -> Result<Dialed, Refusal> {
+        if let Target::Ip(ip) = target {
+            self.live.policy.dialable(&grant, target, &[*ip])?;
+        }
+        self.record.allow(grant.matched.clone());
+        let live = self.live.clone();
+        let parent = live.parent.as_ref().expect("checked by the caller");
+        self.record.via = Some(parent.shown.clone());
+        let started = Instant::now();
+        let reach = async {
+            match hop {
+                Hop::Tunnel => parent.tunnel(target, port).await,
+                Hop::Forward => parent.connect().await,
+            }
+        };
+        let connected = tokio::time::timeout(live.limits.connect_timeout, reach).await;
+        self.gateway.metrics.upstream_connect.observe(started.elapsed().as_secs_f64());
+        let (stream, addr) = connected.map_err(|_| Refusal::ConnectTimeout)??;
+        self.record.upstream = Some(addr);
+        Ok(Dialed { stream, grant, via_parent: true })
     }
 
     /// The addresses of an allowed target, from the gateway's own resolver.

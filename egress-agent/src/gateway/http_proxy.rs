@@ -23,7 +23,7 @@ use tokio::{net::TcpStream, sync::Mutex};
 
 use super::{
     connect_tunnel::{self, Connected},
-    connection::Connection,
+    connection::{Connection, Hop},
     forward_body::{Body, Counted, Exchange, Finisher, empty, full},
     framing::Framer,
     policy::{Deny, Target},
@@ -82,6 +82,10 @@ struct Pooled {
     target: Target,
     port: u16,
     upstream: Option<SocketAddr>,
+    /// Reached through the parent proxy (a tunnel through it, or the parent itself).
+    via_parent: bool,
+    /// A connection to the parent itself: requests go in absolute form, with its credentials.
+    absolute_form: bool,
     sender: SendRequest<Body>,
 }
 
@@ -109,12 +113,15 @@ pub fn serve_tunneled(
 ) -> Pin<Box<dyn Future<Output = (u64, u64)> + Send>> {
     let mut conn = Conn::new(tunnel_conn.request(Mode::Tunneled.listener()), Mode::Tunneled);
     let upstream = tunnel_conn.record.upstream;
+    let via_parent = tunnel_conn.record.via.is_some();
     Box::pin(async move {
         if let Ok(sender) = handshake(tunnel.upstream).await {
             conn.pool = Mutex::new(Some(Pooled {
                 target: tunnel.target.clone(),
                 port: tunnel.port,
                 upstream,
+                via_parent,
+                absolute_form: false,
                 sender,
             }));
         }
@@ -271,12 +278,22 @@ impl Conn {
                 match rc.authorise(&target, port) {
                     Ok(grant) => {
                         // The kept connection's address is judged again too (a reload may have
-                        // closed the range it is in).
-                        let still_dialable = p.upstream.is_some_and(|a| {
-                            rc.live.policy.dialable(&grant, &target, &[a.ip()]).is_ok_and(|d| d == [a.ip()])
-                        });
+                        // closed the range it is in, or changed the parent proxy).
+                        let still_dialable = if p.via_parent {
+                            still_through_parent(&rc, &grant, &target)
+                        } else {
+                            p.upstream.is_some_and(|a| {
+                                rc.live
+                                    .policy
+                                    .dialable(&grant, &target, &[a.ip()])
+                                    .is_ok_and(|d| d == [a.ip()])
+                            })
+                        };
                         rc.record.allow(grant.matched);
                         rc.record.upstream = p.upstream;
+                        if p.via_parent {
+                            rc.record.via = rc.live.parent.as_ref().map(|parent| parent.shown.clone());
+                        }
                         still_dialable && p.sender.ready().await.is_ok()
                     }
                     Err(deny) => return self.refuse(rc, deny.into()),
@@ -295,7 +312,8 @@ impl Conn {
 
         let exchange = Arc::new(Exchange::default());
         let limits = rc.live.limits;
-        rewrite_request(&mut req, &target, port, self.mode);
+        let parent = if p.absolute_form { rc.live.parent.as_ref() } else { None };
+        rewrite_request(&mut req, &target, port, self.mode, parent);
         let req = req.map(|b| Counted::request(b, exchange.clone(), limits.request_body_timeout).boxed());
         // The upstream may stay silent for responseTimeout after the last request bytes moved
         // (a long upload that keeps moving is not cut).
@@ -331,7 +349,12 @@ impl Conn {
 
     /// A new upstream connection (checked dial, then TLS when originating) with its HTTP/1 client.
     async fn open(&self, rc: &mut Connection, target: &Target, port: u16) -> Result<Pooled, Refusal> {
-        let tcp = rc.dial(target, port).await?.stream;
+        // Plain HTTP goes to a parent proxy as absolute-form requests; originated TLS needs a
+        // tunnel through it.
+        let hop = if matches!(self.mode, Mode::Originate) { Hop::Tunnel } else { Hop::Forward };
+        let dialed = rc.dial_as(target, port, hop).await?;
+        let (via_parent, absolute_form) = (dialed.via_parent, dialed.via_parent && hop == Hop::Forward);
+        let tcp = dialed.stream;
         let upstream = rc.record.upstream;
         let live = rc.live.clone();
         let sender = match (self.mode, &live.originator, target) {
@@ -347,7 +370,7 @@ impl Conn {
             }
             _ => handshake(tcp).await?,
         };
-        Ok(Pooled { target: target.clone(), port, upstream, sender })
+        Ok(Pooled { target: target.clone(), port, upstream, via_parent, absolute_form, sender })
     }
 
     /// A denial or failure: logged and counted now, answered with a status and the reason.
@@ -376,6 +399,18 @@ impl Conn {
     }
 }
 
+/// A kept connection to the parent proxy may serve an allowed request while the parent still
+/// covers the target (a reload may have changed it) and, for an IP literal, the ranges still
+/// allow the address.
+fn still_through_parent(rc: &Connection, grant: &crate::gateway::policy::Grant, target: &Target) -> bool {
+    let covered = rc.live.parent.as_ref().is_some_and(|p| p.covers(target));
+    covered
+        && match target {
+            Target::Ip(ip) => rc.live.policy.dialable(grant, target, &[*ip]).is_ok(),
+            Target::Name(_) => true,
+        }
+}
+
 async fn handshake<T>(io: T) -> Result<SendRequest<Body>, Refusal>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -401,7 +436,10 @@ pub fn status_for(refusal: Refusal) -> StatusCode {
             Deny::ResolveFailed => StatusCode::BAD_GATEWAY,
             _ => StatusCode::FORBIDDEN,
         },
-        Refusal::ConnectFailed | Refusal::TlsFailed => StatusCode::BAD_GATEWAY,
+        Refusal::ConnectFailed
+        | Refusal::TlsFailed
+        | Refusal::ParentUnreachable
+        | Refusal::ParentRefused(_) => StatusCode::BAD_GATEWAY,
         Refusal::ConnectTimeout | Refusal::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
         Refusal::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
     }

@@ -27,6 +27,7 @@ pub mod ip_literal;
 pub mod limits;
 pub mod metrics;
 pub mod originate;
+pub mod parent;
 pub mod pod_index;
 pub mod policy;
 pub mod ranges;

@@ -15,6 +15,10 @@ pub enum Refusal {
     RequestBodyTimeout,
     /// The upstream did not answer (`responseTimeout`).
     ResponseTimeout,
+    /// The parent proxy (`upstreamProxy`) could not be reached or broke off.
+    ParentUnreachable,
+    /// The parent proxy answered CONNECT with this status (0: not an HTTP answer).
+    ParentRefused(u16),
 }
 
 impl From<Deny> for Refusal {
@@ -32,6 +36,8 @@ impl Refusal {
             Self::TlsFailed => "upstream_tls_failed",
             Self::RequestBodyTimeout => "request_body_timeout",
             Self::ResponseTimeout => "response_timeout",
+            Self::ParentUnreachable => "parent_unreachable",
+            Self::ParentRefused(_) => "parent_refused",
         }
     }
 
@@ -40,8 +46,16 @@ impl Refusal {
         match self {
             // The client's fault, like a slow request head: a denial.
             Self::Deny(_) | Self::RequestBodyTimeout => record.deny(self.reason()),
-            Self::ConnectFailed | Self::ConnectTimeout | Self::TlsFailed | Self::ResponseTimeout => {
+            Self::ConnectFailed
+            | Self::ConnectTimeout
+            | Self::TlsFailed
+            | Self::ResponseTimeout
+            | Self::ParentUnreachable => {
                 record.fail(self.reason());
+            }
+            Self::ParentRefused(status) => {
+                record.fail(self.reason());
+                record.parent_status = Some(status);
             }
         }
     }

@@ -22,6 +22,7 @@ use super::{
     identity::Identities,
     metrics::ByResult,
     originate::Originator,
+    parent::Parent,
     policy::Policy,
     state::{Gateway, Live},
     tcp_forward, tls_passthrough,
@@ -167,6 +168,7 @@ fn build_live(config: &GatewayConfig) -> Result<Live> {
         policy: Policy::new(config.rules.clone(), config.blocked_cidrs.clone()),
         limits: config.limits,
         originator,
+        parent: config.upstream_proxy.as_ref().map(Parent::new),
     })
 }
 

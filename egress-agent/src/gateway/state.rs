@@ -10,8 +10,8 @@ use std::sync::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    config::Limits, identity::Identities, metrics::GatewayMetrics, originate::Originator, policy::Policy,
-    slots::Slots,
+    config::Limits, identity::Identities, metrics::GatewayMetrics, originate::Originator, parent::Parent,
+    policy::Policy, slots::Slots,
 };
 
 /// Name lookups in flight at once (tokio's blocking pool has 512 threads).
@@ -22,6 +22,8 @@ pub struct Live {
     pub policy: Policy,
     pub limits: Limits,
     pub originator: Option<Originator>,
+    /// `upstreamProxy`: the way out for the destinations it covers.
+    pub parent: Option<Parent>,
 }
 
 pub struct Gateway {

@@ -57,7 +57,9 @@ async fn refuse(conn: Connection, client: &mut TcpStream, refusal: Refusal) {
         | Refusal::ConnectTimeout
         | Refusal::TlsFailed
         | Refusal::RequestBodyTimeout
-        | Refusal::ResponseTimeout => tls_hello::AlertDescription::InternalError,
+        | Refusal::ResponseTimeout
+        | Refusal::ParentUnreachable
+        | Refusal::ParentRefused(_) => tls_hello::AlertDescription::InternalError,
     };
     send_alert(client, alert).await;
     conn.refuse(refusal);

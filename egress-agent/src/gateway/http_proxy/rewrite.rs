@@ -5,20 +5,34 @@ use http::{HeaderMap, HeaderValue, Request, Uri, header};
 use hyper::body::Incoming;
 
 use super::Mode;
-use crate::gateway::policy::Target;
+use crate::gateway::{parent::Parent, policy::Target};
 
 /// Origin-form target, Host set to the checked destination, hop-by-hop headers (and the
-/// client's proxy credentials) removed.
-pub(super) fn rewrite_request(req: &mut Request<Incoming>, target: &Target, port: u16, mode: Mode) {
+/// client's proxy credentials) removed. Through a parent proxy the target is in absolute form
+/// instead, with the parent's own credentials.
+pub(super) fn rewrite_request(
+    req: &mut Request<Incoming>,
+    target: &Target,
+    port: u16,
+    mode: Mode,
+    parent: Option<&Parent>,
+) {
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
-    if let Ok(uri) = path.parse::<Uri>() {
-        *req.uri_mut() = uri;
-    }
     strip_hop_by_hop(req.headers_mut());
     let default = if matches!(mode, Mode::Originate) { 443 } else { 80 };
     let host = if port == default { target.to_string() } else { format!("{target}:{port}") };
+    let uri = match parent {
+        Some(_) => format!("http://{host}{path}"),
+        None => path,
+    };
+    if let Ok(uri) = uri.parse::<Uri>() {
+        *req.uri_mut() = uri;
+    }
     if let Ok(v) = HeaderValue::from_str(&host) {
         req.headers_mut().insert(header::HOST, v);
+    }
+    if let Some(auth) = parent.and_then(Parent::authorization) {
+        req.headers_mut().insert(header::PROXY_AUTHORIZATION, auth.clone());
     }
 }
 
