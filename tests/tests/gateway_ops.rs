@@ -11,8 +11,10 @@ use std::{
 
 use egress_tests::{
     fake_api::fixtures,
-    gateway::{GatewayLab, PROXY_PORT, STRANGER4, UPSTREAM_BODY, base_config, status_and_body},
+    gateway::{GatewayLab, PROXY_PORT, STRANGER4, UPSTREAM_BODY, UPSTREAM4, base_config, status_and_body},
     lab::{GATEWAY4, POD4, text},
+    listen::Server,
+    wait_until,
 };
 
 fn proxy() -> String {
@@ -174,4 +176,54 @@ fn client_namespaces_come_from_the_pod_list() {
         assert!(Instant::now() < deadline, "the deleted pod's address still has a namespace");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Issue 17: a gateway in front of one upstream reports ready only while that upstream answers
+/// (TCP connect, or a verified TLS handshake), so Kubernetes takes it out of its Service while
+/// the upstream is down and puts it back when it returns.
+#[test]
+fn readiness_follows_the_upstreams() {
+    const PORT: u16 = 7100;
+    let g = GatewayLab::new();
+    let upstream = egress_tests::sock(UPSTREAM4, PORT);
+    let server = Server::tcp_http(&g.lab.external, upstream);
+    let config = base_config(&g.ca, 100).replace(
+        "limits:",
+        &format!(
+            "readiness:\n  upstreams:\n    - {{address: \"api.example.test:{PORT}\"}}\n    - {{address: \"api.example.test:443\", tls: true}}\n  interval: 200ms\n  timeout: 150ms\n  caFile: \"{}\"\nlimits:",
+            g.ca.display()
+        ),
+    );
+    let _gw = g.start(&config);
+    let ready = || g.admin_get("/readyz");
+    wait_until("ready while both upstreams answer", Duration::from_secs(5), || ready().0 == 200);
+
+    drop(server);
+    wait_until("not ready once the upstream is gone", Duration::from_secs(5), || ready().0 == 503);
+    let (_, why) = ready();
+    assert!(why.contains(&format!("api.example.test:{PORT}")), "/readyz names the upstream: {why}");
+    assert!(!why.contains(":443"), "the TLS upstream still answers: {why}");
+
+    let _server = Server::tcp_http(&g.lab.external, upstream);
+    wait_until("ready again when it is back", Duration::from_secs(5), || ready().0 == 200);
+}
+
+/// A TLS check verifies the certificate: a server with a self-signed one does not count.
+#[test]
+fn a_tls_readiness_check_needs_a_valid_certificate() {
+    let g = GatewayLab::new();
+    let config = base_config(&g.ca, 100).replace(
+        "limits:",
+        &format!(
+            "readiness:\n  upstreams: [{{address: \"bad.example.test:443\", tls: true}}]\n  interval: 200ms\n  timeout: 150ms\n  caFile: \"{}\"\nlimits:",
+            g.ca.display()
+        ),
+    );
+    let _gw = g.start(&config);
+    wait_until("a reason on /readyz", Duration::from_secs(5), || {
+        g.admin_get("/readyz").1.contains("bad.example.test:443")
+    });
+    let (status, why) = g.admin_get("/readyz");
+    assert_eq!(status, 503, "{why}");
+    assert!(why.contains("TLS"), "the handshake failed: {why}");
 }

@@ -27,6 +27,13 @@
 //!     ports: [443, "8000-8100"]    # omitted: any port
 //!     allowH2PriorKnowledge: false # HTTP/2 without TLS inside a CONNECT tunnel to a name
 //! blockedCidrs: [10.96.0.0/12]     # refused like private ranges (a rule's cidrs reopen them)
+//! readiness:                       # optional: report ready only while these upstreams answer, so
+//!   upstreams:                     # a gateway whose upstream is down leaves its Service
+//!     - {address: "db.example.com:5432"}                   # a TCP connect
+//!     - {address: "api.partner.example:443", tls: true}    # and a verified TLS handshake
+//!   interval: 5s                   # the defaults
+//!   timeout: 2s
+//!   caFile: /etc/egressfw/upstream-ca.pem                  # for tls checks; default: system roots
 //! upstreamProxy:                   # optional: an existing (corporate) proxy as the way out
 //!   address: "10.20.0.5:3128"      # host:port
 //!   hosts: ["*.example.com"]       # which allowed destinations go through it; omitted: all
@@ -87,7 +94,27 @@ pub struct GatewayConfig {
     pub limits: Limits,
     pub drain_timeout: Duration,
     pub upstream_proxy: Option<UpstreamProxy>,
+    pub readiness: Option<Readiness>,
 }
+
+/// Readiness that follows the upstreams: /readyz fails while any of them does not answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Readiness {
+    pub upstreams: Vec<UpstreamCheck>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamCheck {
+    pub address: Upstream,
+    /// A TLS handshake (certificate verified for the name) after the TCP connect.
+    pub tls: bool,
+}
+
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A parent proxy: allowed connections to the destinations it covers leave through it, as HTTP
 /// CONNECT tunnels (and plain HTTP as absolute-form requests), instead of being dialed directly.
@@ -213,6 +240,28 @@ struct RawGatewayConfig {
     drain_timeout: Option<String>,
     #[serde(default)]
     upstream_proxy: Option<RawUpstreamProxy>,
+    #[serde(default)]
+    readiness: Option<RawReadiness>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawReadiness {
+    upstreams: Vec<RawUpstreamCheck>,
+    #[serde(default)]
+    interval: Option<String>,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamCheck {
+    address: String,
+    #[serde(default)]
+    tls: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -355,6 +404,7 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ParseError> {
         .transpose()?
         .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
     let upstream_proxy = raw.upstream_proxy.as_ref().map(parse_upstream_proxy).transpose()?;
+    let readiness = raw.readiness.as_ref().map(parse_readiness).transpose()?;
     Ok(GatewayConfig {
         listeners,
         admin,
@@ -364,7 +414,56 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ParseError> {
         limits,
         drain_timeout,
         upstream_proxy,
+        readiness,
     })
+}
+
+fn parse_readiness(raw: &RawReadiness) -> Result<Readiness, ParseError> {
+    let at = "readiness";
+    if raw.upstreams.is_empty() {
+        return Err(invalid(
+            format!("{at}.upstreams"),
+            "name the upstreams readiness follows (or leave readiness out)",
+        ));
+    }
+    let upstreams = raw
+        .upstreams
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            let address = parse_upstream(&u.address, &format!("{at}.upstreams[{i}].address"))?;
+            if u.tls && address.name().is_none() {
+                return Err(invalid(
+                    format!("{at}.upstreams[{i}]"),
+                    format!(
+                        "a tls check verifies the certificate for a name; {} is an address",
+                        address.host
+                    ),
+                ));
+            }
+            Ok(UpstreamCheck { address, tls: u.tls })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let duration = |v: &Option<String>, key: &str, default| {
+        v.as_deref()
+            .map(|d| parse_duration(d, &format!("{at}.{key}")))
+            .transpose()
+            .map(|d| d.unwrap_or(default))
+    };
+    let interval = duration(&raw.interval, "interval", DEFAULT_CHECK_INTERVAL)?;
+    let timeout = duration(&raw.timeout, "timeout", DEFAULT_CHECK_TIMEOUT)?;
+    if timeout > interval {
+        return Err(invalid(
+            format!("{at}.timeout"),
+            format!("{timeout:?} is longer than the interval ({interval:?})"),
+        ));
+    }
+    if let Some(ca) = &raw.ca_file
+        && !ca.is_file()
+    {
+        return Err(invalid(format!("{at}.caFile"), format!("{} is not a readable file", ca.display())));
+    }
+    Ok(Readiness { upstreams, interval, timeout, ca_file: raw.ca_file.clone() })
 }
 
 fn parse_upstream_proxy(raw: &RawUpstreamProxy) -> Result<UpstreamProxy, ParseError> {

@@ -41,4 +41,5 @@ pub mod target;
 pub mod tcp_forward;
 pub mod tls_hello;
 pub mod tls_passthrough;
+pub mod upstream_checks;
 pub mod workers;

@@ -24,21 +24,10 @@ impl Originator {
     /// Builds the TLS client; fails (naming the file) when the CA bundle is unreadable or empty,
     /// so a reload with a bad bundle is rejected and the old one stays.
     pub fn new(config: &Origination) -> Result<Self> {
-        let roots = match &config.ca_file {
-            Some(path) => roots_from_file(path)?,
-            None => system_roots()?,
-        };
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .context("TLS protocol versions")?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Self {
             hosts: config.hosts.clone(),
             upstream_port: config.upstream_port,
-            connector: TlsConnector::from(Arc::new(tls)),
+            connector: tls_client(config.ca_file.as_deref(), &[b"http/1.1"])?,
         })
     }
 
@@ -53,6 +42,23 @@ impl Originator {
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         self.connector.connect(name, tcp).await
     }
+}
+
+/// A TLS client that verifies servers against `ca_file` (or the system roots), offering `alpn`.
+/// Fails, naming the file, when the bundle is unreadable or empty.
+pub fn tls_client(ca_file: Option<&Path>, alpn: &[&[u8]]) -> Result<TlsConnector> {
+    let roots = match ca_file {
+        Some(path) => roots_from_file(path)?,
+        None => system_roots()?,
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(TlsConnector::from(Arc::new(tls)))
 }
 
 fn roots_from_file(path: &Path) -> Result<rustls::RootCertStore> {

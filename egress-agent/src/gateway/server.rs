@@ -26,6 +26,7 @@ use super::{
     policy::Policy,
     state::{Gateway, Live},
     tcp_forward, tls_passthrough,
+    upstream_checks::{self, Checks, UpstreamHealth},
     workers::{Workers, bind_copies},
 };
 use tracing::Instrument as _;
@@ -69,6 +70,9 @@ pub async fn run(opts: Options) -> Result<()> {
     raise_open_files_limit();
     let mut changes = crate::standalone::watch_file(&opts.config)?;
     let live = build_live(&config)?;
+    let (checks, checks_rx) = tokio::sync::watch::channel(Checks::new(config.readiness.as_ref())?);
+    let upstreams = Arc::new(UpstreamHealth::starting(config.readiness.is_some()));
+    tokio::spawn(upstream_checks::run(upstreams.clone(), checks_rx));
     let identities = Arc::new(Identities::new(config.sources.table.clone(), config.sources.kubernetes));
     let gateway = Arc::new(Gateway::new(live, identities.clone()));
     if config.sources.kubernetes {
@@ -114,7 +118,7 @@ pub async fn run(opts: Options) -> Result<()> {
             }
         });
     }
-    tokio::spawn(readiness(gateway.clone(), health.clone()));
+    tokio::spawn(readiness(gateway.clone(), health.clone(), upstreams));
     tracing::info!(
         config = %opts.config.display(),
         listeners = ?config.listeners.addresses().iter().map(|(a, n)| format!("{n}={a}")).collect::<Vec<_>>(),
@@ -127,8 +131,8 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut current = config;
     loop {
         tokio::select! {
-            Some(()) = changes.next() => reload(&gateway, &opts, &mut current),
-            _ = hup.recv() => reload(&gateway, &opts, &mut current),
+            Some(()) = changes.next() => reload(&gateway, &opts, &mut current, &checks),
+            _ = hup.recv() => reload(&gateway, &opts, &mut current, &checks),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -256,7 +260,7 @@ fn bind(addr: SocketAddr) -> Result<TcpListener> {
 }
 
 /// Ready when client identities are known (the pod list synced) and not draining.
-async fn readiness(gateway: Arc<Gateway>, health: Arc<Health>) {
+async fn readiness(gateway: Arc<Gateway>, health: Arc<Health>, upstreams: Arc<UpstreamHealth>) {
     loop {
         health.beat();
         let not_ready = if gateway.draining() {
@@ -264,7 +268,7 @@ async fn readiness(gateway: Arc<Gateway>, health: Arc<Health>) {
         } else if !gateway.identities.synced() {
             Some("client identities (pod list) not synced yet".to_owned())
         } else {
-            None
+            upstreams.not_ready()
         };
         health.set_ready(not_ready);
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -274,9 +278,15 @@ async fn readiness(gateway: Arc<Gateway>, health: Arc<Health>) {
 /// Applies a changed configuration file. A bad one is rejected with the error, and the
 /// previous configuration keeps serving. Listener changes need a restart (open connections
 /// must not be cut by a ConfigMap edit); they are reported, the rest applies at once.
-fn reload(gateway: &Gateway, opts: &Options, current: &mut GatewayConfig) {
-    let loaded =
-        config::load(&opts.config).map_err(anyhow::Error::from).and_then(|c| Ok((build_live(&c)?, c)));
+fn reload(
+    gateway: &Gateway,
+    opts: &Options,
+    current: &mut GatewayConfig,
+    checks: &tokio::sync::watch::Sender<Option<Checks>>,
+) {
+    let loaded = config::load(&opts.config)
+        .map_err(anyhow::Error::from)
+        .and_then(|c| Ok((build_live(&c)?, Checks::new(c.readiness.as_ref()).context("readiness")?, c)));
     let label = |result| ByResult { result };
     match loaded {
         Err(e) => {
@@ -286,9 +296,12 @@ fn reload(gateway: &Gateway, opts: &Options, current: &mut GatewayConfig) {
                 "rejected the new gateway configuration; the previous one stays in force"
             );
         }
-        Ok((_, new)) if new == *current => {}
-        Ok((live, new)) => {
+        Ok((_, _, new)) if new == *current => {}
+        Ok((live, new_checks, new)) => {
             gateway.set_live(live);
+            if new.readiness != current.readiness {
+                checks.send_replace(new_checks);
+            }
             gateway.identities.set_table(new.sources.table.clone());
             if new.listeners != current.listeners
                 || new.admin != current.admin

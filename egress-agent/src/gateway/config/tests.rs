@@ -174,3 +174,30 @@ fn an_upstream_proxy_with_credentials_from_files() {
     assert!(e("{address: \"p:3128\", typo: 1}").contains("unknown field `typo`"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn readiness_checks_and_their_errors() {
+    let base = "listeners: {httpProxy: {listen: \"0.0.0.0:3128\"}}\nsources: {kubernetes: true}\n";
+    let c = parse(&format!(
+        "{base}readiness:\n  upstreams: [{{address: \"db.example.com:5432\"}}, {{address: \"api.example.com:443\", tls: true}}]\n"
+    ))
+    .unwrap();
+    let r = c.readiness.unwrap();
+    assert_eq!((r.interval, r.timeout), (DEFAULT_CHECK_INTERVAL, DEFAULT_CHECK_TIMEOUT));
+    assert_eq!((r.upstreams[0].tls, r.upstreams[1].tls), (false, true));
+    assert_eq!(r.upstreams[1].address.host, "api.example.com");
+
+    let e = |extra: &str| err(&format!("{base}readiness: {extra}\n"));
+    assert!(e("{upstreams: []}").contains("readiness.upstreams: name the upstreams"));
+    assert!(
+        e("{upstreams: [{address: db}]}").contains("readiness.upstreams[0].address: \"db\" is not host:port")
+    );
+    assert!(
+        e("{upstreams: [{address: \"10.0.0.1:443\", tls: true}]}")
+            .contains("readiness.upstreams[0]: a tls check verifies the certificate for a name; 10.0.0.1")
+    );
+    assert!(
+        e("{upstreams: [{address: \"a.b:1\"}], interval: 1s, timeout: 2s}").contains("readiness.timeout")
+    );
+    assert!(e("{upstreams: [{address: \"a.b:1\"}], caFile: /nonexistent}").contains("readiness.caFile"));
+}
