@@ -8,437 +8,506 @@ use super::*;
 
 #[test]
 fn gateway_config_maps_parse_with_the_gateway_parser() {
-    let m = manifests();
-    let key = Path::new(GATEWAY_DEFAULT_CONFIG_PATH).file_name().unwrap().to_string_lossy().into_owned();
-    let mut found = 0;
-    for (file, cm) in m.all::<ConfigMap>() {
-        let Some(text) = cm.data.as_ref().and_then(|d| d.get(&key)) else { continue };
-        found += 1;
-        let config = egress_agent::gateway::config::parse(text)
-            .unwrap_or_else(|e| panic!("{file}: {key} is not a valid gateway config: {e:?}"));
-        assert!(
-            config.sources.kubernetes,
-            "{file}: {key}: set sources.kubernetes: true; in a cluster the clients are pods, known by their IPs"
-        );
+    for m in renderings() {
+        let key = Path::new(GATEWAY_DEFAULT_CONFIG_PATH).file_name().unwrap().to_string_lossy().into_owned();
+        let mut found = 0;
+        for (file, cm) in m.all::<ConfigMap>() {
+            let Some(text) = cm.data.as_ref().and_then(|d| d.get(&key)) else { continue };
+            found += 1;
+            let config = egress_agent::gateway::config::parse(text)
+                .unwrap_or_else(|e| panic!("{file}: {key} is not a valid gateway config: {e:?}"));
+            assert!(
+                config.sources.kubernetes,
+                "{file}: {key}: set sources.kubernetes: true; in a cluster the clients are pods, known by their IPs"
+            );
+        }
+        assert!(found > 0, "deploy/: no ConfigMap has a {key} key");
     }
-    assert!(found > 0, "deploy/: no ConfigMap has a {key} key");
 }
 
 #[test]
 fn gateway_runs_the_gateway_subcommand_on_its_config_map() {
-    let m = manifests();
-    let (file, _, pod, c) = m.gateway_deployment();
-    assert_eq!(
-        subcommand(file, &c),
-        Some("gateway"),
-        "{file}: the container's args should run `egress-agent gateway` (args: {:?})",
-        c.args
-    );
-    let path = gateway_config_path(file, &c);
-    let (cm_file, key, text) = config_map_entry(&m, file, &pod, &c, &path);
-    if let Err(e) = egress_agent::gateway::config::parse(&text) {
-        panic!("{cm_file}: {key}, which {file} reads as {path}, is not a valid gateway config: {e:?}");
+    for m in renderings() {
+        let (file, _, pod, c) = m.gateway_deployment();
+        assert_eq!(
+            subcommand(file, &c),
+            Some("gateway"),
+            "{file}: the container's args should run `egress-agent gateway` (args: {:?})",
+            c.args
+        );
+        let path = gateway_config_path(file, &c);
+        let (cm_file, key, text) = config_map_entry(&m, file, &pod, &c, &path);
+        if let Err(e) = egress_agent::gateway::config::parse(&text) {
+            panic!("{cm_file}: {key}, which {file} reads as {path}, is not a valid gateway config: {e:?}");
+        }
+        let threads = value_or(file, &c, "threads", "EGRESSFW_GATEWAY_THREADS", "1");
+        assert!(
+            threads.parse::<usize>().is_ok_and(|n| n > 0),
+            "{file}: --threads/EGRESSFW_GATEWAY_THREADS {threads:?} is not a positive number"
+        );
     }
-    let threads = value_or(file, &c, "threads", "EGRESSFW_GATEWAY_THREADS", "1");
-    assert!(
-        threads.parse::<usize>().is_ok_and(|n| n > 0),
-        "{file}: --threads/EGRESSFW_GATEWAY_THREADS {threads:?} is not a positive number"
-    );
 }
 
 #[test]
 fn gateway_runs_the_agent_image() {
-    let m = manifests();
-    let (file, _, _, c) = m.gateway_deployment();
-    let (agent_file, _, _, agent) = m.agent();
-    assert!(c.image.is_some(), "{file}: no image");
-    assert_eq!(
-        c.image, agent.image,
-        "{file}: the gateway runs the node agent's image ({agent_file}): one binary, and one images entry in \
-         deploy/kustomization.yaml retags both"
-    );
+    for m in renderings() {
+        let (file, _, _, c) = m.gateway_deployment();
+        let (agent_file, _, _, agent) = m.agent();
+        assert!(c.image.is_some(), "{file}: no image");
+        assert_eq!(
+            c.image, agent.image,
+            "{file}: the gateway runs the node agent's image ({agent_file}): one binary, and one images entry in \
+             deploy/kustomization.yaml retags both"
+        );
+    }
 }
 
 #[test]
 fn every_listener_is_a_container_port_and_a_service_port() {
-    let m = manifests();
-    let g = m.gateway();
-    let (file, config_file) = (g.file, g.config_file);
-    let (svc_file, svc) = m.gateway_service();
-    let spec = svc.spec.unwrap_or_else(|| panic!("{svc_file}: no spec"));
-    let targets: Vec<(i32, i32)> = spec
-        .ports
-        .iter()
-        .flatten()
-        .map(|p| (p.port, target_container_port(svc_file, &g.container, p)))
-        .collect();
-    let mut listening = BTreeSet::new();
-    for (addr, listener) in g.config.listeners.addresses() {
-        assert!(
-            !addr.ip().is_loopback(),
-            "{config_file}: the {listener} listener on {addr} cannot be reached from outside the pod"
-        );
-        let port = i32::from(addr.port());
-        listening.insert(port);
-        let declared = g.container.ports.iter().flatten().find(|p| p.container_port == port);
-        let declared = declared.unwrap_or_else(|| {
-            panic!("{file}: the {listener} listener's port {port} ({config_file}) is not a containerPort")
-        });
-        assert!(
-            declared.protocol.as_deref().is_none_or(|p| p == "TCP"),
-            "{file}: containerPort {port} is {:?}; the gateway's listeners are TCP",
-            declared.protocol
-        );
-        assert!(
-            targets.iter().any(|(_, t)| *t == port),
-            "{svc_file}: no port of Service {GATEWAY} sends to the {listener} listener's port {port} ({config_file})"
-        );
-    }
-    for (port, target) in &targets {
-        assert!(
-            listening.contains(target),
-            "{svc_file}: Service port {port} sends to container port {target}, where no listener of \
-             {config_file} listens"
-        );
-    }
-    for p in spec.ports.iter().flatten() {
-        assert!(
-            p.protocol.as_deref().is_none_or(|p| p == "TCP"),
-            "{svc_file}: Service port {} is {:?}; the gateway's listeners are TCP",
-            p.port,
-            p.protocol
-        );
-    }
+    for m in renderings() {
+        let g = m.gateway();
+        let (file, config_file) = (g.file, g.config_file);
+        let (svc_file, svc) = m.gateway_service();
+        let spec = svc.spec.unwrap_or_else(|| panic!("{svc_file}: no spec"));
+        let targets: Vec<(i32, i32)> = spec
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.port, target_container_port(svc_file, &g.container, p)))
+            .collect();
+        let mut listening = BTreeSet::new();
+        for (addr, listener) in g.config.listeners.addresses() {
+            assert!(
+                !addr.ip().is_loopback(),
+                "{config_file}: the {listener} listener on {addr} cannot be reached from outside the pod"
+            );
+            let port = i32::from(addr.port());
+            listening.insert(port);
+            let declared = g.container.ports.iter().flatten().find(|p| p.container_port == port);
+            let declared = declared.unwrap_or_else(|| {
+                panic!("{file}: the {listener} listener's port {port} ({config_file}) is not a containerPort")
+            });
+            assert!(
+                declared.protocol.as_deref().is_none_or(|p| p == "TCP"),
+                "{file}: containerPort {port} is {:?}; the gateway's listeners are TCP",
+                declared.protocol
+            );
+            assert!(
+                targets.iter().any(|(_, t)| *t == port),
+                "{svc_file}: no port of Service {GATEWAY} sends to the {listener} listener's port {port} ({config_file})"
+            );
+        }
+        for (port, target) in &targets {
+            assert!(
+                listening.contains(target),
+                "{svc_file}: Service port {port} sends to container port {target}, where no listener of \
+                 {config_file} listens"
+            );
+        }
+        for p in spec.ports.iter().flatten() {
+            assert!(
+                p.protocol.as_deref().is_none_or(|p| p == "TCP"),
+                "{svc_file}: Service port {} is {:?}; the gateway's listeners are TCP",
+                p.port,
+                p.protocol
+            );
+        }
 
-    let selector = spec.selector.unwrap_or_default();
-    assert!(!selector.is_empty(), "{svc_file}: the Service needs a selector (the gateway's pod labels)");
-    let labels = g.pod_labels();
-    let selects_labels =
-        |labels: &BTreeMap<String, String>| selector.iter().all(|(k, v)| labels.get(k) == Some(v));
-    assert!(
-        selects_labels(&labels),
-        "{svc_file}: selector {selector:?} does not select the gateway's pods ({file}, labels {labels:?})"
-    );
-    let (agent_file, ds, _, _) = m.agent();
-    let agent_labels = ds.spec.and_then(|s| s.template.metadata).and_then(|md| md.labels).unwrap_or_default();
-    assert!(
-        !selects_labels(&agent_labels),
-        "{svc_file}: selector {selector:?} also selects the agent's pods ({agent_file}): clients would be sent to them"
-    );
+        let selector = spec.selector.unwrap_or_default();
+        assert!(!selector.is_empty(), "{svc_file}: the Service needs a selector (the gateway's pod labels)");
+        let labels = g.pod_labels();
+        let selects_labels =
+            |labels: &BTreeMap<String, String>| selector.iter().all(|(k, v)| labels.get(k) == Some(v));
+        assert!(
+            selects_labels(&labels),
+            "{svc_file}: selector {selector:?} does not select the gateway's pods ({file}, labels {labels:?})"
+        );
+        let (agent_file, ds, _, _) = m.agent();
+        let agent_labels =
+            ds.spec.and_then(|s| s.template.metadata).and_then(|md| md.labels).unwrap_or_default();
+        assert!(
+            !selects_labels(&agent_labels),
+            "{svc_file}: selector {selector:?} also selects the agent's pods ({agent_file}): clients would be sent to them"
+        );
+    }
 }
 
 #[test]
 fn agent_config_sends_enforced_pods_to_the_gateway_service() {
-    let m = manifests();
-    let (agent_file, _, pod, c) = m.agent();
-    let path = value_or(agent_file, &c, "config", "EGRESSFW_CONFIG", DEFAULT_CONFIG_PATH);
-    let (cm_file, key, text) = config_map_entry(&m, agent_file, &pod, &c, &path);
-    let config = egress_agent::k8s::config::parse(&text)
-        .unwrap_or_else(|e| panic!("{cm_file}: {key} is not a valid agent config: {e:?}"));
-    let (svc_file, svc) = m.gateway_service();
-    let svc_ref = format!("{}/{GATEWAY}", m.namespace);
-    let default = &config.default_gateway;
-    let gateway = config.gateways.get(default);
-    let gateway =
-        gateway.unwrap_or_else(|| panic!("{cm_file}: the default gateway {default:?} is not configured"));
-    let named: Vec<String> = gateway.services.iter().map(|m| m.service.to_string()).collect();
-    assert!(
-        named.contains(&svc_ref),
-        "{cm_file}: the default gateway {default:?} names Services {named:?}, but the gateway's Service is {svc_ref} ({svc_file})",
-    );
-    let ports: Vec<u16> = svc
-        .spec
-        .iter()
-        .flat_map(|s| s.ports.iter().flatten())
-        .filter_map(|p| u16::try_from(p.port).ok())
-        .collect();
-    let members = config.gateways.iter().flat_map(|(name, gw)| gw.services.iter().map(move |m| (name, m)));
-    for (name, gw) in members.filter(|(_, m)| m.service.to_string() == svc_ref) {
-        for r in &gw.ports {
-            assert!(
-                ports.iter().any(|p| (r.first..=r.last).contains(p)),
-                "{cm_file}: gateways[{name}].ports {}-{} match no port of Service {svc_ref} ({svc_file}: {ports:?})",
-                r.first,
-                r.last
-            );
-        }
-        for p in &ports {
-            assert!(
-                gw.ports.is_empty() || gw.ports.iter().any(|r| (r.first..=r.last).contains(p)),
-                "{cm_file}: gateways[{name}].ports leave out port {p} of Service {svc_ref} ({svc_file}): enforced \
-                 pods could not reach that listener"
-            );
+    for m in renderings() {
+        let (agent_file, _, pod, c) = m.agent();
+        let path = value_or(agent_file, &c, "config", "EGRESSFW_CONFIG", DEFAULT_CONFIG_PATH);
+        let (cm_file, key, text) = config_map_entry(&m, agent_file, &pod, &c, &path);
+        let config = egress_agent::k8s::config::parse(&text)
+            .unwrap_or_else(|e| panic!("{cm_file}: {key} is not a valid agent config: {e:?}"));
+        let (svc_file, svc) = m.gateway_service();
+        let svc_ref = format!("{}/{GATEWAY}", m.namespace);
+        let default = &config.default_gateway;
+        let gateway = config.gateways.get(default);
+        let gateway =
+            gateway.unwrap_or_else(|| panic!("{cm_file}: the default gateway {default:?} is not configured"));
+        let named: Vec<String> = gateway.services.iter().map(|m| m.service.to_string()).collect();
+        assert!(
+            named.contains(&svc_ref),
+            "{cm_file}: the default gateway {default:?} names Services {named:?}, but the gateway's Service is {svc_ref} ({svc_file})",
+        );
+        let ports: Vec<u16> = svc
+            .spec
+            .iter()
+            .flat_map(|s| s.ports.iter().flatten())
+            .filter_map(|p| u16::try_from(p.port).ok())
+            .collect();
+        let members =
+            config.gateways.iter().flat_map(|(name, gw)| gw.services.iter().map(move |m| (name, m)));
+        for (name, gw) in members.filter(|(_, m)| m.service.to_string() == svc_ref) {
+            for r in &gw.ports {
+                assert!(
+                    ports.iter().any(|p| (r.first..=r.last).contains(p)),
+                    "{cm_file}: gateways[{name}].ports {}-{} match no port of Service {svc_ref} ({svc_file}: {ports:?})",
+                    r.first,
+                    r.last
+                );
+            }
+            for p in &ports {
+                assert!(
+                    gw.ports.is_empty() || gw.ports.iter().any(|r| (r.first..=r.last).contains(p)),
+                    "{cm_file}: gateways[{name}].ports leave out port {p} of Service {svc_ref} ({svc_file}): enforced \
+                     pods could not reach that listener"
+                );
+            }
         }
     }
 }
 
 #[test]
 fn gateway_probes_use_the_admin_endpoint() {
-    let m = manifests();
-    let g = m.gateway();
-    let (file, config_file, c) = (g.file, g.config_file, &g.container);
-    let admin = g.config.admin.unwrap_or_else(|| {
-        panic!("{config_file}: set admin: the probes in {file} need /healthz and /readyz")
-    });
-    assert!(
-        !admin.ip().is_loopback(),
-        "{config_file}: admin {admin}: the kubelet's probes and Prometheus come from outside the pod"
-    );
-    let port = i32::from(admin.port());
-    let annotations =
-        g.deployment.spec.and_then(|s| s.template.metadata).and_then(|md| md.annotations).unwrap_or_default();
-    assert_health_endpoints(file, c, &annotations, port, &format!("the admin port ({config_file})"));
+    for m in renderings() {
+        let g = m.gateway();
+        let (file, config_file, c) = (g.file, g.config_file, &g.container);
+        let admin = g.config.admin.unwrap_or_else(|| {
+            panic!("{config_file}: set admin: the probes in {file} need /healthz and /readyz")
+        });
+        assert!(
+            !admin.ip().is_loopback(),
+            "{config_file}: admin {admin}: the kubelet's probes and Prometheus come from outside the pod"
+        );
+        let port = i32::from(admin.port());
+        let annotations = g
+            .deployment
+            .spec
+            .and_then(|s| s.template.metadata)
+            .and_then(|md| md.annotations)
+            .unwrap_or_default();
+        assert_health_endpoints(file, c, &annotations, port, &format!("the admin port ({config_file})"));
+    }
 }
 
 #[test]
 fn gateway_is_replicated_and_spread_over_nodes() {
-    let m = manifests();
-    let (file, d, pod, _) = m.gateway_deployment();
-    let spec = d.spec.unwrap_or_else(|| panic!("{file}: no spec"));
-    let replicas = spec.replicas.unwrap_or(1);
-    assert!(
-        replicas >= 2,
-        "{file}: replicas {replicas}: the gateway is every enforced pod's way out; one replica is one outage away"
-    );
-    let labels = spec.template.metadata.and_then(|md| md.labels).unwrap_or_default();
-    assert!(
-        spec.selector.match_labels.as_ref().is_some_and(|l| !l.is_empty()),
-        "{file}: the selector needs matchLabels"
-    );
-    assert!(
-        selects(&spec.selector, &labels),
-        "{file}: selector {:?} does not match template labels {labels:?}",
-        spec.selector
-    );
-    let (agent_file, ds, _, _) = m.agent();
-    let agent_labels = ds.spec.and_then(|s| s.template.metadata).and_then(|md| md.labels).unwrap_or_default();
-    assert!(
-        !selects(&spec.selector, &agent_labels),
-        "{file}: the Deployment's selector also matches the agent's pods ({agent_file})"
-    );
-    let spread = pod
-        .topology_spread_constraints
-        .iter()
-        .flatten()
-        .find(|t| t.topology_key == "kubernetes.io/hostname")
-        .unwrap_or_else(|| {
-            panic!("{file}: no topologySpreadConstraint over kubernetes.io/hostname: the replicas could share a node")
-        });
-    assert!(
-        spread.label_selector.as_ref().is_some_and(|s| selects(s, &labels)),
-        "{file}: the hostname spread constraint's labelSelector does not select the gateway's pods ({labels:?})"
-    );
-    assert!(
-        spread.max_skew < replicas,
-        "{file}: maxSkew {} lets all {replicas} replicas share a node",
-        spread.max_skew
-    );
+    for m in renderings() {
+        let (file, d, pod, _) = m.gateway_deployment();
+        let spec = d.spec.unwrap_or_else(|| panic!("{file}: no spec"));
+        let replicas = spec.replicas.unwrap_or(1);
+        assert!(
+            replicas >= 2,
+            "{file}: replicas {replicas}: the gateway is every enforced pod's way out; one replica is one outage away"
+        );
+        let labels = spec.template.metadata.and_then(|md| md.labels).unwrap_or_default();
+        assert!(
+            spec.selector.match_labels.as_ref().is_some_and(|l| !l.is_empty()),
+            "{file}: the selector needs matchLabels"
+        );
+        assert!(
+            selects(&spec.selector, &labels),
+            "{file}: selector {:?} does not match template labels {labels:?}",
+            spec.selector
+        );
+        let (agent_file, ds, _, _) = m.agent();
+        let agent_labels =
+            ds.spec.and_then(|s| s.template.metadata).and_then(|md| md.labels).unwrap_or_default();
+        assert!(
+            !selects(&spec.selector, &agent_labels),
+            "{file}: the Deployment's selector also matches the agent's pods ({agent_file})"
+        );
+        let spread = pod
+            .topology_spread_constraints
+            .iter()
+            .flatten()
+            .find(|t| t.topology_key == "kubernetes.io/hostname")
+            .unwrap_or_else(|| {
+                panic!("{file}: no topologySpreadConstraint over kubernetes.io/hostname: the replicas could share a node")
+            });
+        assert!(
+            spread.label_selector.as_ref().is_some_and(|s| selects(s, &labels)),
+            "{file}: the hostname spread constraint's labelSelector does not select the gateway's pods ({labels:?})"
+        );
+        assert!(
+            spread.max_skew < replicas,
+            "{file}: maxSkew {} lets all {replicas} replicas share a node",
+            spread.max_skew
+        );
+    }
 }
 
 #[test]
 fn disruption_budget_keeps_a_gateway_serving() {
-    let m = manifests();
-    let (file, d, _, _) = m.gateway_deployment();
-    let spec = d.spec.unwrap_or_else(|| panic!("{file}: no spec"));
-    let replicas = spec.replicas.unwrap_or(1);
-    let labels = spec.template.metadata.and_then(|md| md.labels).unwrap_or_default();
-    let all = m.all::<PodDisruptionBudget>();
-    let budgets: Vec<_> = all
-        .iter()
-        .filter(|(_, b)| {
-            b.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some_and(|s| selects(s, &labels))
-        })
-        .collect();
-    // The eviction API refuses to evict a pod that more than one budget selects.
-    assert_eq!(
-        budgets.len(),
-        1,
-        "{file}: expected one PodDisruptionBudget selecting the gateway's pods ({labels:?}), found {:?}",
-        budgets.iter().map(|(f, _)| f).collect::<Vec<_>>()
-    );
-    let (pdb_file, pdb) = budgets[0];
-    let spec = pdb.spec.clone().unwrap_or_default();
-    let selector = spec.selector.unwrap_or_default();
-    assert!(
-        selector.match_labels.as_ref().is_some_and(|l| !l.is_empty()),
-        "{pdb_file}: the selector needs matchLabels (an empty one selects every pod in the namespace)"
-    );
-    let (agent_file, ds, _, _) = m.agent();
-    let agent_labels = ds.spec.and_then(|s| s.template.metadata).and_then(|md| md.labels).unwrap_or_default();
-    assert!(
-        !selects(&selector, &agent_labels),
-        "{pdb_file}: the selector also matches the agent's pods ({agent_file})"
-    );
-    // Percentages round up, for both fields (as the disruption controller does).
-    let scaled = |v: &IntOrString| match v {
-        IntOrString::Int(n) => *n,
-        IntOrString::String(s) => {
-            let pct: i32 = s
-                .strip_suffix('%')
-                .and_then(|p| p.parse().ok())
-                .unwrap_or_else(|| panic!("{pdb_file}: {s:?} is neither a number nor a percentage"));
-            (replicas * pct + 99) / 100
-        }
-    };
-    let available = match (&spec.min_available, &spec.max_unavailable) {
-        (Some(min), None) => scaled(min),
-        (None, Some(max)) => replicas - scaled(max),
-        _ => panic!("{pdb_file}: set exactly one of minAvailable and maxUnavailable"),
-    };
-    assert!(
-        available >= 1,
-        "{pdb_file}: keeps {available} of the {replicas} gateway pods ({file}) during disruptions: enforced pods \
-         would lose their way out"
-    );
-    assert!(
-        available < replicas,
-        "{pdb_file}: keeps all {replicas} gateway pods ({file}): no eviction is ever allowed, and node drains hang"
-    );
+    for m in renderings() {
+        let (file, d, _, _) = m.gateway_deployment();
+        let spec = d.spec.unwrap_or_else(|| panic!("{file}: no spec"));
+        let replicas = spec.replicas.unwrap_or(1);
+        let labels = spec.template.metadata.and_then(|md| md.labels).unwrap_or_default();
+        let all = m.all::<PodDisruptionBudget>();
+        let budgets: Vec<_> = all
+            .iter()
+            .filter(|(_, b)| {
+                b.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some_and(|s| selects(s, &labels))
+            })
+            .collect();
+        // The eviction API refuses to evict a pod that more than one budget selects.
+        assert_eq!(
+            budgets.len(),
+            1,
+            "{file}: expected one PodDisruptionBudget selecting the gateway's pods ({labels:?}), found {:?}",
+            budgets.iter().map(|(f, _)| f).collect::<Vec<_>>()
+        );
+        let (pdb_file, pdb) = budgets[0];
+        let spec = pdb.spec.clone().unwrap_or_default();
+        let selector = spec.selector.unwrap_or_default();
+        assert!(
+            selector.match_labels.as_ref().is_some_and(|l| !l.is_empty()),
+            "{pdb_file}: the selector needs matchLabels (an empty one selects every pod in the namespace)"
+        );
+        let (agent_file, ds, _, _) = m.agent();
+        let agent_labels =
+            ds.spec.and_then(|s| s.template.metadata).and_then(|md| md.labels).unwrap_or_default();
+        assert!(
+            !selects(&selector, &agent_labels),
+            "{pdb_file}: the selector also matches the agent's pods ({agent_file})"
+        );
+        // Percentages round up, for both fields (as the disruption controller does).
+        let scaled = |v: &IntOrString| match v {
+            IntOrString::Int(n) => *n,
+            IntOrString::String(s) => {
+                let pct: i32 = s
+                    .strip_suffix('%')
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or_else(|| panic!("{pdb_file}: {s:?} is neither a number nor a percentage"));
+                (replicas * pct + 99) / 100
+            }
+        };
+        let available = match (&spec.min_available, &spec.max_unavailable) {
+            (Some(min), None) => scaled(min),
+            (None, Some(max)) => replicas - scaled(max),
+            _ => panic!("{pdb_file}: set exactly one of minAvailable and maxUnavailable"),
+        };
+        assert!(
+            available >= 1,
+            "{pdb_file}: keeps {available} of the {replicas} gateway pods ({file}) during disruptions: enforced pods \
+             would lose their way out"
+        );
+        assert!(
+            available < replicas,
+            "{pdb_file}: keeps all {replicas} gateway pods ({file}): no eviction is ever allowed, and node drains hang"
+        );
+    }
 }
 
 #[test]
 fn termination_grace_covers_the_prestop_sleep_and_the_drain() {
-    let m = manifests();
-    let g = m.gateway();
-    let (file, config_file) = (g.file, g.config_file);
-    // The kubelet's default when the field is absent.
-    let grace = g.pod.termination_grace_period_seconds.unwrap_or(30);
-    let pre_stop = g.container.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()).unwrap_or_else(|| {
-        panic!(
-            "{file}: no preStop hook: the gateway would stop accepting while kube-proxy still sends it new connections"
-        )
-    });
-    assert!(
-        pre_stop.exec.is_none(),
-        "{file}: preStop exec: the image is distroless (no shell, no sleep binary); use lifecycle.preStop.sleep"
-    );
-    let sleep = pre_stop
-        .sleep
-        .as_ref()
-        .unwrap_or_else(|| panic!("{file}: preStop should be a sleep (lifecycle.preStop.sleep.seconds)"))
-        .seconds;
-    assert!(sleep > 0, "{file}: preStop sleeps {sleep}s: kube-proxy needs a moment to drop the endpoint");
-    let drain = g.config.drain_timeout;
-    // After the drain deadline the gateway gives cut connections a second to log.
-    let needed = Duration::from_secs(u64::try_from(sleep).unwrap()) + drain + Duration::from_secs(1);
-    assert!(
-        Duration::from_secs(u64::try_from(grace).unwrap_or(0)) >= needed,
-        "{file}: terminationGracePeriodSeconds {grace} does not cover the preStop sleep ({sleep}s), drainTimeout \
-         ({drain:?}, {config_file}) and a second to log: the kubelet would kill the gateway mid-drain"
-    );
+    for m in renderings() {
+        let g = m.gateway();
+        let (file, config_file) = (g.file, g.config_file);
+        // The kubelet's default when the field is absent.
+        let grace = g.pod.termination_grace_period_seconds.unwrap_or(30);
+        let pre_stop = g.container.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()).unwrap_or_else(|| {
+            panic!(
+                "{file}: no preStop hook: the gateway would stop accepting while kube-proxy still sends it new connections"
+            )
+        });
+        assert!(
+            pre_stop.exec.is_none(),
+            "{file}: preStop exec: the image is distroless (no shell, no sleep binary); use lifecycle.preStop.sleep"
+        );
+        let sleep = pre_stop
+            .sleep
+            .as_ref()
+            .unwrap_or_else(|| panic!("{file}: preStop should be a sleep (lifecycle.preStop.sleep.seconds)"))
+            .seconds;
+        assert!(sleep > 0, "{file}: preStop sleeps {sleep}s: kube-proxy needs a moment to drop the endpoint");
+        let drain = g.config.drain_timeout;
+        // After the drain deadline the gateway gives cut connections a second to log.
+        let needed = Duration::from_secs(u64::try_from(sleep).unwrap()) + drain + Duration::from_secs(1);
+        assert!(
+            Duration::from_secs(u64::try_from(grace).unwrap_or(0)) >= needed,
+            "{file}: terminationGracePeriodSeconds {grace} does not cover the preStop sleep ({sleep}s), drainTimeout \
+             ({drain:?}, {config_file}) and a second to log: the kubelet would kill the gateway mid-drain"
+        );
+    }
 }
 
 #[test]
 fn gateway_runs_without_privileges() {
-    let m = manifests();
-    let g = m.gateway();
-    let (file, config_file, pod, c) = (g.file, g.config_file, &g.pod, &g.container);
-    for (what, on) in
-        [("hostNetwork", pod.host_network), ("hostPID", pod.host_pid), ("hostIPC", pod.host_ipc)]
-    {
-        assert_ne!(on, Some(true), "{file}: {what} is not needed by the gateway");
-    }
-    for v in pod.volumes.iter().flatten() {
-        assert!(
-            v.host_path.is_none(),
-            "{file}: hostPath volume {:?}: the gateway needs nothing of the host",
-            v.name
-        );
-    }
-    for p in c.ports.iter().flatten() {
-        assert!(
-            p.host_port.is_none(),
-            "{file}: hostPort {:?}: clients reach the gateway through its Service",
-            p.host_port
-        );
-    }
-    let (addresses, admin) = (g.config.listeners.addresses(), g.config.admin.map(|a| (a, "admin")));
-    for (addr, listener) in addresses.into_iter().chain(admin) {
-        assert!(
-            addr.port() >= 1024,
-            "{config_file}: the {listener} listener on {addr}: ports below 1024 need CAP_NET_BIND_SERVICE"
-        );
-    }
+    for m in renderings() {
+        let g = m.gateway();
+        let (file, config_file, pod, c) = (g.file, g.config_file, &g.pod, &g.container);
+        for (what, on) in
+            [("hostNetwork", pod.host_network), ("hostPID", pod.host_pid), ("hostIPC", pod.host_ipc)]
+        {
+            assert_ne!(on, Some(true), "{file}: {what} is not needed by the gateway");
+        }
+        for v in pod.volumes.iter().flatten() {
+            assert!(
+                v.host_path.is_none(),
+                "{file}: hostPath volume {:?}: the gateway needs nothing of the host",
+                v.name
+            );
+        }
+        for p in c.ports.iter().flatten() {
+            assert!(
+                p.host_port.is_none(),
+                "{file}: hostPort {:?}: clients reach the gateway through its Service",
+                p.host_port
+            );
+        }
+        let (addresses, admin) = (g.config.listeners.addresses(), g.config.admin.map(|a| (a, "admin")));
+        for (addr, listener) in addresses.into_iter().chain(admin) {
+            assert!(
+                addr.port() >= 1024,
+                "{config_file}: the {listener} listener on {addr}: ports below 1024 need CAP_NET_BIND_SERVICE"
+            );
+        }
 
-    let sc =
-        c.security_context.clone().unwrap_or_else(|| panic!("{file}: the container needs a securityContext"));
-    let pod_sc = pod.security_context.clone().unwrap_or_default();
-    let caps = sc.capabilities.clone().unwrap_or_default();
-    assert!(
-        caps.add.as_ref().is_none_or(Vec::is_empty),
-        "{file}: capabilities added ({:?}): the gateway needs none",
-        caps.add
-    );
-    assert!(caps.drop.iter().flatten().any(|d| d == "ALL"), "{file}: drop ALL capabilities");
-    assert_ne!(sc.privileged, Some(true), "{file}: the gateway must not be privileged");
-    assert_eq!(
-        sc.allow_privilege_escalation,
-        Some(false),
-        "{file}: set allowPrivilegeEscalation: false (no setuid gains)"
-    );
-    assert_eq!(sc.run_as_non_root.or(pod_sc.run_as_non_root), Some(true), "{file}: set runAsNonRoot: true");
-    let uid = sc.run_as_user.or(pod_sc.run_as_user);
-    assert!(
-        uid.is_some_and(|u| u != 0),
-        "{file}: runAsUser {uid:?}: the image's user is root, so runAsNonRoot alone keeps the container from \
-         starting; set a fixed non-zero runAsUser"
-    );
-    assert_eq!(sc.read_only_root_filesystem, Some(true), "{file}: set readOnlyRootFilesystem: true");
-    let seccomp = sc.seccomp_profile.or(pod_sc.seccomp_profile).map(|p| p.type_);
-    assert!(
-        matches!(seccomp.as_deref(), Some("RuntimeDefault" | "Localhost")),
-        "{file}: seccomp {seccomp:?}: the gateway needs no unusual syscalls; use RuntimeDefault"
-    );
+        let sc = c
+            .security_context
+            .clone()
+            .unwrap_or_else(|| panic!("{file}: the container needs a securityContext"));
+        let pod_sc = pod.security_context.clone().unwrap_or_default();
+        let caps = sc.capabilities.clone().unwrap_or_default();
+        assert!(
+            caps.add.as_ref().is_none_or(Vec::is_empty),
+            "{file}: capabilities added ({:?}): the gateway needs none",
+            caps.add
+        );
+        assert!(caps.drop.iter().flatten().any(|d| d == "ALL"), "{file}: drop ALL capabilities");
+        assert_ne!(sc.privileged, Some(true), "{file}: the gateway must not be privileged");
+        assert_eq!(
+            sc.allow_privilege_escalation,
+            Some(false),
+            "{file}: set allowPrivilegeEscalation: false (no setuid gains)"
+        );
+        assert_eq!(
+            sc.run_as_non_root.or(pod_sc.run_as_non_root),
+            Some(true),
+            "{file}: set runAsNonRoot: true"
+        );
+        let uid = sc.run_as_user.or(pod_sc.run_as_user);
+        assert!(
+            uid.is_some_and(|u| u != 0),
+            "{file}: runAsUser {uid:?}: the image's user is root, so runAsNonRoot alone keeps the container from \
+             starting; set a fixed non-zero runAsUser"
+        );
+        assert_eq!(sc.read_only_root_filesystem, Some(true), "{file}: set readOnlyRootFilesystem: true");
+        let seccomp = sc.seccomp_profile.or(pod_sc.seccomp_profile).map(|p| p.type_);
+        assert!(
+            matches!(seccomp.as_deref(), Some("RuntimeDefault" | "Localhost")),
+            "{file}: seccomp {seccomp:?}: the gateway needs no unusual syscalls; use RuntimeDefault"
+        );
+    }
 }
 
 #[test]
 fn gateway_may_only_read_pods() {
-    let m = manifests();
-    let (file, d, pod, _) = m.gateway_deployment();
-    let namespace = d.metadata.namespace.unwrap();
-    let (role_file, role) = bound_cluster_role(&m, file, "the gateway", &namespace, &pod);
-    let granted = grants(role_file, &role);
-    for verb in ["list", "watch"] {
-        assert!(
-            granted.contains(&(String::new(), "pods".into(), verb.into())),
-            "{role_file}: the gateway needs `{verb}` on pods (its cluster-wide pod watch, sources.kubernetes)"
+    for m in renderings() {
+        let (file, d, pod, _) = m.gateway_deployment();
+        let namespace = d.metadata.namespace.unwrap();
+        let (role_file, role) = bound_cluster_role(&m, file, "the gateway", &namespace, &pod);
+        let granted = grants(role_file, &role);
+        for verb in ["list", "watch"] {
+            assert!(
+                granted.contains(&(String::new(), "pods".into(), verb.into())),
+                "{role_file}: the gateway needs `{verb}` on pods (its cluster-wide pod watch, sources.kubernetes)"
+            );
+        }
+        let extra: Vec<_> = granted
+            .iter()
+            .filter(|(g, r, v)| {
+                !(g.is_empty() && r == "pods" && ["get", "list", "watch"].contains(&v.as_str()))
+            })
+            .collect();
+        assert!(extra.is_empty(), "{role_file}: grants the gateway more than reading pods: {extra:?}");
+
+        let sa_name = pod.service_account_name.clone().unwrap_or_default();
+        let (sa_file, sa) = m
+            .all::<ServiceAccount>()
+            .into_iter()
+            .find(|(_, sa)| sa.metadata.name.as_ref() == Some(&sa_name))
+            .unwrap();
+        let automount = pod.automount_service_account_token.or(sa.automount_service_account_token);
+        assert_ne!(
+            automount,
+            Some(false),
+            "{file} / {sa_file}: the service account token is not mounted; the pod watch needs it"
         );
     }
-    let extra: Vec<_> = granted
-        .iter()
-        .filter(|(g, r, v)| !(g.is_empty() && r == "pods" && ["get", "list", "watch"].contains(&v.as_str())))
-        .collect();
-    assert!(extra.is_empty(), "{role_file}: grants the gateway more than reading pods: {extra:?}");
-
-    let sa_name = pod.service_account_name.clone().unwrap_or_default();
-    let (sa_file, sa) = m
-        .all::<ServiceAccount>()
-        .into_iter()
-        .find(|(_, sa)| sa.metadata.name.as_ref() == Some(&sa_name))
-        .unwrap();
-    let automount = pod.automount_service_account_token.or(sa.automount_service_account_token);
-    assert_ne!(
-        automount,
-        Some(false),
-        "{file} / {sa_file}: the service account token is not mounted; the pod watch needs it"
-    );
 }
 
 #[test]
 fn gateway_namespace_is_never_enforced() {
-    let m = manifests();
-    let (file, d, _, _) = m.gateway_deployment();
-    let ns = d.metadata.namespace.unwrap();
-    let (ns_file, namespace) = m
-        .all::<Namespace>()
-        .into_iter()
-        .find(|(_, n)| n.metadata.name.as_ref() == Some(&ns))
-        .unwrap_or_else(|| panic!("{file}: the gateway's namespace {ns} is not in deploy/"));
-    let labels = namespace.metadata.labels.unwrap_or_default();
-    let mode = labels.get("egressfw.io/mode").map(String::as_str);
-    assert!(
-        mode.is_none_or(|m| m == "off"),
-        "{ns_file}: egressfw.io/mode={mode:?} on the gateway's namespace ({file}): the gateway's own egress must \
-         never be enforced, or it cannot reach the destinations it allows"
+    for m in renderings() {
+        let (file, d, _, _) = m.gateway_deployment();
+        let ns = d.metadata.namespace.unwrap();
+        let (ns_file, namespace) = m
+            .all::<Namespace>()
+            .into_iter()
+            .find(|(_, n)| n.metadata.name.as_ref() == Some(&ns))
+            .unwrap_or_else(|| panic!("{file}: the gateway's namespace {ns} is not in deploy/"));
+        let labels = namespace.metadata.labels.unwrap_or_default();
+        let mode = labels.get("egressfw.io/mode").map(String::as_str);
+        assert!(
+            mode.is_none_or(|m| m == "off"),
+            "{ns_file}: egressfw.io/mode={mode:?} on the gateway's namespace ({file}): the gateway's own egress must \
+             never be enforced, or it cannot reach the destinations it allows"
+        );
+    }
+}
+
+/// deploy/examples/dedicated-egress-nodes: the gateway runs only on egress nodes, tolerates
+/// their taint, one replica per node, and the disruption budget still covers its pods.
+#[test]
+fn the_dedicated_egress_nodes_example_pins_the_gateway_to_those_nodes() {
+    const EGRESS_NODE: &str = "egressfw.io/egress-node";
+    let m = rendering(&deploy_dir().join(EXAMPLES_DIR).join("dedicated-egress-nodes"));
+    let gw = m.gateway();
+    let file = gw.file;
+    let selector = gw.pod.node_selector.clone().unwrap_or_default();
+    assert_eq!(selector.get(EGRESS_NODE).map(String::as_str), Some("true"), "{file}: {selector:?}");
+    assert_eq!(
+        selector.get("kubernetes.io/os").map(String::as_str),
+        Some("linux"),
+        "the base's selector is kept"
     );
+    let tolerates = gw.pod.tolerations.iter().flatten().any(|t| {
+        t.key.as_deref() == Some(EGRESS_NODE)
+            && t.operator.as_deref() == Some("Exists")
+            && t.effect.as_deref() == Some("NoSchedule")
+    });
+    assert!(tolerates, "{file}: the gateway tolerates the egress nodes' taint: {:?}", gw.pod.tolerations);
+    let anti = gw
+        .pod
+        .affinity
+        .as_ref()
+        .and_then(|a| a.pod_anti_affinity.as_ref())
+        .and_then(|a| a.required_during_scheduling_ignored_during_execution.clone())
+        .unwrap_or_default();
+    let labels = gw.pod_labels();
+    assert!(
+        anti.iter().any(|t| {
+            t.topology_key == "kubernetes.io/hostname"
+                && t.label_selector.as_ref().is_some_and(|s| selects(s, &labels))
+        }),
+        "{file}: one replica per node, required: {anti:?}"
+    );
+    let (pdb_file, pdb) = m.one::<PodDisruptionBudget>();
+    let pdb_selector = pdb.spec.and_then(|s| s.selector).unwrap_or_default();
+    assert!(selects(&pdb_selector, &labels), "{pdb_file}: the budget selects the pinned gateway pods");
 }

@@ -5,7 +5,13 @@ use super::*;
 
 /// What a kustomization may say; anything else fails rather than being silently ignored.
 pub(crate) const KUSTOMIZATION_FIELDS: &[&str] =
-    &["apiVersion", "kind", "namespace", "labels", "resources", "images"];
+    &["apiVersion", "kind", "namespace", "labels", "resources", "patches", "images"];
+/// Lists that kustomize merges by a key (containers by name, ...) rather than replacing them: a
+/// patch that sets one is refused here, since this renderer replaces lists.
+const MERGED_LISTS: &[&str] =
+    &["containers", "initContainers", "volumes", "volumeMounts", "env", "ports", "imagePullSecrets"];
+/// The examples under deploy/examples/, each a kustomization of its own (an overlay of the base).
+pub(crate) const EXAMPLES_DIR: &str = "examples";
 /// Kinds whose pod template kustomize's `labels.includeTemplates` and `images` reach.
 pub(crate) const WORKLOAD_KINDS: &[&str] = &["DaemonSet", "Deployment", "StatefulSet", "ReplicaSet", "Job"];
 
@@ -36,12 +42,33 @@ pub(crate) fn shown(path: &Path) -> String {
 }
 
 pub(crate) fn manifests() -> Manifests {
+    rendering(&deploy_dir())
+}
+
+/// The kustomization in `dir` (under deploy/), rendered.
+pub(crate) fn rendering(dir: &Path) -> Manifests {
     let root = deploy_dir();
     let mut files = BTreeSet::new();
-    let (namespace, objects) = render(&root, &root, &mut files).unwrap_or_else(|e| panic!("{e:#}"));
-    let namespace =
-        namespace.expect("deploy/kustomization.yaml: set `namespace:`, every object belongs in one");
+    let (namespace, objects) = render(&root, dir, &mut files).unwrap_or_else(|e| panic!("{e:#}"));
+    let namespace = namespace.unwrap_or_else(|| {
+        panic!("{}: set `namespace:`, every object belongs in one", shown(&dir.join("kustomization.yaml")))
+    });
     Manifests { namespace, objects, files }
+}
+
+/// The base and every example: what `kubectl apply -k` is pointed at. Each is checked the same
+/// way.
+pub(crate) fn renderings() -> Vec<Manifests> {
+    let mut dirs = vec![deploy_dir()];
+    let examples = deploy_dir().join(EXAMPLES_DIR);
+    let mut found: Vec<PathBuf> = fs::read_dir(&examples)
+        .unwrap_or_else(|e| panic!("listing {}: {e}", shown(&examples)))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("kustomization.yaml").is_file())
+        .collect();
+    found.sort();
+    dirs.extend(found);
+    dirs.iter().map(|d| rendering(d)).collect()
 }
 
 /// Renders the kustomization in `dir` (nested kustomizations included), like `kustomize build`.
@@ -85,6 +112,9 @@ pub(crate) fn render(
             objects.extend(read_documents(&resource)?);
         }
     }
+    for entry in k.get("patches").and_then(Value::as_array).into_iter().flatten() {
+        apply_patch(root, dir, &file, entry, &mut objects, files)?;
+    }
     if let Some(labels) = k.get("labels") {
         apply_labels(&file, labels, &mut objects)?;
     }
@@ -100,6 +130,72 @@ pub(crate) fn render(
         apply_images(&file, images, &mut objects)?;
     }
     Ok((namespace, objects))
+}
+
+/// A strategic-merge patch from a file (`patches: [{path: ...}]`), applied to the object of the
+/// same kind and name: maps merge, scalars and lists are replaced. That is kustomize's strategic
+/// merge for every field except the lists it merges by key, which a patch here may not set.
+fn apply_patch(
+    root: &Path,
+    dir: &Path,
+    file: &str,
+    entry: &Value,
+    objects: &mut [Object],
+    files: &mut BTreeSet<PathBuf>,
+) -> Result<()> {
+    let entry = entry.as_object().with_context(|| format!("{file}: patches entries are maps"))?;
+    ensure!(
+        entry.keys().all(|k| k == "path"),
+        "{file}: only `patches: [{{path: ...}}]` (strategic merge from a file) is rendered here, not {:?}",
+        entry.keys().collect::<Vec<_>>()
+    );
+    let rel =
+        entry.get("path").and_then(Value::as_str).with_context(|| format!("{file}: patch without path"))?;
+    let path = normalize(&dir.join(rel));
+    ensure!(path.starts_with(root), "{file}: patch {rel:?} is outside {}", shown(root));
+    ensure!(files.insert(path.clone()), "{file}: {rel:?} is listed twice");
+    let patches = read_documents(&path)?;
+    ensure!(patches.len() == 1, "{}: a patch file holds one object", shown(&path));
+    let patch = &patches[0].value;
+    let (kind, name) = (patch["kind"].as_str(), patch["metadata"]["name"].as_str());
+    ensure!(
+        kind.is_some() && name.is_some(),
+        "{}: a patch names its target's kind and metadata.name",
+        shown(&path)
+    );
+    check_patch_lists(&shown(&path), patch, "")?;
+    let target = objects
+        .iter_mut()
+        .find(|o| o.value["kind"].as_str() == kind && o.value["metadata"]["name"].as_str() == name)
+        .with_context(|| {
+            format!("{}: no {} {} to patch", shown(&path), kind.unwrap_or(""), name.unwrap_or(""))
+        })?;
+    merge(&mut target.value, patch);
+    Ok(())
+}
+
+fn check_patch_lists(file: &str, v: &Value, at: &str) -> Result<()> {
+    if let Value::Object(map) = v {
+        for (k, child) in map {
+            ensure!(
+                !(MERGED_LISTS.contains(&k.as_str()) && child.is_array()) && !k.starts_with("$patch"),
+                "{file}: {at}.{k}: kustomize merges this list by key; the renderer here replaces lists, so a patch may not set it"
+            );
+            check_patch_lists(file, child, &format!("{at}.{k}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                merge(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
 }
 
 pub(crate) fn normalize(path: &Path) -> PathBuf {
