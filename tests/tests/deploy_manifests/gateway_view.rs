@@ -20,13 +20,29 @@ pub(crate) struct Gateway<'a> {
 }
 
 impl Manifests {
-    /// The gateway's Deployment, its pod spec and its one container.
-    pub(crate) fn gateway_deployment(&self) -> (&str, Deployment, PodSpec, Container) {
+    /// Every gateway of the rendering: the Deployments whose container runs `egress-agent
+    /// gateway` (the base's, and the examples' own).
+    pub(crate) fn gateway_names(&self) -> Vec<String> {
+        let names: Vec<String> = self
+            .all::<Deployment>()
+            .into_iter()
+            .filter(|(file, d)| {
+                let pod = d.spec.as_ref().and_then(|s| s.template.spec.as_ref());
+                pod.is_some_and(|p| p.containers.iter().any(|c| subcommand(file, c) == Some("gateway")))
+            })
+            .filter_map(|(_, d)| d.metadata.name)
+            .collect();
+        assert!(names.iter().any(|n| n == GATEWAY), "no Deployment {GATEWAY} runs the gateway");
+        names
+    }
+
+    /// Gateway `name`'s Deployment, its pod spec and its one container.
+    pub(crate) fn gateway_deployment_named(&self, name: &str) -> (&str, Deployment, PodSpec, Container) {
         let (file, d) = self
             .all::<Deployment>()
             .into_iter()
-            .find(|(_, d)| d.metadata.name.as_deref() == Some(GATEWAY))
-            .unwrap_or_else(|| panic!("deploy/: no Deployment {GATEWAY}"));
+            .find(|(_, d)| d.metadata.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("deploy/: no Deployment {name}"));
         let pod =
             d.spec.clone().and_then(|s| s.template.spec).unwrap_or_else(|| panic!("{file}: no pod spec"));
         assert_eq!(pod.containers.len(), 1, "{file}: the gateway pod has one container");
@@ -34,9 +50,14 @@ impl Manifests {
         (file, d, pod, container)
     }
 
-    /// The gateway, with the configuration its container reads, parsed by the gateway's parser.
+    /// The base's gateway, with the configuration its container reads.
     pub(crate) fn gateway(&self) -> Gateway<'_> {
-        let (file, deployment, pod, container) = self.gateway_deployment();
+        self.gateway_named(GATEWAY)
+    }
+
+    /// Gateway `name`, with the configuration its container reads, parsed by the gateway's parser.
+    pub(crate) fn gateway_named(&self, name: &str) -> Gateway<'_> {
+        let (file, deployment, pod, container) = self.gateway_deployment_named(name);
         let path = gateway_config_path(file, &container);
         let (config_file, key, text) = config_map_entry(self, file, &pod, &container, &path);
         let config = egress_agent::gateway::config::parse(&text)
@@ -44,15 +65,20 @@ impl Manifests {
         Gateway { file, deployment, pod, container, config_file, config }
     }
 
-    /// The gateway's Service, in the gateway's namespace.
+    /// The base gateway's Service, in the gateway's namespace.
     pub(crate) fn gateway_service(&self) -> (&str, Service) {
+        self.gateway_service_named(GATEWAY)
+    }
+
+    /// Gateway `name`'s Service: the Service of the same name, in the gateway's namespace.
+    pub(crate) fn gateway_service_named(&self, name: &str) -> (&str, Service) {
         self.all::<Service>()
             .into_iter()
             .find(|(_, s)| {
-                s.metadata.name.as_deref() == Some(GATEWAY)
+                s.metadata.name.as_deref() == Some(name)
                     && s.metadata.namespace.as_deref() == Some(self.namespace.as_str())
             })
-            .unwrap_or_else(|| panic!("deploy/: no Service {}/{GATEWAY}", self.namespace))
+            .unwrap_or_else(|| panic!("deploy/: no Service {}/{name}", self.namespace))
     }
 }
 
