@@ -127,17 +127,13 @@ pub struct UpstreamProxy {
     pub auth: Option<ProxyCredentials>,
 }
 
-/// Basic credentials for the parent, read from files when the configuration is loaded.
-#[derive(Clone, PartialEq, Eq)]
+/// Where the parent's basic credentials are: files, as a mounted Secret of type
+/// `kubernetes.io/basic-auth` provides them. Read when the configuration is applied (at start
+/// and on every reload, see `parent::Parent::new`).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProxyCredentials {
-    pub username: String,
-    pub password: String,
-}
-
-impl std::fmt::Debug for ProxyCredentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProxyCredentials").field("username", &self.username).finish_non_exhaustive()
-    }
+    pub username_file: PathBuf,
+    pub password_file: PathBuf,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -470,37 +466,11 @@ fn parse_upstream_proxy(raw: &RawUpstreamProxy) -> Result<UpstreamProxy, ParseEr
     let at = "upstreamProxy";
     let address = parse_upstream(&raw.address, &format!("{at}.address"))?;
     let hosts = parse_patterns(&raw.hosts, &format!("{at}.hosts"))?;
-    let auth = raw
-        .auth
-        .as_ref()
-        .map(|a| {
-            let username = read_secret(&a.username_file, &format!("{at}.auth.usernameFile"))?;
-            if username.contains(':') {
-                return Err(invalid(
-                    format!("{at}.auth.usernameFile"),
-                    format!(
-                        "the user name in {} contains ':', which basic credentials cannot carry",
-                        a.username_file.display()
-                    ),
-                ));
-            }
-            let password = read_secret(&a.password_file, &format!("{at}.auth.passwordFile"))?;
-            Ok(ProxyCredentials { username, password })
-        })
-        .transpose()?;
+    let auth = raw.auth.as_ref().map(|a| ProxyCredentials {
+        username_file: a.username_file.clone(),
+        password_file: a.password_file.clone(),
+    });
     Ok(UpstreamProxy { address, hosts, auth })
-}
-
-/// One line of a mounted Secret file (a trailing newline is not part of it). Control characters
-/// could split the header it goes into, so they are refused.
-fn read_secret(path: &std::path::Path, at: &str) -> Result<String, ParseError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| invalid(at, format!("{} cannot be read: {e}", path.display())))?;
-    let value = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
-    if value.is_empty() || value.chars().any(char::is_control) {
-        return Err(invalid(at, format!("{} must hold one line of printable text", path.display())));
-    }
-    Ok(value.to_owned())
 }
 
 fn parse_listeners(raw: RawListeners) -> Result<Listeners, ParseError> {

@@ -5,8 +5,9 @@
 //! parent resolves the name, so the gateway cannot check the addresses it reaches; IP literals
 //! are still checked against the ranges before they are handed on.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, path::Path, sync::Arc};
 
+use anyhow::{Context as _, Result, bail};
 use base64::Engine as _;
 use http::HeaderValue;
 use tokio::{
@@ -35,24 +36,37 @@ pub struct Parent {
 }
 
 impl Parent {
-    pub fn new(config: &UpstreamProxy) -> Self {
-        let authorization = config.auth.as_ref().and_then(|c| {
-            let token =
-                base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", c.username, c.password));
-            let mut value = HeaderValue::from_str(&format!("Basic {token}")).ok()?;
-            value.set_sensitive(true);
-            Some(value)
-        });
+    /// Reads the credentials (if any): a file that cannot be read, or holds more than one line
+    /// of printable text, fails the configuration, naming the file, and the previous one stays.
+    pub fn new(config: &UpstreamProxy) -> Result<Self> {
+        let authorization = config
+            .auth
+            .as_ref()
+            .map(|c| {
+                let username = read_secret(&c.username_file, "usernameFile")?;
+                if username.contains(':') {
+                    bail!(
+                        "upstreamProxy.auth.usernameFile: the user name in {} contains ':', which basic credentials cannot carry",
+                        c.username_file.display()
+                    );
+                }
+                let password = read_secret(&c.password_file, "passwordFile")?;
+                let token = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+                let mut value = HeaderValue::from_str(&format!("Basic {token}"))?;
+                value.set_sensitive(true);
+                Ok(value)
+            })
+            .transpose()?;
         let shown = match config.address.host.parse::<std::net::Ipv6Addr>() {
             Ok(v6) => format!("[{v6}]:{}", config.address.port),
             Err(_) => format!("{}:{}", config.address.host, config.address.port),
         };
-        Self {
+        Ok(Self {
             address: config.address.clone(),
             hosts: config.hosts.clone(),
             authorization,
             shown: shown.into(),
-        }
+        })
     }
 
     /// Whether connections to `target` go through the parent: every target when no hosts are
@@ -111,6 +125,18 @@ impl Parent {
         }
         Ok((stream, addr))
     }
+}
+
+/// One line of a mounted Secret file (a trailing newline is not part of it). Control characters
+/// could split the header the value goes into, so they are refused.
+fn read_secret(path: &Path, key: &str) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("upstreamProxy.auth.{key}: {} cannot be read", path.display()))?;
+    let value = text.strip_suffix('\n').map_or(text.as_str(), |t| t.strip_suffix('\r').unwrap_or(t));
+    if value.is_empty() || value.chars().any(char::is_control) {
+        bail!("upstreamProxy.auth.{key}: {} must hold one line of printable text", path.display());
+    }
+    Ok(value.to_owned())
 }
 
 /// Reads a response head without reading past it: peeks at what has arrived, takes up to the
@@ -182,6 +208,43 @@ mod tests {
         client.read_exact(&mut rest).await.unwrap();
         assert_eq!(&rest, b"SSH-2.0-hello", "the destination's bytes stay in the stream");
         drop(server.await);
+    }
+
+    #[test]
+    fn credentials_are_read_from_files_and_bad_ones_name_the_file() {
+        use crate::gateway::config::{ProxyCredentials, Upstream};
+        let dir = std::env::temp_dir().join(format!("egressfw-parent-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (user, pass) = (dir.join("username"), dir.join("password"));
+        std::fs::write(&user, "egress\n").unwrap();
+        std::fs::write(&pass, "s3cret: with colon").unwrap();
+        let config = |username_file: &Path| UpstreamProxy {
+            address: Upstream { host: "proxy.corp.example".into(), port: 3128 },
+            hosts: Vec::new(),
+            auth: Some(ProxyCredentials {
+                username_file: username_file.to_owned(),
+                password_file: pass.clone(),
+            }),
+        };
+        let parent = Parent::new(&config(&user)).unwrap();
+        let expected = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("egress:s3cret: with colon")
+        );
+        assert_eq!(parent.authorization().unwrap().to_str().unwrap(), expected);
+        assert_eq!(&*parent.shown, "proxy.corp.example:3128");
+
+        let err = |path: &Path| format!("{:#}", Parent::new(&config(path)).err().unwrap());
+        let missing = err(&dir.join("nope"));
+        assert!(
+            missing.contains("upstreamProxy.auth.usernameFile") && missing.contains("nope cannot be read"),
+            "{missing}"
+        );
+        std::fs::write(&user, "a:b").unwrap();
+        assert!(err(&user).contains("contains ':'"));
+        std::fs::write(&user, "two\nlines\n").unwrap();
+        assert!(err(&user).contains("one line of printable text"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

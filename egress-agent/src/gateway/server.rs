@@ -172,7 +172,7 @@ fn build_live(config: &GatewayConfig) -> Result<Live> {
         policy: Policy::new(config.rules.clone(), config.blocked_cidrs.clone()),
         limits: config.limits,
         originator,
-        parent: config.upstream_proxy.as_ref().map(Parent::new),
+        parent: config.upstream_proxy.as_ref().map(Parent::new).transpose()?,
     })
 }
 

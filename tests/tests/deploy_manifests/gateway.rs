@@ -549,10 +549,7 @@ fn the_dedicated_egress_nodes_example_pins_the_gateway_to_those_nodes() {
 #[test]
 fn every_gateway_service_the_agent_names_is_rendered_with_those_ports() {
     for m in renderings() {
-        let (agent_file, _, pod, c) = m.agent();
-        let path = value_or(agent_file, &c, "config", "EGRESSFW_CONFIG", DEFAULT_CONFIG_PATH);
-        let (cm_file, _, text) = config_map_entry(&m, agent_file, &pod, &c, &path);
-        let config = egress_agent::k8s::config::parse(&text).unwrap_or_else(|e| panic!("{cm_file}: {e:?}"));
+        let (cm_file, config) = agent_config(&m);
         let gateways = m.gateway_names();
         for (gw, member) in config.gateways.iter().flat_map(|(gw, g)| g.services.iter().map(move |s| (gw, s)))
         {
@@ -590,10 +587,7 @@ fn every_gateway_service_the_agent_names_is_rendered_with_those_ports() {
 #[test]
 fn the_gateway_per_upstream_example_groups_its_gateways_and_follows_their_upstreams() {
     let m = rendering(&deploy_dir().join(EXAMPLES_DIR).join("gateway-per-upstream"));
-    let (agent_file, _, pod, c) = m.agent();
-    let path = value_or(agent_file, &c, "config", "EGRESSFW_CONFIG", DEFAULT_CONFIG_PATH);
-    let (cm_file, _, text) = config_map_entry(&m, agent_file, &pod, &c, &path);
-    let config = egress_agent::k8s::config::parse(&text).unwrap_or_else(|e| panic!("{cm_file}: {e:?}"));
+    let (cm_file, config) = agent_config(&m);
     let group =
         config.gateways.get("partners").unwrap_or_else(|| panic!("{cm_file}: no gateway group `partners`"));
     let mut named: Vec<String> = group.services.iter().map(|s| s.service.name.clone()).collect();
@@ -610,4 +604,67 @@ fn the_gateway_per_upstream_example_groups_its_gateways_and_follows_their_upstre
             g.config_file
         );
     }
+}
+
+/// deploy/examples/corporate-proxy: the corporate proxy is a gateway by address for the agent,
+/// and the gateway chains to it with credentials that a mounted Secret provides (each file the
+/// configuration names is a key of a Secret mounted at that directory).
+#[test]
+fn the_corporate_proxy_example_mounts_the_credentials_its_gateway_reads() {
+    let m = rendering(&deploy_dir().join(EXAMPLES_DIR).join("corporate-proxy"));
+    let (cm_file, agent) = agent_config(&m);
+    let corporate =
+        agent.gateways.get("corporate").unwrap_or_else(|| panic!("{cm_file}: no gateway `corporate`"));
+    assert!(
+        corporate.services.is_empty() && !corporate.addresses.is_empty(),
+        "{cm_file}: `corporate` is by address"
+    );
+
+    let g = m.gateway();
+    let parent =
+        g.config.upstream_proxy.as_ref().unwrap_or_else(|| panic!("{}: no upstreamProxy", g.config_file));
+    assert_eq!(
+        parent.address.host,
+        corporate.addresses[0].address.to_string(),
+        "{}: the gateway chains to the same proxy the agent names",
+        g.config_file
+    );
+    let auth = parent.auth.as_ref().unwrap_or_else(|| panic!("{}: no upstreamProxy.auth", g.config_file));
+    let secrets = m.all::<Secret>();
+    for file in [&auth.username_file, &auth.password_file] {
+        let (dir, key) = (file.parent().unwrap(), file.file_name().unwrap().to_string_lossy());
+        let mount = g
+            .container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|vm| Path::new(&vm.mount_path) == dir)
+            .unwrap_or_else(|| {
+                panic!("{}: nothing is mounted at {} for {}", g.file, dir.display(), file.display())
+            });
+        let volume =
+            g.pod.volumes.iter().flatten().find(|v| v.name == mount.name).expect("the mount's volume");
+        let secret_name = volume
+            .secret
+            .as_ref()
+            .and_then(|s| s.secret_name.clone())
+            .unwrap_or_else(|| panic!("{}: volume {} is not a Secret", g.file, mount.name));
+        let (secret_file, secret) = secrets
+            .iter()
+            .find(|(_, s)| s.metadata.name.as_deref() == Some(secret_name.as_str()))
+            .unwrap_or_else(|| panic!("{}: Secret {secret_name} is not in the example", g.file));
+        let has_key = secret.string_data.as_ref().is_some_and(|d| d.contains_key(key.as_ref()))
+            || secret.data.as_ref().is_some_and(|d| d.contains_key(key.as_ref()));
+        assert!(has_key, "{secret_file}: no key {key} for {}", file.display());
+    }
+}
+
+/// The node agent's configuration as its DaemonSet reads it, parsed, and the file it is in.
+fn agent_config(m: &Manifests) -> (&str, egress_agent::k8s::config::AgentConfig) {
+    let (agent_file, _, pod, c) = m.agent();
+    let path = value_or(agent_file, &c, "config", "EGRESSFW_CONFIG", DEFAULT_CONFIG_PATH);
+    let (cm_file, key, text) = config_map_entry(m, agent_file, &pod, &c, &path);
+    let config = egress_agent::k8s::config::parse(&text)
+        .unwrap_or_else(|e| panic!("{cm_file}: {key} is not a valid agent config: {e:?}"));
+    (cm_file, config)
 }

@@ -31,7 +31,7 @@ use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment},
         core::v1::{
-            ConfigMap, Container, ContainerPort, Namespace, PodSpec, Probe, Service, ServiceAccount,
+            ConfigMap, Container, ContainerPort, Namespace, PodSpec, Probe, Secret, Service, ServiceAccount,
             ServicePort, VolumeMount,
         },
         policy::v1::PodDisruptionBudget,

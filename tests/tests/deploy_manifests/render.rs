@@ -6,10 +6,17 @@ use super::*;
 /// What a kustomization may say; anything else fails rather than being silently ignored.
 pub(crate) const KUSTOMIZATION_FIELDS: &[&str] =
     &["apiVersion", "kind", "namespace", "labels", "resources", "patches", "images"];
-/// Lists that kustomize merges by a key (containers by name, ...) rather than replacing them: a
-/// patch that sets one is refused here, since this renderer replaces lists.
-const MERGED_LISTS: &[&str] =
-    &["containers", "initContainers", "volumes", "volumeMounts", "env", "ports", "imagePullSecrets"];
+/// Lists that a strategic merge patch merges element by element, by a key (Kubernetes'
+/// `patchMergeKey`), rather than replacing them. Any other list is replaced.
+const MERGED_LISTS: &[(&str, &str)] = &[
+    ("containers", "name"),
+    ("initContainers", "name"),
+    ("volumes", "name"),
+    ("volumeMounts", "mountPath"),
+    ("env", "name"),
+    ("imagePullSecrets", "name"),
+    ("ports", "containerPort"),
+];
 /// The examples under deploy/examples/, each a kustomization of its own (an overlay of the base).
 pub(crate) const EXAMPLES_DIR: &str = "examples";
 /// Kinds whose pod template kustomize's `labels.includeTemplates` and `images` reach.
@@ -133,8 +140,8 @@ pub(crate) fn render(
 }
 
 /// A strategic-merge patch from a file (`patches: [{path: ...}]`), applied to the object of the
-/// same kind and name: maps merge, scalars and lists are replaced. That is kustomize's strategic
-/// merge for every field except the lists it merges by key, which a patch here may not set.
+/// same kind and name: maps merge, scalars are replaced, the lists in [`MERGED_LISTS`] merge by
+/// their key and other lists are replaced, as kustomize does. `$patch` directives are refused.
 fn apply_patch(
     root: &Path,
     dir: &Path,
@@ -175,14 +182,30 @@ fn apply_patch(
 }
 
 fn check_patch_lists(file: &str, v: &Value, at: &str) -> Result<()> {
-    if let Value::Object(map) = v {
-        for (k, child) in map {
-            ensure!(
-                !(MERGED_LISTS.contains(&k.as_str()) && child.is_array()) && !k.starts_with("$patch"),
-                "{file}: {at}.{k}: kustomize merges this list by key; the renderer here replaces lists, so a patch may not set it"
-            );
-            check_patch_lists(file, child, &format!("{at}.{k}"))?;
+    match v {
+        Value::Object(map) => {
+            for (k, child) in map {
+                ensure!(
+                    !k.starts_with("$patch"),
+                    "{file}: {at}.{k}: `$patch` directives are not rendered here"
+                );
+                if let (Some((_, key)), Value::Array(items)) =
+                    (MERGED_LISTS.iter().find(|(l, _)| l == k), child)
+                {
+                    ensure!(
+                        items.iter().all(|i| i.get(key).is_some()),
+                        "{file}: {at}.{k}: every element needs its merge key `{key}`"
+                    );
+                }
+                check_patch_lists(file, child, &format!("{at}.{k}"))?;
+            }
         }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                check_patch_lists(file, item, &format!("{at}[{i}]"))?;
+            }
+        }
+        _ => {}
     }
     Ok(())
 }
@@ -191,10 +214,24 @@ fn merge(target: &mut Value, patch: &Value) {
     match (target, patch) {
         (Value::Object(t), Value::Object(p)) => {
             for (k, v) in p {
-                merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                let slot = t.entry(k.clone()).or_insert(Value::Null);
+                match (MERGED_LISTS.iter().find(|(l, _)| l == k), slot, v) {
+                    (Some((_, key)), Value::Array(have), Value::Array(add)) => merge_by_key(have, add, key),
+                    (_, slot, v) => merge(slot, v),
+                }
             }
         }
         (t, p) => *t = p.clone(),
+    }
+}
+
+/// Elements with the same key merge; the others are appended.
+fn merge_by_key(have: &mut Vec<Value>, add: &[Value], key: &str) {
+    for item in add {
+        match have.iter_mut().find(|h| h.get(key).is_some() && h.get(key) == item.get(key)) {
+            Some(existing) => merge(existing, item),
+            None => have.push(item.clone()),
+        }
     }
 }
 
@@ -415,6 +452,7 @@ pub(crate) fn kind_of(o: &Object) -> Result<Kind> {
         kind::<Namespace>(),
         kind::<ServiceAccount>(),
         kind::<ConfigMap>(),
+        kind::<Secret>(),
         kind::<Service>(),
         kind::<ClusterRole>(),
         kind::<ClusterRoleBinding>(),
