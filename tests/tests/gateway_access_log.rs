@@ -20,9 +20,11 @@ fn a_stuck_stdout_costs_log_lines_not_requests() {
     // pipe (64 KiB) and the queue hold together.
     let proxy = format!("http://{GATEWAY4}:{PROXY_PORT}");
     let urls = format!("http://api.example.test/?n=[1-{REQUESTS}]");
-    // curl's --max-time bounds each transfer; `timeout` bounds them all.
+    // curl's --max-time bounds each transfer; `timeout` bounds them all (stretched where
+    // everything runs slower: under TCG a busy host made 60 s too short for 1,500 requests).
+    let all = egress_tests::patience(std::time::Duration::from_secs(60)).as_secs().to_string();
     let args = [
-        "60",
+        all.as_str(),
         "curl",
         "-sS",
         "--max-time",

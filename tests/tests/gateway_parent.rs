@@ -32,6 +32,9 @@ rules:
   - namespaces: [team-a]
     hosts: [api.example.test, www.example.test, {PARENT_BLOCKED}]
     ports: [80, 443]
+  - namespaces: [team-a]
+    cidrs: [0.0.0.0/0]
+    ports: [80]
 upstreamProxy:
   address: "{parent}"
   auth: {{usernameFile: {d}/username, passwordFile: {d}/password}}
@@ -96,6 +99,17 @@ fn allowed_traffic_leaves_through_the_parent_and_denied_traffic_never_reaches_it
     );
     assert!(line.get("via").is_none(), "a denial goes nowhere: {line}");
     assert!(!squid.access_log().contains("forbidden"), "squid saw the denied host:\n{}", squid.access_log());
+
+    // An IP literal is still checked before it is handed to the parent: the broad rule above
+    // does not open the metadata address or loopback, and squid never hears of them.
+    for literal in ["169.254.169.254", "127.0.0.1"] {
+        let out = g.curl(POD4, &["-x", &proxy, &format!("http://{literal}/")]);
+        assert_eq!(status_and_body(&out).0, 403, "{literal} through the parent: {}", text(&out));
+        let line = gw.wait_access("the refused literal", |l| l["authority"] == format!("{literal}:80"));
+        assert_eq!(line["decision"], "deny", "{line}");
+        assert!(line.get("via").is_none(), "{line}");
+        assert!(!squid.access_log().contains(literal), "squid saw {literal}:\n{}", squid.access_log());
+    }
 
     // Allowed by the rules, refused by squid: 502 with the reason, squid's status logged.
     let out = g.curl(POD4, &["-x", &proxy, "--cacert", &ca, &format!("https://{PARENT_BLOCKED}/")]);
