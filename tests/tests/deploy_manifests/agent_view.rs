@@ -205,3 +205,13 @@ pub(crate) fn selects(selector: &LabelSelector, labels: &BTreeMap<String, String
     });
     by_labels && by_expressions
 }
+
+/// The node agent's configuration as its DaemonSet reads it, parsed, and the file it is in.
+pub(crate) fn agent_config(m: &Manifests) -> (&str, egress_agent::k8s::config::AgentConfig) {
+    let (agent_file, _, pod, c) = m.agent();
+    let path = value_or(agent_file, &c, "config", "EGRESSFW_CONFIG", DEFAULT_CONFIG_PATH);
+    let (cm_file, key, text) = config_map_entry(m, agent_file, &pod, &c, &path);
+    let config = egress_agent::k8s::config::parse(&text)
+        .unwrap_or_else(|e| panic!("{cm_file}: {key} is not a valid agent config: {e:?}"));
+    (cm_file, config)
+}

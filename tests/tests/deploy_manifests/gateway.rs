@@ -148,11 +148,7 @@ fn every_listener_is_a_container_port_and_a_service_port() {
 #[test]
 fn agent_config_sends_enforced_pods_to_the_gateway_service() {
     for m in renderings() {
-        let (agent_file, _, pod, c) = m.agent();
-        let path = value_or(agent_file, &c, "config", "EGRESSFW_CONFIG", DEFAULT_CONFIG_PATH);
-        let (cm_file, key, text) = config_map_entry(&m, agent_file, &pod, &c, &path);
-        let config = egress_agent::k8s::config::parse(&text)
-            .unwrap_or_else(|e| panic!("{cm_file}: {key} is not a valid agent config: {e:?}"));
+        let (cm_file, config) = agent_config(&m);
         let (svc_file, svc) = m.gateway_service();
         let svc_ref = format!("{}/{GATEWAY}", m.namespace);
         let default = &config.default_gateway;
@@ -657,14 +653,4 @@ fn the_corporate_proxy_example_mounts_the_credentials_its_gateway_reads() {
             || secret.data.as_ref().is_some_and(|d| d.contains_key(key.as_ref()));
         assert!(has_key, "{secret_file}: no key {key} for {}", file.display());
     }
-}
-
-/// The node agent's configuration as its DaemonSet reads it, parsed, and the file it is in.
-fn agent_config(m: &Manifests) -> (&str, egress_agent::k8s::config::AgentConfig) {
-    let (agent_file, _, pod, c) = m.agent();
-    let path = value_or(agent_file, &c, "config", "EGRESSFW_CONFIG", DEFAULT_CONFIG_PATH);
-    let (cm_file, key, text) = config_map_entry(m, agent_file, &pod, &c, &path);
-    let config = egress_agent::k8s::config::parse(&text)
-        .unwrap_or_else(|e| panic!("{cm_file}: {key} is not a valid agent config: {e:?}"));
-    (cm_file, config)
 }

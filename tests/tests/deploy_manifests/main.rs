@@ -191,11 +191,7 @@ fn probes_and_metrics_use_the_port_the_agent_listens_on() {
 #[test]
 fn config_map_is_a_valid_agent_config_at_the_config_path() {
     for m in renderings() {
-        let (file, _, pod, c) = m.agent();
-        let path = value_or(file, &c, "config", "EGRESSFW_CONFIG", DEFAULT_CONFIG_PATH);
-        let (cm_file, key, text) = config_map_entry(&m, file, &pod, &c, &path);
-        let config = egress_agent::k8s::config::parse(&text)
-            .unwrap_or_else(|e| panic!("{cm_file}: {key} is not a valid agent config: {e:?}"));
+        let (cm_file, config) = agent_config(&m);
         assert!(
             config.gateways.contains_key(&config.default_gateway),
             "{cm_file}: the default gateway {:?} is not configured",

@@ -15,7 +15,7 @@ use egress_tests::{
     netns::NetNs,
 };
 
-use super::{BpfStats, median};
+use super::{BpfStats, inspect, median, program_id};
 use crate::{run, toolchain};
 
 #[derive(Args)]
@@ -225,20 +225,6 @@ fn iperf(lab: &Lab, extra: &[&str]) -> Result<IperfResult> {
         bail!("iperf3 {}: {e}", args.join(" "));
     }
     Ok(IperfResult(json))
-}
-
-fn inspect(lab: &Lab) -> Result<serde_json::Value> {
-    let report = agent::cli(lab, &["inspect", "--json"]);
-    serde_json::from_slice(&report.stdout).context("inspect --json")
-}
-
-/// The program id of the pinned link running `program` in an inspect `links` list.
-fn program_id(links: &serde_json::Value, program: &str) -> Result<u64> {
-    links
-        .as_array()
-        .and_then(|links| links.iter().find(|l| l["program"] == program))
-        .and_then(|l| l["program_id"].as_u64())
-        .with_context(|| format!("no {program} link in inspect (tcx needs Linux 6.6+)"))
 }
 
 /// Mean ns per run over a million BPF_PROG_TEST_RUN runs of an allowed TCP packet (the common

@@ -92,3 +92,18 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
     v[rank.clamp(1, v.len()) - 1]
 }
+
+/// The agent's `inspect --json` report for the lab's pins.
+fn inspect(lab: &egress_tests::lab::Lab) -> Result<serde_json::Value> {
+    let report = egress_tests::agent::cli(lab, &["inspect", "--json"]);
+    serde_json::from_slice(&report.stdout).context("inspect --json")
+}
+
+/// The program id of the pinned link running `program` in an inspect `links` list.
+fn program_id(links: &serde_json::Value, program: &str) -> Result<u64> {
+    links
+        .as_array()
+        .and_then(|links| links.iter().find(|l| l["program"] == program))
+        .and_then(|l| l["program_id"].as_u64())
+        .with_context(|| format!("no {program} link in inspect (tcx needs Linux 6.6+)"))
+}

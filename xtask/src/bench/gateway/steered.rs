@@ -24,7 +24,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, ValueEnum};
 use egress_tests::{
-    agent::{self, Agent},
+    agent::Agent,
     gateway::UPSTREAM4,
     lab::{GATEWAY_PORT, GATEWAY4, Lab},
 };
@@ -34,7 +34,7 @@ use super::{
     proxies::Proxy,
     traffic::{self, ECHO_PORT, IO_TIMEOUT},
 };
-use crate::bench::{BpfStats, median, percentile};
+use crate::bench::{BpfStats, inspect, median, percentile, program_id};
 
 /// The gateway's SNI listener that steered connections arrive on.
 pub const STEERED_TLS_PORT: u16 = 3140;
@@ -127,17 +127,13 @@ impl Enforcement {
         fs::write(lab.policy_path(), policy(lab)).context("writing the steering policy")?;
         let agent =
             Agent::try_start(lab).map_err(|log| anyhow::anyhow!("the agent did not start:\n{log}"))?;
-        let report = agent::cli(lab, &["inspect", "--json"]);
-        let report: serde_json::Value = serde_json::from_slice(&report.stdout).context("inspect --json")?;
+        let report = inspect(lab)?;
         let links = &report["policies"][0]["links"];
-        let id = |program: &str| {
-            links
-                .as_array()
-                .and_then(|l| l.iter().find(|l| l["program"] == program))
-                .and_then(|l| l["program_id"].as_u64())
-                .with_context(|| format!("no {program} link in inspect: {links}"))
-        };
-        Ok(Self { connect4: id("egress_connect4")?, sockops: id("egress_sockops")?, _agent: agent })
+        Ok(Self {
+            connect4: program_id(links, "egress_connect4")?,
+            sockops: program_id(links, "egress_sockops")?,
+            _agent: agent,
+        })
     }
 }
 
