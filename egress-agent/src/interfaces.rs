@@ -74,6 +74,13 @@ impl Default for TcState {
     }
 }
 
+impl TcState {
+    /// Whether the next pass is a full one (and so needs the pinned interfaces listed).
+    pub fn is_stale(&self) -> bool {
+        self.stale
+    }
+}
+
 impl TcSummary {
     /// One warning per hook where ours had to be moved back to the head.
     pub fn warn_moved_to_head(&self) {
@@ -113,8 +120,46 @@ pub fn ifname(index: u32) -> Option<String> {
 pub struct Gated {
     /// Left attached and unbound although not desired (a pod not placed yet).
     pub keep: BTreeSet<u32>,
+    /// Kept gates whose record says they are complete, by interface name: attached again
+    /// (unbound, so they drop everything) if anything took them off.
+    pub reattach: BTreeMap<u32, String>,
     /// Detached although never bound here (a pod that is not enforced).
     pub release: BTreeSet<u32>,
+    /// The interfaces with tc pins, listed before the plugin's records were read (see
+    /// `observe`; only full passes list them). `None`: no records to order against, the pass
+    /// lists them itself when it is full (standalone).
+    pub pinned: Option<Vec<u32>>,
+}
+
+/// Reads the tc pins and the plugin's records in the one order that cannot lose a gate. The
+/// plugin writes its record before it attaches (and pins), so every pin listed first has its
+/// record in what is read next. The other way round, an ADD landing between the two reads
+/// leaves a pin whose record was not read, and the pass takes that gate for a leftover and
+/// detaches it while the pod starts.
+pub fn observe<R>(
+    full: bool,
+    list_pins: impl FnOnce() -> Result<Vec<u32>>,
+    read_records: impl FnOnce() -> R,
+) -> Result<(Vec<u32>, R)> {
+    let pinned = if full { list_pins()? } else { Vec::new() };
+    Ok((pinned, read_records()))
+}
+
+/// The interfaces a pass takes its programs off: whatever it bound or attached before, found
+/// pinned, or was told to release, unless it is wanted or a gate to keep.
+fn to_detach(
+    bound: impl Iterator<Item = u32>,
+    pinned: &[u32],
+    attached: &BTreeSet<u32>,
+    gated: &Gated,
+    wanted: &BTreeMap<u32, (u64, &str)>,
+) -> BTreeSet<u32> {
+    bound
+        .chain(pinned.iter().copied())
+        .chain(attached.iter().copied())
+        .chain(gated.release.iter().copied())
+        .filter(|i| !wanted.contains_key(i) && !gated.keep.contains(i))
+        .collect()
 }
 
 /// Applies `desired`. Errors on individual interfaces are reported in the summary and retried
@@ -171,16 +216,12 @@ fn apply_diff(
     // Removals first, programs before bindings. An address that moves to a new interface loses
     // its old binding before it gets the new one: meanwhile the new interface drops its frames
     // as spoofed.
-    let pinned = if full { pins.pinned_interfaces()? } else { Vec::new() };
-    let gone: BTreeSet<u32> = state
-        .interfaces
-        .keys()
-        .copied()
-        .chain(pinned)
-        .chain(state.attached.iter().copied())
-        .chain(gated.release.iter().copied())
-        .filter(|i| !wanted_if.contains_key(i) && !gated.keep.contains(i))
-        .collect();
+    let pinned = match &gated.pinned {
+        Some(listed) => listed.clone(),
+        None if full => pins.pinned_interfaces()?,
+        None => Vec::new(),
+    };
+    let gone = to_detach(state.interfaces.keys().copied(), &pinned, &state.attached, gated, &wanted_if);
     for index in gone {
         tc_attach::detach(pins, index, ifname(index).as_deref())?;
         state.attached.remove(&index);
@@ -210,6 +251,26 @@ fn apply_diff(
     }
 
     let mut tags: Option<ProgramTags> = None;
+    // A gate kept for a pod not placed yet must be there: something may have taken it off (a
+    // pass that raced the plugin's ADD, a tool). Attached again unbound, it drops everything.
+    for (&index, name) in &gated.reattach {
+        if wanted_if.contains_key(&index) || ifindex(name) != Some(index) {
+            continue;
+        }
+        let tags = match &mut tags {
+            Some(t) => t,
+            None => tags.insert(ProgramTags::read(ebpf)?),
+        };
+        match tc_attach::ensure_attached(ebpf, pins, tags, index, name) {
+            Ok(o) => {
+                if o.attached > 0 {
+                    tracing::warn!(interface = name.as_str(), "a kept gate was missing: attached again");
+                }
+                summary.links.attached += o.attached;
+            }
+            Err(e) => summary.failed.push((name.clone(), format!("{e:#}"))),
+        }
+    }
     for (&index, &(_, name)) in &wanted_if {
         if state.attached.contains(&index) {
             // Attached before: still first? (Anything attached later may have gone ahead.)
@@ -276,4 +337,56 @@ pub fn remove_all(mut maps: Option<&mut TcMaps>, pins: &PinLayout) -> Result<usi
         }
     }
     Ok(all.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+
+    /// The node as the two reads see it: the plugin's ADD for interface 9 lands after the
+    /// first read and before the second, writing its record, then attaching (and pinning).
+    struct Node {
+        reads: usize,
+    }
+
+    impl Node {
+        fn read(&mut self) -> bool {
+            self.reads += 1;
+            // The second read sees the ADD done.
+            self.reads > 1
+        }
+    }
+
+    #[test]
+    fn a_gate_attached_between_the_reads_is_never_detached() {
+        let node = RefCell::new(Node { reads: 0 });
+        let (pinned, records) = observe(
+            true,
+            || Ok(if node.borrow_mut().read() { vec![3, 9] } else { vec![3] }),
+            || if node.borrow_mut().read() { vec![9] } else { Vec::new() },
+        )
+        .unwrap();
+        // The plan keeps every interface it has a record of (its pod not placed yet); 3 is a
+        // leftover with neither record nor pod.
+        let gated = Gated { keep: records.into_iter().collect(), pinned: Some(pinned), ..Gated::default() };
+        let gone = to_detach(
+            std::iter::empty(),
+            gated.pinned.as_deref().unwrap(),
+            &BTreeSet::new(),
+            &gated,
+            &BTreeMap::new(),
+        );
+        assert!(!gone.contains(&9), "the new pod's gate is neither kept nor detached: {gone:?}");
+        assert_eq!(gone, BTreeSet::from([3]), "the leftover still goes");
+    }
+
+    #[test]
+    fn wanted_and_kept_interfaces_stay_everything_else_goes() {
+        let gated = Gated { keep: BTreeSet::from([4]), release: BTreeSet::from([5]), ..Gated::default() };
+        let wanted = BTreeMap::from([(1, (7, "veth1"))]);
+        let gone = to_detach([1, 2].into_iter(), &[3, 4], &BTreeSet::from([6]), &gated, &wanted);
+        assert_eq!(gone, BTreeSet::from([2, 3, 5, 6]));
+    }
 }

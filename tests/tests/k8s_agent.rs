@@ -199,6 +199,7 @@ fn a_new_pod_is_enforced_from_the_instant_its_cgroup_appears() {
 fn pods_of_other_namespaces_keep_working_while_the_gate_is_up() {
     let node = KubeNode::new();
     node.label("shop", &[("egressfw.io/mode", "enforce")]);
+    node.label("free", &[]);
     node.add_pod("free", "batch", API);
     node.create_pod_cgroup(API);
     let _agent = node.start_agent();
@@ -334,4 +335,26 @@ fn an_address_gateway_and_a_gateway_group_reach_their_members_and_nothing_else()
     assert!(eventually(5, || reaches(&node, WEB, GATEWAY4, GATEWAY_PORT)), "the group's Service");
     assert!(reaches(&node, WEB, EXTERNAL4, PROXY_PORT), "the group's address");
     assert!(blocked(&node, WEB, EXTERNAL4, 80), "nothing else");
+}
+
+#[test]
+fn a_pod_whose_namespace_the_agent_has_not_seen_is_held_until_the_namespace_arrives() {
+    let node = KubeNode::new();
+    // The pod watch has the pod, the namespace watch not its Namespace: what a lagging
+    // namespace watch (a relist after an API-server restart) shows the agent.
+    node.add_pod("ghost", "app", WEB);
+    node.create_pod_cgroup(WEB);
+    let _agent = node.start_agent();
+    let _web = Server::tcp_http(&node.lab.external, sock(EXTERNAL4, 80));
+    let _proxy = Server::tcp_http(&node.lab.gateway, sock(GATEWAY4, GATEWAY_PORT));
+    // Ready means the first pass has placed every pod it knows, this one included.
+    assert!(blocked(&node, WEB, EXTERNAL4, 80), "an unknown namespace is held, never passed");
+    assert!(blocked(&node, WEB, GATEWAY4, GATEWAY_PORT), "held: nothing but loopback, not even the gateway");
+
+    node.label("ghost", &[("egressfw.io/mode", "enforce")]);
+    assert!(
+        eventually(5, || reaches(&node, WEB, GATEWAY4, GATEWAY_PORT)),
+        "the Namespace arrives labelled enforce: the pod gets its gateway"
+    );
+    assert!(blocked(&node, WEB, EXTERNAL4, 80), "and stays enforced");
 }

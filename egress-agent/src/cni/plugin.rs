@@ -120,7 +120,7 @@ fn add(conf: &NetConf) -> Result<Value> {
         container_id: env("CNI_CONTAINERID").context("CNI_CONTAINERID is not set")?,
         namespace: args.get("K8S_POD_NAMESPACE").cloned().unwrap_or_default(),
         pod: args.get("K8S_POD_NAME").cloned().unwrap_or_default(),
-        pod_uid: args.get("K8S_POD_UID").cloned(),
+        pod_uid: pod_uid(&args),
         addresses: addresses(&prev),
     };
     gate::apply(&request)?;
@@ -147,6 +147,11 @@ fn parse_cni_args(text: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Kubelet's UID of the pod, if the runtime passed one (an empty value is none).
+fn pod_uid(args: &BTreeMap<String, String>) -> Option<String> {
+    args.get("K8S_POD_UID").filter(|u| !u.is_empty()).cloned()
+}
+
 /// The pod's addresses in a CNI result (`ips[].address`, CIDR notation, in every version).
 fn addresses(result: &Value) -> Vec<IpAddr> {
     result["ips"]
@@ -168,6 +173,9 @@ mod tests {
         assert_eq!(args["K8S_POD_NAMESPACE"], "shop");
         assert_eq!(args["K8S_POD_NAME"], "web-0");
         assert_eq!(args["K8S_POD_UID"], "abc");
+        // Runtimes that have no UID to give pass the key with an empty value: no UID, not "".
+        assert_eq!(pod_uid(&parse_cni_args("K8S_POD_NAME=web-0;K8S_POD_UID=")), None);
+        assert_eq!(pod_uid(&args).as_deref(), Some("abc"));
         let result = json!({"cniVersion": "1.0.0", "ips": [
             {"address": "10.1.2.3/32", "interface": 0},
             {"address": "fd00::3/128"},

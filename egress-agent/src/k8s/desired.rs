@@ -134,7 +134,11 @@ pub fn pod_policies(world: &World<'_>, config: &AgentConfig) -> BTreeMap<String,
         else {
             continue;
         };
-        let namespace = namespaces.get(ns).copied();
+        let Some(namespace) = namespaces.get(ns).copied() else {
+            out.insert(uid.clone(), held(pod, uid, ns, name, &config.default_gateway, &nothing));
+            continue;
+        };
+        let namespace = Some(namespace);
         let (mode, label_problem) = namespace_mode(namespace);
         let mut problems: Vec<String> = label_problem.into_iter().collect();
         let gateway = namespace
@@ -173,6 +177,28 @@ pub fn pod_policies(world: &World<'_>, config: &AgentConfig) -> BTreeMap<String,
         );
     }
     out
+}
+
+/// The policy of a pod whose Namespace the agent has not seen (the namespace watch lags behind
+/// the pod watch, as after a relist): held like a gated pod, with nothing but loopback, never
+/// passed. The CNI plugin treats a namespace it was not told about the same way. Once the
+/// Namespace arrives the pod gets its real policy on the next pass.
+fn held(pod: &Pod, uid: String, ns: &str, name: &str, gateway: &str, nothing: &Arc<Allowed>) -> PodPolicy {
+    PodPolicy {
+        cgroup_uid: uid,
+        api_uid: pod.metadata.uid.clone(),
+        namespace: ns.to_owned(),
+        name: name.to_owned(),
+        terminating: pod.metadata.deletion_timestamp.is_some(),
+        mode: Mode::Enforce,
+        gateway: gateway.to_owned(),
+        steering: false,
+        allowed: nothing.clone(),
+        problems: vec![format!(
+            "namespace {ns} (of pod {ns}/{name}) is not known to the agent yet: the pod is held, nothing but loopback, until it is"
+        )],
+        addresses: pod_addresses(pod),
+    }
 }
 
 /// A pod's IPs from its status; none for hostNetwork pods or unparsable entries.

@@ -158,7 +158,9 @@ impl Node {
         let mut desired = Vec::with_capacity(policies.len());
         let mut new_owners = Vec::new();
         let mut seen = HashSet::with_capacity(policies.len());
-        let mut compiled: HashMap<(String, bool), Arc<CompiledRules>> = HashMap::new();
+        // Keyed by the shared `Allowed` itself, not by the gateway's name: a pod held for an
+        // unknown namespace names the default gateway but must not get its rules.
+        let mut compiled: HashMap<*const desired::Allowed, Arc<CompiledRules>> = HashMap::new();
         // Enforced and audited pods' cgroups, by cgroup UID, for the tc layer.
         let mut with_cgroup: HashMap<&str, CgroupRef> = HashMap::new();
         let nothing = Arc::new(CompiledRules::default());
@@ -175,11 +177,11 @@ impl Node {
             // Pods of one gateway share their rules: compile them once per pass.
             let rules = if p.mode == Mode::Pass {
                 nothing.clone()
-            } else if let Some(r) = compiled.get(&(p.gateway.clone(), p.steering)) {
+            } else if let Some(r) = compiled.get(&Arc::as_ptr(&p.allowed)) {
                 r.clone()
             } else {
                 let r = Arc::new(self.rules_of(p, &cgroup));
-                compiled.insert((p.gateway.clone(), p.steering), r.clone());
+                compiled.insert(Arc::as_ptr(&p.allowed), r.clone());
                 r
             };
             // A cgroup id belongs to one pod for good: only new ones need an owner entry.
@@ -220,8 +222,12 @@ impl Node {
             reconcile::apply_with(&mut self.ebpf, &mut self.maps, &self.pins, &desired, &mut self.state)?;
         self.publish_namespace_modes(&world);
         // After the policies exist: a bound interface finds its pod's policy at once.
-        let (records, record_problems) = self.cni_state.read_interfaces();
-        let records = records
+        let (pinned, (records, record_problems)) = interfaces::observe(
+            self.tc_state.is_stale(),
+            || self.pins.pinned_interfaces(),
+            || self.cni_state.read_interfaces(),
+        )?;
+        let records: std::collections::BTreeMap<u32, _> = records
             .into_iter()
             .map(|(index, r)| {
                 let live = interfaces::ifname(index).as_deref() == Some(r.interface.as_str());
@@ -231,7 +237,15 @@ impl Node {
         let cgroups = with_cgroup.iter().map(|(uid, c)| (*uid, c)).collect();
         let plan = pod_interfaces::plan(&policies, &cgroups, &records);
         self.log_tc_problems(plan.problems.iter().cloned().chain(record_problems).collect());
-        let gated = interfaces::Gated { keep: plan.keep, release: plan.release };
+        let reattach = plan
+            .keep
+            .iter()
+            .filter_map(|i| records.get(i))
+            .filter(|(r, live)| *live && r.attached)
+            .map(|(r, _)| (r.ifindex, r.interface.clone()))
+            .collect();
+        let gated =
+            interfaces::Gated { keep: plan.keep, reattach, release: plan.release, pinned: Some(pinned) };
         pass.tc = interfaces::apply(
             &mut self.ebpf,
             &mut self.tc_maps,

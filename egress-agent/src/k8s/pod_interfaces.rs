@@ -50,7 +50,7 @@ pub fn plan(
             .get(&(record.namespace.as_str(), record.pod.as_str()))
             // A pod of the same name but another UID: the record is an older pod's, whose
             // sandbox is still being taken down. It stays gated until its veth goes.
-            .filter(|p| record.pod_uid.is_none() || p.api_uid.is_none() || record.pod_uid == p.api_uid);
+            .filter(|p| same_pod(record, p));
         let Some(pod) = pod else {
             out.keep.insert(index);
             continue;
@@ -83,6 +83,17 @@ pub fn plan(
         }
     }
     out
+}
+
+/// Whether the record's UID (what the runtime passed: kubelet's UID) names this pod. Kubelet's
+/// UID is the API's `metadata.uid` for ordinary pods and the config hash for static pods (the
+/// mirror pod's `metadata.uid` is another value), which is also what the pod's cgroup is named
+/// by. A record without a UID (or with an empty one) matches by name alone.
+fn same_pod(record: &GatedInterface, pod: &PodPolicy) -> bool {
+    match record.pod_uid.as_deref() {
+        None | Some("") => true,
+        Some(uid) => uid == pod.cgroup_uid || pod.api_uid.as_deref().is_none_or(|api| api == uid),
+    }
 }
 
 /// The pod's interface from the node's routes to its addresses. Dual-stack pods have one veth:
@@ -181,5 +192,38 @@ mod tests {
         );
         assert_eq!(plan.release, BTreeSet::from([9]), "a pod of a namespace that did not opt in");
         assert_eq!(plan.forget, vec![9, 10]);
+    }
+
+    #[test]
+    fn a_static_pods_record_carries_kubelets_uid_and_is_bound() {
+        // The runtime passes kubelet's UID, which for a static pod is its config hash (what its
+        // cgroup is named by), not the mirror pod's metadata.uid.
+        let mut mirror = pod("kube-system", "etcd-node-1", "6d8e1e2c", Mode::Enforce, &[]);
+        mirror.api_uid = Some("mirror-uid".into());
+        let policies = BTreeMap::from([(mirror.cgroup_uid.clone(), mirror)]);
+        let cgroup = CgroupRef { id: 51, level: 3, path: "/pods/etcd".into() };
+        let cgroups: HashMap<&str, &CgroupRef> = [("6d8e1e2c", &cgroup)].into();
+        let records: BTreeMap<u32, (GatedInterface, bool)> =
+            [(5, (record(5, "kube-system", "etcd-node-1", "6d8e1e2c", &["10.0.0.5"]), true))].into();
+        let plan = plan(&policies, &cgroups, &records);
+        assert_eq!(plan.wanted.len(), 1, "bound, not left gated: {plan:?}");
+        assert_eq!(plan.wanted[0].policy_cgroup_id, 51);
+        assert!(plan.keep.is_empty(), "{plan:?}");
+    }
+
+    #[test]
+    fn an_empty_uid_on_record_is_no_uid() {
+        // Records of plugins that stored an empty K8S_POD_UID as a UID.
+        let policies =
+            BTreeMap::from([("u-web".to_string(), pod("shop", "web", "u-web", Mode::Enforce, &[]))]);
+        let cgroup = CgroupRef { id: 41, level: 3, path: "/pods/web".into() };
+        let cgroups: HashMap<&str, &CgroupRef> = [("u-web", &cgroup)].into();
+        let records: BTreeMap<u32, (GatedInterface, bool)> = [(
+            7,
+            (GatedInterface { pod_uid: Some(String::new()), ..record(7, "shop", "web", "", &[]) }, true),
+        )]
+        .into();
+        let plan = plan(&policies, &cgroups, &records);
+        assert_eq!(plan.wanted.len(), 1, "matched by name: {plan:?}");
     }
 }

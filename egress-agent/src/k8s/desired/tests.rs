@@ -310,3 +310,15 @@ fn a_gateway_group_allows_every_member_and_an_address_gateway_its_ports() {
         p["u-web"].problems
     );
 }
+
+#[test]
+fn a_pod_whose_namespace_is_not_known_yet_is_held_never_passed() {
+    // The pod watch has the pod, the namespace watch not yet its Namespace (a relist, a lag).
+    let mut f = Fixture::new();
+    f.pods.push(pod("new-team", "app", "u-new", "Pending"));
+    let p = f.policies(&cfg());
+    let held = &p["u-new"];
+    assert_eq!(held.mode, Mode::Enforce, "an unknown namespace holds its pods, as the CNI plugin does");
+    assert_eq!(*held.allowed, Allowed::default(), "nothing but loopback until the namespace is known");
+    assert!(held.problems.iter().any(|m| m.contains("new-team")), "{:?}", held.problems);
+}
