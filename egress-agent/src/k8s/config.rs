@@ -30,6 +30,7 @@
 
 use std::{collections::BTreeMap, fmt, net::IpAddr, path::Path};
 
+use egress_common::addr::Destination;
 use serde::Deserialize;
 
 use crate::policy::config::{
@@ -306,12 +307,9 @@ fn parse_ports(raw: &[RawPort], at: &str) -> Result<Vec<PortRange>, ParseError> 
     raw.iter().map(|p| parse_port(p, at)).collect()
 }
 
-/// An address outside the cluster that pods may reach on its ports: a unicast address a node
-/// can route to. Link-local is refused too: it names the node's own link (the cloud metadata
-/// service lives there), never a proxy elsewhere.
-fn parse_address(a: &RawAddressMember, at: &str) -> Result<AddressMember, ParseError> {
-    let address = parse_ip(&a.address, &format!("{at}.address"))?;
-    let bad = match address {
+/// Loopback, link-local (the cloud metadata service), multicast, broadcast or unspecified.
+fn unreachable(address: IpAddr) -> bool {
+    match address {
         IpAddr::V4(v4) => {
             v4.is_unspecified()
                 || v4.is_loopback()
@@ -320,18 +318,36 @@ fn parse_address(a: &RawAddressMember, at: &str) -> Result<AddressMember, ParseE
                 || v4.is_link_local()
         }
         IpAddr::V6(v6) => {
-            v6.is_unspecified()
-                || v6.is_loopback()
-                || v6.is_multicast()
-                || v6.is_unicast_link_local()
-                || v6.to_ipv4_mapped().is_some()
+            v6.is_unspecified() || v6.is_loopback() || v6.is_multicast() || v6.is_unicast_link_local()
         }
-    };
-    if bad {
+    }
+}
+
+/// An address outside the cluster that pods may reach on its ports: a unicast address a node
+/// can route to. Link-local is refused too: it names the node's own link (the cloud metadata
+/// service lives there), never a proxy elsewhere.
+fn parse_address(a: &RawAddressMember, at: &str) -> Result<AddressMember, ParseError> {
+    let address = parse_ip(&a.address, &format!("{at}.address"))?;
+    // An IPv6 spelling of an IPv4 address (mapped, compatible, NAT64) is judged, by the kernel
+    // and here, as the IPv4 address it carries: `::a9fe:a9fe` is the metadata service.
+    if let IpAddr::V6(v6) = address
+        && let Destination::V4(v4) = Destination::V6(v6.octets()).normalize()
+    {
+        let v4 = std::net::Ipv4Addr::from(v4);
+        let message = if unreachable(IpAddr::V4(v4)) {
+            format!(
+                "{address} carries {v4}, which cannot be a gateway: not a unicast address a pod can reach"
+            )
+        } else {
+            format!("{address} is an IPv6 spelling of the IPv4 address {v4}: write {v4}")
+        };
+        return Err(invalid(format!("{at}.address"), message));
+    }
+    if unreachable(address) {
         return Err(invalid(
             format!("{at}.address"),
             format!(
-                "{address} cannot be a gateway: not a unicast address a pod can reach (loopback, link-local, multicast, unspecified or IPv4-mapped)"
+                "{address} cannot be a gateway: not a unicast address a pod can reach (loopback, link-local, multicast or unspecified)"
             ),
         ));
     }
@@ -474,22 +490,31 @@ mod tests {
     }
 
     #[test]
+    fn an_address_is_judged_as_the_ipv4_address_it_carries() {
+        let one = |address: &str| {
+            err(&format!("gateways: [{{name: a, addresses: [{{address: \"{address}\", ports: [80]}}]}}]"))
+        };
+        // The metadata service spelled as IPv4-compatible, IPv4-mapped and NAT64 IPv6: the
+        // kernel judges (and the node sends) each as 169.254.169.254.
+        for spelling in ["::a9fe:a9fe", "::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe"] {
+            let e = one(spelling);
+            assert!(e.contains("169.254.169.254"), "{spelling}: {e}");
+            assert!(e.contains("cannot be a gateway"), "{spelling}: {e}");
+        }
+        let e = one("64:ff9b::10.0.0.1");
+        assert!(e.contains("write 10.0.0.1"), "an ordinary address in another spelling is named: {e}");
+    }
+
+    #[test]
     fn address_and_group_errors_name_the_value() {
         let one = |member: &str| err(&format!("gateways: [{{name: a, {member}}}]"));
         assert!(
             one("addresses: [{address: 10.0.0.300, ports: [1]}]")
                 .contains("gateways[0] (\"a\").addresses[0].address: \"10.0.0.300\" is not an IP address")
         );
-        for bad in [
-            "127.0.0.1",
-            "0.0.0.0",
-            "169.254.169.254",
-            "224.0.0.1",
-            "255.255.255.255",
-            "::1",
-            "fe80::1",
-            "::ffff:10.0.0.1",
-        ] {
+        for bad in
+            ["127.0.0.1", "0.0.0.0", "169.254.169.254", "224.0.0.1", "255.255.255.255", "::1", "fe80::1"]
+        {
             let e = one(&format!("addresses: [{{address: \"{bad}\", ports: [1]}}]"));
             assert!(
                 e.contains(&format!("{} cannot be a gateway", bad.parse::<IpAddr>().unwrap())),
