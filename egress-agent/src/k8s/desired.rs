@@ -134,30 +134,45 @@ pub fn pod_policies(world: &World<'_>, config: &AgentConfig) -> BTreeMap<String,
         else {
             continue;
         };
-        let Some(namespace) = namespaces.get(ns).copied() else {
-            out.insert(uid.clone(), held(pod, uid, ns, name, &config.default_gateway, &nothing));
-            continue;
-        };
-        let namespace = Some(namespace);
-        let (mode, label_problem) = namespace_mode(namespace);
-        let mut problems: Vec<String> = label_problem.into_iter().collect();
-        let gateway = namespace
-            .and_then(|n| n.metadata.labels.as_ref())
-            .and_then(|l| l.get(LABEL_GATEWAY))
-            .cloned()
-            .unwrap_or_else(|| config.default_gateway.clone());
-        let (steering, steering_problem) = namespace_steering(namespace);
-        problems.extend(steering_problem);
-        let allowed = if mode == Mode::Pass {
-            nothing.clone()
-        } else {
-            let key = (gateway.clone(), steering);
-            let (allowed, gw_problems) = per_gateway.entry(key).or_insert_with(|| {
-                let (a, p) = allowed_for(world, config, &gateway, steering);
-                (Arc::new(a), p)
-            });
-            problems.extend(gw_problems.iter().cloned());
-            allowed.clone()
+        let (mode, gateway, steering, allowed, problems) = match namespaces.get(ns).copied() {
+            Some(namespace) => {
+                let (mode, label_problem) = namespace_mode(Some(namespace));
+                let mut problems: Vec<String> = label_problem.into_iter().collect();
+                let gateway = namespace
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(LABEL_GATEWAY))
+                    .cloned()
+                    .unwrap_or_else(|| config.default_gateway.clone());
+                let (steering, steering_problem) = namespace_steering(Some(namespace));
+                problems.extend(steering_problem);
+                let allowed = if mode == Mode::Pass {
+                    nothing.clone()
+                } else {
+                    let key = (gateway.clone(), steering);
+                    let (allowed, gw_problems) = per_gateway.entry(key).or_insert_with(|| {
+                        let (a, p) = allowed_for(world, config, &gateway, steering);
+                        (Arc::new(a), p)
+                    });
+                    problems.extend(gw_problems.iter().cloned());
+                    allowed.clone()
+                };
+                (mode, gateway, steering, allowed, problems)
+            }
+            // The namespace watch lags behind the pod watch (as after a relist): the pod is held
+            // like a gated pod, nothing but loopback, never passed. The CNI plugin treats a
+            // namespace it was not told about the same way. The Namespace's arrival gives the
+            // pod its real policy on the next pass.
+            None => (
+                Mode::Enforce,
+                config.default_gateway.clone(),
+                false,
+                nothing.clone(),
+                vec![format!(
+                    "namespace {ns} (of pod {ns}/{name}) is not known to the agent yet: the pod is held, nothing but loopback, until it is"
+                )],
+            ),
         };
         out.insert(
             uid.clone(),
@@ -177,28 +192,6 @@ pub fn pod_policies(world: &World<'_>, config: &AgentConfig) -> BTreeMap<String,
         );
     }
     out
-}
-
-/// The policy of a pod whose Namespace the agent has not seen (the namespace watch lags behind
-/// the pod watch, as after a relist): held like a gated pod, with nothing but loopback, never
-/// passed. The CNI plugin treats a namespace it was not told about the same way. Once the
-/// Namespace arrives the pod gets its real policy on the next pass.
-fn held(pod: &Pod, uid: String, ns: &str, name: &str, gateway: &str, nothing: &Arc<Allowed>) -> PodPolicy {
-    PodPolicy {
-        cgroup_uid: uid,
-        api_uid: pod.metadata.uid.clone(),
-        namespace: ns.to_owned(),
-        name: name.to_owned(),
-        terminating: pod.metadata.deletion_timestamp.is_some(),
-        mode: Mode::Enforce,
-        gateway: gateway.to_owned(),
-        steering: false,
-        allowed: nothing.clone(),
-        problems: vec![format!(
-            "namespace {ns} (of pod {ns}/{name}) is not known to the agent yet: the pod is held, nothing but loopback, until it is"
-        )],
-        addresses: pod_addresses(pod),
-    }
 }
 
 /// A pod's IPs from its status; none for hostNetwork pods or unparsable entries.
