@@ -43,6 +43,9 @@ pub struct DesiredInterface {
 pub struct TcSummary {
     /// Interfaces bound and attached after this pass.
     pub enforced: usize,
+    /// Interfaces bound to a policy (or to another one) in this pass: among them every gate the
+    /// CNI plugin attached that now judges by its pod's policy.
+    pub bound: usize,
     /// Interfaces whose binding was removed in this pass.
     pub released: usize,
     /// Named interfaces that do not exist (yet).
@@ -241,6 +244,7 @@ fn apply_diff(
         if state.interfaces.get(&index) != Some(&cgroup_id) {
             maps.bind_interface(index, cgroup_id)?;
             state.interfaces.insert(index, cgroup_id);
+            summary.bound += 1;
         }
     }
     for (&source, &cgroup_id) in &wanted_src {

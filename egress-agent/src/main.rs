@@ -97,8 +97,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove every link and map egressfw pinned: enforcement stops.
-    Teardown,
+    /// Remove every link and map egressfw pinned, and the CNI plugin's conflist entry:
+    /// enforcement stops.
+    Teardown {
+        /// The node's CNI configuration directory, as this process sees it: the plugin's entry
+        /// is taken out of its conflists first.
+        #[arg(long, default_value = cni::install::DEFAULT_CONF_DIR)]
+        cni_conf_dir: PathBuf,
+    },
 }
 
 fn init_tracing(format: Option<LogFormat>) {
@@ -184,6 +190,6 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Teardown => teardown::run(&pins),
+        Command::Teardown { cni_conf_dir } => teardown::run(&pins, &cni_conf_dir),
     }
 }

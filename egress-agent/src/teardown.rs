@@ -1,16 +1,28 @@
 //! `egress-agent teardown`: the one explicit way to remove enforcement. Links go first (each
 //! detaches as its pin is removed), then the maps, then the directory.
 
-use std::fs;
+use std::{fs, path::Path};
 
 use anyhow::{Context as _, Result};
 
 use crate::{
-    interfaces,
+    cni, interfaces,
     kernel::{attach, bpffs::PinLayout, tc_maps::TcMaps},
 };
 
-pub fn run(pins: &PinLayout) -> Result<()> {
+pub fn run(pins: &PinLayout, cni_conf_dir: &Path) -> Result<()> {
+    // First the plugin's conflist entry: with it and without the pins below, the node would
+    // refuse every new pod (the plugin takes missing pins for a node whose agent is starting).
+    let unchained = cni::install::unchain(cni_conf_dir)?;
+    for path in &unchained {
+        println!("took the egressfw CNI plugin out of {}", path.display());
+    }
+    if unchained.is_empty() && !cni_conf_dir.exists() {
+        println!(
+            "no CNI configuration directory at {}: if this node has one elsewhere, run teardown with --cni-conf-dir pointing at it",
+            cni_conf_dir.display()
+        );
+    }
     if !pins.root.exists() {
         println!("nothing to remove: {} does not exist", pins.root.display());
         return Ok(());
@@ -44,7 +56,7 @@ pub fn run(pins: &PinLayout) -> Result<()> {
 }
 
 /// Removes the files (pins) in `dir`; returns how many.
-fn remove_files(dir: &std::path::Path) -> Result<usize> {
+fn remove_files(dir: &Path) -> Result<usize> {
     let mut removed = 0;
     if let Ok(entries) = fs::read_dir(dir) {
         for e in entries.flatten() {

@@ -172,19 +172,57 @@ fn a_new_pods_veth_is_gated_from_cni_add_even_while_the_agent_is_down() {
     assert_eq!(records(&node), Vec::<PathBuf>::new());
 }
 
+/// A node whose conflist names the plugin is enrolled: after a reboot, or on a node the
+/// autoscaler just added, bpffs and /run are empty until the agent's first pass. The plugin
+/// refuses ADD meanwhile (the runtime starts none of the pod's containers and retries), and the
+/// retry after the agent has pinned its programs gates the pod. `teardown` takes the entry out of
+/// the conflist, so a node egressfw was removed from starts pods again.
 #[test]
-fn without_pinned_programs_the_plugin_passes_pods_through_and_names_why() {
+fn an_enrolled_node_refuses_new_pods_until_the_agent_has_pinned_its_programs() {
     let node = KubeNode::new();
+    let (pins, state) = (node.lab.pin_dir.clone(), node.cni_state_dir());
+    node.label("shop", &[("egressfw.io/mode", "enforce")]);
     let pod = TestPod::create("n", 84);
     let who = PodRef { namespace: "shop", name: "web", uid: "uid-n" };
-    let (pins, state) = (&node.lab.pin_dir, &node.cni_state_dir());
-    // No agent ever ran with this pin directory: egressfw is not installed on the node.
-    let out = cni::add(pins, state, &pod.pod, &who);
-    assert!(text(&out).contains("not installed on this node"), "{}", text(&out));
-    assert!(pod.race() > 0, "nothing attached");
+    // The node just booted: no agent has run, nothing is pinned, no state.
+    let refused = cni::run("ADD", &pins, &state, &pod.pod.ns, &who, &cni::prev_result(&pod.pod));
+    assert!(!refused.status.success(), "ADD is refused while nothing is pinned:\n{}", text(&refused));
+    let e: serde_json::Value = serde_json::from_slice(&refused.stdout).expect("a CNI error on stdout");
+    let msg = e["msg"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("shop/web") && msg.contains("programs/egress_tc_from_pod") && msg.contains("retries"),
+        "the error names the pod, the missing pins and what happens next: {e}"
+    );
+    assert_eq!(e["code"], 100, "{e}");
+    assert_eq!(records(&node), Vec::<PathBuf>::new(), "a refused ADD leaves no record");
+
+    // The agent starts (it runs in the host's network namespace: no ADD of its own to wait
+    // for); the runtime's retry is gated from its first instant and then bound by the agent.
+    node.api.apply(&fixtures::pod("shop", "web", "uid-n", NODE, "BestEffort", None));
+    let _cgroup = node.create_pod_cgroup("uid-n");
+    let agent = node.start_agent();
+    assert!(pins.join("programs/egress_tc_from_pod").exists(), "pinned by the first pass");
+    cni::add(&pins, &state, &pod.pod, &who);
+    assert_eq!(pod.race(), 0, "no frame of the enforced pod crosses its veth");
+    agent.wait_until("policy applied", |l| l["tc_interfaces"] == 1);
+    assert_eq!(pod.race(), 0, "bound, the pod reaches nothing its policy refuses");
+    drop(agent);
+
+    // Teardown takes the plugin out of the conflist before it removes the pins.
+    let conf_dir = node.lab.dir.join("net.d");
+    fs::create_dir_all(&conf_dir).unwrap();
+    let list = conf_dir.join("10-net.conflist");
+    fs::write(&list, r#"{"cniVersion":"1.0.0","name":"k8s","plugins":[{"type":"ptp"},{"type":"egressfw"}]}"#)
+        .unwrap();
+    let down = agent::cli_on_node(&node.lab, &["teardown", "--cni-conf-dir", conf_dir.to_str().unwrap()]);
+    assert!(down.status.success(), "teardown:\n{}", text(&down));
+    let after: serde_json::Value = serde_json::from_slice(&fs::read(&list).unwrap()).unwrap();
+    assert_eq!(after["plugins"], serde_json::json!([{"type": "ptp"}]), "the entry is gone: {after}");
+    assert!(text(&down).contains("took the egressfw CNI plugin out of"), "{}", text(&down));
+    assert!(!pins.exists(), "and the pins");
 
     // VERSION answers; an ADD without the network plugin's result is refused with a CNI error.
-    let run = |command: &str| cni::run(command, pins, state, &pod.pod.ns, &who, &serde_json::Value::Null);
+    let run = |command: &str| cni::run(command, &pins, &state, &pod.pod.ns, &who, &serde_json::Value::Null);
     let version = run("VERSION");
     assert!(version.status.success(), "{}", text(&version));
     let v: serde_json::Value = serde_json::from_slice(&version.stdout).unwrap();
@@ -193,4 +231,48 @@ fn without_pinned_programs_the_plugin_passes_pods_through_and_names_why() {
     assert!(!refused.status.success());
     let e: serde_json::Value = serde_json::from_slice(&refused.stdout).unwrap();
     assert!(e["msg"].as_str().unwrap().contains("chained plugin"), "{e}");
+}
+
+/// ADDs racing forced full passes (SIGHUP): a full pass reads the plugin's records and lists the
+/// tc pins, and an ADD that lands between the two reads must not leave a gate the pass takes
+/// for a leftover. After the race every recorded pod still has its gate: nothing it sends
+/// crosses its veth.
+#[test]
+fn adds_racing_full_passes_leave_no_record_without_its_gate() {
+    const PODS: u8 = 12;
+    let node = KubeNode::new();
+    let (pins, state) = (node.lab.pin_dir.clone(), node.cni_state_dir());
+    node.label("shop", &[("egressfw.io/mode", "enforce")]);
+    let agent = node.start_agent();
+    assert!(pins.join("programs/egress_tc_from_pod").exists(), "pinned by the first pass");
+    let pods: Vec<TestPod> = (0..PODS).map(|i| TestPod::create(&format!("r{i}"), 120 + i)).collect();
+
+    let pid = agent.pid().expect("the agent runs") as libc::pid_t;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let passes = std::thread::scope(|scope| {
+        let hups = scope.spawn(|| {
+            let mut sent = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: a signal to the agent this test started.
+                assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0, "the agent is gone");
+                sent += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            sent
+        });
+        for (i, pod) in pods.iter().enumerate() {
+            let (name, uid) = (format!("racer-{i}"), format!("uid-racer-{i}"));
+            cni::add(&pins, &state, &pod.pod, &PodRef { namespace: "shop", name: &name, uid: &uid });
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        hups.join().expect("the signal sender")
+    });
+    // Passes that were under way finish; then every gate is checked.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let seen = agent.log_text().matches("SIGHUP: full pass").count();
+    assert!(seen > 1, "full passes ran during the ADDs ({seen} logged for {passes} signals)");
+    assert_eq!(records(&node).len(), PODS as usize, "every ADD left its record");
+    for (i, pod) in pods.iter().enumerate() {
+        assert_eq!(pod.race(), 0, "pod racer-{i} lost its gate to a racing pass:\n{}", agent.log_text());
+    }
 }

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use egress_common::maps::PROG_TC_FROM_POD;
 
 use super::state::{GatedInterface, StateDir};
@@ -30,8 +30,6 @@ pub struct GateRequest {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// No pinned programs: egressfw is not installed on this node (or was torn down).
-    NotInstalled,
     /// The agent knows the namespace as not enforced (pass or audit).
     NotEnforced,
     /// The pod's interface is not a veth: the tc layer has no host side to sit on.
@@ -46,10 +44,6 @@ pub fn apply(req: &GateRequest) -> Result<Outcome> {
     let outcome = decide_and_gate(req)?;
     let pod = format!("{}/{}", req.namespace, req.pod);
     match &outcome {
-        Outcome::NotInstalled => eprintln!(
-            "egressfw: pod {pod}: no programs pinned under {}: egressfw is not installed on this node; nothing to do",
-            req.pins.programs().display()
-        ),
         Outcome::NotVeth(why) => eprintln!("egressfw: pod {pod}: not gated: {why}"),
         Outcome::NotEnforced | Outcome::Gated { .. } => {}
     }
@@ -57,8 +51,22 @@ pub fn apply(req: &GateRequest) -> Result<Outcome> {
 }
 
 fn decide_and_gate(req: &GateRequest) -> Result<Outcome> {
-    if !req.pins.program(PROG_TC_FROM_POD).exists() {
-        return Ok(Outcome::NotInstalled);
+    // The runtime runs this plugin because the node's conflist names it: the node is enrolled.
+    // Missing pins then mean the agent has not finished its first pass since the node started
+    // (bpffs and /run are empty after a reboot, and on a node the autoscaler just added), not
+    // that egressfw is absent: refuse, and the runtime starts none of the pod's containers and
+    // retries. The agent runs in the host's network namespace, so it never waits for this.
+    // `teardown` takes the entry out of the conflist before it removes the pins.
+    let program = req.pins.program(PROG_TC_FROM_POD);
+    if !program.exists() {
+        bail!(
+            "pod {}/{}: the egressfw agent has not pinned its programs on this node yet ({} does not exist): \
+             the pod waits until it has (the runtime retries); to take egressfw off this node, run \
+             `egress-agent teardown --cni-conf-dir <the CNI configuration directory>`",
+            req.namespace,
+            req.pod,
+            program.display()
+        );
     }
     // A namespace the agent never described (the file missing, the namespace created while the
     // agent was down) is gated: fail closed.

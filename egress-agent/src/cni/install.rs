@@ -109,6 +109,45 @@ pub fn ensure_chained(placement: &Placement) -> Result<Chained> {
     Ok(Chained::Updated(path))
 }
 
+/// Takes our entry out of every conflist in `conf_dir` (teardown: a node whose conflist still
+/// names the plugin refuses new pods while no programs are pinned). Returns the files changed;
+/// a missing directory has nothing to change.
+pub fn unchain(conf_dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = match fs::read_dir(conf_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("listing the CNI configuration directory {}", conf_dir.display()));
+        }
+    };
+    let mut changed = Vec::new();
+    let mut paths: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "conflist"))
+        .collect();
+    paths.sort();
+    for path in paths {
+        let text = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let mut conf: Value =
+            serde_json::from_slice(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let Some(plugins) = conf.get_mut("plugins").and_then(Value::as_array_mut) else {
+            continue;
+        };
+        let before = plugins.len();
+        plugins.retain(|p| p["type"] != PLUGIN_TYPE);
+        if plugins.len() == before {
+            continue;
+        }
+        let mut bytes = serde_json::to_vec_pretty(&conf)?;
+        bytes.push(b'\n');
+        write_atomically(&path, &bytes)?;
+        changed.push(path);
+    }
+    Ok(changed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +199,12 @@ mod tests {
         .unwrap();
         assert_eq!(ensure_chained(&p).unwrap(), Chained::Updated(list.clone()));
         assert_eq!(types(&list), ["ptp", "portmap", "egressfw"]);
+
+        // Teardown takes the entry out again, and only ours.
+        assert_eq!(unchain(&dir).unwrap(), vec![list.clone()]);
+        assert_eq!(types(&list), ["ptp", "portmap"]);
+        assert_eq!(unchain(&dir).unwrap(), Vec::<PathBuf>::new(), "nothing left to take out");
         let _ = fs::remove_dir_all(&dir);
+        assert_eq!(unchain(&dir).unwrap(), Vec::<PathBuf>::new(), "no directory, nothing to change");
     }
 }

@@ -9,5 +9,6 @@ pub mod own_pod;
 pub mod pod_cgroup;
 pub mod pod_events;
 pub mod pod_interfaces;
+pub mod record_watch;
 pub mod run;
 pub mod watch;

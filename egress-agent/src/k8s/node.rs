@@ -402,6 +402,7 @@ pub fn log_pass(why: &str, pass: &Pass, gate_was: bool) {
         + s.links.attached
         + s.links.replaced
         + tc.released
+        + tc.bound
         + tc.links.attached
         + tc.links.replaced
         + tc.failed.len()
@@ -425,6 +426,7 @@ pub fn log_pass(why: &str, pass: &Pass, gate_was: bool) {
         pending = pass.pending.len(),
         gate = pass.gate_attached,
         tc_interfaces = tc.enforced,
+        tc_bound = tc.bound,
         tc_links_attached = tc.links.attached,
         tc_links_adopted = tc.links.adopted,
         tc_gated = tc.gated,

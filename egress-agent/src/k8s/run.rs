@@ -25,6 +25,7 @@ use super::{
     node::{Node, Places, log_pass},
     pod_cgroup::PodsRoot,
     pod_events::{self, Denial},
+    record_watch,
     watch::{self, Stores, Trigger},
 };
 use crate::{
@@ -116,12 +117,16 @@ pub async fn run(opts: Options) -> Result<()> {
 
     let (tx, mut rx) = mpsc::unbounded_channel();
     let _cgroups = cgroup_watch::start(&pods_root, tx.clone())?;
+    let _records = record_watch::start(&opts.cni_state.interfaces_dir(), tx.clone())?;
     let mut config_changes = watch_file(&opts.config)?;
     let mut watches = JoinSet::new();
     let mut stores = watch::start(&client, &opts.node_name, &config, &tx, &mut watches);
     tracing::info!("waiting for the API caches to sync; pinned enforcement stays as it is meanwhile");
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    // SIGHUP: a full pass now (maps re-read, the plugin's records and pins read again, every
+    // link checked in the kernel), instead of at the next sixth tick.
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     tokio::select! {
         r = stores.wait_until_ready() => r.context("API caches")?,
         _ = term.recv() => {
@@ -185,6 +190,10 @@ pub async fn run(opts: Options) -> Result<()> {
                 blocking(|| keep_cni_chained(&opts));
             }
             () = retry => {}
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: full pass");
+                full_check = true;
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
