@@ -48,7 +48,7 @@ enum Command {
         /// The kubelet's pods cgroup (relative to the cgroup root); found by name when not given.
         #[arg(long, env = "EGRESSFW_PODS_CGROUP")]
         pods_cgroup: Option<PathBuf>,
-        /// Directory shared with the CNI plugin (namespace modes, gated interfaces).
+        /// Directory shared with the CNI plugin (namespace modes, records of pods' veths).
         #[arg(long, env = "EGRESSFW_CNI_STATE_DIR", default_value = cni::state::DEFAULT_STATE_DIR)]
         cni_state_dir: PathBuf,
         /// The node's CNI configuration directory: when given, the agent keeps the plugin's entry

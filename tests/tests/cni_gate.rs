@@ -7,7 +7,7 @@
 //! Each pod is wired as a routed CNI wires it (`RoutedPod`), then the plugin runs as the runtime
 //! runs it, then a racer floods packet-socket frames from the instant ADD returns.
 
-use std::{fs, path::PathBuf};
+use std::{collections::BTreeMap, fs, path::PathBuf};
 
 use egress_tests::{
     agent,
@@ -33,11 +33,25 @@ impl TestPod {
         let tag = format!("{}{tag}", std::process::id() % 100_000);
         let pod = RoutedPod::create(&tag, &format!("10.231.{subnet}.2"), &format!("10.231.{subnet}.1"))
             .unwrap_or_else(|e| panic!("building the routed pod: {e:#}"));
+        Self::wire(pod)
+    }
+
+    /// A pod on a bridge (flannel's `cni0`, the `bridge` plugin): the node's route to it names
+    /// the bridge.
+    fn create_bridged(tag: &str, subnet: u8) -> Self {
+        let tag = format!("{}{tag}", std::process::id() % 100_000);
+        let pod =
+            RoutedPod::create_bridged(&tag, &format!("10.231.{subnet}.2"), &format!("10.231.{subnet}.1"))
+                .unwrap_or_else(|e| panic!("building the bridged pod: {e:#}"));
+        Self::wire(pod)
+    }
+
+    fn wire(pod: RoutedPod) -> Self {
         let arrivals = Arrivals::listen(&pod, PORT);
-        // To the host side's own address: a destination no policy here allows.
+        // To the host's own address: a destination no policy here allows.
         let frame = frames::udp(
             frames::mac(&pod.ns, "eth0"),
-            frames::mac_root(&pod.host_side),
+            frames::mac_root(pod.host_device()),
             pod.addr.parse().unwrap(),
             pod.host_addr.parse().unwrap(),
             PORT,
@@ -75,17 +89,35 @@ fn tcx() -> bool {
     !forced && (major, minor) >= (6, 6)
 }
 
-fn deny_no_policy(node: &KubeNode) -> u64 {
+/// How many verdicts of `reason` the kernel counted as applied (not audited).
+fn applied(node: &KubeNode, reason: &str) -> u64 {
     let report = inspect(node);
-    report["counters"].as_array().unwrap().iter().find(|c| c["reason"] == "deny_no_policy").unwrap()["applied"]
+    report["counters"].as_array().unwrap().iter().find(|c| c["reason"] == reason).unwrap()["applied"]
         .as_u64()
         .unwrap()
 }
 
-fn records(node: &KubeNode) -> Vec<PathBuf> {
-    fs::read_dir(node.cni_state_dir().join("interfaces"))
+/// The plugin's records: "namespace/pod" -> whether the veth is gated.
+fn records(node: &KubeNode) -> BTreeMap<String, bool> {
+    let files: Vec<PathBuf> = fs::read_dir(node.cni_state_dir().join("interfaces"))
         .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| {
+            let r: serde_json::Value =
+                serde_json::from_slice(&fs::read(p).unwrap()).expect("a record is JSON");
+            (
+                format!("{}/{}", r["namespace"].as_str().unwrap(), r["pod"].as_str().unwrap()),
+                r["gated"] == true,
+            )
+        })
+        .collect()
+}
+
+fn on_record(entries: &[(&str, bool)]) -> BTreeMap<String, bool> {
+    entries.iter().map(|(pod, gated)| (pod.to_string(), *gated)).collect()
 }
 
 #[test]
@@ -119,13 +151,17 @@ fn a_new_pods_veth_is_gated_from_cni_add_even_while_the_agent_is_down() {
 
     // An enforced pod: gated during ADD. Nothing the racer sends from the instant ADD returns
     // arrives, and the kernel counts the drops under the pinned counters.
-    let before = deny_no_policy(&node);
+    let before = applied(&node, "deny_no_policy");
     let web = TestPod::create("w", 81);
     let web_ref = PodRef { namespace: "shop", name: "web", uid: "uid-web" };
     cni::add(&pins, &state, &web.pod, &web_ref);
     assert_eq!(web.race(), 0, "no frame of the enforced pod crosses its veth while the agent is down");
-    assert!(deny_no_policy(&node) >= before + RACER_FRAMES as u64, "the gate's drops are counted");
-    assert_eq!(records(&node).len(), 1, "one gated interface on record: {:?}", records(&node));
+    assert!(applied(&node, "deny_no_policy") >= before + RACER_FRAMES as u64, "the gate's drops are counted");
+    assert_eq!(
+        records(&node),
+        on_record(&[("free/app", false), ("shop/web", true)]),
+        "every pod's veth on record, the enforced pod's gated"
+    );
     let listed = inspect(&node)["interfaces"].clone();
     if listed.as_array().is_some_and(|l| !l.is_empty()) || tcx() {
         // tcx gates are pinned links, which `inspect` lists; clsact filters leave no pins.
@@ -161,15 +197,16 @@ fn a_new_pods_veth_is_gated_from_cni_add_even_while_the_agent_is_down() {
         agent.log_text()
     );
     assert!(
-        eventually(5, || records(&node).len() == 1),
-        "the released pod's record is dropped, the enforced pod's kept: {:?}",
+        eventually(5, || records(&node)
+            == on_record(&[("free/app", false), ("later/app", false), ("shop/web", true)])),
+        "the released pod's record says its veth is open now: {:?}",
         records(&node)
     );
 
     // DEL drops the record; the veth goes with the pod's namespace.
     let del = cni::run("DEL", &pins, &state, &web.pod.ns, &web_ref, &cni::prev_result(&web.pod));
     assert!(del.status.success(), "DEL:\n{}", text(&del));
-    assert_eq!(records(&node), Vec::<PathBuf>::new());
+    assert_eq!(records(&node), on_record(&[("free/app", false), ("later/app", false)]));
 }
 
 /// A node whose conflist names the plugin is enrolled: after a reboot, or on a node the
@@ -194,7 +231,7 @@ fn an_enrolled_node_refuses_new_pods_until_the_agent_has_pinned_its_programs() {
         "the error names the pod, the missing pins and what happens next: {e}"
     );
     assert_eq!(e["code"], 100, "{e}");
-    assert_eq!(records(&node), Vec::<PathBuf>::new(), "a refused ADD leaves no record");
+    assert_eq!(records(&node), on_record(&[]), "a refused ADD leaves no record");
 
     // The agent starts (it runs in the host's network namespace: no ADD of its own to wait
     // for); the runtime's retry is gated from its first instant and then bound by the agent.
@@ -275,4 +312,61 @@ fn adds_racing_full_passes_leave_no_record_without_its_gate() {
     for (i, pod) in pods.iter().enumerate() {
         assert_eq!(pod.race(), 0, "pod racer-{i} lost its gate to a racing pass:\n{}", agent.log_text());
     }
+}
+
+/// On a bridged CNI the node's route to a pod names the bridge, so only the plugin's record
+/// finds the pod's veth. The rollout `deploy/README` recommends starts namespaces in `audit`,
+/// whose pods the plugin does not gate: it records their veths all the same, and when the
+/// namespace switches to `enforce` the agent puts the tc layer on the veth. Without it the pod
+/// keeps its socket hooks only, and packet-socket frames get out.
+#[test]
+fn a_bridged_pod_started_under_audit_gets_the_tc_layer_when_its_namespace_is_enforced() {
+    const UID: &str = "uid-bridged";
+    let node = KubeNode::new();
+    let (pins, state) = (node.lab.pin_dir.clone(), node.cni_state_dir());
+    node.label("shop", &[("egressfw.io/mode", "audit")]);
+    let agent = node.start_agent();
+    let modes = state.join("namespaces.json");
+    assert!(
+        eventually(10, || fs::read_to_string(&modes).is_ok_and(|t| t.contains(r#""shop": "audit""#))),
+        "namespaces.json names shop as audit: {:?}",
+        fs::read_to_string(&modes)
+    );
+    let web = TestPod::create_bridged("b", 85);
+    let bridge = web.pod.host_device().to_string();
+    let route = egress_agent::routes::pod_interface(web.pod.addr.parse().unwrap());
+    assert!(
+        route.as_ref().is_err_and(|e| format!("{e:#}").contains(&bridge)),
+        "the node's route to the pod names the bridge, not the veth: {route:?}"
+    );
+    cni::add(&pins, &state, &web.pod, &PodRef { namespace: "shop", name: "web", uid: UID });
+    node.api.apply(&fixtures::pod("shop", "web", UID, NODE, "BestEffort", Some(&web.pod.addr)));
+    let _cgroup = node.create_pod_cgroup(UID);
+    agent.wait_until("policy applied", |l| l["added"] == 1);
+    assert!(web.race() > 0, "audit: the pod's frames pass (and are reported)");
+
+    let denied = applied(&node, "deny_destination");
+    node.label("shop", &[("egressfw.io/mode", "enforce")]);
+    assert!(
+        eventually(10, || web.race() == 0),
+        "enforced: nothing the pod sends crosses its veth:\n{}",
+        agent.log_text()
+    );
+    assert_eq!(web.race(), 0, "and it stays that way");
+    let listed = inspect(&node)["interfaces"].clone();
+    let veth = listed.as_array().unwrap().iter().find(|i| i["name"] == web.pod.host_side.as_str());
+    assert_eq!(
+        veth.map(|i| i["sources"].clone()),
+        Some(serde_json::json!([web.pod.addr])),
+        "inspect shows the tc layer on the bridged pod's veth, bound to its address: {listed:#}"
+    );
+    assert!(
+        applied(&node, "deny_destination") >= denied + RACER_FRAMES as u64,
+        "the veth's drops are counted as the pod's policy refusing the destination"
+    );
+    assert_eq!(
+        records(&node),
+        on_record(&[("shop/web", false)]),
+        "the plugin recorded the veth, and left it open"
+    );
 }

@@ -1,13 +1,15 @@
-//! What the plugin does on ADD: decide whether the new pod needs the gate, find the host side of
-//! its veth, attach the pinned tc programs there (unbound, so they drop everything the pod sends)
-//! and leave a record saying whose interface it is. The node agent takes over from the record.
+//! What the plugin does on ADD: find the host side of the new pod's veth, decide whether the pod
+//! needs the gate, attach the pinned tc programs there if it does (unbound, so they drop
+//! everything the pod sends) and leave a record saying whose interface it is, gated or not. The
+//! node agent takes over from the record: on a bridged CNI, whose route to the pod names the
+//! bridge, the record is the only way it finds the veth of a pod whose namespace opts in later.
 
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use egress_common::maps::PROG_TC_FROM_POD;
 
-use super::state::{GatedInterface, StateDir};
+use super::state::{PodInterface, StateDir};
 use crate::kernel::{
     bpffs::PinLayout,
     tc_attach,
@@ -70,16 +72,14 @@ fn decide_and_gate(req: &GateRequest) -> Result<Outcome> {
     }
     // A namespace the agent never described (the file missing, the namespace created while the
     // agent was down) is gated: fail closed.
-    if req.state.read_namespaces().is_some_and(|m| m.needs_no_gate(&req.namespace)) {
-        return Ok(Outcome::NotEnforced);
-    }
+    let gate = !req.state.read_namespaces().is_some_and(|m| m.needs_no_gate(&req.namespace));
     let pair = match veth_peer::host_peer(&req.netns, &req.ifname) {
         Ok(pair) => pair,
         Err(e @ PeerError::NotVeth { .. }) => return Ok(Outcome::NotVeth(e.to_string())),
         Err(e) => return Err(e.into()),
     };
     let host = pair.host_side;
-    let mut record = GatedInterface {
+    let mut record = PodInterface {
         ifindex: host.index,
         interface: host.name.clone(),
         namespace: req.namespace.clone(),
@@ -87,9 +87,17 @@ fn decide_and_gate(req: &GateRequest) -> Result<Outcome> {
         pod_uid: req.pod_uid.clone(),
         container_id: req.container_id.clone(),
         addresses: req.addresses.clone(),
+        gated: gate,
         attached: false,
     };
-    // Record, attach, then mark the record complete (see `GatedInterface::attached`).
+    if !gate {
+        // Recorded all the same: a failed write fails the ADD (the runtime retries), since a
+        // pod without a record on a bridged CNI would keep its socket hooks only once its
+        // namespace is enforced.
+        req.state.write_interface(&record)?;
+        return Ok(Outcome::NotEnforced);
+    }
+    // Record, attach, then mark the record complete (see `PodInterface::attached`).
     req.state.write_interface(&record)?;
     if let Err(e) = tc_attach::attach_gate(&req.pins, host.index, &host.name) {
         let _ = req.state.remove_interface(host.index);

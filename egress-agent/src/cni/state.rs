@@ -4,9 +4,10 @@
 //! - `namespaces.json`, written by the agent: the mode of every namespace it knows. The plugin
 //!   gates a new pod unless its namespace is known as `pass` or `audit`; a namespace the agent
 //!   has not seen (created while it was down) is gated.
-//! - `interfaces/<ifindex>.json`, written by the plugin for each interface it gated: whose pod it
-//!   is, so the agent binds it without waiting for the pod's addresses in the API, or releases it
-//!   when the pod turns out not to be enforced.
+//! - `interfaces/<ifindex>.json`, written by the plugin for every pod's veth, gated or not: whose
+//!   pod it is, so the agent binds it without waiting for the pod's addresses in the API (and on a
+//!   bridged CNI, whose route names the bridge, at all), releases it when the pod turns out not to
+//!   be enforced, and finds it again when the pod's namespace switches to `enforce` later.
 //!
 //! Every write is a rename of a complete file, so a reader never sees half of one.
 
@@ -40,10 +41,10 @@ impl NamespaceModes {
     }
 }
 
-/// One interface the plugin gated.
+/// One pod's veth, as the plugin found it on ADD.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct GatedInterface {
+pub struct PodInterface {
     pub ifindex: u32,
     /// Host-side name when the plugin ran (checked against the index before use).
     pub interface: String,
@@ -56,11 +57,21 @@ pub struct GatedInterface {
     /// The addresses the network plugin gave the pod (its prevResult).
     #[serde(default)]
     pub addresses: Vec<IpAddr>,
-    /// False while the plugin is still attaching: the record is written first, so the agent
-    /// never finds a gate it has no record of (and takes it for a leftover to remove), and the
-    /// agent leaves an interface alone until its record says the gate is complete.
+    /// Whether the plugin gated the interface (the namespace was not known as `pass` or `audit`).
+    /// The agent clears it once it has released the gate. Records of plugins that recorded only
+    /// gated interfaces have no such field.
+    #[serde(default = "gated_by_default")]
+    pub gated: bool,
+    /// For a gated interface, false while the plugin is still attaching: the record is written
+    /// first, so the agent never finds a gate it has no record of (and takes it for a leftover
+    /// to remove), and the agent leaves an interface alone until its record says the gate is
+    /// complete.
     #[serde(default)]
     pub attached: bool,
+}
+
+fn gated_by_default() -> bool {
+    true
 }
 
 #[derive(Clone, Debug)]
@@ -96,8 +107,8 @@ impl StateDir {
         write_atomically(&self.namespaces_file(), &serde_json::to_vec_pretty(modes)?)
     }
 
-    pub fn write_interface(&self, gated: &GatedInterface) -> Result<()> {
-        write_atomically(&self.interface_file(gated.ifindex), &serde_json::to_vec_pretty(gated)?)
+    pub fn write_interface(&self, record: &PodInterface) -> Result<()> {
+        write_atomically(&self.interface_file(record.ifindex), &serde_json::to_vec_pretty(record)?)
     }
 
     pub fn remove_interface(&self, ifindex: u32) -> Result<()> {
@@ -110,9 +121,9 @@ impl StateDir {
         }
     }
 
-    /// Every gated interface on record, by ifindex. Files that cannot be read are skipped (and
+    /// Every interface on record, by ifindex. Files that cannot be read are skipped (and
     /// named in the returned problems): a damaged record must not stop the agent's pass.
-    pub fn read_interfaces(&self) -> (BTreeMap<u32, GatedInterface>, Vec<String>) {
+    pub fn read_interfaces(&self) -> (BTreeMap<u32, PodInterface>, Vec<String>) {
         let mut out = BTreeMap::new();
         let mut problems = Vec::new();
         let Ok(entries) = fs::read_dir(self.interfaces_dir()) else {
@@ -124,7 +135,7 @@ impl StateDir {
                 continue;
             }
             let read = fs::read(&path).map_err(anyhow::Error::from);
-            match read.and_then(|t| Ok(serde_json::from_slice::<GatedInterface>(&t)?)) {
+            match read.and_then(|t| Ok(serde_json::from_slice::<PodInterface>(&t)?)) {
                 Ok(g) => {
                     out.insert(g.ifindex, g);
                 }
@@ -146,4 +157,20 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     ));
     fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_from_a_plugin_that_recorded_only_gated_interfaces_reads_as_gated() {
+        let old = r#"{"ifindex": 7, "interface": "veth7", "namespace": "shop", "pod": "web",
+                      "podUid": "u", "containerId": "c", "addresses": [], "attached": true}"#;
+        let record: PodInterface = serde_json::from_str(old).unwrap();
+        assert!(record.gated && record.attached, "{record:?}");
+        let open = PodInterface { gated: false, attached: false, ..record };
+        let again: PodInterface = serde_json::from_slice(&serde_json::to_vec(&open).unwrap()).unwrap();
+        assert_eq!(again, open, "a record of a pod left open round-trips");
+    }
 }

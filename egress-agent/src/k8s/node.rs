@@ -26,7 +26,7 @@ use super::{
 };
 use crate::{
     cgroup::{self, CgroupRef},
-    cni::state::{NamespaceModes, StateDir},
+    cni::state::{NamespaceModes, PodInterface, StateDir},
     interfaces::{self, TcState, TcSummary},
     kernel::{
         attach::{self, ProgramTags},
@@ -237,15 +237,12 @@ impl Node {
         let cgroups = with_cgroup.iter().map(|(uid, c)| (*uid, c)).collect();
         let plan = pod_interfaces::plan(&policies, &cgroups, &records);
         self.log_tc_problems(plan.problems.iter().cloned().chain(record_problems).collect());
-        let reattach = plan
-            .keep
-            .iter()
-            .filter_map(|i| records.get(i))
-            .filter(|(r, live)| *live && r.attached)
-            .map(|(r, _)| (r.ifindex, r.interface.clone()))
-            .collect();
-        let gated =
-            interfaces::Gated { keep: plan.keep, reattach, release: plan.release, pinned: Some(pinned) };
+        let gated = interfaces::Gated {
+            keep: plan.keep,
+            reattach: plan.reattach,
+            release: plan.release,
+            pinned: Some(pinned),
+        };
         pass.tc = interfaces::apply(
             &mut self.ebpf,
             &mut self.tc_maps,
@@ -255,7 +252,10 @@ impl Node {
             &mut self.tc_state,
         )?;
         pass.tc.gated = gated.keep.len();
-        // Only once the gate is off: a record removed first would leave a gate nobody releases.
+        // Only once the gate is off: a record changed first would leave a gate nobody releases.
+        for (record, _) in plan.ungate.iter().filter_map(|i| records.get(i)) {
+            self.cni_state.write_interface(&PodInterface { gated: false, ..record.clone() })?;
+        }
         for index in plan.forget {
             self.cni_state.remove_interface(index)?;
         }
