@@ -39,6 +39,9 @@ pub struct Metrics {
     pub apply_latency: Histogram,
     pub reconciles: Family<Vec<(&'static str, &'static str)>, Counter>,
     pub pods: Family<Vec<(&'static str, &'static str)>, Gauge>,
+    /// Pods whose namespace's label names a gateway that does not admit it, by namespace and
+    /// the gateway it names.
+    pub gateway_refused_pods: Family<Vec<(&'static str, String)>, Gauge>,
     pub pending_pods: Gauge,
     pub gate_attached: Gauge,
     /// Times another tc program was found ahead of ours and ours was moved back to the head.
@@ -59,6 +62,12 @@ impl Metrics {
         registry.register("reconciles", "Reconcile passes by result", reconciles.clone());
         let pods = Family::default();
         registry.register("pods", "Pods on this node by policy mode and state", pods.clone());
+        let gateway_refused_pods = Family::default();
+        registry.register(
+            "gateway_refused_pods",
+            "Pods on this node whose namespace selects a gateway (label egressfw.io/gateway) that does not admit it (allowedNamespaces); they use the default gateway",
+            gateway_refused_pods.clone(),
+        );
         let pending_pods = Gauge::default();
         registry.register(
             "pending_pods",
@@ -78,7 +87,16 @@ impl Metrics {
             tc_moved_to_head.clone(),
         );
         registry.register_collector(Box::new(KernelCollector { pins, owners }));
-        Self { registry, apply_latency, reconciles, pods, pending_pods, gate_attached, tc_moved_to_head }
+        Self {
+            registry,
+            apply_latency,
+            reconciles,
+            pods,
+            gateway_refused_pods,
+            pending_pods,
+            gate_attached,
+            tc_moved_to_head,
+        }
     }
 
     pub fn render(&self) -> String {

@@ -303,7 +303,9 @@ fn a_steering_gateway_carries_unmodified_https_to_its_service_unless_the_namespa
 
 /// Issue 17's first shapes: an existing proxy outside the cluster as the gateway (by address and
 /// port, no Service), and a gateway group (a Service and that address): a namespace reaches
-/// exactly its gateway's members.
+/// exactly its gateway's members. Which gateways a namespace may select is the agent
+/// configuration's to say, not the namespace's label: a gateway that does not admit the namespace
+/// leaves it on the default gateway, logged and counted.
 #[test]
 fn an_address_gateway_and_a_gateway_group_reach_their_members_and_nothing_else() {
     const PROXY_PORT: u16 = 8080;
@@ -311,7 +313,7 @@ fn an_address_gateway_and_a_gateway_group_reach_their_members_and_nothing_else()
     std::fs::write(
         &node.config_path,
         format!(
-            "gateways:\n  - name: main\n    service: egress/gw\n    ports: [{GATEWAY_PORT}]\n  - name: corporate\n    addresses: [{{address: {EXTERNAL4}, ports: [{PROXY_PORT}]}}]\n  - name: group\n    services: [{{service: egress/gw, ports: [{GATEWAY_PORT}]}}]\n    addresses: [{{address: {EXTERNAL4}, ports: [{PROXY_PORT}]}}]\ndefaultGateway: main\ndns:\n  service: kube-system/kube-dns\n"
+            "gateways:\n  - name: main\n    service: egress/gw\n    ports: [{GATEWAY_PORT}]\n  - name: corporate\n    addresses: [{{address: {EXTERNAL4}, ports: [{PROXY_PORT}]}}]\n    allowedNamespaces: {{names: [legacy]}}\n  - name: group\n    services: [{{service: egress/gw, ports: [{GATEWAY_PORT}]}}]\n    addresses: [{{address: {EXTERNAL4}, ports: [{PROXY_PORT}]}}]\n    allowedNamespaces: {{names: [shop]}}\ndefaultGateway: main\ndns:\n  service: kube-system/kube-dns\n"
         ),
     )
     .unwrap();
@@ -321,15 +323,45 @@ fn an_address_gateway_and_a_gateway_group_reach_their_members_and_nothing_else()
     let _gateway = Server::tcp_http(&node.lab.gateway, sock(GATEWAY4, GATEWAY_PORT));
     node.add_pod("shop", "web", WEB);
     node.create_pod_cgroup(WEB);
-    let _agent = node.start_agent();
+    let agent = node.start_agent();
 
+    // shop's owner labels it for the corporate proxy, which admits only `legacy`.
     node.label("shop", &[("egressfw.io/mode", "enforce"), ("egressfw.io/gateway", "corporate")]);
     assert!(
-        eventually(5, || blocked(&node, WEB, GATEWAY4, GATEWAY_PORT)),
+        eventually(5, || node.metric(&[
+            "egressfw_gateway_refused_pods",
+            "namespace=\"shop\"",
+            "gateway=\"corporate\""
+        ]) == 1.0),
+        "the refused selection is counted:\n{}",
+        node.get("/metrics").1
+    );
+    assert!(blocked(&node, WEB, EXTERNAL4, PROXY_PORT), "a gateway that does not admit the namespace");
+    assert!(reaches(&node, WEB, GATEWAY4, GATEWAY_PORT), "the default gateway instead");
+    let narrowed = agent.wait_until("policy narrowed", |l| {
+        l["problem"].as_str().is_some_and(|p| p.contains("selects gateway \"corporate\""))
+    });
+    assert!(narrowed["problem"].as_str().unwrap().contains("default gateway \"main\""), "{narrowed}");
+
+    // The address gateway, for a namespace it admits (shop is renamed in the configuration).
+    std::fs::write(
+        &node.config_path,
+        std::fs::read_to_string(&node.config_path)
+            .unwrap()
+            .replace("names: [legacy]", "names: [legacy, shop]"),
+    )
+    .unwrap();
+    assert!(
+        eventually(10, || blocked(&node, WEB, GATEWAY4, GATEWAY_PORT)),
         "the address gateway's namespace does not reach the cluster's gateway Service"
     );
     assert!(reaches(&node, WEB, EXTERNAL4, PROXY_PORT), "the proxy's address and port");
     assert!(blocked(&node, WEB, EXTERNAL4, 80), "another port of the proxy's address");
+    assert_eq!(
+        node.metric(&["egressfw_gateway_refused_pods", "namespace=\"shop\""]),
+        0.0,
+        "nothing refused any more"
+    );
 
     node.label("shop", &[("egressfw.io/mode", "enforce"), ("egressfw.io/gateway", "group")]);
     assert!(eventually(5, || reaches(&node, WEB, GATEWAY4, GATEWAY_PORT)), "the group's Service");

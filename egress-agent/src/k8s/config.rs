@@ -9,13 +9,17 @@
 //!   - name: corporate                    # an existing proxy outside the cluster, by address
 //!     addresses:
 //!       - {address: 10.20.0.5, ports: [3128]}
+//!     allowedNamespaces: {names: [legacy-billing]}   # who may select it (see gateway_access)
 //!   - name: partners                     # a group: one gateway Deployment per upstream
 //!     services:
 //!       - {service: partners/api-gateway, ports: [8443]}
 //!       - {service: partners/db-gateway}
 //!     addresses:
 //!       - {address: 10.20.0.9, ports: [443]}
-//! defaultGateway: default                # for namespaces without the gateway label
+//!     allowedNamespaces:
+//!       selector: {matchLabels: {egressfw.io/partners: allowed}}
+//! defaultGateway: default                # for namespaces without the gateway label, and for
+//!                                        # those whose label names a gateway they may not use
 //! dns:
 //!   service: kube-system/kube-dns        # the default
 //!   nodeLocal: 169.254.20.10             # optional node-local DNS cache address
@@ -33,6 +37,7 @@ use std::{collections::BTreeMap, fmt, net::IpAddr, path::Path};
 use egress_common::addr::Destination;
 use serde::Deserialize;
 
+use super::gateway_access::{self, NamespaceAccess, RawAccess};
 use crate::policy::config::{
     ExtraSpec, ParseError, PortRange, RawExtra, RawPort, invalid, parse_ip, parse_port, parse_single_port,
     validate_extra,
@@ -73,6 +78,15 @@ pub struct GatewayConfig {
     pub addresses: Vec<AddressMember>,
     /// Transparent steering: original TCP port -> the port of the gateway's one Service.
     pub steer: BTreeMap<u16, u16>,
+    /// The namespaces that may select it; `None` for the default gateway, which admits all.
+    pub allowed_namespaces: Option<NamespaceAccess>,
+}
+
+impl GatewayConfig {
+    /// Whether namespace `name` with `labels` may select this gateway.
+    pub fn admits(&self, name: &str, labels: &BTreeMap<String, String>) -> bool {
+        self.allowed_namespaces.as_ref().is_none_or(|a| a.admits(name, labels))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -143,6 +157,8 @@ struct RawGateway {
     addresses: Vec<RawAddressMember>,
     #[serde(default)]
     steer: Vec<RawSteer>,
+    #[serde(default)]
+    allowed_namespaces: Option<RawAccess>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -195,6 +211,8 @@ pub fn parse_file(path: &Path, text: &str) -> Result<AgentConfig, AgentConfigErr
 
 pub fn parse(text: &str) -> Result<AgentConfig, ParseError> {
     let raw: RawAgentConfig = serde_yaml::from_str(text).map_err(ParseError::Syntax)?;
+    let positions: BTreeMap<String, usize> =
+        raw.gateways.iter().enumerate().map(|(i, g)| (g.name.clone(), i)).collect();
     if raw.gateways.is_empty() {
         return Err(invalid("gateways", "at least one gateway is needed: it is the only way out"));
     }
@@ -229,6 +247,7 @@ pub fn parse(text: &str) -> Result<AgentConfig, ParseError> {
             return Err(invalid("defaultGateway", "several gateways are configured; name the default one"));
         }
     };
+    check_access(&gateways, &default_gateway, &positions)?;
     let raw_dns = raw.dns.unwrap_or_default();
     let dns = DnsConfig {
         service: parse_service(raw_dns.service.as_deref().unwrap_or(DEFAULT_DNS_SERVICE), "dns.service")?,
@@ -300,7 +319,40 @@ fn parse_gateway(g: &RawGateway, at: &str) -> Result<GatewayConfig, ParseError> 
             }
         }
     };
-    Ok(GatewayConfig { services, addresses, steer })
+    let allowed_namespaces = g
+        .allowed_namespaces
+        .as_ref()
+        .map(|a| gateway_access::parse(a, &format!("{at}.allowedNamespaces")))
+        .transpose()?;
+    Ok(GatewayConfig { services, addresses, steer, allowed_namespaces })
+}
+
+/// The default gateway admits every namespace (it is where the others land); every other
+/// gateway says which namespaces it admits, or a namespace owner could label their way to it.
+fn check_access(
+    gateways: &BTreeMap<String, GatewayConfig>,
+    default: &str,
+    positions: &BTreeMap<String, usize>,
+) -> Result<(), ParseError> {
+    for (name, g) in gateways {
+        let at = format!("gateways[{}] ({name:?})", positions.get(name).copied().unwrap_or_default());
+        match (&g.allowed_namespaces, name == default) {
+            (Some(_), true) => {
+                return Err(invalid(
+                    format!("{at}.allowedNamespaces"),
+                    "the default gateway admits every namespace (it is where a namespace lands whose label names a gateway it may not use); restrict another gateway, or make another one the default",
+                ));
+            }
+            (None, false) => {
+                return Err(invalid(
+                    &at,
+                    "allowedNamespaces is missing: say which namespaces may select this gateway with the egressfw.io/gateway label (names, a selector, or `selector: {}` for every namespace); the label is on the namespace, and its owner may be able to set it",
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn parse_ports(raw: &[RawPort], at: &str) -> Result<Vec<PortRange>, ParseError> {
@@ -392,7 +444,7 @@ fn parse_service(s: &str, at: &str) -> Result<ServiceRef, ParseError> {
 }
 
 /// RFC 1123 label: what namespace and Service names must be.
-fn is_dns_label(s: &str) -> bool {
+pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
@@ -424,7 +476,7 @@ mod tests {
     #[test]
     fn full_config() {
         let c = parse(
-            "gateways:\n  - name: default\n    service: egressfw-system/egress-gateway\n    ports: [3128, \"8443-8444\"]\n  - name: eu\n    service: gw/eu\ndefaultGateway: default\ndns:\n  nodeLocal: 169.254.20.10\nextraCidrs:\n  - cidr: 10.0.0.0/8\n    protocol: tcp\n    ports: [443]\npodEvents: true\n",
+            "gateways:\n  - name: default\n    service: egressfw-system/egress-gateway\n    ports: [3128, \"8443-8444\"]\n  - name: eu\n    service: gw/eu\n    allowedNamespaces: {selector: {}}\ndefaultGateway: default\ndns:\n  nodeLocal: 169.254.20.10\nextraCidrs:\n  - cidr: 10.0.0.0/8\n    protocol: tcp\n    ports: [443]\npodEvents: true\n",
         )
         .unwrap();
         assert_eq!(c.default_gateway, "default");
@@ -468,9 +520,41 @@ mod tests {
     }
 
     #[test]
+    fn every_gateway_but_the_default_says_which_namespaces_may_select_it() {
+        let two = |a: &str, b: &str| {
+            format!(
+                "gateways:\n  - {{name: main, service: a/b{a}}}\n  - {{name: corp, addresses: [{{address: 10.20.0.5, ports: [3128]}}]{b}}}\ndefaultGateway: main\n"
+            )
+        };
+        let missing = err(&two("", ""));
+        assert!(
+            missing.starts_with("gateways[1] (\"corp\"): allowedNamespaces is missing")
+                && missing.contains("selector: {}"),
+            "{missing}"
+        );
+        let on_default =
+            err(&two(", allowedNamespaces: {names: [shop]}", ", allowedNamespaces: {names: [shop]}"));
+        assert!(
+            on_default.starts_with(
+                "gateways[0] (\"main\").allowedNamespaces: the default gateway admits every namespace"
+            ),
+            "{on_default}"
+        );
+        assert!(
+            err(&two("", ", allowedNamespaces: {names: [Shop]}")).contains(
+                "gateways[1] (\"corp\").allowedNamespaces.names[0]: \"Shop\" is not a namespace name"
+            )
+        );
+        let c = parse(&two("", ", allowedNamespaces: {names: [shop]}")).unwrap();
+        let none = BTreeMap::new();
+        assert!(c.gateways["corp"].admits("shop", &none) && !c.gateways["corp"].admits("web", &none));
+        assert!(c.gateways["main"].admits("web", &none), "the default gateway admits every namespace");
+    }
+
+    #[test]
     fn address_gateways_and_groups() {
         let c = parse(
-            "gateways:\n  - name: corp\n    addresses:\n      - {address: 10.20.0.5, ports: [3128]}\n      - {address: \"fd00::5\", ports: [3128, \"8000-8001\"]}\n  - name: group\n    services: [{service: a/one, ports: [8443]}, {service: a/two}]\n    addresses: [{address: 10.20.0.9, ports: [443]}]\ndefaultGateway: corp\n",
+            "gateways:\n  - name: corp\n    addresses:\n      - {address: 10.20.0.5, ports: [3128]}\n      - {address: \"fd00::5\", ports: [3128, \"8000-8001\"]}\n  - name: group\n    services: [{service: a/one, ports: [8443]}, {service: a/two}]\n    addresses: [{address: 10.20.0.9, ports: [443]}]\n    allowedNamespaces: {names: [shop]}\ndefaultGateway: corp\n",
         )
         .unwrap();
         let corp = &c.gateways["corp"];

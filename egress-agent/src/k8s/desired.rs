@@ -56,6 +56,8 @@ pub struct PodPolicy {
     pub allowed: Arc<Allowed>,
     /// Configuration problems that narrowed this pod's policy (logged and shown by the agent).
     pub problems: Vec<String>,
+    /// The gateway the namespace's label names but may not use (it got the default gateway).
+    pub refused_gateway: Option<String>,
     /// The pod's own addresses (status.podIPs), for the tc layer on its veth. Empty for
     /// hostNetwork pods: their addresses are the node's, and they have no veth.
     pub addresses: Vec<IpAddr>,
@@ -134,17 +136,18 @@ pub fn pod_policies(world: &World<'_>, config: &AgentConfig) -> BTreeMap<String,
         else {
             continue;
         };
-        let (mode, gateway, steering, allowed, problems) = match namespaces.get(ns).copied() {
+        let (mode, gateway, steering, allowed, problems, refused_gateway) = match namespaces.get(ns).copied()
+        {
             Some(namespace) => {
                 let (mode, label_problem) = namespace_mode(Some(namespace));
                 let mut problems: Vec<String> = label_problem.into_iter().collect();
-                let gateway = namespace
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(LABEL_GATEWAY))
-                    .cloned()
-                    .unwrap_or_else(|| config.default_gateway.clone());
+                let (gateway, refused) = namespace_gateway(namespace, config);
+                problems.extend(refused.as_ref().map(|r| {
+                    format!(
+                        "namespace {ns} selects gateway {r:?} (label {LABEL_GATEWAY}), which does not admit it (allowedNamespaces in the agent configuration): its pods use the default gateway {:?}",
+                        config.default_gateway
+                    )
+                }));
                 let (steering, steering_problem) = namespace_steering(Some(namespace));
                 problems.extend(steering_problem);
                 let allowed = if mode == Mode::Pass {
@@ -158,7 +161,7 @@ pub fn pod_policies(world: &World<'_>, config: &AgentConfig) -> BTreeMap<String,
                     problems.extend(gw_problems.iter().cloned());
                     allowed.clone()
                 };
-                (mode, gateway, steering, allowed, problems)
+                (mode, gateway, steering, allowed, problems, refused)
             }
             // The namespace watch lags behind the pod watch (as after a relist): the pod is held
             // like a gated pod, nothing but loopback, never passed. The CNI plugin treats a
@@ -172,6 +175,7 @@ pub fn pod_policies(world: &World<'_>, config: &AgentConfig) -> BTreeMap<String,
                 vec![format!(
                     "namespace {ns} (of pod {ns}/{name}) is not known to the agent yet: the pod is held, nothing but loopback, until it is"
                 )],
+                None,
             ),
         };
         out.insert(
@@ -187,11 +191,28 @@ pub fn pod_policies(world: &World<'_>, config: &AgentConfig) -> BTreeMap<String,
                 steering,
                 allowed,
                 problems,
+                refused_gateway,
                 addresses: pod_addresses(pod),
             },
         );
     }
     out
+}
+
+/// The gateway a namespace's pods use: the one its label names if that gateway admits it, else
+/// the default gateway (and the name it asked for, to report). A name the configuration does not
+/// know is kept: its pods get DNS only (see `allowed_for`).
+fn namespace_gateway(namespace: &Namespace, config: &AgentConfig) -> (String, Option<String>) {
+    let name = namespace.metadata.name.as_deref().unwrap_or_default();
+    let no_labels = BTreeMap::new();
+    let labels = namespace.metadata.labels.as_ref().unwrap_or(&no_labels);
+    match labels.get(LABEL_GATEWAY) {
+        None => (config.default_gateway.clone(), None),
+        Some(asked) => match config.gateways.get(asked) {
+            Some(g) if !g.admits(name, labels) => (config.default_gateway.clone(), Some(asked.clone())),
+            _ => (asked.clone(), None),
+        },
+    }
 }
 
 /// A pod's IPs from its status; none for hostNetwork pods or unparsable entries.

@@ -4,6 +4,7 @@
 pub mod cgroup_watch;
 pub mod config;
 pub mod desired;
+pub mod gateway_access;
 pub mod node;
 pub mod own_pod;
 pub mod pod_cgroup;

@@ -2,7 +2,7 @@
 //! the kernel maps and links, then the pod-start gate, then the owner index for logs and metrics.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     path::PathBuf,
     sync::Arc,
 };
@@ -78,6 +78,8 @@ pub struct Pass {
     pub gate_attached: bool,
     /// Pods by (mode, state) for the pods gauge.
     pub pods: HashMap<(&'static str, &'static str), i64>,
+    /// Pods by (namespace, the gateway its label names but may not use).
+    pub refused_gateways: BTreeMap<(String, String), i64>,
     /// Enforced/audited cgroups written in this pass, for the link check.
     pub enforced: Vec<CgroupRef>,
     /// The tc layer on the pods' veths.
@@ -168,6 +170,9 @@ impl Node {
             let cgroup = present.get(&p.cgroup_uid).and_then(|path| self.cached_cgroup(path));
             let state = if cgroup.is_some() { "running" } else { "pending" };
             *pass.pods.entry((p.mode.name(), state)).or_default() += 1;
+            if let Some(asked) = &p.refused_gateway {
+                *pass.refused_gateways.entry((p.namespace.clone(), asked.clone())).or_default() += 1;
+            }
             let Some(cgroup) = cgroup else {
                 if p.mode != Mode::Pass && !p.terminating {
                     pass.pending.push(format!("{}/{}", p.namespace, p.name));
@@ -227,7 +232,7 @@ impl Node {
             || self.pins.pinned_interfaces(),
             || self.cni_state.read_interfaces(),
         )?;
-        let records: std::collections::BTreeMap<u32, _> = records
+        let records: BTreeMap<u32, _> = records
             .into_iter()
             .map(|(index, r)| {
                 let live = interfaces::ifname(index).as_deref() == Some(r.interface.as_str());

@@ -154,6 +154,7 @@ mod tests {
             steering: true,
             allowed: Arc::default(),
             problems: Vec::new(),
+            refused_gateway: None,
             addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
         }
     }

@@ -221,6 +221,11 @@ pub async fn run(opts: Options) -> Result<()> {
                 for ((mode, state), n) in &pass.pods {
                     metrics.pods.get_or_create(&vec![("mode", *mode), ("state", *state)]).set(*n);
                 }
+                metrics.gateway_refused_pods.clear();
+                for ((namespace, gateway), n) in &pass.refused_gateways {
+                    let labels = vec![("namespace", namespace.clone()), ("gateway", gateway.clone())];
+                    metrics.gateway_refused_pods.get_or_create(&labels).set(*n);
+                }
                 log_pass("reconcile", &pass, gate_was);
                 if !programs_pinned {
                     match blocking(|| object::pin_tc_programs(&mut node.ebpf, &opts.pins)) {

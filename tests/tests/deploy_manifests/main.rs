@@ -29,6 +29,7 @@ use egress_agent::{
 use k8s_openapi::{
     ClusterResourceScope, NamespaceResourceScope, Resource,
     api::{
+        admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
         apps::v1::{DaemonSet, Deployment},
         core::v1::{
             ConfigMap, Container, ContainerPort, Namespace, PodSpec, Probe, Secret, Service, ServiceAccount,
@@ -516,4 +517,63 @@ fn own_namespace_admits_the_agent_and_is_never_enforced() {
             "{file}: egressfw.io/mode={mode:?} on egressfw's own namespace would cut the agent off the API server"
         );
     }
+}
+
+/// The namespace labels decide who is enforced and through which gateway; the shipped
+/// ValidatingAdmissionPolicy keeps them in the platform team's hands. Checked here: it is bound
+/// and denies, it guards the prefix of every label the agent reads, and the permission its
+/// authorizer check asks for is the one the shipped ClusterRole grants. (That the API server
+/// enforces it is for a real API server to show.)
+#[test]
+fn namespace_labels_are_guarded_by_the_shipped_admission_policy() {
+    use egress_agent::k8s::desired::{LABEL_GATEWAY, LABEL_MODE, LABEL_STEERING};
+    const PREFIX: &str = "egressfw.io/";
+    let m = manifests();
+    let (file, policy) = m.one::<ValidatingAdmissionPolicy>();
+    let spec = policy.spec.as_ref().expect("a spec");
+    assert_eq!(spec.failure_policy.as_deref(), Some("Fail"), "{file}: fails closed");
+    let rules = spec.match_constraints.as_ref().and_then(|c| c.resource_rules.clone()).unwrap_or_default();
+    assert!(
+        rules.iter().any(|r| r.resources.as_deref() == Some(&["namespaces".to_string()][..])
+            && r.operations
+                .as_deref()
+                .is_some_and(|o| o.contains(&"CREATE".into()) && o.contains(&"UPDATE".into()))),
+        "{file}: matches namespace CREATE and UPDATE: {rules:?}"
+    );
+    for label in [LABEL_MODE, LABEL_GATEWAY, LABEL_STEERING] {
+        assert!(
+            label.starts_with(PREFIX),
+            "the agent reads {label}, which the policy's prefix {PREFIX} does not guard"
+        );
+    }
+    let validations = spec.validations.as_deref().unwrap_or_default();
+    assert!(
+        validations.len() == 2
+            && validations.iter().all(|v| v.expression.contains(&format!("startsWith('{PREFIX}')"))),
+        "{file}: setting, changing and removing {PREFIX} labels are checked"
+    );
+    let (binding_file, binding) = m.one::<ValidatingAdmissionPolicyBinding>();
+    let bspec = binding.spec.as_ref().expect("a spec");
+    assert_eq!(bspec.policy_name, policy.metadata.name, "{binding_file}: binds the policy");
+    assert_eq!(
+        bspec.validation_actions.as_deref(),
+        Some(&["Deny".to_string()][..]),
+        "{binding_file}: denies"
+    );
+    let conditions = spec.match_conditions.as_deref().unwrap_or_default();
+    let check = &conditions.first().unwrap_or_else(|| panic!("{file}: no authorizer check")).expression;
+    let (role_file, role) = m
+        .all::<ClusterRole>()
+        .into_iter()
+        .find(|(_, r)| r.metadata.name.as_deref() == Some("egressfw-namespace-labeller"))
+        .expect("the ClusterRole egressfw-namespace-labeller is shipped");
+    let granted = grants(role_file, &role);
+    let expected: BTreeSet<Grant> =
+        [("egressfw.io".to_string(), "namespaces/labels".to_string(), "update".to_string())].into();
+    assert_eq!(granted, expected, "{role_file}");
+    assert!(
+        check.contains("authorizer.group('egressfw.io').resource('namespaces').subresource('labels').check('update').allowed()")
+            && check.trim_start().starts_with('!'),
+        "{file}: the policy skips exactly those the ClusterRole's permission is granted to: {check}"
+    );
 }

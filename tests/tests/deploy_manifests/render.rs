@@ -461,6 +461,8 @@ pub(crate) fn kind_of(o: &Object) -> Result<Kind> {
         kind::<DaemonSet>(),
         kind::<Deployment>(),
         kind::<PodDisruptionBudget>(),
+        kind::<ValidatingAdmissionPolicy>(),
+        kind::<ValidatingAdmissionPolicyBinding>(),
     ]
     .into_iter()
     .find(|known| Some(known.api_version) == api_version && Some(known.kind) == k)

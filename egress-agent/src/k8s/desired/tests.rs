@@ -79,7 +79,7 @@ fn slice(ns: &str, svc: &str, ips: &[&str], ports: &[(&str, i32)]) -> EndpointSl
 
 fn cfg() -> AgentConfig {
     config::parse(
-        "gateways:\n  - {name: main, service: egress/gw, ports: [3128]}\n  - {name: eu, service: egress/gw-eu}\ndefaultGateway: main\n",
+        "gateways:\n  - {name: main, service: egress/gw, ports: [3128]}\n  - {name: eu, service: egress/gw-eu, allowedNamespaces: {names: [eu-team]}}\ndefaultGateway: main\n",
     )
     .unwrap()
 }
@@ -143,6 +143,35 @@ fn labels_choose_mode_and_gateway() {
     assert_eq!(p["u-batch"].mode, Mode::Pass);
     assert_eq!(*p["u-batch"].allowed, Allowed::default());
     assert!(!p.contains_key("u-done"), "finished pods hold no policy");
+}
+
+/// The gateway label is on the namespace, which its owner may be able to edit: a gateway the
+/// agent configuration does not admit the namespace to is not used, the default gateway is.
+#[test]
+fn a_namespace_that_selects_a_gateway_that_does_not_admit_it_gets_the_default_gateway() {
+    let c = config::parse(
+        "gateways:\n  - {name: main, service: egress/gw, ports: [3128]}\n  - name: eu\n    service: egress/gw-eu\n    allowedNamespaces: {names: [finance], selector: {matchLabels: {egressfw.io/eu: allowed}}}\ndefaultGateway: main\n",
+    )
+    .unwrap();
+    let mut f = Fixture::new();
+    let p = f.policies(&c);
+    assert_eq!(p["u-api"].gateway, "main", "eu-team is not admitted to eu");
+    assert_eq!(p["u-api"].refused_gateway.as_deref(), Some("eu"));
+    assert_eq!(p["u-api"].allowed, p["u-web"].allowed, "it gets exactly the default gateway's rules");
+    assert!(
+        p["u-api"].problems.iter().any(|m| m.contains("namespace eu-team selects gateway \"eu\"")
+            && m.contains("does not admit it")
+            && m.contains("default gateway \"main\"")),
+        "{:?}",
+        p["u-api"].problems
+    );
+    assert_eq!(p["u-web"].refused_gateway, None, "no label: the default gateway, nothing refused");
+
+    // Admitted by a label (one that deploy/admission keeps its owner from setting).
+    f.namespaces[1] =
+        namespace("eu-team", &[(LABEL_MODE, "audit"), (LABEL_GATEWAY, "eu"), ("egressfw.io/eu", "allowed")]);
+    let p = f.policies(&c);
+    assert_eq!((p["u-api"].gateway.as_str(), p["u-api"].refused_gateway.as_deref()), ("eu", None));
 }
 
 #[test]
@@ -274,7 +303,7 @@ fn a_dual_stack_gateway_service_steers_each_family_to_its_own_cluster_ip() {
 #[test]
 fn a_gateway_group_allows_every_member_and_an_address_gateway_its_ports() {
     let c = config::parse(
-        "gateways:\n  - name: main\n    services:\n      - {service: egress/gw, ports: [3128]}\n      - {service: egress/gw-eu}\n    addresses:\n      - {address: 192.0.2.10, ports: [3128]}\n  - name: corporate\n    addresses: [{address: \"2001:db8::5\", ports: [8080]}]\ndefaultGateway: main\n",
+        "gateways:\n  - name: main\n    services:\n      - {service: egress/gw, ports: [3128]}\n      - {service: egress/gw-eu}\n    addresses:\n      - {address: 192.0.2.10, ports: [3128]}\n  - name: corporate\n    addresses: [{address: \"2001:db8::5\", ports: [8080]}]\n    allowedNamespaces: {names: [eu-team]}\ndefaultGateway: main\n",
     )
     .unwrap();
     let mut f = Fixture::new();
