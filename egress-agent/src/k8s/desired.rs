@@ -26,6 +26,11 @@ pub const LABEL_STEERING: &str = "egressfw.io/steering";
 /// Static pods' cgroups are named by this hash, not by the mirror pod's API UID.
 const ANNOTATION_CONFIG_HASH: &str = "kubernetes.io/config.hash";
 const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Who made an EndpointSlice. The service-name label alone is anyone's to set who may create
+/// EndpointSlices in the Service's namespace; the EndpointSlice controller's value says the
+/// addresses are the Service's selected pods.
+const LABEL_MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
+const SLICE_CONTROLLER: &str = "endpointslice-controller.k8s.io";
 const DNS_PORT: u16 = 53;
 
 /// The objects the decision depends on, as the reflectors hold them.
@@ -249,7 +254,8 @@ pub fn allowed_for(
                     problems.push(format!("gateway Service {} not found; it is not allowed", member.service));
                     continue;
                 };
-                let (front, back) = service_targets(world, svc, &member.service, &member.ports);
+                let (front, back) =
+                    service_targets(world, svc, &member.service, &member.ports, &mut problems);
                 if front.is_empty() && back.is_empty() {
                     problems
                         .push(format!("gateway Service {} has no address or matching port", member.service));
@@ -285,7 +291,7 @@ pub fn allowed_for(
         None => {}
         Some(svc) => {
             let dns_port = [PortRange { first: DNS_PORT, last: DNS_PORT }];
-            let (front, back) = service_targets(world, svc, &config.dns.service, &dns_port);
+            let (front, back) = service_targets(world, svc, &config.dns.service, &dns_port, &mut problems);
             allowed.dns.extend(front.into_iter().map(|(ip, _)| ip));
             for (ip, ports) in back {
                 if ports.iter().all(|p| p.first == DNS_PORT && p.last == DNS_PORT) {
@@ -340,12 +346,14 @@ fn find_service<'a>(world: &World<'a>, r: &ServiceRef) -> Option<&'a Service> {
 }
 
 /// (ClusterIP, Service ports) and (backend IP, target ports) for the Service ports in `wanted`
-/// (empty: all of them). Target ports come from the EndpointSlices, matched by port name.
+/// (empty: all of them). Target ports come from the EndpointSlices the EndpointSlice controller
+/// made for the Service, matched by port name; others are reported in `problems` and skipped.
 fn service_targets(
     world: &World<'_>,
     svc: &Service,
     r: &ServiceRef,
     wanted: &[PortRange],
+    problems: &mut Vec<String>,
 ) -> (Targets, Targets) {
     let Some(spec) = svc.spec.as_ref() else { return (Vec::new(), Vec::new()) };
     let selected: Vec<_> = spec
@@ -378,11 +386,21 @@ fn service_targets(
     };
     let names: Vec<&str> = selected.iter().map(|p| p.name.as_deref().unwrap_or("")).collect();
     let mut back: BTreeMap<IpAddr, Vec<PortRange>> = BTreeMap::new();
+    let label = |s: &EndpointSlice, key: &str| s.metadata.labels.as_ref().and_then(|l| l.get(key)).cloned();
     for slice in world.slices.iter().filter(|s| {
         s.metadata.namespace.as_deref() == Some(&r.namespace)
-            && s.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)).map(String::as_str)
-                == Some(r.name.as_str())
+            && label(s, LABEL_SERVICE_NAME).as_deref() == Some(r.name.as_str())
     }) {
+        let manager = label(slice, LABEL_MANAGED_BY);
+        if manager.as_deref() != Some(SLICE_CONTROLLER) {
+            problems.push(format!(
+                "EndpointSlice {}/{} names Service {r} but is managed by {}, not the EndpointSlice controller ({LABEL_MANAGED_BY}={SLICE_CONTROLLER}): its addresses are not allowed",
+                r.namespace,
+                slice.metadata.name.as_deref().unwrap_or_default(),
+                manager.map_or_else(|| "nobody named".to_string(), |m| format!("{m:?}")),
+            ));
+            continue;
+        }
         let ports: Vec<PortRange> = slice
             .ports
             .iter()

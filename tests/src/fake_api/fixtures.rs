@@ -101,7 +101,11 @@ pub fn endpoint_slice(
     addresses: &[&str],
     ports: &[u16],
 ) -> EndpointSlice {
-    let labels = BTreeMap::from([("kubernetes.io/service-name".to_owned(), service_name.to_owned())]);
+    // As the EndpointSlice controller labels what it makes (the agent trusts nothing else).
+    let labels = BTreeMap::from([
+        ("kubernetes.io/service-name".to_owned(), service_name.to_owned()),
+        ("endpointslice.kubernetes.io/managed-by".to_owned(), "endpointslice-controller.k8s.io".to_owned()),
+    ]);
     EndpointSlice {
         metadata: meta(Some(ns), name, labels),
         address_type: family(addresses.first().copied().unwrap_or_default()).to_owned(),

@@ -58,7 +58,14 @@ fn service(ns: &str, name: &str, ip: &str, ports: &[(&str, i32)]) -> Service {
 
 fn slice(ns: &str, svc: &str, ips: &[&str], ports: &[(&str, i32)]) -> EndpointSlice {
     EndpointSlice {
-        metadata: meta(Some(ns), &format!("{svc}-abcde"), &[("kubernetes.io/service-name", svc)]),
+        metadata: meta(
+            Some(ns),
+            &format!("{svc}-abcde"),
+            &[
+                ("kubernetes.io/service-name", svc),
+                ("endpointslice.kubernetes.io/managed-by", "endpointslice-controller.k8s.io"),
+            ],
+        ),
         address_type: "IPv4".into(),
         endpoints: ips
             .iter()
@@ -192,6 +199,47 @@ fn cluster_ips_on_service_ports_and_backends_on_target_ports() {
     // No ports configured: every port of the Service.
     let api = &p["u-api"].allowed;
     assert_eq!(api.gateways[0], ("10.96.0.11".parse().unwrap(), vec![port(3128)]));
+}
+
+/// Whoever may create EndpointSlices in the gateway's namespace can label one with the
+/// gateway's service-name; only the EndpointSlice controller's slices say where the Service's
+/// pods are.
+#[test]
+fn only_the_endpointslice_controllers_slices_name_a_gateways_backends() {
+    let mut f = Fixture::new();
+    let mut forged = slice("egress", "gw", &["10.244.9.9"], &[("proxy", 8080)]);
+    forged.metadata.name = Some("gw-forged".into());
+    forged.metadata.labels.as_mut().unwrap().remove("endpointslice.kubernetes.io/managed-by");
+    let mut mirrored = slice("egress", "gw", &["10.244.9.10"], &[("proxy", 8080)]);
+    mirrored.metadata.name = Some("gw-by-hand".into());
+    mirrored
+        .metadata
+        .labels
+        .as_mut()
+        .unwrap()
+        .insert("endpointslice.kubernetes.io/managed-by".into(), "someone.example.com".into());
+    f.slices.extend([forged, mirrored]);
+    let p = f.policies(&cfg());
+    let web = &p["u-web"];
+    for ip in ["10.244.9.9", "10.244.9.10"] {
+        assert!(
+            !web.allowed.gateways.iter().any(|(a, _)| *a == ip.parse::<IpAddr>().unwrap()),
+            "{ip} is not allowed: {:?}",
+            web.allowed.gateways
+        );
+    }
+    assert!(
+        web.allowed.gateways.iter().any(|(a, _)| *a == "10.244.1.5".parse::<IpAddr>().unwrap()),
+        "the controller's slice still is"
+    );
+    let problems = web.problems.join("\n");
+    assert!(
+        problems.contains(
+            "EndpointSlice egress/gw-forged names Service egress/gw but is managed by nobody named"
+        ) && problems
+            .contains("egress/gw-by-hand names Service egress/gw but is managed by \"someone.example.com\""),
+        "{problems}"
+    );
 }
 
 #[test]
