@@ -25,21 +25,27 @@ const BASIC_AUTH_HELPER: &str = "/usr/lib/squid/basic_ncsa_auth";
 pub struct ParentProxy {
     child: Option<Child>,
     dir: PathBuf,
+    port: u16,
 }
 
 impl ParentProxy {
     /// Starts squid; with `credentials` (user, password) every request must carry them.
     pub fn start(lab: &Lab, credentials: Option<(&str, &str)>) -> Self {
-        Self::try_start(lab, credentials)
-            .unwrap_or_else(|e| panic!("starting squid as the parent proxy: {e:#}"))
+        Self::start_on(lab, PARENT_PORT, credentials)
     }
 
-    fn try_start(lab: &Lab, credentials: Option<(&str, &str)>) -> anyhow::Result<Self> {
+    /// Another squid next to the first, on `port` of the same address (state of its own).
+    pub fn start_on(lab: &Lab, port: u16, credentials: Option<(&str, &str)>) -> Self {
+        Self::try_start(lab, port, credentials)
+            .unwrap_or_else(|e| panic!("starting squid as the parent proxy on port {port}: {e:#}"))
+    }
+
+    fn try_start(lab: &Lab, port: u16, credentials: Option<(&str, &str)>) -> anyhow::Result<Self> {
         anyhow::ensure!(
             Path::new("/usr/sbin/squid").exists(),
             "squid is not installed (/usr/sbin/squid): `cargo xtask setup` installs it (Debian package squid)"
         );
-        let dir = lab.dir.join("parent-proxy");
+        let dir = lab.dir.join(format!("parent-proxy-{port}"));
         fs::create_dir_all(&dir)?;
         // Squid drops root for its `proxy` user before it opens its logs.
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o777))?;
@@ -72,7 +78,7 @@ impl ParentProxy {
             }
         };
         let config = format!(
-            "http_port {EXTERNAL4}:{PARENT_PORT}\nacl blocked dstdomain {PARENT_BLOCKED}\nhttp_access deny blocked\n{auth}\
+            "http_port {EXTERNAL4}:{port}\nacl blocked dstdomain {PARENT_BLOCKED}\nhttp_access deny blocked\n{auth}\
              cache deny all\nworkers 1\npid_filename {d}/squid.pid\ncache_log {d}/cache.log\n\
              access_log stdio:{d}/access.log squid\ncache_store_log none\ncoredump_dir {d}\n\
              netdb_filename none\npinger_enable off\nvisible_hostname egressfw-parent\nhosts_file {d}/hosts\n\
@@ -83,14 +89,17 @@ impl ParentProxy {
             .external
             .command("squid", None)
             .arg("-N")
+            // Its own service name: two squids must not share shared-memory segments.
+            .arg("-n")
+            .arg(format!("egressfw{port}"))
             .arg("-f")
             .arg(dir.join("squid.conf"))
             .stdout(Stdio::null())
             .stderr(fs::File::create(dir.join("stderr.log"))?)
             .spawn()?;
-        let mut parent = Self { child: Some(child), dir };
+        let mut parent = Self { child: Some(child), dir, port };
         let deadline = Instant::now() + crate::patience(Duration::from_secs(20));
-        let addr = crate::sock(EXTERNAL4, PARENT_PORT);
+        let addr = crate::sock(EXTERNAL4, port);
         loop {
             if lab
                 .gateway
@@ -109,9 +118,14 @@ impl ParentProxy {
         }
     }
 
-    /// `address:port` as the gateway's configuration names it.
+    /// `address:port` of the first squid as the gateway's configuration names it.
     pub fn address() -> String {
         format!("{EXTERNAL4}:{PARENT_PORT}")
+    }
+
+    /// `address:port` of this squid.
+    pub fn addr(&self) -> String {
+        format!("{EXTERNAL4}:{}", self.port)
     }
 
     /// Squid's access log so far (native format: one line per request, the URL or CONNECT

@@ -155,3 +155,87 @@ fn wrong_credentials_and_a_missing_parent_are_reported() {
     let line = gw.wait_access("the unreachable parent", |l| l["reason"] == "parent_unreachable");
     assert_eq!((line["decision"].as_str(), line["status"].as_u64()), (Some("error"), Some(502)), "{line}");
 }
+
+/// One request on a kept-alive connection to the gateway's proxy port: its status and body.
+fn keep_alive_get(s: &mut std::net::TcpStream, url: &str, host: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    write!(s, "GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: keep-alive\r\n\r\n").expect("request");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let (head_end, length) = loop {
+        let n = s.read(&mut buf).expect("response");
+        assert!(n > 0, "the gateway closed the kept-alive connection: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
+                .expect("a response with Content-Length");
+            break (end + 4, length);
+        }
+    };
+    while got.len() < head_end + length {
+        let n = s.read(&mut buf).expect("body");
+        assert!(n > 0, "body cut short");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&got[..head_end]).to_string();
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("a status line");
+    (status, String::from_utf8_lossy(&got[head_end..head_end + length]).to_string())
+}
+
+/// A client keeps its connection to the gateway, whose upstream for plain HTTP is a kept
+/// connection to parent A. The configuration is reloaded to parent B with B's credentials: the
+/// next request goes to B, never over the kept connection to A (which would hand A B's
+/// credentials and log the request `via` B).
+#[test]
+fn a_reload_to_another_parent_never_sends_its_credentials_to_the_old_one() {
+    const USER_B: &str = "egress-b";
+    const PASSWORD_B: &str = "battery staple";
+    let g = GatewayLab::new();
+    let a = ParentProxy::start(&g.lab, Some((USER, PASSWORD)));
+    let b = ParentProxy::start_on(
+        &g.lab,
+        egress_tests::parent_proxy::PARENT_PORT + 1,
+        Some((USER_B, PASSWORD_B)),
+    );
+    let gw = g.start(&parent_config(&g, PASSWORD));
+    let to_b = {
+        let dir = g.lab.dir.join("parent-b-credentials");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("username"), USER_B).unwrap();
+        std::fs::write(dir.join("password"), PASSWORD_B).unwrap();
+        parent_config(&g, PASSWORD)
+            .replace(&ParentProxy::address(), &b.addr())
+            .replace(&g.lab.dir.join("parent-credentials").display().to_string(), &dir.display().to_string())
+    };
+    let reloads = || gw.log_text().matches("gateway configuration reloaded").count();
+    let (first, second) = g.in_pod(|| {
+        let mut s = std::net::TcpStream::connect(GatewayLab::gateway_addr(PROXY_PORT)).expect("connect");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        let first = keep_alive_get(&mut s, "http://www.example.test/", "www.example.test");
+        let before = reloads();
+        std::fs::write(g.config_path(), &to_b).unwrap();
+        assert!(
+            egress_tests::poll_until(std::time::Duration::from_secs(5), || reloads() > before),
+            "the gateway reloads:\n{}",
+            gw.log_text()
+        );
+        (first, keep_alive_get(&mut s, "http://www.example.test/", "www.example.test"))
+    });
+    assert_eq!(first, (200, UPSTREAM_BODY.to_string()), "through A");
+    assert_eq!(second, (200, UPSTREAM_BODY.to_string()), "through B, with B's credentials");
+    let lines = gw.wait_lines(2);
+    let vias: Vec<&str> = lines.iter().filter_map(|l| l["via"].as_str()).collect();
+    assert_eq!(
+        vias,
+        vec![ParentProxy::address(), b.addr()],
+        "the access log names the parent each went through"
+    );
+    let a_log = a.access_log();
+    // (The harness's own connect when squid started is logged too, with no request.)
+    assert_eq!(a_log.matches("www.example.test").count(), 1, "A saw the first request only:\n{a_log}");
+    assert!(!a_log.contains(USER_B), "A never saw B's user:\n{a_log}");
+    assert!(b.access_log().contains(USER_B), "B served the second:\n{}", b.access_log());
+}

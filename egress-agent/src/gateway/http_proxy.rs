@@ -82,8 +82,10 @@ struct Pooled {
     target: Target,
     port: u16,
     upstream: Option<SocketAddr>,
-    /// Reached through the parent proxy (a tunnel through it, or the parent itself).
-    via_parent: bool,
+    /// The parent proxy it goes through (a tunnel through it, or the parent itself), as the
+    /// access log shows it: a kept connection serves a later request only while that is still
+    /// the parent, so a reload to another parent never sends its credentials to this one.
+    via: Option<Arc<str>>,
     /// A connection to the parent itself: requests go in absolute form, with its credentials.
     absolute_form: bool,
     sender: SendRequest<Body>,
@@ -113,14 +115,14 @@ pub fn serve_tunneled(
 ) -> Pin<Box<dyn Future<Output = (u64, u64)> + Send>> {
     let mut conn = Conn::new(tunnel_conn.request(Mode::Tunneled.listener()), Mode::Tunneled);
     let upstream = tunnel_conn.record.upstream;
-    let via_parent = tunnel_conn.record.via.is_some();
+    let via = tunnel_conn.record.via.clone();
     Box::pin(async move {
         if let Ok(sender) = handshake(tunnel.upstream).await {
             conn.pool = Mutex::new(Some(Pooled {
                 target: tunnel.target.clone(),
                 port: tunnel.port,
                 upstream,
-                via_parent,
+                via,
                 absolute_form: false,
                 sender,
             }));
@@ -279,8 +281,8 @@ impl Conn {
                     Ok(grant) => {
                         // The kept connection's address is judged again too (a reload may have
                         // closed the range it is in, or changed the parent proxy).
-                        let still_dialable = if p.via_parent {
-                            still_through_parent(&rc, &grant, &target)
+                        let still_dialable = if let Some(via) = &p.via {
+                            still_through_parent(&rc, &grant, &target, via)
                         } else {
                             p.upstream.is_some_and(|a| {
                                 rc.live
@@ -291,9 +293,7 @@ impl Conn {
                         };
                         rc.record.allow(grant.matched);
                         rc.record.upstream = p.upstream;
-                        if p.via_parent {
-                            rc.record.via = rc.live.parent.as_ref().map(|parent| parent.shown.clone());
-                        }
+                        rc.record.via.clone_from(&p.via);
                         still_dialable && p.sender.ready().await.is_ok()
                     }
                     Err(deny) => return self.refuse(rc, deny.into()),
@@ -353,7 +353,8 @@ impl Conn {
         // tunnel through it.
         let hop = if matches!(self.mode, Mode::Originate) { Hop::Tunnel } else { Hop::Forward };
         let dialed = rc.dial_as(target, port, hop).await?;
-        let (via_parent, absolute_form) = (dialed.via_parent, dialed.via_parent && hop == Hop::Forward);
+        let via = if dialed.via_parent { rc.record.via.clone() } else { None };
+        let absolute_form = dialed.via_parent && hop == Hop::Forward;
         let tcp = dialed.stream;
         let upstream = rc.record.upstream;
         let live = rc.live.clone();
@@ -370,7 +371,7 @@ impl Conn {
             }
             _ => handshake(tcp).await?,
         };
-        Ok(Pooled { target: target.clone(), port, upstream, via_parent, absolute_form, sender })
+        Ok(Pooled { target: target.clone(), port, upstream, via, absolute_form, sender })
     }
 
     /// A denial or failure: logged and counted now, answered with a status and the reason.
@@ -399,11 +400,16 @@ impl Conn {
     }
 }
 
-/// A kept connection to the parent proxy may serve an allowed request while the parent still
-/// covers the target (a reload may have changed it) and, for an IP literal, the ranges still
-/// allow the address.
-fn still_through_parent(rc: &Connection, grant: &crate::gateway::policy::Grant, target: &Target) -> bool {
-    let covered = rc.live.parent.as_ref().is_some_and(|p| p.covers(target));
+/// A kept connection through parent `via` may serve an allowed request while `via` is still the
+/// parent and covers the target (a reload may have changed either) and, for an IP literal, the
+/// ranges still allow the address.
+fn still_through_parent(
+    rc: &Connection,
+    grant: &crate::gateway::policy::Grant,
+    target: &Target,
+    via: &Arc<str>,
+) -> bool {
+    let covered = rc.live.parent.as_ref().is_some_and(|p| p.shown == *via && p.covers(target));
     covered
         && match target {
             Target::Ip(ip) => rc.live.policy.dialable(grant, target, &[*ip]).is_ok(),
