@@ -239,3 +239,66 @@ fn a_reload_to_another_parent_never_sends_its_credentials_to_the_old_one() {
     assert!(!a_log.contains(USER_B), "A never saw B's user:\n{a_log}");
     assert!(b.access_log().contains(USER_B), "B served the second:\n{}", b.access_log());
 }
+
+/// Writes `files` into `dir` the way the kubelet updates a Secret volume: a new timestamped
+/// directory, a `..data_tmp` symlink to it renamed over `..data`, and per-file symlinks through
+/// `..data` (made once). The files' own paths never change; only the `..data` rename happens.
+fn secret_volume(dir: &std::path::Path, version: &str, files: &[(&str, &str)]) {
+    use std::os::unix::fs::symlink;
+    let data = dir.join(format!("..{version}"));
+    std::fs::create_dir_all(&data).unwrap();
+    for (name, content) in files {
+        std::fs::write(data.join(name), content).unwrap();
+    }
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    symlink(format!("..{version}"), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    for (name, _) in files {
+        if std::fs::symlink_metadata(dir.join(name)).is_err() {
+            symlink(format!("..data/{name}"), dir.join(name)).unwrap();
+        }
+    }
+}
+
+/// The parent's password is rotated in its Secret (and at the parent): the next request through
+/// the gateway carries the new one, with no restart and no change to the configuration file.
+#[test]
+fn a_rotated_parent_password_is_used_without_a_restart() {
+    const ROTATED: &str = "new horse";
+    let g = GatewayLab::new();
+    // The parent already wants the new password; the Secret still holds the old one.
+    let _squid = ParentProxy::start(&g.lab, Some((USER, ROTATED)));
+    let secret = g.lab.dir.join("parent-secret");
+    std::fs::create_dir_all(&secret).unwrap();
+    secret_volume(&secret, "2026_12_05_01", &[("username", USER), ("password", PASSWORD)]);
+    let config = parent_config(&g, PASSWORD)
+        .replace(&g.lab.dir.join("parent-credentials").display().to_string(), &secret.display().to_string());
+    let gw = g.start(&config);
+    let proxy = proxy();
+    let status = || status_and_body(&g.curl(POD4, &["-x", &proxy, "http://www.example.test/"])).0;
+    assert_eq!(status(), 407, "the old password is refused by the parent");
+
+    secret_volume(&secret, "2026_12_05_02", &[("username", USER), ("password", ROTATED)]);
+    assert!(
+        egress_tests::poll_until(std::time::Duration::from_secs(5), || status() == 200),
+        "the rotated password is used without a restart:\n{}",
+        gw.log_text()
+    );
+    assert!(
+        gw.log_text()
+            .lines()
+            .any(|l| l.contains("gateway configuration reloaded") && l.contains("\"files_changed\":true")),
+        "the reload says the files changed:\n{}",
+        gw.log_text()
+    );
+
+    // SIGHUP re-reads the files even when nothing announced a change.
+    std::fs::write(secret.join("..2026_12_05_02/password"), PASSWORD).unwrap();
+    gw.signal(libc::SIGHUP);
+    assert!(
+        egress_tests::poll_until(std::time::Duration::from_secs(5), || status() == 407),
+        "after SIGHUP the file's content is what is sent:\n{}",
+        gw.log_text()
+    );
+}

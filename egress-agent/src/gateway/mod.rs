@@ -15,6 +15,7 @@
 pub mod access_log;
 pub mod client_hello;
 pub mod config;
+pub mod config_watch;
 pub mod connect_tunnel;
 pub mod connection;
 pub mod first_flight;

@@ -1,12 +1,11 @@
 //! The gateway process: binds the listeners (a copy for each worker thread, see `workers`),
-//! serves /healthz, /readyz and /metrics, reloads the configuration when the file changes (or
-//! on SIGHUP) without touching open connections, and drains on SIGTERM: stop accepting, let
+//! serves /healthz, /readyz and /metrics, reloads the configuration when the file or a file it
+//! points at (credentials, CA bundles) changes, or on SIGHUP, without touching open connections, and drains on SIGTERM: stop accepting, let
 //! connections finish until the deadline, then close.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
-use futures_util::StreamExt as _;
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
@@ -17,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     access_log,
     config::{self, GatewayConfig},
+    config_watch::{self, ConfigWatch, Fingerprint},
     connection::Connection,
     http_proxy::{self, Mode},
     identity::Identities,
@@ -68,7 +68,9 @@ pub async fn run(opts: Options) -> Result<()> {
     let config = config::load(&opts.config)?;
     access_log::start(opts.access_log_queue);
     raise_open_files_limit();
-    let mut changes = crate::standalone::watch_file(&opts.config)?;
+    let mut changes = ConfigWatch::new(&opts.config, &config_watch::referenced_files(&config))?;
+    // Read before the live configuration is built from them (see `reload`).
+    let files = Fingerprint::of(&config_watch::referenced_files(&config));
     let live = build_live(&config)?;
     let (checks, checks_rx) = tokio::sync::watch::channel(Checks::new(config.readiness.as_ref())?);
     let upstreams = Arc::new(UpstreamHealth::starting(config.readiness.is_some()));
@@ -128,17 +130,17 @@ pub async fn run(opts: Options) -> Result<()> {
         "gateway ready"
     );
 
-    let mut current = config;
+    let mut current = Current { config, files };
     loop {
         tokio::select! {
-            Some(()) = changes.next() => reload(&gateway, &opts, &mut current, &checks),
-            _ = hup.recv() => reload(&gateway, &opts, &mut current, &checks),
+            Some(()) = changes.next() => reload(&gateway, &opts, &mut current, &checks, &mut changes),
+            _ = hup.recv() => reload(&gateway, &opts, &mut current, &checks, &mut changes),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
     health.set_ready(Some("draining".to_owned()));
-    drain(&gateway, stop_accepting, accepting, current.drain_timeout).await;
+    drain(&gateway, stop_accepting, accepting, current.config.drain_timeout).await;
     workers.stop();
     Ok(())
 }
@@ -275,18 +277,29 @@ async fn readiness(gateway: Arc<Gateway>, health: Arc<Health>, upstreams: Arc<Up
     }
 }
 
-/// Applies a changed configuration file. A bad one is rejected with the error, and the
-/// previous configuration keeps serving. Listener changes need a restart (open connections
-/// must not be cut by a ConfigMap edit); they are reported, the rest applies at once.
+/// The configuration in force and the contents of the files it points at when it was applied.
+struct Current {
+    config: GatewayConfig,
+    files: Fingerprint,
+}
+
+/// Applies a changed configuration file, or changed files it points at (a rotated Secret). A bad
+/// one is rejected with the error, and the previous configuration keeps serving. Listener
+/// changes need a restart (open connections must not be cut by a ConfigMap edit); they are
+/// reported, the rest applies at once.
 fn reload(
     gateway: &Gateway,
     opts: &Options,
-    current: &mut GatewayConfig,
+    current: &mut Current,
     checks: &tokio::sync::watch::Sender<Option<Checks>>,
+    watch: &mut ConfigWatch,
 ) {
-    let loaded = config::load(&opts.config)
-        .map_err(anyhow::Error::from)
-        .and_then(|c| Ok((build_live(&c)?, Checks::new(c.readiness.as_ref()).context("readiness")?, c)));
+    // The files' contents are taken before the live configuration reads them: a change in
+    // between makes the next event reload again, never one that is missed.
+    let loaded = config::load(&opts.config).map_err(anyhow::Error::from).and_then(|c| {
+        let files = Fingerprint::of(&config_watch::referenced_files(&c));
+        Ok((build_live(&c)?, Checks::new(c.readiness.as_ref()).context("readiness")?, c, files))
+    });
     let label = |result| ByResult { result };
     match loaded {
         Err(e) => {
@@ -296,22 +309,25 @@ fn reload(
                 "rejected the new gateway configuration; the previous one stays in force"
             );
         }
-        Ok((_, _, new)) if new == *current => {}
-        Ok((live, new_checks, new)) => {
+        Ok((_, _, new, files)) if new == current.config && files == current.files => {}
+        Ok((live, new_checks, new, files)) => {
             gateway.set_live(live);
-            if new.readiness != current.readiness {
+            let files_changed = files != current.files;
+            if new.readiness != current.config.readiness || files_changed {
                 checks.send_replace(new_checks);
             }
             gateway.identities.set_table(new.sources.table.clone());
-            if new.listeners != current.listeners
-                || new.admin != current.admin
-                || new.sources.kubernetes != current.sources.kubernetes
+            let old = &current.config;
+            if new.listeners != old.listeners
+                || new.admin != old.admin
+                || new.sources.kubernetes != old.sources.kubernetes
             {
                 tracing::warn!("listener, admin or sources.kubernetes changes take effect after a restart");
             }
             gateway.metrics.reloads.get_or_create(&label("applied")).inc();
-            tracing::info!(rules = new.rules.len(), "gateway configuration reloaded");
-            *current = new;
+            tracing::info!(rules = new.rules.len(), files_changed, "gateway configuration reloaded");
+            watch.follow(&config_watch::referenced_files(&new));
+            *current = Current { config: new, files };
         }
     }
 }
