@@ -235,6 +235,11 @@ impl GatewayLab {
         self.try_start(config).unwrap_or_else(|log| panic!("gateway did not start; its log:\n{log}"))
     }
 
+    /// The gateway's resolv.conf (mounted by `ip netns exec` when the gateway starts).
+    pub fn resolv_conf(&self) -> PathBuf {
+        self.etc_netns.join("resolv.conf")
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir().join("gateway.yaml")
     }

@@ -302,3 +302,28 @@ fn a_rotated_parent_password_is_used_without_a_restart() {
         gw.log_text()
     );
 }
+
+/// The parent is configured as `proxy.corp`. With a search list (every pod has one), a resolver
+/// that takes it as relative asks for `proxy.corp.<search domain>` once `proxy.corp` does not
+/// resolve: in a cluster, a Service `proxy` in a namespace `corp`, which any tenant who owns
+/// such a namespace can create and so receive every CONNECT with the parent's credentials. The
+/// gateway resolves the parent's name as fully qualified: the tenant's answer is never asked for.
+#[test]
+fn the_parents_name_is_never_completed_by_the_search_list() {
+    use egress_tests::{fake_dns::FakeDns, lab::EXTERNAL4, sock};
+    let g = GatewayLab::new();
+    let squid = ParentProxy::start(&g.lab, None);
+    let resolv = std::fs::read_to_string(g.resolv_conf()).unwrap();
+    std::fs::write(g.resolv_conf(), format!("{resolv}search tenant.test\noptions ndots:1\n")).unwrap();
+    // The tenant's name answers with the (squid) address that would receive the requests.
+    let dns = FakeDns::start(&g.lab.gateway, sock("127.0.0.1", 53));
+    dns.script("proxy.corp.tenant.test", &[EXTERNAL4.parse().unwrap()]);
+    let config = parent_config(&g, PASSWORD)
+        .replace(&ParentProxy::address(), &format!("proxy.corp:{}", egress_tests::parent_proxy::PARENT_PORT));
+    let gw = g.start(&config);
+    let out = g.curl(POD4, &["-x", &proxy(), "-I", "http://www.example.test/"]);
+    assert_eq!(status_and_body(&out).0, 502, "no parent by that name: {}", text(&out));
+    gw.wait_access("the unresolved parent", |l| l["reason"] == "parent_unreachable");
+    assert_eq!(dns.asked("proxy.corp.tenant.test"), 0, "the search list was never applied");
+    assert!(!squid.access_log().contains("www.example.test"), "{}", squid.access_log());
+}

@@ -83,12 +83,19 @@ impl Parent {
         self.authorization.as_ref()
     }
 
-    /// A connection to the parent itself (its name, if it has one, from the gateway's resolver).
+    /// A connection to the parent itself (its name, if it has one, from the gateway's resolver,
+    /// as a fully qualified name: see `absolute`).
     pub async fn connect(&self) -> Result<(TcpStream, SocketAddr), Refusal> {
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.address.host.as_str(), self.address.port))
+        let name = absolute(&self.address.host);
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), self.address.port))
             .await
             .map_err(|e| {
-                tracing::warn!(parent = %self.shown, error = %e, "the parent proxy's name does not resolve");
+                tracing::warn!(
+                    parent = %self.shown,
+                    resolved_as = %name,
+                    error = %e,
+                    "the parent proxy's name does not resolve as a fully qualified name (no search domains, no /etc/hosts); give its address if only /etc/hosts knows it"
+                );
                 Refusal::ParentUnreachable
             })?
             .collect();
@@ -124,6 +131,18 @@ impl Parent {
             return Err(Refusal::ParentRefused(status));
         }
         Ok((stream, addr))
+    }
+}
+
+/// The parent's name as the resolver must take it: fully qualified (a trailing dot), so the
+/// search list never makes `proxy.corp` into `proxy.corp.svc.cluster.local`, a Service any
+/// tenant who owns a namespace named `corp` can create, which would then receive every CONNECT
+/// with the parent's credentials. (glibc then skips /etc/hosts too.) Addresses stay as they are.
+fn absolute(host: &str) -> String {
+    if host.parse::<std::net::IpAddr>().is_ok() || host.ends_with('.') {
+        host.to_owned()
+    } else {
+        format!("{host}.")
     }
 }
 
@@ -245,6 +264,14 @@ mod tests {
         std::fs::write(&user, "two\nlines\n").unwrap();
         assert!(err(&user).contains("one line of printable text"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_parents_name_is_resolved_as_a_fully_qualified_name() {
+        assert_eq!(absolute("proxy.corp"), "proxy.corp.");
+        assert_eq!(absolute("proxy.corp.example."), "proxy.corp.example.");
+        assert_eq!(absolute("10.20.0.5"), "10.20.0.5");
+        assert_eq!(absolute("fd00::5"), "fd00::5");
     }
 
     #[test]
