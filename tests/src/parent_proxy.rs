@@ -20,6 +20,8 @@ use crate::{
 pub const PARENT_PORT: u16 = 3129;
 /// A name the gateway's rules allow and squid refuses.
 pub const PARENT_BLOCKED: &str = "blocked.example.test";
+/// A name only squid can resolve (the upstream server's address): reachable only through it.
+pub const PARENT_ONLY: &str = "only-via-parent.example.test";
 const BASIC_AUTH_HELPER: &str = "/usr/lib/squid/basic_ncsa_auth";
 
 pub struct ParentProxy {
@@ -52,7 +54,9 @@ impl ParentProxy {
         let d = dir.display();
         fs::write(
             dir.join("hosts"),
-            format!("127.0.0.1 localhost\n{UPSTREAM4} api.example.test www.example.test {PARENT_BLOCKED}\n"),
+            format!(
+                "127.0.0.1 localhost\n{UPSTREAM4} api.example.test www.example.test {PARENT_BLOCKED} {PARENT_ONLY}\n"
+            ),
         )?;
         let auth = match credentials {
             None => "http_access allow all\n".to_owned(),

@@ -327,3 +327,35 @@ fn the_parents_name_is_never_completed_by_the_search_list() {
     assert_eq!(dns.asked("proxy.corp.tenant.test"), 0, "the search list was never applied");
     assert!(!squid.access_log().contains("www.example.test"), "{}", squid.access_log());
 }
+
+/// Where the parent is the only way out, the readiness checks of the upstreams it covers go
+/// through it (CONNECT, with its credentials): an upstream only the parent can reach makes the
+/// gateway ready, and the parent's absence makes it not ready, naming the parent.
+#[test]
+fn readiness_checks_go_through_the_parent_where_it_is_the_way_out() {
+    use egress_tests::parent_proxy::PARENT_ONLY;
+    let g = GatewayLab::new();
+    let mut squid = ParentProxy::start(&g.lab, Some((USER, PASSWORD)));
+    let config = parent_config(&g, PASSWORD).replace(
+        "limits:",
+        &format!("readiness:\n  upstreams: [{{address: \"{PARENT_ONLY}:80\"}}]\n  interval: 300ms\n  timeout: 250ms\nlimits:"),
+    );
+    let _gw = g.start(&config);
+    assert!(
+        egress_tests::poll_until(std::time::Duration::from_secs(5), || g.admin_get("/readyz").0 == 200),
+        "ready: the upstream answers through the parent ({:?})",
+        g.admin_get("/readyz")
+    );
+    assert!(
+        squid.access_log().contains(&format!("{PARENT_ONLY}:80")),
+        "checked through squid:\n{}",
+        squid.access_log()
+    );
+    squid.stop();
+    assert!(
+        egress_tests::poll_until(std::time::Duration::from_secs(5), || g.admin_get("/readyz").0 == 503),
+        "not ready without the parent"
+    );
+    let (_, why) = g.admin_get("/readyz");
+    assert!(why.contains(PARENT_ONLY) && why.contains("through the parent proxy"), "{why}");
+}

@@ -72,7 +72,8 @@ pub async fn run(opts: Options) -> Result<()> {
     // Read before the live configuration is built from them (see `reload`).
     let files = Fingerprint::of(&config_watch::referenced_files(&config));
     let live = build_live(&config)?;
-    let (checks, checks_rx) = tokio::sync::watch::channel(Checks::new(config.readiness.as_ref())?);
+    let (checks, checks_rx) =
+        tokio::sync::watch::channel(Checks::new(config.readiness.as_ref(), config.upstream_proxy.as_ref())?);
     let upstreams = Arc::new(UpstreamHealth::starting(config.readiness.is_some()));
     tokio::spawn(upstream_checks::run(upstreams.clone(), checks_rx));
     let identities = Arc::new(Identities::new(config.sources.table.clone(), config.sources.kubernetes));
@@ -298,7 +299,12 @@ fn reload(
     // between makes the next event reload again, never one that is missed.
     let loaded = config::load(&opts.config).map_err(anyhow::Error::from).and_then(|c| {
         let files = Fingerprint::of(&config_watch::referenced_files(&c));
-        Ok((build_live(&c)?, Checks::new(c.readiness.as_ref()).context("readiness")?, c, files))
+        Ok((
+            build_live(&c)?,
+            Checks::new(c.readiness.as_ref(), c.upstream_proxy.as_ref()).context("readiness")?,
+            c,
+            files,
+        ))
     });
     let label = |result| ByResult { result };
     match loaded {
@@ -313,7 +319,10 @@ fn reload(
         Ok((live, new_checks, new, files)) => {
             gateway.set_live(live);
             let files_changed = files != current.files;
-            if new.readiness != current.config.readiness || files_changed {
+            if new.readiness != current.config.readiness
+                || new.upstream_proxy != current.config.upstream_proxy
+                || files_changed
+            {
                 checks.send_replace(new_checks);
             }
             gateway.identities.set_table(new.sources.table.clone());

@@ -3,7 +3,10 @@
 //! are better off failing fast on another route than waiting on it. Every `interval` each
 //! upstream gets a TCP connect (and, with `tls`, a verified TLS handshake) within `timeout`;
 //! while any fails, /readyz says which and why, so Kubernetes takes the pod out of its Service's
-//! endpoints until the upstream answers again.
+//! endpoints until the upstream answers again. An upstream the parent proxy (`upstreamProxy`)
+//! covers is checked the way traffic reaches it: a CONNECT through the parent (which must
+//! answer 2xx), then the TLS handshake through that tunnel. Where the parent is the only way
+//! out, a direct connect would never succeed and the gateway would never be ready.
 
 use std::{
     sync::{Arc, Mutex},
@@ -16,8 +19,10 @@ use tokio::{net::TcpStream, sync::watch};
 use tokio_rustls::TlsConnector;
 
 use super::{
-    config::{Readiness, UpstreamCheck},
+    config::{Readiness, UpstreamCheck, UpstreamProxy},
     originate::tls_client,
+    parent::Parent,
+    target::Target,
 };
 
 /// What the checks found last: `None` while every upstream answers.
@@ -50,17 +55,20 @@ impl UpstreamHealth {
 pub struct Checks {
     readiness: Readiness,
     tls: Option<TlsConnector>,
+    /// The configuration's parent proxy (its credentials read with the rest).
+    parent: Option<Arc<Parent>>,
 }
 
 impl Checks {
-    pub fn new(readiness: Option<&Readiness>) -> Result<Option<Self>> {
+    pub fn new(readiness: Option<&Readiness>, parent: Option<&UpstreamProxy>) -> Result<Option<Self>> {
         let Some(r) = readiness else { return Ok(None) };
         let tls = if r.upstreams.iter().any(|u| u.tls) {
             Some(tls_client(r.ca_file.as_deref(), &[])?)
         } else {
             None
         };
-        Ok(Some(Self { readiness: r.clone(), tls }))
+        let parent = parent.map(Parent::new).transpose()?.map(Arc::new);
+        Ok(Some(Self { readiness: r.clone(), tls, parent }))
     }
 }
 
@@ -76,14 +84,13 @@ pub async fn run(health: Arc<UpstreamHealth>, mut config: watch::Receiver<Option
             }
             continue;
         };
-        let failures = futures_util::future::join_all(
-            checks
-                .readiness
-                .upstreams
-                .iter()
-                .map(|u| check(u, checks.tls.as_ref(), checks.readiness.timeout)),
-        )
-        .await;
+        let failures =
+            futures_util::future::join_all(
+                checks.readiness.upstreams.iter().map(|u| {
+                    check(u, checks.tls.as_ref(), checks.parent.as_deref(), checks.readiness.timeout)
+                }),
+            )
+            .await;
         let down: Vec<String> = failures.into_iter().flatten().collect();
         let was_down = health.not_ready().is_some();
         if down.is_empty() {
@@ -106,11 +113,25 @@ pub async fn run(health: Arc<UpstreamHealth>, mut config: watch::Receiver<Option
 }
 
 /// One upstream: `None` when it answered, otherwise what went wrong.
-async fn check(u: &UpstreamCheck, tls: Option<&TlsConnector>, timeout: Duration) -> Option<String> {
+async fn check(
+    u: &UpstreamCheck,
+    tls: Option<&TlsConnector>,
+    parent: Option<&Parent>,
+    timeout: Duration,
+) -> Option<String> {
     let shown = format!("{}:{}", u.address.host, u.address.port);
     let attempt = async {
-        let tcp =
-            TcpStream::connect((u.address.host.as_str(), u.address.port)).await.map_err(|e| e.to_string())?;
+        let through = Target::parse(&u.address.host).ok().filter(|t| parent.is_some_and(|p| p.covers(t)));
+        let tcp = match (through, parent) {
+            (Some(target), Some(parent)) => {
+                parent.tunnel(&target, u.address.port).await.map(|(stream, _)| stream).map_err(|refusal| {
+                    format!("through the parent proxy {}: {}", parent.shown, refusal.reason())
+                })?
+            }
+            _ => TcpStream::connect((u.address.host.as_str(), u.address.port))
+                .await
+                .map_err(|e| e.to_string())?,
+        };
         if let (true, Some(tls)) = (u.tls, tls) {
             let name = ServerName::try_from(u.address.host.clone()).map_err(|e| e.to_string())?;
             tls.connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
