@@ -370,3 +370,72 @@ fn a_bridged_pod_started_under_audit_gets_the_tc_layer_when_its_namespace_is_enf
         "the plugin recorded the veth, and left it open"
     );
 }
+
+/// Interface indexes are per network namespace, and every pod's eth0 has about the same small
+/// one. A pod whose veth peer sits in some other namespace (not the node's) names a peer index
+/// that, in the node's namespace, can be a stranger's host veth whose own peer is another pod's
+/// eth0 with the same index. The plugin must not take that stranger's veth for the pod's: it
+/// checks the namespace of the peer too, and refuses the ADD (nothing is gated or recorded).
+#[test]
+fn a_peer_index_from_another_namespace_never_matches_a_strangers_veth() {
+    use egress_tests::netns::{NetNs, ip};
+    let node = KubeNode::new();
+    let (pins, state) = (node.lab.pin_dir.clone(), node.cni_state_dir());
+    node.label("shop", &[("egressfw.io/mode", "enforce")]);
+    let _agent = node.start_agent();
+    let tag = std::process::id() % 100_000;
+    // Free in this namespace and in the elsewhere one.
+    let index = (40_000 + tag % 20_000).to_string();
+    let elsewhere = NetNs::create(&format!("eft{tag}-x")).unwrap();
+    let pod = NetNs::create(&format!("eft{tag}-p1")).unwrap();
+    let stranger_pod = NetNs::create(&format!("eft{tag}-p2")).unwrap();
+    // The pod's veth: its peer in `elsewhere`, at `index`; the pod's eth0 at 7.
+    elsewhere
+        .ip(&[
+            "link", "add", "xv", "index", &index, "type", "veth", "peer", "name", "eth0", "index", "7",
+            "netns", &pod.name,
+        ])
+        .unwrap();
+    // A stranger's host veth at the same index here, whose peer is another pod's eth0 at 7.
+    let stranger = format!("eftst{tag}");
+    let _ = ip(&["link", "del", &stranger]);
+    ip(&[
+        "link",
+        "add",
+        &stranger,
+        "index",
+        &index,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "index",
+        "7",
+        "netns",
+        &stranger_pod.name,
+    ])
+    .unwrap();
+    struct Gone(String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = ip(&["link", "del", &self.0]);
+        }
+    }
+    let _stranger = Gone(stranger.clone());
+
+    let prev = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": "eth0", "sandbox": pod.path()}],
+        "ips": [{"address": "10.231.86.2/32", "interface": 0}],
+    });
+    let out =
+        cni::run("ADD", &pins, &state, &pod, &PodRef { namespace: "shop", name: "web", uid: "uid-x" }, &prev);
+    assert!(!out.status.success(), "the ADD is refused, not matched to {stranger}:\n{}", text(&out));
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a CNI error on stdout");
+    assert!(
+        e["msg"].as_str().is_some_and(|m| m.contains(&stranger) && m.contains("another network namespace")),
+        "the error names the stranger's veth and why it is not the pod's: {e}"
+    );
+    assert_eq!(records(&node), on_record(&[]), "nothing recorded");
+}

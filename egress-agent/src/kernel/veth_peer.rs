@@ -7,6 +7,7 @@ use std::{fs::File, io, os::fd::AsRawFd as _, path::Path};
 use netlink_packet_route::{
     RouteNetlinkMessage,
     link::{LinkAttribute, LinkInfo, LinkMessage},
+    nsid::{NsidAttribute, NsidMessage},
 };
 
 use super::rtnetlink::{self, invalid};
@@ -20,6 +21,9 @@ pub struct LinkFacts {
     pub kind: String,
     /// IFLA_LINK: for a veth, the peer's index (in the peer's namespace).
     pub link: Option<u32>,
+    /// IFLA_LINK_NETNSID: the peer's namespace, as this namespace numbers it, when the peer is
+    /// in another one.
+    pub link_netnsid: Option<i32>,
     /// The bridge (or other controller) this link is a port of.
     pub controller: Option<u32>,
 }
@@ -50,6 +54,8 @@ pub enum PeerError {
 pub fn host_peer(netns: &Path, ifname: &str) -> Result<VethPair, PeerError> {
     let ns =
         File::open(netns).map_err(|error| PeerError::Netns { netns: netns.display().to_string(), error })?;
+    let pod_ns =
+        ns.try_clone().map_err(|error| PeerError::Netns { netns: netns.display().to_string(), error })?;
     let name = ifname.to_string();
     // setns changes only the calling thread's namespace: a thread of its own, which ends there.
     let pod_side = std::thread::spawn(move || -> io::Result<LinkFacts> {
@@ -80,7 +86,35 @@ pub fn host_peer(netns: &Path, ifname: &str) -> Result<VethPair, PeerError> {
             host_side.name, host_side.kind, host_side.link
         )));
     }
+    // Every pod's eth0 has about the same small index, so the index alone matches a stranger's
+    // host veth whose peer is another pod's eth0. A veth's peer is (namespace, index): the
+    // namespace must be the pod's. (Reading the host side above made the kernel number the
+    // namespace of its peer, so the pod's has an id here if it is that one.)
+    let pod_nsid = nsid_of(&pod_ns).map_err(|e| host_problem(format!("cannot be placed: {e}")))?;
+    if pod_nsid < 0 || host_side.link_netnsid != Some(pod_nsid) {
+        return Err(host_problem(format!(
+            "is {}, whose peer is in another network namespace (id {:?}; the pod's is {pod_nsid}), not the other end of the pod's veth",
+            host_side.name, host_side.link_netnsid
+        )));
+    }
     Ok(VethPair { pod_side, host_side })
+}
+
+/// The id the calling thread's network namespace gives the namespace `ns` (-1: none yet).
+fn nsid_of(ns: &File) -> io::Result<i32> {
+    let mut request = NsidMessage::default();
+    request.attributes.push(NsidAttribute::Fd(ns.as_raw_fd() as u32));
+    let answers = rtnetlink::request(RouteNetlinkMessage::GetNsId(request), false)?;
+    answers
+        .into_iter()
+        .find_map(|m| match m {
+            RouteNetlinkMessage::NewNsId(m) => m.attributes.into_iter().find_map(|a| match a {
+                NsidAttribute::Id(id) => Some(id),
+                _ => None,
+            }),
+            _ => None,
+        })
+        .ok_or_else(|| invalid("no namespace id in the answer"))
 }
 
 /// A link of the calling thread's network namespace, by index.
@@ -106,12 +140,14 @@ fn one_link(request: LinkMessage) -> io::Result<LinkFacts> {
         name: String::new(),
         kind: String::new(),
         link: None,
+        link_netnsid: None,
         controller: None,
     };
     for attribute in m.attributes {
         match attribute {
             LinkAttribute::IfName(n) => facts.name = n,
             LinkAttribute::Link(l) => facts.link = Some(l),
+            LinkAttribute::LinkNetNsId(id) => facts.link_netnsid = Some(id),
             LinkAttribute::Controller(c) => facts.controller = Some(c),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
