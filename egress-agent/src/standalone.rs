@@ -223,14 +223,22 @@ pub async fn run(opts: Options) -> Result<()> {
     Ok(())
 }
 
+/// What may change a watched file: any write, create, rename or delete in its directory.
+pub(crate) const FILE_CHANGES: WatchMask =
+    WatchMask::CLOSE_WRITE.union(WatchMask::MOVED_TO).union(WatchMask::CREATE).union(WatchMask::DELETE);
+
+/// The directory to watch for `file` (a bare name lives in the current one).
+pub(crate) fn directory_of(file: &Path) -> PathBuf {
+    file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
+}
+
 /// A stream that yields whenever the file may have changed: any write, create, rename or
 /// delete in its directory. Kubernetes updates a mounted ConfigMap by swapping a `..data`
 /// symlink, so events for the file's own name alone would miss it; the caller compares contents.
 pub(crate) fn watch_file(file: &Path) -> Result<impl futures_util::Stream<Item = ()> + Unpin> {
-    let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = directory_of(file);
     let inotify = Inotify::init().context("inotify_init")?;
-    let mask = WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE | WatchMask::DELETE;
-    inotify.watches().add(dir, mask).with_context(|| format!("watching {}", dir.display()))?;
+    inotify.watches().add(&dir, FILE_CHANGES).with_context(|| format!("watching {}", dir.display()))?;
     let stream = inotify.into_event_stream(vec![0u8; 4096]).context("inotify event stream")?;
     Ok(Box::pin(stream.filter_map(|ev| async move { ev.is_ok().then_some(()) })))
 }

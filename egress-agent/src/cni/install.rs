@@ -81,9 +81,7 @@ pub fn ensure_chained(placement: &Placement) -> Result<Chained> {
     let Some(path) = active_conflist(&placement.conf_dir)? else {
         return Ok(Chained::NoConfiguration);
     };
-    let text = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let mut conf: Value =
-        serde_json::from_slice(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let mut conf = read_conflist(&path)?;
     let Some(plugins) = conf.get_mut("plugins").and_then(Value::as_array_mut) else {
         bail!("{} has no \"plugins\" list", path.display());
     };
@@ -103,10 +101,20 @@ pub fn ensure_chained(placement: &Placement) -> Result<Chained> {
         }
         None => plugins.push(ours),
     }
-    let mut bytes = serde_json::to_vec_pretty(&conf)?;
-    bytes.push(b'\n');
-    write_atomically(&path, &bytes)?;
+    write_conflist(&path, &conf)?;
     Ok(Chained::Updated(path))
+}
+
+fn read_conflist(path: &Path) -> Result<Value> {
+    let text = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
+/// Pretty, with a final newline, by rename: the runtime never reads half a file.
+fn write_conflist(path: &Path, conf: &Value) -> Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(conf)?;
+    bytes.push(b'\n');
+    write_atomically(path, &bytes)
 }
 
 /// Takes our entry out of every conflist in `conf_dir` (teardown: a node whose conflist still
@@ -129,9 +137,7 @@ pub fn unchain(conf_dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     paths.sort();
     for path in paths {
-        let text = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let mut conf: Value =
-            serde_json::from_slice(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let mut conf = read_conflist(&path)?;
         let Some(plugins) = conf.get_mut("plugins").and_then(Value::as_array_mut) else {
             continue;
         };
@@ -140,9 +146,7 @@ pub fn unchain(conf_dir: &Path) -> Result<Vec<PathBuf>> {
         if plugins.len() == before {
             continue;
         }
-        let mut bytes = serde_json::to_vec_pretty(&conf)?;
-        bytes.push(b'\n');
-        write_atomically(&path, &bytes)?;
+        write_conflist(&path, &conf)?;
         changed.push(path);
     }
     Ok(changed)

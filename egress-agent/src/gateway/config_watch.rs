@@ -13,9 +13,10 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use futures_util::StreamExt as _;
-use inotify::{EventStream, Inotify, WatchDescriptor, WatchMask};
+use inotify::{EventStream, Inotify, WatchDescriptor};
 
 use super::config::GatewayConfig;
+use crate::standalone::{FILE_CHANGES as MASK, directory_of};
 
 /// Every file the configuration points at.
 pub fn referenced_files(config: &GatewayConfig) -> Vec<PathBuf> {
@@ -59,9 +60,6 @@ pub struct ConfigWatch {
     config_dir: PathBuf,
     watched: BTreeMap<PathBuf, WatchDescriptor>,
 }
-
-const MASK: WatchMask =
-    WatchMask::CLOSE_WRITE.union(WatchMask::MOVED_TO).union(WatchMask::CREATE).union(WatchMask::DELETE);
 
 impl ConfigWatch {
     pub fn new(config: &Path, files: &[PathBuf]) -> Result<Self> {
@@ -119,10 +117,6 @@ impl ConfigWatch {
             }
         }
     }
-}
-
-fn directory_of(file: &Path) -> PathBuf {
-    file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
 }
 
 #[cfg(test)]

@@ -312,7 +312,7 @@ impl Conn {
 
         let exchange = Arc::new(Exchange::default());
         let limits = rc.live.limits;
-        let parent = if p.absolute_form { rc.live.parent.as_ref() } else { None };
+        let parent = if p.absolute_form { rc.live.parent.as_deref() } else { None };
         rewrite_request(&mut req, &target, port, self.mode, parent);
         let req = req.map(|b| Counted::request(b, exchange.clone(), limits.request_body_timeout).boxed());
         // The upstream may stay silent for responseTimeout after the last request bytes moved

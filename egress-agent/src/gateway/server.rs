@@ -73,7 +73,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let files = Fingerprint::of(&config_watch::referenced_files(&config));
     let live = build_live(&config)?;
     let (checks, checks_rx) =
-        tokio::sync::watch::channel(Checks::new(config.readiness.as_ref(), config.upstream_proxy.as_ref())?);
+        tokio::sync::watch::channel(Checks::new(config.readiness.as_ref(), live.parent.clone())?);
     let upstreams = Arc::new(UpstreamHealth::starting(config.readiness.is_some()));
     tokio::spawn(upstream_checks::run(upstreams.clone(), checks_rx));
     let identities = Arc::new(Identities::new(config.sources.table.clone(), config.sources.kubernetes));
@@ -175,7 +175,7 @@ fn build_live(config: &GatewayConfig) -> Result<Live> {
         policy: Policy::new(config.rules.clone(), config.blocked_cidrs.clone()),
         limits: config.limits,
         originator,
-        parent: config.upstream_proxy.as_ref().map(Parent::new).transpose()?,
+        parent: config.upstream_proxy.as_ref().map(Parent::new).transpose()?.map(Arc::new),
     })
 }
 
@@ -299,12 +299,9 @@ fn reload(
     // between makes the next event reload again, never one that is missed.
     let loaded = config::load(&opts.config).map_err(anyhow::Error::from).and_then(|c| {
         let files = Fingerprint::of(&config_watch::referenced_files(&c));
-        Ok((
-            build_live(&c)?,
-            Checks::new(c.readiness.as_ref(), c.upstream_proxy.as_ref()).context("readiness")?,
-            c,
-            files,
-        ))
+        let live = build_live(&c)?;
+        let checks = Checks::new(c.readiness.as_ref(), live.parent.clone()).context("readiness")?;
+        Ok((live, checks, c, files))
     });
     let label = |result| ByResult { result };
     match loaded {

@@ -23,7 +23,8 @@ pub struct Live {
     pub limits: Limits,
     pub originator: Option<Originator>,
     /// `upstreamProxy`: the way out for the destinations it covers.
-    pub parent: Option<Parent>,
+    /// Shared with the readiness checks, which reach covered upstreams through it.
+    pub parent: Option<Arc<Parent>>,
 }
 
 pub struct Gateway {

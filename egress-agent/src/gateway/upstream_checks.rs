@@ -19,7 +19,7 @@ use tokio::{net::TcpStream, sync::watch};
 use tokio_rustls::TlsConnector;
 
 use super::{
-    config::{Readiness, UpstreamCheck, UpstreamProxy},
+    config::{Readiness, UpstreamCheck},
     originate::tls_client,
     parent::Parent,
     target::Target,
@@ -55,19 +55,18 @@ impl UpstreamHealth {
 pub struct Checks {
     readiness: Readiness,
     tls: Option<TlsConnector>,
-    /// The configuration's parent proxy (its credentials read with the rest).
+    /// The live configuration's parent proxy, with the credentials traffic uses.
     parent: Option<Arc<Parent>>,
 }
 
 impl Checks {
-    pub fn new(readiness: Option<&Readiness>, parent: Option<&UpstreamProxy>) -> Result<Option<Self>> {
+    pub fn new(readiness: Option<&Readiness>, parent: Option<Arc<Parent>>) -> Result<Option<Self>> {
         let Some(r) = readiness else { return Ok(None) };
         let tls = if r.upstreams.iter().any(|u| u.tls) {
             Some(tls_client(r.ca_file.as_deref(), &[])?)
         } else {
             None
         };
-        let parent = parent.map(Parent::new).transpose()?.map(Arc::new);
         Ok(Some(Self { readiness: r.clone(), tls, parent }))
     }
 }
