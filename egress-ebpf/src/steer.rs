@@ -14,8 +14,10 @@ use egress_common::{
 
 use crate::maps::{EGRESS_STEER_V1, EGRESS_STEERED_V2};
 
-/// IPPROTO_TCP as `bpf_sock_addr::protocol` holds it. Compared whole: MPTCP (262) would pass a
-/// comparison of the low byte, and it is not steered.
+/// IPPROTO_TCP as `bpf_sock_addr::protocol` holds it. Compared whole, so a socket of another
+/// protocol whose number shares the low byte (MPTCP is 262) never counts as TCP. An MPTCP
+/// socket's connect() runs the hook for its first subflow, a TCP socket: that is what is
+/// steered, and [`keep_for_mptcp`] gives the MPTCP socket the record getpeername reads.
 pub const TCP: u32 = 6;
 
 /// Whether the policy steers `port` for a socket of this family (a target it can reach).
@@ -44,6 +46,9 @@ pub fn apply4(sa: *mut bpf_sock_addr, policy_id: u32, port: u16) -> bool {
         *peer = SteeredPeer { port, to_port, family: 4, ..SteeredPeer::default() };
         peer.addr[..4].copy_from_slice(&from);
         peer.to[..4].copy_from_slice(&a);
+        if !keep_for_mptcp(sa, peer) {
+            return false;
+        }
         write_volatile(&raw mut (*sa).user_ip4, u32::from_ne_bytes(a));
         // The port sits in network byte order in the low 16 bits.
         write_volatile(&raw mut (*sa).user_port, u32::from(to_port.to_be()));
@@ -69,6 +74,9 @@ pub fn apply6(sa: *mut bpf_sock_addr, policy_id: u32, port: u16) -> bool {
             peer.addr[i * 4 + 3] = w[3];
             i += 1;
         }
+        if !keep_for_mptcp(sa, peer) {
+            return false;
+        }
         write_volatile(&raw mut (*sa).user_ip6[0], u32::from_ne_bytes([a[0], a[1], a[2], a[3]]));
         write_volatile(&raw mut (*sa).user_ip6[1], u32::from_ne_bytes([a[4], a[5], a[6], a[7]]));
         write_volatile(&raw mut (*sa).user_ip6[2], u32::from_ne_bytes([a[8], a[9], a[10], a[11]]));
@@ -76,6 +84,22 @@ pub fn apply6(sa: *mut bpf_sock_addr, policy_id: u32, port: u16) -> bool {
         write_volatile(&raw mut (*sa).user_port, u32::from(to_port.to_be()));
     }
     true
+}
+
+/// When the socket being connected is the first subflow of an MPTCP socket, the same record on
+/// the MPTCP socket: the application holds that one and asks it for its peer, whose address the
+/// kernel copies from the subflow (the gateway). False when the record cannot be kept: the
+/// connect is refused rather than carried with a peer the application would misread.
+#[inline(always)]
+fn keep_for_mptcp(sa: *mut bpf_sock_addr, peer: &SteeredPeer) -> bool {
+    match EGRESS_STEERED_V2.get_mptcp_owner(sa) {
+        Ok(Some(owner)) => {
+            *owner = *peer;
+            true
+        }
+        Ok(None) => true,
+        Err(()) => false,
+    }
 }
 
 /// The steering entry's address for this socket family, and its port.

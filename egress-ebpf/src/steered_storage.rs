@@ -8,13 +8,13 @@
 //! pinned by name like every other, so a new agent's getpeername program reads the records of
 //! sockets steered before it started.
 
-use core::ptr;
+use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
     bindings::{
         BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_sock_addr,
     },
-    helpers::generated::bpf_sk_storage_get,
+    helpers::generated::{bpf_sk_storage_get, bpf_skc_to_mptcp_sock},
 };
 use egress_common::steer::SteeredPeer;
 
@@ -52,13 +52,32 @@ impl SteeredStorage {
     /// one is made if it has none. `None`: no record (or no memory for a new one).
     #[inline(always)]
     pub fn get(&self, sa: *mut bpf_sock_addr, create: bool) -> Option<&mut SteeredPeer> {
+        // SAFETY: the kernel passes a valid context whose socket lives while the program runs.
+        self.get_sock(unsafe { (*sa).__bindgen_anon_1.sk }.cast(), create)
+    }
+
+    /// The record of the MPTCP socket that owns the context's socket, when that socket is the
+    /// subflow of one (the kernel runs connect() hooks for the subflow, while the application
+    /// holds the MPTCP socket). `Ok(None)`: not a subflow (plain TCP, or a kernel without
+    /// MPTCP); `Err(())`: a subflow whose owner has no record and none could be made.
+    #[inline(always)]
+    pub fn get_mptcp_owner(&self, sa: *mut bpf_sock_addr) -> Result<Option<&mut SteeredPeer>, ()> {
+        // SAFETY: as in `get`; the helper returns null or the owning socket, which lives at
+        // least as long as its subflow.
+        let owner = unsafe { bpf_skc_to_mptcp_sock((*sa).__bindgen_anon_1.sk.cast()) };
+        if owner.is_null() {
+            return Ok(None);
+        }
+        self.get_sock(owner.cast(), true).map(Some).ok_or(())
+    }
+
+    #[inline(always)]
+    fn get_sock(&self, sk: *mut c_void, create: bool) -> Option<&mut SteeredPeer> {
         let flags = if create { u64::from(BPF_SK_STORAGE_GET_F_CREATE) } else { 0 };
-        // SAFETY: the kernel passes a valid context whose socket lives while the program runs;
-        // the helper returns null or a pointer to this socket's value, valid for the run.
+        // SAFETY: `sk` is a socket the kernel handed this run; the helper returns null or a
+        // pointer to that socket's value, valid for the run.
         unsafe {
-            let sk = (*sa).__bindgen_anon_1.sk;
-            let value =
-                bpf_sk_storage_get(ptr::from_ref(self).cast_mut().cast(), sk.cast(), ptr::null_mut(), flags);
+            let value = bpf_sk_storage_get(ptr::from_ref(self).cast_mut().cast(), sk, ptr::null_mut(), flags);
             value.cast::<SteeredPeer>().as_mut()
         }
     }

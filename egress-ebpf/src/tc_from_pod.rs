@@ -99,7 +99,7 @@ fn judge_frame(skb: &SkBuff, ifindex: u32, judged: &mut Governing) -> Reason {
         return by_interface(ifindex, Reason::DenyNotIp, judged);
     }
     match ethertype {
-        ETH_P_ARP => return by_interface(ifindex, Reason::AllowLinkControl, judged),
+        ETH_P_ARP => return by_interface(ifindex, judge_arp(skb, ifindex), judged),
         ETH_P_IP | ETH_P_IPV6 => {}
         _ => return by_interface(ifindex, Reason::DenyNotIp, judged),
     }
@@ -107,6 +107,29 @@ fn judge_frame(skb: &SkBuff, ifindex: u32, judged: &mut Governing) -> Reason {
         return by_interface(ifindex, Reason::DenyMalformed, judged);
     };
     judge_packet(skb, ifindex, ethertype, &p, judged)
+}
+
+/// ARP from the pod: the node and the pod's neighbours on a bridge take its sender address as
+/// "this IPv4 address is at this MAC", so only the interface's own addresses may be claimed, or
+/// none (a probe, sender 0.0.0.0, which no neighbour learns from). Anything but IPv4 over
+/// Ethernet is malformed: it is all the pod's kernel sends, and all the node's reads.
+#[inline(always)]
+fn judge_arp(skb: &SkBuff, ifindex: u32) -> Reason {
+    // Hardware type, protocol type, their lengths, the operation, the sender's MAC and IPv4.
+    let Ok(h) = head::<ETH_HEADER_LEN, 18>(skb) else { return Reason::DenyMalformed };
+    let ipv4_over_ethernet = h[0] == 0 && h[1] == 1 && h[2] == 0x08 && h[3] == 0 && h[4] == 6 && h[5] == 4;
+    if !ipv4_over_ethernet {
+        return Reason::DenyMalformed;
+    }
+    let addr = [h[14], h[15], h[16], h[17]];
+    if addr == [0; 4] {
+        return Reason::AllowLinkControl;
+    }
+    // SAFETY: the value is plain data and only read.
+    match unsafe { EGRESS_TCSRC4_V2.get(&SourceKey4 { ifindex, addr }) } {
+        Some(_) => Reason::AllowLinkControl,
+        None => Reason::DenySpoofedSource,
+    }
 }
 
 /// The verdict for an IP packet; see [`judge_frame`].

@@ -2,7 +2,7 @@
 //! way a workload with CAP_NET_RAW can: no socket hook ever sees them.
 
 use std::{
-    net::{IpAddr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
     process::Output,
 };
@@ -113,6 +113,21 @@ pub fn icmp6(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv6Addr, dst: Ipv6Addr, m
     frame.extend_from_slice(&src.octets());
     frame.extend_from_slice(&dst.octets());
     frame.extend_from_slice(&icmp);
+    frame
+}
+
+/// An ARP request (`op` 1) or reply (2) for IPv4 over Ethernet, broadcast unless `dst_mac` says
+/// otherwise: "`spa` is at `sha`", asking for (or telling) `tpa`.
+pub fn arp(op: u16, sha: [u8; 6], spa: Ipv4Addr, tpa: Ipv4Addr, dst_mac: [u8; 6]) -> Vec<u8> {
+    let mut frame = ethernet(sha, dst_mac, 0x0806);
+    frame.extend_from_slice(&[0, 1, 0x08, 0, 6, 4]);
+    frame.extend_from_slice(&op.to_be_bytes());
+    frame.extend_from_slice(&sha);
+    frame.extend_from_slice(&spa.octets());
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&tpa.octets());
+    // Padded to Ethernet's minimum payload, as a NIC would.
+    frame.resize(60, 0);
     frame
 }
 

@@ -145,6 +145,47 @@ print(peer[0], peer[1])\n";
     assert_eq!(sniffer.seen(), vec![], "nothing from the pod reaches the external host directly");
 }
 
+/// A Multipath TCP socket (`IPPROTO_MPTCP`) to a steered port, on both families: the kernel
+/// runs the connect hook for its first TCP subflow, which is carried to the gateway like any
+/// TCP connect; the socket the application holds must still report the address it asked for,
+/// and the gateway must serve it (TLS to the upstream's name through the SNI listener, the
+/// certificate checked against the test CA).
+#[test]
+fn a_multipath_tcp_socket_is_steered_and_sees_the_address_it_asked_for() {
+    let g = GatewayLab::new();
+    std::fs::write(g.lab.policy_path(), steering_policy(&g, "enforce")).unwrap();
+    let _agent = Agent::start(&g.lab);
+    let gw = g.start(&steering_gateway(&g));
+    let sniffer = Sniffer::start(&g.lab.external, &[ip(POD4), ip(POD6)]);
+    let script = "import socket, ssl, sys\n\
+host, ca = sys.argv[1], sys.argv[2]\n\
+fam = socket.AF_INET6 if ':' in host else socket.AF_INET\n\
+s = socket.socket(fam, socket.SOCK_STREAM, 262)\n\
+s.settimeout(5)\n\
+s.connect((host, 443))\n\
+peer = s.getpeername()\n\
+print(s.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL), peer[0], peer[1])\n\
+t = ssl.create_default_context(cafile=ca).wrap_socket(s, server_hostname='api.example.test')\n\
+t.sendall(b'GET / HTTP/1.0\\r\\nHost: api.example.test\\r\\n\\r\\n')\n\
+print(b's_server' in t.recv(4096))\n";
+    let ca = g.ca.display().to_string();
+    for host in [UPSTREAM4, UPSTREAM6] {
+        let out = g.lab.pod.run(Some(&g.lab.pod_cgroup), "python3", &["-c", script, host, &ca]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("262 {host} 443\nTrue"),
+            "an MPTCP socket to {host} 443: {}",
+            text(&out)
+        );
+    }
+    let lines = gw.wait_lines(2);
+    assert!(
+        lines.iter().filter(|l| l["sni"] == "api.example.test" && l["steered"] == true).count() >= 2,
+        "both connections went through the SNI listener: {lines:?}"
+    );
+    assert_eq!(sniffer.seen(), vec![], "nothing from the pod reaches the external host directly");
+}
+
 /// Audit mode rewrites nothing: the connect goes where the application sent it (here nowhere:
 /// the pod has no route to the "internet"), the gateway never sees it, and the agent reports
 /// what enforcing would have done.

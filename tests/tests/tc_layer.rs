@@ -3,7 +3,10 @@
 //! pod's frames enter the node, while the gateway, DNS and replies to inbound connections still
 //! flow. Each denial is first shown to get through without the tc layer, so the tests can fail.
 
-use std::{fs, net::IpAddr};
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use egress_tests::{
     agent::{self, Agent},
@@ -165,6 +168,56 @@ fn frames_that_are_not_ip_are_dropped_and_arp_passes() {
     let _gw = Server::tcp_http(&lab.gateway, sock(GATEWAY4, GATEWAY_PORT));
     assert!(succeeded(&lab.in_pod(tcp(GATEWAY4, GATEWAY_PORT))));
     assert!(counter(&lab, "allow_link_control") > 0);
+}
+
+/// The link-layer address `ns` has for `addr` on eth0, if any.
+fn neighbour(ns: &egress_tests::netns::NetNs, addr: &str) -> Option<String> {
+    let out = ns.run(None, "ip", &["-j", "-4", "neigh", "show", addr, "dev", "eth0"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j neigh");
+    v[0]["lladdr"].as_str().map(str::to_owned)
+}
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// ARP that claims an address the pod does not have (here the external host's) would make its
+/// neighbours on the bridge send that address's traffic to the pod. Dropped at the veth; ARP for
+/// the pod's own address, and probes (sender 0.0.0.0), still pass.
+#[test]
+fn arp_claiming_an_address_that_is_not_the_pods_is_dropped() {
+    let lab = Lab::new();
+    lab.write_policy("enforce");
+    let agent = Agent::start_on_node(&lab);
+    let pod_mac = frames::mac(&lab.pod, "eth0");
+    let (pod4, gateway4, external4) = (POD4.parse().unwrap(), GATEWAY4.parse().unwrap(), EXTERNAL4.parse().unwrap());
+    // "The external host is at the pod's MAC", asked of the gateway, which learns the sender.
+    let poison = frames::arp(1, pod_mac, external4, gateway4, [0xff; 6]);
+    let forget = || lab.gateway.ip(&["neigh", "flush", "dev", "eth0"]).expect("flush");
+
+    // Socket hooks only: the gateway takes the pod's word for it.
+    forget();
+    frames::send(&lab.pod, &lab.pod_cgroup, &poison);
+    assert_eq!(neighbour(&lab.gateway, EXTERNAL4), Some(mac_text(pod_mac)), "without the tc layer it poisons");
+
+    forget();
+    use_veth(&lab, &agent, true);
+    let before = counter(&lab, "deny_spoofed_source");
+    frames::send(&lab.pod, &lab.pod_cgroup, &poison);
+    // A reply to the gateway's own MAC, the other shape of the same lie.
+    let gateway_mac = frames::mac(&lab.gateway, "eth0");
+    frames::send(&lab.pod, &lab.pod_cgroup, &frames::arp(2, pod_mac, external4, gateway4, gateway_mac));
+    assert_eq!(neighbour(&lab.gateway, EXTERNAL4), None, "the tc layer drops ARP for another's address");
+    assert_eq!(counter(&lab, "deny_spoofed_source"), before + 2);
+    let denial = agent.wait_until("egress deny", |l| l["reason"] == "deny_spoofed_source");
+    assert_eq!(denial["hook"], "tc/from_pod", "{denial}");
+
+    // The pod's own address, and a probe that claims nothing, pass.
+    frames::send(&lab.pod, &lab.pod_cgroup, &frames::arp(1, pod_mac, pod4, gateway4, [0xff; 6]));
+    assert_eq!(neighbour(&lab.gateway, POD4), Some(mac_text(pod_mac)), "ARP for the pod's own address passes");
+    let allowed = counter(&lab, "allow_link_control");
+    frames::send(&lab.pod, &lab.pod_cgroup, &frames::arp(1, pod_mac, Ipv4Addr::UNSPECIFIED, gateway4, [0xff; 6]));
+    assert!(counter(&lab, "allow_link_control") > allowed, "an ARP probe passes");
 }
 
 fn counter(lab: &Lab, reason: &str) -> u64 {
