@@ -224,8 +224,11 @@ pub async fn run(opts: Options) -> Result<()> {
 }
 
 /// What may change a watched file: any write, create, rename or delete in its directory.
-pub(crate) const FILE_CHANGES: WatchMask =
-    WatchMask::CLOSE_WRITE.union(WatchMask::MOVED_TO).union(WatchMask::CREATE).union(WatchMask::DELETE);
+pub(crate) const FILE_CHANGES: WatchMask = WatchMask::CLOSE_WRITE
+    .union(WatchMask::MOVED_TO)
+    .union(WatchMask::MOVED_FROM)
+    .union(WatchMask::CREATE)
+    .union(WatchMask::DELETE);
 
 /// The directory to watch for `file` (a bare name lives in the current one).
 pub(crate) fn directory_of(file: &Path) -> PathBuf {
@@ -236,9 +239,13 @@ pub(crate) fn directory_of(file: &Path) -> PathBuf {
 /// delete in its directory. Kubernetes updates a mounted ConfigMap by swapping a `..data`
 /// symlink, so events for the file's own name alone would miss it; the caller compares contents.
 pub(crate) fn watch_file(file: &Path) -> Result<impl futures_util::Stream<Item = ()> + Unpin> {
-    let dir = directory_of(file);
+    watch_dir(&directory_of(file))
+}
+
+/// A stream that yields whenever anything in `dir` may have changed (see [`watch_file`]).
+pub(crate) fn watch_dir(dir: &Path) -> Result<impl futures_util::Stream<Item = ()> + Unpin + use<>> {
     let inotify = Inotify::init().context("inotify_init")?;
-    inotify.watches().add(&dir, FILE_CHANGES).with_context(|| format!("watching {}", dir.display()))?;
+    inotify.watches().add(dir, FILE_CHANGES).with_context(|| format!("watching {}", dir.display()))?;
     let stream = inotify.into_event_stream(vec![0u8; 4096]).context("inotify event stream")?;
     Ok(Box::pin(stream.filter_map(|ev| async move { ev.is_ok().then_some(()) })))
 }

@@ -166,6 +166,14 @@ impl KubeNode {
             .unwrap_or_else(|log| panic!("node agent did not become ready; its log:\n{log}"))
     }
 
+    /// [`Self::start_agent`] with more arguments for `egress-agent run`.
+    pub fn start_agent_with(&self, args: &[&str]) -> Agent {
+        let mut cmd = self.agent_command();
+        cmd.args(args);
+        Agent::spawn(&self.lab, cmd, |_| self.get("/readyz").0 == 200)
+            .unwrap_or_else(|log| panic!("node agent did not become ready; its log:\n{log}"))
+    }
+
     pub fn try_start_agent(&self) -> Result<Agent, String> {
         Agent::spawn(&self.lab, self.agent_command(), |_| self.get("/readyz").0 == 200)
     }

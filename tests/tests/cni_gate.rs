@@ -439,3 +439,110 @@ fn a_peer_index_from_another_namespace_never_matches_a_strangers_veth() {
     );
     assert_eq!(records(&node), on_record(&[]), "nothing recorded");
 }
+
+/// CHECK verifies what ADD put in place, as the CNI spec asks of a plugin: the veth's record (the
+/// agent's only way to the veth of a bridged pod) and, for a pod that must be enforced, our tc
+/// programs running first on its host side. Each failure names what is missing; a pod whose
+/// namespace is known not to be enforced needs only its record.
+#[test]
+fn check_fails_when_the_record_or_the_tc_layer_is_gone() {
+    let node = KubeNode::new();
+    let (pins, state) = (node.lab.pin_dir.clone(), node.cni_state_dir());
+    node.label("shop", &[("egressfw.io/mode", "enforce")]);
+    node.api.apply(&fixtures::namespace("free", &[]));
+    let agent = node.start_agent();
+    assert!(
+        eventually(10, || fs::read_to_string(state.join("namespaces.json"))
+            .is_ok_and(|t| t.contains(r#""free": "pass""#))),
+        "the agent describes the namespaces"
+    );
+    let web = TestPod::create_bridged("k", 86);
+    let web_ref = PodRef { namespace: "shop", name: "web", uid: "uid-k" };
+    let free = TestPod::create("kf", 87);
+    let free_ref = PodRef { namespace: "free", name: "app", uid: "uid-kf" };
+    cni::add(&pins, &state, &web.pod, &web_ref);
+    cni::add(&pins, &state, &free.pod, &free_ref);
+    // The agent stops, so nothing repairs what the test takes away.
+    drop(agent);
+    let check = |pod: &TestPod, who: &PodRef<'_>| {
+        let out = cni::run("CHECK", &pins, &state, &pod.pod.ns, who, &cni::prev_result(&pod.pod));
+        let msg = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .map(|e| e["msg"].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_default();
+        (out.status.success(), msg)
+    };
+    assert_eq!(check(&web, &web_ref), (true, String::new()), "gated and recorded");
+    assert_eq!(check(&free, &free_ref), (true, String::new()), "recorded, needs no gate");
+
+    // The record goes: CHECK fails for both.
+    let record = |pod: &TestPod| {
+        state.join("interfaces").join(format!("{}.json", frames::ifindex(&pod.pod.host_side)))
+    };
+    for (pod, who) in [(&web, &web_ref), (&free, &free_ref)] {
+        let aside = record(pod).with_extension("aside");
+        fs::rename(record(pod), &aside).unwrap();
+        let (ok, msg) = check(pod, who);
+        assert!(!ok && msg.contains("has no egressfw record") && msg.contains(&pod.pod.host_side), "{msg}");
+        fs::rename(&aside, record(pod)).unwrap();
+    }
+
+    // The gate goes (another tc user removed it): CHECK names the interface and both hooks.
+    let host = web.pod.host_side.as_str();
+    if tcx() {
+        fs::remove_dir_all(pins.join("tc").join(frames::ifindex(host).to_string())).unwrap();
+    } else {
+        for hook in ["ingress", "egress"] {
+            let out = std::process::Command::new("tc")
+                .args(["filter", "del", "dev", host, hook, "pref", "1"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "tc filter del: {}", text(&out));
+        }
+    }
+    let (ok, msg) = check(&web, &web_ref);
+    assert!(!ok, "CHECK must fail without the tc layer");
+    assert!(msg.contains(host) && msg.contains("ingress, egress") && msg.contains("not judged"), "{msg}");
+    assert!(web.race() > 0, "and indeed the pod's frames get through now");
+    assert_eq!(check(&free, &free_ref), (true, String::new()), "the pod that needs no gate is still fine");
+}
+
+/// The network plugin rewrites its conflist when it restarts, without our entry: until the entry
+/// is back, new pods start with no gate. The agent watches the directory and puts it back at
+/// once (the periodic tick, 10 s, is only the fallback), also when the runtime's active list
+/// becomes another file.
+#[test]
+fn a_rewritten_conflist_is_chained_again_at_once() {
+    let node = KubeNode::new();
+    let conf_dir = node.lab.dir.join("net.d");
+    fs::create_dir_all(&conf_dir).unwrap();
+    let list = conf_dir.join("10-net.conflist");
+    let plain = r#"{"cniVersion":"1.0.0","name":"k8s","plugins":[{"type":"ptp"},{"type":"portmap"}]}"#;
+    fs::write(&list, plain).unwrap();
+    let agent = node.start_agent_with(&["--cni-conf-dir", conf_dir.to_str().unwrap()]);
+    let chained = |path: &std::path::Path| {
+        fs::read(path).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()).is_some_and(
+            |v| v["plugins"].as_array().and_then(|p| p.last()).is_some_and(|p| p["type"] == "egressfw"),
+        )
+    };
+    assert!(eventually(5, || chained(&list)), "chained at start:\n{}", agent.log_text());
+
+    // The network plugin restarts: a new list, written by rename as they do, without our entry.
+    for round in 0..3 {
+        let tmp = conf_dir.join(".10-net.conflist.tmp");
+        fs::write(&tmp, plain.replace("\"k8s\"", &format!("\"k8s-{round}\""))).unwrap();
+        fs::rename(&tmp, &list).unwrap();
+        let started = std::time::Instant::now();
+        assert!(
+            eventually(3, || chained(&list)),
+            "round {round}: not chained again within 3 s:\n{}",
+            agent.log_text()
+        );
+        let v: serde_json::Value = serde_json::from_slice(&fs::read(&list).unwrap()).unwrap();
+        assert_eq!(v["name"], format!("k8s-{round}"), "their list, with ours added: {v}");
+        eprintln!("round {round}: chained again after {:?}", started.elapsed());
+    }
+    // Another plugin's list now sorts first: it becomes the active one, and is chained too.
+    let first = conf_dir.join("05-cilium.conflist");
+    fs::write(&first, r#"{"cniVersion":"1.0.0","name":"cilium","plugins":[{"type":"cilium-cni"}]}"#).unwrap();
+    assert!(eventually(3, || chained(&first)), "the new active list:\n{}", agent.log_text());
+}

@@ -190,7 +190,8 @@ fn arp_claiming_an_address_that_is_not_the_pods_is_dropped() {
     lab.write_policy("enforce");
     let agent = Agent::start_on_node(&lab);
     let pod_mac = frames::mac(&lab.pod, "eth0");
-    let (pod4, gateway4, external4) = (POD4.parse().unwrap(), GATEWAY4.parse().unwrap(), EXTERNAL4.parse().unwrap());
+    let (pod4, gateway4, external4) =
+        (POD4.parse().unwrap(), GATEWAY4.parse().unwrap(), EXTERNAL4.parse().unwrap());
     // "The external host is at the pod's MAC", asked of the gateway, which learns the sender.
     let poison = frames::arp(1, pod_mac, external4, gateway4, [0xff; 6]);
     let forget = || lab.gateway.ip(&["neigh", "flush", "dev", "eth0"]).expect("flush");
@@ -198,7 +199,11 @@ fn arp_claiming_an_address_that_is_not_the_pods_is_dropped() {
     // Socket hooks only: the gateway takes the pod's word for it.
     forget();
     frames::send(&lab.pod, &lab.pod_cgroup, &poison);
-    assert_eq!(neighbour(&lab.gateway, EXTERNAL4), Some(mac_text(pod_mac)), "without the tc layer it poisons");
+    assert_eq!(
+        neighbour(&lab.gateway, EXTERNAL4),
+        Some(mac_text(pod_mac)),
+        "without the tc layer it poisons"
+    );
 
     forget();
     use_veth(&lab, &agent, true);
@@ -214,9 +219,17 @@ fn arp_claiming_an_address_that_is_not_the_pods_is_dropped() {
 
     // The pod's own address, and a probe that claims nothing, pass.
     frames::send(&lab.pod, &lab.pod_cgroup, &frames::arp(1, pod_mac, pod4, gateway4, [0xff; 6]));
-    assert_eq!(neighbour(&lab.gateway, POD4), Some(mac_text(pod_mac)), "ARP for the pod's own address passes");
+    assert_eq!(
+        neighbour(&lab.gateway, POD4),
+        Some(mac_text(pod_mac)),
+        "ARP for the pod's own address passes"
+    );
     let allowed = counter(&lab, "allow_link_control");
-    frames::send(&lab.pod, &lab.pod_cgroup, &frames::arp(1, pod_mac, Ipv4Addr::UNSPECIFIED, gateway4, [0xff; 6]));
+    frames::send(
+        &lab.pod,
+        &lab.pod_cgroup,
+        &frames::arp(1, pod_mac, Ipv4Addr::UNSPECIFIED, gateway4, [0xff; 6]),
+    );
     assert!(counter(&lab, "allow_link_control") > allowed, "an ARP probe passes");
 }
 

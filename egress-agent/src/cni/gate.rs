@@ -108,6 +108,51 @@ fn decide_and_gate(req: &GateRequest) -> Result<Outcome> {
     Ok(Outcome::Gated { ifindex: host.index, interface: host.name })
 }
 
+/// CHECK: what ADD put in place is still there. The pod's veth has its record (without it the
+/// agent cannot find the veth on a bridged CNI once the namespace is enforced), and where the
+/// pod must be enforced (its namespace not known as `pass` or `audit`) our tc programs run
+/// first on both hooks of the host side: the plugin's gate or the agent's binding, which use the
+/// same attachment. An error names what is missing; the runtime reports it on the pod.
+pub fn verify(req: &GateRequest) -> Result<()> {
+    let pod = format!("{}/{}", req.namespace, req.pod);
+    let host = match veth_peer::host_peer(&req.netns, &req.ifname) {
+        Ok(pair) => pair.host_side,
+        // Not gated on ADD either (logged there): nothing of ours to check.
+        Err(PeerError::NotVeth { .. }) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let (records, _) = req.state.read_interfaces();
+    match records.get(&host.index) {
+        Some(r) if r.container_id == req.container_id => {}
+        Some(r) => bail!(
+            "pod {pod}: the record of interface {} ({}) belongs to container {}, not {}: the agent would bind this veth for another pod",
+            host.name,
+            host.index,
+            r.container_id,
+            req.container_id
+        ),
+        None => bail!(
+            "pod {pod}: interface {} ({}) has no egressfw record in {}: the agent cannot find this veth on a bridged network; recreate the pod",
+            host.name,
+            host.index,
+            req.state.interfaces_dir().display()
+        ),
+    }
+    if req.state.read_namespaces().is_some_and(|m| m.needs_no_gate(&req.namespace)) {
+        return Ok(());
+    }
+    let missing = tc_attach::hooks_without_us_first(&req.pins, host.index, &host.name)?;
+    if !missing.is_empty() {
+        bail!(
+            "pod {pod}: the egressfw tc programs do not run first on interface {} ({}) ({}): what the pod sends there is not judged",
+            host.name,
+            host.index,
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// DEL: drops the records of `container_id`'s interfaces. Best effort: the agent also drops
 /// records of interfaces that no longer exist.
 pub fn forget(state: &StateDir, container_id: &str) {

@@ -1,8 +1,9 @@
 //! Puts the plugin in place on a node: the binary in the CNI bin directory and an `egressfw`
 //! entry at the end of the plugin chain of the network configuration the runtime uses (the
 //! first `.conflist` in the configuration directory, as containerd and CRI-O pick it). Run by the
-//! DaemonSet's init container, and again by the agent on every tick, because network plugins
-//! rewrite their configuration when they restart.
+//! DaemonSet's init container, and again by the agent whenever the directory changes (and on
+//! every tick), because network plugins rewrite their configuration when they restart. Edits
+//! are compare-and-swap (`conflist`), so a rewrite that lands during ours is never lost.
 
 use std::{
     fs,
@@ -13,7 +14,10 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
-use super::state::write_atomically;
+use super::{
+    conflist::{self, Edited},
+    state::write_atomically,
+};
 
 /// The plugin's name: the binary in the bin directory and the `type` in the conflist.
 pub const PLUGIN_TYPE: &str = "egressfw";
@@ -76,45 +80,57 @@ pub fn active_conflist(conf_dir: &Path) -> Result<Option<PathBuf>> {
     }
 }
 
+/// Attempts at an edit before giving up until the next change (each lost only to a write by
+/// someone else between our read and our swap).
+const EDIT_ATTEMPTS: usize = 5;
+
 /// Makes sure the active conflist ends its chain with our entry (with these directories).
 pub fn ensure_chained(placement: &Placement) -> Result<Chained> {
-    let Some(path) = active_conflist(&placement.conf_dir)? else {
-        return Ok(Chained::NoConfiguration);
-    };
-    let mut conf = read_conflist(&path)?;
-    let Some(plugins) = conf.get_mut("plugins").and_then(Value::as_array_mut) else {
-        bail!("{} has no \"plugins\" list", path.display());
-    };
+    ensure_chained_with(placement, &mut |_| {})
+}
+
+/// [`ensure_chained`], with `before_swap` run between each read and swap (see
+/// `conflist::edit_once`).
+fn ensure_chained_with(placement: &Placement, before_swap: &mut dyn FnMut(&Path)) -> Result<Chained> {
     let ours = json!({
         "type": PLUGIN_TYPE,
         "pinDir": placement.pin_dir,
         "stateDir": placement.state_dir,
     });
+    for _ in 0..EDIT_ATTEMPTS {
+        // Again on every attempt: the active list may be another file by now.
+        let Some(path) = active_conflist(&placement.conf_dir)? else {
+            return Ok(Chained::NoConfiguration);
+        };
+        match conflist::edit_once(&path, |conf| chain_last(conf, &ours, &path), before_swap)? {
+            Edited::Unchanged => return Ok(Chained::Already(path)),
+            Edited::Swapped => return Ok(Chained::Updated(path)),
+            Edited::Raced => {}
+        }
+    }
+    bail!(
+        "the CNI configuration in {} changed under every one of {EDIT_ATTEMPTS} attempts to chain egressfw; trying again at its next change",
+        placement.conf_dir.display()
+    )
+}
+
+/// Puts `ours` last in the list's chain; false when it already is.
+fn chain_last(conf: &mut Value, ours: &Value, path: &Path) -> Result<bool> {
+    let Some(plugins) = conf.get_mut("plugins").and_then(Value::as_array_mut) else {
+        bail!("{} has no \"plugins\" list", path.display());
+    };
     let position = plugins.iter().position(|p| p["type"] == PLUGIN_TYPE);
     // Last in the chain: it needs the veth the network plugin made, and nothing after it may
     // run before the gate is up.
     match position {
-        Some(i) if i + 1 == plugins.len() && plugins[i] == ours => return Ok(Chained::Already(path)),
+        Some(i) if i + 1 == plugins.len() && plugins[i] == *ours => return Ok(false),
         Some(i) => {
             plugins.remove(i);
-            plugins.push(ours);
+            plugins.push(ours.clone());
         }
-        None => plugins.push(ours),
+        None => plugins.push(ours.clone()),
     }
-    write_conflist(&path, &conf)?;
-    Ok(Chained::Updated(path))
-}
-
-fn read_conflist(path: &Path) -> Result<Value> {
-    let text = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_slice(&text).with_context(|| format!("{} is not valid JSON", path.display()))
-}
-
-/// Pretty, with a final newline, by rename: the runtime never reads half a file.
-fn write_conflist(path: &Path, conf: &Value) -> Result<()> {
-    let mut bytes = serde_json::to_vec_pretty(conf)?;
-    bytes.push(b'\n');
-    write_atomically(path, &bytes)
+    Ok(true)
 }
 
 /// Takes our entry out of every conflist in `conf_dir` (teardown: a node whose conflist still
@@ -137,17 +153,29 @@ pub fn unchain(conf_dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     paths.sort();
     for path in paths {
-        let mut conf = read_conflist(&path)?;
-        let Some(plugins) = conf.get_mut("plugins").and_then(Value::as_array_mut) else {
-            continue;
+        let remove_ours = |conf: &mut Value| -> Result<bool> {
+            let Some(plugins) = conf.get_mut("plugins").and_then(Value::as_array_mut) else {
+                return Ok(false);
+            };
+            let before = plugins.len();
+            plugins.retain(|p| p["type"] != PLUGIN_TYPE);
+            Ok(plugins.len() != before)
         };
-        let before = plugins.len();
-        plugins.retain(|p| p["type"] != PLUGIN_TYPE);
-        if plugins.len() == before {
-            continue;
+        let mut attempts = 0;
+        loop {
+            match conflist::edit_once(&path, remove_ours, &mut |_| {})? {
+                Edited::Unchanged => break,
+                Edited::Swapped => {
+                    changed.push(path);
+                    break;
+                }
+                Edited::Raced if attempts + 1 < EDIT_ATTEMPTS => attempts += 1,
+                Edited::Raced => bail!(
+                    "{} changed under every one of {EDIT_ATTEMPTS} attempts to take egressfw out of it",
+                    path.display()
+                ),
+            }
         }
-        write_conflist(&path, &conf)?;
-        changed.push(path);
     }
     Ok(changed)
 }
@@ -210,5 +238,35 @@ mod tests {
         assert_eq!(unchain(&dir).unwrap(), Vec::<PathBuf>::new(), "nothing left to take out");
         let _ = fs::remove_dir_all(&dir);
         assert_eq!(unchain(&dir).unwrap(), Vec::<PathBuf>::new(), "no directory, nothing to change");
+    }
+
+    /// The network plugin restarts and rewrites its list while we chain ourselves into it: its
+    /// change is kept and our entry ends up in its new list.
+    #[test]
+    fn a_concurrent_rewrite_by_the_network_plugin_is_not_lost() {
+        let dir = std::env::temp_dir().join(format!("egressfw-cni-race-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let list = dir.join("10-calico.conflist");
+        fs::write(&list, r#"{"name":"k8s","plugins":[{"type":"calico","mtu":1440}]}"#).unwrap();
+        let mut rewrites = 0;
+        let mut network_plugin = |path: &Path| {
+            if rewrites < 2 {
+                rewrites += 1;
+                let text = format!(
+                    r#"{{"name":"k8s","plugins":[{{"type":"calico","mtu":{}}},{{"type":"bandwidth"}}]}}"#,
+                    1400 + rewrites
+                );
+                fs::write(path.with_extension("tmp"), text).unwrap();
+                fs::rename(path.with_extension("tmp"), path).unwrap();
+            }
+        };
+        let chained = ensure_chained_with(&placement(&dir), &mut network_plugin).unwrap();
+        assert_eq!(chained, Chained::Updated(list.clone()));
+        let v: Value = serde_json::from_slice(&fs::read(&list).unwrap()).unwrap();
+        assert_eq!(v["plugins"][0]["mtu"], 1402, "the network plugin's last write is kept: {v}");
+        assert_eq!(v["plugins"][1]["type"], "bandwidth", "{v}");
+        assert_eq!(v["plugins"][2]["type"], "egressfw", "and ours is last: {v}");
+        let _ = fs::remove_dir_all(&dir);
     }
 }

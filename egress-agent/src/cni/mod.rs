@@ -4,6 +4,7 @@
 //! then binds the interface to the pod's policy, or takes the gate off when the pod is not
 //! enforced.
 
+pub mod conflist;
 pub mod gate;
 pub mod install;
 pub mod plugin;

@@ -94,8 +94,10 @@ fn run(command: &str, stdin: &[u8]) -> Result<Option<Value>> {
             gate::forget(&state_dir(&conf), &container);
             Ok(None)
         }
-        // CHECK, GC, STATUS: the gate holds no state the runtime could check or collect.
-        "CHECK" | "GC" | "STATUS" => Ok(None),
+        "CHECK" => gate::verify(&request(&parse_conf(stdin)?)?).map(|()| None),
+        // GC, STATUS: the agent collects records of interfaces that are gone, and the plugin is
+        // ready whenever ADD would work (ADD itself refuses while nothing is pinned).
+        "GC" | "STATUS" => Ok(None),
         other => bail!("unknown CNI_COMMAND {other:?}"),
     }
 }
@@ -111,8 +113,14 @@ fn add(conf: &NetConf) -> Result<Value> {
             "no prevResult: egressfw is a chained plugin and must come after the network plugin in the conflist"
         );
     };
+    gate::apply(&request(conf)?)?;
+    Ok(prev)
+}
+
+/// The pod's interface as the runtime describes it (environment and prevResult).
+fn request(conf: &NetConf) -> Result<GateRequest> {
     let args = cni_args();
-    let request = GateRequest {
+    Ok(GateRequest {
         pins: PinLayout::new(conf.pin_dir.clone().unwrap_or_else(|| DEFAULT_PIN_DIR.into())),
         state: state_dir(conf),
         netns: env("CNI_NETNS").context("CNI_NETNS is not set")?.into(),
@@ -121,10 +129,8 @@ fn add(conf: &NetConf) -> Result<Value> {
         namespace: args.get("K8S_POD_NAMESPACE").cloned().unwrap_or_default(),
         pod: args.get("K8S_POD_NAME").cloned().unwrap_or_default(),
         pod_uid: pod_uid(&args),
-        addresses: addresses(&prev),
-    };
-    gate::apply(&request)?;
-    Ok(prev)
+        addresses: conf.prev_result.as_ref().map(addresses).unwrap_or_default(),
+    })
 }
 
 fn state_dir(conf: &NetConf) -> StateDir {

@@ -38,7 +38,7 @@ use crate::{
     kernel::{bpffs::PinLayout, maps::KernelMaps, object, tc_maps::TcMaps},
     link_events::LinkEvents,
     metrics::{Metrics, Owner, OwnerIndex},
-    standalone::watch_file,
+    standalone::{watch_dir, watch_file},
 };
 
 /// A pass even without events (covers anything a watch or inotify missed) and a liveness beat.
@@ -62,7 +62,8 @@ pub struct Options {
     pub pods_cgroup: Option<PathBuf>,
     /// Shared with the CNI plugin.
     pub cni_state: StateDir,
-    /// When given, the plugin's conflist entry is kept in place on every tick.
+    /// When given, the plugin's conflist entry is kept in place: on every change in the
+    /// directory (inotify) and on every tick.
     pub cni_conf_dir: Option<PathBuf>,
 }
 
@@ -119,6 +120,15 @@ pub async fn run(opts: Options) -> Result<()> {
     let _cgroups = cgroup_watch::start(&pods_root, tx.clone())?;
     let _records = record_watch::start(&opts.cni_state.interfaces_dir(), tx.clone())?;
     let mut config_changes = watch_file(&opts.config)?;
+    // The network plugin may rewrite its conflist at any moment (when it restarts): put our entry
+    // back at once, not at the next tick, since pods started meanwhile are not gated.
+    let mut cni_conf_changes = match &opts.cni_conf_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            Some(watch_dir(dir)?)
+        }
+        None => None,
+    };
     let mut watches = JoinSet::new();
     let mut stores = watch::start(&client, &opts.node_name, &config, &tx, &mut watches);
     tracing::info!("waiting for the API caches to sync; pinned enforcement stays as it is meanwhile");
@@ -183,6 +193,10 @@ pub async fn run(opts: Options) -> Result<()> {
                         "new agent configuration rejected; the previous one stays in force"
                     ),
                 }
+            }
+            Some(()) = next_change(&mut cni_conf_changes) => {
+                blocking(|| keep_cni_chained(&opts));
+                continue;
             }
             _ = tick.tick() => {
                 ticks = ticks.wrapping_add(1);
@@ -298,6 +312,14 @@ fn keep_cni_chained(opts: &Options) {
             error = format!("{e:#}"),
             "the CNI plugin is not chained: new pods' veths are not gated until it is"
         ),
+    }
+}
+
+/// The next change from an optional watch; pending for ever without one.
+async fn next_change(watch: &mut Option<impl futures_util::Stream<Item = ()> + Unpin>) -> Option<()> {
+    match watch {
+        Some(w) => futures_util::StreamExt::next(w).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -254,13 +254,7 @@ pub fn ensure_first(
     let mut moved = Vec::new();
     for (name, direction) in TC_ATTACHMENTS {
         let context = || format!("checking that {name} runs first on interface {ifname} ({ifindex})");
-        let first = match mechanism() {
-            TcMechanism::Tcx => {
-                tcx_first_is_ours(pins, name, direction, ifindex, ifname).with_context(context)?
-            }
-            TcMechanism::Clsact => clsact_first_is_ours(name, direction, ifindex).with_context(context)?,
-        };
-        if first {
+        if runs_first(pins, name, direction, ifindex, ifname).with_context(context)? {
             continue;
         }
         let prog: &mut SchedClassifier = ebpf.program_mut(name).context("program missing")?.try_into()?;
@@ -281,6 +275,33 @@ pub fn ensure_first(
         moved.push(direction_name(direction));
     }
     Ok(moved)
+}
+
+/// The hooks of the interface on which our program is not the first to run (none: the tc layer,
+/// gate or binding, is in place). Reads only; used by the CNI plugin's CHECK.
+pub fn hooks_without_us_first(pins: &PinLayout, ifindex: u32, ifname: &str) -> Result<Vec<&'static str>> {
+    let mut missing = Vec::new();
+    for (name, direction) in TC_ATTACHMENTS {
+        if !runs_first(pins, name, direction, ifindex, ifname)
+            .with_context(|| format!("checking that {name} runs first on interface {ifname} ({ifindex})"))?
+        {
+            missing.push(direction_name(direction));
+        }
+    }
+    Ok(missing)
+}
+
+fn runs_first(
+    pins: &PinLayout,
+    name: &str,
+    direction: TcAttachType,
+    ifindex: u32,
+    ifname: &str,
+) -> Result<bool> {
+    match mechanism() {
+        TcMechanism::Tcx => tcx_first_is_ours(pins, name, direction, ifindex, ifname),
+        TcMechanism::Clsact => clsact_first_is_ours(name, direction, ifindex),
+    }
 }
 
 fn direction_name(direction: TcAttachType) -> &'static str {
