@@ -16,7 +16,7 @@ use egress_common::{
     policy::{PROTO_ICMPV6, PROTO_TCP},
     tc::{
         ETH_HEADER_LEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, InboundKey, PolicyBinding, SourceKey4, SourceKey6,
-        is_link_control_icmp6, is_link_scoped_control_v6, is_neighbour_discovery_icmp6,
+        is_link_control_icmp6, is_link_local_v6, is_link_scoped_control_v6, is_neighbour_discovery_icmp6,
     },
     verdict::{Hook, Reason},
 };
@@ -28,6 +28,9 @@ use crate::{
     packet::{Packet, head, parse},
     report::{Verdict, count_allowed, packet_event, settle},
 };
+
+/// ICMPv6 type of a neighbour advertisement (RFC 4861).
+const ICMP6_NEIGHBOUR_ADVERTISEMENT: u8 = 136;
 
 /// Allowed: hand the frame to the next program (tcx: TCX_NEXT; clsact: TC_ACT_UNSPEC), so a CNI
 /// attached after us still sees it. Denials end processing with TC_ACT_SHOT.
@@ -132,6 +135,26 @@ fn judge_arp(skb: &SkBuff, ifindex: u32) -> Reason {
     }
 }
 
+/// Whether an ICMPv6 packet is a neighbour advertisement for an address that is not the pod's:
+/// the IPv6 form of the ARP lie ([`judge_arp`]), which makes neighbours send that address's
+/// traffic to the pod. The target must be one of the interface's addresses or a link-local
+/// one (the pod's own, which the node does not know; link-local addresses are not pod or Service
+/// addresses). A truncated advertisement counts as a lie. Not inlined: its frame stays off the
+/// chain of the common path.
+#[inline(never)]
+fn advertises_another_address(skb: &SkBuff, p: &Packet, ifindex: u32) -> bool {
+    if icmp6_type(skb, p) != ICMP6_NEIGHBOUR_ADVERTISEMENT {
+        return false;
+    }
+    // Type, code, checksum, flags and reserved: the target follows 8 bytes in.
+    let Ok(addr) = skb.load::<[u8; 16]>(ETH_HEADER_LEN + p.l4_offset + 8) else { return true };
+    if is_link_local_v6(&addr) {
+        return false;
+    }
+    // SAFETY: the value is plain data and only read.
+    unsafe { EGRESS_TCSRC6_V2.get(&SourceKey6 { ifindex, addr }) }.is_none()
+}
+
 /// The verdict for an IP packet; see [`judge_frame`].
 #[inline(always)]
 fn judge_packet(skb: &SkBuff, ifindex: u32, ethertype: u16, p: &Packet, judged: &mut Governing) -> Reason {
@@ -139,6 +162,9 @@ fn judge_packet(skb: &SkBuff, ifindex: u32, ethertype: u16, p: &Packet, judged: 
     // would be judged as one thing and handled as another.
     if matches!(p.src, Destination::V4(_)) != (ethertype == ETH_P_IP) {
         return by_interface(ifindex, Reason::DenyMalformed, judged);
+    }
+    if p.protocol == PROTO_ICMPV6 && advertises_another_address(skb, p, ifindex) {
+        return by_interface(ifindex, Reason::DenySpoofedSource, judged);
     }
     // SAFETY: the values are plain data and only read.
     let source = unsafe {

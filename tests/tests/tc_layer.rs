@@ -5,7 +5,7 @@
 
 use std::{
     fs,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use egress_tests::{
@@ -231,6 +231,67 @@ fn arp_claiming_an_address_that_is_not_the_pods_is_dropped() {
         &frames::arp(1, pod_mac, Ipv4Addr::UNSPECIFIED, gateway4, [0xff; 6]),
     );
     assert!(counter(&lab, "allow_link_control") > allowed, "an ARP probe passes");
+}
+
+/// The same lie in IPv6: an unsolicited neighbour advertisement (override flag set) whose target
+/// is another host's address updates the entry its neighbours have for that address. Dropped at
+/// the veth, from the pod's own address as from a link-local one; advertisements of the pod's own
+/// address still pass.
+#[test]
+fn neighbour_advertisements_for_an_address_that_is_not_the_pods_are_dropped() {
+    let lab = Lab::new();
+    lab.write_policy("enforce");
+    let agent = Agent::start_on_node(&lab);
+    let pod_mac = frames::mac(&lab.pod, "eth0");
+    let ext_mac = mac_text(frames::mac(&lab.external, "eth0"));
+    let pod6: Ipv6Addr = POD6.parse().unwrap();
+    let all_nodes: Ipv6Addr = "ff02::1".parse().unwrap();
+    let advert = |src: Ipv6Addr, target: &str| {
+        let mut message = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
+        message.extend_from_slice(&target.parse::<Ipv6Addr>().unwrap().octets());
+        // Target link-layer address option: the pod's MAC.
+        message.extend_from_slice(&[2, 1]);
+        message.extend_from_slice(&pod_mac);
+        frames::icmp6(pod_mac, frames::multicast_mac(all_nodes), src, all_nodes, &message)
+    };
+    // The gateway knows the external host (a neighbour entry an advertisement may override).
+    let known = || {
+        lab.gateway
+            .ip(&["-6", "neigh", "replace", EXTERNAL6, "lladdr", &ext_mac, "dev", "eth0", "nud", "stale"])
+            .expect("neighbour entry")
+    };
+    let link_local = frames::link_local(&lab.pod, "eth0");
+
+    // Socket hooks only: the gateway takes the pod's word for it.
+    known();
+    frames::send(&lab.pod, &lab.pod_cgroup, &advert(pod6, EXTERNAL6));
+    assert_eq!(
+        neighbour6(&lab.gateway, EXTERNAL6),
+        Some(mac_text(pod_mac)),
+        "without the tc layer it poisons"
+    );
+
+    use_veth(&lab, &agent, true);
+    let before = counter(&lab, "deny_spoofed_source");
+    for src in [pod6, link_local] {
+        known();
+        frames::send(&lab.pod, &lab.pod_cgroup, &advert(src, EXTERNAL6));
+        assert_eq!(neighbour6(&lab.gateway, EXTERNAL6), Some(ext_mac.clone()), "from {src}: dropped");
+    }
+    assert_eq!(counter(&lab, "deny_spoofed_source"), before + 2);
+
+    // The pod advertising its own address passes.
+    lab.gateway
+        .ip(&["-6", "neigh", "replace", POD6, "lladdr", "02:00:00:00:00:09", "dev", "eth0", "nud", "stale"])
+        .expect("neighbour entry");
+    frames::send(&lab.pod, &lab.pod_cgroup, &advert(pod6, POD6));
+    assert_eq!(neighbour6(&lab.gateway, POD6), Some(mac_text(pod_mac)), "its own address passes");
+}
+
+fn neighbour6(ns: &egress_tests::netns::NetNs, addr: &str) -> Option<String> {
+    let out = ns.run(None, "ip", &["-j", "-6", "neigh", "show", addr, "dev", "eth0"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j neigh");
+    v[0]["lladdr"].as_str().map(str::to_owned)
 }
 
 fn counter(lab: &Lab, reason: &str) -> u64 {

@@ -79,6 +79,8 @@ struct Sample {
     tc_ns_per_run: Option<(f64, f64)>,
     /// The same from BPF_PROG_TEST_RUN: an allowed frame from the pod, a plain ACK to it.
     tc_ns_test_run: Option<(f64, f64)>,
+    /// BPF_PROG_TEST_RUN of the from-pod program on an ARP request from the pod's address.
+    tc_arp_test_run: Option<f64>,
 }
 
 pub fn run(args: &DatapathArgs) -> Result<()> {
@@ -137,7 +139,7 @@ fn measure(lab: &Lab, config: Config, args: &DatapathArgs) -> Result<Sample> {
     };
     let tcp_gbps = iperf(lab, &["-t", &args.seconds.to_string()])?.tcp_gbps()?;
     let udp_pps = iperf(lab, &["-u", "-b", "0", "-l", "64", "-t", &args.seconds.to_string()])?.udp_pps()?;
-    let (ns_per_run, ns_test_run, tc_ns_per_run, tc_ns_test_run) = match agent {
+    let (ns_per_run, ns_test_run, tc_ns_per_run, tc_test_runs) = match agent {
         Some(_) => {
             let report = inspect(lab)?;
             let skb = program_id(&report["policies"][0]["links"], "egress_skb")?;
@@ -166,7 +168,15 @@ fn measure(lab: &Lab, config: Config, args: &DatapathArgs) -> Result<Sample> {
             bail!("teardown failed: {}", String::from_utf8_lossy(&out.stderr));
         }
     }
-    Ok(Sample { tcp_gbps, udp_pps, ns_per_run, ns_test_run, tc_ns_per_run, tc_ns_test_run })
+    Ok(Sample {
+        tcp_gbps,
+        udp_pps,
+        ns_per_run,
+        ns_test_run,
+        tc_ns_per_run,
+        tc_ns_test_run: tc_test_runs.map(|(from, to, _)| (from, to)),
+        tc_arp_test_run: tc_test_runs.map(|(_, _, arp)| arp),
+    })
 }
 
 struct IperfServer {
@@ -239,15 +249,36 @@ fn ns_test_run(lab: &Lab, prog_id: u64) -> Result<f64> {
 
 /// The tc programs by BPF_PROG_TEST_RUN, run in the node's namespace with the pod's host-side
 /// veth as the frame's device (the programs find the pod's policy through it): from the pod, an
-/// allowed TCP segment to the gateway; to the pod, a plain ACK (the common case, which the fast
-/// path skips). Both go on to the next program (TC_NEXT, -1).
-fn tc_ns_test_run(lab: &Lab, from_pod: u64, to_pod: u64) -> Result<(f64, f64)> {
+/// allowed TCP segment to the gateway and an ARP request for the gateway from the pod's own
+/// address (its sender is checked against the interface's addresses); to the pod, a plain ACK
+/// (the common case, which the fast path skips). All go on to the next program (TC_NEXT, -1).
+/// Returns (from, to, ARP from).
+fn tc_ns_test_run(lab: &Lab, from_pod: u64, to_pod: u64) -> Result<(f64, f64, f64)> {
     const TCP_ACK: u8 = 0x10;
     let ifindex = ifindex(&lab.node, "v-pod")?;
     let next = "4294967295";
     let from = TestRun { prog_id: from_pod, frame: tcp_frame(TCP_ACK), ifindex, returns: next };
     let to = TestRun { prog_id: to_pod, frame: tcp_frame(TCP_ACK), ifindex, returns: next };
-    Ok((from.mean_ns(lab, &lab.node, None, "tc-from")?, to.mean_ns(lab, &lab.node, None, "tc-to")?))
+    let arp = TestRun { prog_id: from_pod, frame: arp_frame(), ifindex, returns: next };
+    Ok((
+        from.mean_ns(lab, &lab.node, None, "tc-from")?,
+        to.mean_ns(lab, &lab.node, None, "tc-to")?,
+        arp.mean_ns(lab, &lab.node, None, "tc-arp")?,
+    ))
+}
+
+/// An Ethernet frame with an ARP request from the pod's address for the gateway's.
+fn arp_frame() -> Vec<u8> {
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    frame.extend_from_slice(&0x0806u16.to_be_bytes());
+    frame.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1, 0x02, 0, 0, 0, 0, 0x01]);
+    frame.extend_from_slice(&POD4.parse::<std::net::Ipv4Addr>().expect("POD4 is an address").octets());
+    frame.extend_from_slice(&[0; 6]);
+    frame
+        .extend_from_slice(&GATEWAY4.parse::<std::net::Ipv4Addr>().expect("GATEWAY4 is an address").octets());
+    frame.resize(60, 0);
+    frame
 }
 
 /// An Ethernet frame with an IPv4 TCP segment from the pod to the gateway's benchmark port.
@@ -356,9 +387,9 @@ fn render(configs: &[Config], samples: &[Vec<Sample>], args: &DatapathArgs) -> S
     );
     let _ = writeln!(
         s,
-        "| configuration | TCP Gbit/s (median) | TCP ratio | UDP 64 B pkt/s (median) | UDP ratio | ns/run, bpf_stats | ns/run, test run | tc ns/run from / to pod, bpf_stats | tc ns/run from / to pod, test run |"
+        "| configuration | TCP Gbit/s (median) | TCP ratio | UDP 64 B pkt/s (median) | UDP ratio | ns/run, bpf_stats | ns/run, test run | tc ns/run from / to pod, bpf_stats | tc ns/run from / to pod, test run | tc ns/run, ARP from pod, test run |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
     for (config, rows) in configs.iter().zip(samples) {
         // Ratios are taken round by round (same round's baseline), then the median.
         let tcp_ratio = median(rows.iter().zip(base).map(|(r, b)| r.tcp_gbps / b.tcp_gbps).collect());
@@ -372,9 +403,10 @@ fn render(configs: &[Config], samples: &[Vec<Sample>], args: &DatapathArgs) -> S
             if from.is_empty() { "-".to_string() } else { format!("{} / {}", show(from), show(to)) }
         };
         let (tc, tc_run) = (pair(|r| r.tc_ns_per_run), pair(|r| r.tc_ns_test_run));
+        let arp: Vec<f64> = rows.iter().filter_map(|r| r.tc_arp_test_run).collect();
         let _ = writeln!(
             s,
-            "| {} | {:.2} | {:.3} | {:.0} | {:.3} | {} | {} | {} | {} |",
+            "| {} | {:.2} | {:.3} | {:.0} | {:.3} | {} | {} | {} | {} | {} |",
             config.name(args.entries),
             median(rows.iter().map(|r| r.tcp_gbps).collect()),
             tcp_ratio,
@@ -383,7 +415,8 @@ fn render(configs: &[Config], samples: &[Vec<Sample>], args: &DatapathArgs) -> S
             show(ns),
             show(ns_run),
             tc,
-            tc_run
+            tc_run,
+            show(arp)
         );
     }
     let _ = writeln!(
