@@ -5,6 +5,7 @@ mod demo;
 mod demo_gateway;
 mod demo_k8s;
 mod fuzz;
+mod kustomize;
 mod run;
 mod test;
 mod toolchain;

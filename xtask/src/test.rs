@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::Args;
 
 use crate::{
-    fuzz,
+    fuzz, kustomize,
     run::{build_agent, build_other_agent, cargo, require_root, status},
     toolchain,
 };
@@ -58,6 +58,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let agent = build_agent(&tc, false)?;
     step("build the agent again with another build stamp (the upgrade test's other build)");
     let other = build_other_agent(&tc)?;
+    step(&format!("kustomize {} for the manifest tests", kustomize::VERSION));
+    let kustomize = kustomize::ensure()?;
     let mut tally = Tally::default();
     step("unit tests");
     tally.run(cargo(&tc)?.args(["test", "--workspace", "--exclude", "egress-tests"]))?;
@@ -69,7 +71,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
     if let Some(f) = &args.filter {
         cmd.arg(f);
     }
-    cmd.env("EGRESS_AGENT_BIN", &agent).env("EGRESS_AGENT_OTHER_BIN", &other);
+    cmd.env("EGRESS_AGENT_BIN", &agent).env("EGRESS_AGENT_OTHER_BIN", &other).env(kustomize::ENV, &kustomize);
     tally.run(&mut cmd)?;
     if args.filter.is_none() {
         // This host has tcx, so the suite above used it; kernels before 6.6 use clsact filters,

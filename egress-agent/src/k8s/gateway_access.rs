@@ -15,7 +15,7 @@
 //! Every gateway but the default one must say (`selector: {}` admits every namespace, as in
 //! Kubernetes); the default gateway admits every namespace, since it is where a namespace lands
 //! whose label names a gateway it may not use. The labels a selector reads are only as
-//! trustworthy as the namespaces' labels: `deploy/admission/` keeps namespace owners from
+//! trustworthy as the namespaces' labels: `deploy/base/admission/` keeps namespace owners from
 //! changing `egressfw.io/*` labels, and a selector should use such a label.
 
 use std::collections::{BTreeMap, BTreeSet};

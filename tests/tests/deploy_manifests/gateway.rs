@@ -1,4 +1,4 @@
-//! The egress gateway's manifests (deploy/gateway/), checked against the gateway itself: its
+//! The egress gateway's manifests (deploy/base/gateway/), checked against the gateway itself: its
 //! subcommand and configuration parser, the ports it listens on, its admin endpoint, its drain,
 //! the privileges it does without and the API access it needs; and against the node agent's
 //! configuration, which sends enforced pods to it.
@@ -62,7 +62,7 @@ fn gateway_runs_the_agent_image() {
             assert_eq!(
                 c.image, agent.image,
                 "{file}: the gateway runs the node agent's image ({agent_file}): one binary, and one images entry in \
-                 deploy/kustomization.yaml retags both"
+                 deploy/base/kustomization.yaml retags both"
             );
         }
     }

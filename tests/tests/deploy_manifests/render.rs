@@ -1,26 +1,17 @@
-//! Rendering: the kustomize subset the manifests use, and the kinds they may hold.
+//! Rendering: `kustomize build` of deploy/ and its examples (the real tool), and the kinds the
+//! manifests may hold.
 
 #[allow(clippy::wildcard_imports)]
 use super::*;
 
-/// What a kustomization may say; anything else fails rather than being silently ignored.
-pub(crate) const KUSTOMIZATION_FIELDS: &[&str] =
-    &["apiVersion", "kind", "namespace", "labels", "resources", "patches", "images"];
-/// Lists that a strategic merge patch merges element by element, by a key (Kubernetes'
-/// `patchMergeKey`), rather than replacing them. Any other list is replaced.
-const MERGED_LISTS: &[(&str, &str)] = &[
-    ("containers", "name"),
-    ("initContainers", "name"),
-    ("volumes", "name"),
-    ("volumeMounts", "mountPath"),
-    ("env", "name"),
-    ("imagePullSecrets", "name"),
-    ("ports", "containerPort"),
-];
 /// The examples under deploy/examples/, each a kustomization of its own (an overlay of the base).
 pub(crate) const EXAMPLES_DIR: &str = "examples";
-/// Kinds whose pod template kustomize's `labels.includeTemplates` and `images` reach.
-pub(crate) const WORKLOAD_KINDS: &[&str] = &["DaemonSet", "Deployment", "StatefulSet", "ReplicaSet", "Job"];
+/// The kustomize the tests render with: built from its Go module by `cargo xtask test` (which
+/// exports its path here), the same engine as `kubectl kustomize`.
+const KUSTOMIZE_ENV: &str = "EGRESSFW_KUSTOMIZE";
+const KUSTOMIZE_VERSION: &str = "v5.8.1";
+/// Where kustomize writes each object's source file when asked to (`buildMetadata`).
+const ORIGIN_ANNOTATION: &str = "config.kubernetes.io/origin";
 
 /// One rendered object and the file it came from (repository-relative, for messages).
 pub(crate) struct Object {
@@ -29,7 +20,7 @@ pub(crate) struct Object {
 }
 
 pub(crate) struct Manifests {
-    /// `namespace:` of the top-level kustomization.
+    /// `namespace:` of the top-level kustomization (or of the base it points at).
     pub(crate) namespace: String,
     pub(crate) objects: Vec<Object>,
     /// Every file the kustomization reads, the kustomization files included.
@@ -52,14 +43,30 @@ pub(crate) fn manifests() -> Manifests {
     rendering(&deploy_dir())
 }
 
-/// The kustomization in `dir` (under deploy/), rendered.
+/// The kustomization in `dir` (under deploy/), rendered by `kustomize build`.
 pub(crate) fn rendering(dir: &Path) -> Manifests {
-    let root = deploy_dir();
     let mut files = BTreeSet::new();
-    let (namespace, objects) = render(&root, dir, &mut files).unwrap_or_else(|e| panic!("{e:#}"));
-    let namespace = namespace.unwrap_or_else(|| {
+    reached_files(dir, &mut files).unwrap_or_else(|e| panic!("{e:#}"));
+    for file in &files {
+        let text = fs::read_to_string(file).unwrap_or_else(|e| panic!("reading {}: {e}", shown(file)));
+        check_yaml11_booleans(&shown(file), &text).unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    let objects = kustomize_build(dir).unwrap_or_else(|e| panic!("{e:#}"));
+    let namespace = declared_namespace(dir).unwrap_or_else(|| {
         panic!("{}: set `namespace:`, every object belongs in one", shown(&dir.join("kustomization.yaml")))
     });
+    for o in &objects {
+        if o.value["kind"].as_str().is_some_and(|k| k.ends_with("RoleBinding")) {
+            for s in o.value["subjects"].as_array().into_iter().flatten() {
+                assert!(
+                    s["kind"] != "ServiceAccount" || s["namespace"] == namespace.as_str(),
+                    "{}: ServiceAccount subject {} is not in namespace {namespace}",
+                    o.file,
+                    s["name"]
+                );
+            }
+        }
+    }
     Manifests { namespace, objects, files }
 }
 
@@ -78,161 +85,120 @@ pub(crate) fn renderings() -> Vec<Manifests> {
     dirs.iter().map(|d| rendering(d)).collect()
 }
 
-/// Renders the kustomization in `dir` (nested kustomizations included), like `kustomize build`.
-pub(crate) fn render(
-    root: &Path,
-    dir: &Path,
-    files: &mut BTreeSet<PathBuf>,
-) -> Result<(Option<String>, Vec<Object>)> {
-    let path = dir.join("kustomization.yaml");
-    let file = shown(&path);
-    files.insert(path.clone());
-    let text = fs::read_to_string(&path).with_context(|| format!("reading {file}"))?;
-    check_yaml11_booleans(&file, &text)?;
-    let k: Map<String, Value> = serde_yaml::from_str(&text).with_context(|| format!("parsing {file}"))?;
-    for key in k.keys() {
-        ensure!(
-            KUSTOMIZATION_FIELDS.contains(&key.as_str()),
-            "{file}: field `{key}` is not rendered by tests/tests/deploy_manifests/render.rs; teach the renderer \
-             there (handled: {KUSTOMIZATION_FIELDS:?})"
-        );
+/// The kustomize binary; a clear failure when it is not built.
+fn kustomize() -> PathBuf {
+    if let Some(path) = std::env::var_os(KUSTOMIZE_ENV) {
+        return path.into();
     }
-    ensure!(
-        k.get("apiVersion") == Some(&"kustomize.config.k8s.io/v1beta1".into())
-            && k.get("kind") == Some(&"Kustomization".into()),
-        "{file}: expected apiVersion kustomize.config.k8s.io/v1beta1, kind Kustomization"
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    let cached = Path::new(&home).join(format!(".cache/egressfw/kustomize-{KUSTOMIZE_VERSION}/kustomize"));
+    assert!(
+        cached.is_file(),
+        "no kustomize at {} and {KUSTOMIZE_ENV} is not set: `cargo xtask test` builds it (go install \
+         sigs.k8s.io/kustomize/kustomize/v5@{KUSTOMIZE_VERSION}), or point {KUSTOMIZE_ENV} at one",
+        cached.display()
     );
+    cached
+}
+
+/// `kustomize build` of `dir`, through a wrapper kustomization that asks kustomize to note each
+/// object's source file (`buildMetadata: [originAnnotations]`); the note is read into
+/// `Object::file` and taken off again, so the objects are what `kubectl apply -k dir` applies.
+fn kustomize_build(dir: &Path) -> Result<Vec<Object>> {
+    // Tests run in parallel, several on the same directory: a wrapper of its own for each call.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let wrapper =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("kustomize-{}-{call}", std::process::id()));
+    fs::create_dir_all(&wrapper).with_context(|| format!("creating {}", wrapper.display()))?;
+    let relative = relative_path(&wrapper, dir);
+    fs::write(
+        wrapper.join("kustomization.yaml"),
+        format!("resources:\n  - {}\nbuildMetadata: [originAnnotations]\n", relative.display()),
+    )?;
+    let out = std::process::Command::new(kustomize())
+        .args(["build", "--load-restrictor", "LoadRestrictionsNone"])
+        .arg(&wrapper)
+        .output()
+        .context("running kustomize")?;
+    let _ = fs::remove_dir_all(&wrapper);
+    ensure!(
+        out.status.success(),
+        "kustomize build {} failed: {}",
+        shown(dir),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let text = String::from_utf8(out.stdout).context("kustomize's output is UTF-8")?;
     let mut objects = Vec::new();
-    for entry in k.get("resources").and_then(Value::as_array).into_iter().flatten() {
-        let entry = entry.as_str().with_context(|| format!("{file}: resources entries are paths"))?;
-        ensure!(!entry.contains("://"), "{file}: remote resource {entry:?} is not rendered here");
-        let resource = normalize(&dir.join(entry));
-        ensure!(
-            resource.starts_with(root),
-            "{file}: {entry:?} is outside {} (kustomize refuses that by default)",
-            shown(root)
-        );
-        if resource.is_dir() {
-            objects.extend(render(root, &resource, files)?.1);
+    for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        let mut value =
+            Value::deserialize(doc).with_context(|| format!("kustomize output, document {}", i + 1))?;
+        let annotations = value["metadata"]["annotations"].as_object_mut().context("no origin annotation")?;
+        let origin = annotations.remove(ORIGIN_ANNOTATION).context("no origin annotation")?;
+        if annotations.is_empty() {
+            value["metadata"].as_object_mut().expect("metadata").remove("annotations");
+        }
+        let path = origin
+            .as_str()
+            .and_then(|o| o.lines().find_map(|l| l.strip_prefix("path: ")))
+            .with_context(|| format!("origin annotation without a path: {origin}"))?;
+        objects.push(Object { file: shown(&normalize(&wrapper.join(path))), value });
+    }
+    Ok(objects)
+}
+
+/// `to` relative to `from` (both absolute).
+fn relative_path(from: &Path, to: &Path) -> PathBuf {
+    let (from, to): (Vec<_>, Vec<_>) = (from.components().collect(), to.components().collect());
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut out: PathBuf = from[common..].iter().map(|_| Component::ParentDir).collect();
+    out.extend(&to[common..]);
+    out
+}
+
+/// `namespace:` of the kustomization in `dir`, or of the one it builds on when it sets none and
+/// has exactly one directory resource (deploy/ itself points at base/).
+fn declared_namespace(dir: &Path) -> Option<String> {
+    let k = kustomization(dir).ok()?;
+    if let Some(ns) = k.get("namespace").and_then(Value::as_str) {
+        return Some(ns.to_owned());
+    }
+    let dirs: Vec<PathBuf> =
+        string_list(&k, "resources").map(|r| normalize(&dir.join(r))).filter(|p| p.is_dir()).collect();
+    match dirs.as_slice() {
+        [only] => declared_namespace(only),
+        _ => None,
+    }
+}
+
+fn kustomization(dir: &Path) -> Result<Map<String, Value>> {
+    let path = dir.join("kustomization.yaml");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", shown(&path)))?;
+    serde_yaml::from_str(&text).with_context(|| format!("parsing {}", shown(&path)))
+}
+
+fn string_list<'a>(k: &'a Map<String, Value>, field: &str) -> impl Iterator<Item = &'a str> {
+    k.get(field).and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str)
+}
+
+/// Every file the kustomization in `dir` names, directly or through the kustomizations it names
+/// (resources, patch files), the kustomization files included: which files `kubectl apply -k`
+/// reads. kustomize itself fails on a named file that is missing; this finds files on disk that
+/// nothing names.
+fn reached_files(dir: &Path, files: &mut BTreeSet<PathBuf>) -> Result<()> {
+    files.insert(dir.join("kustomization.yaml"));
+    let k = kustomization(dir)?;
+    let patches = k.get("patches").and_then(Value::as_array).into_iter().flatten();
+    let patch_paths = patches.filter_map(|p| p.get("path").and_then(Value::as_str));
+    for entry in string_list(&k, "resources").chain(patch_paths) {
+        let path = normalize(&dir.join(entry));
+        if path.is_dir() {
+            reached_files(&path, files)?;
         } else {
-            ensure!(files.insert(resource.clone()), "{file}: {entry:?} is listed twice");
-            objects.extend(read_documents(&resource)?);
+            files.insert(path);
         }
-    }
-    for entry in k.get("patches").and_then(Value::as_array).into_iter().flatten() {
-        apply_patch(root, dir, &file, entry, &mut objects, files)?;
-    }
-    if let Some(labels) = k.get("labels") {
-        apply_labels(&file, labels, &mut objects)?;
-    }
-    let namespace = match k.get("namespace") {
-        Some(ns) => {
-            let ns = ns.as_str().with_context(|| format!("{file}: namespace is a string"))?;
-            apply_namespace(ns, &mut objects)?;
-            Some(ns.to_owned())
-        }
-        None => None,
-    };
-    if let Some(images) = k.get("images") {
-        apply_images(&file, images, &mut objects)?;
-    }
-    Ok((namespace, objects))
-}
-
-/// A strategic-merge patch from a file (`patches: [{path: ...}]`), applied to the object of the
-/// same kind and name: maps merge, scalars are replaced, the lists in [`MERGED_LISTS`] merge by
-/// their key and other lists are replaced, as kustomize does. `$patch` directives are refused.
-fn apply_patch(
-    root: &Path,
-    dir: &Path,
-    file: &str,
-    entry: &Value,
-    objects: &mut [Object],
-    files: &mut BTreeSet<PathBuf>,
-) -> Result<()> {
-    let entry = entry.as_object().with_context(|| format!("{file}: patches entries are maps"))?;
-    ensure!(
-        entry.keys().all(|k| k == "path"),
-        "{file}: only `patches: [{{path: ...}}]` (strategic merge from a file) is rendered here, not {:?}",
-        entry.keys().collect::<Vec<_>>()
-    );
-    let rel =
-        entry.get("path").and_then(Value::as_str).with_context(|| format!("{file}: patch without path"))?;
-    let path = normalize(&dir.join(rel));
-    ensure!(path.starts_with(root), "{file}: patch {rel:?} is outside {}", shown(root));
-    ensure!(files.insert(path.clone()), "{file}: {rel:?} is listed twice");
-    let patches = read_documents(&path)?;
-    ensure!(patches.len() == 1, "{}: a patch file holds one object", shown(&path));
-    let patch = &patches[0].value;
-    let (kind, name) = (patch["kind"].as_str(), patch["metadata"]["name"].as_str());
-    ensure!(
-        kind.is_some() && name.is_some(),
-        "{}: a patch names its target's kind and metadata.name",
-        shown(&path)
-    );
-    check_patch_lists(&shown(&path), patch, "")?;
-    let target = objects
-        .iter_mut()
-        .find(|o| o.value["kind"].as_str() == kind && o.value["metadata"]["name"].as_str() == name)
-        .with_context(|| {
-            format!("{}: no {} {} to patch", shown(&path), kind.unwrap_or(""), name.unwrap_or(""))
-        })?;
-    merge(&mut target.value, patch);
-    Ok(())
-}
-
-fn check_patch_lists(file: &str, v: &Value, at: &str) -> Result<()> {
-    match v {
-        Value::Object(map) => {
-            for (k, child) in map {
-                ensure!(
-                    !k.starts_with("$patch"),
-                    "{file}: {at}.{k}: `$patch` directives are not rendered here"
-                );
-                if let (Some((_, key)), Value::Array(items)) =
-                    (MERGED_LISTS.iter().find(|(l, _)| l == k), child)
-                {
-                    ensure!(
-                        items.iter().all(|i| i.get(key).is_some()),
-                        "{file}: {at}.{k}: every element needs its merge key `{key}`"
-                    );
-                }
-                check_patch_lists(file, child, &format!("{at}.{k}"))?;
-            }
-        }
-        Value::Array(items) => {
-            for (i, item) in items.iter().enumerate() {
-                check_patch_lists(file, item, &format!("{at}[{i}]"))?;
-            }
-        }
-        _ => {}
     }
     Ok(())
-}
-
-fn merge(target: &mut Value, patch: &Value) {
-    match (target, patch) {
-        (Value::Object(t), Value::Object(p)) => {
-            for (k, v) in p {
-                let slot = t.entry(k.clone()).or_insert(Value::Null);
-                match (MERGED_LISTS.iter().find(|(l, _)| l == k), slot, v) {
-                    (Some((_, key)), Value::Array(have), Value::Array(add)) => merge_by_key(have, add, key),
-                    (_, slot, v) => merge(slot, v),
-                }
-            }
-        }
-        (t, p) => *t = p.clone(),
-    }
-}
-
-/// Elements with the same key merge; the others are appended.
-fn merge_by_key(have: &mut Vec<Value>, add: &[Value], key: &str) {
-    for item in add {
-        match have.iter_mut().find(|h| h.get(key).is_some() && h.get(key) == item.get(key)) {
-            Some(existing) => merge(existing, item),
-            None => have.push(item.clone()),
-        }
-    }
 }
 
 pub(crate) fn normalize(path: &Path) -> PathBuf {
@@ -249,26 +215,6 @@ pub(crate) fn normalize(path: &Path) -> PathBuf {
     out
 }
 
-pub(crate) fn read_documents(path: &Path) -> Result<Vec<Object>> {
-    let file = shown(path);
-    let text = fs::read_to_string(path).with_context(|| format!("reading {file}"))?;
-    check_yaml11_booleans(&file, &text)?;
-    let mut objects = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-        let value = Value::deserialize(doc).with_context(|| format!("{file}: YAML document {}", i + 1))?;
-        match value {
-            Value::Null => {}
-            Value::Object(_) => objects.push(Object { file: file.clone(), value }),
-            _ => bail!("{file}: YAML document {} is not an object", i + 1),
-        }
-    }
-    Ok(objects)
-}
-
-/// kubectl reads YAML 1.1, where unquoted yes/no/on/off (and y/n) are booleans, while
-/// serde_yaml reads YAML 1.2, where they are strings: `egressfw.io/mode: off` would pass here
-/// and be refused by the API server. Block scalars (the embedded agent.yaml) are skipped: their
-/// content is a string to both.
 pub(crate) fn check_yaml11_booleans(file: &str, text: &str) -> Result<()> {
     const WORDS: &[&str] = &["y", "n", "yes", "no", "on", "off"];
     let mut block_indent: Option<usize> = None;
@@ -299,106 +245,6 @@ pub(crate) fn check_yaml11_booleans(file: &str, text: &str) -> Result<()> {
                 n + 1
             );
         }
-    }
-    Ok(())
-}
-
-pub(crate) fn apply_labels(file: &str, labels: &Value, objects: &mut [Object]) -> Result<()> {
-    for entry in labels.as_array().with_context(|| format!("{file}: labels is a list"))? {
-        let entry = entry.as_object().with_context(|| format!("{file}: labels entries are maps"))?;
-        for key in entry.keys() {
-            ensure!(
-                ["pairs", "includeSelectors", "includeTemplates"].contains(&key.as_str()),
-                "{file}: labels field `{key}` is not rendered by tests/tests/deploy_manifests/render.rs"
-            );
-        }
-        ensure!(
-            entry.get("includeSelectors").is_none_or(|v| v == &Value::Bool(false)),
-            "{file}: labels.includeSelectors: true is not rendered here, and would change the DaemonSet's \
-             selector, which is immutable: upgrades would fail"
-        );
-        let templates = entry.get("includeTemplates") == Some(&Value::Bool(true));
-        let pairs = entry.get("pairs").and_then(Value::as_object).context("labels entry without pairs")?;
-        ensure!(pairs.values().all(Value::is_string), "{file}: label values must be strings: {pairs:?}");
-        for o in objects.iter_mut() {
-            set_labels(&mut o.value["metadata"], pairs);
-            let kind = o.value["kind"].as_str().unwrap_or_default();
-            if templates && WORKLOAD_KINDS.contains(&kind) {
-                set_labels(&mut o.value["spec"]["template"]["metadata"], pairs);
-            }
-        }
-    }
-    Ok(())
-}
-
-pub(crate) fn set_labels(metadata: &mut Value, pairs: &Map<String, Value>) {
-    for (k, v) in pairs {
-        metadata["labels"][k] = v.clone();
-    }
-}
-
-pub(crate) fn apply_namespace(namespace: &str, objects: &mut [Object]) -> Result<()> {
-    for o in objects.iter_mut() {
-        let kind = kind_of(o)?;
-        if !kind.cluster_scoped {
-            o.value["metadata"]["namespace"] = namespace.into();
-        }
-        if kind.kind.ends_with("RoleBinding") {
-            // kustomize rewrites only some subjects' namespaces, and which ones differs between
-            // its versions: require them written out.
-            for s in o.value["subjects"].as_array().into_iter().flatten() {
-                ensure!(
-                    s["kind"] != "ServiceAccount" || s["namespace"].as_str().is_some_and(|n| !n.is_empty()),
-                    "{}: ServiceAccount subject {} needs an explicit namespace",
-                    o.file,
-                    s["name"]
-                );
-            }
-        }
-    }
-    Ok(())
-}
-
-pub(crate) fn apply_images(file: &str, images: &Value, objects: &mut [Object]) -> Result<()> {
-    for entry in images.as_array().with_context(|| format!("{file}: images is a list"))? {
-        let entry: BTreeMap<String, String> = serde_json::from_value(entry.clone())
-            .with_context(|| format!("{file}: images entries map names to strings"))?;
-        for key in entry.keys() {
-            ensure!(
-                ["name", "newName", "newTag", "digest"].contains(&key.as_str()),
-                "{file}: images field `{key}` is not rendered by tests/tests/deploy_manifests/render.rs"
-            );
-        }
-        let name = entry.get("name").with_context(|| format!("{file}: images entry without a name"))?;
-        let mut matched = false;
-        for o in objects.iter_mut() {
-            if !WORKLOAD_KINDS.contains(&o.value["kind"].as_str().unwrap_or_default()) {
-                continue;
-            }
-            for list in ["containers", "initContainers"] {
-                let containers = o.value.pointer_mut(&format!("/spec/template/spec/{list}"));
-                for c in containers.and_then(Value::as_array_mut).into_iter().flatten() {
-                    let image = c["image"].as_str().unwrap_or_default();
-                    let (image_name, tag, digest) = split_image(image);
-                    if image_name != name {
-                        continue;
-                    }
-                    matched = true;
-                    let new_name = entry.get("newName").map_or(image_name, String::as_str);
-                    let new = match (entry.get("digest"), entry.get("newTag").map(String::as_str).or(tag)) {
-                        (Some(d), _) => format!("{new_name}@{d}"),
-                        (None, Some(t)) => format!("{new_name}:{t}"),
-                        (None, None) => {
-                            digest.map_or_else(|| new_name.to_owned(), |d| format!("{new_name}@{d}"))
-                        }
-                    };
-                    c["image"] = new.into();
-                }
-            }
-        }
-        // kustomize ignores an entry that matches nothing; a typo there would leave the
-        // workload on an image nobody meant.
-        ensure!(matched, "{file}: images entry {name:?} matches no container image");
     }
     Ok(())
 }

@@ -35,6 +35,8 @@ pub struct Suite {
 /// in `only`) under `dir`.
 pub fn build(dir: &Path, only: &[String]) -> Result<Suite> {
     let tc = toolchain::setup_build()?;
+    // The manifest tests find it in the cache, which the guest sees through the shared host root.
+    crate::kustomize::ensure()?;
     let agent = build_agent(&tc, false)?;
     let other_agent = build_other_agent(&tc)?;
     let mut cmd = cargo(&tc)?;

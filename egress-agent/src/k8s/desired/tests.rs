@@ -174,7 +174,7 @@ fn a_namespace_that_selects_a_gateway_that_does_not_admit_it_gets_the_default_ga
     );
     assert_eq!(p["u-web"].refused_gateway, None, "no label: the default gateway, nothing refused");
 
-    // Admitted by a label (one that deploy/admission keeps its owner from setting).
+    // Admitted by a label (one that deploy/base/admission keeps its owner from setting).
     f.namespaces[1] =
         namespace("eu-team", &[(LABEL_MODE, "audit"), (LABEL_GATEWAY, "eu"), ("egressfw.io/eu", "allowed")]);
     let p = f.policies(&c);
