@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod cluster;
 pub mod cni;
 pub mod fake_api;
 pub mod fake_dns;

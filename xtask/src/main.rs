@@ -1,6 +1,7 @@
 //! `cargo xtask`: everything a newcomer or CI runs, with nothing installed by hand first.
 
 mod bench;
+mod cluster;
 mod demo;
 mod demo_gateway;
 mod demo_k8s;
@@ -42,6 +43,11 @@ enum Command {
     Fuzz(fuzz::FuzzArgs),
     /// Lint, unit tests, fuzzing, BPF_PROG_TEST_RUN tests and network-namespace integration tests.
     Test(test::TestArgs),
+    /// A real Kubernetes control plane on this machine (built from the Go modules, cached).
+    Cluster {
+        #[command(subcommand)]
+        command: cluster::ClusterCommand,
+    },
     /// The kernel integration suite on Debian's 6.1 and 6.12 kernels (or others), each booted
     /// in qemu.
     Vm(vm::VmArgs),
@@ -59,6 +65,7 @@ fn main() -> Result<()> {
         Command::Fuzz(args) => fuzz::run(&args),
         Command::Test(args) => test::run(&args),
         Command::Vm(args) => vm::run(&args),
+        Command::Cluster { command } => cluster::run(&command),
         Command::Demo => demo::run(),
         Command::Bench { which } => bench::run(&which),
     }

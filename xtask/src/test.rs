@@ -60,6 +60,12 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let other = build_other_agent(&tc)?;
     step(&format!("kustomize {} for the manifest tests", kustomize::VERSION));
     let kustomize = kustomize::ensure()?;
+    step(&format!(
+        "Kubernetes {} and etcd {} for the real-API-server tests (built once, cached)",
+        egress_tests::cluster::KUBE_VERSION,
+        egress_tests::cluster::ETCD_VERSION
+    ));
+    crate::cluster::build()?;
     let mut tally = Tally::default();
     step("unit tests");
     tally.run(cargo(&tc)?.args(["test", "--workspace", "--exclude", "egress-tests"]))?;

@@ -1,0 +1,182 @@
+//! deploy/ against a real Kubernetes API server (Kubernetes built from its Go modules, see
+//! tests/src/cluster): `kubectl apply -k deploy/` exactly as the README says, the shipped RBAC as
+//! the real authorizer evaluates it, and the shipped ValidatingAdmissionPolicy refusing a
+//! namespace owner's change to the `egressfw.io/*` labels. The node side (kubelet, containerd,
+//! pods) is not part of this suite yet.
+
+use std::{path::Path, process::Output, time::Duration};
+
+use egress_tests::{cluster::ControlPlane, lab::text, patience};
+
+fn start(dir: &tempdir::Dir) -> ControlPlane {
+    ControlPlane::start(&format!("t{}", std::process::id() % 100_000), &dir.0)
+        .unwrap_or_else(|e| panic!("starting the control plane: {e:#}"))
+}
+
+/// A directory removed on drop (after the control plane, which is dropped first).
+mod tempdir {
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new(tag: &str) -> Self {
+            Self(std::env::temp_dir().join(format!("egressfw-{tag}-{}", std::process::id())))
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    assert!(out.status.success(), "{what}: {}", text(out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn can_i(plane: &ControlPlane, who: &str, verb: &str, resource: &str) -> bool {
+    let out = plane.kubectl(&["auth", "can-i", verb, resource, "--as", who, "--all-namespaces"]);
+    String::from_utf8_lossy(&out.stdout).trim() == "yes"
+}
+
+#[test]
+fn deploy_applies_and_its_rbac_and_admission_policy_hold_on_a_real_api_server() {
+    let dir = tempdir::Dir::new("realapi");
+    let plane = start(&dir);
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+
+    // As the README says: kubectl's own kustomize, the real API server's validation.
+    let applied =
+        ok(&plane.kubectl(&["apply", "-k", &deploy.display().to_string()]), "kubectl apply -k deploy/");
+    for object in [
+        "namespace/egressfw-system",
+        "daemonset.apps/egress-agent",
+        "deployment.apps/egress-gateway",
+        "service/egress-gateway",
+        "validatingadmissionpolicy.admissionregistration.k8s.io/egressfw-namespace-labels",
+        "validatingadmissionpolicybinding.admissionregistration.k8s.io/egressfw-namespace-labels",
+    ] {
+        assert!(applied.contains(&format!("{object} created")), "{object} not created:\n{applied}");
+    }
+    // Applying again changes no object's spec (kubectl reports the PodDisruptionBudget and the
+    // admission policy "configured" every time: it always sends their selector and rule lists,
+    // whose patch strategy is replace, and the server finds nothing to change). Generations, not
+    // resource versions: controllers write the workloads' and the policy's status meanwhile.
+    let versions = || {
+        ok(
+            &plane.kubectl(&[
+                "get",
+                "-k",
+                &deploy.display().to_string(),
+                "-o",
+                "jsonpath={range .items[*]}{.kind}/{.metadata.name}={.metadata.generation} {end}",
+            ]),
+            "reading the objects' versions",
+        )
+    };
+    let before = versions();
+    ok(&plane.kubectl(&["apply", "-k", &deploy.display().to_string()]), "second apply");
+    assert_eq!(versions(), before, "a second apply changed stored objects");
+
+    // RBAC as the real authorizer evaluates the shipped roles and bindings.
+    let agent = "system:serviceaccount:egressfw-system:egress-agent";
+    for resource in ["namespaces", "pods", "services", "endpointslices.discovery.k8s.io"] {
+        for verb in ["get", "list", "watch"] {
+            assert!(can_i(&plane, agent, verb, resource), "the agent may not {verb} {resource}");
+        }
+    }
+    for resource in ["events", "events.events.k8s.io"] {
+        for verb in ["create", "patch"] {
+            assert!(can_i(&plane, agent, verb, resource), "the agent may not {verb} {resource}");
+        }
+    }
+    for (verb, resource) in
+        [("get", "secrets"), ("create", "pods"), ("patch", "namespaces"), ("delete", "pods")]
+    {
+        assert!(!can_i(&plane, agent, verb, resource), "the agent may {verb} {resource}: more than it needs");
+    }
+    let gateway = "system:serviceaccount:egressfw-system:egress-gateway";
+    for verb in ["get", "list", "watch"] {
+        assert!(can_i(&plane, gateway, verb, "pods"), "the gateway may not {verb} pods");
+    }
+    for (verb, resource) in [("get", "secrets"), ("list", "namespaces"), ("create", "events")] {
+        assert!(!can_i(&plane, gateway, verb, resource), "the gateway may {verb} {resource}");
+    }
+
+    // A namespace owner who may edit namespaces, but is no egressfw-namespace-labeller.
+    let owner_role = "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: namespace-editor\nrules:\n- apiGroups: [\"\"]\n  resources: [namespaces]\n  verbs: [get, list, patch, update]\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: alice-edits-namespaces\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: namespace-editor}\nsubjects:\n- {apiGroup: rbac.authorization.k8s.io, kind: User, name: alice}\n";
+    ok(&plane.kubectl_with_input(&["apply", "-f", "-"], owner_role), "the namespace owner's role");
+    ok(&plane.kubectl(&["create", "namespace", "team-a"]), "create namespace team-a");
+    ok(
+        &plane.kubectl(&["label", "namespace", "team-a", "egressfw.io/mode=enforce"]),
+        "the platform team labels it",
+    );
+    let as_alice = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--as", "alice"]);
+        plane.kubectl(&all)
+    };
+    // The policy takes effect once the API server has loaded it: until then the change goes
+    // through, and is put back before the next try.
+    let deadline = std::time::Instant::now() + patience(Duration::from_secs(60));
+    let refused = loop {
+        let out = as_alice(&["label", "namespace", "team-a", "egressfw.io/mode=off", "--overwrite"]);
+        if !out.status.success() {
+            break text(&out);
+        }
+        ok(
+            &plane.kubectl(&["label", "namespace", "team-a", "egressfw.io/mode=enforce", "--overwrite"]),
+            "put back",
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the admission policy never refused the namespace owner"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert!(
+        refused.contains("egressfw-namespace-labels") && refused.contains("set by the platform team"),
+        "refused by the shipped policy, with its message: {refused}"
+    );
+    let removal = as_alice(&["label", "namespace", "team-a", "egressfw.io/mode-"]);
+    assert!(!removal.status.success() && text(&removal).contains("removing one"), "{}", text(&removal));
+    let created = plane.kubectl_with_input(
+        &["create", "-f", "-", "--as", "alice"],
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: team-b\n  labels: {egressfw.io/mode: \"off\"}\n",
+    );
+    assert!(!created.status.success(), "a new namespace cannot start labelled: {}", text(&created));
+    // Other labels are the owner's to change.
+    ok(&as_alice(&["label", "namespace", "team-a", "team=payments"]), "an ordinary label");
+
+    // Bound to the shipped labeller role, the same person may.
+    ok(
+        &plane.kubectl(&[
+            "create",
+            "clusterrolebinding",
+            "alice-labels",
+            "--clusterrole",
+            "egressfw-namespace-labeller",
+            "--user",
+            "alice",
+        ]),
+        "binding the labeller role",
+    );
+    let deadline = std::time::Instant::now() + patience(Duration::from_secs(30));
+    while !as_alice(&["label", "namespace", "team-a", "egressfw.io/mode=audit", "--overwrite"])
+        .status
+        .success()
+    {
+        assert!(std::time::Instant::now() < deadline, "the labeller role never let the change through");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let mode = ok(
+        &plane.kubectl(&[
+            "get",
+            "namespace",
+            "team-a",
+            "-o",
+            "jsonpath={.metadata.labels.egressfw\\.io/mode}",
+        ]),
+        "read back",
+    );
+    assert_eq!(mode, "audit");
+}
