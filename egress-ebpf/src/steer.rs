@@ -4,7 +4,7 @@
 //! function of its own (not inlined), so its stack frame is not added to the judging chain's:
 //! the connect programs are near Linux 6.1's 512-byte limit for a call chain.
 
-use core::ptr::write_volatile;
+use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::bindings::bpf_sock_addr;
 use egress_common::{
@@ -86,12 +86,24 @@ pub fn apply6(sa: *mut bpf_sock_addr, policy_id: u32, port: u16) -> bool {
     true
 }
 
+/// Set to 1 by the agent at load time where the connect hooks may call `bpf_skc_to_mptcp_sock`
+/// (Linux 5.19+, with MPTCP in the kernel's BTF); elsewhere it stays 0 and the call is never
+/// verified, so the programs load on older kernels (where a steered MPTCP socket reports the
+/// gateway as its peer). A read-only global: the verifier sees its value.
+#[unsafe(no_mangle)]
+static MPTCP_OWNER_LOOKUP: u8 = 0;
+
 /// When the socket being connected is the first subflow of an MPTCP socket, the same record on
 /// the MPTCP socket: the application holds that one and asks it for its peer, whose address the
 /// kernel copies from the subflow (the gateway). False when the record cannot be kept: the
 /// connect is refused rather than carried with a peer the application would misread.
 #[inline(always)]
 fn keep_for_mptcp(sa: *mut bpf_sock_addr, peer: &SteeredPeer) -> bool {
+    // SAFETY: a read of a global the loader sets; volatile, so the compiler keeps the read and
+    // the verifier, which knows the frozen value, drops the branch it never takes.
+    if unsafe { read_volatile(&raw const MPTCP_OWNER_LOOKUP) } == 0 {
+        return true;
+    }
     match EGRESS_STEERED_V2.get_mptcp_owner(sa) {
         Ok(Some(owner)) => {
             *owner = *peer;

@@ -143,7 +143,9 @@ fn judge_arp(skb: &SkBuff, ifindex: u32) -> Reason {
 /// chain of the common path.
 #[inline(never)]
 fn advertises_another_address(skb: &SkBuff, p: &Packet, ifindex: u32) -> bool {
-    if icmp6_type(skb, p) != ICMP6_NEIGHBOUR_ADVERTISEMENT {
+    // A later fragment has no ICMPv6 header to read (and nodes drop fragmented neighbour
+    // discovery, RFC 6980): its first byte of payload is not a type.
+    if p.later_fragment || icmp6_type(skb, p) != ICMP6_NEIGHBOUR_ADVERTISEMENT {
         return false;
     }
     // Type, code, checksum, flags and reserved: the target follows 8 bytes in.

@@ -472,6 +472,8 @@ fn check_fails_when_the_record_or_the_tc_layer_is_gone() {
         (out.status.success(), msg)
     };
     assert_eq!(check(&web, &web_ref), (true, String::new()), "gated and recorded");
+    let no_prev = cni::run("CHECK", &pins, &state, &web.pod.ns, &web_ref, &serde_json::Value::Null);
+    assert!(!no_prev.status.success() && text(&no_prev).contains("no prevResult"), "{}", text(&no_prev));
     assert_eq!(check(&free, &free_ref), (true, String::new()), "recorded, needs no gate");
 
     // The record goes: CHECK fails for both.

@@ -18,6 +18,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use serde_json::Value;
+use std::io::Write as _;
 
 /// How one attempt at an edit ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,10 +60,21 @@ pub fn edit_once(
 /// Puts `new` at `path` if `path` still holds `expected`; false (and `path` as it was) if not.
 fn swap_if_unchanged(path: &Path, expected: &[u8], new: &[u8]) -> Result<bool> {
     let tmp = temporary_beside(path)?;
-    fs::write(&tmp, new).with_context(|| format!("writing {}", tmp.display()))?;
-    let swapped = exchange_if_unchanged(path, &tmp, expected);
-    let _ = fs::remove_file(&tmp);
-    swapped
+    let written =
+        fs::OpenOptions::new().write(true).create_new(true).open(&tmp).and_then(|mut f| f.write_all(new));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", tmp.display()));
+    }
+    match exchange_if_unchanged(path, &tmp, expected) {
+        Ok(swapped) => {
+            let _ = fs::remove_file(&tmp);
+            Ok(swapped)
+        }
+        // The temporary name may hold the network plugin's file now (a failed exchange back):
+        // left in place and named, never deleted.
+        Err(e) => Err(e.context(format!("{} is left as it is", tmp.display()))),
+    }
 }
 
 fn exchange_if_unchanged(path: &Path, tmp: &Path, expected: &[u8]) -> Result<bool> {
@@ -98,12 +110,18 @@ fn exchange_if_unchanged(path: &Path, tmp: &Path, expected: &[u8]) -> Result<boo
     }
 }
 
-/// A name in the same directory (a rename never crosses filesystems) that no reader of CNI
-/// configurations takes for one (they read `.conf`, `.conflist` and `.json`).
+/// A new name in the same directory (a rename never crosses filesystems) that no reader of CNI
+/// configurations takes for one (they read `.conf`, `.conflist` and `.json`). Unique beyond the
+/// process id, which is 1 for both the init container and the agent in their own PID
+/// namespaces; the file is created exclusively besides.
 fn temporary_beside(path: &Path) -> Result<PathBuf> {
+    static EDITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = path.parent().context("a configuration file has a directory")?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("conflist");
-    Ok(dir.join(format!(".{name}.egressfw-{}.tmp", std::process::id())))
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let edit = EDITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(dir.join(format!(".{name}.egressfw-{}-{nanos:x}-{edit}.tmp", std::process::id())))
 }
 
 /// `renameat2(a, b, RENAME_EXCHANGE)`: both must exist; they trade names atomically.

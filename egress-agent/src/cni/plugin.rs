@@ -94,7 +94,7 @@ fn run(command: &str, stdin: &[u8]) -> Result<Option<Value>> {
             gate::forget(&state_dir(&conf), &container);
             Ok(None)
         }
-        "CHECK" => gate::verify(&request(&parse_conf(stdin)?)?).map(|()| None),
+        "CHECK" => check(&parse_conf(stdin)?).map(|()| None),
         // GC, STATUS: the agent collects records of interfaces that are gone, and the plugin is
         // ready whenever ADD would work (ADD itself refuses while nothing is pinned).
         "GC" | "STATUS" => Ok(None),
@@ -115,6 +115,18 @@ fn add(conf: &NetConf) -> Result<Value> {
     };
     gate::apply(&request(conf)?)?;
     Ok(prev)
+}
+
+/// CHECK exists from CNI 0.4.0 on, and the runtime passes the chain's result so far: as ADD, the
+/// plugin refuses to run without it.
+fn check(conf: &NetConf) -> Result<()> {
+    if matches!(conf.cni_version.as_str(), "0.3.0" | "0.3.1") {
+        bail!("CHECK is not defined for cniVersion {} (0.4.0 and later)", conf.cni_version);
+    }
+    if conf.prev_result.is_none() {
+        bail!("no prevResult: CHECK needs the network plugin's result, as ADD does");
+    }
+    gate::verify(&request(conf)?)
 }
 
 /// The pod's interface as the runtime describes it (environment and prevResult).

@@ -49,6 +49,8 @@ const TICK_EVERY: Duration = Duration::from_secs(10);
 const FULL_EVERY_TICKS: u32 = 6;
 /// After a failed pass.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// The least time between two conflist repairs the directory watch triggers.
+const CHAIN_CHECK_SPACING: Duration = Duration::from_secs(1);
 /// How long a configuration change may wait for its new Service caches.
 const CONFIG_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -164,13 +166,10 @@ pub async fn run(opts: Options) -> Result<()> {
     // namespaces' modes: on a node where egressfw starts for the first time, the plugin does not
     // gate anything before the agent can release what needs no gate.
     let mut programs_pinned = false;
+    // The conflist watch's repairs: when the next is due, and when the last ran.
+    let mut chain_check_at: Option<Instant> = None;
+    let mut last_chain_check = Instant::now() - CHAIN_CHECK_SPACING;
     loop {
-        let retry = async {
-            match retry_at {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
         let mut full_check = false;
         tokio::select! {
             Some(t) = rx.recv() => note_trigger(t, &mut oldest, &mut node),
@@ -195,6 +194,15 @@ pub async fn run(opts: Options) -> Result<()> {
                 }
             }
             Some(()) = next_change(&mut cni_conf_changes) => {
+                // One edit is several events (ours included): at most one repair a second, so a
+                // network plugin that rewrites its file on every change cannot spin us with it.
+                let due = last_chain_check + CHAIN_CHECK_SPACING;
+                chain_check_at = Some(chain_check_at.map_or(due, |at| at.min(due)));
+                continue;
+            }
+            () = sleep_until_some(chain_check_at) => {
+                chain_check_at = None;
+                last_chain_check = Instant::now();
                 blocking(|| keep_cni_chained(&opts));
                 continue;
             }
@@ -203,7 +211,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 full_check = ticks.is_multiple_of(FULL_EVERY_TICKS);
                 blocking(|| keep_cni_chained(&opts));
             }
-            () = retry => {}
+            () = sleep_until_some(retry_at) => {}
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: full pass");
                 full_check = true;
@@ -312,6 +320,14 @@ fn keep_cni_chained(opts: &Options) {
             error = format!("{e:#}"),
             "the CNI plugin is not chained: new pods' veths are not gated until it is"
         ),
+    }
+}
+
+/// Sleeps until `at`; pending for ever without one.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -37,12 +37,34 @@ pub const ALL_PROGRAMS: [&str; 8] = [
 /// The tc programs, attached to pods' host-side veths (see `tc_attach`).
 pub const TC_PROGRAMS: [&str; 2] = [PROG_TC_FROM_POD, PROG_TC_TO_POD];
 
+/// The connect hooks' switch for keeping a steered MPTCP socket's record (egress-ebpf steer.rs).
+const MPTCP_OWNER_LOOKUP: &str = "MPTCP_OWNER_LOOKUP";
+
 /// Loads the object, reusing the maps pinned under `pins` (creating and pinning them the first
 /// time), and loads every program into the kernel (the verifier runs here).
+///
+/// First with the connect hooks' MPTCP owner lookup (`bpf_skc_to_mptcp_sock`, which needs Linux
+/// 5.19 and MPTCP in the kernel's BTF); where the verifier refuses that, once more without it,
+/// and a warning says what that costs. An error of the second attempt is the real one.
 pub fn load(pins: &PinLayout) -> Result<Ebpf> {
+    match load_with(pins, true) {
+        Ok(ebpf) => Ok(ebpf),
+        Err(first) => {
+            let ebpf = load_with(pins, false)?;
+            tracing::warn!(
+                error = format!("{first:#}"),
+                "this kernel's connect hooks cannot look up an MPTCP socket from its subflow (bpf_skc_to_mptcp_sock: Linux 5.19+ with MPTCP in its BTF): a steered MPTCP socket is carried to the gateway, but getpeername() on it reports the gateway"
+            );
+            Ok(ebpf)
+        }
+    }
+}
+
+fn load_with(pins: &PinLayout, mptcp_owner_lookup: bool) -> Result<Ebpf> {
     let maps = pins.maps();
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(&maps)
+        .override_global(MPTCP_OWNER_LOOKUP, &u8::from(mptcp_owner_lookup), true)
         .load(OBJECT)
         .with_context(|| format!("loading the eBPF object (maps pinned under {})", maps.display()))?;
     let skb: &mut CgroupSkb = ebpf
