@@ -117,7 +117,6 @@ pub fn build() -> Result<cluster::Binaries> {
     if let Ok(found) = cluster::Binaries::find() {
         return Ok(found);
     }
-    check_go()?;
     let kube = cluster::kube_cache_dir()?;
     if !KUBE_COMMANDS.iter().all(|c| kube.join(c).is_file()) {
         build_kubernetes(&kube)?;
@@ -127,13 +126,6 @@ pub fn build() -> Result<cluster::Binaries> {
         build_etcd(&etcd)?;
     }
     cluster::Binaries::find()
-}
-
-fn check_go() -> Result<()> {
-    match Command::new("go").arg("version").output() {
-        Ok(out) if out.status.success() => Ok(()),
-        _ => bail!("building Kubernetes and etcd needs Go (`go` on PATH; the project's machines have it)"),
-    }
 }
 
 fn build_kubernetes(into: &Path) -> Result<()> {
@@ -165,7 +157,7 @@ fn build_kubernetes(into: &Path) -> Result<()> {
     let _ = fs::remove_dir_all(&out_dir);
     fs::create_dir_all(&out_dir)?;
     let packages: Vec<String> = KUBE_COMMANDS.iter().map(|c| format!("k8s.io/kubernetes/cmd/{c}")).collect();
-    let mut cmd = go_command(&module);
+    let mut cmd = go_command(&module)?;
     cmd.args(["build", "-trimpath", "-tags=selinux,notest,grpcnotrace", "-ldflags", &ldflags, "-o"])
         .arg(format!("{}/", out_dir.display()))
         .args(&packages)
@@ -182,7 +174,7 @@ fn build_etcd(into: &Path) -> Result<()> {
     let out_dir = beside(into, "partial");
     let _ = fs::remove_dir_all(&out_dir);
     fs::create_dir_all(&out_dir)?;
-    let mut cmd = go_command(&module);
+    let mut cmd = go_command(&module)?;
     cmd.args(["build", "-trimpath", "-ldflags", "-s -w", "-o"])
         .arg(out_dir.join("etcd"))
         .arg("go.etcd.io/etcd/server/v3")
@@ -208,7 +200,7 @@ fn wrapper_module(dir: &Path) -> Result<PathBuf> {
 
 /// The staging modules `k8s.io/kubernetes`'s go.mod replaces with `./staging/...`.
 fn staging_modules() -> Result<Vec<String>> {
-    let out = go_command(Path::new("."))
+    let out = go_command(Path::new("."))?
         .args(["mod", "download", "-json", &format!("k8s.io/kubernetes@{KUBE_VERSION}")])
         .output()
         .context("go mod download")?;
@@ -229,15 +221,14 @@ fn staging_modules() -> Result<Vec<String>> {
     Ok(staging)
 }
 
-fn go_command(dir: &Path) -> Command {
-    let mut cmd = Command::new("go");
-    // The machine's own Go; never a toolchain download.
-    cmd.current_dir(dir).env("GOTOOLCHAIN", "local");
-    cmd
+fn go_command(dir: &Path) -> Result<Command> {
+    let mut cmd = crate::run::go()?;
+    cmd.current_dir(dir);
+    Ok(cmd)
 }
 
 fn go(dir: &Path, args: &[&str]) -> Result<()> {
-    let out = go_command(dir).args(args).output().context("running go")?;
+    let out = go_command(dir)?.args(args).output().context("running go")?;
     if !out.status.success() {
         bail!("go {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }

@@ -6,12 +6,11 @@
 use std::{
     env, fs,
     path::{Path, PathBuf},
-    process::Command,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 
-use crate::run::status;
+use crate::run::{go, status};
 
 /// The release the tests render with (the engine of `kubectl kustomize` 1.35). Also named in
 /// tests/tests/deploy_manifests/render.rs, which looks for this build.
@@ -28,22 +27,15 @@ pub fn ensure() -> Result<PathBuf> {
     if binary.is_file() {
         return Ok(binary);
     }
-    if Command::new("go").arg("version").output().is_err() {
-        bail!(
-            "building kustomize {VERSION} needs Go (`go` is not on PATH); install Go, or set {ENV} to a kustomize binary"
-        );
-    }
     eprintln!("    building kustomize {VERSION} from its Go module (once; about a minute)");
     // Into a directory of its own first, so an interrupted build never leaves a binary behind.
-    let building = dir.with_extension("partial");
+    let building = dir.with_file_name(format!("kustomize-{VERSION}.partial"));
     let _ = fs::remove_dir_all(&building);
     fs::create_dir_all(&building).with_context(|| format!("creating {}", building.display()))?;
     status(
-        Command::new("go")
+        go()?
             .args(["install", &format!("{MODULE}@{VERSION}")])
             .env("GOBIN", &building)
-            // The machine's own Go: never download another toolchain.
-            .env("GOTOOLCHAIN", "local")
             .env("CGO_ENABLED", "0"),
     )?;
     let _ = fs::remove_dir_all(&dir);

@@ -94,3 +94,19 @@ pub fn require_root(what: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// The machine's Go: `go` on PATH, or where the official tarball installs it (a shell that did
+/// not read the profile may lack that PATH entry). Never a toolchain download (`GOTOOLCHAIN=local`).
+pub fn go() -> Result<Command> {
+    let found = ["go", "/usr/local/go/bin/go"]
+        .into_iter()
+        .find(|go| Command::new(go).arg("version").output().is_ok_and(|o| o.status.success()));
+    let Some(go) = found else {
+        bail!(
+            "Go is needed to build kustomize, Kubernetes and etcd for the tests: no `go` on PATH nor /usr/local/go/bin/go"
+        );
+    };
+    let mut cmd = Command::new(go);
+    cmd.env("GOTOOLCHAIN", "local");
+    Ok(cmd)
+}
