@@ -1,12 +1,19 @@
 //! deploy/ against a real Kubernetes API server (Kubernetes built from its Go modules, see
 //! tests/src/cluster): `kubectl apply -k deploy/` exactly as the README says, the shipped RBAC as
 //! the real authorizer evaluates it, and the shipped ValidatingAdmissionPolicy refusing a
-//! namespace owner's change to the `egressfw.io/*` labels. The node side (kubelet, containerd,
-//! pods) is not part of this suite yet.
+//! namespace owner's change to the `egressfw.io/*` labels. The node agent itself runs against it
+//! with the token of the ServiceAccount deploy/ ships, so a verb missing from its ClusterRole
+//! keeps it from becoming ready. The node side (kubelet, containerd, pods) is not part of this
+//! suite yet.
 
 use std::{path::Path, process::Output, time::Duration};
 
-use egress_tests::{cluster::ControlPlane, lab::text, patience};
+use egress_tests::{
+    agent::{self, Agent},
+    cluster::{API_ADDR, API_PORT, ControlPlane},
+    lab::{Lab, text},
+    patience,
+};
 
 fn start(dir: &tempdir::Dir) -> ControlPlane {
     ControlPlane::start(&format!("t{}", std::process::id() % 100_000), &dir.0)
@@ -179,4 +186,131 @@ fn deploy_applies_and_its_rbac_and_admission_policy_hold_on_a_real_api_server() 
         "read back",
     );
     assert_eq!(mode, "audit");
+}
+
+/// The agent binary, run as `egress-agent run` on this machine (in the control plane's network
+/// namespace, where the API server is) with the shipped configuration and the shipped
+/// ServiceAccount's token: it becomes ready only if every watch it needs is allowed. The same
+/// agent with one verb taken from its ClusterRole does not, and says why.
+#[test]
+fn the_agent_becomes_ready_with_the_rbac_deploy_ships_and_not_without_it() {
+    let dir = tempdir::Dir::new("realapi-agent");
+    let plane = start(&dir);
+    let lab = Lab::new();
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    ok(&plane.kubectl(&["apply", "-k", &deploy.display().to_string()]), "kubectl apply -k deploy/");
+    // Cluster DNS, as every cluster has it (the agent's configuration names it).
+    ok(
+        &plane.kubectl(&[
+            "create",
+            "service",
+            "clusterip",
+            "kube-dns",
+            "-n",
+            "kube-system",
+            "--tcp",
+            "53:53",
+        ]),
+        "kube-dns",
+    );
+
+    let config = lab.dir.join("agent.yaml");
+    let shipped = ok(
+        &plane.kubectl(&[
+            "get",
+            "configmap",
+            "egress-agent-config",
+            "-n",
+            "egressfw-system",
+            "-o",
+            "jsonpath={.data.agent\\.yaml}",
+        ]),
+        "the shipped agent configuration",
+    );
+    std::fs::write(&config, shipped).unwrap();
+    let token = ok(
+        &plane.kubectl(&["create", "token", "egress-agent", "-n", "egressfw-system", "--duration", "1h"]),
+        "token",
+    );
+    let kubeconfig = lab.dir.join("agent.kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://{API_ADDR}:{API_PORT}\n    certificate-authority: {}\nusers:\n- name: egress-agent\n  user:\n    token: {}\ncontexts:\n- name: c\n  context: {{cluster: c, user: egress-agent}}\ncurrent-context: c\n",
+            plane.dir.join("pki/ca.crt").display(),
+            token.trim()
+        ),
+    )
+    .unwrap();
+    let pods_root = lab.base_cgroup.join("kubepods");
+    for qos in ["burstable", "besteffort"] {
+        std::fs::create_dir_all(pods_root.join(qos)).unwrap();
+    }
+    let run_agent = |http_port: u16| {
+        let mut cmd = agent::command_for(&lab, &egress_tests::agent_bin(), &lab.pin_dir);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config)
+            .args(["--node-name", "node-1", "--http-addr", &format!("127.0.0.1:{http_port}")])
+            .arg("--pods-cgroup")
+            .arg(pods_root.strip_prefix(&lab.cgroup_root).unwrap())
+            .arg("--cni-state-dir")
+            .arg(lab.dir.join("cni"))
+            .env("KUBECONFIG", &kubeconfig);
+        in_namespace(&mut cmd, &plane);
+        let ns = &plane.ns;
+        let ready = move |_: &Agent| ns.within(|| readyz(http_port));
+        Agent::spawn(&lab, cmd, ready)
+    };
+    let agent = run_agent(19_801)
+        .unwrap_or_else(|log| panic!("the agent did not become ready with the shipped RBAC:\n{log}"));
+    drop(agent);
+    let _ = agent::cli(&lab, &["teardown"]);
+
+    // The same agent, its ClusterRole without `watch` on EndpointSlices (how it follows the
+    // gateway's and DNS's backends): never ready, and its log names the refusal.
+    let rules =
+        ok(&plane.kubectl(&["get", "clusterrole", "egressfw-agent", "-o", "json"]), "the agent's role");
+    let mut role: serde_json::Value = serde_json::from_str(&rules).unwrap();
+    for rule in role["rules"].as_array_mut().unwrap() {
+        if rule["resources"].as_array().unwrap().iter().any(|r| r == "endpointslices") {
+            rule["verbs"] = serde_json::json!(["get", "list"]);
+        }
+    }
+    ok(&plane.kubectl_with_input(&["replace", "-f", "-"], &role.to_string()), "narrowing the role");
+    match run_agent(19_802) {
+        Ok(agent) => panic!("ready without watch on endpointslices:\n{}", agent.log_text()),
+        Err(log) => assert!(
+            log.contains("endpointslices") && log.contains("forbidden"),
+            "the agent's log names the refused watch:\n{log}"
+        ),
+    }
+}
+
+/// Makes `cmd` run in the control plane's network namespace.
+fn in_namespace(cmd: &mut std::process::Command, plane: &ControlPlane) {
+    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+    let netns = std::fs::File::open(plane.ns.path()).expect("the control plane's namespace");
+    // SAFETY: only setns between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Whether the agent's `/readyz` answers 200 (run inside the control plane's namespace).
+fn readyz(port: u16) -> bool {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200")
 }

@@ -13,3 +13,4 @@ pub mod pod_interfaces;
 pub mod record_watch;
 pub mod run;
 pub mod watch;
+pub mod watch_health;

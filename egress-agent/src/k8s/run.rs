@@ -160,6 +160,8 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut oldest: Option<std::time::Instant> = None;
     // Readiness needs one link check after the first pass; later ones run on the resync tick.
     let mut links_checked = false;
+    // What the last link check found (None: everything in place).
+    let mut links_verdict: Option<String> = Some("the pod interfaces are not checked yet".into());
     let mut tc_failed_before = false;
     let mut gate_was = false;
     // The tc programs are pinned for the CNI plugin after the first pass, which has told it the
@@ -262,7 +264,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 if full_check || !links_checked || !pass.tc.failed.is_empty() || tc_failed_before {
                     links_checked = true;
                     let verdict = blocking(|| node.verify_links(&pass.enforced));
-                    health.set_ready(match verdict {
+                    links_verdict = match verdict {
                         // A pod interface whose tc layer is not attached (or could not be put
                         // back first) is unprotected at that layer: not ready until it is.
                         Ok(None) => pass.tc.failed.first().map(|(interface, error)| {
@@ -270,9 +272,12 @@ pub async fn run(opts: Options) -> Result<()> {
                         }),
                         Ok(v) => v,
                         Err(e) => Some(format!("{e:#}")),
-                    });
+                    };
                 }
                 tc_failed_before = !pass.tc.failed.is_empty();
+                // A failing watch leaves its store stale however complete it looks.
+                let watches_failing = stores.health.problem(std::time::Instant::now());
+                health.set_ready(watches_failing.or_else(|| links_verdict.clone()));
             }
             Err(e) => {
                 metrics.reconciles.get_or_create(&vec![("result", "error")]).inc();

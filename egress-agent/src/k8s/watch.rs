@@ -24,7 +24,7 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::{sync::mpsc, task::JoinSet};
 
-use super::config::AgentConfig;
+use super::{config::AgentConfig, watch_health::WatchHealth};
 
 /// Why the agent should reconcile, and since when.
 #[derive(Clone, Copy, Debug)]
@@ -42,6 +42,8 @@ pub struct Stores {
     pub pods: Store<Pod>,
     pub services: Vec<Store<Service>>,
     pub slices: Vec<Store<EndpointSlice>>,
+    /// Which watches are failing (see `watch_health`).
+    pub health: WatchHealth,
 }
 
 impl Stores {
@@ -67,8 +69,11 @@ pub fn start(
     tx: &mpsc::UnboundedSender<Trigger>,
     tasks: &mut JoinSet<()>,
 ) -> Stores {
-    let namespaces = reflect(Api::<Namespace>::all(client.clone()), watcher::Config::default(), tx, tasks);
+    let health = WatchHealth::default();
+    let namespaces =
+        reflect(&health, Api::<Namespace>::all(client.clone()), watcher::Config::default(), tx, tasks);
     let pods = reflect(
+        &health,
         Api::<Pod>::all(client.clone()),
         watcher::Config::default().fields(&format!("spec.nodeName={node_name}")),
         tx,
@@ -79,22 +84,25 @@ pub fn start(
     let mut seen = std::collections::BTreeSet::new();
     for svc in config.services().filter(|s| seen.insert((*s).clone())) {
         services.push(reflect(
+            &health,
             Api::<Service>::namespaced(client.clone(), &svc.namespace),
             watcher::Config::default().fields(&format!("metadata.name={}", svc.name)),
             tx,
             tasks,
         ));
         slices.push(reflect(
+            &health,
             Api::<EndpointSlice>::namespaced(client.clone(), &svc.namespace),
             watcher::Config::default().labels(&format!("kubernetes.io/service-name={}", svc.name)),
             tx,
             tasks,
         ));
     }
-    Stores { namespaces, pods, services, slices }
+    Stores { namespaces, pods, services, slices, health }
 }
 
 fn reflect<K>(
+    health: &WatchHealth,
     api: Api<K>,
     config: watcher::Config,
     tx: &mpsc::UnboundedSender<Trigger>,
@@ -105,7 +113,9 @@ where
 {
     let (reader, writer) = reflector::store();
     let kind = K::kind(&()).into_owned();
-    let tx = tx.clone();
+    // What this watch covers, for readiness: the kind, and where (all namespaces or one).
+    let watch = format!("{kind} watch in {}", api.namespace().unwrap_or("all namespaces"));
+    let (tx, health) = (tx.clone(), health.clone());
     tasks.spawn(async move {
         let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
         let mut stream = pin!(stream.map_err(|e| e.to_string()));
@@ -118,11 +128,18 @@ where
                         return;
                     }
                 }
-                Err(e) => tracing::warn!(
-                    kind,
-                    error = e,
-                    "watch failed; retrying with backoff, enforcement unchanged"
-                ),
+                Err(e) => {
+                    tracing::warn!(
+                        kind,
+                        error = e,
+                        "watch failed; retrying with backoff, enforcement unchanged"
+                    );
+                    health.failed(&watch, &e);
+                    // A pass re-evaluates readiness with the failure.
+                    if tx.send(Trigger::Watch(Instant::now())).is_err() {
+                        return;
+                    }
+                }
             }
         }
     });
