@@ -288,6 +288,33 @@ fn neighbour_advertisements_for_an_address_that_is_not_the_pods_are_dropped() {
     assert_eq!(neighbour6(&lab.gateway, POD6), Some(mac_text(pod_mac)), "its own address passes");
 }
 
+/// A later IPv6 fragment has no ICMPv6 header: its first payload byte may be 136 (the type of a
+/// neighbour advertisement) without being one. To a destination the policy opens for every
+/// protocol, such a fragment passes like any other later fragment.
+#[test]
+fn a_later_fragment_is_never_taken_for_a_neighbour_advertisement() {
+    let lab = Lab::new();
+    let policy =
+        format!("{}    extra:\n      - cidr: {EXTERNAL6}/128\n", lab.policy_text_with_veth("enforce"));
+    fs::write(lab.policy_path(), policy).expect("policy");
+    let agent = Agent::start_on_node(&lab);
+    agent.wait_for("tc layer applied", 1);
+    let sniff = Sniffer::start(&lab.external, &[ip(POD6)]);
+    let mut frame =
+        frames::ethernet(frames::mac(&lab.pod, "eth0"), frames::mac(&lab.external, "eth0"), 0x86dd);
+    let payload_len: u16 = 8 + 16;
+    frame.extend_from_slice(&[0x60, 0, 0, 0]);
+    frame.extend_from_slice(&payload_len.to_be_bytes());
+    frame.extend_from_slice(&[44, 64]);
+    frame.extend_from_slice(&POD6.parse::<Ipv6Addr>().unwrap().octets());
+    frame.extend_from_slice(&EXTERNAL6.parse::<Ipv6Addr>().unwrap().octets());
+    // Fragment header: ICMPv6 follows, offset 8 bytes, last fragment.
+    frame.extend_from_slice(&[58, 0, 0, 8, 0x12, 0x34, 0x56, 0x78]);
+    frame.extend_from_slice(&[136; 16]);
+    frames::send(&lab.pod, &lab.pod_cgroup, &frame);
+    assert_eq!(sniff.seen().len(), 1, "the fragment arrives:\n{}", agent.log_text());
+}
+
 fn neighbour6(ns: &egress_tests::netns::NetNs, addr: &str) -> Option<String> {
     let out = ns.run(None, "ip", &["-j", "-6", "neigh", "show", addr, "dev", "eth0"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j neigh");
