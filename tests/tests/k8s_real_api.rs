@@ -10,29 +10,14 @@ use std::{path::Path, process::Output, time::Duration};
 
 use egress_tests::{
     agent::{self, Agent},
-    cluster::{API_ADDR, API_PORT, ControlPlane},
+    cluster::{API_ADDR, API_PORT, ControlPlane, TempDir},
     lab::{Lab, text},
     patience,
 };
 
-fn start(dir: &tempdir::Dir) -> ControlPlane {
+fn start(dir: &TempDir) -> ControlPlane {
     ControlPlane::start(&format!("t{}", std::process::id() % 100_000), &dir.0)
         .unwrap_or_else(|e| panic!("starting the control plane: {e:#}"))
-}
-
-/// A directory removed on drop (after the control plane, which is dropped first).
-mod tempdir {
-    pub struct Dir(pub std::path::PathBuf);
-    impl Dir {
-        pub fn new(tag: &str) -> Self {
-            Self(std::env::temp_dir().join(format!("egressfw-{tag}-{}", std::process::id())))
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 fn ok(out: &Output, what: &str) -> String {
@@ -47,7 +32,7 @@ fn can_i(plane: &ControlPlane, who: &str, verb: &str, resource: &str) -> bool {
 
 #[test]
 fn deploy_applies_and_its_rbac_and_admission_policy_hold_on_a_real_api_server() {
-    let dir = tempdir::Dir::new("realapi");
+    let dir = TempDir::new("realapi");
     let plane = start(&dir);
     let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
 
@@ -194,7 +179,7 @@ fn deploy_applies_and_its_rbac_and_admission_policy_hold_on_a_real_api_server() 
 /// agent with one verb taken from its ClusterRole does not, and says why.
 #[test]
 fn the_agent_becomes_ready_with_the_rbac_deploy_ships_and_not_without_it() {
-    let dir = tempdir::Dir::new("realapi-agent");
+    let dir = TempDir::new("realapi-agent");
     let plane = start(&dir);
     let lab = Lab::new();
     let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");

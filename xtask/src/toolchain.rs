@@ -15,7 +15,8 @@ use crate::run::{output, status};
 /// Debian packages the integration tests, demo and benchmarks call. Each one is a real tool the
 /// tests drive (curl for TCP, socat for UDP, ping for ICMP, hping3 for raw IP, bpftool for
 /// bpf_stats, iperf3 for throughput, squid and tinyproxy as the gateway benchmark's
-/// references).
+/// references; containerd, runc and the CNI plugins for the real cluster's node, umoci and a
+/// static libc for the images it runs). An absolute path stands for a package with no command.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("curl", "curl"),
@@ -27,6 +28,13 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("python3", "python3"),
     ("squid", "squid"),
     ("tinyproxy", "tinyproxy"),
+    ("containerd", "containerd"),
+    ("runc", "runc"),
+    ("/usr/lib/cni/ptp", "containernetworking-plugins"),
+    ("umoci", "umoci"),
+    ("gcc", "gcc"),
+    ("strip", "binutils"),
+    ("/usr/lib/x86_64-linux-gnu/libc.a", "libc6-dev"),
 ];
 
 /// The toolchain that builds the eBPF crate (aya-build runs `rustup run <toolchain> cargo`).
@@ -218,5 +226,8 @@ pub(crate) fn apt_install(packages: &[&str]) -> Result<()> {
 }
 
 pub fn command_exists(tool: &str) -> bool {
+    if Path::new(tool).is_absolute() {
+        return Path::new(tool).is_file();
+    }
     env::var_os("PATH").is_some_and(|paths| env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
 }

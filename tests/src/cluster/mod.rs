@@ -10,19 +10,23 @@
 //! process and removes the namespace; [`ControlPlane::detach`] leaves it running instead (what
 //! `cargo xtask cluster up` does).
 
+pub mod images;
+pub mod node;
 pub mod pki;
+mod supervisor;
 
 use std::{
     fs,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Output, Stdio},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
 
 use crate::netns::NetNs;
+use supervisor::Supervisor;
 
 /// The Kubernetes release the cluster runs (and the kubectl the tests use).
 pub const KUBE_VERSION: &str = "v1.35.4";
@@ -34,7 +38,7 @@ pub const API_PORT: u16 = 6443;
 /// ClusterIP range; the first address is the `kubernetes` Service.
 pub const SERVICE_CIDR: &str = "10.232.0.0/16";
 const FIRST_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 232, 0, 1);
-/// Overrides where the binaries are looked for (a directory holding all five).
+/// Overrides where the binaries are looked for (a directory holding all seven).
 pub const BIN_DIR_ENV: &str = "EGRESSFW_KUBE_BIN_DIR";
 
 /// The binaries, where `cargo xtask cluster build` caches them.
@@ -45,6 +49,8 @@ pub struct Binaries {
     pub kube_controller_manager: PathBuf,
     pub kube_scheduler: PathBuf,
     pub kubectl: PathBuf,
+    pub kubelet: PathBuf,
+    pub kube_proxy: PathBuf,
 }
 
 impl Binaries {
@@ -61,6 +67,8 @@ impl Binaries {
             kube_controller_manager: kube.join("kube-controller-manager"),
             kube_scheduler: kube.join("kube-scheduler"),
             kubectl: kube.join("kubectl"),
+            kubelet: kube.join("kubelet"),
+            kube_proxy: kube.join("kube-proxy"),
         };
         for path in [
             &found.etcd,
@@ -68,6 +76,8 @@ impl Binaries {
             &found.kube_controller_manager,
             &found.kube_scheduler,
             &found.kubectl,
+            &found.kubelet,
+            &found.kube_proxy,
         ] {
             if !path.is_file() {
                 bail!(
@@ -95,14 +105,32 @@ fn cache_root() -> Result<PathBuf> {
     Ok(Path::new(&home).join(".cache/egressfw"))
 }
 
+/// A test's directory for a cluster's files, removed on drop: declare it before the
+/// [`ControlPlane`] so that the cluster goes first.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        Self(std::env::temp_dir().join(format!("egressfw-{tag}-{}", std::process::id())))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A running control plane.
 pub struct ControlPlane {
+    /// First, so that the processes stop before the namespace goes.
+    procs: Supervisor,
     pub ns: NetNs,
     pub dir: PathBuf,
     pub bins: Binaries,
     /// The cluster administrator's kubeconfig (group `system:masters`).
     pub admin_kubeconfig: PathBuf,
-    children: Vec<(&'static str, Child)>,
+    pub pki: pki::Pki,
 }
 
 impl ControlPlane {
@@ -128,7 +156,8 @@ impl ControlPlane {
         let cm_kubeconfig = pki.kubeconfig("controller-manager", &server)?;
         let scheduler_kubeconfig = pki.kubeconfig("scheduler", &server)?;
 
-        let mut plane = Self { ns, dir: dir.to_path_buf(), bins, admin_kubeconfig, children: Vec::new() };
+        let procs = Supervisor::new(dir);
+        let mut plane = Self { procs, ns, dir: dir.to_path_buf(), bins, admin_kubeconfig, pki };
         let etcd_data = dir.join("etcd");
         plane.spawn(
             "etcd",
@@ -152,7 +181,8 @@ impl ControlPlane {
                 "warn",
             ],
         )?;
-        let p = |n: &str| pki.path(n);
+        let pki_dir = plane.pki.dir.clone();
+        let p = |n: &str| pki_dir.join(n).display().to_string();
         plane.spawn(
             "kube-apiserver",
             &plane.bins.kube_apiserver.clone(),
@@ -175,6 +205,9 @@ impl ControlPlane {
                 &p("apiserver-kubelet-client.crt"),
                 "--kubelet-client-key",
                 &p("apiserver-kubelet-client.key"),
+                // The node's name resolves nowhere here (kubectl exec and logs go to its IP).
+                "--kubelet-preferred-address-types",
+                "InternalIP",
                 "--service-cluster-ip-range",
                 SERVICE_CIDR,
                 "--service-account-issuer",
@@ -216,56 +249,22 @@ impl ControlPlane {
     }
 
     /// Starts `program` inside the namespace, its output in `<dir>/<name>.log`.
-    fn spawn(
-        &mut self,
-        name: &'static str,
-        program: &Path,
-        args: &[impl AsRef<std::ffi::OsStr>],
-    ) -> Result<()> {
-        let log = fs::File::create(self.dir.join(format!("{name}.log")))?;
+    fn spawn(&mut self, name: &str, program: &Path, args: &[impl AsRef<std::ffi::OsStr>]) -> Result<()> {
         let mut cmd = self.ns.command(&program.display().to_string(), None);
-        cmd.args(args).stdout(log.try_clone()?).stderr(log);
-        // A session of its own: a terminal's ^C reaches `cargo xtask`, not a detached cluster.
-        // SAFETY: setsid is async-signal-safe.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                libc::setsid();
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().with_context(|| format!("starting {}", program.display()))?;
-        self.children.push((name, child));
-        Ok(())
+        cmd.args(args);
+        self.procs.spawn(name, cmd)
     }
 
-    fn wait_for(&mut self, what: &str, limit: Duration, mut ready: impl FnMut(&Self) -> bool) -> Result<()> {
-        let deadline = Instant::now() + crate::patience(limit);
-        loop {
-            if ready(self) {
-                return Ok(());
-            }
-            let exited = self.children.iter_mut().find_map(|(name, child)| match child.try_wait() {
-                Ok(Some(status)) => Some((*name, status)),
-                _ => None,
-            });
-            if let Some((name, status)) = exited {
-                bail!("{name} exited ({status}) while waiting for {what}:\n{}", self.log_tail(name));
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "timed out waiting for {what}; kube-apiserver's log ends:\n{}",
-                    self.log_tail("kube-apiserver")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
+    fn wait_for(&mut self, what: &str, limit: Duration, ready: impl Fn(&Self) -> bool) -> Result<()> {
+        let mut procs = std::mem::replace(&mut self.procs, Supervisor::new(&self.dir));
+        let result = procs.wait_for(what, limit, "kube-apiserver", || ready(self));
+        self.procs = procs;
+        result
     }
 
     /// The last lines of a component's log.
     pub fn log_tail(&self, name: &str) -> String {
-        let text = fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        self.procs.log_tail(name)
     }
 
     /// kubectl as the cluster administrator, inside the namespace.
@@ -296,30 +295,10 @@ impl ControlPlane {
     /// Leaves the control plane running (its processes and namespace outlive this value) and
     /// records their pids in `<dir>/pids`, for [`stop_detached`].
     pub fn detach(mut self) -> Result<()> {
-        let pids: Vec<String> = self.children.iter().map(|(n, c)| format!("{n} {}", c.id())).collect();
+        let pids: Vec<String> = self.procs.detach().iter().map(|(n, pid)| format!("{n} {pid}")).collect();
         fs::write(self.dir.join("pids"), pids.join("\n") + "\n")?;
-        self.children.clear();
         std::mem::forget(std::mem::replace(&mut self.ns, NetNs { name: String::new() }));
         Ok(())
-    }
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        // In reverse order of start: etcd last.
-        for (_, child) in self.children.iter().rev() {
-            signal(child.id(), libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline
-            && self.children.iter_mut().any(|(_, c)| matches!(c.try_wait(), Ok(None)))
-        {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        for (_, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
@@ -346,29 +325,8 @@ pub fn stop_detached(name: &str, dir: &Path) -> Result<()> {
         .lines()
         .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
         .collect();
-    stop(&pids);
+    supervisor::stop_pids(&pids);
     let _ = fs::remove_file(dir.join("pids"));
     drop(NetNs { name: format!("egfw-cp-{name}") });
     Ok(())
-}
-
-fn signal(pid: u32, sig: libc::c_int) -> bool {
-    // SAFETY: plain syscall on a pid of the control plane's.
-    unsafe { libc::kill(pid as libc::pid_t, sig) == 0 }
-}
-
-/// SIGTERM, then SIGKILL to whatever is still there a few seconds later (processes this one did
-/// not start: the init process reaps them, so a signal 0 tells whether they are gone).
-fn stop(pids: &[u32]) {
-    // In reverse order of start: etcd last.
-    for &pid in pids.iter().rev() {
-        signal(pid, libc::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline && pids.iter().any(|&p| signal(p, 0)) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    for &pid in pids {
-        signal(pid, libc::SIGKILL);
-    }
 }
