@@ -130,7 +130,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let pins = PinLayout::new(cli.pin_dir);
-    let cgroup_root = || cli.cgroup_root.clone().map_or_else(cgroup::cgroup2_mount, Ok);
+    let cgroup_root = || cli.cgroup_root.as_deref().map_or_else(cgroup::cgroup2_mount, cgroup::cgroup2_at);
     match cli.command {
         Command::Run { config, node_name, http_addr, pods_cgroup, cni_state_dir, cni_conf_dir } => {
             let opts = k8s::run::Options {

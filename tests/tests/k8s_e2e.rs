@@ -7,7 +7,7 @@ use std::process::Output;
 use egress_tests::{
     cluster::{
         ControlPlane, TempDir, images,
-        node::{Node, POD_CIDR, PodNetwork},
+        node::{Node, NodeShape, POD_CIDR},
     },
     lab::text,
 };
@@ -18,11 +18,11 @@ fn ok(out: &Output, what: &str) -> String {
 }
 
 /// A control plane and a node with the pause and client images imported.
-fn cluster(dir: &TempDir, network: PodNetwork) -> (ControlPlane, Node) {
+fn cluster(dir: &TempDir, shape: NodeShape) -> (ControlPlane, Node) {
     let name = format!("e{}", std::process::id() % 100_000);
     let plane =
         ControlPlane::start(&name, &dir.0).unwrap_or_else(|e| panic!("starting the control plane: {e:#}"));
-    let node = Node::start(&plane, network).unwrap_or_else(|e| panic!("starting the node: {e:#}"));
+    let node = Node::start(&plane, shape).unwrap_or_else(|e| panic!("starting the node: {e:#}"));
     let work = dir.0.join("images");
     for image in [images::pause(&work), images::client(&work)] {
         let image = image.unwrap_or_else(|e| panic!("building an image: {e:#}"));
@@ -82,11 +82,72 @@ fn run_pod(plane: &ControlPlane, node: &Node, name: &str, namespace: &str) {
 fn a_pod_runs_on_the_node_and_runs_the_client_tools() {
     egress_tests::require_root();
     let dir = TempDir::new("e2e-pod");
-    let (plane, node) = cluster(&dir, PodNetwork::Routed);
+    let (plane, node) = cluster(&dir, NodeShape::default());
     run_pod(&plane, &node, "client", "default");
     let ip = ok(&plane.kubectl(&["get", "pod", "client", "-o", "jsonpath={.status.podIP}"]), "pod IP");
     let prefix = POD_CIDR.trim_end_matches("0/24");
     assert!(ip.starts_with(prefix), "pod IP {ip} outside {POD_CIDR}");
     let curl = ok(&plane.kubectl(&["exec", "client", "--", "curl", "--version"]), "curl in the pod");
     assert!(curl.starts_with("curl "), "{curl}");
+}
+
+/// Builds the agent's image from the binary under test, with the tag the manifests use (the
+/// workspace version: deploy/base/kustomization.yaml follows it), and imports it.
+fn import_agent_image(dir: &TempDir, node: &Node) {
+    let image = images::agent(&dir.0.join("images"), &egress_tests::agent_bin(), env!("CARGO_PKG_VERSION"))
+        .unwrap_or_else(|e| panic!("building the agent's image: {e:#}"));
+    node.import_image(&image.archive, &image.base_name).unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+fn rollout(plane: &ControlPlane, node: &Node, what: &str) {
+    let out = plane.kubectl(&["rollout", "status", what, "-n", "egressfw-system", "--timeout=120s"]);
+    assert!(
+        out.status.success(),
+        "{what} not rolled out: {}\n{}\n{}\nits log (previous container, then current):\n{}\n{}\nkubelet's log ends:\n{}",
+        text(&out),
+        text(&plane.kubectl(&["get", "pods", "-n", "egressfw-system", "-o", "wide"])),
+        text(&plane.kubectl(&["describe", "pods", "-n", "egressfw-system"])),
+        text(&plane.kubectl(&["logs", "-n", "egressfw-system", what, "--previous", "--tail=40"])),
+        text(&plane.kubectl(&["logs", "-n", "egressfw-system", what, "--tail=40"])),
+        node.log_tail("kubelet")
+    );
+}
+
+#[test]
+fn deploy_installs_the_cni_plugin_and_the_agent_and_gateway_become_ready() {
+    egress_tests::require_root();
+    let dir = TempDir::new("e2e-deploy");
+    let (plane, node) = cluster(&dir, NodeShape::default());
+    import_agent_image(&dir, &node);
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    ok(&plane.kubectl(&["apply", "-k", &deploy.display().to_string()]), "kubectl apply -k deploy/");
+    rollout(&plane, &node, "daemonset/egress-agent");
+    rollout(&plane, &node, "deployment/egress-gateway");
+
+    // The init container chained the plugin into the node's real conflist, last.
+    let conflist = std::fs::read_to_string(node.dir.join("cni-conf/10-egfw-test.conflist")).unwrap();
+    let conflist: serde_json::Value = serde_json::from_str(&conflist).unwrap();
+    let types: Vec<&str> =
+        conflist["plugins"].as_array().unwrap().iter().filter_map(|p| p["type"].as_str()).collect();
+    assert_eq!(types.last(), Some(&"egressfw"), "plugins in the conflist: {types:?}");
+    assert!(
+        node.dir.join("cni-bin/egressfw").is_file(),
+        "the plugin binary is not in the node's CNI bin directory"
+    );
+
+    // The gateway is ready behind its Service.
+    let ready = ok(
+        &plane.kubectl(&[
+            "get",
+            "endpointslices",
+            "-n",
+            "egressfw-system",
+            "-l",
+            "kubernetes.io/service-name=egress-gateway",
+            "-o",
+            "jsonpath={range .items[*].endpoints[?(@.conditions.ready==true)]}{.addresses[0]} {end}",
+        ]),
+        "the gateway Service's endpoints",
+    );
+    assert!(!ready.trim().is_empty(), "no ready endpoint behind the egress-gateway Service");
 }

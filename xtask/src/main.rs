@@ -5,6 +5,7 @@ mod cluster;
 mod demo;
 mod demo_gateway;
 mod demo_k8s;
+mod e2e;
 mod fuzz;
 mod kustomize;
 mod run;
@@ -43,6 +44,8 @@ enum Command {
     Fuzz(fuzz::FuzzArgs),
     /// Lint, unit tests, fuzzing, BPF_PROG_TEST_RUN tests and network-namespace integration tests.
     Test(test::TestArgs),
+    /// The suites on a real single-node Kubernetes (control plane, kubelet, containerd, pods).
+    E2e,
     /// A real Kubernetes control plane on this machine (built from the Go modules, cached).
     Cluster {
         #[command(subcommand)]
@@ -65,6 +68,7 @@ fn main() -> Result<()> {
         Command::Fuzz(args) => fuzz::run(&args),
         Command::Test(args) => test::run(&args),
         Command::Vm(args) => vm::run(&args),
+        Command::E2e => e2e::run(),
         Command::Cluster { command } => cluster::run(&command),
         Command::Demo => demo::run(),
         Command::Bench { which } => bench::run(&which),

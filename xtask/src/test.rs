@@ -163,8 +163,21 @@ fn step(what: &str) {
 }
 
 /// The integration tests promise to remove every namespace, cgroup and pin they create.
-fn check_no_leftovers() -> Result<()> {
+pub fn check_no_leftovers() -> Result<()> {
     let mut left = Vec::new();
+    // The real-cluster tests' namespaces (`cargo xtask cluster up`'s own are meant to stay).
+    if let Ok(entries) = fs::read_dir("/run/netns") {
+        left.extend(entries.flatten().map(|e| e.path()).filter(|p| {
+            p.file_name().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                n.starts_with("egfw-") && !n.ends_with("-cluster")
+            })
+        }));
+    }
+    // A test node's kubelet cgroups, in any hierarchy.
+    if let Ok(entries) = fs::read_dir("/sys/fs/cgroup") {
+        left.extend(entries.flatten().map(|e| e.path().join("kubepods")).filter(|p| p.is_dir()));
+    }
     if let Ok(entries) = fs::read_dir("/run/netns") {
         left.extend(
             entries

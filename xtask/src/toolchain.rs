@@ -34,6 +34,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("umoci", "umoci"),
     ("gcc", "gcc"),
     ("strip", "binutils"),
+    ("iptables", "iptables"),
+    ("nft", "nftables"),
     ("/usr/lib/x86_64-linux-gnu/libc.a", "libc6-dev"),
 ];
 

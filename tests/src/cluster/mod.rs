@@ -12,6 +12,7 @@
 
 pub mod images;
 pub mod node;
+pub mod outside;
 pub mod pki;
 mod supervisor;
 

@@ -28,7 +28,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{API_ADDR, API_PORT, ControlPlane, supervisor::Supervisor};
+use super::{API_ADDR, API_PORT, ControlPlane, outside::Outside, supervisor::Supervisor};
 
 /// The node's name (its kubelet's client certificate is `system:node:<name>`).
 pub const NODE_NAME: &str = "egfw-node";
@@ -50,6 +50,35 @@ pub enum PodNetwork {
     Bridged,
 }
 
+/// How kube-proxy programs Services.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyMode {
+    Iptables,
+    Nftables,
+}
+
+impl ProxyMode {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Iptables => "iptables",
+            Self::Nftables => "nftables",
+        }
+    }
+}
+
+/// What kind of node to start.
+#[derive(Clone, Copy, Debug)]
+pub struct NodeShape {
+    pub network: PodNetwork,
+    pub proxy: ProxyMode,
+}
+
+impl Default for NodeShape {
+    fn default() -> Self {
+        Self { network: PodNetwork::Routed, proxy: ProxyMode::Iptables }
+    }
+}
+
 /// A running node. Drop it before its control plane.
 pub struct Node {
     /// First: the kubelet and containerd stop before anything else is cleaned up.
@@ -64,6 +93,8 @@ pub struct Node {
     netns_path: PathBuf,
     /// Host directories made only to mount over, removed again on drop (deepest first).
     made_dirs: Vec<PathBuf>,
+    /// Where the node's default route goes.
+    pub outside: Outside,
 }
 
 /// The node's directories that replace the host's inside its mount namespace.
@@ -76,9 +107,10 @@ const MOUNTS: [(&str, &str); 5] = [
 ];
 
 impl Node {
-    /// Starts containerd and a kubelet on `plane`'s network namespace, files under
-    /// `<plane.dir>/node`, and waits for the Node object to be `Ready`.
-    pub fn start(plane: &ControlPlane, network: PodNetwork) -> Result<Self> {
+    /// Starts containerd, a kubelet and kube-proxy on `plane`'s network namespace, files under
+    /// `<plane.dir>/node`, and waits for the Node object to be `Ready` and for kube-proxy to
+    /// have programmed the `kubernetes` Service.
+    pub fn start(plane: &ControlPlane, shape: NodeShape) -> Result<Self> {
         let dir = plane.dir.join("node");
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
@@ -88,8 +120,11 @@ impl Node {
             made_dirs.extend(create_missing(Path::new(host))?);
         }
         link_cni_plugins(&dir.join("cni-bin"))?;
-        fs::write(dir.join("cni-conf/10-egfw-test.conflist"), conflist(network, &dir.join("ipam")))?;
+        fs::write(dir.join("cni-conf/10-egfw-test.conflist"), conflist(shape.network, &dir.join("ipam")))?;
         plane.ns.sysctl("net.ipv4.ip_forward", "1")?;
+        // A node has a default route: without one, a connect to a Service's ClusterIP fails
+        // (no route) before kube-proxy's DNAT could apply.
+        let outside = Outside::create(&plane.ns, plane.ns.name.trim_start_matches("egfw-cp-"))?;
 
         let containerd_socket = dir.join("containerd/containerd.sock");
         fs::create_dir_all(dir.join("containerd"))?;
@@ -120,6 +155,7 @@ impl Node {
             mount_ns_path,
             netns_path: plane.ns.path(),
             made_dirs,
+            outside,
         };
         let mut kubelet = node.command(&plane.bins.kubelet);
         kubelet
@@ -136,7 +172,27 @@ impl Node {
             let out = plane.kubectl(&["get", "node", NODE_NAME, "-o", ready]);
             out.status.success() && out.stdout == b"True"
         })?;
+        node.start_kube_proxy(plane, shape.proxy)?;
         Ok(node)
+    }
+
+    fn start_kube_proxy(&mut self, plane: &ControlPlane, mode: ProxyMode) -> Result<()> {
+        plane.pki.client("kube-proxy", "system:kube-proxy", &[])?;
+        let kubeconfig = plane.pki.kubeconfig("kube-proxy", &format!("https://{API_ADDR}:{API_PORT}"))?;
+        let config = self.dir.join("kube-proxy.yaml");
+        fs::write(&config, kube_proxy_yaml(mode, &kubeconfig))?;
+        let mut cmd = self.command(&plane.bins.kube_proxy);
+        cmd.arg(format!("--config={}", config.display())).arg("--v=1");
+        self.procs.spawn("kube-proxy", cmd)?;
+        // Its health endpoint says 200 once it has synced its rules at least once.
+        let netns = self.netns_path.clone();
+        self.procs.wait_for("kube-proxy's first sync", Duration::from_secs(60), "kube-proxy", || {
+            Command::new("nsenter")
+                .arg(format!("--net={}", netns.display()))
+                .args(["curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:10256/healthz"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
     }
 
     /// A command inside the node's mount and network namespaces (as a node's own processes
@@ -334,6 +390,26 @@ state = "{state}"
         root = dir.join("containerd/root").display(),
         state = dir.join("containerd/state").display(),
         socket = socket.display(),
+    )
+}
+
+fn kube_proxy_yaml(mode: ProxyMode, kubeconfig: &Path) -> String {
+    format!(
+        r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection:
+  kubeconfig: {kubeconfig}
+mode: {mode}
+hostnameOverride: {NODE_NAME}
+clusterCIDR: {POD_CIDR}
+healthzBindAddress: 127.0.0.1:10256
+metricsBindAddress: 127.0.0.1:10249
+# The conntrack table size is the host's, not this network namespace's to set.
+conntrack:
+  maxPerCore: 0
+"#,
+        kubeconfig = kubeconfig.display(),
+        mode = mode.name(),
     )
 }
 

@@ -398,7 +398,7 @@ fn privileges_are_explicit_capabilities_not_privileged_mode() {
         );
         let added: BTreeSet<&str> =
             caps.add.iter().flatten().map(|a| a.strip_prefix("CAP_").unwrap_or(a)).collect();
-        let expected = BTreeSet::from(["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"]);
+        let expected = BTreeSet::from(["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN"]);
         assert_eq!(added, expected, "{file}: capabilities added");
         assert_eq!(sc.read_only_root_filesystem, Some(true), "{file}: set readOnlyRootFilesystem: true");
         let pod_sc = pod.security_context.unwrap_or_default();

@@ -31,8 +31,9 @@ pub struct Suite {
     pub binaries: Vec<TestBinary>,
 }
 
-/// Test binaries a full VM run leaves out (they can still be named with `--test`).
-const NOT_IN_VM: [&str; 1] = ["k8s_real_api"];
+/// Test binaries a full VM run leaves out (they need the real cluster; they can still be named
+/// with `--test`).
+const NOT_IN_VM: [&str; 2] = crate::e2e::SUITES;
 
 /// Builds the agent and the egress-tests binaries, then snapshots them (all, or the ones named
 /// in `only`) under `dir`.
