@@ -2,12 +2,16 @@
 //! with containerd and runc, real pods on a routed or bridged pod network, images assembled
 //! locally, and deploy/ applied exactly as the README says.
 
-use std::process::Output;
+use std::{
+    path::{Path, PathBuf},
+    process::Output,
+};
 
 use egress_tests::{
     cluster::{
-        ControlPlane, TempDir, images,
+        ControlPlane, TempDir, dns, images,
         node::{Node, NodeShape, POD_CIDR},
+        outside,
     },
     lab::text,
 };
@@ -31,8 +35,9 @@ fn cluster(dir: &TempDir, shape: NodeShape) -> (ControlPlane, Node) {
     (plane, node)
 }
 
-/// A pod running the machine's own curl and python3 (the host's /usr, read-only).
-fn client_pod(name: &str, namespace: &str) -> String {
+/// A pod running the machine's own curl and python3 (the host's /usr, read-only), with the
+/// test's CA files at /certs.
+fn client_pod(name: &str, namespace: &str, certs: &Path) -> String {
     format!(
         r#"apiVersion: v1
 kind: Pod
@@ -50,17 +55,28 @@ spec:
         - name: usr
           mountPath: /usr
           readOnly: true
+        - name: certs
+          mountPath: /certs
+          readOnly: true
   volumes:
     - name: usr
       hostPath:
         path: /usr
+    - name: certs
+      hostPath:
+        path: {certs}
 "#,
-        image = images::CLIENT_IMAGE
+        image = images::CLIENT_IMAGE,
+        certs = certs.display(),
     )
 }
 
 fn run_pod(plane: &ControlPlane, node: &Node, name: &str, namespace: &str) {
-    ok(&plane.kubectl_with_input(&["apply", "-f", "-"], &client_pod(name, namespace)), "creating a pod");
+    let certs = node.dir.join("outside");
+    ok(
+        &plane.kubectl_with_input(&["apply", "-f", "-"], &client_pod(name, namespace, &certs)),
+        "creating a pod",
+    );
     let wait = plane.kubectl(&[
         "wait",
         "--for=condition=Ready",
@@ -113,16 +129,22 @@ fn rollout(plane: &ControlPlane, node: &Node, what: &str) {
     );
 }
 
+/// `kubectl apply -k deploy/` as the README says, with the agent's image built from the binary
+/// under test; waits for the agent and the gateway to roll out.
+fn deploy(dir: &TempDir, plane: &ControlPlane, node: &Node) {
+    import_agent_image(dir, node);
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    ok(&plane.kubectl(&["apply", "-k", &deploy.display().to_string()]), "kubectl apply -k deploy/");
+    rollout(plane, node, "daemonset/egress-agent");
+    rollout(plane, node, "deployment/egress-gateway");
+}
+
 #[test]
 fn deploy_installs_the_cni_plugin_and_the_agent_and_gateway_become_ready() {
     egress_tests::require_root();
     let dir = TempDir::new("e2e-deploy");
     let (plane, node) = cluster(&dir, NodeShape::default());
-    import_agent_image(&dir, &node);
-    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
-    ok(&plane.kubectl(&["apply", "-k", &deploy.display().to_string()]), "kubectl apply -k deploy/");
-    rollout(&plane, &node, "daemonset/egress-agent");
-    rollout(&plane, &node, "deployment/egress-gateway");
+    deploy(&dir, &plane, &node);
 
     // The init container chained the plugin into the node's real conflist, last.
     let conflist = std::fs::read_to_string(node.dir.join("cni-conf/10-egfw-test.conflist")).unwrap();
@@ -150,4 +172,200 @@ fn deploy_installs_the_cni_plugin_and_the_agent_and_gateway_become_ready() {
         "the gateway Service's endpoints",
     );
     assert!(!ready.trim().is_empty(), "no ready endpoint behind the egress-gateway Service");
+}
+
+const ALLOWED: &str = "allowed.test";
+const DENIED: &str = "denied.test";
+
+/// The cluster DNS (dnsmasq behind kube-system/kube-dns) with the outside's names, and the
+/// outside serving HTTPS as them; returns the outside's CA (at /certs/ca.crt in client pods).
+fn outside_and_dns(plane: &ControlPlane, node: &mut Node) -> PathBuf {
+    let records = [(ALLOWED, outside::host(5)), (DENIED, outside::host(6))];
+    ok(
+        &plane.kubectl_with_input(&["apply", "-f", "-"], &dns::manifests(&records)),
+        "creating the cluster DNS",
+    );
+    let wait = plane.kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/dnsmasq",
+        "-n",
+        "kube-system",
+        "--timeout=60s",
+    ]);
+    assert!(wait.status.success(), "cluster DNS not ready: {}", text(&wait));
+    let dir = node.dir.join("outside");
+    node.outside.serve(&dir, &[ALLOWED, DENIED]).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// Replaces the gateway's rules with `rules` (YAML list items) and restarts it.
+fn gateway_rules(plane: &ControlPlane, node: &Node, rules: &str) {
+    let current = ok(
+        &plane.kubectl(&[
+            "get",
+            "configmap",
+            "egress-gateway-config",
+            "-n",
+            "egressfw-system",
+            "-o",
+            r"jsonpath={.data.gateway\.yaml}",
+        ]),
+        "reading the gateway's configuration",
+    );
+    let start = current.find("rules:").expect("the shipped configuration has rules");
+    let end = start + current[start..].find("blockedCidrs:").expect("blockedCidrs follows the rules");
+    let edited = format!("{}rules:\n{rules}{}", &current[..start], &current[end..]);
+    let patch = serde_json::json!({"data": {"gateway.yaml": edited}}).to_string();
+    ok(
+        &plane.kubectl(&[
+            "patch",
+            "configmap",
+            "egress-gateway-config",
+            "-n",
+            "egressfw-system",
+            "--type",
+            "merge",
+            "-p",
+            &patch,
+        ]),
+        "patching the gateway's rules",
+    );
+    ok(
+        &plane.kubectl(&["rollout", "restart", "deployment/egress-gateway", "-n", "egressfw-system"]),
+        "restarting the gateway",
+    );
+    rollout(plane, node, "deployment/egress-gateway");
+}
+
+/// Labels `namespace` (created) with `mode` and waits until the node's CNI plugin knows it
+/// (the agent writes the namespaces' modes into the state directory it shares with the plugin).
+fn opt_in(plane: &ControlPlane, node: &Node, namespace: &str, mode: &str) {
+    ok(&plane.kubectl(&["create", "namespace", namespace]), "creating a namespace");
+    ok(
+        &plane.kubectl(&["label", "namespace", namespace, &format!("egressfw.io/mode={mode}")]),
+        "labelling it",
+    );
+    let state = node.dir.join("run-egressfw");
+    egress_tests::wait_until(
+        "the agent to record the namespace's mode for the CNI plugin",
+        std::time::Duration::from_secs(30),
+        || walk(&state).iter().any(|f| std::fs::read_to_string(f).is_ok_and(|t| t.contains(namespace))),
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+fn exec(plane: &ControlPlane, pod: &str, namespace: &str, command: &[&str]) -> Output {
+    let mut args = vec!["exec", pod, "-n", namespace, "--"];
+    args.extend_from_slice(command);
+    plane.kubectl(&args)
+}
+
+#[test]
+fn an_enforced_pod_reaches_the_outside_only_through_the_gateway_and_only_where_allowed() {
+    egress_tests::require_root();
+    let dir = TempDir::new("e2e-enforce");
+    let (plane, mut node) = cluster(&dir, NodeShape::default());
+    outside_and_dns(&plane, &mut node);
+    deploy(&dir, &plane, &node);
+    gateway_rules(
+        &plane,
+        &node,
+        &format!("      - namespaces: [team-a]\n        hosts: [\"{ALLOWED}\"]\n        ports: [443]\n"),
+    );
+    opt_in(&plane, &node, "team-a", "enforce");
+    run_pod(&plane, &node, "client", "team-a");
+    let gateway = ok(
+        &plane.kubectl(&[
+            "get",
+            "service",
+            "egress-gateway",
+            "-n",
+            "egressfw-system",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ]),
+        "the gateway's ClusterIP",
+    );
+    let proxy = format!("http://{gateway}:3128");
+    let curl = |args: &[&str]| {
+        let mut command = vec![
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "--cacert",
+            "/certs/ca.crt",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{http_connect}",
+        ];
+        command.extend_from_slice(args);
+        exec(&plane, "client", "team-a", &command)
+    };
+
+    // Straight to the outside, HTTP: refused by the kernel at connect (curl's exit 7), where
+    // an unenforced pod gets the page.
+    let direct = curl(&[&format!("http://{}/", outside::host(5))]);
+    assert_eq!(direct.status.code(), Some(7), "a direct connection from an enforced pod: {}", text(&direct));
+    // Unmodified HTTPS is steered to the gateway (TCP 443): by name it is judged like a proxied
+    // request, and a bare address (no SNI) does not get through.
+    let steered = curl(&[&format!("https://{ALLOWED}/")]);
+    assert_eq!(
+        String::from_utf8_lossy(&steered.stdout),
+        "200 000",
+        "unmodified curl to {ALLOWED}: {}",
+        text(&steered)
+    );
+    for target in [format!("https://{DENIED}/"), format!("https://{}/", outside::host(5))] {
+        let refused = curl(&["--insecure", &target]);
+        assert!(!refused.status.success(), "unmodified curl to {target} got through: {}", text(&refused));
+    }
+    // Through the gateway's Service to an allowed name: the outside's page.
+    let allowed = curl(&["-x", &proxy, &format!("https://{ALLOWED}/")]);
+    assert!(allowed.status.success(), "through the gateway to {ALLOWED}: {}", text(&allowed));
+    assert_eq!(String::from_utf8_lossy(&allowed.stdout), "200 200");
+    // A name the namespace may not reach: the gateway answers the CONNECT with 403.
+    let denied = curl(&["-x", &proxy, &format!("https://{DENIED}/")]);
+    assert_eq!(
+        String::from_utf8_lossy(&denied.stdout),
+        "000 403",
+        "through the gateway to {DENIED}: {}",
+        text(&denied)
+    );
+
+    // The gateway knew the pod by its real address: its access log names the namespace.
+    let logs = ok(
+        &plane.kubectl(&[
+            "logs",
+            "-n",
+            "egressfw-system",
+            "-l",
+            "app.kubernetes.io/name=egress-gateway",
+            "--tail=-1",
+        ]),
+        "the gateway's logs",
+    );
+    for (host, verdict) in [(ALLOWED, "allowed"), (DENIED, "denied")] {
+        let line = logs
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v.to_string().contains(host) && v["namespace"] == "team-a");
+        assert!(
+            line.is_some(),
+            "no access-log line for {host} ({verdict}) naming namespace team-a in:\n{logs}"
+        );
+    }
 }

@@ -15,7 +15,7 @@ use crate::run::{output, status};
 /// Debian packages the integration tests, demo and benchmarks call. Each one is a real tool the
 /// tests drive (curl for TCP, socat for UDP, ping for ICMP, hping3 for raw IP, bpftool for
 /// bpf_stats, iperf3 for throughput, squid and tinyproxy as the gateway benchmark's
-/// references; containerd, runc and the CNI plugins for the real cluster's node, umoci and a
+/// references; containerd, runc, the CNI plugins, iptables/nft and dnsmasq for the real cluster's node, umoci and a
 /// static libc for the images it runs). An absolute path stands for a package with no command.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
@@ -36,6 +36,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("strip", "binutils"),
     ("iptables", "iptables"),
     ("nft", "nftables"),
+    ("/usr/sbin/dnsmasq", "dnsmasq-base"),
     ("/usr/lib/x86_64-linux-gnu/libc.a", "libc6-dev"),
 ];
 

@@ -3,8 +3,9 @@
 //! imported into the node's containerd under the names the pods use ([`super::node::Node::import_image`]).
 //!
 //! - **pause**: the sandbox image, our own static `tests/images/pause.c`.
-//! - **client**: a root with only the merged-/usr links (`bin`, `lib`, `lib64`, `sbin`); client
-//!   pods mount the host's `/usr` read-only and so run the machine's own curl and python3.
+//! - **client**: a root with only the merged-/usr links (`bin`, `lib`, `lib64`, `sbin`) and the
+//!   user database; client pods mount the host's `/usr` read-only and so run the machine's own
+//!   curl, python3 and dnsmasq.
 //! - **egress-agent**: the binary under test (debug information stripped) and the libraries it
 //!   links, at `/usr/local/bin/egress-agent` as `deploy/Dockerfile` puts it, with the host's CA
 //!   bundle where distroless has one.
@@ -51,10 +52,12 @@ pub fn pause(work: &Path) -> Result<Image> {
 }
 
 pub fn client(work: &Path) -> Result<Image> {
+    // Users and groups by name (dnsmasq looks up the user it runs as).
+    let etc = ["/etc/passwd", "/etc/group"].map(|f| (PathBuf::from(f), f.to_owned()));
     let contents = Contents {
+        files: etc.to_vec(),
         symlinks: vec![("bin", "usr/bin"), ("lib", "usr/lib"), ("lib64", "usr/lib64"), ("sbin", "usr/sbin")],
         entrypoint: vec!["/usr/bin/sleep", "infinity"],
-        ..Default::default()
     };
     let (name, tag) = CLIENT_IMAGE.rsplit_once(':').context("client image tag")?;
     let archive = assemble(work, "client", tag, &contents)?;

@@ -10,6 +10,7 @@
 //! process and removes the namespace; [`ControlPlane::detach`] leaves it running instead (what
 //! `cargo xtask cluster up` does).
 
+pub mod dns;
 pub mod images;
 pub mod node;
 pub mod outside;

@@ -124,7 +124,8 @@ impl Node {
         plane.ns.sysctl("net.ipv4.ip_forward", "1")?;
         // A node has a default route: without one, a connect to a Service's ClusterIP fails
         // (no route) before kube-proxy's DNAT could apply.
-        let outside = Outside::create(&plane.ns, plane.ns.name.trim_start_matches("egfw-cp-"))?;
+        let outside =
+            Outside::create(&plane.ns, plane.ns.name.trim_start_matches("egfw-cp-"), &dir.join("outside"))?;
 
         let containerd_socket = dir.join("containerd/containerd.sock");
         fs::create_dir_all(dir.join("containerd"))?;

@@ -10,12 +10,18 @@
 //! ```
 //!
 //! Its hosts are outside every private range, as the internet is: the gateway refuses private
-//! ones by default.
+//! ones by default. [`Outside::serve`] runs `openssl s_server` on every one of them, with a
+//! certificate for the names tests use signed by a CA of its own, and an HTTP server.
 
-use std::net::Ipv4Addr;
+use std::{
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Result;
 
+use super::{pki::Pki, supervisor::Supervisor};
 use crate::netns::NetNs;
 
 const NODE_SIDE: &str = "10.231.251.1";
@@ -29,12 +35,15 @@ pub fn host(n: u8) -> Ipv4Addr {
 }
 
 pub struct Outside {
+    /// First: the servers stop before the namespace goes.
+    procs: Supervisor,
     pub ns: NetNs,
 }
 
 impl Outside {
-    /// Wires a new namespace `egfw-out-<name>` to `node` and routes the node's default there.
-    pub fn create(node: &NetNs, name: &str) -> Result<Self> {
+    /// Wires a new namespace `egfw-out-<name>` to `node` and routes the node's default there;
+    /// servers' logs go to `dir`.
+    pub fn create(node: &NetNs, name: &str, dir: &Path) -> Result<Self> {
         let ns = NetNs::create(&format!("egfw-out-{name}"))?;
         node.ip(&["link", "add", "egfw-out", "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
         node.ip(&["addr", "add", &format!("{NODE_SIDE}/30"), "dev", "egfw-out"])?;
@@ -44,6 +53,35 @@ impl Outside {
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["addr", "add", HOSTS_CIDR, "dev", "lo"])?;
         ns.ip(&["route", "add", "10.0.0.0/8", "via", NODE_SIDE])?;
-        Ok(Self { ns })
+        std::fs::create_dir_all(dir)?;
+        Ok(Self { procs: Supervisor::new(dir), ns })
+    }
+
+    /// Serves HTTPS on port 443 of every outside address, as `names` (the first is the
+    /// certificate's subject), and HTTP on port 80 (python's http.server, the files of `dir`);
+    /// returns the CA that signed the certificate, for clients' `--cacert`.
+    pub fn serve(&mut self, dir: &Path, names: &[&str]) -> Result<PathBuf> {
+        let pki = Pki::create(dir, &[])?;
+        pki.server("outside", names)?;
+        let mut cmd = self.ns.command("openssl", None);
+        cmd.current_dir(dir).args([
+            "s_server",
+            "-quiet",
+            "-www",
+            "-accept",
+            "443",
+            "-cert",
+            "outside.crt",
+            "-key",
+            "outside.key",
+        ]);
+        self.procs.spawn("https", cmd)?;
+        let ns = &self.ns;
+        self.procs.wait_for("the outside's HTTPS server", Duration::from_secs(10), "https", || {
+            ns.within(|| {
+                TcpStream::connect_timeout(&SocketAddr::from((host(1), 443)), Duration::from_secs(1)).is_ok()
+            })
+        })?;
+        Ok(dir.join("ca.crt"))
     }
 }

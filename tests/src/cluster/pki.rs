@@ -66,6 +66,12 @@ impl Pki {
         self.sign(name, &subject, None, "clientAuth")
     }
 
+    /// A serving certificate and key (`<name>.crt`, `<name>.key`) for the DNS names `names`.
+    pub fn server(&self, name: &str, names: &[&str]) -> Result<()> {
+        let sans: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
+        self.sign(name, &format!("/CN={}", names[0]), Some(&sans.join(",")), "serverAuth")
+    }
+
     fn sign(&self, name: &str, subject: &str, sans: Option<&str>, usage: &str) -> Result<()> {
         let (key, csr, crt) = (
             self.path(&format!("{name}.key")),
