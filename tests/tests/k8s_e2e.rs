@@ -10,7 +10,7 @@ use std::{
 use egress_tests::{
     cluster::{
         ControlPlane, TempDir, dns, images,
-        node::{Node, NodeShape, POD_CIDR},
+        node::{Node, NodeShape, POD_CIDR, PodNetwork},
         outside,
     },
     lab::text,
@@ -23,6 +23,8 @@ fn ok(out: &Output, what: &str) -> String {
 
 /// A control plane and a node with the pause and client images imported.
 fn cluster(dir: &TempDir, shape: NodeShape) -> (ControlPlane, Node) {
+    // One node per machine at a time (kubelets share the host's kubepods cgroups): the tests
+    // run one at a time, each cluster gone before the next.
     let name = format!("e{}", std::process::id() % 100_000);
     let plane =
         ControlPlane::start(&name, &dir.0).unwrap_or_else(|e| panic!("starting the control plane: {e:#}"));
@@ -274,9 +276,18 @@ fn exec(plane: &ControlPlane, pod: &str, namespace: &str, command: &[&str]) -> O
 
 #[test]
 fn an_enforced_pod_reaches_the_outside_only_through_the_gateway_and_only_where_allowed() {
+    enforced_pod(PodNetwork::Routed, "e2e-enforce");
+}
+
+#[test]
+fn an_enforced_pod_on_a_bridge_reaches_the_outside_only_through_the_gateway() {
+    enforced_pod(PodNetwork::Bridged, "e2e-enforce-bridged");
+}
+
+fn enforced_pod(network: PodNetwork, tag: &str) {
     egress_tests::require_root();
-    let dir = TempDir::new("e2e-enforce");
-    let (plane, mut node) = cluster(&dir, NodeShape::default());
+    let dir = TempDir::new(tag);
+    let (plane, mut node) = cluster(&dir, NodeShape { network, ..NodeShape::default() });
     outside_and_dns(&plane, &mut node);
     deploy(&dir, &plane, &node);
     gateway_rules(
@@ -333,6 +344,35 @@ fn an_enforced_pod_reaches_the_outside_only_through_the_gateway_and_only_where_a
         let refused = curl(&["--insecure", &target]);
         assert!(!refused.status.success(), "unmodified curl to {target} got through: {}", text(&refused));
     }
+    // The steered socket reports the peer it asked for, not the gateway.
+    let peer = exec(
+        &plane,
+        "client",
+        "team-a",
+        &[
+            "python3",
+            "-c",
+            &format!(
+                "import socket; s = socket.create_connection(('{ALLOWED}', 443), 5); print(s.getpeername()[0])"
+            ),
+        ],
+    );
+    assert_eq!(ok(&peer, "getpeername of a steered socket").trim(), outside::host(5).to_string());
+    // UDP to 443 (QUIC) is not steered: refused at send.
+    let udp = exec(
+        &plane,
+        "client",
+        "team-a",
+        &[
+            "python3",
+            "-c",
+            &format!(
+                "import errno, socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ntry:\n    s.sendto(b'x', ('{}', 443)); print('sent')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])",
+                outside::host(5)
+            ),
+        ],
+    );
+    assert_eq!(ok(&udp, "UDP to 443").trim(), "EPERM");
     // Through the gateway's Service to an allowed name: the outside's page.
     let allowed = curl(&["-x", &proxy, &format!("https://{ALLOWED}/")]);
     assert!(allowed.status.success(), "through the gateway to {ALLOWED}: {}", text(&allowed));
