@@ -18,7 +18,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::Subcommand;
-use egress_tests::cluster::{self, ControlPlane, ETCD_VERSION, KUBE_VERSION};
+use egress_tests::cluster::{
+    self, ControlPlane, ETCD_VERSION, KUBE_VERSION, images,
+    node::{Node, NodeShape},
+};
 
 use crate::run::require_root;
 
@@ -32,7 +35,8 @@ const NAME: &str = "cluster";
 pub enum ClusterCommand {
     /// Build (or find in the cache) Kubernetes and etcd.
     Build,
-    /// Start a control plane that keeps running (in network namespace egfw-cp-cluster).
+    /// Start a cluster that keeps running: the control plane and a node (containerd, kubelet,
+    /// kube-proxy) in network namespace egfw-cp-cluster.
     Up,
     /// Stop it and remove its namespace.
     Down,
@@ -50,24 +54,35 @@ pub fn run(command: &ClusterCommand) -> Result<()> {
         ClusterCommand::Build => build().map(|_| ()),
         ClusterCommand::Up => {
             require_root("cargo xtask cluster up")?;
+            crate::toolchain::ensure_debian_packages()?;
             build()?;
             let dir = state_dir()?;
             let _ = cluster::stop_detached(NAME, &dir);
             eprintln!("==> starting etcd, kube-apiserver, kube-controller-manager and kube-scheduler");
             let plane = ControlPlane::start(NAME, &dir)?;
+            eprintln!("==> starting the node: containerd, kubelet, kube-proxy (routed pod network)");
+            let node = Node::start(&plane, NodeShape::default())?;
+            eprintln!("==> importing the pause and client images");
+            let work = dir.join("images");
+            for image in [images::pause(&work)?, images::client(&work)?] {
+                node.import_image(&image.archive, &image.base_name)?;
+            }
             println!(
-                "control plane up: API server https://{}:{} in network namespace {}\nkubeconfig: {}\ntry: cargo xtask cluster kubectl -- get namespaces",
+                "cluster up: API server https://{}:{} in network namespace {}, node {} Ready\nkubeconfig: {}\nimages: {} (the host's /usr mounted at /usr runs its tools)\ntry: cargo xtask cluster kubectl -- get nodes -o wide",
                 cluster::API_ADDR,
                 cluster::API_PORT,
                 plane.ns.name,
-                plane.admin_kubeconfig.display()
+                cluster::node::NODE_NAME,
+                plane.admin_kubeconfig.display(),
+                images::CLIENT_IMAGE,
             );
+            node.detach()?;
             plane.detach()
         }
         ClusterCommand::Down => {
             require_root("cargo xtask cluster down")?;
             cluster::stop_detached(NAME, &state_dir()?)?;
-            println!("control plane stopped");
+            println!("cluster stopped");
             Ok(())
         }
         ClusterCommand::Status => {

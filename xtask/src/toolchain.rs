@@ -203,7 +203,7 @@ pub fn ensure_cargo_fuzz() -> Result<()> {
         .context("installing cargo-fuzz from crates.io (the fuzz targets need it)")
 }
 
-fn ensure_debian_packages() -> Result<()> {
+pub(crate) fn ensure_debian_packages() -> Result<()> {
     let missing: Vec<&str> = DEBIAN_PACKAGES
         .iter()
         .filter(|(tool, _)| !command_exists(tool))

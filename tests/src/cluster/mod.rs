@@ -319,9 +319,12 @@ fn controller_flags(kubeconfig: &Path) -> Vec<String> {
     ]
 }
 
-/// Stops a control plane that [`ControlPlane::detach`] left running under `dir`, and removes its
-/// network namespace `egfw-cp-<name>`. Nothing running is not an error.
+/// Stops a control plane that [`ControlPlane::detach`] left running under `dir` (and its node,
+/// if [`node::Node::detach`] left one), and removes their network namespaces `egfw-cp-<name>`
+/// and `egfw-out-<name>`. Nothing running is not an error.
 pub fn stop_detached(name: &str, dir: &Path) -> Result<()> {
+    node::stop_detached(&dir.join("node"));
+    drop(NetNs { name: format!("egfw-out-{name}") });
     let pids: Vec<u32> = fs::read_to_string(dir.join("pids"))
         .unwrap_or_default()
         .lines()

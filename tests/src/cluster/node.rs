@@ -237,25 +237,73 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.procs.stop();
-        // The shims (in the node's mount namespace) and the containers (in kubepods cgroups)
-        // outlive containerd; without them the pods' network namespaces and mounts go too.
-        for _ in 0..50 {
-            let mut pids = processes_in_mount_ns(self.mount_ns);
-            pids.extend(processes_in_cgroups(&kubepods_trees()));
-            if pids.is_empty() {
-                break;
-            }
-            for pid in pids {
-                super::supervisor::signal(pid, libc::SIGKILL);
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        clean_up(self.mount_ns, &self.made_dirs);
+    }
+}
+
+/// Where a detached node records what [`stop_detached`] needs.
+const DETACHED: &str = "node-detached";
+
+impl Node {
+    /// Leaves the node running (its processes, the outside and their namespaces outlive this
+    /// value) and records what [`stop_detached`] needs under the node's directory.
+    pub fn detach(mut self) -> Result<()> {
+        let mut record: Vec<String> =
+            self.procs.detach().iter().map(|(name, pid)| format!("pid {pid} {name}")).collect();
+        record.push(format!("mountns {}", self.mount_ns));
+        record.extend(self.made_dirs.drain(..).map(|d| format!("made {}", d.display())));
+        fs::write(self.dir.join(DETACHED), record.join("\n") + "\n")?;
+        self.outside.detach();
+        self.mount_ns = 0;
+        Ok(())
+    }
+}
+
+/// Stops a node that [`Node::detach`] left running in `node_dir`, and cleans up as dropping it
+/// would have. Nothing running is not an error.
+pub fn stop_detached(node_dir: &Path) {
+    let record = fs::read_to_string(node_dir.join(DETACHED)).unwrap_or_default();
+    let mut pids = Vec::new();
+    let mut mount_ns = 0;
+    let mut made = Vec::new();
+    for line in record.lines() {
+        match line.split_once(' ') {
+            Some(("pid", rest)) => pids.extend(rest.split(' ').next().and_then(|p| p.parse::<u32>().ok())),
+            Some(("mountns", ino)) => mount_ns = ino.parse().unwrap_or(0),
+            Some(("made", dir)) => made.push(PathBuf::from(dir)),
+            _ => {}
         }
-        for tree in kubepods_trees() {
-            remove_cgroup_tree(&tree);
+    }
+    super::supervisor::stop_pids(&pids);
+    if mount_ns != 0 {
+        clean_up(mount_ns, &made);
+    }
+    let _ = fs::remove_file(node_dir.join(DETACHED));
+}
+
+/// What outlives the node's own processes: the shims (in the node's mount namespace) and the
+/// containers (in kubepods cgroups); with them go the pods' network namespaces and mounts. Then
+/// the kubepods cgroups and the host directories made to mount over.
+fn clean_up(mount_ns: u64, made_dirs: &[PathBuf]) {
+    if mount_ns == 0 {
+        return; // detached
+    }
+    for _ in 0..50 {
+        let mut pids = processes_in_mount_ns(mount_ns);
+        pids.extend(processes_in_cgroups(&kubepods_trees()));
+        if pids.is_empty() {
+            break;
         }
-        for dir in self.made_dirs.iter().rev() {
-            let _ = fs::remove_dir(dir);
+        for pid in pids {
+            super::supervisor::signal(pid, libc::SIGKILL);
         }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for tree in kubepods_trees() {
+        remove_cgroup_tree(&tree);
+    }
+    for dir in made_dirs.iter().rev() {
+        let _ = fs::remove_dir(dir);
     }
 }
 

@@ -57,6 +57,12 @@ impl Outside {
         Ok(Self { procs: Supervisor::new(dir), ns })
     }
 
+    /// Leaves the namespace and its servers running (see [`super::node::Node::detach`]).
+    pub fn detach(&mut self) {
+        self.procs.detach();
+        std::mem::forget(std::mem::replace(&mut self.ns, NetNs { name: String::new() }));
+    }
+
     /// Serves HTTPS on port 443 of every outside address, as `names` (the first is the
     /// certificate's subject), and HTTP on port 80 (python's http.server, the files of `dir`);
     /// returns the CA that signed the certificate, for clients' `--cacert`.
