@@ -3,6 +3,7 @@
 //! locally, and deploy/ applied exactly as the README says.
 
 use std::{
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     process::Output,
 };
@@ -14,6 +15,7 @@ use egress_tests::{
         outside,
     },
     lab::text,
+    sniff::Sniffer,
 };
 
 fn ok(out: &Output, what: &str) -> String {
@@ -38,7 +40,7 @@ fn cluster(dir: &TempDir, shape: NodeShape) -> (ControlPlane, Node) {
 }
 
 /// A pod running the machine's own curl and python3 (the host's /usr, read-only), with the
-/// test's CA files at /certs.
+/// test's files (the outside's CA, scripts) at /test-files.
 fn client_pod(name: &str, namespace: &str, certs: &Path) -> String {
     format!(
         r#"apiVersion: v1
@@ -57,14 +59,14 @@ spec:
         - name: usr
           mountPath: /usr
           readOnly: true
-        - name: certs
-          mountPath: /certs
+        - name: test-files
+          mountPath: /test-files
           readOnly: true
   volumes:
     - name: usr
       hostPath:
         path: /usr
-    - name: certs
+    - name: test-files
       hostPath:
         path: {certs}
 "#,
@@ -317,7 +319,7 @@ fn enforced_pod(network: PodNetwork, tag: &str) {
             "--max-time",
             "10",
             "--cacert",
-            "/certs/ca.crt",
+            "/test-files/ca.crt",
             "-o",
             "/dev/null",
             "-w",
@@ -408,4 +410,77 @@ fn enforced_pod(network: PodNetwork, tag: &str) {
             "no access-log line for {host} ({verdict}) naming namespace team-a in:\n{logs}"
         );
     }
+
+    // From the first instant (init container first): datagrams and hand-built frames to the
+    // outside. Nothing arrives from the enforced namespace; from one that is not, both do.
+    std::fs::write(node.dir.join("outside/flood.py"), include_str!("../images/flood.py")).unwrap();
+    let pods: Vec<IpAddr> = (1..=254).map(|i| IpAddr::V4(Ipv4Addr::new(10, 244, 0, i))).collect();
+    let sniffer = Sniffer::start(&node.outside.ns, &pods);
+    let arrived = |sniffer: &Sniffer| -> Vec<u16> {
+        sniffer
+            .seen()
+            .iter()
+            .filter(|p| p.dst == IpAddr::V4(outside::host(5)) && [DGRAM_PORT, FRAME_PORT].contains(&p.dport))
+            .map(|p| p.dport)
+            .collect()
+    };
+    let flooded = flood(&plane, &node, "team-a");
+    let got = arrived(&sniffer);
+    assert!(
+        got.is_empty(),
+        "{} packets of the enforced pod arrived outside (ports {got:?}); the pod said:\n{flooded}",
+        got.len()
+    );
+    ok(&plane.kubectl(&["create", "namespace", "free"]), "creating a namespace");
+    let flooded = flood(&plane, &node, "free");
+    let got = arrived(&sniffer);
+    for port in [DGRAM_PORT, FRAME_PORT] {
+        assert!(
+            got.contains(&port),
+            "nothing on port {port} arrived from the unenforced pod (the check could not fail); it said:\n{flooded}"
+        );
+    }
+}
+
+const DGRAM_PORT: u16 = 9999;
+const FRAME_PORT: u16 = 9998;
+
+/// Runs tests/images/flood.py in an init container and then in the main container of a pod in
+/// `namespace`, 3 s each; returns what both printed.
+fn flood(plane: &ControlPlane, node: &Node, namespace: &str) -> String {
+    let command = format!(
+        r#"["python3", "/test-files/flood.py", "{}", "{DGRAM_PORT}", "{FRAME_PORT}", "3"]"#,
+        outside::host(5)
+    );
+    let container = |name: &str| {
+        format!(
+            "    - name: {name}\n      image: {image}\n      imagePullPolicy: Never\n      command: {command}\n      volumeMounts:\n        - {{name: usr, mountPath: /usr, readOnly: true}}\n        - {{name: test-files, mountPath: /test-files, readOnly: true}}\n",
+            image = images::CLIENT_IMAGE
+        )
+    };
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: flood\n  namespace: {namespace}\nspec:\n  restartPolicy: Never\n  automountServiceAccountToken: false\n  initContainers:\n{}  containers:\n{}  volumes:\n    - {{name: usr, hostPath: {{path: /usr}}}}\n    - {{name: test-files, hostPath: {{path: {}}}}}\n",
+        container("first"),
+        container("main"),
+        node.dir.join("outside").display()
+    );
+    ok(&plane.kubectl_with_input(&["apply", "-f", "-"], &pod), "creating the flooding pod");
+    let done = plane.kubectl(&[
+        "wait",
+        "--for=jsonpath={.status.phase}=Succeeded",
+        "pod/flood",
+        "-n",
+        namespace,
+        "--timeout=90s",
+    ]);
+    let said = ["first", "main"]
+        .map(|c| text(&plane.kubectl(&["logs", "flood", "-n", namespace, "-c", c])))
+        .join("\n");
+    assert!(
+        done.status.success(),
+        "the flooding pod in {namespace} did not complete: {}\n{said}\n{}",
+        text(&done),
+        text(&plane.kubectl(&["describe", "pod", "flood", "-n", namespace]))
+    );
+    said
 }
