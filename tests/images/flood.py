@@ -1,7 +1,7 @@
 # A workload that tries to get packets out from its first instant, for the end-to-end suite
 # (tests/tests/k8s_e2e.rs): for a few seconds it sends UDP datagrams to the outside (to port
 # DGRAM_PORT) and, once it knows the node's MAC address (learned from the ARP reply its first
-# DNS lookup causes), hand-built Ethernet frames carrying UDP to FRAME_PORT through an AF_PACKET
+# DNS lookup causes for the default gateway), hand-built Ethernet frames carrying UDP to FRAME_PORT through an AF_PACKET
 # socket. It prints what it did; the test counts what arrived.
 import fcntl
 import socket
@@ -27,11 +27,21 @@ def own_ipv4():
     return fcntl.ioctl(probe.fileno(), 0x8915, struct.pack("256s", b"eth0"))[20:24]
 
 
-def neighbour_mac():
+def default_gateway():
+    with open("/proc/net/route") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == "00000000":
+                return socket.inet_ntoa(struct.pack("<I", int(fields[2], 16)))
+    return None
+
+
+def neighbour_mac(address):
+    # The default gateway's entry (on a bridge the table also holds other pods).
     with open("/proc/net/arp") as table:
         for line in table.readlines()[1:]:
             fields = line.split()
-            if fields[3] != "00:00:00:00:00:00":
+            if fields[0] == address and fields[3] != "00:00:00:00:00:00":
                 return bytes.fromhex(fields[3].replace(":", ""))
     return None
 
@@ -64,7 +74,7 @@ while time.time() < end:
             socket.getaddrinfo("allowed.test", 443)
         except OSError:
             pass
-        dst_mac = neighbour_mac()
+        dst_mac = neighbour_mac(default_gateway())
     if dst_mac is not None:
         raw.send(frame(dst_mac, src_mac, src_ip))
         frames += 1
