@@ -463,11 +463,13 @@ impl Gateway {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Every access-log line so far.
+    /// Every complete access-log line so far (one still being written, without its newline
+    /// yet, is left for the next read).
     pub fn access_lines(&self) -> Vec<serde_json::Value> {
         fs::read_to_string(&self.access)
             .unwrap_or_default()
-            .lines()
+            .split_inclusive('\n')
+            .filter_map(|l| l.strip_suffix('\n'))
             .map(|l| {
                 serde_json::from_str(l).unwrap_or_else(|e| panic!("access log line is not JSON ({e}): {l}"))
             })
