@@ -347,32 +347,20 @@ fn enforced_pod(network: PodNetwork, tag: &str) {
         assert!(!refused.status.success(), "unmodified curl to {target} got through: {}", text(&refused));
     }
     // The steered socket reports the peer it asked for, not the gateway.
-    let peer = exec(
+    let peer = python(
         &plane,
-        "client",
-        "team-a",
-        &[
-            "python3",
-            "-c",
-            &format!(
-                "import socket; s = socket.create_connection(('{ALLOWED}', 443), 5); print(s.getpeername()[0])"
-            ),
-        ],
+        &format!(
+            "import socket; s = socket.create_connection(('{ALLOWED}', 443), 5); print(s.getpeername()[0])"
+        ),
     );
     assert_eq!(ok(&peer, "getpeername of a steered socket").trim(), outside::host(5).to_string());
     // UDP to 443 (QUIC) is not steered: refused at send.
-    let udp = exec(
+    let udp = python(
         &plane,
-        "client",
-        "team-a",
-        &[
-            "python3",
-            "-c",
-            &format!(
-                "import errno, socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ntry:\n    s.sendto(b'x', ('{}', 443)); print('sent')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])",
-                outside::host(5)
-            ),
-        ],
+        &format!(
+            "import errno, socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ntry:\n    s.sendto(b'x', ('{}', 443)); print('sent')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])",
+            outside::host(5)
+        ),
     );
     assert_eq!(ok(&udp, "UDP to 443").trim(), "EPERM");
     // Through the gateway's Service to an allowed name: the outside's page.
@@ -440,6 +428,11 @@ fn enforced_pod(network: PodNetwork, tag: &str) {
             "nothing on port {port} arrived from the unenforced pod (the check could not fail); it said:\n{flooded}"
         );
     }
+}
+
+/// Runs a python program in the enforced namespace's client pod.
+fn python(plane: &ControlPlane, program: &str) -> Output {
+    exec(plane, "client", "team-a", &["python3", "-c", program])
 }
 
 const DGRAM_PORT: u16 = 9999;

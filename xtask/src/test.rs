@@ -164,45 +164,28 @@ fn step(what: &str) {
 
 /// The integration tests promise to remove every namespace, cgroup and pin they create.
 pub fn check_no_leftovers() -> Result<()> {
+    let named = |dir: &str, matches: &dyn Fn(&str) -> bool| -> Vec<std::path::PathBuf> {
+        fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| matches(&e.file_name().to_string_lossy()))
+            .map(|e| e.path())
+            .collect()
+    };
     let mut left = Vec::new();
-    // The real-cluster tests' namespaces (`cargo xtask cluster up`'s own are meant to stay).
-    if let Ok(entries) = fs::read_dir("/run/netns") {
-        left.extend(entries.flatten().map(|e| e.path()).filter(|p| {
-            p.file_name().is_some_and(|n| {
-                let n = n.to_string_lossy();
-                n.starts_with("egfw-") && !n.ends_with("-cluster")
-            })
-        }));
-    }
-    // A test node's kubelet cgroups, in any hierarchy.
-    if let Ok(entries) = fs::read_dir("/sys/fs/cgroup") {
-        left.extend(entries.flatten().map(|e| e.path().join("kubepods")).filter(|p| p.is_dir()));
-    }
-    if let Ok(entries) = fs::read_dir("/run/netns") {
-        left.extend(
-            entries
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("eft"))),
-        );
-    }
+    // The kernel tests' namespaces, and the real-cluster tests' (`cargo xtask cluster up`'s own
+    // are meant to stay).
+    left.extend(named("/run/netns", &|n| {
+        n.starts_with("eft") || (n.starts_with("egfw-") && !n.ends_with("-cluster"))
+    }));
     // The gateway tests' per-namespace hosts files (`ip netns exec` mounts them).
-    if let Ok(entries) = fs::read_dir("/etc/netns") {
-        left.extend(
-            entries
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("eft"))),
-        );
-    }
-    if let Ok(entries) = fs::read_dir("/sys/fs/bpf") {
-        left.extend(
-            entries
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("egressfw-test-"))),
-        );
-    }
+    left.extend(named("/etc/netns", &|n| n.starts_with("eft")));
+    left.extend(named("/sys/fs/bpf", &|n| n.starts_with("egressfw-test-")));
+    // A test node's kubelet cgroups, in any hierarchy.
+    left.extend(
+        named("/sys/fs/cgroup", &|_| true).into_iter().map(|h| h.join("kubepods")).filter(|p| p.is_dir()),
+    );
     if !left.is_empty() {
         bail!("the tests left these behind: {left:?}");
     }
