@@ -6,18 +6,20 @@ use anyhow::Result;
 
 use crate::{
     kustomize,
-    run::{build_agent, cargo, require_root, status},
+    run::{build_agent, build_other_agent, cargo, require_root, status},
     toolchain,
 };
 
 /// The integration suites that need the real cluster.
-pub const SUITES: [&str; 2] = ["k8s_real_api", "k8s_e2e"];
+pub const SUITES: [&str; 3] = ["k8s_real_api", "k8s_e2e", "k8s_e2e_faults"];
 
 pub fn run() -> Result<()> {
     require_root("cargo xtask e2e")?;
     let tc = toolchain::setup_all()?;
     eprintln!("==> build the agent (the image the node runs is assembled from it)");
     let agent = build_agent(&tc, false)?;
+    eprintln!("==> build the agent again with another build stamp (the image the DaemonSet is rolled to)");
+    let other = build_other_agent(&tc)?;
     eprintln!(
         "==> Kubernetes {} and etcd {} (built once, cached), kustomize {}",
         egress_tests::cluster::KUBE_VERSION,
@@ -31,7 +33,10 @@ pub fn run() -> Result<()> {
     for suite in SUITES {
         cmd.args(["--test", suite]);
     }
-    cmd.args(["--", "--test-threads=1"]).env("EGRESS_AGENT_BIN", &agent).env(kustomize::ENV, &kustomize);
+    cmd.args(["--", "--test-threads=1"])
+        .env("EGRESS_AGENT_BIN", &agent)
+        .env("EGRESS_AGENT_OTHER_BIN", &other)
+        .env(kustomize::ENV, &kustomize);
     status(&mut cmd)?;
     crate::test::check_no_leftovers()
 }

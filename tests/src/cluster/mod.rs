@@ -11,6 +11,7 @@
 //! `cargo xtask cluster up` does).
 
 pub mod dns;
+pub mod e2e;
 pub mod images;
 pub mod node;
 pub mod outside;

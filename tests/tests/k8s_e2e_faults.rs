@@ -1,0 +1,216 @@
+//! End to end on a real node (tests/src/cluster): the agent's faults. Enforcement lives in pinned
+//! links and maps, not in the agent's process, so deleting the agent's pod, SIGKILLing it or
+//! rolling the DaemonSet to another build must not let one packet of an enforced pod out, and
+//! a pod created while no agent runs must be held back until one is.
+
+use std::time::Duration;
+
+use egress_tests::{
+    cluster::{
+        e2e::{ALLOWED, Cluster, Flood, SYSTEM, ok},
+        node::NodeShape,
+    },
+    lab::text,
+    sniff::Sniffer,
+};
+
+/// Checks, at the end of each phase, that nothing of the enforced racer arrived outside and that
+/// the control racer (a namespace that did not opt in, same script) is still getting through:
+/// without the control, a silent sniffer or a dead racer would pass.
+struct Racers {
+    sniffer: Sniffer,
+    enforced: Flood,
+    control: Flood,
+}
+
+impl Racers {
+    fn start(cluster: &Cluster) -> Self {
+        let enforced = Flood { dgram_port: 9999, frame_port: 9998, seconds: 3600 };
+        let control = Flood { dgram_port: 9997, frame_port: 9996, seconds: 3600 };
+        let sniffer = Flood::sniffer(cluster);
+        ok(&cluster.kubectl(&["create", "namespace", "free"]), "creating a namespace");
+        for (flood, namespace) in [(enforced, "team-a"), (control, "free")] {
+            cluster.apply(
+                &flood.pod("racer", namespace, &cluster.test_files(), false, "Always"),
+                "creating a racer",
+            );
+        }
+        for namespace in ["team-a", "free"] {
+            cluster.wait_ready("racer", namespace);
+        }
+        Self { sniffer, enforced, control }
+    }
+
+    fn check(&self, cluster: &Cluster, phase: &str) {
+        let before = self.control.arrived(&self.sniffer).len();
+        let grew = egress_tests::poll_until(Duration::from_secs(15), || {
+            self.control.arrived(&self.sniffer).len() > before + 10
+        });
+        let said = |namespace: &str| text(&cluster.kubectl(&["logs", "racer", "-n", namespace, "--tail=5"]));
+        assert!(
+            grew,
+            "{phase}: the control racer's packets stopped arriving (the check could not fail); it said:\n{}",
+            said("free")
+        );
+        let got = self.enforced.arrived(&self.sniffer);
+        assert!(
+            got.is_empty(),
+            "{phase}: {} packets of the enforced racer arrived outside (ports {got:?}); it said:\n{}",
+            got.len(),
+            said("team-a")
+        );
+    }
+}
+
+/// The agent container's process, as containerd knows it.
+fn agent_pid(cluster: &Cluster, pod: &str) -> u32 {
+    let id = ok(
+        &cluster.kubectl(&[
+            "get",
+            "pod",
+            pod,
+            "-n",
+            SYSTEM,
+            "-o",
+            r#"jsonpath={.status.containerStatuses[?(@.name=="agent")].containerID}"#,
+        ]),
+        "the agent's container ID",
+    );
+    let id = id.trim().trim_start_matches("containerd://");
+    let tasks = cluster.node.ctr(&["tasks", "ls"]).unwrap_or_else(|e| panic!("{e:#}"));
+    let tasks = ok(&tasks, "ctr tasks ls");
+    tasks
+        .lines()
+        .find_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next() == Some(id)).then(|| words.next()?.parse().ok()).flatten()
+        })
+        .unwrap_or_else(|| panic!("no task {id} in:\n{tasks}"))
+}
+
+/// Waits for an agent pod other than the one with `old_uid` to be Ready; returns its name.
+fn wait_for_new_agent(cluster: &Cluster, old_uid: &str) -> String {
+    egress_tests::wait_until("a new agent pod", Duration::from_secs(60), || {
+        cluster.agent_pod().is_some_and(|(_, uid)| uid != old_uid)
+    });
+    let (name, _) = cluster.agent_pod().unwrap();
+    cluster.wait_ready(&name, SYSTEM);
+    name
+}
+
+fn restarts(cluster: &Cluster, pod: &str) -> u32 {
+    let out = cluster.kubectl(&[
+        "get",
+        "pod",
+        pod,
+        "-n",
+        SYSTEM,
+        "-o",
+        r#"jsonpath={.status.containerStatuses[?(@.name=="agent")].restartCount}"#,
+    ]);
+    ok(&out, "the agent's restart count").trim().parse().unwrap_or(0)
+}
+
+#[test]
+fn enforcement_never_lapses_through_agent_faults_and_pods_made_meanwhile_wait_for_the_agent() {
+    let mut cluster = Cluster::start("e2e-faults", NodeShape::default());
+    cluster.outside_and_dns();
+    cluster.deploy();
+    cluster.allow("team-a");
+    cluster.opt_in("team-a", "enforce");
+    let racers = Racers::start(&cluster);
+    racers.check(&cluster, "before any fault");
+
+    // The agent's pod deleted: the DaemonSet makes another.
+    let (pod, uid) = cluster.agent_pod().expect("the agent's pod");
+    ok(&cluster.kubectl(&["delete", "pod", &pod, "-n", SYSTEM]), "deleting the agent's pod");
+    let pod = wait_for_new_agent(&cluster, &uid);
+    racers.check(&cluster, "the agent's pod deleted and replaced");
+
+    // SIGKILL: no shutdown path at all; the kubelet restarts the container.
+    let pid = agent_pid(&cluster, &pod);
+    let before = restarts(&cluster, &pod);
+    // SAFETY: kill(2) with a pid containerd reported for the agent's container.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0, "kill -9 {pid}");
+    egress_tests::wait_until("the kubelet to restart the agent", Duration::from_secs(60), || {
+        restarts(&cluster, &pod) > before
+    });
+    cluster.wait_ready(&pod, SYSTEM);
+    racers.check(&cluster, "the agent SIGKILLed and restarted");
+
+    // Another build (other build stamp in every program): the rolling update replaces the pod
+    // and the new agent takes over the pinned state.
+    cluster.import_agent_image(&egress_tests::other_agent_bin(), "other-build");
+    let image = "docker.io/library/egress-agent:other-build";
+    ok(
+        &cluster.kubectl(&[
+            "set",
+            "image",
+            "daemonset/egress-agent",
+            "-n",
+            SYSTEM,
+            &format!("install-cni-plugin={image}"),
+            &format!("agent={image}"),
+        ]),
+        "rolling the agent to another build",
+    );
+    cluster.rollout("daemonset/egress-agent");
+    let (pod, uid) = cluster.agent_pod().expect("the agent's pod");
+    let running = ok(
+        &cluster.kubectl(&["get", "pod", &pod, "-n", SYSTEM, "-o", "jsonpath={.spec.containers[0].image}"]),
+        "the agent's image",
+    );
+    assert_eq!(running, image, "the rolled agent runs another image");
+    racers.check(&cluster, "the agent rolled to another build");
+
+    // No agent on the node (its DaemonSet selects no node): a pod of the enforced namespace
+    // created now starts (the plugin gates its veth from the pins), but nothing it sends goes
+    // anywhere until an agent is back and binds it.
+    let nowhere = r#"{"spec":{"template":{"spec":{"nodeSelector":{"egressfw.test/no-such-node":"true"}}}}}"#;
+    ok(
+        &cluster.kubectl(&[
+            "patch",
+            "daemonset/egress-agent",
+            "-n",
+            SYSTEM,
+            "--type",
+            "merge",
+            "-p",
+            nowhere,
+        ]),
+        "taking the agent off the node",
+    );
+    egress_tests::wait_until("the agent's pod to go", Duration::from_secs(60), || {
+        cluster.agent_pod().is_none()
+    });
+    cluster.run_pod("late", "team-a");
+    let steered = cluster.curl("late", "team-a", &["--max-time", "5", &format!("https://{ALLOWED}/")]);
+    assert!(
+        !steered.status.success(),
+        "a pod made while no agent runs reached {ALLOWED} before the agent was back: {}",
+        text(&steered)
+    );
+    racers.check(&cluster, "no agent on the node");
+    let back = r#"{"spec":{"template":{"spec":{"nodeSelector":{"egressfw.test/no-such-node":null}}}}}"#;
+    ok(
+        &cluster.kubectl(&["patch", "daemonset/egress-agent", "-n", SYSTEM, "--type", "merge", "-p", back]),
+        "putting the agent back",
+    );
+    wait_for_new_agent(&cluster, &uid);
+    // The agent back binds the held pod: it reaches the allowed name through the gateway.
+    let mut last = None;
+    let reached = egress_tests::poll_until(Duration::from_secs(30), || {
+        let out = cluster.curl("late", "team-a", &["--max-time", "5", &format!("https://{ALLOWED}/")]);
+        let done = String::from_utf8_lossy(&out.stdout) == "200 000";
+        last = Some(out);
+        done
+    });
+    assert!(
+        reached,
+        "the pod made while no agent ran never reached {ALLOWED} once the agent was back: {}\n{}\n{}",
+        last.as_ref().map(text).unwrap_or_default(),
+        text(&cluster.kubectl(&["get", "pods", "-A", "-o", "wide"])),
+        cluster.agent_state()
+    );
+    racers.check(&cluster, "the agent back");
+}
