@@ -1,8 +1,10 @@
 # A workload that tries to get packets out from its first instant, for the end-to-end suite
 # (tests/tests/k8s_e2e.rs): for a few seconds it sends UDP datagrams to the outside (to port
-# DGRAM_PORT) and, once it knows the node's MAC address (learned from the ARP reply its first
-# DNS lookup causes for the default gateway), hand-built Ethernet frames carrying UDP to FRAME_PORT through an AF_PACKET
-# socket. It prints what it did; the test counts what arrived.
+# DGRAM_PORT) and, once it knows the node's MAC address (learned from the ARP reply that a probe
+# to the cluster DNS causes for the default gateway), hand-built Ethernet frames carrying UDP to
+# FRAME_PORT through an AF_PACKET socket. Nothing in the loop blocks: it sends from its first
+# instant, also while DNS is down (as at a node's boot). It prints what it did; the test counts
+# what arrived.
 import fcntl
 import socket
 import struct
@@ -36,6 +38,15 @@ def default_gateway():
     return None
 
 
+def nameserver():
+    with open("/etc/resolv.conf") as conf:
+        for line in conf:
+            fields = line.split()
+            if len(fields) >= 2 and fields[0] == "nameserver":
+                return fields[1]
+    return None
+
+
 def neighbour_mac(address):
     # The default gateway's entry (on a bridge the table also holds other pods).
     with open("/proc/net/arp") as table:
@@ -55,14 +66,29 @@ def frame(dst_mac, src_mac, src_ip):
 
 
 udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.setblocking(False)
+# An empty datagram to the cluster DNS (allowed, and off-link: the kernel resolves the default
+# gateway's address to send it) makes the node's MAC known without waiting for an answer.
+probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+probe.setblocking(False)
+dns = nameserver()
 raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 raw.bind(("eth0", 0))
+raw.setblocking(False)
 with open("/sys/class/net/eth0/address") as f:
     src_mac = bytes.fromhex(f.read().strip().replace(":", ""))
 src_ip = own_ipv4()
 sent = refused = frames = 0
 dst_mac = None
+
+
+def report():
+    print("datagrams sent %d refused %d, frames sent %d, node MAC known: %s"
+          % (sent, refused, frames, dst_mac is not None), flush=True)
+
+
 end = time.time() + SECONDS
+next_report = time.time() + 5
 while time.time() < end:
     try:
         udp.sendto(b"dgram", (DST, DGRAM_PORT))
@@ -71,12 +97,18 @@ while time.time() < end:
         refused += 1
     if dst_mac is None:
         try:
-            socket.getaddrinfo("allowed.test", 443)
-        except OSError:
+            probe.sendto(b"", (dns, 53))
+        except (OSError, TypeError):
             pass
         dst_mac = neighbour_mac(default_gateway())
     if dst_mac is not None:
-        raw.send(frame(dst_mac, src_mac, src_ip))
-        frames += 1
+        try:
+            raw.send(frame(dst_mac, src_mac, src_ip))
+            frames += 1
+        except BlockingIOError:
+            pass
+    if time.time() >= next_report:
+        report()
+        next_report += 5
     time.sleep(0.005)
-print("datagrams sent %d refused %d, frames sent %d, node MAC known: %s" % (sent, refused, frames, dst_mac is not None))
+report()

@@ -9,6 +9,7 @@ use egress_tests::{
     cluster::{
         e2e::{ALLOWED, Cluster, Flood, SYSTEM, ok},
         node::NodeShape,
+        outside,
     },
     lab::text,
     sniff::Sniffer,
@@ -49,14 +50,18 @@ impl Racers {
         let said = |namespace: &str| text(&cluster.kubectl(&["logs", "racer", "-n", namespace, "--tail=5"]));
         assert!(
             grew,
-            "{phase}: the control racer's packets stopped arriving (the check could not fail); it said:\n{}",
-            said("free")
+            "{phase}: the control racer's packets stopped arriving (the check could not fail); it said:\n{}\n{}\n{}",
+            said("free"),
+            text(&cluster.kubectl(&["get", "pods", "-A", "-o", "wide"])),
+            cluster.agent_state()
         );
         let got = self.enforced.arrived(&self.sniffer);
+        let per_port = |port: u16| got.iter().filter(|&&p| p == port).count();
         assert!(
             got.is_empty(),
-            "{phase}: {} packets of the enforced racer arrived outside (ports {got:?}); it said:\n{}",
-            got.len(),
+            "{phase}: packets of the enforced racer arrived outside: {} datagrams, {} frames; it said:\n{}",
+            per_port(self.enforced.dgram_port),
+            per_port(self.enforced.frame_port),
             said("team-a")
         );
     }
@@ -198,19 +203,91 @@ fn enforcement_never_lapses_through_agent_faults_and_pods_made_meanwhile_wait_fo
     );
     wait_for_new_agent(&cluster, &uid);
     // The agent back binds the held pod: it reaches the allowed name through the gateway.
+    wait_until_steered(&cluster, "late", Duration::from_secs(30), "the agent back");
+    racers.check(&cluster, "the agent back");
+}
+
+/// The ID of `pod`'s (first) container and whether it is ready.
+fn container(cluster: &Cluster, pod: &str, namespace: &str) -> (String, bool) {
+    let out = cluster.kubectl(&[
+        "get",
+        "pod",
+        pod,
+        "-n",
+        namespace,
+        "-o",
+        "jsonpath={.status.containerStatuses[0].containerID} {.status.containerStatuses[0].ready}",
+    ]);
+    let out = ok(&out, "a pod's container");
+    let (id, ready) = out.split_once(' ').unwrap_or((&out, ""));
+    (id.to_owned(), ready == "true")
+}
+
+/// The steered curl from `pod` in team-a until it gets the outside's page; fails the test,
+/// saying why, when it does not within `limit`.
+fn wait_until_steered(cluster: &Cluster, pod: &str, limit: Duration, what: &str) {
     let mut last = None;
-    let reached = egress_tests::poll_until(Duration::from_secs(30), || {
-        let out = cluster.curl("late", "team-a", &["--max-time", "5", &format!("https://{ALLOWED}/")]);
+    let reached = egress_tests::poll_until(limit, || {
+        let out = cluster.curl(pod, "team-a", &["--max-time", "5", &format!("https://{ALLOWED}/")]);
         let done = String::from_utf8_lossy(&out.stdout) == "200 000";
         last = Some(out);
         done
     });
     assert!(
         reached,
-        "the pod made while no agent ran never reached {ALLOWED} once the agent was back: {}\n{}\n{}",
+        "{what}: {pod} never reached {ALLOWED}: {}\n{}\n{}",
         last.as_ref().map(text).unwrap_or_default(),
         text(&cluster.kubectl(&["get", "pods", "-A", "-o", "wide"])),
         cluster.agent_state()
     );
-    racers.check(&cluster, "the agent back");
+}
+
+#[test]
+fn after_a_node_reboot_no_pod_of_an_enforced_namespace_runs_unenforced() {
+    let mut cluster = Cluster::start("e2e-boot", NodeShape::default());
+    cluster.outside_and_dns();
+    cluster.deploy();
+    cluster.allow("team-a");
+    cluster.opt_in("team-a", "enforce");
+    cluster.run_pod("client", "team-a");
+    let racers = Racers::start(&cluster);
+    racers.check(&cluster, "before the reboot");
+
+    // The reboot: bpffs and /run empty, the conflist still names the plugin. The kubelet starts
+    // every pod again at once, the racers among them, while the agent's own pod is only one of
+    // the pods it starts.
+    let pods = [("racer", "team-a"), ("racer", "free"), ("client", "team-a")];
+    let before = pods.map(|(pod, namespace)| container(&cluster, pod, namespace).0);
+    let Cluster { node, plane, .. } = &mut cluster;
+    node.reboot(plane).unwrap_or_else(|e| panic!("rebooting the node: {e:#}"));
+    cluster.rollout("daemonset/egress-agent");
+    // The API still says Ready for the containers that died with the node until the kubelet
+    // has reported again: wait for new, ready ones.
+    for ((pod, namespace), old) in pods.iter().zip(&before) {
+        egress_tests::wait_until(
+            &format!("{namespace}/{pod} to run a new container after the reboot"),
+            Duration::from_secs(120),
+            || {
+                let (id, ready) = container(&cluster, pod, namespace);
+                id != *old && !id.is_empty() && ready
+            },
+        );
+    }
+    racers.check(&cluster, "after the reboot");
+    // Enforced, not just cut off: the enforced pod is steered to the gateway again, and its
+    // UDP to the outside is refused at the socket.
+    wait_until_steered(&cluster, "client", Duration::from_secs(60), "after the reboot");
+    let udp = cluster.exec(
+        "client",
+        "team-a",
+        &[
+            "python3",
+            "-c",
+            &format!(
+                "import errno, socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ntry:\n    s.sendto(b'x', ('{}', 443)); print('sent')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])",
+                outside::host(5)
+            ),
+        ],
+    );
+    assert_eq!(ok(&udp, "UDP to 443 after the reboot").trim(), "EPERM");
 }

@@ -95,7 +95,14 @@ pub struct Node {
     made_dirs: Vec<PathBuf>,
     /// Where the node's default route goes.
     pub outside: Outside,
+    shape: NodeShape,
 }
+
+/// The node's containerd and kubelet configuration files, under its directory.
+const CONTAINERD_CONFIG: &str = "containerd.toml";
+const KUBELET_CONFIG: &str = "kubelet.yaml";
+/// The bridge of a bridged pod network.
+const BRIDGE: &str = "egfw-br0";
 
 /// The node's directories that replace the host's inside its mount namespace.
 const MOUNTS: [(&str, &str); 5] = [
@@ -126,55 +133,83 @@ impl Node {
         // (no route) before kube-proxy's DNAT could apply.
         let outside =
             Outside::create(&plane.ns, plane.ns.name.trim_start_matches("egfw-cp-"), &dir.join("outside"))?;
-
         let containerd_socket = dir.join("containerd/containerd.sock");
         fs::create_dir_all(dir.join("containerd"))?;
-        let containerd_config = dir.join("containerd.toml");
-        fs::write(&containerd_config, containerd_toml(&dir, &containerd_socket))?;
-        let mut procs = Supervisor::new(&dir);
-        let mut cmd = plane.ns.command("unshare", None);
-        cmd.args(["--mount", "--propagation", "slave", "sh", "-ec"])
-            .arg(mount_script(&dir, &containerd_config));
-        procs.spawn("containerd", cmd)?;
-        let containerd_pid = procs.pid("containerd").context("containerd's pid")?;
-        let socket = containerd_socket.clone();
-        procs.wait_for("containerd's socket", Duration::from_secs(30), "containerd", || socket.exists())?;
-        let mount_ns_path = PathBuf::from(format!("/proc/{containerd_pid}/ns/mnt"));
-        let mount_ns = fs::metadata(&mount_ns_path)?.ino();
-
-        let server = format!("https://{API_ADDR}:{API_PORT}");
-        let user = format!("system:node:{NODE_NAME}");
-        plane.pki.client("kubelet", &user, &["system:nodes"])?;
-        let kubeconfig = plane.pki.kubeconfig("kubelet", &server)?;
-        let kubelet_config = dir.join("kubelet.yaml");
-        fs::write(&kubelet_config, kubelet_yaml(&dir, &plane.pki.path("ca.crt"), &containerd_socket))?;
+        fs::write(dir.join(CONTAINERD_CONFIG), containerd_toml(&dir, &containerd_socket))?;
+        plane.pki.client("kubelet", &format!("system:node:{NODE_NAME}"), &["system:nodes"])?;
+        fs::write(
+            dir.join(KUBELET_CONFIG),
+            kubelet_yaml(&dir, &plane.pki.path("ca.crt"), &containerd_socket),
+        )?;
         let mut node = Self {
-            procs,
-            dir: dir.clone(),
+            procs: Supervisor::new(&dir),
+            dir,
             containerd_socket,
-            mount_ns,
-            mount_ns_path,
+            mount_ns: 0,
+            mount_ns_path: PathBuf::new(),
             netns_path: plane.ns.path(),
             made_dirs,
             outside,
+            shape,
         };
-        let mut kubelet = node.command(&plane.bins.kubelet);
+        node.boot(plane)?;
+        Ok(node)
+    }
+
+    /// Starts containerd (which makes the node's mount namespace), the kubelet and kube-proxy,
+    /// and waits for the node to be Ready and kube-proxy to have synced.
+    fn boot(&mut self, plane: &ControlPlane) -> Result<()> {
+        let mut cmd = plane.ns.command("unshare", None);
+        cmd.args(["--mount", "--propagation", "slave", "sh", "-ec"])
+            .arg(mount_script(&self.dir, &self.dir.join(CONTAINERD_CONFIG)));
+        self.procs.spawn("containerd", cmd)?;
+        let containerd_pid = self.procs.pid("containerd").context("containerd's pid")?;
+        let socket = self.containerd_socket.clone();
+        self.procs
+            .wait_for("containerd's socket", Duration::from_secs(30), "containerd", || socket.exists())?;
+        self.mount_ns_path = PathBuf::from(format!("/proc/{containerd_pid}/ns/mnt"));
+        self.mount_ns = fs::metadata(&self.mount_ns_path)?.ino();
+
+        let kubeconfig = plane.pki.kubeconfig("kubelet", &format!("https://{API_ADDR}:{API_PORT}"))?;
+        let mut kubelet = self.command(&plane.bins.kubelet);
         kubelet
-            .arg(format!("--config={}", kubelet_config.display()))
+            .arg(format!("--config={}", self.dir.join(KUBELET_CONFIG).display()))
             .arg(format!("--kubeconfig={}", kubeconfig.display()))
-            .arg(format!("--root-dir={}", dir.join("kubelet").display()))
-            .arg(format!("--cert-dir={}", dir.join("kubelet-pki").display()))
+            .arg(format!("--root-dir={}", self.dir.join("kubelet").display()))
+            .arg(format!("--cert-dir={}", self.dir.join("kubelet-pki").display()))
             .arg(format!("--hostname-override={NODE_NAME}"))
             .arg(format!("--node-ip={API_ADDR}"))
             .arg("--v=1");
-        node.procs.spawn("kubelet", kubelet)?;
+        self.procs.spawn("kubelet", kubelet)?;
         let ready = r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#;
-        node.procs.wait_for("the node to be Ready", Duration::from_secs(120), "kubelet", || {
+        self.procs.wait_for("the node to be Ready", Duration::from_secs(120), "kubelet", || {
             let out = plane.kubectl(&["get", "node", NODE_NAME, "-o", ready]);
             out.status.success() && out.stdout == b"True"
         })?;
-        node.start_kube_proxy(plane, shape.proxy)?;
-        Ok(node)
+        self.start_kube_proxy(plane, self.shape.proxy)
+    }
+
+    /// What a reboot does to the node, then boots it again: every process of the node and its
+    /// pods stops, with them go the pods' network namespaces and veths, the node's bpffs (its
+    /// pins) and its mount namespace; `/run` (containerd's state, netns, egressfw's state
+    /// directory), the kubepods cgroups, the bridge and the packet-filter rules are emptied.
+    /// What is on disk stays: the conflist with the plugin chained in, the plugin binary,
+    /// containerd's images and the kubelet's files. The API server keeps every pod, so the
+    /// kubelet starts them all again, before the agent is ready.
+    pub fn reboot(&mut self, plane: &ControlPlane) -> Result<()> {
+        self.procs.stop();
+        clean_up(self.mount_ns, &[]);
+        for dir in ["run-containerd", "netns", "run-egressfw", "containerd/state"] {
+            let dir = self.dir.join(dir);
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir)?;
+        }
+        let _ = plane.ns.command("ip", None).args(["link", "del", BRIDGE]).output();
+        let flushed = plane.ns.command("nft", None).args(["flush", "ruleset"]).output()?;
+        if !flushed.status.success() {
+            bail!("nft flush ruleset: {}", String::from_utf8_lossy(&flushed.stderr).trim());
+        }
+        self.boot(plane)
     }
 
     fn start_kube_proxy(&mut self, plane: &ControlPlane, mode: ProxyMode) -> Result<()> {
@@ -395,7 +430,7 @@ fn conflist(network: PodNetwork, ipam_dir: &Path) -> String {
     let main = match network {
         PodNetwork::Routed => format!(r#"{{"type": "ptp", "ipMasq": false, "ipam": {ipam}}}"#),
         PodNetwork::Bridged => format!(
-            r#"{{"type": "bridge", "bridge": "egfw-br0", "isGateway": true, "ipMasq": false, "hairpinMode": true, "ipam": {ipam}}}"#
+            r#"{{"type": "bridge", "bridge": "{BRIDGE}", "isGateway": true, "ipMasq": false, "hairpinMode": true, "ipam": {ipam}}}"#
         ),
     };
     format!(
