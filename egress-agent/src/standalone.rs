@@ -19,7 +19,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     events,
     interfaces::{self, DesiredInterface, TcState, TcSummary},
-    kernel::{bpffs::PinLayout, maps::KernelMaps, object, tc_maps::TcMaps},
+    kernel::{agent_lock::AgentLock, bpffs::PinLayout, maps::KernelMaps, object, tc_maps::TcMaps},
     link_events::LinkEvents,
     metrics::{Owner, OwnerIndex},
     policy::config,
@@ -157,6 +157,8 @@ pub async fn run(opts: Options) -> Result<()> {
         .with_context(|| format!("policy file {}", opts.config.display()))?;
 
     opts.pins.prepare()?;
+    // Held until the process ends: teardown refuses while it is.
+    let _running = AgentLock::running(&opts.pins.root)?;
     let mut ebpf = object::load(&opts.pins)?;
     let maps = KernelMaps::from_ebpf(&mut ebpf)?;
     let tc_maps = TcMaps::from_ebpf(&mut ebpf)?;

@@ -7,10 +7,12 @@ use anyhow::{Context as _, Result};
 
 use crate::{
     cni, interfaces,
-    kernel::{attach, bpffs::PinLayout, tc_maps::TcMaps},
+    kernel::{agent_lock::AgentLock, attach, bpffs::PinLayout, tc_maps::TcMaps},
 };
 
 pub fn run(pins: &PinLayout, cni_conf_dir: &Path) -> Result<()> {
+    // Nothing is touched while an agent runs on these pins: it would put everything back.
+    let _alone = if pins.root.exists() { Some(AgentLock::exclusive(&pins.root)?) } else { None };
     // First the plugin's conflist entry: with it and without the pins below, the node would
     // refuse every new pod (the plugin takes missing pins for a node whose agent is starting).
     let unchained = cni::install::unchain(cni_conf_dir)?;

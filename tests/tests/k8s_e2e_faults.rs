@@ -9,7 +9,6 @@ use egress_tests::{
     cluster::{
         e2e::{ALLOWED, Cluster, Flood, SYSTEM, ok},
         node::NodeShape,
-        outside,
     },
     lab::text,
     sniff::Sniffer,
@@ -203,7 +202,7 @@ fn enforcement_never_lapses_through_agent_faults_and_pods_made_meanwhile_wait_fo
     );
     wait_for_new_agent(&cluster, &uid);
     // The agent back binds the held pod: it reaches the allowed name through the gateway.
-    wait_until_steered(&cluster, "late", Duration::from_secs(30), "the agent back");
+    cluster.wait_until_reaches_allowed("late", "team-a", Duration::from_secs(30), "the agent back");
     racers.check(&cluster, "the agent back");
 }
 
@@ -221,25 +220,6 @@ fn container(cluster: &Cluster, pod: &str, namespace: &str) -> (String, bool) {
     let out = ok(&out, "a pod's container");
     let (id, ready) = out.split_once(' ').unwrap_or((&out, ""));
     (id.to_owned(), ready == "true")
-}
-
-/// The steered curl from `pod` in team-a until it gets the outside's page; fails the test,
-/// saying why, when it does not within `limit`.
-fn wait_until_steered(cluster: &Cluster, pod: &str, limit: Duration, what: &str) {
-    let mut last = None;
-    let reached = egress_tests::poll_until(limit, || {
-        let out = cluster.curl(pod, "team-a", &["--max-time", "5", &format!("https://{ALLOWED}/")]);
-        let done = String::from_utf8_lossy(&out.stdout) == "200 000";
-        last = Some(out);
-        done
-    });
-    assert!(
-        reached,
-        "{what}: {pod} never reached {ALLOWED}: {}\n{}\n{}",
-        last.as_ref().map(text).unwrap_or_default(),
-        text(&cluster.kubectl(&["get", "pods", "-A", "-o", "wide"])),
-        cluster.agent_state()
-    );
 }
 
 #[test]
@@ -276,18 +256,6 @@ fn after_a_node_reboot_no_pod_of_an_enforced_namespace_runs_unenforced() {
     racers.check(&cluster, "after the reboot");
     // Enforced, not just cut off: the enforced pod is steered to the gateway again, and its
     // UDP to the outside is refused at the socket.
-    wait_until_steered(&cluster, "client", Duration::from_secs(60), "after the reboot");
-    let udp = cluster.exec(
-        "client",
-        "team-a",
-        &[
-            "python3",
-            "-c",
-            &format!(
-                "import errno, socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ntry:\n    s.sendto(b'x', ('{}', 443)); print('sent')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])",
-                outside::host(5)
-            ),
-        ],
-    );
-    assert_eq!(ok(&udp, "UDP to 443 after the reboot").trim(), "EPERM");
+    cluster.wait_until_reaches_allowed("client", "team-a", Duration::from_secs(60), "after the reboot");
+    assert_eq!(cluster.udp_to_443("client", "team-a"), "EPERM", "UDP to 443 after the reboot");
 }

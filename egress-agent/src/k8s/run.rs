@@ -35,7 +35,7 @@ use crate::{
     },
     events,
     http::{self, Health},
-    kernel::{bpffs::PinLayout, maps::KernelMaps, object, tc_maps::TcMaps},
+    kernel::{agent_lock::AgentLock, bpffs::PinLayout, maps::KernelMaps, object, tc_maps::TcMaps},
     link_events::LinkEvents,
     metrics::{Metrics, Owner, OwnerIndex},
     standalone::{watch_dir, watch_file},
@@ -94,6 +94,8 @@ pub async fn run(opts: Options) -> Result<()> {
         .context("connecting to the Kubernetes API (in-cluster service account, or KUBECONFIG)")?;
 
     opts.pins.prepare_host_mounted()?;
+    // Held until the process ends: teardown refuses while it is.
+    let _running = AgentLock::running(&opts.pins.root)?;
     let mut ebpf = object::load(&opts.pins)?;
     let maps = KernelMaps::from_ebpf(&mut ebpf)?;
     let tc_maps = TcMaps::from_ebpf(&mut ebpf)?;

@@ -1,5 +1,6 @@
 //! Everything that touches the kernel: bpffs pins, the embedded object, maps and links.
 
+pub mod agent_lock;
 pub mod attach;
 pub mod bpffs;
 pub mod maps;

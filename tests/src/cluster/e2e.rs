@@ -256,6 +256,51 @@ impl Cluster {
         self.exec(pod, namespace, &command)
     }
 
+    /// A python program in a client pod.
+    pub fn python(&self, pod: &str, namespace: &str, program: &str) -> Output {
+        self.exec(pod, namespace, &["python3", "-c", program])
+    }
+
+    /// What a UDP datagram from `pod` to the outside's port 443 (QUIC) gets: `sent` or the
+    /// errno's name.
+    pub fn udp_to_443(&self, pod: &str, namespace: &str) -> String {
+        let program = format!(
+            "import errno, socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ntry:\n    s.sendto(b'x', ('{}', 443)); print('sent')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])",
+            outside::host(5)
+        );
+        ok(&self.python(pod, namespace, &program), "UDP to 443").trim().to_owned()
+    }
+
+    /// What a TCP connect from `pod` to the outside's `port` gets: `connected` or the errno's
+    /// name (EPERM: refused by the kernel at connect, before any packet).
+    pub fn tcp_connect(&self, pod: &str, namespace: &str, port: u16) -> String {
+        let program = format!(
+            "import errno, socket\ntry:\n    socket.create_connection(('{}', {port}), 5); print('connected')\nexcept OSError as e:\n    print(errno.errorcode.get(e.errno, e))",
+            outside::host(5)
+        );
+        ok(&self.python(pod, namespace, &program), "a TCP connect").trim().to_owned()
+    }
+
+    /// Polls unmodified `curl https://ALLOWED/` from `pod` (steered when the namespace is
+    /// enforced) until it gets the outside's page; fails the test, showing the pods and the
+    /// agent, when it does not within `limit`.
+    pub fn wait_until_reaches_allowed(&self, pod: &str, namespace: &str, limit: Duration, what: &str) {
+        let mut last = None;
+        let reached = crate::poll_until(limit, || {
+            let out = self.curl(pod, namespace, &["--max-time", "5", &format!("https://{ALLOWED}/")]);
+            let done = String::from_utf8_lossy(&out.stdout).starts_with("200 ");
+            last = Some(out);
+            done
+        });
+        assert!(
+            reached,
+            "{what}: {namespace}/{pod} never reached {ALLOWED}: {}\n{}\n{}",
+            last.as_ref().map(text).unwrap_or_default(),
+            text(&self.kubectl(&["get", "pods", "-A", "-o", "wide"])),
+            self.agent_state()
+        );
+    }
+
     /// The agent's pod on the node: its name and UID (None while there is none).
     /// What the agent says and what it has in place (its log's end and `egress-agent inspect`),
     /// for failure messages.
@@ -337,6 +382,11 @@ spec:
         image = images::CLIENT_IMAGE,
         test_files = test_files.display(),
     )
+}
+
+/// `manifest` (a [`client_pod`]) in the node's network namespace.
+pub fn on_host_network(manifest: &str) -> String {
+    manifest.replacen("spec:\n", "spec:\n  hostNetwork: true\n  dnsPolicy: ClusterFirstWithHostNet\n", 1)
 }
 
 /// What tests/images/flood.py sends: datagrams to `dgram_port` and hand-built frames to

@@ -101,6 +101,8 @@ pub struct Node {
 /// The node's containerd and kubelet configuration files, under its directory.
 const CONTAINERD_CONFIG: &str = "containerd.toml";
 const KUBELET_CONFIG: &str = "kubelet.yaml";
+/// The kubelet's static pod manifests, under the node's directory.
+const STATIC_PODS: &str = "manifests";
 /// The bridge of a bridged pod network.
 const BRIDGE: &str = "egfw-br0";
 
@@ -135,6 +137,7 @@ impl Node {
             Outside::create(&plane.ns, plane.ns.name.trim_start_matches("egfw-cp-"), &dir.join("outside"))?;
         let containerd_socket = dir.join("containerd/containerd.sock");
         fs::create_dir_all(dir.join("containerd"))?;
+        fs::create_dir_all(dir.join(STATIC_PODS))?;
         fs::write(dir.join(CONTAINERD_CONFIG), containerd_toml(&dir, &containerd_socket))?;
         plane.pki.client("kubelet", &format!("system:node:{NODE_NAME}"), &["system:nodes"])?;
         fs::write(
@@ -261,6 +264,13 @@ impl Node {
             bail!("ctr images import {path}: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(())
+    }
+
+    /// Gives the kubelet a static pod: `manifest` in its manifest directory as `<name>.yaml`.
+    /// Its mirror pod in the API is `<pod's name>-<NODE_NAME>`.
+    pub fn add_static_pod(&self, name: &str, manifest: &str) -> Result<()> {
+        let path = self.dir.join(STATIC_PODS).join(format!("{name}.yaml"));
+        fs::write(&path, manifest).with_context(|| format!("writing {}", path.display()))
     }
 
     /// The last lines of the kubelet's or containerd's log.
@@ -518,6 +528,7 @@ failSwapOn: false
 clusterDomain: cluster.local
 clusterDNS: [{CLUSTER_DNS}]
 podLogsDirectory: {logs}
+staticPodPath: {manifests}
 healthzBindAddress: 127.0.0.1
 readOnlyPort: 0
 # Images cannot be pulled back here: never collect them, never evict for disk.
@@ -529,5 +540,6 @@ evictionHard:
 "#,
         socket = containerd_socket.display(),
         logs = dir.join("pod-logs").display(),
+        manifests = dir.join(STATIC_PODS).display(),
     )
 }

@@ -82,12 +82,23 @@ impl Outside {
             "outside.key",
         ]);
         self.procs.spawn("https", cmd)?;
-        let ns = &self.ns;
-        self.procs.wait_for("the outside's HTTPS server", Duration::from_secs(10), "https", || {
-            ns.within(|| {
-                TcpStream::connect_timeout(&SocketAddr::from((host(1), 443)), Duration::from_secs(1)).is_ok()
-            })
-        })?;
+        let mut cmd = self.ns.command("python3", None);
+        cmd.args(["-m", "http.server", "--bind", "0.0.0.0", "--directory"]).arg(dir).arg("80");
+        self.procs.spawn("http", cmd)?;
+        for (name, port) in [("https", 443), ("http", 80)] {
+            let ns = &self.ns;
+            self.procs.wait_for(
+                &format!("the outside's {name} server"),
+                Duration::from_secs(10),
+                name,
+                || {
+                    ns.within(|| {
+                        TcpStream::connect_timeout(&SocketAddr::from((host(1), port)), Duration::from_secs(1))
+                            .is_ok()
+                    })
+                },
+            )?;
+        }
         Ok(dir.join("ca.crt"))
     }
 }
