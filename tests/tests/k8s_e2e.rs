@@ -4,7 +4,7 @@
 
 use egress_tests::{
     cluster::{
-        e2e::{ALLOWED, Cluster, DENIED, Flood, GATEWAY_PODS, SYSTEM, ok},
+        e2e::{ALLOWED, Cluster, DENIED, Flood, GATEWAY_PODS, SYSTEM, allow_rule, ok},
         node::{NodeShape, POD_CIDR, PodNetwork},
         outside,
     },
@@ -153,4 +153,58 @@ fn enforced_pod(network: PodNetwork, tag: &str) {
             "nothing on port {port} arrived from the unenforced pod (the check could not fail); it said:\n{flooded}"
         );
     }
+}
+
+/// The gateway's ConfigMap edited, nothing restarted: the kubelet updates the mounted file (by
+/// swapping the volume's `..data` link) and the gateway applies the new rules to new
+/// connections; its pods stay the same ones.
+#[test]
+fn a_gateway_configmap_edit_applies_without_a_restart() {
+    let mut cluster = Cluster::start("e2e-reload", NodeShape::default());
+    cluster.outside_and_dns();
+    cluster.deploy();
+    cluster.allow("team-a");
+    cluster.opt_in("team-a", "enforce");
+    cluster.run_pod("client", "team-a");
+    let proxy = format!("http://{}:3128", cluster.gateway_ip());
+    let connect = |host: &str| {
+        let out = cluster.curl("client", "team-a", &["-x", &proxy, &format!("https://{host}/")]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(connect(DENIED), "000 403", "before the edit");
+    let pods = |what: &str| {
+        ok(
+            &cluster.kubectl(&[
+                "get",
+                "pods",
+                "-n",
+                SYSTEM,
+                "-l",
+                GATEWAY_PODS,
+                "-o",
+                "jsonpath={range .items[*]}{.metadata.uid}/{.status.containerStatuses[0].restartCount} {end}",
+            ]),
+            what,
+        )
+    };
+    let before = pods("the gateway's pods");
+
+    cluster.edit_gateway_rules(&allow_rule("team-a", &[ALLOWED, DENIED]));
+    // The kubelet refreshes ConfigMap volumes on its pod sync (every 10 s on this node).
+    let mut last = String::new();
+    let applied = egress_tests::poll_until(std::time::Duration::from_secs(90), || {
+        last = connect(DENIED);
+        last == "200 200"
+    });
+    assert!(
+        applied,
+        "the edited rules never applied without a restart (last: {last}); the gateway's log:\n{}",
+        text(&cluster.kubectl(&["logs", "-n", SYSTEM, "-l", GATEWAY_PODS, "--tail=20"]))
+    );
+    assert_eq!(
+        pods("the gateway's pods after the edit"),
+        before,
+        "the gateway's pods were replaced or restarted"
+    );
+    assert_eq!(connect(ALLOWED), "200 200", "the rule that was there before still applies");
 }

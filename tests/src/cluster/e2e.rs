@@ -158,6 +158,17 @@ impl Cluster {
 
     /// Replaces the gateway's rules with `rules` (YAML list items) and restarts it.
     pub fn gateway_rules(&self, rules: &str) {
+        self.edit_gateway_rules(rules);
+        ok(
+            &self.kubectl(&["rollout", "restart", "deployment/egress-gateway", "-n", SYSTEM]),
+            "restarting the gateway",
+        );
+        self.rollout("deployment/egress-gateway");
+    }
+
+    /// Replaces the gateway's rules with `rules` (YAML list items) in its ConfigMap, nothing
+    /// more: the kubelet updates the mounted file, the gateway reloads it.
+    pub fn edit_gateway_rules(&self, rules: &str) {
         let current = ok(
             &self.kubectl(&[
                 "get",
@@ -188,18 +199,11 @@ impl Cluster {
             ]),
             "patching the gateway's rules",
         );
-        ok(
-            &self.kubectl(&["rollout", "restart", "deployment/egress-gateway", "-n", SYSTEM]),
-            "restarting the gateway",
-        );
-        self.rollout("deployment/egress-gateway");
     }
 
     /// Lets namespace `namespace` reach [`ALLOWED`] on 443 through the gateway.
     pub fn allow(&self, namespace: &str) {
-        self.gateway_rules(&format!(
-            "      - namespaces: [{namespace}]\n        hosts: [\"{ALLOWED}\"]\n        ports: [443]\n"
-        ));
+        self.gateway_rules(&allow_rule(namespace, &[ALLOWED]));
     }
 
     /// Labels `namespace` (created) with `mode` and waits until the node's CNI plugin knows it
@@ -328,6 +332,15 @@ impl Cluster {
         let (name, uid) = out.lines().next()?.split_once(' ')?;
         Some((name.to_owned(), uid.to_owned()))
     }
+}
+
+/// A gateway rule (YAML list item): `namespace` may reach `hosts` on 443.
+pub fn allow_rule(namespace: &str, hosts: &[&str]) -> String {
+    let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
+    format!(
+        "      - namespaces: [{namespace}]\n        hosts: [{}]\n        ports: [443]\n",
+        hosts.join(", ")
+    )
 }
 
 pub fn deploy_dir() -> PathBuf {

@@ -529,6 +529,9 @@ clusterDomain: cluster.local
 clusterDNS: [{CLUSTER_DNS}]
 podLogsDirectory: {logs}
 staticPodPath: {manifests}
+# ConfigMap volumes are refreshed on the pod sync: every 10 s rather than the default minute, so
+# a test of a configuration edit waits less (what it shows does not change).
+syncFrequency: 10s
 healthzBindAddress: 127.0.0.1
 readOnlyPort: 0
 # Images cannot be pulled back here: never collect them, never evict for disk.
