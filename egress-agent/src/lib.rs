@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 pub mod cni;
+pub mod crd;
 pub mod events;
 pub mod gateway;
 pub mod http;

@@ -97,6 +97,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the CustomResourceDefinitions of egressfw's policy resources (the YAML shipped in
+    /// deploy/base/crds/).
+    Crds,
     /// Remove every link and map egressfw pinned, and the CNI plugin's conflist entry:
     /// enforcement stops.
     Teardown {
@@ -191,5 +194,9 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Teardown { cni_conf_dir } => teardown::run(&pins, &cni_conf_dir),
+        Command::Crds => {
+            print!("{}", egress_agent::crd::manifest()?);
+            Ok(())
+        }
     }
 }

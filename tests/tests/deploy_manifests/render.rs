@@ -309,6 +309,7 @@ pub(crate) fn kind_of(o: &Object) -> Result<Kind> {
         kind::<PodDisruptionBudget>(),
         kind::<ValidatingAdmissionPolicy>(),
         kind::<ValidatingAdmissionPolicyBinding>(),
+        kind::<CustomResourceDefinition>(),
     ]
     .into_iter()
     .find(|known| Some(known.api_version) == api_version && Some(known.kind) == k)
@@ -334,6 +335,8 @@ pub(crate) fn lost_in_round_trip(original: &Value, typed: &Value, at: &str) -> O
             .enumerate()
             .find_map(|(i, (v, w))| lost_in_round_trip(v, w, &format!("{at}[{i}]"))),
         _ if original == typed => None,
+        // The API types hold some numbers as floats (a schema's `maximum`): 65535 is 65535.0.
+        (Value::Number(a), Value::Number(b)) if a.as_f64() == b.as_f64() => None,
         _ => Some(format!("{at} ({original} became {typed})")),
     }
 }
