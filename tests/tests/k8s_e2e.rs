@@ -66,11 +66,7 @@ fn an_enforced_pod_on_a_bridge_reaches_the_outside_only_through_the_gateway() {
 }
 
 fn enforced_pod(network: PodNetwork, tag: &str) {
-    let mut cluster = Cluster::start(tag, NodeShape { network, ..NodeShape::default() });
-    cluster.outside_and_dns();
-    cluster.deploy();
-    cluster.allow("team-a");
-    cluster.opt_in("team-a", "enforce");
+    let cluster = Cluster::enforcing(tag, NodeShape { network, ..NodeShape::default() });
     cluster.run_pod("client", "team-a");
     let proxy = format!("http://{}:3128", cluster.gateway_ip());
     let curl = |args: &[&str]| cluster.curl("client", "team-a", args);
@@ -160,11 +156,7 @@ fn enforced_pod(network: PodNetwork, tag: &str) {
 /// connections; its pods stay the same ones.
 #[test]
 fn a_gateway_configmap_edit_applies_without_a_restart() {
-    let mut cluster = Cluster::start("e2e-reload", NodeShape::default());
-    cluster.outside_and_dns();
-    cluster.deploy();
-    cluster.allow("team-a");
-    cluster.opt_in("team-a", "enforce");
+    let cluster = Cluster::enforcing("e2e-reload", NodeShape::default());
     cluster.run_pod("client", "team-a");
     let proxy = format!("http://{}:3128", cluster.gateway_ip());
     let connect = |host: &str| {
@@ -172,22 +164,14 @@ fn a_gateway_configmap_edit_applies_without_a_restart() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     assert_eq!(connect(DENIED), "000 403", "before the edit");
-    let pods = |what: &str| {
-        ok(
-            &cluster.kubectl(&[
-                "get",
-                "pods",
-                "-n",
-                SYSTEM,
-                "-l",
-                GATEWAY_PODS,
-                "-o",
-                "jsonpath={range .items[*]}{.metadata.uid}/{.status.containerStatuses[0].restartCount} {end}",
-            ]),
-            what,
+    let pods = || {
+        cluster.get(
+            &["pods", "-l", GATEWAY_PODS],
+            SYSTEM,
+            "{range .items[*]}{.metadata.uid}/{.status.containerStatuses[0].restartCount} {end}",
         )
     };
-    let before = pods("the gateway's pods");
+    let before = pods();
 
     cluster.edit_gateway_rules(&allow_rule("team-a", &[ALLOWED, DENIED]));
     // The kubelet refreshes ConfigMap volumes on its pod sync (every 10 s on this node).
@@ -201,10 +185,6 @@ fn a_gateway_configmap_edit_applies_without_a_restart() {
         "the edited rules never applied without a restart (last: {last}); the gateway's log:\n{}",
         text(&cluster.kubectl(&["logs", "-n", SYSTEM, "-l", GATEWAY_PODS, "--tail=20"]))
     );
-    assert_eq!(
-        pods("the gateway's pods after the edit"),
-        before,
-        "the gateway's pods were replaced or restarted"
-    );
+    assert_eq!(pods(), before, "the gateway's pods were replaced or restarted");
     assert_eq!(connect(ALLOWED), "200 200", "the rule that was there before still applies");
 }

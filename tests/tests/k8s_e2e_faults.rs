@@ -68,18 +68,8 @@ impl Racers {
 
 /// The agent container's process, as containerd knows it.
 fn agent_pid(cluster: &Cluster, pod: &str) -> u32 {
-    let id = ok(
-        &cluster.kubectl(&[
-            "get",
-            "pod",
-            pod,
-            "-n",
-            SYSTEM,
-            "-o",
-            r#"jsonpath={.status.containerStatuses[?(@.name=="agent")].containerID}"#,
-        ]),
-        "the agent's container ID",
-    );
+    let id =
+        cluster.get(&["pod", pod], SYSTEM, r#"{.status.containerStatuses[?(@.name=="agent")].containerID}"#);
     let id = id.trim().trim_start_matches("containerd://");
     let tasks = cluster.node.ctr(&["tasks", "ls"]).unwrap_or_else(|e| panic!("{e:#}"));
     let tasks = ok(&tasks, "ctr tasks ls");
@@ -103,25 +93,14 @@ fn wait_for_new_agent(cluster: &Cluster, old_uid: &str) -> String {
 }
 
 fn restarts(cluster: &Cluster, pod: &str) -> u32 {
-    let out = cluster.kubectl(&[
-        "get",
-        "pod",
-        pod,
-        "-n",
-        SYSTEM,
-        "-o",
-        r#"jsonpath={.status.containerStatuses[?(@.name=="agent")].restartCount}"#,
-    ]);
-    ok(&out, "the agent's restart count").trim().parse().unwrap_or(0)
+    let count =
+        cluster.get(&["pod", pod], SYSTEM, r#"{.status.containerStatuses[?(@.name=="agent")].restartCount}"#);
+    count.trim().parse().unwrap_or(0)
 }
 
 #[test]
 fn enforcement_never_lapses_through_agent_faults_and_pods_made_meanwhile_wait_for_the_agent() {
-    let mut cluster = Cluster::start("e2e-faults", NodeShape::default());
-    cluster.outside_and_dns();
-    cluster.deploy();
-    cluster.allow("team-a");
-    cluster.opt_in("team-a", "enforce");
+    let cluster = Cluster::enforcing("e2e-faults", NodeShape::default());
     let racers = Racers::start(&cluster);
     racers.check(&cluster, "before any fault");
 
@@ -160,10 +139,7 @@ fn enforcement_never_lapses_through_agent_faults_and_pods_made_meanwhile_wait_fo
     );
     cluster.rollout("daemonset/egress-agent");
     let (pod, uid) = cluster.agent_pod().expect("the agent's pod");
-    let running = ok(
-        &cluster.kubectl(&["get", "pod", &pod, "-n", SYSTEM, "-o", "jsonpath={.spec.containers[0].image}"]),
-        "the agent's image",
-    );
+    let running = cluster.get(&["pod", &pod], SYSTEM, "{.spec.containers[0].image}");
     assert_eq!(running, image, "the rolled agent runs another image");
     racers.check(&cluster, "the agent rolled to another build");
 
@@ -208,27 +184,18 @@ fn enforcement_never_lapses_through_agent_faults_and_pods_made_meanwhile_wait_fo
 
 /// The ID of `pod`'s (first) container and whether it is ready.
 fn container(cluster: &Cluster, pod: &str, namespace: &str) -> (String, bool) {
-    let out = cluster.kubectl(&[
-        "get",
-        "pod",
-        pod,
-        "-n",
+    let out = cluster.get(
+        &["pod", pod],
         namespace,
-        "-o",
-        "jsonpath={.status.containerStatuses[0].containerID} {.status.containerStatuses[0].ready}",
-    ]);
-    let out = ok(&out, "a pod's container");
+        "{.status.containerStatuses[0].containerID} {.status.containerStatuses[0].ready}",
+    );
     let (id, ready) = out.split_once(' ').unwrap_or((&out, ""));
     (id.to_owned(), ready == "true")
 }
 
 #[test]
 fn after_a_node_reboot_no_pod_of_an_enforced_namespace_runs_unenforced() {
-    let mut cluster = Cluster::start("e2e-boot", NodeShape::default());
-    cluster.outside_and_dns();
-    cluster.deploy();
-    cluster.allow("team-a");
-    cluster.opt_in("team-a", "enforce");
+    let mut cluster = Cluster::enforcing("e2e-boot", NodeShape::default());
     cluster.run_pod("client", "team-a");
     let racers = Racers::start(&cluster);
     racers.check(&cluster, "before the reboot");

@@ -85,12 +85,8 @@ fn debug_teardown(cluster: &Cluster) -> (String, String) {
 /// - a pod of a namespace that did not opt in: untouched.
 #[test]
 fn a_static_pod_a_host_network_pod_and_an_unenforced_pod_behave_as_the_readme_says() {
-    let mut cluster =
-        Cluster::start("e2e-shapes", NodeShape { proxy: ProxyMode::Nftables, ..NodeShape::default() });
-    cluster.outside_and_dns();
-    cluster.deploy();
-    cluster.allow("team-a");
-    cluster.opt_in("team-a", "enforce");
+    let cluster =
+        Cluster::enforcing("e2e-shapes", NodeShape { proxy: ProxyMode::Nftables, ..NodeShape::default() });
     ok(&cluster.kubectl(&["create", "namespace", "free"]), "creating a namespace");
 
     let files = cluster.test_files();

@@ -57,8 +57,29 @@ impl Cluster {
         Self { node, plane, dir }
     }
 
+    /// [`Cluster::start`], then what the enforcement tests all begin with: the outside and the
+    /// cluster DNS, deploy/ applied, and namespace `team-a` in `enforce` mode, allowed to reach
+    /// [`ALLOWED`] through the gateway.
+    pub fn enforcing(tag: &str, shape: NodeShape) -> Self {
+        let mut cluster = Self::start(tag, shape);
+        cluster.outside_and_dns();
+        cluster.deploy();
+        cluster.allow("team-a");
+        cluster.opt_in("team-a", "enforce");
+        cluster
+    }
+
     pub fn kubectl(&self, args: &[&str]) -> Output {
         self.plane.kubectl(args)
+    }
+
+    /// `kubectl get <what> -n <namespace> -o jsonpath=<path>`, which must succeed.
+    pub fn get(&self, what: &[&str], namespace: &str, path: &str) -> String {
+        let mut args = vec!["get"];
+        args.extend_from_slice(what);
+        let output = format!("jsonpath={path}");
+        args.extend_from_slice(&["-n", namespace, "-o", &output]);
+        ok(&self.kubectl(&args), &format!("kubectl get {} ({path})", what.join(" ")))
     }
 
     /// `kubectl apply -f -` of `manifest`, which must succeed.
@@ -169,18 +190,7 @@ impl Cluster {
     /// Replaces the gateway's rules with `rules` (YAML list items) in its ConfigMap, nothing
     /// more: the kubelet updates the mounted file, the gateway reloads it.
     pub fn edit_gateway_rules(&self, rules: &str) {
-        let current = ok(
-            &self.kubectl(&[
-                "get",
-                "configmap",
-                "egress-gateway-config",
-                "-n",
-                SYSTEM,
-                "-o",
-                r"jsonpath={.data.gateway\.yaml}",
-            ]),
-            "reading the gateway's configuration",
-        );
+        let current = self.get(&["configmap", "egress-gateway-config"], SYSTEM, r"{.data.gateway\.yaml}");
         let start = current.find("rules:").expect("the shipped configuration has rules");
         let end = start + current[start..].find("blockedCidrs:").expect("blockedCidrs follows the rules");
         let edited = format!("{}rules:\n{rules}{}", &current[..start], &current[end..]);
@@ -318,17 +328,11 @@ impl Cluster {
     }
 
     pub fn agent_pod(&self) -> Option<(String, String)> {
-        let out = self.kubectl(&[
-            "get",
-            "pods",
-            "-n",
+        let out = self.get(
+            &["pods", "-l", AGENT_PODS],
             SYSTEM,
-            "-l",
-            AGENT_PODS,
-            "-o",
-            "jsonpath={range .items[*]}{.metadata.name} {.metadata.uid}{\"\\n\"}{end}",
-        ]);
-        let out = ok(&out, "listing the agent's pods");
+            "{range .items[*]}{.metadata.name} {.metadata.uid}{\"\\n\"}{end}",
+        );
         let (name, uid) = out.lines().next()?.split_once(' ')?;
         Some((name.to_owned(), uid.to_owned()))
     }
