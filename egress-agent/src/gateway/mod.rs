@@ -40,6 +40,7 @@ pub mod sniffed_io;
 pub mod state;
 pub mod target;
 pub mod tcp_forward;
+pub mod tiers;
 pub mod tls_hello;
 pub mod tls_passthrough;
 pub mod upstream_checks;
