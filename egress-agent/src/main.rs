@@ -100,6 +100,29 @@ enum Command {
     /// Print the CustomResourceDefinitions of egressfw's policy resources (the YAML shipped in
     /// deploy/base/crds/).
     Crds,
+    /// How the gateway would decide a connection from a namespace, step by step, by the policy
+    /// resources (ClusterEgressPolicy, EgressPolicy) and optionally its configuration file.
+    /// Exit status 0: allowed; 2: denied; 1: the question could not be answered.
+    Explain {
+        /// The client's namespace.
+        namespace: String,
+        /// `host[:port]` as the client would ask for it (CONNECT, SNI, Host); port 443 if omitted.
+        destination: String,
+        /// A label of the client pod, `key=value`; repeat for more.
+        #[arg(long = "pod-label")]
+        pod_labels: Vec<String>,
+        /// How the connection reaches the gateway: Connect, TlsPassthrough, TlsOrigination or
+        /// TcpForward.
+        #[arg(long, default_value = "Connect")]
+        via: String,
+        /// The gateway's configuration file: its rules decide first, as in the gateway.
+        #[arg(long)]
+        gateway_config: Option<PathBuf>,
+        /// YAML files with the objects (ClusterEgressPolicy, EgressPolicy, Namespace; `kubectl
+        /// get -o yaml` lists too); default: the cluster of the kubeconfig.
+        #[arg(long = "file", short = 'f')]
+        files: Vec<PathBuf>,
+    },
     /// Remove every link and map egressfw pinned, and the CNI plugin's conflist entry:
     /// enforcement stops.
     Teardown {
@@ -194,6 +217,14 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Teardown { cni_conf_dir } => teardown::run(&pins, &cni_conf_dir),
+        Command::Explain { namespace, destination, pod_labels, via, gateway_config, files } => {
+            let question =
+                gateway::explain::Question { namespace, destination, pod_labels, via, gateway_config };
+            if !gateway::explain::run(&question, &files)? {
+                std::process::exit(2);
+            }
+            Ok(())
+        }
         Command::Crds => {
             print!("{}", egress_agent::crd::manifest()?);
             Ok(())

@@ -313,7 +313,8 @@ impl GatewayLab {
         let kubeconfig = self.dir().join("kubeconfig");
         api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
         let config = base_config(&self.ca, 100)
-            .replace("sources:\n  static:", "sources:\n  kubernetes: true\n  static:")
+            // The fake API server serves pods only: no policy resources to wait for.
+            .replace("sources:\n  static:", "policyResources: false\nsources:\n  kubernetes: true\n  static:")
             .replace("limits:", &format!("  - namespaces: [team-c]\n    hosts: [{team_c_host}]\nlimits:"));
         let gw = self
             .try_start_with_env(&config, &[("KUBECONFIG", &kubeconfig)])

@@ -260,7 +260,7 @@ fn free_local_port() -> SocketAddr {
 
 /// A Kubernetes node mounts bpffs at /sys/fs/bpf (systemd does); the node agent relies on it
 /// and refuses to mount one itself.
-fn ensure_host_bpffs() {
+pub fn ensure_host_bpffs() {
     let out = std::process::Command::new("stat").args(["-f", "-c", "%T", "/sys/fs/bpf"]).output();
     if out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "bpf_fs") {
         return;

@@ -188,3 +188,122 @@ fn a_gateway_configmap_edit_applies_without_a_restart() {
     assert_eq!(pods(), before, "the gateway's pods were replaced or restarted");
     assert_eq!(connect(ALLOWED), "200 200", "the rule that was there before still applies");
 }
+
+/// The policy resources on the real API server, as the deployed gateway reads them: a namespace's
+/// own EgressPolicy opens a host only while a ClusterEgressPolicy passes that host to it (by the
+/// namespace's labels), an Admin Deny outranks it, and an edit the gateway cannot use keeps the
+/// last good generation in force. Every change applies to new connections, nothing restarts.
+#[test]
+fn policy_resources_open_only_what_the_platform_delegated() {
+    let cluster = Cluster::enforcing("e2e-policies", NodeShape::default());
+    cluster.run_pod("client", "team-a");
+    let proxy = format!("http://{}:3128", cluster.gateway_ip());
+    let connect = || {
+        let out = cluster.curl("client", "team-a", &["-x", &proxy, &format!("https://{DENIED}/")]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let gateway_log = || text(&cluster.kubectl(&["logs", "-n", SYSTEM, "-l", GATEWAY_PODS, "--tail=30"]));
+    // Polls until the host answers `want` (the change has reached the gateway).
+    let expect = |want: &str, step: &str| {
+        let started = std::time::Instant::now();
+        let mut last = String::new();
+        let reached = egress_tests::poll_until(std::time::Duration::from_secs(30), || {
+            last = connect();
+            last == want
+        });
+        assert!(
+            reached,
+            "{step}: {DENIED} answered {last:?}, not {want:?}; the gateway's log:\n{}",
+            gateway_log()
+        );
+        eprintln!("{step}: {want} after {:.1?}", started.elapsed());
+    };
+    let label = |value: &str| {
+        ok(&cluster.kubectl(&["label", "namespace", "team-a", value, "--overwrite"]), "labelling")
+    };
+    expect("000 403", "no policy yet");
+
+    cluster.apply(&delegation(), "the platform's delegation");
+    cluster.apply(&team_policy(), "team-a's own policy");
+    label("egress=self-service");
+    expect("200 200", "delegated to team-a, which accepts it");
+    label("egress-");
+    expect("000 403", "team-a no longer in the delegation (its label removed)");
+    label("egress=self-service");
+    expect("200 200", "labelled again");
+
+    cluster.apply(&admin_deny("In"), "an Admin Deny at a higher priority");
+    expect("000 403", "the Admin Deny outranks the delegation");
+    let log = gateway_log();
+    assert!(
+        log.contains("denied_by_policy") && log.contains("ClusterEgressPolicy/no-partner#partner"),
+        "the access log does not name the Deny that decided:\n{log}"
+    );
+
+    // An operator the API server lets through (the schema cannot list them) but the gateway
+    // cannot evaluate: both replicas say so, and the Deny's first generation stays in force.
+    cluster.apply(&admin_deny("Near"), "a Deny the gateway cannot use");
+    let replicas =
+        cluster.get(&["pods", "-l", GATEWAY_PODS], SYSTEM, "{range .items[*]}{.metadata.name} {end}");
+    for pod in replicas.split_whitespace() {
+        let mut seen = String::new();
+        let refused = egress_tests::poll_until(std::time::Duration::from_secs(30), || {
+            seen = text(&cluster.kubectl(&["logs", "-n", SYSTEM, pod]));
+            seen.contains("policy refused") && seen.contains("generation 1 stays in force")
+        });
+        assert!(refused, "gateway {pod} never reported the unusable Deny; its log:\n{seen}");
+    }
+    for _ in 0..4 {
+        assert_eq!(connect(), "000 403", "the last good Deny was dropped with its bad edit");
+    }
+
+    ok(&cluster.kubectl(&["delete", "clusteregresspolicy", "no-partner"]), "deleting the Deny");
+    expect("200 200", "the Deny deleted");
+}
+
+/// Admin: namespaces labelled `egress=self-service` may allow DENIED on 443 for themselves.
+fn delegation() -> String {
+    format!(
+        r"apiVersion: egressfw.io/v1alpha1
+kind: ClusterEgressPolicy
+metadata: {{name: self-service}}
+spec:
+  tier: Admin
+  priority: 50
+  subject: {{namespaces: {{matchLabels: {{egress: self-service}}}}}}
+  egress:
+    - {{name: partner, action: Pass, to: [{{domainNames: ['{DENIED}']}}], ports: [{{port: 443}}]}}
+"
+    )
+}
+
+/// team-a accepts DENIED for all its pods.
+fn team_policy() -> String {
+    format!(
+        r"apiVersion: egressfw.io/v1alpha1
+kind: EgressPolicy
+metadata: {{name: partner, namespace: team-a}}
+spec:
+  podSelector: {{}}
+  egress:
+    - {{name: partner, action: Accept, to: [{{domainNames: ['{DENIED}']}}]}}
+"
+    )
+}
+
+/// Admin, ahead of the delegation: DENIED is denied to every namespace (`operator`: of the
+/// subject's selector, `In` or one the gateway cannot evaluate).
+fn admin_deny(operator: &str) -> String {
+    format!(
+        r"apiVersion: egressfw.io/v1alpha1
+kind: ClusterEgressPolicy
+metadata: {{name: no-partner}}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {{namespaces: {{matchExpressions: [{{key: kubernetes.io/metadata.name, operator: {operator}, values: [team-a]}}]}}}}
+  egress:
+    - {{name: partner, action: Deny, to: [{{domainNames: ['{DENIED}']}}]}}
+"
+    )
+}

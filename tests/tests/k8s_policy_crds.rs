@@ -2,7 +2,8 @@
 //! objects are accepted, and the API server itself refuses bad ones (OpenAPI schema and CEL in
 //! the CRDs) with the message a user sees on `kubectl apply`. App teams may manage
 //! `EgressPolicy` in their namespace through the built-in `edit` role, and not
-//! `ClusterEgressPolicy`.
+//! `ClusterEgressPolicy`. `egress-agent explain` reads the objects from the API server and says
+//! how the gateway would decide.
 
 use std::process::Output;
 
@@ -88,6 +89,8 @@ fn the_policy_crds_install_accept_good_objects_and_refuse_bad_ones_with_clear_me
     for good in [GOOD_CLUSTER_POLICY, GOOD_NAMESPACE_POLICY] {
         ok(&plane.kubectl_with_input(&["apply", "-f", "-"], good), "applying a valid policy");
     }
+
+    explain_reads_the_objects_from_the_api_server(&plane, &dir);
 
     let refused: Vec<(&str, String, &str)> = vec![
         (
@@ -195,4 +198,49 @@ fn the_policy_crds_install_accept_good_objects_and_refuse_bad_ones_with_clear_me
         "team-a",
     ]);
     assert_eq!(String::from_utf8_lossy(&status.stdout).trim(), "no", "status is egressfw's to write");
+}
+
+/// `egress-agent explain` against the API server (its kubeconfig), with and without the
+/// gateway's file: the exit status says allowed (0) or denied (2), the text names the rules.
+fn explain_reads_the_objects_from_the_api_server(plane: &ControlPlane, dir: &TempDir) {
+    ok(&plane.kubectl(&["label", "namespace", "team-a", "team=a"]), "labelling team-a");
+    let gateway_file = dir.0.join("gateway.yaml");
+    std::fs::write(
+        &gateway_file,
+        "listeners: {httpProxy: {listen: \"127.0.0.1:3128\"}}\nsources: {kubernetes: true}\nrules:\n  - {namespaces: [team-a], hosts: [pastebin.com]}\n",
+    )
+    .unwrap();
+    let explain = |args: &[&str]| {
+        let mut cmd = plane.ns.command(&egress_tests::agent_bin().display().to_string(), None);
+        cmd.arg("explain").args(args).env("KUBECONFIG", &plane.admin_kubeconfig);
+        let out = cmd.output().expect("running egress-agent explain");
+        (out.status.code(), text(&out))
+    };
+    let cases: [(&[&str], i32, &str); 4] = [
+        (
+            &["team-a", "api.github.com", "--pod-label", "app=ci", "--via", "TlsPassthrough"],
+            0,
+            "ALLOWED by EgressPolicy/team-a/ci#github-api",
+        ),
+        // The namespace's rule is for TLS passthrough only.
+        (&["team-a", "api.github.com", "--pod-label", "app=ci"], 2, "DENIED: no rule decides it"),
+        (&["team-a", "pastebin.com"], 2, "DENIED by ClusterEgressPolicy/platform#no-paste-sites"),
+        (
+            &["team-a", "pastebin.com", "--gateway-config", &gateway_file.display().to_string()],
+            0,
+            "ALLOWED by the gateway file's rule pastebin.com",
+        ),
+    ];
+    for (args, status, says) in cases {
+        let (got, output) = explain(args);
+        assert!(
+            got == Some(status) && output.contains(says),
+            "explain {args:?}: exit {got:?} (want {status}), want {says:?} in:\n{output}"
+        );
+    }
+    let (_, output) =
+        explain(&["team-a", "api.github.com", "--pod-label", "app=ci", "--via", "TlsPassthrough"]);
+    assert!(output.contains("namespace labels: kubernetes.io/metadata.name=team-a, team=a"), "{output}");
+    let (got, output) = explain(&["team-a", "api.github.com", "--via", "Carrier"]);
+    assert!(got == Some(1) && output.contains("--via \"Carrier\""), "a bad --via: exit {got:?}\n{output}");
 }

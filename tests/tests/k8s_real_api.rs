@@ -87,10 +87,20 @@ fn deploy_applies_and_its_rbac_and_admission_policy_hold_on_a_real_api_server() 
         assert!(!can_i(&plane, agent, verb, resource), "the agent may {verb} {resource}: more than it needs");
     }
     let gateway = "system:serviceaccount:egressfw-system:egress-gateway";
-    for verb in ["get", "list", "watch"] {
-        assert!(can_i(&plane, gateway, verb, "pods"), "the gateway may not {verb} pods");
+    // Its watches: pods (identities), namespaces (their labels) and the policy resources.
+    for resource in ["pods", "namespaces", "clusteregresspolicies.egressfw.io", "egresspolicies.egressfw.io"]
+    {
+        for verb in ["get", "list", "watch"] {
+            assert!(can_i(&plane, gateway, verb, resource), "the gateway may not {verb} {resource}");
+        }
     }
-    for (verb, resource) in [("get", "secrets"), ("list", "namespaces"), ("create", "events")] {
+    for (verb, resource) in [
+        ("get", "secrets"),
+        ("patch", "namespaces"),
+        ("create", "events"),
+        ("update", "egresspolicies.egressfw.io"),
+        ("delete", "clusteregresspolicies.egressfw.io"),
+    ] {
         assert!(!can_i(&plane, gateway, verb, resource), "the gateway may {verb} {resource}");
     }
 
@@ -181,6 +191,8 @@ fn deploy_applies_and_its_rbac_and_admission_policy_hold_on_a_real_api_server() 
 fn the_agent_becomes_ready_with_the_rbac_deploy_ships_and_not_without_it() {
     let dir = TempDir::new("realapi-agent");
     let plane = start(&dir);
+    // The agent pins under the host's bpffs, as on a node; nothing else in this suite mounts it.
+    egress_tests::kube_node::ensure_host_bpffs();
     let lab = Lab::new();
     let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
     ok(&plane.kubectl(&["apply", "-k", &deploy.display().to_string()]), "kubectl apply -k deploy/");

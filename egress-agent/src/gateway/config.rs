@@ -20,6 +20,8 @@
 //!   kubernetes: true               # watch pods (pod IP -> namespace)
 //!   static:                        # and/or a fixed table (standalone use, node ranges)
 //!     - {cidr: 10.231.0.0/24, namespace: team-a}
+//! policyResources: true            # also decide by ClusterEgressPolicy/EgressPolicy objects
+//!                                  # (after these rules); default: sources.kubernetes
 //! rules:                           # default deny; a request is allowed when one rule matches
 //!   - namespaces: [team-a]         # "*": any identified namespace
 //!     hosts: ["api.example.com", "*.example.org"]
@@ -87,6 +89,8 @@ pub struct GatewayConfig {
     pub listeners: Listeners,
     pub admin: Option<SocketAddr>,
     pub sources: Sources,
+    /// Watch the policy resources and decide by them where `rules` do not allow.
+    pub policy_resources: bool,
     pub rules: Vec<Rule>,
     /// Addresses refused like non-public ones although they are public on the wire (a cloud's
     /// pod, Service or node ranges); a rule's `cidrs` can open them.
@@ -226,6 +230,8 @@ struct RawGatewayConfig {
     admin: Option<String>,
     #[serde(default)]
     sources: RawSources,
+    #[serde(default)]
+    policy_resources: Option<bool>,
     #[serde(default)]
     rules: Vec<RawRule>,
     #[serde(default)]
@@ -380,6 +386,8 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ParseError> {
         return Err(invalid("listeners", "no listener is configured: the gateway would do nothing"));
     }
     let sources = parse_sources(&raw.sources)?;
+    // In a cluster the resources are the namespaces' own way to ask; standalone has none.
+    let policy_resources = raw.policy_resources.unwrap_or(sources.kubernetes);
     let rules = raw
         .rules
         .iter()
@@ -405,6 +413,7 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ParseError> {
         listeners,
         admin,
         sources,
+        policy_resources,
         rules,
         blocked_cidrs,
         limits,

@@ -27,11 +27,14 @@ use tokio::net::TcpStream;
 
 use super::{
     access_log::{self, Record},
+    decision::{self, Refused},
+    pod_index::Owner,
     policy::{Deny, Grant, Target},
     refusal::Refusal,
     relay::{self, Ended},
     slots::Slot,
     state::{Gateway, Live},
+    tiers::{Client, Via},
 };
 
 pub struct Connection {
@@ -39,7 +42,10 @@ pub struct Connection {
     /// The configuration this connection decides by: a reload applies to the next one.
     pub live: Arc<Live>,
     pub source: SocketAddr,
-    pub namespace: Option<Arc<str>>,
+    /// The client's namespace and pod labels; `None`: its address names no namespace.
+    owner: Option<Owner>,
+    /// How it came, as `EgressPolicy` rules name it.
+    via: Via,
     /// What goes into the access log when the connection finishes.
     pub record: Record,
     /// Came in on a steering listener (see `Connection::steered`).
@@ -66,29 +72,29 @@ pub enum Hop {
 impl Connection {
     /// Accepted on `listener`: the client is identified at once.
     pub fn accept(gateway: Arc<Gateway>, source: SocketAddr, listener: &'static str) -> Self {
-        let namespace = gateway.identities.namespace_of(source.ip());
-        if let Some(ns) = &namespace {
-            tracing::Span::current().record("namespace", &**ns);
+        let owner = gateway.identities.identify(source.ip());
+        if let Some(o) = &owner {
+            tracing::Span::current().record("namespace", &*o.namespace);
         }
-        Self::identified(gateway, source, namespace, listener)
+        Self::identified(gateway, source, owner, listener)
     }
 
     fn identified(
         gateway: Arc<Gateway>,
         source: SocketAddr,
-        namespace: Option<Arc<str>>,
+        owner: Option<Owner>,
         listener: &'static str,
     ) -> Self {
         let mut record = Record::new(listener, source);
-        record.namespace.clone_from(&namespace);
-        Self { live: gateway.live(), gateway, source, namespace, record, steered: false, slot: None }
+        record.namespace = owner.as_ref().map(|o| o.namespace.clone());
+        let via = decision::via_of(listener);
+        Self { live: gateway.live(), gateway, source, owner, via, record, steered: false, slot: None }
     }
 
     /// A request of this HTTP connection (or of a tunnel's plain HTTP), decided, dialed and
     /// logged on its own under the latest configuration.
     pub fn request(&self, listener: &'static str) -> Self {
-        let mut request =
-            Self::identified(self.gateway.clone(), self.source, self.namespace.clone(), listener);
+        let mut request = Self::identified(self.gateway.clone(), self.source, self.owner.clone(), listener);
         if self.steered {
             request.steered();
         }
@@ -125,9 +131,28 @@ impl Connection {
     }
 
     /// May this client reach `target:port`? The first step of [`Self::dial`]; on its own where
-    /// a kept upstream connection may serve an allowed request.
-    pub fn authorise(&self, target: &Target, port: u16) -> Result<Grant, Deny> {
-        self.live.policy.authorize(self.namespace.as_deref(), target, port)
+    /// a kept upstream connection may serve an allowed request. The gateway file's rules, then
+    /// the policy resources as they are now (see `decision`); a resource's Deny names its rule
+    /// in the record.
+    pub fn authorise(&mut self, target: &Target, port: u16) -> Result<Grant, Deny> {
+        let resources = &self.gateway.resources;
+        let tiers = resources.tiers();
+        // The namespace's labels are looked up only when some policy could ask for them.
+        let namespace_labels = match &self.owner {
+            Some(o) if !tiers.is_empty() => resources.namespace_labels(&o.namespace),
+            _ => Arc::default(),
+        };
+        let client = self.owner.as_ref().map(|o| Client {
+            namespace: &o.namespace,
+            namespace_labels: &namespace_labels,
+            pod_labels: &o.labels,
+        });
+        decision::authorize(&self.live.policy, &tiers, client.as_ref(), target, port, self.via).map_err(
+            |Refused { deny, by }| {
+                self.record.rule = by;
+                deny
+            },
+        )
     }
 
     /// Authorises `target:port`, resolves it, keeps the addresses the policy allows and

@@ -19,7 +19,10 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 
-use super::{ip_literal, pod_index::PodIndex};
+use super::{
+    ip_literal,
+    pod_index::{Owner, PodIndex},
+};
 
 #[derive(Default)]
 pub struct Identities {
@@ -49,15 +52,22 @@ impl Identities {
         self.synced.load(Ordering::Acquire)
     }
 
-    /// The namespace of a client address; IPv4-mapped sources (dual-stack listeners) are
-    /// looked up as the IPv4 they carry.
-    pub fn namespace_of(&self, source: IpAddr) -> Option<Arc<str>> {
+    /// Who a client address is: its pod's namespace and labels, or a table entry's namespace
+    /// (no labels). IPv4-mapped sources (dual-stack listeners) are looked up as the IPv4 they
+    /// carry.
+    pub fn identify(&self, source: IpAddr) -> Option<Owner> {
         let ip = ip_literal::normalize(source);
-        if let Some(ns) = self.pods.read().ok().and_then(|m| m.namespace_of(ip).cloned()) {
-            return Some(ns);
+        if let Some(owner) = self.pods.read().ok().and_then(|m| m.owner_of(ip).cloned()) {
+            return Some(owner);
         }
         let table = self.table.read().ok()?;
-        table.iter().find(|(net, _)| net.contains(&ip)).map(|(_, ns)| ns.clone())
+        let namespace = table.iter().find(|(net, _)| net.contains(&ip)).map(|(_, ns)| ns.clone())?;
+        Some(Owner { namespace, labels: Arc::default() })
+    }
+
+    /// The namespace of a client address (see [`Self::identify`]).
+    pub fn namespace_of(&self, source: IpAddr) -> Option<Arc<str>> {
+        self.identify(source).map(|o| o.namespace)
     }
 
     fn replace_pods(&self, pods: PodIndex) {

@@ -7,7 +7,11 @@
 //!
 //! Each event touches only that pod's entry and its own addresses (no scan of every pod).
 
-use std::{collections::HashMap, net::IpAddr, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Arc,
+};
 
 use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time};
 
@@ -23,8 +27,16 @@ pub struct PodIndex {
 
 struct Claim {
     /// Shared with every connection from the pod (no copy per connection).
-    namespace: Arc<str>,
+    owner: Owner,
     ips: Vec<IpAddr>,
+}
+
+/// Who a pod is, as the policies see it.
+#[derive(Clone, Debug)]
+pub struct Owner {
+    pub namespace: Arc<str>,
+    /// The pod's labels (`EgressPolicy.podSelector`, a `ClusterEgressPolicy`'s `subject.pods`).
+    pub labels: Arc<BTreeMap<String, String>>,
 }
 
 /// The newest claimant wins: by creation time, then by key so the choice is stable.
@@ -44,7 +56,8 @@ impl PodIndex {
         for ip in &ips {
             self.owners.entry(*ip).or_default().push(claimant.clone());
         }
-        self.pods.insert(key, Claim { namespace: namespace.into(), ips });
+        let labels = Arc::new(pod.metadata.labels.clone().unwrap_or_default());
+        self.pods.insert(key, Claim { owner: Owner { namespace: namespace.into(), labels }, ips });
     }
 
     /// A DELETED pod.
@@ -54,10 +67,15 @@ impl PodIndex {
         }
     }
 
-    /// The namespace of the pod that owns `ip` (already normalised), if any.
-    pub fn namespace_of(&self, ip: IpAddr) -> Option<&Arc<str>> {
+    /// The pod that owns `ip` (already normalised), if any.
+    pub fn owner_of(&self, ip: IpAddr) -> Option<&Owner> {
         let owner = self.owners.get(&ip)?.iter().max()?;
-        self.pods.get(&owner.key).map(|c| &c.namespace)
+        self.pods.get(&owner.key).map(|c| &c.owner)
+    }
+
+    #[cfg(test)]
+    fn namespace_of(&self, ip: IpAddr) -> Option<&Arc<str>> {
+        self.owner_of(ip).map(|o| &o.namespace)
     }
 
     /// Addresses with an owner.

@@ -26,6 +26,8 @@ pub enum Deny {
     UnknownSource,
     /// No rule allows this namespace, destination and port.
     NotAllowed,
+    /// A policy resource's Deny rule decided (the record names the rule).
+    DeniedByPolicy,
     /// Every address the name resolved to (or the literal) is non-public and not named by a rule.
     Blocked(Blocked),
     /// The name does not resolve.
@@ -59,6 +61,7 @@ impl Deny {
         match self {
             Self::UnknownSource => "unknown_source",
             Self::NotAllowed => "not_allowed",
+            Self::DeniedByPolicy => "denied_by_policy",
             Self::Blocked(b) => match b {
                 Blocked::Metadata => "blocked_metadata",
                 Blocked::Loopback => "blocked_loopback",
@@ -116,6 +119,12 @@ pub struct Grant {
 }
 
 impl Grant {
+    /// A grant by a policy resource's rule (`label`: the rule, as logs name it), opening the
+    /// non-public ranges in `exceptions`. Resources never allow HTTP/2 with prior knowledge.
+    pub fn by_resource(label: Arc<str>, exceptions: Vec<IpNet>) -> Self {
+        Self { matched: label, exceptions, allow_h2_prior_knowledge: false }
+    }
+
     /// Whether the granting rules open this non-public address. Metadata services, loopback and
     /// the unspecified address open only to a CIDR inside their own range (see
     /// `ranges::narrow_range`): a broad `cidrs: [0.0.0.0/0]` must neither hand out cloud

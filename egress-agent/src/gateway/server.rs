@@ -24,6 +24,7 @@ use super::{
     originate::Originator,
     parent::Parent,
     policy::Policy,
+    resources::Resources,
     state::{Gateway, Live},
     tcp_forward, tls_passthrough,
     upstream_checks::{self, Checks, UpstreamHealth},
@@ -77,12 +78,18 @@ pub async fn run(opts: Options) -> Result<()> {
     let upstreams = Arc::new(UpstreamHealth::starting(config.readiness.is_some()));
     tokio::spawn(upstream_checks::run(upstreams.clone(), checks_rx));
     let identities = Arc::new(Identities::new(config.sources.table.clone(), config.sources.kubernetes));
-    let gateway = Arc::new(Gateway::new(live, identities.clone()));
-    if config.sources.kubernetes {
+    let resources = Arc::new(Resources::new(config.policy_resources));
+    let gateway = Arc::new(Gateway::new(live, identities.clone(), resources.clone()));
+    if config.sources.kubernetes || config.policy_resources {
         let client = kube::Client::try_default()
             .await
-            .context("connecting to the Kubernetes API for client identities (sources.kubernetes)")?;
-        tokio::spawn(identities.clone().watch_pods(client));
+            .context("connecting to the Kubernetes API (sources.kubernetes, policyResources)")?;
+        if config.sources.kubernetes {
+            tokio::spawn(identities.clone().watch_pods(client.clone()));
+        }
+        if config.policy_resources {
+            tokio::spawn(resources.watch(client));
+        }
     }
 
     // Bind everything before serving anything: a taken port fails the start, naming the listener.
@@ -127,6 +134,7 @@ pub async fn run(opts: Options) -> Result<()> {
         listeners = ?config.listeners.addresses().iter().map(|(a, n)| format!("{n}={a}")).collect::<Vec<_>>(),
         rules = config.rules.len(),
         kubernetes_sources = config.sources.kubernetes,
+        policy_resources = config.policy_resources,
         worker_threads = copies,
         "gateway ready"
     );
@@ -262,7 +270,8 @@ fn bind(addr: SocketAddr) -> Result<TcpListener> {
     Ok(TcpListener::from_std(socket)?)
 }
 
-/// Ready when client identities are known (the pod list synced) and not draining.
+/// Ready when client identities are known (the pod list synced), the policy resources are
+/// listed, and not draining.
 async fn readiness(gateway: Arc<Gateway>, health: Arc<Health>, upstreams: Arc<UpstreamHealth>) {
     loop {
         health.beat();
@@ -270,6 +279,8 @@ async fn readiness(gateway: Arc<Gateway>, health: Arc<Health>, upstreams: Arc<Up
             Some("draining".to_owned())
         } else if !gateway.identities.synced() {
             Some("client identities (pod list) not synced yet".to_owned())
+        } else if !gateway.resources.synced() {
+            Some("policy resources not listed yet (are the CRDs installed?)".to_owned())
         } else {
             upstreams.not_ready()
         };
@@ -327,8 +338,11 @@ fn reload(
             if new.listeners != old.listeners
                 || new.admin != old.admin
                 || new.sources.kubernetes != old.sources.kubernetes
+                || new.policy_resources != old.policy_resources
             {
-                tracing::warn!("listener, admin or sources.kubernetes changes take effect after a restart");
+                tracing::warn!(
+                    "listener, admin, sources.kubernetes or policyResources changes take effect after a restart"
+                );
             }
             gateway.metrics.reloads.get_or_create(&label("applied")).inc();
             tracing::info!(rules = new.rules.len(), files_changed, "gateway configuration reloaded");

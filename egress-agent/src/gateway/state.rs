@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     config::Limits, identity::Identities, metrics::GatewayMetrics, originate::Originator, parent::Parent,
-    policy::Policy, slots::Slots,
+    policy::Policy, resources::Resources, slots::Slots,
 };
 
 /// Name lookups in flight at once (tokio's blocking pool has 512 threads).
@@ -30,6 +30,8 @@ pub struct Live {
 pub struct Gateway {
     live: RwLock<Arc<Live>>,
     pub identities: Arc<Identities>,
+    /// The policy resources, compiled (empty when the gateway does not watch them).
+    pub resources: Arc<Resources>,
     pub metrics: GatewayMetrics,
     pub slots: Arc<Slots>,
     /// getaddrinfo runs on tokio's blocking pool; this bounds how much of it lookups may hold,
@@ -43,11 +45,12 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(live: Live, identities: Arc<Identities>) -> Self {
+    pub fn new(live: Live, identities: Arc<Identities>, resources: Arc<Resources>) -> Self {
         let metrics = GatewayMetrics::new();
         Self {
             live: RwLock::new(Arc::new(live)),
             identities,
+            resources,
             slots: Arc::new(Slots::new(metrics.active_connections.clone())),
             metrics,
             lookups: tokio::sync::Semaphore::new(MAX_CONCURRENT_LOOKUPS),

@@ -177,14 +177,23 @@ impl Cluster {
         ca
     }
 
-    /// Replaces the gateway's rules with `rules` (YAML list items) and restarts it.
+    /// Replaces the gateway's rules with `rules` (YAML list items) and restarts it; returns once
+    /// the old pods are gone, not only once the new ones are ready (`rollout status` does not
+    /// wait for that, and a test that compares the gateway's pods must not see a leaver).
     pub fn gateway_rules(&self, rules: &str) {
+        let old =
+            self.get(&["pods", "-l", GATEWAY_PODS], SYSTEM, "{range .items[*]}pod/{.metadata.name} {end}");
         self.edit_gateway_rules(rules);
         ok(
             &self.kubectl(&["rollout", "restart", "deployment/egress-gateway", "-n", SYSTEM]),
             "restarting the gateway",
         );
         self.rollout("deployment/egress-gateway");
+        let mut wait = vec!["wait", "--for=delete", "-n", SYSTEM, "--timeout=120s"];
+        wait.extend(old.split_whitespace());
+        if wait.len() > 5 {
+            ok(&self.kubectl(&wait), "waiting for the gateway's old pods to go");
+        }
     }
 
     /// Replaces the gateway's rules with `rules` (YAML list items) in its ConfigMap, nothing

@@ -440,26 +440,40 @@ fn gateway_runs_without_privileges() {
 }
 
 #[test]
-fn gateway_may_only_read_pods() {
+fn gateway_may_only_read_pods_namespaces_and_policies() {
+    // What it watches: pods (sources.kubernetes), namespaces' labels and the policy resources
+    // (policyResources). Each one it needs, and nothing more.
+    let needed = [
+        ("", "pods"),
+        ("", "namespaces"),
+        ("egressfw.io", "clusteregresspolicies"),
+        ("egressfw.io", "egresspolicies"),
+    ];
     for m in renderings() {
         for name in m.gateway_names() {
             let (file, d, pod, _) = m.gateway_deployment_named(&name);
             let namespace = d.metadata.namespace.unwrap();
             let (role_file, role) = bound_cluster_role(&m, file, "the gateway", &namespace, &pod);
             let granted = grants(role_file, &role);
-            for verb in ["list", "watch"] {
-                assert!(
-                    granted.contains(&(String::new(), "pods".into(), verb.into())),
-                    "{role_file}: the gateway needs `{verb}` on pods (its cluster-wide pod watch, sources.kubernetes)"
-                );
+            for (group, resource) in needed {
+                for verb in ["list", "watch"] {
+                    assert!(
+                        granted.contains(&(group.into(), resource.into(), verb.into())),
+                        "{role_file}: the gateway needs `{verb}` on {resource} (its cluster-wide watch)"
+                    );
+                }
             }
             let extra: Vec<_> = granted
                 .iter()
                 .filter(|(g, r, v)| {
-                    !(g.is_empty() && r == "pods" && ["get", "list", "watch"].contains(&v.as_str()))
+                    !(needed.contains(&(g.as_str(), r.as_str()))
+                        && ["get", "list", "watch"].contains(&v.as_str()))
                 })
                 .collect();
-            assert!(extra.is_empty(), "{role_file}: grants the gateway more than reading pods: {extra:?}");
+            assert!(
+                extra.is_empty(),
+                "{role_file}: grants the gateway more than reading what it watches: {extra:?}"
+            );
 
             let sa_name = pod.service_account_name.clone().unwrap_or_default();
             let (sa_file, sa) = m

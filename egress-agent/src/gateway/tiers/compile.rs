@@ -10,7 +10,7 @@ use ipnet::{IpNet, Ipv4Net};
 use kube::{ResourceExt as _, core::Selector};
 
 use super::{
-    Action, ClusterPolicy, ClusterTier, NamespacePolicy, NamespaceTier, Rule, Tiers, Via,
+    Action, ClusterPolicy, ClusterTier, NamespacePolicy, NamespaceTier, Rule, RuleRef, Stage, Tiers, Via,
     index::DestinationIndex,
 };
 use crate::{
@@ -33,6 +33,16 @@ pub struct Rejection {
 }
 
 impl Tiers {
+    /// Whether a `ClusterEgressPolicy` compiles, and if not why.
+    pub fn check_cluster(object: &ClusterEgressPolicy) -> Result<(), String> {
+        cluster_policy(object).map(drop)
+    }
+
+    /// Whether an `EgressPolicy` compiles, and if not why.
+    pub fn check_namespaced(object: &EgressPolicy) -> Result<(), String> {
+        namespace_policy(&object.namespace().unwrap_or_default(), object).map(drop)
+    }
+
     /// Compiles every object; the ones that cannot be used are returned with their reason.
     pub fn build(cluster: &[ClusterEgressPolicy], namespaced: &[EgressPolicy]) -> (Self, Vec<Rejection>) {
         let mut rejected = Vec::new();
@@ -90,7 +100,8 @@ fn cluster_policy(object: &ClusterEgressPolicy) -> Result<ClusterPolicy, String>
                     return Err(format!("rule {:?}: Pass exists only in the Admin tier", r.name));
                 }
             };
-            rule(&r.name, action, &r.to, r.ports.as_deref(), None)
+            let by = RuleRef::new(spec.tier.into(), &object.name_any(), &r.name);
+            rule(by, action, &r.to, r.ports.as_deref(), None)
         })
         .collect::<Result<_, _>>()?;
     Ok(ClusterPolicy { name: object.name_any().into(), priority: spec.priority, namespaces, pods, rules })
@@ -98,14 +109,23 @@ fn cluster_policy(object: &ClusterEgressPolicy) -> Result<ClusterPolicy, String>
 
 fn namespace_policy(namespace: &str, object: &EgressPolicy) -> Result<NamespacePolicy, String> {
     let pods = selector(&object.spec.pod_selector).map_err(|e| format!("podSelector: {e}"))?;
+    let name = format!("{namespace}/{}", object.name_any());
     let rules = object
         .spec
         .egress
         .iter()
         // `NamespaceAction` has only Accept.
-        .map(|r| rule(&r.name, Action::Accept, &r.to, r.ports.as_deref(), r.via))
+        .map(|r| {
+            rule(
+                RuleRef::new(Stage::Namespace, &name, &r.name),
+                Action::Accept,
+                &r.to,
+                r.ports.as_deref(),
+                r.via,
+            )
+        })
         .collect::<Result<_, _>>()?;
-    Ok(NamespacePolicy { name: format!("{namespace}/{}", object.name_any()).into(), pods, rules })
+    Ok(NamespacePolicy { name: name.into(), pods, rules })
 }
 
 fn selector(s: &LabelSelector) -> Result<Selector, String> {
@@ -113,12 +133,13 @@ fn selector(s: &LabelSelector) -> Result<Selector, String> {
 }
 
 fn rule(
-    name: &str,
+    by: RuleRef,
     action: Action,
     to: &[Destination],
     ports: Option<&[PortSpec]>,
     via: Option<Via>,
 ) -> Result<Rule, String> {
+    let name = by.label.rsplit('#').next().unwrap_or_default().to_owned();
     let at = |what: &str| format!("rule {name:?} {what}");
     let mut names = Vec::new();
     let mut networks = Vec::new();
@@ -149,7 +170,7 @@ fn rule(
                 .collect::<Result<Vec<_>, _>>()
         })
         .transpose()?;
-    Ok(Rule { name: name.into(), action, names, networks, ports, via })
+    Ok(Rule { by, action, names, networks, ports, via })
 }
 
 /// Targets carry IPv4-mapped IPv6 addresses as the IPv4 they are, so networks written in the
@@ -161,5 +182,14 @@ fn unmapped(net: IpNet) -> IpNet {
             None => net,
         },
         _ => net,
+    }
+}
+
+impl From<Tier> for Stage {
+    fn from(t: Tier) -> Self {
+        match t {
+            Tier::Admin => Self::Admin,
+            Tier::Baseline => Self::Baseline,
+        }
     }
 }

@@ -1,10 +1,16 @@
 //! The rules of a group of policies indexed by destination, so a decision looks only at rules
 //! that can match: exact names in a map, `*.parent` patterns in a map keyed by the parent
-//! (looked up once per label of the asked name), and the rules with networks in a list for
-//! address targets. The cost of a decision stays flat as rules about other hosts are added.
+//! (looked up once per label of the asked name), and networks in a map keyed by the network
+//! (an address is looked up once per prefix length in use). The cost of a decision stays flat
+//! as rules about other hosts and networks are added.
 //! A candidate is only a candidate: the caller checks the whole rule.
 
-use std::collections::HashMap;
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
 
 use super::Rule;
 use crate::gateway::{host::HostPattern, target::Target};
@@ -22,7 +28,11 @@ pub struct DestinationIndex {
     exact: HashMap<Box<str>, Vec<Hit>>,
     /// `*.example.com` under `example.com`.
     subdomains: HashMap<Box<str>, Vec<Hit>>,
-    with_networks: Vec<Hit>,
+    /// By network, host bits cleared.
+    networks: HashMap<IpNet, Vec<Hit>>,
+    /// The prefix lengths in `networks`, per family.
+    v4_lengths: BTreeSet<u8>,
+    v6_lengths: BTreeSet<u8>,
 }
 
 impl DestinationIndex {
@@ -49,8 +59,15 @@ impl DestinationIndex {
                 hits.push(hit);
             }
         }
-        if !rule.networks.is_empty() {
-            self.with_networks.push(hit);
+        for network in &rule.networks {
+            match network {
+                IpNet::V4(_) => self.v4_lengths.insert(network.prefix_len()),
+                IpNet::V6(_) => self.v6_lengths.insert(network.prefix_len()),
+            };
+            let hits = self.networks.entry(network.trunc()).or_default();
+            if hits.last() != Some(&hit) {
+                hits.push(hit);
+            }
         }
     }
 
@@ -65,7 +82,16 @@ impl DestinationIndex {
                 let below = parents.filter_map(|p| self.subdomains.get(p)).flatten();
                 Box::new(exact.chain(below).copied())
             }
-            Target::Ip(_) => Box::new(self.with_networks.iter().copied()),
+            Target::Ip(ip) => {
+                let ip = *ip;
+                let lengths = match ip {
+                    IpAddr::V4(_) => &self.v4_lengths,
+                    IpAddr::V6(_) => &self.v6_lengths,
+                };
+                let containing =
+                    lengths.iter().filter_map(move |&len| IpNet::new(ip, len).ok().map(|n| n.trunc()));
+                Box::new(containing.filter_map(|n| self.networks.get(&n)).flatten().copied())
+            }
         }
     }
 }

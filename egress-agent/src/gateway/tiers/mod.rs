@@ -61,18 +61,25 @@ pub enum Stage {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuleRef {
     pub stage: Stage,
-    /// `name` for a `ClusterEgressPolicy`, `namespace/name` for an `EgressPolicy`.
-    pub policy: Arc<str>,
-    pub rule: Arc<str>,
+    /// `ClusterEgressPolicy/name#rule` or `EgressPolicy/namespace/name#rule`, made once per rule
+    /// (a decision hands out a reference to it).
+    pub label: Arc<str>,
+}
+
+impl RuleRef {
+    /// `policy`: `name` for a `ClusterEgressPolicy`, `namespace/name` for an `EgressPolicy`.
+    pub fn new(stage: Stage, policy: &str, rule: &str) -> Self {
+        let kind = match stage {
+            Stage::Admin | Stage::Baseline => "ClusterEgressPolicy",
+            Stage::Namespace => "EgressPolicy",
+        };
+        Self { stage, label: format!("{kind}/{policy}#{rule}").into() }
+    }
 }
 
 impl fmt::Display for RuleRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.stage {
-            Stage::Admin | Stage::Baseline => "ClusterEgressPolicy",
-            Stage::Namespace => "EgressPolicy",
-        };
-        write!(f, "{kind}/{}#{}", self.policy, self.rule)
+        f.write_str(&self.label)
     }
 }
 
@@ -97,7 +104,8 @@ pub enum Verdict {
 /// One rule, checked and normalised.
 #[derive(Debug)]
 struct Rule {
-    name: Arc<str>,
+    /// Who decided, when this rule does.
+    by: RuleRef,
     action: Action,
     names: Vec<super::host::HostPattern>,
     networks: Vec<IpNet>,
@@ -166,13 +174,7 @@ impl ClusterTier {
     }
 
     /// The first rule, in evaluation order, that decides for this client and destination.
-    fn first_match(
-        &self,
-        client: &Client,
-        target: &Target,
-        port: u16,
-        via: Via,
-    ) -> Option<(&ClusterPolicy, &Rule)> {
+    fn first_match(&self, client: &Client, target: &Target, port: u16, via: Via) -> Option<&Rule> {
         self.index
             .candidates(target)
             .filter(|hit| {
@@ -180,10 +182,7 @@ impl ClusterTier {
                 policy.rules[hit.rule as usize].matches(target, port, via) && policy.selects(client)
             })
             .min()
-            .map(|Hit { policy, rule }| {
-                let policy = &self.policies[policy as usize];
-                (policy, &policy.rules[rule as usize])
-            })
+            .map(|Hit { policy, rule }| &self.policies[policy as usize].rules[rule as usize])
     }
 }
 
@@ -202,10 +201,6 @@ pub struct Tiers {
     namespaces: BTreeMap<Box<str>, NamespaceTier>,
 }
 
-fn cluster_ref(stage: Stage, policy: &ClusterPolicy, rule: &Rule) -> RuleRef {
-    RuleRef { stage, policy: policy.name.clone(), rule: rule.name.clone() }
-}
-
 fn sorted(mut nets: Vec<IpNet>) -> Vec<IpNet> {
     nets.sort_unstable();
     nets.dedup();
@@ -221,8 +216,8 @@ impl Tiers {
     /// The decision for a connection from `client` to `target:port` that came `via`.
     pub fn decide(&self, client: &Client, target: &Target, port: u16, via: Via) -> Verdict {
         let mut passed = None;
-        if let Some((policy, rule)) = self.admin.first_match(client, target, port, via) {
-            let by = cluster_ref(Stage::Admin, policy, rule);
+        if let Some(rule) = self.admin.first_match(client, target, port, via) {
+            let by = rule.by.clone();
             match rule.action {
                 Action::Accept => {
                     return Verdict::Accept { by, passed: None, exceptions: sorted(rule.networks.clone()) };
@@ -236,8 +231,8 @@ impl Tiers {
                 }
             }
         }
-        if let Some((policy, rule)) = self.baseline.first_match(client, target, port, via) {
-            let by = cluster_ref(Stage::Baseline, policy, rule);
+        if let Some(rule) = self.baseline.first_match(client, target, port, via) {
+            let by = rule.by.clone();
             return match rule.action {
                 Action::Deny => Verdict::Deny { by },
                 // Pass is refused in the Baseline tier when compiled.
@@ -274,12 +269,7 @@ impl Tiers {
             exceptions.extend(rule.networks.iter().filter(|n| pass.networks.iter().any(|p| p.contains(*n))));
         }
         let Hit { policy, rule } = first?;
-        let policy = &tier.policies[policy as usize];
-        let by = RuleRef {
-            stage: Stage::Namespace,
-            policy: policy.name.clone(),
-            rule: policy.rules[rule as usize].name.clone(),
-        };
+        let by = tier.policies[policy as usize].rules[rule as usize].by.clone();
         Some(Verdict::Accept { by, passed: Some(pass_ref.clone()), exceptions: sorted(exceptions) })
     }
 }

@@ -96,7 +96,7 @@ fn first_in_tier<'a>(
 }
 
 fn cluster_ref(stage: Stage, p: &ClusterEgressPolicy, i: usize) -> RuleRef {
-    RuleRef { stage, policy: p.name_any().into(), rule: p.spec.egress[i].name.as_str().into() }
+    RuleRef::new(stage, &p.name_any(), &p.spec.egress[i].name)
 }
 
 pub fn decide(
@@ -134,10 +134,12 @@ pub fn decide(
                             && on_port(r.ports.as_deref(), port)
                             && r.via.is_none_or(|v| v == via)
                         {
-                            first.get_or_insert_with(|| RuleRef {
-                                stage: Stage::Namespace,
-                                policy: format!("{}/{}", client.namespace, p.name_any()).into(),
-                                rule: r.name.as_str().into(),
+                            first.get_or_insert_with(|| {
+                                RuleRef::new(
+                                    Stage::Namespace,
+                                    &format!("{}/{}", client.namespace, p.name_any()),
+                                    &r.name,
+                                )
                             });
                             exceptions.extend(
                                 networks(&r.to)
