@@ -192,7 +192,8 @@ fn a_gateway_configmap_edit_applies_without_a_restart() {
 /// The policy resources on the real API server, as the deployed gateway reads them: a namespace's
 /// own EgressPolicy opens a host only while a ClusterEgressPolicy passes that host to it (by the
 /// namespace's labels), an Admin Deny outranks it, and an edit the gateway cannot use keeps the
-/// last good generation in force. Every change applies to new connections, nothing restarts.
+/// last good generation in force. Every change applies to new connections, nothing restarts,
+/// and the objects' status says what became of them (Accepted, PartiallyEffective).
 #[test]
 fn policy_resources_open_only_what_the_platform_delegated() {
     let cluster = Cluster::enforcing("e2e-policies", NodeShape::default());
@@ -221,14 +222,40 @@ fn policy_resources_open_only_what_the_platform_delegated() {
     let label = |value: &str| {
         ok(&cluster.kubectl(&["label", "namespace", "team-a", value, "--overwrite"]), "labelling")
     };
+    // Polls until `condition` of the object says `status` with a message containing `says`.
+    let condition = |object: &[&str], namespace: &str, condition: &str, status: &str, says: &str| {
+        let at = format!(".status.conditions[?(@.type==\"{condition}\")]");
+        let path = format!("{{{at}.status}} {{{at}.message}}");
+        let mut last = String::new();
+        let reached = egress_tests::poll_until(std::time::Duration::from_secs(30), || {
+            last = cluster.get(object, namespace, &path);
+            last.starts_with(&format!("{status} ")) && last.contains(says)
+        });
+        assert!(
+            reached,
+            "{object:?} {condition}: {last:?}, want {status} saying {says:?}; the gateway's log:\n{}",
+            gateway_log()
+        );
+    };
+    let team = ["egresspolicy", "partner"];
     expect("000 403", "no policy yet");
 
     cluster.apply(&delegation(), "the platform's delegation");
     cluster.apply(&team_policy(), "team-a's own policy");
     label("egress=self-service");
     expect("200 200", "delegated to team-a, which accepts it");
+    condition(&team, "team-a", "Accepted", "True", "applies this generation");
+    condition(&team, "team-a", "PartiallyEffective", "False", "within what the Admin tier delegates");
     label("egress-");
     expect("000 403", "team-a no longer in the delegation (its label removed)");
+    // Its author sees why, on the object.
+    condition(
+        &team,
+        "team-a",
+        "PartiallyEffective",
+        "True",
+        &format!("rule \"partner\": {DENIED} is not delegated to namespace team-a by any Admin Pass"),
+    );
     label("egress=self-service");
     expect("200 200", "labelled again");
 
@@ -256,6 +283,7 @@ fn policy_resources_open_only_what_the_platform_delegated() {
     for _ in 0..4 {
         assert_eq!(connect(), "000 403", "the last good Deny was dropped with its bad edit");
     }
+    condition(&["clusteregresspolicy", "no-partner"], "", "Accepted", "False", "generation 1 stays in force");
 
     ok(&cluster.kubectl(&["delete", "clusteregresspolicy", "no-partner"]), "deleting the Deny");
     expect("200 200", "the Deny deleted");
@@ -277,7 +305,7 @@ spec:
     )
 }
 
-/// team-a accepts DENIED for all its pods.
+/// team-a accepts DENIED on 443 for all its pods (within the delegation, all of it).
 fn team_policy() -> String {
     format!(
         r"apiVersion: egressfw.io/v1alpha1
@@ -286,7 +314,7 @@ metadata: {{name: partner, namespace: team-a}}
 spec:
   podSelector: {{}}
   egress:
-    - {{name: partner, action: Accept, to: [{{domainNames: ['{DENIED}']}}]}}
+    - {{name: partner, action: Accept, to: [{{domainNames: ['{DENIED}']}}], ports: [{{port: 443}}]}}
 "
     )
 }

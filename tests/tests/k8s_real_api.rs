@@ -87,7 +87,25 @@ fn deploy_applies_and_its_rbac_and_admission_policy_hold_on_a_real_api_server() 
         assert!(!can_i(&plane, agent, verb, resource), "the agent may {verb} {resource}: more than it needs");
     }
     let gateway = "system:serviceaccount:egressfw-system:egress-gateway";
-    // Its watches: pods (identities), namespaces (their labels) and the policy resources.
+    // Its watches: pods (identities), namespaces (their labels) and the policy resources, whose
+    // status (only) it writes.
+    for resource in ["clusteregresspolicies.egressfw.io", "egresspolicies.egressfw.io"] {
+        let out = plane.kubectl(&[
+            "auth",
+            "can-i",
+            "patch",
+            resource,
+            "--subresource=status",
+            "--as",
+            gateway,
+            "--all-namespaces",
+        ]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "yes",
+            "the gateway may not patch {resource}/status"
+        );
+    }
     for resource in ["pods", "namespaces", "clusteregresspolicies.egressfw.io", "egresspolicies.egressfw.io"]
     {
         for verb in ["get", "list", "watch"] {

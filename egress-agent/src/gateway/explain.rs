@@ -206,7 +206,9 @@ fn resource_steps(text: &mut String, verdict: &Verdict, namespace: &str) -> bool
             match by.stage {
                 Stage::Admin => line(text, &format!("Admin: {by} accepts it")),
                 Stage::Namespace => {
-                    above(text, passed.as_ref(), namespace);
+                    if let Some(pass) = passed {
+                        line(text, &format!("Admin: {pass} passes it to {namespace}"));
+                    }
                     line(text, &format!("{namespace}: {by} accepts it"));
                 }
                 Stage::Baseline => {
@@ -353,10 +355,11 @@ items:
             "{}",
             a.text
         );
-        assert!(
-            a.text.contains("Admin: ClusterEgressPolicy/platform#github-is-delegated passes it to team-a")
-        );
-        assert!(a.text.ends_with("ALLOWED by EgressPolicy/team-a/ci#github-api\n"), "{}", a.text);
+        let steps = "  pod labels: app=ci\n  \
+                     Admin: ClusterEgressPolicy/platform#github-is-delegated passes it to team-a\n  \
+                     team-a: EgressPolicy/team-a/ci#github-api accepts it\n\
+                     ALLOWED by EgressPolicy/team-a/ci#github-api\n";
+        assert!(a.text.ends_with(steps), "{}", a.text);
 
         let a = ask("api.github.com:443", &["app=web"]);
         assert!(!a.allowed);

@@ -33,6 +33,7 @@ pub mod originate;
 pub mod parent;
 pub mod pod_index;
 pub mod policy;
+pub mod policy_status;
 pub mod ranges;
 pub mod refusal;
 pub mod relay;

@@ -10,6 +10,9 @@
 //!   logged, with the reason.
 //! - A change applies to new decisions as soon as its watch event arrives; open tunnels keep
 //!   the decision they were made with.
+//! - Each object's status says whether its generation is applied and, for a namespace's
+//!   policy, which rules the Admin tier keeps from taking effect (`policy_status`); it is
+//!   written after every change, namespace labels included.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -21,8 +24,10 @@ use std::{
 
 use futures_util::{FutureExt as _, Stream, StreamExt as _, stream};
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::jiff::Timestamp;
 use kube::{
     Api, Client, Resource, ResourceExt as _,
+    api::{Patch, PatchParams},
     runtime::{
         WatchStreamExt as _,
         reflector::{self, ObjectRef, Store},
@@ -30,8 +35,11 @@ use kube::{
     },
 };
 
-use super::tiers::{Labels, Rejection, Tiers};
-use crate::crd::{ClusterEgressPolicy, EgressPolicy};
+use super::{
+    policy_status::{FIELD_MANAGER, Finding, wanted},
+    tiers::{Labels, Rejection, Tiers},
+};
+use crate::crd::{ClusterEgressPolicy, EgressPolicy, status::PolicyStatus};
 
 /// The label the API server puts on every namespace: selectors may use it for a namespace
 /// known only from the gateway file's static table.
@@ -94,7 +102,7 @@ impl Resources {
     pub async fn watch(self: Arc<Self>, client: Client) {
         let (namespaces, namespace_events) = reflect(Api::<Namespace>::all(client.clone()));
         let (cluster, cluster_events) = reflect(Api::<ClusterEgressPolicy>::all(client.clone()));
-        let (namespaced, namespaced_events) = reflect(Api::<EgressPolicy>::all(client));
+        let (namespaced, namespaced_events) = reflect(Api::<EgressPolicy>::all(client.clone()));
         if let Ok(mut n) = self.namespaces.write() {
             *n = Some(namespaces);
         }
@@ -107,7 +115,7 @@ impl Resources {
             while let Some(Some(more)) = events.next().now_or_never() {
                 batch.push(more);
             }
-            let mut changed = false;
+            let (mut changed, mut labels_changed) = (false, false);
             for event in batch {
                 match event {
                     // A relist after a lost watch may have changed anything.
@@ -115,8 +123,10 @@ impl Resources {
                         listed.insert(kind);
                         changed = true;
                     }
-                    // Labels are read per decision: a namespace change needs no rebuild.
-                    Seen::Changed(kind) => changed |= kind != NAMESPACE,
+                    // Labels are read per decision: a namespace change needs no rebuild, only
+                    // another look at the bounds the status reports.
+                    Seen::Changed(NAMESPACE) => labels_changed = true,
+                    Seen::Changed(_) => changed = true,
                     Seen::Failed(kind, error) => tracing::warn!(
                         kind,
                         %error,
@@ -126,11 +136,64 @@ impl Resources {
                 }
             }
             let all_listed = [NAMESPACE, CLUSTER, NAMESPACED].iter().all(|k| listed.contains(k));
-            if changed && all_listed {
+            if !all_listed {
+                continue;
+            }
+            if changed {
                 self.rebuild(&cluster, &namespaced, &mut last_good);
                 if !self.synced.swap(true, Ordering::AcqRel) {
                     tracing::info!("policy resources listed; applying them");
                 }
+            }
+            if changed || labels_changed {
+                self.write_status(&client, &cluster, &namespaced).await;
+            }
+        }
+    }
+
+    /// Writes each object's status where it differs from what the object carries (see
+    /// `policy_status`). A failed write is logged once per pass and the pass ends; the next
+    /// change tries again.
+    async fn write_status(
+        &self,
+        client: &Client,
+        cluster: &Store<ClusterEgressPolicy>,
+        namespaced: &Store<EgressPolicy>,
+    ) {
+        let tiers = self.tiers();
+        let rejected: HashMap<String, String> =
+            self.rejected().into_iter().map(|r| (r.object, r.reason)).collect();
+        // Whole seconds, as the API server keeps them: a status read back then equals the one
+        // written, and the next pass leaves it alone.
+        let now = Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_else(|_| Timestamp::now());
+        for object in cluster.state() {
+            let name = object.name_any();
+            let finding = Finding {
+                generation: object.meta().generation.unwrap_or_default(),
+                refused: rejected.get(&format!("{CLUSTER}/{name}")).map(String::as_str),
+                outside_bounds: None,
+            };
+            let status = wanted(&finding, object.status.as_ref(), &now);
+            if object.status.as_ref() != Some(&status)
+                && !patch_status(Api::<ClusterEgressPolicy>::all(client.clone()), &name, &status).await
+            {
+                return;
+            }
+        }
+        for object in namespaced.state() {
+            let (namespace, name) = (object.namespace().unwrap_or_default(), object.name_any());
+            let outside = tiers.outside_bounds(&namespace, &self.namespace_labels(&namespace), &name);
+            let finding = Finding {
+                generation: object.meta().generation.unwrap_or_default(),
+                refused: rejected.get(&format!("{NAMESPACED}/{namespace}/{name}")).map(String::as_str),
+                outside_bounds: Some(&outside),
+            };
+            let status = wanted(&finding, object.status.as_ref(), &now);
+            if object.status.as_ref() != Some(&status)
+                && !patch_status(Api::<EgressPolicy>::namespaced(client.clone(), &namespace), &name, &status)
+                    .await
+            {
+                return;
             }
         }
     }
@@ -141,6 +204,12 @@ impl Resources {
         namespaced: &Store<EgressPolicy>,
         last: &mut LastGood,
     ) {
+        // A status write changes no generation: nothing to rebuild for it.
+        let generations = generations(&cluster.state(), &namespaced.state());
+        if last.generations.as_ref() == Some(&generations) {
+            return;
+        }
+        last.generations = Some(generations);
         let mut rejected = Vec::new();
         let cluster = usable(cluster.state(), &mut last.cluster, Tiers::check_cluster, &mut rejected);
         let namespaced =
@@ -202,11 +271,44 @@ where
     (store, events)
 }
 
-/// The last generation of each object that compiled, by uid.
+/// The last generation of each object that compiled, by uid, and the generations the tiers in
+/// force were built from.
 #[derive(Default)]
 struct LastGood {
     cluster: HashMap<String, ClusterEgressPolicy>,
     namespaced: HashMap<String, EgressPolicy>,
+    generations: Option<BTreeSet<(String, i64)>>,
+}
+
+/// Every object's uid and generation.
+fn generations(
+    cluster: &[Arc<ClusterEgressPolicy>],
+    namespaced: &[Arc<EgressPolicy>],
+) -> BTreeSet<(String, i64)> {
+    let of =
+        |m: &kube::core::ObjectMeta| (m.uid.clone().unwrap_or_default(), m.generation.unwrap_or_default());
+    cluster.iter().map(|o| of(o.meta())).chain(namespaced.iter().map(|o| of(o.meta()))).collect()
+}
+
+/// Applies `status` to the object's status subresource; false (logged) when that fails.
+async fn patch_status<K>(api: Api<K>, name: &str, status: &PolicyStatus) -> bool
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    let kind = kind_of::<K>();
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": kind,
+        "status": status,
+    });
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    match api.patch_status(name, &params, &Patch::Apply(&body)).await {
+        Ok(_) => true,
+        Err(error) => {
+            tracing::warn!(kind, name, %error, "writing a policy's status failed (does the gateway's ClusterRole allow patch on its status?)");
+            false
+        }
+    }
 }
 
 /// The objects to build from: each as it is now if it compiles, else its last good generation

@@ -440,9 +440,9 @@ fn gateway_runs_without_privileges() {
 }
 
 #[test]
-fn gateway_may_only_read_pods_namespaces_and_policies() {
+fn gateway_may_only_read_pods_namespaces_and_policies_and_write_their_status() {
     // What it watches: pods (sources.kubernetes), namespaces' labels and the policy resources
-    // (policyResources). Each one it needs, and nothing more.
+    // (policyResources), whose status it writes. Each one it needs, and nothing more.
     let needed = [
         ("", "pods"),
         ("", "namespaces"),
@@ -463,16 +463,25 @@ fn gateway_may_only_read_pods_namespaces_and_policies() {
                     );
                 }
             }
+            let status = ["clusteregresspolicies/status", "egresspolicies/status"];
+            for resource in status {
+                assert!(
+                    granted.contains(&("egressfw.io".into(), resource.into(), "patch".into())),
+                    "{role_file}: the gateway needs `patch` on {resource} (it writes the policies' status)"
+                );
+            }
             let extra: Vec<_> = granted
                 .iter()
                 .filter(|(g, r, v)| {
-                    !(needed.contains(&(g.as_str(), r.as_str()))
-                        && ["get", "list", "watch"].contains(&v.as_str()))
+                    let read = needed.contains(&(g.as_str(), r.as_str()))
+                        && ["get", "list", "watch"].contains(&v.as_str());
+                    let status_write = g == "egressfw.io" && status.contains(&r.as_str()) && v == "patch";
+                    !(read || status_write)
                 })
                 .collect();
             assert!(
                 extra.is_empty(),
-                "{role_file}: grants the gateway more than reading what it watches: {extra:?}"
+                "{role_file}: grants the gateway more than reading what it watches and writing its status: {extra:?}"
             );
 
             let sa_name = pod.service_account_name.clone().unwrap_or_default();

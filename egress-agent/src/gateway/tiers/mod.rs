@@ -18,6 +18,7 @@
 //! `compile` turns objects into this form (refusing what the API server could not check),
 //! `index` finds the rules that can match a destination without scanning the others.
 
+mod bounds;
 mod compile;
 mod index;
 #[cfg(test)]
