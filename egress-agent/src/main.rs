@@ -105,10 +105,17 @@ enum Command {
     /// Exit status 0: allowed; 2: denied; 1: the question could not be answered.
     Explain {
         /// The client's namespace.
+        #[arg(long)]
         namespace: String,
-        /// `host[:port]` as the client would ask for it (CONNECT, SNI, Host); port 443 if omitted.
-        destination: String,
-        /// A label of the client pod, `key=value`; repeat for more.
+        /// The name or address the client asks for (CONNECT, SNI, Host).
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value_t = 443)]
+        port: u16,
+        /// The client pod: its labels count (read from the API, or from the files).
+        #[arg(long)]
+        pod: Option<String>,
+        /// A pod label, `key=value`, added to the pod's (or alone); repeat for more.
         #[arg(long = "pod-label")]
         pod_labels: Vec<String>,
         /// How the connection reaches the gateway: Connect, TlsPassthrough, TlsOrigination or
@@ -118,8 +125,8 @@ enum Command {
         /// The gateway's configuration file: its rules decide first, as in the gateway.
         #[arg(long)]
         gateway_config: Option<PathBuf>,
-        /// YAML files with the objects (ClusterEgressPolicy, EgressPolicy, Namespace; `kubectl
-        /// get -o yaml` lists too); default: the cluster of the kubeconfig.
+        /// YAML files with the objects (ClusterEgressPolicy, EgressPolicy, Namespace, Pod;
+        /// `kubectl get -o yaml` lists too); default: the cluster of the kubeconfig.
         #[arg(long = "file", short = 'f')]
         files: Vec<PathBuf>,
     },
@@ -217,9 +224,9 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Teardown { cni_conf_dir } => teardown::run(&pins, &cni_conf_dir),
-        Command::Explain { namespace, destination, pod_labels, via, gateway_config, files } => {
+        Command::Explain { namespace, host, port, pod, pod_labels, via, gateway_config, files } => {
             let question =
-                gateway::explain::Question { namespace, destination, pod_labels, via, gateway_config };
+                gateway::explain::Question { namespace, host, port, pod, pod_labels, via, gateway_config };
             if !gateway::explain::run(&question, &files)? {
                 std::process::exit(2);
             }

@@ -258,6 +258,7 @@ fn policy_resources_open_only_what_the_platform_delegated() {
     );
     label("egress=self-service");
     expect("200 200", "labelled again");
+    condition(&team, "team-a", "PartiallyEffective", "False", "within what the Admin tier delegates");
 
     cluster.apply(&admin_deny("In"), "an Admin Deny at a higher priority");
     expect("000 403", "the Admin Deny outranks the delegation");

@@ -198,6 +198,37 @@ fn the_policy_crds_install_accept_good_objects_and_refuse_bad_ones_with_clear_me
         "team-a",
     ]);
     assert_eq!(String::from_utf8_lossy(&status.stdout).trim(), "no", "status is egressfw's to write");
+
+    the_policy_example_applies_and_explains(&plane);
+}
+
+/// deploy/examples/self-service-egress/ as its README says (`kubectl apply -k`, after deploy/):
+/// the API server takes every object, and explain reads the team's rules inside and outside the
+/// platform's bounds from it (its pod from the earlier step carries app=ci).
+fn the_policy_example_applies_and_explains(plane: &ControlPlane) {
+    let example = deploy_dir().join("examples/self-service-egress");
+    ok(
+        &plane.kubectl(&["apply", "-k", &example.display().to_string()]),
+        "kubectl apply -k the policy example",
+    );
+    let explain = |host: &str| {
+        let mut cmd = plane.ns.command(&egress_tests::agent_bin().display().to_string(), None);
+        cmd.args(["explain", "--namespace", "team-a", "--pod", "runner", "--host", host])
+            .env("KUBECONFIG", &plane.admin_kubeconfig);
+        let out = cmd.output().expect("running egress-agent explain");
+        (out.status.code(), text(&out))
+    };
+    for (host, status, says) in [
+        ("api.github.com", 0, "ALLOWED by EgressPolicy/team-a/ci#github-api"),
+        ("objects.githubusercontent.com", 2, "DENIED: no rule decides it"),
+        ("pastebin.com", 2, "DENIED by ClusterEgressPolicy/platform#no-paste-sites"),
+    ] {
+        let (got, output) = explain(host);
+        assert!(
+            got == Some(status) && output.contains(says),
+            "explain {host}: exit {got:?}, want {says:?} in:\n{output}"
+        );
+    }
 }
 
 /// `egress-agent explain` against the API server (its kubeconfig), with and without the
@@ -216,31 +247,60 @@ fn explain_reads_the_objects_from_the_api_server(plane: &ControlPlane, dir: &Tem
         let out = cmd.output().expect("running egress-agent explain");
         (out.status.code(), text(&out))
     };
-    let cases: [(&[&str], i32, &str); 4] = [
+    // A pod (it stays Pending: this cluster has no node) whose labels explain reads.
+    ok(
+        &plane.kubectl(&[
+            "run",
+            "runner",
+            "-n",
+            "team-a",
+            "--image=egfw.test/none",
+            "--labels=app=ci",
+            "--restart=Never",
+        ]),
+        "creating a pod",
+    );
+    let gateway_file = gateway_file.display().to_string();
+    let team_a = ["--namespace", "team-a"];
+    let cases: [(Vec<&str>, i32, &str); 4] = [
         (
-            &["team-a", "api.github.com", "--pod-label", "app=ci", "--via", "TlsPassthrough"],
+            [&team_a[..], &["--host", "api.github.com", "--pod", "runner", "--via", "TlsPassthrough"]]
+                .concat(),
             0,
             "ALLOWED by EgressPolicy/team-a/ci#github-api",
         ),
         // The namespace's rule is for TLS passthrough only.
-        (&["team-a", "api.github.com", "--pod-label", "app=ci"], 2, "DENIED: no rule decides it"),
-        (&["team-a", "pastebin.com"], 2, "DENIED by ClusterEgressPolicy/platform#no-paste-sites"),
         (
-            &["team-a", "pastebin.com", "--gateway-config", &gateway_file.display().to_string()],
+            [&team_a[..], &["--host", "api.github.com", "--port", "443", "--pod", "runner"]].concat(),
+            2,
+            "DENIED: no rule decides it",
+        ),
+        (
+            [&team_a[..], &["--host", "pastebin.com"]].concat(),
+            2,
+            "DENIED by ClusterEgressPolicy/platform#no-paste-sites",
+        ),
+        (
+            [&team_a[..], &["--host", "pastebin.com", "--gateway-config", &gateway_file]].concat(),
             0,
             "ALLOWED by the gateway file's rule pastebin.com",
         ),
     ];
     for (args, status, says) in cases {
-        let (got, output) = explain(args);
+        let (got, output) = explain(&args);
         assert!(
             got == Some(status) && output.contains(says),
             "explain {args:?}: exit {got:?} (want {status}), want {says:?} in:\n{output}"
         );
     }
-    let (_, output) =
-        explain(&["team-a", "api.github.com", "--pod-label", "app=ci", "--via", "TlsPassthrough"]);
+    let (_, output) = explain(&[&team_a[..], &["--host", "api.github.com", "--pod", "runner"]].concat());
     assert!(output.contains("namespace labels: kubernetes.io/metadata.name=team-a, team=a"), "{output}");
-    let (got, output) = explain(&["team-a", "api.github.com", "--via", "Carrier"]);
+    assert!(output.contains("pod labels: app=ci"), "the pod's labels, from the API server:\n{output}");
+    let (got, output) = explain(&[&team_a[..], &["--host", "api.github.com", "--pod", "gone"]].concat());
+    assert!(
+        got == Some(1) && output.contains("pod team-a/gone not found"),
+        "a missing pod: exit {got:?}\n{output}"
+    );
+    let (got, output) = explain(&[&team_a[..], &["--host", "api.github.com", "--via", "Carrier"]].concat());
     assert!(got == Some(1) && output.contains("--via \"Carrier\""), "a bad --via: exit {got:?}\n{output}");
 }

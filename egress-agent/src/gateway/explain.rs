@@ -6,7 +6,7 @@
 use std::{collections::BTreeMap, fmt::Write as _, path::PathBuf};
 
 use anyhow::{Context as _, Result, bail};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{Api, ResourceExt as _, api::ListParams};
 use serde::Deserialize;
 
@@ -24,9 +24,12 @@ const NAME_LABEL: &str = "kubernetes.io/metadata.name";
 /// What is asked, as given on the command line.
 pub struct Question {
     pub namespace: String,
-    /// `host[:port]`; the port defaults to 443.
-    pub destination: String,
-    /// `key=value` each.
+    /// A name or an address, as the client would ask for it (CONNECT, SNI, Host).
+    pub host: String,
+    pub port: u16,
+    /// The client pod, whose labels count (from the API, or from the files' `Pod` objects).
+    pub pod: Option<String>,
+    /// `key=value` each, added to the pod's (or alone, without a pod).
     pub pod_labels: Vec<String>,
     /// `Connect`, `TlsPassthrough`, `TlsOrigination` or `TcpForward`.
     pub via: String,
@@ -40,10 +43,11 @@ pub struct Objects {
     pub cluster: Vec<ClusterEgressPolicy>,
     pub namespaced: Vec<EgressPolicy>,
     pub namespaces: Vec<Namespace>,
+    pub pods: Vec<Pod>,
 }
 
 impl Objects {
-    /// Every `ClusterEgressPolicy`, `EgressPolicy` and `Namespace` in YAML files (several
+    /// Every `ClusterEgressPolicy`, `EgressPolicy`, `Namespace` and `Pod` in YAML files (several
     /// documents each, or `kind: List` as `kubectl get -o yaml` prints); other kinds are skipped.
     pub fn from_files(paths: &[PathBuf]) -> Result<Self> {
         let mut objects = Self::default();
@@ -75,13 +79,15 @@ impl Objects {
             "ClusterEgressPolicy" => self.cluster.push(typed(value, &kind)?),
             "EgressPolicy" => self.namespaced.push(typed(value, &kind)?),
             "Namespace" => self.namespaces.push(typed(value, &kind)?),
+            "Pod" => self.pods.push(typed(value, &kind)?),
             _ => {}
         }
         Ok(())
     }
 
-    /// The three kinds as the API server has them now (the kubeconfig's cluster).
-    pub async fn from_cluster() -> Result<Self> {
+    /// The policies and namespaces as the API server has them now (the kubeconfig's cluster),
+    /// and the pod `question` names.
+    pub async fn from_cluster(question: &Question) -> Result<Self> {
         let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
         let all = ListParams::default();
         let cluster = Api::<ClusterEgressPolicy>::all(client.clone())
@@ -92,8 +98,18 @@ impl Objects {
             .list(&all)
             .await
             .context("listing EgressPolicy objects")?;
-        let namespaces = Api::<Namespace>::all(client).list(&all).await.context("listing namespaces")?;
-        Ok(Self { cluster: cluster.items, namespaced: namespaced.items, namespaces: namespaces.items })
+        let namespaces =
+            Api::<Namespace>::all(client.clone()).list(&all).await.context("listing namespaces")?;
+        let mut pods = Vec::new();
+        if let Some(pod) = &question.pod {
+            let api = Api::<Pod>::namespaced(client, &question.namespace);
+            let found = api
+                .get_opt(pod)
+                .await
+                .with_context(|| format!("reading pod {}/{pod}", question.namespace))?;
+            pods.extend(found);
+        }
+        Ok(Self { cluster: cluster.items, namespaced: namespaced.items, namespaces: namespaces.items, pods })
     }
 }
 
@@ -111,16 +127,31 @@ pub struct Answer {
 
 /// How the gateway would decide `question`, given `objects`.
 pub fn explain(question: &Question, objects: &Objects) -> Result<Answer> {
-    let (target, port) = parse_authority(&question.destination)
-        .map_err(|_| anyhow::anyhow!("destination {:?} is not host[:port]", question.destination))?;
-    let port = port.unwrap_or(443);
+    let target = match parse_authority(&question.host) {
+        Ok((target, None)) => target,
+        Ok((_, Some(_))) => bail!("--host {:?}: give the port with --port", question.host),
+        Err(_) => bail!("--host {:?} is not a host name or an IP address", question.host),
+    };
+    let port = question.port;
+    if port == 0 {
+        bail!("--port 0 is not a port");
+    }
     let via: Via = serde_yaml::from_str(&question.via).map_err(|_| {
         anyhow::anyhow!(
             "--via {:?} is not one of Connect, TlsPassthrough, TlsOrigination, TcpForward",
             question.via
         )
     })?;
-    let pod_labels = parse_labels(&question.pod_labels)?;
+    let mut pod_labels = Labels::new();
+    if let Some(pod) = &question.pod {
+        let found = objects
+            .pods
+            .iter()
+            .find(|p| p.name_any() == *pod && p.namespace().as_deref() == Some(&question.namespace))
+            .with_context(|| format!("pod {}/{pod} not found", question.namespace))?;
+        pod_labels.clone_from(found.labels());
+    }
+    pod_labels.extend(parse_labels(&question.pod_labels)?);
     let file = match &question.gateway_config {
         Some(path) => {
             let config = super::config::load(path)?;
@@ -289,7 +320,7 @@ pub fn run(question: &Question, files: &[PathBuf]) -> Result<bool> {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(Objects::from_cluster())?
+            .block_on(Objects::from_cluster(question))?
     } else {
         Objects::from_files(files)?
     };
@@ -329,26 +360,38 @@ items:
     kind: Namespace
     metadata: {name: team-a, labels: {team: a}}
   - apiVersion: v1
+    kind: Pod
+    metadata: {name: runner, namespace: team-a, labels: {app: ci}}
+  - apiVersion: v1
     kind: ConfigMap
     metadata: {name: skipped}
 "#;
 
-    fn ask(destination: &str, pod_labels: &[&str]) -> Answer {
-        let mut objects = Objects::default();
-        objects.add_yaml(OBJECTS).unwrap();
-        let question = Question {
+    fn question(host: &str, port: u16, pod: Option<&str>, pod_labels: &[&str]) -> Question {
+        Question {
             namespace: "team-a".into(),
-            destination: destination.into(),
+            host: host.into(),
+            port,
+            pod: pod.map(Into::into),
             pod_labels: pod_labels.iter().map(|l| (*l).to_owned()).collect(),
             via: "Connect".into(),
             gateway_config: None,
-        };
-        explain(&question, &objects).unwrap()
+        }
+    }
+
+    fn objects() -> Objects {
+        let mut objects = Objects::default();
+        objects.add_yaml(OBJECTS).unwrap();
+        objects
+    }
+
+    fn ask(host: &str, port: u16, pod: Option<&str>, pod_labels: &[&str]) -> Answer {
+        explain(&question(host, port, pod, pod_labels), &objects()).unwrap()
     }
 
     #[test]
     fn each_way_a_decision_can_go_is_told_with_its_rules() {
-        let a = ask("api.github.com", &["app=ci"]);
+        let a = ask("api.github.com", 443, Some("runner"), &[]);
         assert!(a.allowed, "{}", a.text);
         assert!(
             a.text.contains("namespace labels: kubernetes.io/metadata.name=team-a, team=a"),
@@ -361,12 +404,14 @@ items:
                      ALLOWED by EgressPolicy/team-a/ci#github-api\n";
         assert!(a.text.ends_with(steps), "{}", a.text);
 
-        let a = ask("api.github.com:443", &["app=web"]);
+        // The labels given win over the pod's.
+        let a = ask("api.github.com", 443, Some("runner"), &["app=web"]);
+        assert!(a.text.contains("pod labels: app=web\n"), "{}", a.text);
         assert!(!a.allowed);
         assert!(a.text.contains("team-a: no EgressPolicy accepts it"), "{}", a.text);
         assert!(a.text.ends_with("DENIED: no rule decides it (not_allowed)\n"), "{}", a.text);
 
-        let a = ask("www.pastebin.com", &["app=ci"]);
+        let a = ask("www.pastebin.com", 443, None, &["app=ci"]);
         assert!(!a.allowed);
         assert!(
             a.text.ends_with("DENIED by ClusterEgressPolicy/platform#no-paste-sites (denied_by_policy)\n"),
@@ -375,31 +420,28 @@ items:
         );
 
         // Not delegated: the namespace's own rule could not help, and the answer says why.
-        let a = ask("example.org", &[]);
+        let a = ask("example.org", 443, None, &[]);
         assert!(!a.allowed);
         assert!(a.text.contains("Admin: no rule decides it"), "{}", a.text);
         assert!(a.text.contains("only for what an Admin Pass delegates"), "{}", a.text);
         // Delegated on 443 only.
-        assert!(!ask("api.github.com:22", &["app=ci"]).allowed);
+        assert!(!ask("api.github.com", 22, None, &["app=ci"]).allowed);
     }
 
     #[test]
     fn bad_questions_name_the_bad_value() {
-        let mut objects = Objects::default();
-        objects.add_yaml(OBJECTS).unwrap();
-        let question = |destination: &str, via: &str, label: &str| Question {
-            namespace: "team-a".into(),
-            destination: destination.into(),
-            pod_labels: vec![label.into()],
-            via: via.into(),
-            gateway_config: None,
-        };
+        let objects = objects();
         let error = |q: Question| format!("{:#}", explain(&q, &objects).err().expect("refused"));
-        assert!(error(question("a b:443", "Connect", "a=b")).contains("\"a b:443\" is not host[:port]"));
-        assert!(error(question("x.example", "Carrier", "a=b")).contains("--via \"Carrier\""));
+        assert!(error(question("a b", 443, None, &[])).contains("--host \"a b\" is not a host name"));
+        assert!(error(question("x.example:443", 443, None, &[])).contains("give the port with --port"));
+        assert!(error(question("x.example", 0, None, &[])).contains("--port 0"));
+        assert!(error(question("x.example", 443, Some("gone"), &[])).contains("pod team-a/gone not found"));
         assert!(
-            error(question("x.example", "Connect", "app")).contains("pod label \"app\" is not key=value")
+            error(question("x.example", 443, None, &["app"])).contains("pod label \"app\" is not key=value")
         );
+        let mut via = question("x.example", 443, None, &[]);
+        via.via = "Carrier".into();
+        assert!(error(via).contains("--via \"Carrier\""));
         let mut bad = Objects::default();
         let e = bad.add_yaml("kind: EgressPolicy\nmetadata: {name: x}\nspec: {egress: 3}\n").unwrap_err();
         assert!(format!("{e:#}").contains("EgressPolicy \"x\" does not match its schema"), "{e:#}");

@@ -56,6 +56,7 @@ const PART_OF: (&str, &str) = ("app.kubernetes.io/part-of", "egressfw");
 mod agent_view;
 mod gateway;
 mod gateway_view;
+mod policy_example;
 mod rbac;
 mod render;
 
@@ -84,7 +85,12 @@ fn kustomization_reaches_every_manifest_file() {
                 let (reached, from) = match example {
                     Some(name) => {
                         let dir = examples.join(name);
-                        (rendering(&dir).files, shown(&dir.join("kustomization.yaml")))
+                        let files = if is_policy_example(&dir) {
+                            policy_rendering(&dir).1
+                        } else {
+                            rendering(&dir).files
+                        };
+                        (files, shown(&dir.join("kustomization.yaml")))
                     }
                     None => (base.files.clone(), "deploy/kustomization.yaml".to_owned()),
                 };

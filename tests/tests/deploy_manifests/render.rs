@@ -70,10 +70,16 @@ pub(crate) fn rendering(dir: &Path) -> Manifests {
     Manifests { namespace, objects, files }
 }
 
-/// The base and every example: what `kubectl apply -k` is pointed at. Each is checked the same
-/// way.
+/// The base and every example that deploys egressfw: what `kubectl apply -k` is pointed at.
+/// Each is checked the same way.
 pub(crate) fn renderings() -> Vec<Manifests> {
     let mut dirs = vec![deploy_dir()];
+    dirs.extend(examples().into_iter().filter(|d| !is_policy_example(d)));
+    dirs.iter().map(|d| rendering(d)).collect()
+}
+
+/// Every example's directory, sorted.
+pub(crate) fn examples() -> Vec<PathBuf> {
     let examples = deploy_dir().join(EXAMPLES_DIR);
     let mut found: Vec<PathBuf> = fs::read_dir(&examples)
         .unwrap_or_else(|e| panic!("listing {}: {e}", shown(&examples)))
@@ -81,8 +87,23 @@ pub(crate) fn renderings() -> Vec<Manifests> {
         .filter(|p| p.join("kustomization.yaml").is_file())
         .collect();
     found.sort();
-    dirs.extend(found);
-    dirs.iter().map(|d| rendering(d)).collect()
+    found
+}
+
+/// An example of policy resources, applied after deploy/: it builds on no other kustomization
+/// (the deployment examples build on the base) and sets no namespace, since its objects live in
+/// several (and the ClusterEgressPolicy in none).
+pub(crate) fn is_policy_example(dir: &Path) -> bool {
+    let k = kustomization(dir).unwrap_or_else(|e| panic!("{e:#}"));
+    !string_list(&k, "resources").any(|r| dir.join(r).is_dir())
+}
+
+/// A policy example rendered by `kustomize build`, and the files it reaches.
+pub(crate) fn policy_rendering(dir: &Path) -> (Vec<Object>, BTreeSet<PathBuf>) {
+    let mut files = BTreeSet::new();
+    reached_files(dir, &mut files).unwrap_or_else(|e| panic!("{e:#}"));
+    let objects = kustomize_build(dir).unwrap_or_else(|e| panic!("{e:#}"));
+    (objects, files)
 }
 
 /// The kustomize binary; a clear failure when it is not built.
