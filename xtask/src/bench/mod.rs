@@ -4,6 +4,7 @@ mod datapath;
 mod gateway;
 mod gateway_rules;
 mod policy;
+mod policy_apply;
 
 use anyhow::{Context as _, Result};
 use clap::Subcommand;
@@ -21,6 +22,9 @@ pub enum Bench {
     /// Egress gateway: the cost of one authorisation from 10 to 10,000 rules over 1,000
     /// namespaces (a micro-benchmark, no network).
     GatewayRules(gateway_rules::GatewayRulesArgs),
+    /// Egress gateway: time from `kubectl apply` of a policy resource to the first connection
+    /// it decides, on a real API server, with no other policies and with many.
+    PolicyApply(policy_apply::PolicyApplyArgs),
     /// The client of `bench gateway`'s steered route, which must run inside the enforced
     /// cgroup: started by the benchmark, not by hand.
     #[command(hide = true)]
@@ -33,6 +37,7 @@ pub fn run(which: &Bench) -> Result<()> {
         Bench::Policy(args) => policy::run(args),
         Bench::Gateway(args) => gateway::run(args),
         Bench::GatewayRules(args) => gateway_rules::run(args),
+        Bench::PolicyApply(args) => policy_apply::run(args),
         Bench::SteeringClient(args) => gateway::steering_client(args),
     }
 }
