@@ -193,7 +193,8 @@ fn a_gateway_configmap_edit_applies_without_a_restart() {
 /// own EgressPolicy opens a host only while a ClusterEgressPolicy passes that host to it (by the
 /// namespace's labels), an Admin Deny outranks it, and an edit the gateway cannot use keeps the
 /// last good generation in force. Every change applies to new connections, nothing restarts,
-/// and the objects' status says what became of them (Accepted, PartiallyEffective).
+/// and the objects' status says what became of them (Accepted, PartiallyEffective). In audit
+/// mode what nothing decides goes through, reported.
 #[test]
 fn policy_resources_open_only_what_the_platform_delegated() {
     let cluster = Cluster::enforcing("e2e-policies", NodeShape::default());
@@ -288,6 +289,18 @@ fn policy_resources_open_only_what_the_platform_delegated() {
 
     ok(&cluster.kubectl(&["delete", "clusteregresspolicy", "no-partner"]), "deleting the Deny");
     expect("200 200", "the Deny deleted");
+
+    // Audit mode: what no rule decides is let through at the gateway and reported with what
+    // enforcing would have said.
+    ok(&cluster.kubectl(&["delete", "egresspolicy", "partner", "-n", "team-a"]), "deleting team-a's policy");
+    expect("000 403", "team-a's own Accept deleted");
+    label("egressfw.io/mode=audit");
+    expect("200 200", "team-a in audit mode");
+    let log = gateway_log();
+    assert!(
+        log.contains(r#""reason":"audit""#) && log.contains(r#""audit":"not_allowed""#),
+        "the access log does not report the audited connection:\n{log}"
+    );
 }
 
 /// Admin: namespaces labelled `egress=self-service` may allow DENIED on 443 for themselves.

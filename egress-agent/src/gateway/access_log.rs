@@ -67,6 +67,10 @@ pub struct Record {
     /// choose the gateway: its kernel carried the connection there).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub steered: bool,
+    /// A connection of a namespace in audit mode that no rule allowed, let through and
+    /// reported: what enforcing would have said (`not_allowed`). `reason` is then `audit`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit: Option<&'static str>,
     /// How a tunnel ended: `closed`, `idle_timeout` or `drain_deadline`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub end: Option<&'static str>,
@@ -95,6 +99,7 @@ impl Record {
             bytes_up: 0,
             bytes_down: 0,
             steered: false,
+            audit: None,
             end: None,
             duration_ms: 0.0,
             started: Instant::now(),

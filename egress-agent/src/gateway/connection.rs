@@ -25,8 +25,10 @@ use std::{
 
 use tokio::net::TcpStream;
 
+use crate::k8s::desired::LABEL_MODE;
+
 use super::{
-    access_log::{self, Record},
+    access_log::{self, Decision, Record},
     decision::{self, Refused},
     pod_index::Owner,
     policy::{Deny, Grant, Target},
@@ -36,6 +38,9 @@ use super::{
     state::{Gateway, Live},
     tiers::{Client, Via},
 };
+
+/// The rule an audited connection is counted under (not a host name: it cannot be a rule's).
+const AUDIT_RULE: &str = "(audit)";
 
 pub struct Connection {
     gateway: Arc<Gateway>,
@@ -133,9 +138,11 @@ impl Connection {
     /// May this client reach `target:port`? The first step of [`Self::dial`]; on its own where
     /// a kept upstream connection may serve an allowed request. The gateway file's rules, then
     /// the policy resources as they are now (see `decision`); a resource's Deny names its rule
-    /// in the record.
+    /// in the record. In a namespace labelled `egressfw.io/mode=audit`, what no rule decides is
+    /// let through and reported (`audit` in the record) rather than refused; an explicit Deny
+    /// and the non-public ranges still hold.
     pub fn authorise(&mut self, target: &Target, port: u16) -> Result<Grant, Deny> {
-        let resources = &self.gateway.resources;
+        let resources = self.gateway.resources.clone();
         let tiers = resources.tiers();
         // The namespace's labels are looked up only when some policy could ask for them.
         let namespace_labels = match &self.owner {
@@ -147,12 +154,26 @@ impl Connection {
             namespace_labels: &namespace_labels,
             pod_labels: &o.labels,
         });
-        decision::authorize(&self.live.policy, &tiers, client.as_ref(), target, port, self.via).map_err(
-            |Refused { deny, by }| {
+        match decision::authorize(&self.live.policy, &tiers, client.as_ref(), target, port, self.via) {
+            Ok(grant) => Ok(grant),
+            Err(Refused { deny: Deny::NotAllowed, .. }) if self.audited() => {
+                self.record.audit = Some(Deny::NotAllowed.name());
+                Ok(Grant::by_resource(AUDIT_RULE.into(), Vec::new()))
+            }
+            Err(Refused { deny, by }) => {
                 self.record.rule = by;
-                deny
-            },
-        )
+                Err(deny)
+            }
+        }
+    }
+
+    /// Whether the client's namespace is labelled `egressfw.io/mode=audit` (known from the
+    /// namespace watch of the policy resources).
+    fn audited(&self) -> bool {
+        self.owner.as_ref().is_some_and(|o| {
+            let labels = self.gateway.resources.namespace_labels(&o.namespace);
+            labels.get(LABEL_MODE).is_some_and(|mode| mode == "audit")
+        })
     }
 
     /// Authorises `target:port`, resolves it, keeps the addresses the policy allows and
@@ -263,6 +284,13 @@ impl Connection {
 
     /// The access-log line and the metrics; the slot (if this connection holds it) is freed.
     pub fn finish(mut self) {
+        // An audited connection says so only if it went through; refused for another reason
+        // (a non-public range, the upstream), it is that refusal.
+        if self.record.audit.is_some() && self.record.decision == Decision::Allow {
+            self.record.reason = "audit";
+        } else {
+            self.record.audit = None;
+        }
         access_log::write(&mut self.record);
         self.gateway.metrics.record(&self.record);
     }
