@@ -36,7 +36,7 @@ use super::{
     relay::{self, Ended},
     slots::Slot,
     state::{Gateway, Live},
-    tiers::{Client, Via},
+    tiers::{Client, Labels, Via},
 };
 
 /// The rule an audited connection is counted under (not a host name: it cannot be a rule's).
@@ -142,21 +142,25 @@ impl Connection {
     /// let through and reported (`audit` in the record) rather than refused; an explicit Deny
     /// and the non-public ranges still hold.
     pub fn authorise(&mut self, target: &Target, port: u16) -> Result<Grant, Deny> {
-        let resources = self.gateway.resources.clone();
+        let resources = &self.gateway.resources;
         let tiers = resources.tiers();
-        // The namespace's labels are looked up only when some policy could ask for them.
-        let namespace_labels = match &self.owner {
-            Some(o) if !tiers.is_empty() => resources.namespace_labels(&o.namespace),
-            _ => Arc::default(),
-        };
+        // The namespace's labels are looked up only when some policy could ask for them, or
+        // for its mode when nothing decided.
+        let labels_of = |o: &Owner| resources.namespace_labels(&o.namespace);
+        let namespace_labels = self.owner.as_ref().filter(|_| !tiers.is_empty()).map(labels_of);
+        let no_labels = Labels::new();
         let client = self.owner.as_ref().map(|o| Client {
             namespace: &o.namespace,
-            namespace_labels: &namespace_labels,
+            namespace_labels: namespace_labels.as_deref().unwrap_or(&no_labels),
             pod_labels: &o.labels,
         });
         match decision::authorize(&self.live.policy, &tiers, client.as_ref(), target, port, self.via) {
             Ok(grant) => Ok(grant),
-            Err(Refused { deny: Deny::NotAllowed, .. }) if self.audited() => {
+            Err(Refused { deny: Deny::NotAllowed, .. })
+                if namespace_labels
+                    .or_else(|| self.owner.as_ref().map(labels_of))
+                    .is_some_and(|l| l.get(LABEL_MODE).is_some_and(|mode| mode == "audit")) =>
+            {
                 self.record.audit = Some(Deny::NotAllowed.name());
                 Ok(Grant::by_resource(AUDIT_RULE.into(), Vec::new()))
             }
@@ -165,15 +169,6 @@ impl Connection {
                 Err(deny)
             }
         }
-    }
-
-    /// Whether the client's namespace is labelled `egressfw.io/mode=audit` (known from the
-    /// namespace watch of the policy resources).
-    fn audited(&self) -> bool {
-        self.owner.as_ref().is_some_and(|o| {
-            let labels = self.gateway.resources.namespace_labels(&o.namespace);
-            labels.get(LABEL_MODE).is_some_and(|mode| mode == "audit")
-        })
     }
 
     /// Authorises `target:port`, resolves it, keeps the addresses the policy allows and

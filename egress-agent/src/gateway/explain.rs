@@ -14,12 +14,9 @@ use super::{
     decision::{self, Outcome},
     policy::{Deny, Policy},
     target::parse_authority,
-    tiers::{Client, Labels, RuleRef, Stage, Tiers, Verdict, Via},
+    tiers::{self, Client, Labels, RuleRef, Stage, Tiers, Verdict, Via},
 };
 use crate::crd::{ClusterEgressPolicy, EgressPolicy};
-
-/// The label every namespace carries; selectors may use it.
-const NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// What is asked, as given on the command line.
 pub struct Question {
@@ -160,8 +157,10 @@ pub fn explain(question: &Question, objects: &Objects) -> Result<Answer> {
         None => None,
     };
     let namespace = objects.namespaces.iter().find(|n| n.name_any() == question.namespace);
-    let mut namespace_labels: Labels = namespace.map(|n| n.labels().clone()).unwrap_or_default();
-    namespace_labels.entry(NAME_LABEL.into()).or_insert_with(|| question.namespace.clone());
+    let namespace_labels = tiers::namespace_labels(
+        namespace.map(|n| n.labels().clone()).unwrap_or_default(),
+        &question.namespace,
+    );
     let (tiers, rejected) = Tiers::build(&objects.cluster, &objects.namespaced);
     let client = Client {
         namespace: &question.namespace,

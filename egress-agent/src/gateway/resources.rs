@@ -37,13 +37,9 @@ use kube::{
 
 use super::{
     policy_status::{FIELD_MANAGER, Finding, wanted},
-    tiers::{Labels, Rejection, Tiers},
+    tiers::{self, Labels, Rejection, Tiers},
 };
 use crate::crd::{ClusterEgressPolicy, EgressPolicy, status::PolicyStatus};
-
-/// The label the API server puts on every namespace: selectors may use it for a namespace
-/// known only from the gateway file's static table.
-const NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 const NAMESPACE: &str = "Namespace";
 const CLUSTER: &str = "ClusterEgressPolicy";
@@ -94,9 +90,7 @@ impl Resources {
             let ns = s.as_ref()?.get(&ObjectRef::new(namespace))?;
             Some(ns.metadata.labels.clone().unwrap_or_default())
         });
-        let mut labels = found.unwrap_or_default();
-        labels.entry(NAME_LABEL.into()).or_insert_with(|| namespace.into());
-        Arc::new(labels)
+        Arc::new(tiers::namespace_labels(found.unwrap_or_default(), namespace))
     }
 
     /// Keeps the policies and namespace labels current until the streams end (they do not: the

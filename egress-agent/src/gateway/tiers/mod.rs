@@ -40,6 +40,13 @@ use index::{DestinationIndex, Hit};
 
 pub type Labels = BTreeMap<String, String>;
 
+/// A namespace's labels as selectors see them: with `kubernetes.io/metadata.name`, which the API
+/// server sets on every namespace (and a namespace known only by name has nothing else).
+pub fn namespace_labels(mut labels: Labels, namespace: &str) -> Labels {
+    labels.entry("kubernetes.io/metadata.name".into()).or_insert_with(|| namespace.into());
+    labels
+}
+
 /// Who is asking, as far as the policies care.
 #[derive(Clone, Copy, Debug)]
 pub struct Client<'a> {
