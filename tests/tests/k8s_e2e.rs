@@ -193,8 +193,9 @@ fn a_gateway_configmap_edit_applies_without_a_restart() {
 /// own EgressPolicy opens a host only while a ClusterEgressPolicy passes that host to it (by the
 /// namespace's labels), an Admin Deny outranks it, and an edit the gateway cannot use keeps the
 /// last good generation in force. Every change applies to new connections, nothing restarts,
-/// and the objects' status says what became of them (Accepted, PartiallyEffective). In audit
-/// mode what nothing decides goes through, reported.
+/// and the objects' status says what became of them (Accepted, Programmed by both replicas and
+/// by a replacement replica, PartiallyEffective). A Baseline decides only where nothing before
+/// it did. In audit mode what nothing decides goes through, reported.
 #[test]
 fn policy_resources_open_only_what_the_platform_delegated() {
     let cluster = Cluster::enforcing("e2e-policies", NodeShape::default());
@@ -246,7 +247,35 @@ fn policy_resources_open_only_what_the_platform_delegated() {
     label("egress=self-service");
     expect("200 200", "delegated to team-a, which accepts it");
     condition(&team, "team-a", "Accepted", "True", "applies this generation");
+    condition(&team, "team-a", "Programmed", "True", "all 2 gateway replicas apply generation 1");
     condition(&team, "team-a", "PartiallyEffective", "False", "within what the Admin tier delegates");
+    let replicas = || {
+        let names = cluster.get(&["pods", "-l", GATEWAY_PODS], SYSTEM, "{.items[*].metadata.name}");
+        let mut names: Vec<String> = names.split_whitespace().map(str::to_owned).collect();
+        names.sort();
+        names
+    };
+    // Each replica reports its own entry; a replica replaced leaves, its successor joins.
+    let entries = || {
+        let names = cluster.get(&team, "team-a", "{.status.replicas[*].name}");
+        let mut names: Vec<String> = names.split_whitespace().map(str::to_owned).collect();
+        names.sort();
+        names
+    };
+    assert_eq!(entries(), replicas(), "status.replicas names the gateway's pods");
+    let gone = replicas()[0].clone();
+    ok(
+        &cluster.kubectl(&["delete", "pod", "-n", SYSTEM, &gone, "--wait=false"]),
+        "deleting a gateway replica",
+    );
+    let mut last = Vec::new();
+    let settled = egress_tests::poll_until(std::time::Duration::from_secs(90), || {
+        let now = replicas();
+        last = entries();
+        now.len() == 2 && !now.contains(&gone) && last == now
+    });
+    assert!(settled, "status.replicas is {last:?} after {gone} was replaced; the pods are {:?}", replicas());
+    condition(&team, "team-a", "Programmed", "True", "all 2 gateway replicas apply generation 1");
     label("egress-");
     expect("000 403", "team-a no longer in the delegation (its label removed)");
     // Its author sees why, on the object.
@@ -286,14 +315,40 @@ fn policy_resources_open_only_what_the_platform_delegated() {
         assert_eq!(connect(), "000 403", "the last good Deny was dropped with its bad edit");
     }
     condition(&["clusteregresspolicy", "no-partner"], "", "Accepted", "False", "generation 1 stays in force");
+    condition(&["clusteregresspolicy", "no-partner"], "", "Programmed", "False", "generation 2 is refused");
+    let programmed = cluster.get(
+        &["clusteregresspolicy", "no-partner"],
+        "",
+        "{.status.conditions[?(@.type==\"Programmed\")].message}",
+    );
+    assert_eq!(
+        programmed.matches("applies generation 1").count(),
+        2,
+        "both replicas keep generation 1: {programmed}"
+    );
 
     ok(&cluster.kubectl(&["delete", "clusteregresspolicy", "no-partner"]), "deleting the Deny");
     expect("200 200", "the Deny deleted");
 
+    // Baseline decides only what nothing before it did: its Deny loses to team-a's Accept,
+    // and decides once that Accept is gone; its Accept opens what nothing else decides.
+    cluster.apply(&baseline("Deny"), "a Baseline Deny");
+    condition(&["clusteregresspolicy", "fallback"], "", "Programmed", "True", "apply generation 1");
+    expect("200 200", "team-a's Accept comes before the Baseline Deny");
+    ok(&cluster.kubectl(&["delete", "egresspolicy", "partner", "-n", "team-a"]), "deleting team-a's policy");
+    expect("000 403", "the Baseline Deny, with team-a's Accept deleted");
+    let log = gateway_log();
+    assert!(
+        log.contains("denied_by_policy") && log.contains("ClusterEgressPolicy/fallback#partner"),
+        "the access log does not name the Baseline Deny that decided:\n{log}"
+    );
+    cluster.apply(&baseline("Accept"), "the Baseline turned Accept");
+    expect("200 200", "the Baseline Accept, where nothing else decides");
+    ok(&cluster.kubectl(&["delete", "clusteregresspolicy", "fallback"]), "deleting the Baseline");
+    expect("000 403", "nothing decides (enforce)");
+
     // Audit mode: what no rule decides is let through at the gateway and reported with what
     // enforcing would have said.
-    ok(&cluster.kubectl(&["delete", "egresspolicy", "partner", "-n", "team-a"]), "deleting team-a's policy");
-    expect("000 403", "team-a's own Accept deleted");
     label("egressfw.io/mode=audit");
     expect("200 200", "team-a in audit mode");
     let log = gateway_log();
@@ -315,6 +370,22 @@ spec:
   subject: {{namespaces: {{matchLabels: {{egress: self-service}}}}}}
   egress:
     - {{name: partner, action: Pass, to: [{{domainNames: ['{DENIED}']}}], ports: [{{port: 443}}]}}
+"
+    )
+}
+
+/// Baseline: `action` DENIED for team-a.
+fn baseline(action: &str) -> String {
+    format!(
+        r"apiVersion: egressfw.io/v1alpha1
+kind: ClusterEgressPolicy
+metadata: {{name: fallback}}
+spec:
+  tier: Baseline
+  priority: 10
+  subject: {{namespaces: {{matchLabels: {{kubernetes.io/metadata.name: team-a}}}}}}
+  egress:
+    - {{name: partner, action: {action}, to: [{{domainNames: ['{DENIED}']}}]}}
 "
     )
 }

@@ -10,9 +10,10 @@
 //!   logged, with the reason.
 //! - A change applies to new decisions as soon as its watch event arrives; open tunnels keep
 //!   the decision they were made with.
-//! - Each object's status says whether its generation is applied and, for a namespace's
-//!   policy, which rules the Admin tier keeps from taking effect (`policy_status`); it is
-//!   written after every change, namespace labels included.
+//! - Each object's status says whether its generation is applied, by how many replicas, and,
+//!   for a namespace's policy, which rules the Admin tier keeps from taking effect
+//!   (`policy_status`, written by `status_writer` after every change, namespace labels and
+//!   replicas included).
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -24,10 +25,8 @@ use std::{
 
 use futures_util::{FutureExt as _, Stream, StreamExt as _, stream};
 use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::jiff::Timestamp;
 use kube::{
     Api, Client, Resource, ResourceExt as _,
-    api::{Patch, PatchParams},
     runtime::{
         WatchStreamExt as _,
         reflector::{self, ObjectRef, Store},
@@ -36,20 +35,24 @@ use kube::{
 };
 
 use super::{
-    policy_status::{FIELD_MANAGER, Finding, wanted},
+    replicas::{self, Replicas},
+    status_writer::StatusWriter,
     tiers::{self, Labels, Rejection, Tiers},
 };
-use crate::crd::{ClusterEgressPolicy, EgressPolicy, status::PolicyStatus};
+use crate::crd::{ClusterEgressPolicy, EgressPolicy};
 
 const NAMESPACE: &str = "Namespace";
 const CLUSTER: &str = "ClusterEgressPolicy";
 const NAMESPACED: &str = "EgressPolicy";
+/// The pods of the gateway's own namespace, where its replicas are (`replicas`).
+const POD: &str = "Pod";
 
 /// The kind's name, as log fields and refusals say it.
-fn kind_of<K: Resource<DynamicType = ()>>() -> &'static str {
+pub(super) fn kind_of<K: Resource<DynamicType = ()>>() -> &'static str {
     match K::kind(&()).as_ref() {
         "Namespace" => NAMESPACE,
         "ClusterEgressPolicy" => CLUSTER,
+        "Pod" => POD,
         _ => NAMESPACED,
     }
 }
@@ -60,8 +63,10 @@ pub struct Resources {
     rejected: RwLock<Vec<Rejection>>,
     namespaces: RwLock<Option<Store<Namespace>>>,
     synced: AtomicBool,
-    /// Something changed that the objects' status may have to say (see `write_statuses`).
-    status_due: tokio::sync::Notify,
+    /// The generation of each object (by uid) that this replica applies.
+    applied: RwLock<HashMap<String, i64>>,
+    /// Something changed that the objects' status may have to say (see `status_writer`).
+    pub(super) status_due: tokio::sync::Notify,
 }
 
 impl Resources {
@@ -84,6 +89,11 @@ impl Resources {
         self.synced.load(Ordering::Acquire)
     }
 
+    /// The generation of the object with this uid that this replica applies, if any.
+    pub fn applied(&self, uid: &str) -> Option<i64> {
+        self.applied.read().ok()?.get(uid).copied()
+    }
+
     /// A namespace's labels; the name label alone for a namespace the API does not have.
     pub fn namespace_labels(&self, namespace: &str) -> Arc<Labels> {
         let found = self.namespaces.read().ok().and_then(|s| {
@@ -102,8 +112,23 @@ impl Resources {
         if let Ok(mut n) = self.namespaces.write() {
             *n = Some(namespaces);
         }
-        tokio::spawn(self.clone().write_statuses(client, cluster.clone(), namespaced.clone()));
-        let mut events = stream::select_all([namespace_events, cluster_events, namespaced_events]);
+        let mut streams = vec![namespace_events, cluster_events, namespaced_events];
+        let replicas = match replicas::own_pod() {
+            Some((namespace, me)) => {
+                let (replicas, pod_events) = Replicas::watch(client.clone(), &namespace, me);
+                streams.push(pod_events);
+                Some(Arc::new(replicas))
+            }
+            None => {
+                tracing::info!(
+                    "not running in a pod (POD_NAME, POD_NAMESPACE unset): no Programmed condition"
+                );
+                None
+            }
+        };
+        let writer = StatusWriter { resources: self.clone(), client, replicas };
+        tokio::spawn(writer.run(cluster.clone(), namespaced.clone()));
+        let mut events = stream::select_all(streams);
         let mut listed = BTreeSet::new();
         let mut last_good = LastGood::default();
         while let Some(first) = events.next().await {
@@ -116,13 +141,15 @@ impl Resources {
             for event in batch {
                 match event {
                     // A relist after a lost watch may have changed anything.
+                    Seen::Listed(POD) => labels_changed = true,
                     Seen::Listed(kind) => {
                         listed.insert(kind);
                         changed = true;
                     }
                     // Labels are read per decision: a namespace change needs no rebuild, only
-                    // another look at the bounds the status reports.
-                    Seen::Changed(NAMESPACE) => labels_changed = true,
+                    // another look at the bounds the status reports; a replica coming or going
+                    // changes only what Programmed counts.
+                    Seen::Changed(NAMESPACE | POD) => labels_changed = true,
                     Seen::Changed(_) => changed = true,
                     Seen::Failed(kind, error) => tracing::warn!(
                         kind,
@@ -144,68 +171,6 @@ impl Resources {
             }
             if changed || labels_changed {
                 self.status_due.notify_one();
-            }
-        }
-    }
-
-    /// Writes the objects' status after each change, apart from the loop that applies the
-    /// changes: a thousand status writes must not hold up the next policy (the
-    /// `policy-apply` benchmark found they did). A change during a pass makes another pass.
-    async fn write_statuses(
-        self: Arc<Self>,
-        client: Client,
-        cluster: Store<ClusterEgressPolicy>,
-        namespaced: Store<EgressPolicy>,
-    ) {
-        loop {
-            self.status_due.notified().await;
-            self.write_status(&client, &cluster, &namespaced).await;
-        }
-    }
-
-    /// Writes each object's status where it differs from what the object carries (see
-    /// `policy_status`). A failed write is logged once per pass and the pass ends; the next
-    /// change tries again.
-    async fn write_status(
-        &self,
-        client: &Client,
-        cluster: &Store<ClusterEgressPolicy>,
-        namespaced: &Store<EgressPolicy>,
-    ) {
-        let tiers = self.tiers();
-        let rejected: HashMap<String, String> =
-            self.rejected().into_iter().map(|r| (r.object, r.reason)).collect();
-        // Whole seconds, as the API server keeps them: a status read back then equals the one
-        // written, and the next pass leaves it alone.
-        let now = Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_else(|_| Timestamp::now());
-        for object in cluster.state() {
-            let name = object.name_any();
-            let finding = Finding {
-                generation: object.meta().generation.unwrap_or_default(),
-                refused: rejected.get(&format!("{CLUSTER}/{name}")).map(String::as_str),
-                outside_bounds: None,
-            };
-            let status = wanted(&finding, object.status.as_ref(), &now);
-            if object.status.as_ref() != Some(&status)
-                && !patch_status(Api::<ClusterEgressPolicy>::all(client.clone()), &name, &status).await
-            {
-                return;
-            }
-        }
-        for object in namespaced.state() {
-            let (namespace, name) = (object.namespace().unwrap_or_default(), object.name_any());
-            let outside = tiers.outside_bounds(&namespace, &self.namespace_labels(&namespace), &name);
-            let finding = Finding {
-                generation: object.meta().generation.unwrap_or_default(),
-                refused: rejected.get(&format!("{NAMESPACED}/{namespace}/{name}")).map(String::as_str),
-                outside_bounds: Some(&outside),
-            };
-            let status = wanted(&finding, object.status.as_ref(), &now);
-            if object.status.as_ref() != Some(&status)
-                && !patch_status(Api::<EgressPolicy>::namespaced(client.clone(), &namespace), &name, &status)
-                    .await
-            {
-                return;
             }
         }
     }
@@ -238,8 +203,17 @@ impl Resources {
             refused = rejected.len(),
             "policy resources applied"
         );
+        let applied = cluster
+            .iter()
+            .map(|o| o.meta())
+            .chain(namespaced.iter().map(|o| o.meta()))
+            .map(|m| (m.uid.clone().unwrap_or_default(), m.generation.unwrap_or_default()))
+            .collect();
         if let Ok(mut t) = self.tiers.write() {
             *t = Arc::new(tiers);
+        }
+        if let Ok(mut a) = self.applied.write() {
+            *a = applied;
         }
         if let Ok(mut r) = self.rejected.write() {
             *r = rejected;
@@ -248,16 +222,16 @@ impl Resources {
 }
 
 /// What a watch stream said, by the kind it watches.
-enum Seen {
+pub(super) enum Seen {
     Listed(&'static str),
     Changed(&'static str),
     Failed(&'static str, String),
 }
 
-type Events = std::pin::Pin<Box<dyn Stream<Item = Seen> + Send>>;
+pub(super) type Events = std::pin::Pin<Box<dyn Stream<Item = Seen> + Send>>;
 
 /// A reflector over every object of a kind: its store, and what happened to it.
-fn reflect<K>(api: Api<K>) -> (Store<K>, Events)
+pub(super) fn reflect<K>(api: Api<K>) -> (Store<K>, Events)
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -300,27 +274,6 @@ fn generations(
     let of =
         |m: &kube::core::ObjectMeta| (m.uid.clone().unwrap_or_default(), m.generation.unwrap_or_default());
     cluster.iter().map(|o| of(o.meta())).chain(namespaced.iter().map(|o| of(o.meta()))).collect()
-}
-
-/// Applies `status` to the object's status subresource; false (logged) when that fails.
-async fn patch_status<K>(api: Api<K>, name: &str, status: &PolicyStatus) -> bool
-where
-    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
-{
-    let kind = kind_of::<K>();
-    let body = serde_json::json!({
-        "apiVersion": K::api_version(&()),
-        "kind": kind,
-        "status": status,
-    });
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    match api.patch_status(name, &params, &Patch::Apply(&body)).await {
-        Ok(_) => true,
-        Err(error) => {
-            tracing::warn!(kind, name, %error, "writing a policy's status failed (does the gateway's ClusterRole allow patch on its status?)");
-            false
-        }
-    }
 }
 
 /// The objects to build from: each as it is now if it compiles, else its last good generation
