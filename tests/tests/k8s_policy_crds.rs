@@ -200,6 +200,54 @@ fn the_policy_crds_install_accept_good_objects_and_refuse_bad_ones_with_clear_me
     assert_eq!(String::from_utf8_lossy(&status.stdout).trim(), "no", "status is egressfw's to write");
 
     the_policy_example_applies_and_explains(&plane);
+    admission_warns_about_what_a_policy_cannot_change(&plane);
+}
+
+/// deploy/base/admission/policy-checks.yaml on the real API server: `kubectl apply` warns (and
+/// still applies) an EgressPolicy in a namespace that is not opted in, and a ClusterEgressPolicy
+/// whose subject selects namespaces by labels the namespace-labels policy does not guard.
+fn admission_warns_about_what_a_policy_cannot_change(plane: &ControlPlane) {
+    // Whether applying `manifest` succeeds, and the warning kubectl prints, if any.
+    let apply = |manifest: &str| {
+        let out = plane.kubectl_with_input(&["apply", "-f", "-"], manifest);
+        assert!(out.status.success(), "a warning must not refuse: {}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        stderr.lines().filter(|l| l.starts_with("Warning: ")).collect::<Vec<_>>().join("\n")
+    };
+    ok(&plane.kubectl(&["create", "namespace", "team-c"]), "creating a namespace not opted in");
+    let policy = GOOD_NAMESPACE_POLICY.replace("namespace: team-a", "namespace: team-c");
+    // The admission policies came with deploy/ at the start: poll, they load in the background.
+    let mut warning = String::new();
+    let warned = egress_tests::poll_until(std::time::Duration::from_secs(15), || {
+        warning = apply(&policy);
+        !warning.is_empty()
+    });
+    assert!(warned, "no warning for an EgressPolicy in a namespace that is not opted in");
+    assert!(
+        warning.contains("namespace team-c is not opted in to egressfw (its label egressfw.io/mode is not enforce or audit)"),
+        "{warning}"
+    );
+    ok(&plane.kubectl(&["label", "namespace", "team-c", "egressfw.io/mode=audit"]), "opting team-c in");
+    let quiet = apply(&policy.replace("port: 443}", "port: 8443}"));
+    assert_eq!(quiet, "", "an opted-in namespace's policy draws no warning");
+
+    let subject = |selector: &str| {
+        GOOD_CLUSTER_POLICY.replace("name: platform\n", "name: subject\n").replace("namespaces: {}", selector)
+    };
+    let warning = apply(&subject(
+        "namespaces: {matchLabels: {egress: self-service}, matchExpressions: [{key: team, operator: In, values: [a]}]}",
+    ));
+    assert!(
+        warning.contains("subject.namespaces selects by egress, team, a label that egressfw-namespace-labels does not guard"),
+        "{warning}"
+    );
+    for guarded in [
+        "namespaces: {matchLabels: {egressfw.io/egress: self-service}}",
+        "namespaces: {matchExpressions: [{key: kubernetes.io/metadata.name, operator: In, values: [team-a]}]}",
+        "namespaces: {}",
+    ] {
+        assert_eq!(apply(&subject(guarded)), "", "{guarded} draws no warning");
+    }
 }
 
 /// deploy/examples/self-service-egress/ as its README says (`kubectl apply -k`, after deploy/):

@@ -532,6 +532,46 @@ fn own_namespace_admits_the_agent_and_is_never_enforced() {
     }
 }
 
+/// Every shipped admission policy is bound once. The checks on policy objects only warn and
+/// never block an edit when they cannot be evaluated: what they point at can change after the
+/// object exists. (What they say, the real API server shows in k8s_policy_crds.)
+#[test]
+fn every_admission_policy_is_bound_and_the_policy_checks_only_warn() {
+    let m = manifests();
+    let bindings = m.all::<ValidatingAdmissionPolicyBinding>();
+    for (file, policy) in m.all::<ValidatingAdmissionPolicy>() {
+        let name = policy.metadata.name.clone().unwrap_or_default();
+        let bound: Vec<_> = bindings
+            .iter()
+            .filter(|(_, b)| b.spec.as_ref().is_some_and(|s| s.policy_name.as_deref() == Some(name.as_str())))
+            .collect();
+        assert_eq!(bound.len(), 1, "{file}: {name} is bound exactly once");
+        let spec = policy.spec.as_ref().expect("a spec");
+        let rules =
+            spec.match_constraints.as_ref().and_then(|c| c.resource_rules.clone()).unwrap_or_default();
+        let on_policies =
+            rules.iter().any(|r| r.api_groups.as_deref() == Some(&["egressfw.io".to_string()][..]));
+        if on_policies {
+            assert_eq!(spec.failure_policy.as_deref(), Some("Ignore"), "{file}: {name} never blocks an edit");
+            let actions = bound[0].1.spec.as_ref().and_then(|s| s.validation_actions.clone());
+            assert_eq!(actions, Some(vec!["Warn".to_string()]), "{file}: {name} warns only");
+        }
+    }
+    for kind in ["egresspolicies", "clusteregresspolicies"] {
+        assert!(
+            m.all::<ValidatingAdmissionPolicy>().iter().any(|(_, p)| {
+                let rules =
+                    p.spec.as_ref().and_then(|s| s.match_constraints.clone()).and_then(|c| c.resource_rules);
+                rules
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|r| r.resources.as_deref() == Some(&[kind.to_string()][..]))
+            }),
+            "no admission check on {kind}"
+        );
+    }
+}
+
 /// The namespace labels decide who is enforced and through which gateway; the shipped
 /// ValidatingAdmissionPolicy keeps them in the platform team's hands. Checked here: it is bound
 /// and denies, it guards the prefix of every label the agent reads, and the permission its
@@ -542,7 +582,7 @@ fn namespace_labels_are_guarded_by_the_shipped_admission_policy() {
     use egress_agent::k8s::desired::{LABEL_GATEWAY, LABEL_MODE, LABEL_STEERING};
     const PREFIX: &str = "egressfw.io/";
     let m = manifests();
-    let (file, policy) = m.one::<ValidatingAdmissionPolicy>();
+    let (file, policy) = m.named::<ValidatingAdmissionPolicy>("egressfw-namespace-labels");
     let spec = policy.spec.as_ref().expect("a spec");
     assert_eq!(spec.failure_policy.as_deref(), Some("Fail"), "{file}: fails closed");
     let rules = spec.match_constraints.as_ref().and_then(|c| c.resource_rules.clone()).unwrap_or_default();
@@ -565,7 +605,7 @@ fn namespace_labels_are_guarded_by_the_shipped_admission_policy() {
             && validations.iter().all(|v| v.expression.contains(&format!("startsWith('{PREFIX}')"))),
         "{file}: setting, changing and removing {PREFIX} labels are checked"
     );
-    let (binding_file, binding) = m.one::<ValidatingAdmissionPolicyBinding>();
+    let (binding_file, binding) = m.named::<ValidatingAdmissionPolicyBinding>("egressfw-namespace-labels");
     let bspec = binding.spec.as_ref().expect("a spec");
     assert_eq!(bspec.policy_name, policy.metadata.name, "{binding_file}: binds the policy");
     assert_eq!(

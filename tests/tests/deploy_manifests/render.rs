@@ -382,6 +382,14 @@ impl Manifests {
         all.remove(0)
     }
 
+    /// The object of kind `K` named `name`.
+    pub(crate) fn named<K: Resource + DeserializeOwned + kube::ResourceExt>(&self, name: &str) -> (&str, K) {
+        self.all::<K>()
+            .into_iter()
+            .find(|(_, o)| o.meta().name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("no {} {name} in deploy/", K::KIND))
+    }
+
     /// The node agent's DaemonSet, its pod spec and its one container.
     pub(crate) fn agent(&self) -> (&str, DaemonSet, PodSpec, Container) {
         let (file, ds) = self.one::<DaemonSet>();
