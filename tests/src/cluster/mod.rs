@@ -16,6 +16,7 @@ pub mod images;
 pub mod node;
 pub mod outside;
 pub mod pki;
+pub mod plane_gateway;
 mod supervisor;
 
 use std::{

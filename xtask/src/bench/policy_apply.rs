@@ -12,17 +12,16 @@
 //! connection. Traffic stays inside the namespace.
 
 use std::{
-    fs,
-    io::{Read as _, Write as _},
-    net::TcpStream,
     path::Path,
-    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 use clap::Args;
-use egress_tests::cluster::{API_ADDR, ControlPlane, TempDir};
+use egress_tests::cluster::{
+    API_ADDR, ControlPlane, TempDir,
+    plane_gateway::{self, PlaneGateway},
+};
 
 use super::percentile;
 use crate::{run, toolchain};
@@ -37,8 +36,8 @@ pub struct PolicyApplyArgs {
     others: Vec<usize>,
 }
 
+const PROXY_PORT: u16 = 13128;
 const PROXY: &str = "127.0.0.1:13128";
-const ADMIN: &str = "127.0.0.1:19809";
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 pub fn run(args: &PolicyApplyArgs) -> Result<()> {
@@ -70,7 +69,7 @@ pub fn run(args: &PolicyApplyArgs) -> Result<()> {
     apply(&format!(
         "apiVersion: egressfw.io/v1alpha1\nkind: ClusterEgressPolicy\nmetadata: {{name: delegate}}\nspec:\n  tier: Admin\n  priority: 10\n  subject: {{namespaces: {{}}}}\n  egress:\n    - {{name: probe, action: Pass, to: [{{networks: [{API_ADDR}/32]}}], ports: [{{port: 9}}]}}\n"
     ))?;
-    let gateway = start_gateway(&plane, &agent, &dir.0)?;
+    let gateway = PlaneGateway::start(&plane, &agent, &dir.0, "gateway", PROXY_PORT, &[])?;
     let probe = || plane.ns.within(connect_status);
 
     let mut rows = Vec::new();
@@ -148,57 +147,9 @@ pub fn run(args: &PolicyApplyArgs) -> Result<()> {
     Ok(())
 }
 
-/// The gateway, in the plane's namespace; stopped when dropped. Returns once it is ready
-/// (the policy resources listed).
-fn start_gateway(plane: &ControlPlane, agent: &Path, dir: &Path) -> Result<Gateway> {
-    let config = dir.join("gateway.yaml");
-    fs::write(
-        &config,
-        format!(
-            "listeners: {{httpProxy: {{listen: \"{PROXY}\"}}}}\nadmin: \"{ADMIN}\"\nsources:\n  static: [{{cidr: 127.0.0.0/8, namespace: team-a}}]\npolicyResources: true\nrules: []\n"
-        ),
-    )?;
-    let log = fs::File::create(dir.join("gateway.log"))?;
-    let mut cmd = plane.ns.command(&agent.display().to_string(), None);
-    cmd.args(["gateway", "--config"])
-        .arg(&config)
-        .env("KUBECONFIG", &plane.admin_kubeconfig)
-        .stdout(Stdio::null())
-        .stderr(log);
-    let gateway = Gateway(cmd.spawn().context("starting the gateway")?);
-    let started = Instant::now();
-    while plane.ns.within(|| http_status(ADMIN, "GET /readyz HTTP/1.0\r\n\r\n")).ok() != Some(200) {
-        if started.elapsed() > TIMEOUT {
-            bail!("the gateway did not become ready; its log: {}", dir.join("gateway.log").display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(gateway)
-}
-
-struct Gateway(Child);
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// What the gateway answers a CONNECT to the delegated address.
 fn connect_status() -> Result<u16> {
-    http_status(PROXY, &format!("CONNECT {API_ADDR}:9 HTTP/1.1\r\nHost: {API_ADDR}:9\r\n\r\n"))
-}
-
-/// The status code of the answer to `request`, sent on a new connection to `addr`.
-fn http_status(addr: &str, request: &str) -> Result<u16> {
-    let mut stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(request.as_bytes())?;
-    let mut head = [0u8; 12];
-    stream.read_exact(&mut head).context("reading the status line")?;
-    let line = String::from_utf8_lossy(&head);
-    line.get(9..12).and_then(|s| s.parse().ok()).with_context(|| format!("not an HTTP status line: {line:?}"))
+    Ok(plane_gateway::connect(PROXY, &format!("{API_ADDR}:9"))?.0)
 }
 
 /// team-a accepts the delegated address.

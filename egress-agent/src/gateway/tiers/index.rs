@@ -40,11 +40,16 @@ impl DestinationIndex {
     pub fn new<'a>(policies: impl Iterator<Item = &'a [Rule]>) -> Self {
         let mut index = Self::default();
         for (p, rules) in policies.enumerate() {
-            for (r, rule) in rules.iter().enumerate() {
-                index.add(Hit { policy: to_u32(p), rule: to_u32(r) }, rule);
-            }
+            index.add_policy(p, rules);
         }
         index
+    }
+
+    /// Indexes the rules of the policy at place `p` in evaluation order.
+    pub fn add_policy(&mut self, p: usize, rules: &[Rule]) {
+        for (r, rule) in rules.iter().enumerate() {
+            self.add(Hit { policy: to_u32(p), rule: to_u32(r) }, rule);
+        }
     }
 
     fn add(&mut self, hit: Hit, rule: &Rule) {
@@ -69,6 +74,11 @@ impl DestinationIndex {
                 hits.push(hit);
             }
         }
+    }
+
+    /// Whether it holds no rule (a decision then skips it).
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.subdomains.is_empty() && self.networks.is_empty()
     }
 
     /// The rules that may match `target` (a rule can come more than once).

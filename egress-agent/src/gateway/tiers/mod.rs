@@ -16,9 +16,12 @@
 //! gateway file); a namespace rule opens only ranges the Pass that delegated to it also names.
 //!
 //! `compile` turns objects into this form (refusing what the API server could not check),
-//! `index` finds the rules that can match a destination without scanning the others.
+//! `index` finds the rules that can match a destination without scanning the others, and
+//! `cluster_tier` the cluster policies whose subject can select a namespace without checking
+//! the others.
 
 mod bounds;
+mod cluster_tier;
 mod compile;
 mod index;
 #[cfg(test)]
@@ -36,6 +39,7 @@ pub use compile::Rejection;
 
 use super::target::Target;
 use crate::policy::config::PortRange;
+use cluster_tier::ClusterTier;
 use index::{DestinationIndex, Hit};
 
 pub type Labels = BTreeMap<String, String>;
@@ -165,33 +169,6 @@ struct NamespacePolicy {
     name: Arc<str>,
     pods: Selector,
     rules: Vec<Rule>,
-}
-
-/// The cluster policies of one tier, in evaluation order, and their index.
-#[derive(Debug, Default)]
-struct ClusterTier {
-    policies: Vec<ClusterPolicy>,
-    index: DestinationIndex,
-}
-
-impl ClusterTier {
-    fn new(mut policies: Vec<ClusterPolicy>) -> Self {
-        policies.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
-        let index = DestinationIndex::new(policies.iter().map(|p| p.rules.as_slice()));
-        Self { policies, index }
-    }
-
-    /// The first rule, in evaluation order, that decides for this client and destination.
-    fn first_match(&self, client: &Client, target: &Target, port: u16, via: Via) -> Option<&Rule> {
-        self.index
-            .candidates(target)
-            .filter(|hit| {
-                let policy = &self.policies[hit.policy as usize];
-                policy.rules[hit.rule as usize].matches(target, port, via) && policy.selects(client)
-            })
-            .min()
-            .map(|Hit { policy, rule }| &self.policies[policy as usize].rules[rule as usize])
-    }
 }
 
 /// One namespace's `EgressPolicy` objects, by name, and their index.
