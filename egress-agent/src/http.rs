@@ -69,17 +69,24 @@ pub async fn serve(addr: SocketAddr, health: Arc<Health>, render: Render) -> Res
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the health/metrics endpoint on {addr}"))?;
-    serve_on(listener, health, render).await
+    serve_on(listener, health, render, Router::new()).await
 }
 
-/// Like [`serve`], on a listener the caller bound (so binding errors surface at start).
-pub async fn serve_on(listener: tokio::net::TcpListener, health: Arc<Health>, render: Render) -> Result<()> {
+/// Like [`serve`], on a listener the caller bound (so binding errors surface at start), with
+/// the routes of `more` besides.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    health: Arc<Health>,
+    render: Render,
+    more: Router,
+) -> Result<()> {
     let addr = listener.local_addr()?;
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .with_state(AppState { health, render });
+        .with_state(AppState { health, render })
+        .merge(more);
     tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
     axum::serve(listener, app).await.context("health/metrics server")
 }

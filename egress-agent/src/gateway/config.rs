@@ -54,6 +54,8 @@
 //!   maxHeaderBytes: 16384
 //!   maxHeaders: 64
 //!   clientHelloMaxBytes: 16384
+//!   maxObservations: 10000         # entries of the table of what each workload reached
+//!                                  # (admin /observations); the least recently seen go first
 //! drainTimeout: 30s                # on SIGTERM: stop accepting, let connections finish this long
 //! ```
 //!

@@ -286,6 +286,9 @@ impl Connection {
         } else {
             self.record.audit = None;
         }
+        // Counted before the line is written: whoever has read the line finds it counted.
+        let capacity = self.live.limits.max_observations;
+        self.gateway.observations.record(&self.record, self.owner.as_ref(), capacity);
         access_log::write(&mut self.record);
         self.gateway.metrics.record(&self.record);
     }

@@ -62,7 +62,7 @@ impl Identities {
         }
         let table = self.table.read().ok()?;
         let namespace = table.iter().find(|(net, _)| net.contains(&ip)).map(|(_, ns)| ns.clone())?;
-        Some(Owner { namespace, labels: Arc::default() })
+        Some(Owner::namespace_only(namespace))
     }
 
     /// The namespace of a client address (see [`Self::identify`]).

@@ -24,6 +24,8 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub client_hello_max_bytes: usize,
+    /// Entries of the observations table (`observations`): what each workload reached.
+    pub max_observations: usize,
 }
 
 impl Default for Limits {
@@ -40,6 +42,7 @@ impl Default for Limits {
             response_timeout: Duration::from_secs(60),
             max_header_bytes: 16 * 1024,
             max_headers: 64,
+            max_observations: super::observations::DEFAULT_CAPACITY,
             client_hello_max_bytes: 16 * 1024,
         }
     }
@@ -61,6 +64,7 @@ pub(super) struct RawLimits {
     max_header_bytes: Option<usize>,
     max_headers: Option<usize>,
     client_hello_max_bytes: Option<usize>,
+    max_observations: Option<usize>,
 }
 
 pub(super) fn parse_limits(raw: &RawLimits) -> Result<Limits, ParseError> {
@@ -77,6 +81,7 @@ pub(super) fn parse_limits(raw: &RawLimits) -> Result<Limits, ParseError> {
         Some(n) => Err(invalid(format!("limits.{at}"), format!("{n} is below the minimum of {min}"))),
     };
     Ok(Limits {
+        max_observations: positive(raw.max_observations, "maxObservations", d.max_observations, 1)?,
         max_connections: positive(raw.max_connections, "maxConnections", d.max_connections, 1)?,
         max_connections_per_source: positive(
             raw.max_connections_per_source,

@@ -15,7 +15,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::access_log::{Decision, Record};
+use super::{
+    access_log::{Decision, Record},
+    observations::ObservationMetrics,
+};
 
 // Label sets are types over static strings and the policy's shared rule text: counting a
 // connection allocates nothing (a label set is cloned only the first time it is seen).
@@ -67,6 +70,7 @@ pub struct GatewayMetrics {
     duration: Family<ByListener, Histogram>,
     pub upstream_connect: Histogram,
     pub reloads: Family<ByResult, Counter>,
+    pub observed: ObservationMetrics,
 }
 
 impl GatewayMetrics {
@@ -120,8 +124,25 @@ impl GatewayMetrics {
             "Access-log lines dropped because stdout did not keep up (the queue was full)",
             super::access_log::dropped_lines().clone(),
         );
+        let observed = ObservationMetrics::default();
+        registry.register(
+            "observations",
+            "Entries of the table of what each workload reached (admin /observations)",
+            observed.entries.clone(),
+        );
+        registry.register(
+            "observations_bytes",
+            "Memory of the observations table, estimated",
+            observed.bytes.clone(),
+        );
+        registry.register(
+            "observations_evicted",
+            "Observations forgotten to stay within limits.maxObservations (least recently seen first)",
+            observed.evicted.clone(),
+        );
         Self {
             registry,
+            observed,
             connections,
             denials,
             errors,

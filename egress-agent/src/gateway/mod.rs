@@ -29,6 +29,7 @@ pub mod identity;
 pub mod ip_literal;
 pub mod limits;
 pub mod metrics;
+pub mod observations;
 pub mod originate;
 pub mod parent;
 pub mod pod_index;

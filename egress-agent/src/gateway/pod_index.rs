@@ -37,6 +37,19 @@ pub struct Owner {
     pub namespace: Arc<str>,
     /// The pod's labels (`EgressPolicy.podSelector`, a `ClusterEgressPolicy`'s `subject.pods`).
     pub labels: Arc<BTreeMap<String, String>>,
+    /// What runs the pod, as `Kind/name` (`Deployment/web`, `StatefulSet/db`, `Pod/debug` for a
+    /// bare pod): what `observations` counts by, so a recommendation names workloads, not pods
+    /// that come and go.
+    pub workload: Arc<str>,
+    pub service_account: Arc<str>,
+}
+
+impl Owner {
+    /// A client known by its address only (a static source): its namespace and nothing else.
+    pub fn namespace_only(namespace: Arc<str>) -> Self {
+        let unknown: Arc<str> = Arc::from("-");
+        Self { namespace, labels: Arc::default(), workload: unknown.clone(), service_account: unknown }
+    }
 }
 
 /// The newest claimant wins: by creation time, then by key so the choice is stable.
@@ -57,7 +70,11 @@ impl PodIndex {
             self.owners.entry(*ip).or_default().push(claimant.clone());
         }
         let labels = Arc::new(pod.metadata.labels.clone().unwrap_or_default());
-        self.pods.insert(key, Claim { owner: Owner { namespace: namespace.into(), labels }, ips });
+        let service_account =
+            pod.spec.as_ref().and_then(|s| s.service_account_name.as_deref()).unwrap_or("default").into();
+        let owner =
+            Owner { namespace: namespace.into(), labels, workload: workload_of(pod).into(), service_account };
+        self.pods.insert(key, Claim { owner, ips });
     }
 
     /// A DELETED pod.
@@ -124,6 +141,25 @@ fn claim_of(pod: &Pod) -> Option<(String, Vec<IpAddr>)> {
     Some((pod.metadata.namespace.clone()?, ips))
 }
 
+/// The workload that runs `pod`: its controller, and for a ReplicaSet that a Deployment made
+/// (its name is the Deployment's, `-`, the pod-template hash), the Deployment.
+fn workload_of(pod: &Pod) -> String {
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let Some(controller) =
+        pod.metadata.owner_references.iter().flatten().find(|o| o.controller == Some(true))
+    else {
+        return format!("Pod/{name}");
+    };
+    let hash = pod.metadata.labels.as_ref().and_then(|l| l.get("pod-template-hash"));
+    match (controller.kind.as_str(), hash) {
+        ("ReplicaSet", Some(hash)) => match controller.name.strip_suffix(&format!("-{hash}")) {
+            Some(deployment) => format!("Deployment/{deployment}"),
+            None => format!("ReplicaSet/{}", controller.name),
+        },
+        (kind, _) => format!("{kind}/{}", controller.name),
+    }
+}
+
 /// When the pod was created (its start time if the API left that out).
 fn created_at(pod: &Pod) -> Option<Time> {
     pod.metadata.creation_timestamp.clone().or_else(|| pod.status.as_ref()?.start_time.clone())
@@ -132,6 +168,25 @@ fn created_at(pod: &Pod) -> Option<Time> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pod_is_counted_under_the_workload_that_runs_it() {
+        let pod = |owner: serde_json::Value, hash: Option<&str>| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"namespace": "a", "name": "web-7d9f8-x2x", "ownerReferences": owner,
+                             "labels": hash.map(|h| serde_json::json!({"pod-template-hash": h}))},
+            }))
+            .unwrap()
+        };
+        let controller = |kind: &str, name: &str| serde_json::json!([{"apiVersion": "apps/v1", "kind": kind, "name": name, "uid": "u", "controller": true}]);
+        assert_eq!(workload_of(&pod(controller("ReplicaSet", "web-7d9f8"), Some("7d9f8"))), "Deployment/web");
+        assert_eq!(
+            workload_of(&pod(controller("ReplicaSet", "web-other"), Some("7d9f8"))),
+            "ReplicaSet/web-other"
+        );
+        assert_eq!(workload_of(&pod(controller("StatefulSet", "db"), None)), "StatefulSet/db");
+        assert_eq!(workload_of(&pod(serde_json::json!([]), None)), "Pod/web-7d9f8-x2x");
+    }
 
     fn pod(ns: &str, name: &str, ip: &str, created: &str) -> Pod {
         serde_json::from_value(serde_json::json!({

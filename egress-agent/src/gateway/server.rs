@@ -21,6 +21,7 @@ use super::{
     http_proxy::{self, Mode},
     identity::Identities,
     metrics::ByResult,
+    observations,
     originate::Originator,
     parent::Parent,
     policy::Policy,
@@ -122,8 +123,9 @@ pub async fn run(opts: Options) -> Result<()> {
             Arc::new(move || gateway.metrics.render())
         };
         let health = health.clone();
+        let more = observations::routes(gateway.observations.clone());
         tokio::spawn(async move {
-            if let Err(e) = crate::http::serve_on(admin, health, render).await {
+            if let Err(e) = crate::http::serve_on(admin, health, render, more).await {
                 tracing::error!(error = format!("{e:#}"), "admin endpoint stopped");
             }
         });

@@ -10,8 +10,8 @@ use std::sync::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    config::Limits, identity::Identities, metrics::GatewayMetrics, originate::Originator, parent::Parent,
-    policy::Policy, resources::Resources, slots::Slots,
+    config::Limits, identity::Identities, metrics::GatewayMetrics, observations::Observations,
+    originate::Originator, parent::Parent, policy::Policy, resources::Resources, slots::Slots,
 };
 
 /// Name lookups in flight at once (tokio's blocking pool has 512 threads).
@@ -33,6 +33,8 @@ pub struct Gateway {
     /// The policy resources, compiled (empty when the gateway does not watch them).
     pub resources: Arc<Resources>,
     pub metrics: GatewayMetrics,
+    /// What each workload reached (admin `/observations`).
+    pub observations: Arc<Observations>,
     pub slots: Arc<Slots>,
     /// getaddrinfo runs on tokio's blocking pool; this bounds how much of it lookups may hold,
     /// so slow names cannot starve everything else.
@@ -47,7 +49,10 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(live: Live, identities: Arc<Identities>, resources: Arc<Resources>) -> Self {
         let metrics = GatewayMetrics::new();
+        let observations =
+            Arc::new(Observations::new(live.limits.max_observations, metrics.observed.clone()));
         Self {
+            observations,
             live: RwLock::new(Arc::new(live)),
             identities,
             resources,

@@ -1,0 +1,78 @@
+//! The gateway's observations (admin `/observations`): what each namespace's clients reached,
+//! counted by outcome, with first and last seen, from real curl requests through the proxy; a
+//! table bounded by `limits.maxObservations` forgets the least recently seen and counts it (in
+//! the JSON and as metrics).
+
+use egress_tests::{
+    gateway::{GatewayLab, PROXY_PORT, base_config},
+    lab::{GATEWAY4, POD4},
+};
+use serde_json::Value;
+
+fn metric(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+}
+
+#[test]
+fn the_gateway_counts_what_each_namespace_reached_within_its_bound() {
+    let g = GatewayLab::new();
+    let config = base_config(&g.ca, 100).replace("limits:\n", "limits:\n  maxObservations: 2\n");
+    let gw = g.start(&config);
+    let proxy = format!("http://{GATEWAY4}:{PROXY_PORT}");
+    let get = |url: &str| {
+        let out = g.curl(POD4, &["--proxy", &proxy, url]);
+        String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_owned()
+    };
+    assert_eq!(get("http://api.example.test/"), "200");
+    assert_eq!(get("http://api.example.test/?again"), "200");
+    assert_eq!(get("http://forbidden.example.test/"), "403");
+    // Every request has been logged, so it has been counted (both happen as it finishes).
+    gw.wait_lines(3);
+
+    let observations = |query: &str| -> Value {
+        let (status, body) = g.admin_get(&format!("/observations{query}"));
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    };
+    let seen = observations("?namespace=team-a");
+    assert_eq!(seen["persistent"], false, "a restart forgets them, and says so: {seen}");
+    assert_eq!((seen["entries"].as_u64(), seen["evicted"].as_u64()), (Some(2), Some(0)), "{seen}");
+    let entry = |host: &str| -> Value {
+        seen["observations"]
+            .as_array()
+            .and_then(|a| a.iter().find(|o| o["host"] == host))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {host} in {seen}"))
+    };
+    let api = entry("api.example.test");
+    assert_eq!(
+        (&api["port"], &api["came"], &api["allowed"], &api["denied"], &api["workload"]),
+        (&Value::from(80), &Value::from("proxy"), &Value::from(2), &Value::from(0), &Value::from("-")),
+        "{api}"
+    );
+    assert_eq!(api["lastRule"], "api.example.test", "{api}");
+    let forbidden = entry("forbidden.example.test");
+    assert_eq!(
+        (&forbidden["denied"], &forbidden["lastReason"]),
+        (&Value::from(1), &Value::from("not_allowed"))
+    );
+    assert_eq!(observations("?namespace=team-b")["observations"], Value::Array(Vec::new()));
+
+    // A third destination in a table of two: the least recently seen (api) goes, counted.
+    assert_eq!(get("http://www.example.test/"), "200");
+    gw.wait_lines(4);
+    let seen = observations("");
+    let hosts: Vec<&str> =
+        seen["observations"].as_array().unwrap().iter().filter_map(|o| o["host"].as_str()).collect();
+    assert_eq!(hosts, ["www.example.test", "forbidden.example.test"], "most recent first: {seen}");
+    assert_eq!(seen["evicted"], 1, "{seen}");
+    let (_, metrics) = g.admin_get("/metrics");
+    assert_eq!(metric(&metrics, "egressfw_gateway_observations"), 2.0);
+    assert_eq!(metric(&metrics, "egressfw_gateway_observations_evicted_total"), 1.0);
+    assert!(metric(&metrics, "egressfw_gateway_observations_bytes") > 0.0);
+    drop(gw);
+}
