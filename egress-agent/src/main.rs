@@ -130,6 +130,11 @@ enum Command {
         #[arg(long = "file", short = 'f')]
         files: Vec<PathBuf>,
     },
+    /// An EgressPolicy for a namespace from what its workloads were seen reaching through the
+    /// gateway (every replica's /observations), with the evidence for each rule as comments;
+    /// destinations seen by address only, and those the Admin tier decides anyway, are listed
+    /// after it.
+    Recommend(gateway::recommend_cli::Options),
     /// Remove every link and map egressfw pinned, and the CNI plugin's conflist entry:
     /// enforcement stops.
     Teardown {
@@ -232,6 +237,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Recommend(options) => gateway::recommend_cli::run(&options),
         Command::Crds => {
             print!("{}", egress_agent::crd::manifest()?);
             Ok(())

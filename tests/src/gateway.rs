@@ -131,7 +131,7 @@ impl GatewayLab {
         Ok(())
     }
 
-    fn dir(&self) -> &Path {
+    pub fn dir(&self) -> &Path {
         &self.lab.dir
     }
 

@@ -4,7 +4,7 @@
 //! the JSON and as metrics).
 
 use egress_tests::{
-    gateway::{GatewayLab, PROXY_PORT, base_config},
+    gateway::{ADMIN_PORT, GatewayLab, PROXY_PORT, base_config},
     lab::{GATEWAY4, POD4},
 };
 use serde_json::Value;
@@ -74,5 +74,41 @@ fn the_gateway_counts_what_each_namespace_reached_within_its_bound() {
     assert_eq!(metric(&metrics, "egressfw_gateway_observations"), 2.0);
     assert_eq!(metric(&metrics, "egressfw_gateway_observations_evicted_total"), 1.0);
     assert!(metric(&metrics, "egressfw_gateway_observations_bytes") > 0.0);
+
+    // `egress-agent recommend` from the admin endpoint, and from the same answer saved to a file.
+    let agent = egress_tests::agent_bin().display().to_string();
+    let admin = format!("http://{GATEWAY4}:{ADMIN_PORT}");
+    let out = g.lab.pod.run(None, &agent, &["recommend", "--namespace", "team-a", "--from", &admin]);
+    assert!(out.status.success(), "recommend: {}", String::from_utf8_lossy(&out.stderr));
+    let recommended = String::from_utf8_lossy(&out.stdout).into_owned();
+    for says in [
+        "# egress-agent recommend --namespace team-a: 2 destinations seen, 1 rule;",
+        &format!("# Observed by {admin} since "),
+        "1 older entries were forgotten (limits.maxObservations)",
+        "# Policy objects from nowhere",
+        "    # 2 connections (1 allowed, 0 audited, 1 denied, 0 failed) from -",
+        "hosts seen: forbidden.example.test (1), www.example.test (1)",
+        "    - name: example-test-80\n      action: Accept\n      to:\n        - domainNames: [\"forbidden.example.test\", \"www.example.test\"]\n      ports:\n        - {protocol: TCP, port: 80}",
+    ] {
+        assert!(recommended.contains(says), "no {says:?} in:\n{recommended}");
+    }
+    let policy: egress_agent::crd::EgressPolicy = serde_yaml::from_str(
+        recommended.split("---\n").nth(1).unwrap_or_else(|| panic!("no object in:\n{recommended}")),
+    )
+    .unwrap_or_else(|e| panic!("{e}:\n{recommended}"));
+    egress_agent::gateway::tiers::Tiers::check_namespaced(&policy).unwrap_or_else(|e| panic!("{e}"));
+
+    let saved = g.dir().join("observations.json");
+    std::fs::write(&saved, g.admin_get("/observations?namespace=team-a").1).unwrap();
+    let out = g.lab.pod.run(
+        None,
+        &agent,
+        &["recommend", "--namespace", "team-a", "-f", &saved.display().to_string()],
+    );
+    let from_file = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        from_file.contains("- domainNames: [\"forbidden.example.test\", \"www.example.test\"]"),
+        "{from_file}"
+    );
     drop(gw);
 }

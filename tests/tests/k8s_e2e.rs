@@ -356,6 +356,24 @@ fn policy_resources_open_only_what_the_platform_delegated() {
         log.contains(r#""reason":"audit""#) && log.contains(r#""audit":"not_allowed""#),
         "the access log does not report the audited connection:\n{log}"
     );
+
+    // What team-a reached, recommended as a policy: both replicas' observations, read through
+    // the API server's pod proxy, checked against the cluster's policy objects.
+    let mut recommend = cluster.plane.ns.command(&egress_tests::agent_bin().display().to_string(), None);
+    recommend.args(["recommend", "--namespace", "team-a"]).env("KUBECONFIG", &cluster.plane.admin_kubeconfig);
+    let out = recommend.output().expect("running egress-agent recommend");
+    let recommended = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "recommend: {}", String::from_utf8_lossy(&out.stderr));
+    for says in [
+        "# Observed by gateway pod egress-gateway-".to_owned(),
+        "# Policy objects from the cluster.".to_owned(),
+        format!("hosts seen: {DENIED} ("),
+        format!("- domainNames: [\"{DENIED}\"]\n      ports:\n        - {{protocol: TCP, port: 443}}"),
+    ] {
+        assert!(recommended.contains(&says), "no {says:?} in:\n{recommended}");
+    }
+    assert_eq!(recommended.matches("# Observed by gateway pod").count(), 2, "both replicas:\n{recommended}");
+    assert!(!recommended.contains("# Outside what the Admin tier delegates"), "delegated:\n{recommended}");
 }
 
 /// Admin: namespaces labelled `egress=self-service` may allow DENIED on 443 for themselves.

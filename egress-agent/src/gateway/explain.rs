@@ -86,6 +86,11 @@ impl Objects {
     /// and the pod `question` names.
     pub async fn from_cluster(question: &Question) -> Result<Self> {
         let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+        Self::from_client(client, question.pod.as_deref(), &question.namespace).await
+    }
+
+    /// The policies and namespaces through `client`, and `pod` of `namespace` if named.
+    pub async fn from_client(client: kube::Client, pod: Option<&str>, namespace: &str) -> Result<Self> {
         let all = ListParams::default();
         let cluster = Api::<ClusterEgressPolicy>::all(client.clone())
             .list(&all)
@@ -98,12 +103,9 @@ impl Objects {
         let namespaces =
             Api::<Namespace>::all(client.clone()).list(&all).await.context("listing namespaces")?;
         let mut pods = Vec::new();
-        if let Some(pod) = &question.pod {
-            let api = Api::<Pod>::namespaced(client, &question.namespace);
-            let found = api
-                .get_opt(pod)
-                .await
-                .with_context(|| format!("reading pod {}/{pod}", question.namespace))?;
+        if let Some(pod) = pod {
+            let api = Api::<Pod>::namespaced(client, namespace);
+            let found = api.get_opt(pod).await.with_context(|| format!("reading pod {namespace}/{pod}"))?;
             pods.extend(found);
         }
         Ok(Self { cluster: cluster.items, namespaced: namespaced.items, namespaces: namespaces.items, pods })

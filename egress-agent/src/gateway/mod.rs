@@ -36,6 +36,8 @@ pub mod pod_index;
 pub mod policy;
 pub mod policy_status;
 pub mod ranges;
+pub mod recommend;
+pub mod recommend_cli;
 pub mod refusal;
 pub mod relay;
 pub mod replicas;

@@ -22,7 +22,7 @@ use std::{
 };
 
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     access_log::{Decision, Record},
@@ -33,7 +33,7 @@ use super::{
 pub const DEFAULT_CAPACITY: usize = 10_000;
 
 /// How a connection reached the gateway.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Came {
     /// The client chose the gateway: an HTTP proxy request, CONNECT, or TLS to its SNI listener.
@@ -70,7 +70,7 @@ struct Seen {
 }
 
 /// One entry, as the admin endpoint serves it.
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Observation {
     pub namespace: String,
@@ -85,13 +85,13 @@ pub struct Observation {
     pub failed: u64,
     pub first_seen: String,
     pub last_seen: String,
-    pub last_reason: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rule: Option<String>,
 }
 
 /// The whole table, as the admin endpoint serves it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Snapshot {
     /// When this process started counting: observations do not survive a restart.
@@ -282,7 +282,7 @@ fn observation(k: &Key, s: &Seen) -> Observation {
         failed: s.failed,
         first_seen: rfc3339(s.first),
         last_seen: rfc3339(s.last),
-        last_reason: s.reason,
+        last_reason: s.reason.to_owned(),
         last_rule: s.rule.as_deref().map(str::to_owned),
     }
 }
