@@ -135,6 +135,11 @@ enum Command {
     /// destinations seen by address only, and those the Admin tier decides anyway, are listed
     /// after it.
     Recommend(gateway::recommend_cli::Options),
+    /// What a proposed policy change would do to the traffic a namespace was seen sending:
+    /// every observed flow decided with the objects as they are and with the proposal, the
+    /// changes first, and proposed rules nothing uses. Exit status 0: nothing seen would be
+    /// newly denied; 2: something would; 1: the question could not be answered.
+    Diff(gateway::diff_cli::Options),
     /// Remove every link and map egressfw pinned, and the CNI plugin's conflist entry:
     /// enforcement stops.
     Teardown {
@@ -238,6 +243,12 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Recommend(options) => gateway::recommend_cli::run(&options),
+        Command::Diff(options) => {
+            if gateway::diff_cli::run(&options)? {
+                std::process::exit(2);
+            }
+            Ok(())
+        }
         Command::Crds => {
             print!("{}", egress_agent::crd::manifest()?);
             Ok(())

@@ -81,10 +81,11 @@ fn the_gateway_counts_what_each_namespace_reached_within_its_bound() {
     let out = g.lab.pod.run(None, &agent, &["recommend", "--namespace", "team-a", "--from", &admin]);
     assert!(out.status.success(), "recommend: {}", String::from_utf8_lossy(&out.stderr));
     let recommended = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("recommend:\n{recommended}");
     for says in [
         "# egress-agent recommend --namespace team-a: 2 destinations seen, 1 rule;",
         &format!("# Observed by {admin} since "),
-        "1 older entries were forgotten (limits.maxObservations)",
+        "1 older entry was forgotten (limits.maxObservations)",
         "# Policy objects from nowhere",
         "    # 2 connections (1 allowed, 0 audited, 1 denied, 0 failed) from -",
         "hosts seen: forbidden.example.test (1), www.example.test (1)",
@@ -92,6 +93,10 @@ fn the_gateway_counts_what_each_namespace_reached_within_its_bound() {
     ] {
         assert!(recommended.contains(says), "no {says:?} in:\n{recommended}");
     }
+    assert!(
+        !recommended.contains("# Outside what the Admin tier delegates"),
+        "without the policy objects nothing is said about the bounds:\n{recommended}"
+    );
     let policy: egress_agent::crd::EgressPolicy = serde_yaml::from_str(
         recommended.split("---\n").nth(1).unwrap_or_else(|| panic!("no object in:\n{recommended}")),
     )
@@ -103,12 +108,69 @@ fn the_gateway_counts_what_each_namespace_reached_within_its_bound() {
     let out = g.lab.pod.run(
         None,
         &agent,
-        &["recommend", "--namespace", "team-a", "-f", &saved.display().to_string()],
+        &["recommend", "--namespace", "team-a", "--observations", &saved.display().to_string()],
     );
     let from_file = String::from_utf8_lossy(&out.stdout);
     assert!(
         from_file.contains("- domainNames: [\"forbidden.example.test\", \"www.example.test\"]"),
         "{from_file}"
     );
+
+    // `egress-agent diff`: the platform passes *.example.test, team-a's own policy accepts both
+    // names. The recommendation changes nothing (its rule comes after team-a's, unused); a
+    // proposal without www refuses what was seen, and the exit status says so.
+    let objects = g.dir().join("objects.yaml");
+    let both = own(r#"["forbidden.example.test", "www.example.test"]"#);
+    std::fs::write(&objects, format!("{PLATFORM}---\n{both}")).unwrap();
+    let proposal = g.dir().join("recommended.yaml");
+    std::fs::write(&proposal, recommended.as_bytes()).unwrap();
+    let stricter = g.dir().join("stricter.yaml");
+    std::fs::write(&stricter, own(r#"["forbidden.example.test"]"#)).unwrap();
+    let diff = |proposed: &std::path::Path| {
+        let (proposed, objects) = (proposed.display().to_string(), objects.display().to_string());
+        let args =
+            ["diff", "--namespace", "team-a", "-f", &proposed, "--from", &admin, "--policy-file", &objects];
+        let out = g.lab.pod.run(None, &agent, &args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let (code, text) = diff(&proposal);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("2 flows: 0 newly denied, 0 newly allowed, 2 unchanged"), "{text}");
+    assert!(
+        text.contains(
+            "Proposed rules no flow is decided by: EgressPolicy/team-a/recommended#example-test-80."
+        ),
+        "{text}"
+    );
+    let (code, text) = diff(&stricter);
+    eprintln!("diff of the stricter proposal:\n{text}");
+    assert_eq!(code, Some(2), "{text}");
+    let first = text.lines().find(|l| l.starts_with("- ")).unwrap_or_else(|| panic!("no row in:\n{text}"));
+    assert!(
+        first.contains("www.example.test:80")
+            && first.contains("allowed  denied *")
+            && first.contains("nothing allows it (not_allowed)"),
+        "the newly denied flow comes first, named: {first}\n{text}"
+    );
+    assert!(text.contains("2 flows: 1 newly denied, 0 newly allowed, 1 unchanged"), "{text}");
     drop(gw);
+}
+
+const PLATFORM: &str = "apiVersion: egressfw.io/v1alpha1
+kind: ClusterEgressPolicy
+metadata: {name: platform}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {namespaces: {}}
+  egress:
+    - {name: test-names, action: Pass, to: [{domainNames: ['*.example.test']}]}
+";
+
+/// team-a's own policy, accepting `names` on port 80.
+fn own(names: &str) -> String {
+    format!(
+        "apiVersion: egressfw.io/v1alpha1\nkind: EgressPolicy\nmetadata: {{name: own, namespace: team-a}}\nspec:\n  podSelector: {{}}\n  egress:\n    - {{name: web, action: Accept, to: [{{domainNames: {names}}}], ports: [{{port: 80}}]}}\n"
+    )
 }

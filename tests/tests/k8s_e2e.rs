@@ -374,6 +374,26 @@ fn policy_resources_open_only_what_the_platform_delegated() {
     }
     assert_eq!(recommended.matches("# Observed by gateway pod").count(), 2, "both replicas:\n{recommended}");
     assert!(!recommended.contains("# Outside what the Admin tier delegates"), "delegated:\n{recommended}");
+
+    // The recommendation replayed against the cluster's objects: what enforce refuses today
+    // (team-a accepts nothing), the proposal allows; nothing is newly denied, so exit 0.
+    let proposal = cluster.dir.0.join("recommended.yaml");
+    std::fs::write(&proposal, recommended.as_bytes()).expect("writing the recommendation");
+    let mut diff = cluster.plane.ns.command(&egress_tests::agent_bin().display().to_string(), None);
+    diff.args(["diff", "--namespace", "team-a", "-f"])
+        .arg(&proposal)
+        .env("KUBECONFIG", &cluster.plane.admin_kubeconfig);
+    let out = diff.output().expect("running egress-agent diff");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "diff: {table}{}", String::from_utf8_lossy(&out.stderr));
+    let row =
+        table.lines().find(|l| l.contains(&format!("{DENIED}:443"))).unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.starts_with("Pod/client ")
+            && row.contains("denied   allowed *")
+            && row.contains("EgressPolicy/team-a/recommended#"),
+        "{row}\n{table}"
+    );
 }
 
 /// Admin: namespaces labelled `egress=self-service` may allow DENIED on 443 for themselves.

@@ -16,7 +16,8 @@ use crate::run::{output, status};
 /// tests drive (curl for TCP, socat for UDP, ping for ICMP, hping3 for raw IP, bpftool for
 /// bpf_stats, iperf3 for throughput, squid and tinyproxy as the gateway benchmark's
 /// references; containerd, runc, the CNI plugins, iptables/nft and dnsmasq for the real cluster's node, umoci and a
-/// static libc for the images it runs). An absolute path stands for a package with no command.
+/// static libc for the images it runs; promtool for the alerts' unit tests). An absolute path
+/// stands for a package with no command.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("curl", "curl"),
@@ -38,6 +39,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("/usr/sbin/dnsmasq", "dnsmasq-base"),
     ("/usr/lib/x86_64-linux-gnu/libc.a", "libc6-dev"),
+    ("promtool", "prometheus"),
 ];
 
 /// The toolchain that builds the eBPF crate (aya-build runs `rustup run <toolchain> cargo`).

@@ -57,7 +57,7 @@ pub enum NamespaceAction {
     Accept,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
 pub enum Via {
     /// HTTP CONNECT (or plain HTTP) through the proxy port.
     Connect,

@@ -178,6 +178,20 @@ impl GatewayMetrics {
         self.duration.get_or_create(&ByListener { listener }).observe(r.started.elapsed().as_secs_f64());
     }
 
+    /// Registers the policy resources' gauges (they belong to `Resources`, made before this).
+    pub fn register_policy(&mut self, gauges: &super::resources::PolicyGauges) {
+        self.registry.register(
+            "policy_objects_refused",
+            "Policy objects this replica refuses (an earlier good generation stays in force; see their Accepted condition)",
+            gauges.refused.clone(),
+        );
+        self.registry.register(
+            "policy_resources_synced",
+            "1 once the policy resources are listed and applied; 0 while decisions do not take them into account",
+            gauges.synced.clone(),
+        );
+    }
+
     pub fn tunnel_gauge(&self, listener: &'static str) -> Gauge {
         self.active_tunnels.get_or_create(&ByListener { listener }).clone()
     }

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     access_log::{Decision, Record},
     pod_index::Owner,
+    tiers::Via,
 };
 
 /// Entries kept unless configured otherwise (about 2.5 MiB at typical name lengths).
@@ -52,6 +53,8 @@ struct Key {
     host: Box<str>,
     port: u16,
     came: Came,
+    /// How an `EgressPolicy` rule's `via` sees it (from the listener).
+    via: Via,
 }
 
 #[derive(Clone, Debug)]
@@ -79,6 +82,7 @@ pub struct Observation {
     pub host: String,
     pub port: u16,
     pub came: Came,
+    pub via: Via,
     pub allowed: u64,
     pub denied: u64,
     pub audited: u64,
@@ -160,6 +164,7 @@ impl Observations {
             host: host.into(),
             port,
             came,
+            via: super::decision::via_of(record.listener),
         };
         self.count(key, record, SystemTime::now());
     }
@@ -276,6 +281,7 @@ fn observation(k: &Key, s: &Seen) -> Observation {
         host: k.host.to_string(),
         port: k.port,
         came: k.came,
+        via: k.via,
         allowed: s.allowed,
         denied: s.denied,
         audited: s.audited,
@@ -341,6 +347,7 @@ mod tests {
             host: host.into(),
             port: 443,
             came,
+            via: Via::Connect,
         };
         table.count(
             key("api.github.com", Came::Proxy),
@@ -385,6 +392,7 @@ mod tests {
             host: format!("host{i}.example.com").into(),
             port: 443,
             came: Came::Proxy,
+            via: Via::Connect,
         };
         for i in 0..100 {
             table.count(key(i), &r, SystemTime::UNIX_EPOCH + Duration::from_secs(i as u64));

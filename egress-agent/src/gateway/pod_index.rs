@@ -143,7 +143,7 @@ fn claim_of(pod: &Pod) -> Option<(String, Vec<IpAddr>)> {
 
 /// The workload that runs `pod`: its controller, and for a ReplicaSet that a Deployment made
 /// (its name is the Deployment's, `-`, the pod-template hash), the Deployment.
-fn workload_of(pod: &Pod) -> String {
+pub(crate) fn workload_of(pod: &Pod) -> String {
     let name = pod.metadata.name.as_deref().unwrap_or_default();
     let Some(controller) =
         pod.metadata.owner_references.iter().flatten().find(|o| o.controller == Some(true))

@@ -291,6 +291,7 @@ mod tests {
             host: host.into(),
             port,
             came: Came::Proxy,
+            via: Via::Connect,
             allowed,
             denied: 0,
             audited,
@@ -307,21 +308,10 @@ mod tests {
     }
 
     fn platform() -> ClusterEgressPolicy {
-        serde_yaml::from_str(
-            r"
-apiVersion: egressfw.io/v1alpha1
-kind: ClusterEgressPolicy
-metadata: {name: platform}
-spec:
-  tier: Admin
-  priority: 10
-  subject: {namespaces: {}}
-  egress:
-    - {name: no-paste, action: Deny, to: [{domainNames: [pastebin.com]}]}
-    - {name: github, action: Pass, to: [{domainNames: ['*.github.com', github.com]}]}
-",
-        )
-        .unwrap()
+        tiers::platform_policy(&[
+            "{name: no-paste, action: Deny, to: [{domainNames: [pastebin.com]}]}",
+            "{name: github, action: Pass, to: [{domainNames: ['*.github.com', github.com]}]}",
+        ])
     }
 
     #[test]

@@ -33,6 +33,7 @@ use kube::{
         watcher,
     },
 };
+use prometheus_client::metrics::gauge::Gauge;
 
 use super::{
     replicas::{self, Replicas},
@@ -67,13 +68,25 @@ pub struct Resources {
     applied: RwLock<HashMap<String, i64>>,
     /// Something changed that the objects' status may have to say (see `status_writer`).
     pub(super) status_due: tokio::sync::Notify,
+    pub gauges: PolicyGauges,
+}
+
+/// The resources' state as metrics (registered with the gateway's others): what alerts watch.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyGauges {
+    /// Objects this replica refuses (their last good generation, if any, stays in force).
+    pub refused: Gauge,
+    /// 1 once the resources are listed and applied (0: decisions do not take them into account).
+    pub synced: Gauge,
 }
 
 impl Resources {
     /// `watched`: false when the gateway does not watch the resources (standalone, or
     /// `policyResources: false`): it is synced from the start, with no policies.
     pub fn new(watched: bool) -> Self {
-        Self { synced: AtomicBool::new(!watched), ..Self::default() }
+        let resources = Self { synced: AtomicBool::new(!watched), ..Self::default() };
+        resources.gauges.synced.set(i64::from(!watched));
+        resources
     }
 
     pub fn tiers(&self) -> Arc<Tiers> {
@@ -165,6 +178,7 @@ impl Resources {
             }
             if changed {
                 self.rebuild(&cluster, &namespaced, &mut last_good);
+                self.gauges.synced.set(1);
                 if !self.synced.swap(true, Ordering::AcqRel) {
                     tracing::info!("policy resources listed; applying them");
                 }
@@ -215,6 +229,7 @@ impl Resources {
         if let Ok(mut a) = self.applied.write() {
             *a = applied;
         }
+        self.gauges.refused.set(i64::try_from(rejected.len()).unwrap_or(i64::MAX));
         if let Ok(mut r) = self.rejected.write() {
             *r = rejected;
         }

@@ -48,7 +48,8 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(live: Live, identities: Arc<Identities>, resources: Arc<Resources>) -> Self {
-        let metrics = GatewayMetrics::new();
+        let mut metrics = GatewayMetrics::new();
+        metrics.register_policy(&resources.gauges);
         let observations =
             Arc::new(Observations::new(live.limits.max_observations, metrics.observed.clone()));
         Self {

@@ -73,6 +73,7 @@ fn kustomization_reaches_every_manifest_file() {
         !base.files.iter().any(|f| f.starts_with(&examples)),
         "deploy/kustomization.yaml reaches into deploy/{EXAMPLES_DIR}/: the examples are applied on their own"
     );
+    let monitoring = deploy_dir().join("monitoring");
     let mut stack = vec![deploy_dir()];
     while let Some(dir) = stack.pop() {
         for entry in fs::read_dir(&dir).unwrap_or_else(|e| panic!("listing {}: {e}", dir.display())) {
@@ -80,6 +81,20 @@ fn kustomization_reaches_every_manifest_file() {
             if path.is_dir() {
                 stack.push(path);
             } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                // deploy/monitoring/ is applied on its own; its Prometheus files (rules and their
+                // unit test) are no Kubernetes objects.
+                if path.starts_with(&monitoring) {
+                    let text = fs::read_to_string(&path).unwrap();
+                    let object = text.lines().any(|l| l.starts_with("kind: "));
+                    if object {
+                        assert!(
+                            rendering(&monitoring).files.contains(&path),
+                            "{} is not reached from deploy/monitoring/kustomization.yaml",
+                            shown(&path)
+                        );
+                    }
+                    continue;
+                }
                 // An example's files are reached from its own kustomization, the rest from the base.
                 let example = path.strip_prefix(&examples).ok().and_then(|rel| rel.components().next());
                 let (reached, from) = match example {

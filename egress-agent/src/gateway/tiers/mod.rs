@@ -44,6 +44,17 @@ use index::{DestinationIndex, Hit};
 
 pub type Labels = BTreeMap<String, String>;
 
+/// The Admin `ClusterEgressPolicy` "platform" (priority 10, every namespace) with `rules`
+/// (YAML flow-style list items, one per line), for tests.
+#[cfg(test)]
+pub(crate) fn platform_policy(rules: &[&str]) -> crate::crd::ClusterEgressPolicy {
+    let rules: String = rules.iter().map(|r| format!("    - {r}\n")).collect();
+    serde_yaml::from_str(&format!(
+        "apiVersion: egressfw.io/v1alpha1\nkind: ClusterEgressPolicy\nmetadata: {{name: platform}}\nspec:\n  tier: Admin\n  priority: 10\n  subject: {{namespaces: {{}}}}\n  egress:\n{rules}"
+    ))
+    .expect("a valid ClusterEgressPolicy")
+}
+
 /// A namespace's labels as selectors see them: with `kubernetes.io/metadata.name`, which the API
 /// server sets on every namespace (and a namespace known only by name has nothing else).
 pub fn namespace_labels(mut labels: Labels, namespace: &str) -> Labels {

@@ -1,0 +1,71 @@
+//! `egress-agent diff`: what it reads (`observed`, and the proposed objects) and what it
+//! prints (see `diff`). Exit status 0: nothing seen would be newly denied; 2: something would
+//! (for CI gates); 1: the question could not be answered.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+
+use super::{
+    diff::{Objects, applied, diff, table},
+    explain,
+    observed::{Observed, SourceArgs},
+    policy::Policy,
+};
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// The namespace whose traffic is replayed.
+    #[arg(long)]
+    pub namespace: String,
+    /// The proposed objects (EgressPolicy, ClusterEgressPolicy), applied over the current ones
+    /// (same kind, namespace and name replaced); repeat for more files.
+    #[arg(long = "file", short = 'f', required = true)]
+    pub proposed: Vec<PathBuf>,
+    /// The gateway's configuration file: its rules decide first, as in the gateway.
+    #[arg(long)]
+    pub gateway_config: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(flatten)]
+    pub sources: SourceArgs,
+}
+
+/// Whether anything seen would be newly denied.
+pub fn run(options: &Options) -> Result<bool> {
+    let observed = Observed::load(&options.sources, &options.namespace)?;
+    let proposed = explain::Objects::from_files(&options.proposed)?;
+    if proposed.cluster.is_empty() && proposed.namespaced.is_empty() {
+        bail!("no EgressPolicy or ClusterEgressPolicy in the proposed files");
+    }
+    let file = match &options.gateway_config {
+        Some(path) => {
+            let config = super::config::load(path)?;
+            Policy::new(config.rules, config.blocked_cidrs)
+        }
+        None => Policy::default(),
+    };
+    let current = &observed.objects;
+    let cluster = applied(&current.cluster, &proposed.cluster);
+    let namespaced = applied(&current.namespaced, &proposed.namespaced);
+    let d = diff(
+        &observed.observations(),
+        &options.namespace,
+        &file,
+        &Objects { cluster: &current.cluster, namespaced: &current.namespaced },
+        &Objects { cluster: &cluster, namespaced: &namespaced },
+        &observed.namespace_labels(&options.namespace),
+        &observed.workload_labels(&options.namespace),
+    );
+    match options.output {
+        Output::Table => print!("{}{}", observed.header(), table(&d)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&d)?),
+    }
+    Ok(d.newly_denied > 0)
+}

@@ -1,0 +1,212 @@
+//! What `recommend` and `diff` read: the gateway replicas' observations and the policy objects.
+//!
+//! Observations: by default from every running gateway pod through the API server (the pod's
+//! admin port, by the API server's pod proxy: `get` on `pods/proxy` in the gateway's
+//! namespace); or from admin endpoints named with `--from`; or from saved `/observations`
+//! answers (`--observations`). The policy objects, the namespace and its pods (for the
+//! workloads' labels) come from the cluster when the observations do, from `--policy-file`
+//! otherwise; without either they are left out, and the output says so.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Bytes;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, ResourceExt as _, api::ListParams};
+
+use super::{
+    explain::Objects,
+    observations::{Observation, Snapshot},
+    pod_index::workload_of,
+    tiers::{self, Labels},
+};
+
+#[derive(clap::Args)]
+pub struct SourceArgs {
+    /// A gateway's admin endpoint (`http://host:9809`) to read instead of the cluster's gateway
+    /// pods; repeat for more.
+    #[arg(long)]
+    pub from: Vec<String>,
+    /// A saved /observations answer to read instead; repeat for more.
+    #[arg(long = "observations")]
+    pub observation_files: Vec<PathBuf>,
+    /// YAML files with the policy objects, the namespace and its pods (as explain -f takes
+    /// them); default: the cluster, when the observations come from it.
+    #[arg(long = "policy-file")]
+    pub policy_files: Vec<PathBuf>,
+    #[arg(long, default_value = "egressfw-system")]
+    pub gateway_namespace: String,
+    #[arg(long, default_value = "app.kubernetes.io/name=egress-gateway")]
+    pub gateway_selector: String,
+    #[arg(long, default_value_t = 9809)]
+    pub admin_port: u16,
+}
+
+/// One replica's (or file's) observations, and where they came from.
+pub struct Source {
+    pub name: String,
+    pub snapshot: Snapshot,
+}
+
+pub struct Observed {
+    pub sources: Vec<Source>,
+    pub objects: Objects,
+    /// Where `objects` came from, in words.
+    pub policies_from: String,
+    /// Whether there were objects to read at all (not: none were given).
+    pub objects_known: bool,
+}
+
+impl Observed {
+    /// Reads everything about `namespace` that `args` point at.
+    pub fn load(args: &SourceArgs, namespace: &str) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(Self::load_async(args, namespace))
+    }
+
+    async fn load_async(args: &SourceArgs, namespace: &str) -> Result<Self> {
+        let from_cluster = args.from.is_empty() && args.observation_files.is_empty();
+        let mut sources = Vec::new();
+        let client = if from_cluster {
+            let client = kube::Client::try_default().await.context(
+                "no Kubernetes API to read the gateways from (kubeconfig or in-cluster); name admin endpoints with --from or saved answers with --observations",
+            )?;
+            sources = from_gateways(&client, args, namespace).await?;
+            Some(client)
+        } else {
+            for url in &args.from {
+                sources.push(Source { name: url.clone(), snapshot: fetch(url, namespace).await? });
+            }
+            for path in &args.observation_files {
+                let text =
+                    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                let snapshot = serde_json::from_str(&text)
+                    .with_context(|| format!("{}: not an /observations answer", path.display()))?;
+                sources.push(Source { name: path.display().to_string(), snapshot });
+            }
+            None
+        };
+        let (objects, policies_from) = match (&client, args.policy_files.is_empty()) {
+            (_, false) => (Objects::from_files(&args.policy_files)?, "the files given with --policy-file".into()),
+            (Some(client), true) => {
+                let mut objects = Objects::from_client(client.clone(), None, namespace).await?;
+                let pods = Api::<Pod>::namespaced(client.clone(), namespace)
+                    .list(&ListParams::default())
+                    .await
+                    .with_context(|| format!("listing the pods of {namespace} (for their labels)"))?;
+                objects.pods = pods.items;
+                (objects, "the cluster".into())
+            }
+            (None, true) => (
+                Objects::default(),
+                "nowhere: the Admin tier and the namespace's policies are not taken into account (--policy-file)"
+                    .into(),
+            ),
+        };
+        let objects_known = client.is_some() || !args.policy_files.is_empty();
+        Ok(Self { sources, objects, policies_from, objects_known })
+    }
+
+    /// Every replica's observations, one after the other.
+    pub fn observations(&self) -> Vec<Observation> {
+        self.sources.iter().flat_map(|s| s.snapshot.observations.iter().cloned()).collect()
+    }
+
+    /// The namespace's labels as selectors see them.
+    pub fn namespace_labels(&self, namespace: &str) -> Labels {
+        let labels = self
+            .objects
+            .namespaces
+            .iter()
+            .find(|n| n.name_any() == namespace)
+            .and_then(|n| n.metadata.labels.clone())
+            .unwrap_or_default();
+        tiers::namespace_labels(labels, namespace)
+    }
+
+    /// The pod labels of each workload of `namespace` (one pod's; a workload's pods share its
+    /// template's labels), as observations name workloads.
+    pub fn workload_labels(&self, namespace: &str) -> BTreeMap<String, Labels> {
+        let mut labels = BTreeMap::new();
+        for pod in self.objects.pods.iter().filter(|p| p.namespace().as_deref() == Some(namespace)) {
+            labels.entry(workload_of(pod)).or_insert_with(|| pod.labels().clone());
+        }
+        labels
+    }
+
+    /// Comment lines saying where everything came from.
+    pub fn header(&self) -> String {
+        let mut out = String::new();
+        for s in &self.sources {
+            let evicted = match s.snapshot.evicted {
+                0 => String::new(),
+                1 => "; 1 older entry was forgotten (limits.maxObservations)".to_owned(),
+                n => format!("; {n} older entries were forgotten (limits.maxObservations)"),
+            };
+            out.push_str(&format!(
+                "# Observed by {} since {} (kept in memory only){evicted}.\n",
+                s.name, s.snapshot.since
+            ));
+        }
+        out.push_str(&format!("# Policy objects from {}.\n", self.policies_from));
+        out
+    }
+}
+
+/// Every running gateway pod's observations of `namespace`, through the API server's pod proxy.
+async fn from_gateways(client: &kube::Client, args: &SourceArgs, namespace: &str) -> Result<Vec<Source>> {
+    let pods = Api::<Pod>::namespaced(client.clone(), &args.gateway_namespace)
+        .list(&ListParams::default().labels(&args.gateway_selector))
+        .await
+        .with_context(|| format!("listing the gateway's pods in {}", args.gateway_namespace))?;
+    let running: Vec<Pod> = pods
+        .items
+        .into_iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .collect();
+    if running.is_empty() {
+        bail!(
+            "no running gateway pod in namespace {} with labels {}",
+            args.gateway_namespace,
+            args.gateway_selector
+        );
+    }
+    let mut sources = Vec::new();
+    for pod in running {
+        let name = pod.name_any();
+        let path = format!(
+            "/api/v1/namespaces/{}/pods/{name}:{}/proxy/observations?namespace={namespace}",
+            args.gateway_namespace, args.admin_port
+        );
+        let request = http::Request::get(&path).body(Vec::new())?;
+        let text = client.request_text(request).await.with_context(|| {
+            format!("reading {name}'s observations (get on pods/proxy in {})", args.gateway_namespace)
+        })?;
+        let snapshot =
+            serde_json::from_str(&text).with_context(|| format!("{name}: not an /observations answer"))?;
+        sources.push(Source { name: format!("gateway pod {name}"), snapshot });
+    }
+    Ok(sources)
+}
+
+/// `GET <url>/observations?namespace=N` on an admin endpoint (plain HTTP).
+async fn fetch(url: &str, namespace: &str) -> Result<Snapshot> {
+    let base = url.strip_prefix("http://").with_context(|| format!("--from {url}: want http://host:port"))?;
+    let authority = base.trim_end_matches('/');
+    let stream =
+        tokio::net::TcpStream::connect(authority).await.with_context(|| format!("connecting to {url}"))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = http::Request::get(format!("/observations?namespace={namespace}"))
+        .header(http::header::HOST, authority)
+        .body(Empty::<Bytes>::new())?;
+    let response = sender.send_request(request).await.with_context(|| format!("asking {url}"))?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        bail!("{url}/observations answered {status}: {}", String::from_utf8_lossy(&body));
+    }
+    serde_json::from_slice(&body).with_context(|| format!("{url}/observations: not an /observations answer"))
+}
