@@ -132,6 +132,9 @@ struct Table {
     evicted: u64,
     /// Bytes of the hosts' names held (the rest is per entry).
     name_bytes: usize,
+    /// The most entries the map has had room for: its buckets, which removals do not give back
+    /// (its `capacity()` shrinks as removed entries leave tombstones).
+    peak_capacity: usize,
 }
 
 impl Observations {
@@ -201,6 +204,7 @@ impl Observations {
         seen.rule = record.rule.clone();
         if new {
             table.name_bytes += host_len;
+            table.peak_capacity = table.peak_capacity.max(table.entries.capacity());
         }
         self.metrics.entries.set(i64::try_from(table.entries.len()).unwrap_or(i64::MAX));
         self.metrics.bytes.set(i64::try_from(table.bytes()).unwrap_or(i64::MAX));
@@ -237,14 +241,15 @@ impl Observations {
 impl Table {
     /// Forgets the `n` entries least recently seen; how many went.
     fn evict_oldest(&mut self, n: usize) -> u64 {
-        let mut by_age: Vec<(SystemTime, Key)> =
-            self.entries.iter().map(|(k, s)| (s.last, k.clone())).collect();
+        let mut by_age: Vec<(SystemTime, &Key)> = self.entries.iter().map(|(k, s)| (s.last, k)).collect();
         let n = n.min(by_age.len());
         if n < by_age.len() {
             by_age.select_nth_unstable_by(n, |a, b| a.0.cmp(&b.0));
         }
+        // Only the keys that go are copied (the map stays borrowed until then).
+        let doomed: Vec<Key> = by_age[..n].iter().map(|(_, k)| (*k).clone()).collect();
         let mut evicted = 0;
-        for (_, key) in by_age.into_iter().take(n) {
+        for key in doomed {
             if self.entries.remove(&key).is_some() {
                 self.name_bytes -= key.host.len();
                 evicted += 1;
@@ -258,7 +263,7 @@ impl Table {
         // A hashbrown bucket holds the key and the value, plus a control byte; the table keeps
         // at most 7/8 of its buckets full.
         let per_entry = size_of::<Key>() + size_of::<Seen>() + 1;
-        self.entries.capacity() * per_entry + self.name_bytes
+        self.peak_capacity.max(self.entries.capacity()) * per_entry + self.name_bytes
     }
 }
 

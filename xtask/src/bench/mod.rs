@@ -3,6 +3,7 @@
 mod datapath;
 mod gateway;
 mod gateway_rules;
+mod observations;
 mod policy;
 mod policy_apply;
 
@@ -22,6 +23,9 @@ pub enum Bench {
     /// Egress gateway: the cost of one authorisation from 10 to 10,000 rules over 1,000
     /// namespaces (a micro-benchmark, no network).
     GatewayRules(gateway_rules::GatewayRulesArgs),
+    /// Egress gateway: the observations table under a flood of distinct hosts (entries, bytes,
+    /// evictions, memory, cost per connection).
+    Observations(observations::ObservationsArgs),
     /// Egress gateway: time from `kubectl apply` of a policy resource to the first connection
     /// it decides, on a real API server, with no other policies and with many.
     PolicyApply(policy_apply::PolicyApplyArgs),
@@ -38,6 +42,7 @@ pub fn run(which: &Bench) -> Result<()> {
         Bench::Gateway(args) => gateway::run(args),
         Bench::GatewayRules(args) => gateway_rules::run(args),
         Bench::PolicyApply(args) => policy_apply::run(args),
+        Bench::Observations(args) => observations::run(args),
         Bench::SteeringClient(args) => gateway::steering_client(args),
     }
 }
