@@ -353,8 +353,10 @@ fn policy_resources_open_only_what_the_platform_delegated() {
     expect("200 200", "team-a in audit mode");
     let log = gateway_log();
     assert!(
-        log.contains(r#""reason":"audit""#) && log.contains(r#""audit":"not_allowed""#),
-        "the access log does not report the audited connection:\n{log}"
+        log.contains(r#""reason":"audit""#)
+            && log.contains(r#""audit":"not_allowed""#)
+            && log.contains(r#""passed":"ClusterEgressPolicy/self-service#partner""#),
+        "the access log does not report the audited connection, and the Pass it went through:\n{log}"
     );
 
     // What team-a reached, recommended as a policy: both replicas' observations, read through

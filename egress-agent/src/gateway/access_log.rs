@@ -71,6 +71,10 @@ pub struct Record {
     /// reported: what enforcing would have said (`not_allowed`). `reason` is then `audit`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub audit: Option<&'static str>,
+    /// The Admin `Pass` the connection went through when no namespace `Accept` took it up
+    /// (refused as `not_allowed`, or audited): what the platform delegated and nothing used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub passed: Option<Arc<str>>,
     /// How a tunnel ended: `closed`, `idle_timeout` or `drain_deadline`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub end: Option<&'static str>,
@@ -100,6 +104,7 @@ impl Record {
             bytes_down: 0,
             steered: false,
             audit: None,
+            passed: None,
             end: None,
             duration_ms: 0.0,
             started: Instant::now(),

@@ -29,14 +29,14 @@ use crate::k8s::desired::LABEL_MODE;
 
 use super::{
     access_log::{self, Decision, Record},
-    decision::{self, Refused},
+    decision::{self, Outcome, Refused},
     pod_index::Owner,
     policy::{Deny, Grant, Target},
     refusal::Refusal,
     relay::{self, Ended},
     slots::Slot,
     state::{Gateway, Live},
-    tiers::{Client, Labels, Via},
+    tiers::{Client, Labels, Verdict, Via},
 };
 
 /// The rule an audited connection is counted under (not a host name: it cannot be a rule's).
@@ -154,7 +154,13 @@ impl Connection {
             namespace_labels: namespace_labels.as_deref().unwrap_or(&no_labels),
             pod_labels: &o.labels,
         });
-        match decision::authorize(&self.live.policy, &tiers, client.as_ref(), target, port, self.via) {
+        let outcome = decision::decide(&self.live.policy, &tiers, client.as_ref(), target, port, self.via);
+        // An Admin Pass that nothing in the namespace took up: the log names it, so the
+        // namespace's owner sees what the platform delegated and was not used.
+        if let Outcome::Resources(Verdict::Undecided { passed: Some(pass) }) = &outcome {
+            self.record.passed = Some(pass.label.clone());
+        }
+        match outcome.into_result() {
             Ok(grant) => Ok(grant),
             Err(Refused { deny: Deny::NotAllowed, .. })
                 if namespace_labels
