@@ -88,7 +88,10 @@ pub async fn serve_on(
         .with_state(AppState { health, render })
         .merge(more);
     tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
-    axum::serve(listener, app).await.context("health/metrics server")
+    // With the client's address, for the routes that answer only some clients.
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .await
+        .context("health/metrics server")
 }
 
 async fn healthz(State(s): State<AppState>) -> (StatusCode, String) {

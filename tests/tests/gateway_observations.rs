@@ -4,8 +4,9 @@
 //! the JSON and as metrics).
 
 use egress_tests::{
-    gateway::{ADMIN_PORT, GatewayLab, PROXY_PORT, base_config},
+    gateway::{ADMIN_PORT, GatewayLab, PROXY_PORT, base_config, http_get},
     lab::{GATEWAY4, POD4},
+    sock,
 };
 use serde_json::Value;
 
@@ -34,7 +35,9 @@ fn the_gateway_counts_what_each_namespace_reached_within_its_bound() {
     gw.wait_lines(3);
 
     let observations = |query: &str| -> Value {
-        let (status, body) = g.admin_get(&format!("/observations{query}"));
+        // From the gateway's own node (no workload): the pod itself is refused, below.
+        let url = format!("/observations{query}");
+        let (status, body) = g.lab.gateway.within(|| http_get(sock("127.0.0.1", ADMIN_PORT), &url));
         assert_eq!(status, 200, "{body}");
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
     };
@@ -77,8 +80,24 @@ fn the_gateway_counts_what_each_namespace_reached_within_its_bound() {
 
     // `egress-agent recommend` from the admin endpoint, and from the same answer saved to a file.
     let agent = egress_tests::agent_bin().display().to_string();
-    let admin = format!("http://{GATEWAY4}:{ADMIN_PORT}");
-    let out = g.lab.pod.run(None, &agent, &["recommend", "--namespace", "team-a", "--from", &admin]);
+    // A workload may not read what the namespaces reach: team-a's pod is refused, by name.
+    let (status, body) = g.admin_get("/observations?namespace=team-b");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("is a workload of namespace team-a"), "{body}");
+    let refused = g.lab.pod.run(
+        None,
+        &agent,
+        &["recommend", "--namespace", "team-a", "--from", &format!("http://{GATEWAY4}:{ADMIN_PORT}")],
+    );
+    assert!(!refused.status.success(), "recommend from the pod must fail");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("403"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    let admin = format!("http://127.0.0.1:{ADMIN_PORT}");
+    let out = g.lab.gateway.run(None, &agent, &["recommend", "--namespace", "team-a", "--from", &admin]);
     assert!(out.status.success(), "recommend: {}", String::from_utf8_lossy(&out.stderr));
     let recommended = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!("recommend:\n{recommended}");
@@ -104,8 +123,8 @@ fn the_gateway_counts_what_each_namespace_reached_within_its_bound() {
     egress_agent::gateway::tiers::Tiers::check_namespaced(&policy).unwrap_or_else(|e| panic!("{e}"));
 
     let saved = g.dir().join("observations.json");
-    std::fs::write(&saved, g.admin_get("/observations?namespace=team-a").1).unwrap();
-    let out = g.lab.pod.run(
+    std::fs::write(&saved, observations("?namespace=team-a").to_string()).unwrap();
+    let out = g.lab.gateway.run(
         None,
         &agent,
         &["recommend", "--namespace", "team-a", "--observations", &saved.display().to_string()],
@@ -130,7 +149,7 @@ fn the_gateway_counts_what_each_namespace_reached_within_its_bound() {
         let (proposed, objects) = (proposed.display().to_string(), objects.display().to_string());
         let args =
             ["diff", "--namespace", "team-a", "-f", &proposed, "--from", &admin, "--policy-file", &objects];
-        let out = g.lab.pod.run(None, &agent, &args);
+        let out = g.lab.gateway.run(None, &agent, &args);
         let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
         (out.status.code(), text)
     };
@@ -150,10 +169,19 @@ fn the_gateway_counts_what_each_namespace_reached_within_its_bound() {
     assert!(
         first.contains("www.example.test:80")
             && first.contains("allowed  denied *")
-            && first.contains("nothing allows it (not_allowed)"),
+            && first.contains(
+                "nothing allows it (not_allowed; passed by ClusterEgressPolicy/platform#test-names)"
+            ),
         "the newly denied flow comes first, named: {first}\n{text}"
     );
     assert!(text.contains("2 flows: 1 newly denied, 0 newly allowed, 1 unchanged"), "{text}");
+    // Without a namespace it is the object `kubectl apply -n team-a` would replace: the same.
+    let unplaced = g.dir().join("stricter-unplaced.yaml");
+    std::fs::write(&unplaced, own(r#"["forbidden.example.test"]"#).replace(", namespace: team-a", ""))
+        .unwrap();
+    let (code, text) = diff(&unplaced);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("2 flows: 1 newly denied"), "{text}");
     drop(gw);
 }
 

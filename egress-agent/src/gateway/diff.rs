@@ -69,6 +69,8 @@ pub struct Diff {
     pub newly_allowed: usize,
     /// Rules of the proposed objects that decide none of the flows.
     pub unused_rules: Vec<String>,
+    /// Objects, with the proposal applied, that the gateway would refuse (and why).
+    pub refused: Vec<String>,
 }
 
 /// The proposed objects applied over the current ones.
@@ -89,7 +91,8 @@ pub fn diff(
     workload_labels: &BTreeMap<String, Labels>,
 ) -> Diff {
     let (now, _) = Tiers::build(current.cluster, current.namespaced);
-    let (then, _) = Tiers::build(proposed.cluster, proposed.namespaced);
+    let (then, rejected) = Tiers::build(proposed.cluster, proposed.namespaced);
+    let refused: Vec<String> = rejected.into_iter().map(|r| format!("{}: {}", r.object, r.reason)).collect();
     // One row per workload and destination, over every replica.
     let mut flows: BTreeMap<(String, String, u16, super::tiers::Via), u64> = BTreeMap::new();
     for o in observations.iter().filter(|o| o.namespace == namespace) {
@@ -106,11 +109,11 @@ pub fn diff(
             let client = Client { namespace, namespace_labels, pod_labels: pod_labels.unwrap_or(&none) };
             let answer =
                 |tiers: &Tiers| answer(decision::decide(file, tiers, Some(&client), &target, port, via));
-            let proposed = answer(&then);
-            used.insert(proposed.by.clone());
+            let (proposed, deciding) = answer(&then);
+            used.extend(deciding);
             // A client known by its address only has no pod, and no labels to know.
             let labels_unknown = pod_labels.is_none() && workload != "-";
-            Some(Row { current: answer(&now), proposed, workload, host, port, via, seen, labels_unknown })
+            Some(Row { current: answer(&now).0, proposed, workload, host, port, via, seen, labels_unknown })
         })
         .collect();
     let proposed_rules = proposed_rule_labels(proposed, current);
@@ -119,6 +122,7 @@ pub fn diff(
         newly_allowed: rows.iter().filter(|r| r.change() == "newly allowed").count(),
         unused_rules: proposed_rules.into_iter().filter(|r| !used.contains(r)).collect(),
         rows,
+        refused,
     }
 }
 
@@ -152,15 +156,25 @@ fn proposed_rule_labels(proposed: &Objects, current: &Objects) -> Vec<String> {
     labels
 }
 
-fn answer(outcome: Outcome) -> Answer {
-    let (allowed, by) = match outcome {
-        Outcome::File(Ok(grant)) => (true, format!("gateway file: {}", grant.matched)),
-        Outcome::File(Err(deny)) => (false, format!("nothing allows it ({})", deny.name())),
-        Outcome::Resources(Verdict::Accept { by, .. }) => (true, by.label.to_string()),
-        Outcome::Resources(Verdict::Deny { by }) => (false, by.label.to_string()),
-        Outcome::Resources(Verdict::Undecided { .. }) => (false, "nothing allows it (not_allowed)".into()),
+/// A side's answer, and the rules that took part (the deciding one, and the Admin Pass it went
+/// through): a proposed Pass that delegates is used even when it decides nothing itself.
+fn answer(outcome: Outcome) -> (Answer, Vec<String>) {
+    let (allowed, by, passed) = match outcome {
+        Outcome::File(Ok(grant)) => (true, format!("gateway file: {}", grant.matched), None),
+        Outcome::File(Err(deny)) => (false, format!("nothing allows it ({})", deny.name()), None),
+        Outcome::Resources(Verdict::Accept { by, passed, .. }) => (true, by.label.to_string(), passed),
+        Outcome::Resources(Verdict::Deny { by }) => (false, by.label.to_string(), None),
+        Outcome::Resources(Verdict::Undecided { passed: Some(pass) }) => {
+            let by = format!("nothing allows it (not_allowed; passed by {})", pass.label);
+            (false, by, Some(pass))
+        }
+        Outcome::Resources(Verdict::Undecided { passed: None }) => {
+            (false, "nothing allows it (not_allowed)".into(), None)
+        }
     };
-    Answer { allowed, by }
+    let mut rules = vec![by.clone()];
+    rules.extend(passed.map(|p| p.label.to_string()));
+    (Answer { allowed, by }, rules)
 }
 
 /// The rows and the summary as a table, changed rows first.
@@ -294,9 +308,9 @@ mod tests {
             summary,
             [
                 "Deployment/ci a.example.com true -> true by EgressPolicy/team-a/own#a",
-                "Deployment/ci b.example.com true -> false by nothing allows it (not_allowed)",
+                "Deployment/ci b.example.com true -> false by nothing allows it (not_allowed; passed by ClusterEgressPolicy/platform#delegate)",
                 "Deployment/ci c.example.com false -> true by EgressPolicy/team-a/own#c",
-                "Deployment/web a.example.com false -> false by nothing allows it (not_allowed)",
+                "Deployment/web a.example.com false -> false by nothing allows it (not_allowed; passed by ClusterEgressPolicy/platform#delegate)",
             ]
         );
         assert_eq!((d.newly_denied, d.newly_allowed), (1, 1));

@@ -40,9 +40,13 @@ pub struct Options {
 /// Whether anything seen would be newly denied.
 pub fn run(options: &Options) -> Result<bool> {
     let observed = Observed::load(&options.sources, &options.namespace)?;
-    let proposed = explain::Objects::from_files(&options.proposed)?;
+    let mut proposed = explain::Objects::from_files(&options.proposed)?;
     if proposed.cluster.is_empty() && proposed.namespaced.is_empty() {
         bail!("no EgressPolicy or ClusterEgressPolicy in the proposed files");
+    }
+    // An EgressPolicy without a namespace is the one `kubectl apply -n <namespace>` would make.
+    for p in &mut proposed.namespaced {
+        p.metadata.namespace.get_or_insert_with(|| options.namespace.clone());
     }
     let file = match &options.gateway_config {
         Some(path) => {
@@ -63,6 +67,12 @@ pub fn run(options: &Options) -> Result<bool> {
         &observed.namespace_labels(&options.namespace),
         &observed.workload_labels(&options.namespace),
     );
+    if !d.refused.is_empty() {
+        bail!(
+            "the gateway would refuse objects of the proposal (it keeps their last good generation, or leaves them out):\n  {}",
+            d.refused.join("\n  ")
+        );
+    }
     match options.output {
         Output::Table => print!("{}{}", observed.header(), table(&d)),
         Output::Json => println!("{}", serde_json::to_string_pretty(&d)?),

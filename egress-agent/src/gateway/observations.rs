@@ -24,9 +24,13 @@ use std::{
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use serde::{Deserialize, Serialize};
 
+use axum::response::IntoResponse as _;
+
 use super::{
     access_log::{Decision, Record},
+    identity::Identities,
     pod_index::Owner,
+    target::{Target, parse_authority},
     tiers::Via,
 };
 
@@ -267,15 +271,16 @@ impl Table {
     }
 }
 
-/// The host and port a record is about: the name asked for (CONNECT, Host, SNI), else the
-/// address.
+/// The host and port a record is about, as the gateway decided them: the authority it
+/// checked, normalised. A record whose authority is not a valid host and port (a refused
+/// request's raw Host header) is not kept: its text is the client's to choose, without limit.
 fn destination(record: &Record) -> Option<(String, u16)> {
-    let authority = record.authority.as_deref()?;
-    let (host, port) = authority.rsplit_once(':')?;
-    let port = port.parse().ok()?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let host = record.sni.as_deref().filter(|_| host.parse::<std::net::IpAddr>().is_ok()).unwrap_or(host);
-    Some((host.to_ascii_lowercase(), port))
+    let (target, port) = parse_authority(record.authority.as_deref()?).ok()?;
+    let host = match target {
+        Target::Name(name) => name.as_str().to_owned(),
+        Target::Ip(ip) => ip.to_string(),
+    };
+    Some((host, port?))
 }
 
 fn observation(k: &Key, s: &Seen) -> Observation {
@@ -298,17 +303,30 @@ fn observation(k: &Key, s: &Seen) -> Observation {
     }
 }
 
-/// `GET /observations[?namespace=N]` on the admin endpoint: the table as JSON.
-pub fn routes(observations: Arc<Observations>) -> axum::Router {
+/// `GET /observations[?namespace=N]` on the admin endpoint: the table as JSON. Refused (403)
+/// to a client the gateway identifies as a workload (a pod, or a static source's namespace):
+/// one namespace must not read what the others reach. The API server's pod proxy, which
+/// `egress-agent recommend` goes through, and tools on the node are no workload.
+pub fn routes(observations: Arc<Observations>, identities: Arc<Identities>) -> axum::Router {
     #[derive(serde::Deserialize)]
     struct Query {
         namespace: Option<String>,
     }
     axum::Router::new().route(
         "/observations",
-        axum::routing::get(move |axum::extract::Query(q): axum::extract::Query<Query>| async move {
-            axum::Json(observations.snapshot(q.namespace.as_deref()))
-        }),
+        axum::routing::get(
+            move |axum::extract::ConnectInfo(client): axum::extract::ConnectInfo<std::net::SocketAddr>,
+                  axum::extract::Query(q): axum::extract::Query<Query>| async move {
+                if let Some(owner) = identities.identify(client.ip()) {
+                    let refusal = format!(
+                        "{client} is a workload of namespace {}: workloads may not read the gateway's observations\n",
+                        owner.namespace
+                    );
+                    return (http::StatusCode::FORBIDDEN, refusal).into_response();
+                }
+                axum::Json(observations.snapshot(q.namespace.as_deref())).into_response()
+            },
+        ),
     )
 }
 
@@ -428,15 +446,20 @@ mod tests {
     }
 
     #[test]
-    fn the_destination_is_the_name_asked_for() {
+    fn the_destination_is_the_authority_the_gateway_decided() {
         let mut r = record("team-a", "API.GitHub.com:443", Decision::Allow, "allowed");
         assert_eq!(destination(&r), Some(("api.github.com".into(), 443)));
         r.authority = Some("[2001:db8::1]:8443".into());
         assert_eq!(destination(&r), Some(("2001:db8::1".into(), 8443)));
-        // A steered connection's address, with the name its TLS hello gave.
+        // A CONNECT to an address is the address, whatever name its TLS hello carries.
         r.authority = Some("192.0.2.7:443".into());
-        r.sni = Some("example.org".into());
-        assert_eq!(destination(&r), Some(("example.org".into(), 443)));
+        r.sni = Some("api.github.com".into());
+        assert_eq!(destination(&r), Some(("192.0.2.7".into(), 443)));
+        // What is no host and port (a refused request's raw Host header) is not kept.
+        for raw in ["a\"b.example.com:443", "example.com", &format!("{}.com:443", "a".repeat(300))] {
+            r.authority = Some(raw.into());
+            assert_eq!(destination(&r), None, "{raw}");
+        }
         r.authority = None;
         assert_eq!(destination(&r), None);
     }

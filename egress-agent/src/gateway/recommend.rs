@@ -90,6 +90,8 @@ pub struct Recommendation {
     pub rules: usize,
     /// Seen by address only.
     pub unnamed: Vec<Flow>,
+    /// Names `domainNames` cannot hold (one label, an underscore: the CRD refuses them).
+    pub unfit: Vec<Flow>,
     /// Decided by the Admin tier whatever the namespace writes: the flow and the verdict's words.
     pub decided_above: Vec<(Flow, String)>,
     /// What the status would report as `PartiallyEffective` once applied (rules the Admin
@@ -140,9 +142,12 @@ pub fn recommend(
     let mut unnamed = Vec::new();
     let mut above = Vec::new();
     let mut groups: BTreeMap<(String, u16), Vec<Flow>> = BTreeMap::new();
+    let mut unfit = Vec::new();
     for flow in flows {
         if flow.host.parse::<IpAddr>().is_ok() {
             unnamed.push(flow);
+        } else if !fits_domain_names(&flow.host) {
+            unfit.push(flow);
         } else if let Some(words) = decided_above(&now, ask.namespace, labels, &flow) {
             above.push((flow, words));
         } else {
@@ -184,7 +189,7 @@ pub fn recommend(
             then.outside_bounds(ask.namespace, labels, p.metadata.name.as_deref().unwrap_or_default())
         })
         .collect();
-    Recommendation { yaml, rules: rules.len(), unnamed, decided_above: above, outside_bounds }
+    Recommendation { yaml, rules: rules.len(), unnamed, unfit, decided_above: above, outside_bounds }
 }
 
 /// The rules for one registrable domain on one port (one, unless its names need more
@@ -193,7 +198,11 @@ fn rule(domain: &str, port: u16, flows: &[Flow], ask: &Ask) -> Vec<String> {
     let below: BTreeSet<&str> =
         flows.iter().map(|f| f.host.as_str()).filter(|h| h.ends_with(&format!(".{domain}"))).collect();
     let mut names: Vec<String> = Vec::new();
-    if below.len() >= ask.wildcard_at.max(1) {
+    // Only under a suffix the public-suffix list knows: `svc.cluster.local` has a registrable
+    // domain by the list's default rule (`cluster.local`), and `*.cluster.local` would be every
+    // Service of every namespace.
+    let known = psl::suffix(domain.as_bytes()).is_some_and(|s| s.is_known());
+    if known && below.len() >= ask.wildcard_at.max(1) {
         names.push(format!("*.{domain}"));
         names.extend(flows.iter().map(|f| &f.host).filter(|h| *h == domain).cloned());
     } else {
@@ -207,7 +216,10 @@ fn rule(domain: &str, port: u16, flows: &[Flow], ask: &Ask) -> Vec<String> {
     let first = flows.iter().map(|f| f.first_seen.as_str()).min().unwrap_or_default();
     let last = flows.iter().map(|f| f.last_seen.as_str()).max().unwrap_or_default();
     let hosts: Vec<String> = flows.iter().map(|f| format!("{} ({})", f.host, f.hits())).collect();
-    let base = format!("{}-{port}", domain.replace('.', "-"));
+    // Rule names hold at most 100 characters (the CRD), with room for a `-N` suffix.
+    let mut base = domain.replace('.', "-");
+    base.truncate(90);
+    let base = format!("{}-{port}", base.trim_end_matches('-'));
     let destinations: Vec<&[String]> = names.chunks(MAX_NAMES).collect();
     destinations
         .chunks(MAX_DESTINATIONS)
@@ -232,13 +244,28 @@ fn rule(domain: &str, port: u16, flows: &[Flow], ask: &Ask) -> Vec<String> {
             let name = if i == 0 { base.clone() } else { format!("{base}-{}", i + 1) };
             let _ = writeln!(text, "    - name: {name}\n      action: Accept\n      to:");
             for names in chunk {
-                let quoted: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+                // JSON strings are YAML double-quoted scalars (the names are checked already).
+                let quoted: Vec<String> =
+                    names.iter().map(|n| serde_json::to_string(n).unwrap_or_default()).collect();
                 let _ = writeln!(text, "        - domainNames: [{}]", quoted.join(", "));
             }
             let _ = writeln!(text, "      ports:\n        - {{protocol: TCP, port: {port}}}");
             text
         })
         .collect()
+}
+
+/// Whether `domainNames` can hold `host`: what the CRD's pattern takes (lowercase labels of
+/// letters, digits and inner hyphens, at least two).
+fn fits_domain_names(host: &str) -> bool {
+    let label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    host.len() <= 253 && host.split('.').count() >= 2 && host.split('.').all(label)
 }
 
 /// What was left out of the policy, as YAML comments after it.
@@ -258,6 +285,12 @@ pub fn left_out(r: &Recommendation) -> String {
     if !r.unnamed.is_empty() {
         text.push_str("# Seen by address only (no name to write a rule for; a networks rule, or the workload's\n# proxy settings, would be needed):\n");
         for f in &r.unnamed {
+            let _ = writeln!(text, "#   {}", line(f));
+        }
+    }
+    if !r.unfit.is_empty() {
+        text.push_str("# Names an EgressPolicy cannot hold (one label, or characters its schema refuses):\n");
+        for f in &r.unfit {
             let _ = writeln!(text, "#   {}", line(f));
         }
     }
@@ -329,6 +362,11 @@ mod tests {
             seen("pastebin.com", 443, "Deployment/web", 0, 1, last),
             seen("192.0.2.7", 443, "Pod/debug", 0, 4, last),
             seen("old.example.org", 443, "Deployment/ci", 1, 0, "2026-11-01T00:00:00Z"),
+            seen("vault", 8200, "Deployment/ci", 1, 0, last),
+            seen("under_score.example.com", 443, "Deployment/ci", 1, 0, last),
+            seen("a.ns.svc.cluster.local", 443, "Deployment/ci", 1, 0, last),
+            seen("b.ns.svc.cluster.local", 443, "Deployment/ci", 1, 0, last),
+            seen("c.ns.svc.cluster.local", 443, "Deployment/ci", 1, 0, last),
         ];
         let mut ask = ask();
         ask.since = Some(humantime::parse_rfc3339("2026-12-01T00:00:00Z").unwrap());
@@ -342,6 +380,16 @@ mod tests {
             assert!(r.yaml.contains(&format!(r#"- domainNames: ["{host}"]"#)), "{host}: {}", r.yaml);
         }
         assert!(!r.yaml.contains("*.co.uk") && !r.yaml.contains("old.example.org"), "{}", r.yaml);
+        // No wildcard under a suffix the list does not know, however many names were seen.
+        assert!(
+            !r.yaml.contains("*.cluster.local") && r.yaml.contains("\"a.ns.svc.cluster.local\""),
+            "{}",
+            r.yaml
+        );
+        assert_eq!(
+            r.unfit.iter().map(|f| f.host.as_str()).collect::<Vec<_>>(),
+            ["under_score.example.com", "vault"]
+        );
         assert!(
             r.yaml.contains("# 18 connections (16 allowed, 2 audited, 0 denied, 0 failed) from Deployment/ci, Deployment/web"),
             "{}",
@@ -351,9 +399,11 @@ mod tests {
             "hosts seen: api.github.com (13), codeload.github.com (3), github.com (1), objects.github.com (1)"
         ));
         // The .co.uk names are not delegated: the status would say so once applied.
-        assert_eq!(r.outside_bounds.len(), 3, "{:?}", r.outside_bounds);
+        assert_eq!(r.outside_bounds.len(), 6, "{:?}", r.outside_bounds);
         assert!(
-            r.outside_bounds[0].contains("a.example.co.uk is not delegated to namespace team-a"),
+            r.outside_bounds
+                .iter()
+                .any(|m| m.contains("a.example.co.uk is not delegated to namespace team-a")),
             "{:?}",
             r.outside_bounds
         );

@@ -7,10 +7,12 @@
 //! old and new pods of a rollout are peers). No selector is configured, so relabelling the
 //! Deployment (kustomize `labels:`) cannot make the count wrong.
 //!
-//! - Serving: the peers that are Ready and not terminating, and this replica itself (it is
-//!   applying the policies, whatever its Ready condition says yet).
-//! - Existing: every peer pod the API still has; a replica's entry in a policy's status whose
-//!   pod is not among them is removed.
+//! - Serving: the peers that are Ready and not terminating, this replica among them by the
+//!   same rule (so all replicas count the same set).
+//! - The first serving replica by name writes the shared conditions; every replica writes its
+//!   own entry.
+//! - Existing: every pod the namespace still has; a replica's entry in a policy's status whose
+//!   pod is gone is removed.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -52,17 +54,25 @@ impl Replicas {
         let _ = self.pods.wait_until_ready().await;
     }
 
-    /// The serving replicas' names, sorted, this one among them.
+    /// The serving replicas' names, sorted: this one too only once its own pod is Ready, by the
+    /// same rule as the others, so every replica counts the same set.
     pub fn serving(&self) -> Vec<String> {
-        let mut names: BTreeSet<String> =
+        let names: BTreeSet<String> =
             self.peers().into_iter().filter(|p| serving(p)).map(|p| p.name_any()).collect();
-        names.insert(self.me.clone());
         names.into_iter().collect()
     }
 
-    /// Whether the API still has a peer pod of this name.
+    /// Whether this replica writes the conditions everyone shares: the first serving replica
+    /// by name. One writer, so replicas whose views differ for a moment (a rollout, a lagging
+    /// watch) cannot write against each other; the others write only their own entry.
+    pub fn writes_conditions(&self, serving: &[String]) -> bool {
+        serving.first() == Some(&self.me)
+    }
+
+    /// Whether the API still has a pod of this name in the namespace (whatever its labels: an
+    /// entry is removed only once its pod is gone, never because the peers' labels differ).
     pub fn exists(&self, name: &str) -> bool {
-        name == self.me || self.peers().iter().any(|p| p.name_any() == name)
+        name == self.me || self.pods.get(&ObjectRef::new(name).within(&self.namespace)).is_some()
     }
 
     fn peers(&self) -> Vec<std::sync::Arc<Pod>> {
@@ -143,17 +153,21 @@ status:
                 agent,
             ],
         );
-        // Itself even before its own Ready; a peer of another revision; not the one starting,
+        // A peer of another revision; not itself before its own Ready, not the one starting,
         // the one terminating, nor another workload of the namespace.
-        assert_eq!(r.serving(), ["gw-a", "gw-b", "gw-new"]);
-        assert!(r.exists("gw-old") && r.exists("gw-starting"));
-        assert!(!r.exists("egress-agent-x") && !r.exists("gw-gone"));
+        assert_eq!(r.serving(), ["gw-b", "gw-new"]);
+        assert!(r.writes_conditions(&["gw-a".into(), "gw-b".into()]));
+        assert!(!r.writes_conditions(&r.serving()), "gw-b writes while gw-a is not serving");
+        // Entries go only with their pods.
+        assert!(r.exists("gw-old") && r.exists("gw-starting") && r.exists("egress-agent-x"));
+        assert!(!r.exists("gw-gone"));
     }
 
     #[test]
-    fn before_its_own_pod_is_seen_a_replica_counts_itself_alone() {
+    fn before_its_own_pod_is_seen_a_replica_counts_no_one_and_writes_nothing_shared() {
         let r = replicas("gw-a", vec![pod("gw-b", "1", true, false)]);
-        assert_eq!(r.serving(), ["gw-a"]);
-        assert!(r.exists("gw-a") && !r.exists("gw-b"));
+        assert!(r.serving().is_empty());
+        assert!(!r.writes_conditions(&r.serving()));
+        assert!(r.exists("gw-a") && r.exists("gw-b"));
     }
 }

@@ -7,7 +7,10 @@
 //!    object's resourceVersion, so it cannot remove an entry written meanwhile);
 //! 2. this replica's own entry (`status.replicas`) is applied under its own field manager when
 //!    the generation it applies differs from what the entry says;
-//! 3. the conditions are applied under the shared field manager when they differ.
+//! 3. the conditions are applied under the shared field manager when they differ, by one
+//!    replica only: the first serving one by name (`Replicas::writes_conditions`), so replicas
+//!    whose views differ for a moment never write against each other. Entries of gone pods
+//!    are removed by that replica too.
 //!
 //! A failed write is logged and ends the pass; the next change tries again.
 
@@ -61,6 +64,8 @@ struct Pass<'a> {
     refused: HashMap<String, String>,
     /// The serving replicas, when the gateway knows them.
     serving: Option<&'a [String]>,
+    /// This replica writes the shared conditions (and removes gone replicas' entries).
+    writer: bool,
     now: Timestamp,
 }
 
@@ -79,9 +84,14 @@ impl StatusWriter {
     async fn pass(&self, cluster: &Store<ClusterEgressPolicy>, namespaced: &Store<EgressPolicy>) {
         let tiers = self.resources.tiers();
         let serving = self.replicas.as_ref().map(|r| r.serving());
+        let writer = match (&self.replicas, &serving) {
+            (Some(replicas), Some(serving)) => replicas.writes_conditions(serving),
+            _ => true,
+        };
         let pass = Pass {
             refused: self.resources.rejected().into_iter().map(|r| (r.object, r.reason)).collect(),
             serving: serving.as_deref(),
+            writer,
             // Whole seconds, as the API server keeps them: a status read back then equals the
             // one written, and the next pass leaves it alone.
             now: Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_else(|_| Timestamp::now()),
@@ -121,7 +131,7 @@ impl StatusWriter {
         let mut counted = None;
         if let (Some(replicas), Some(serving)) = (&self.replicas, pass.serving) {
             let kept: Vec<&ReplicaStatus> = entries.iter().filter(|e| replicas.exists(&e.name)).collect();
-            if kept.len() < entries.len() {
+            if pass.writer && kept.len() < entries.len() {
                 remove_gone(&api, &name, object.resource_version(), &kept).await;
             }
             let own = entries.iter().find(|e| e.name == replicas.me).map(|e| e.applied_generation);
@@ -149,7 +159,7 @@ impl StatusWriter {
             replicas: counted.as_deref(),
         };
         let status = wanted(&finding, current, &pass.now);
-        if same_conditions(current, &status) {
+        if !pass.writer || same_conditions(current, &status) {
             return true;
         }
         let body = serde_json::to_value(&status).unwrap_or_default();
