@@ -96,8 +96,7 @@ pub fn diff(
     // One row per workload and destination, over every replica.
     let mut flows: BTreeMap<(String, String, u16, super::tiers::Via), u64> = BTreeMap::new();
     for o in observations.iter().filter(|o| o.namespace == namespace) {
-        *flows.entry((o.workload.clone(), o.host.clone(), o.port, o.via)).or_default() +=
-            o.allowed + o.denied + o.audited + o.failed;
+        *flows.entry((o.workload.clone(), o.host.clone(), o.port, o.via)).or_default() += o.counts.total();
     }
     let none = Labels::new();
     let mut used = BTreeSet::new();
@@ -232,7 +231,11 @@ pub fn table(d: &Diff) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gateway::{observations::Came, tiers, tiers::Via};
+    use crate::gateway::{
+        observations::{Came, Counts},
+        tiers,
+        tiers::Via,
+    };
 
     fn seen(workload: &str, host: &str) -> Observation {
         Observation {
@@ -243,10 +246,7 @@ mod tests {
             port: 443,
             came: Came::Proxy,
             via: Via::Connect,
-            allowed: 2,
-            denied: 0,
-            audited: 1,
-            failed: 0,
+            counts: Counts { allowed: 2, audited: 1, ..Counts::default() },
             first_seen: "2026-12-01T00:00:00Z".into(),
             last_seen: "2026-12-05T00:00:00Z".into(),
             last_reason: "allowed".into(),

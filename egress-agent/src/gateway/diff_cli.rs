@@ -48,13 +48,8 @@ pub fn run(options: &Options) -> Result<bool> {
     for p in &mut proposed.namespaced {
         p.metadata.namespace.get_or_insert_with(|| options.namespace.clone());
     }
-    let file = match &options.gateway_config {
-        Some(path) => {
-            let config = super::config::load(path)?;
-            Policy::new(config.rules, config.blocked_cidrs)
-        }
-        None => Policy::default(),
-    };
+    let file =
+        options.gateway_config.as_deref().map(Policy::from_config_file).transpose()?.unwrap_or_default();
     let current = &observed.objects;
     let cluster = applied(&current.cluster, &proposed.cluster);
     let namespaced = applied(&current.namespaced, &proposed.namespaced);

@@ -151,13 +151,7 @@ pub fn explain(question: &Question, objects: &Objects) -> Result<Answer> {
         pod_labels.clone_from(found.labels());
     }
     pod_labels.extend(parse_labels(&question.pod_labels)?);
-    let file = match &question.gateway_config {
-        Some(path) => {
-            let config = super::config::load(path)?;
-            Some(Policy::new(config.rules, config.blocked_cidrs))
-        }
-        None => None,
-    };
+    let file = question.gateway_config.as_deref().map(Policy::from_config_file).transpose()?;
     let namespace = objects.namespaces.iter().find(|n| n.name_any() == question.namespace);
     let namespace_labels = tiers::namespace_labels(
         namespace.map(|n| n.labels().clone()).unwrap_or_default(),

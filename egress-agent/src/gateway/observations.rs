@@ -61,14 +61,38 @@ struct Key {
     via: Via,
 }
 
+/// Connections by outcome.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub allowed: u64,
+    pub denied: u64,
+    /// Let through in audit mode; enforcing would have refused them.
+    pub audited: u64,
+    /// Allowed, but the upstream failed.
+    pub failed: u64,
+}
+
+impl Counts {
+    pub fn total(&self) -> u64 {
+        self.allowed + self.denied + self.audited + self.failed
+    }
+
+    pub fn add(&mut self, other: &Counts) {
+        self.allowed += other.allowed;
+        self.denied += other.denied;
+        self.audited += other.audited;
+        self.failed += other.failed;
+    }
+
+    /// Let through, whatever became of it upstream.
+    pub fn passed(&self) -> u64 {
+        self.allowed + self.audited + self.failed
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Seen {
-    allowed: u64,
-    denied: u64,
-    /// Let through in audit mode; enforcing would have refused them.
-    audited: u64,
-    /// Allowed, but the upstream failed.
-    failed: u64,
+    counts: Counts,
     first: SystemTime,
     last: SystemTime,
     /// The last decision's reason and rule.
@@ -87,10 +111,8 @@ pub struct Observation {
     pub port: u16,
     pub came: Came,
     pub via: Via,
-    pub allowed: u64,
-    pub denied: u64,
-    pub audited: u64,
-    pub failed: u64,
+    #[serde(flatten)]
+    pub counts: Counts,
     pub first_seen: String,
     pub last_seen: String,
     pub last_reason: String,
@@ -187,21 +209,19 @@ impl Observations {
         }
         let host_len = key.host.len();
         let seen = table.entries.entry(key).or_insert_with(|| Seen {
-            allowed: 0,
-            denied: 0,
-            audited: 0,
-            failed: 0,
+            counts: Counts::default(),
             first: now,
             last: now,
             reason: "",
             rule: None,
         });
-        let new = seen.allowed + seen.denied + seen.audited + seen.failed == 0;
+        let new = seen.counts.total() == 0;
+        let counts = &mut seen.counts;
         match record.decision {
-            Decision::Allow if record.audit.is_some() || record.reason == "audit" => seen.audited += 1,
-            Decision::Allow => seen.allowed += 1,
-            Decision::Deny => seen.denied += 1,
-            Decision::Error => seen.failed += 1,
+            Decision::Allow if record.audit.is_some() || record.reason == "audit" => counts.audited += 1,
+            Decision::Allow => counts.allowed += 1,
+            Decision::Deny => counts.denied += 1,
+            Decision::Error => counts.failed += 1,
         }
         seen.last = now;
         seen.reason = record.reason;
@@ -292,10 +312,7 @@ fn observation(k: &Key, s: &Seen) -> Observation {
         port: k.port,
         came: k.came,
         via: k.via,
-        allowed: s.allowed,
-        denied: s.denied,
-        audited: s.audited,
-        failed: s.failed,
+        counts: s.counts,
         first_seen: rfc3339(s.first),
         last_seen: rfc3339(s.last),
         last_reason: s.reason.to_owned(),
@@ -393,7 +410,7 @@ mod tests {
         let snap = table.snapshot(Some("team-a"));
         assert_eq!(snap.entries, 2);
         let proxied = snap.observations.iter().find(|o| o.came == Came::Proxy).unwrap();
-        assert_eq!((proxied.allowed, proxied.denied, proxied.audited, proxied.failed), (1, 1, 1, 0));
+        assert_eq!(proxied.counts, Counts { allowed: 1, denied: 1, audited: 1, failed: 0 });
         assert_eq!(
             (proxied.first_seen.as_str(), proxied.last_seen.as_str()),
             ("1970-01-01T00:00:10Z", "1970-01-01T00:00:30Z")

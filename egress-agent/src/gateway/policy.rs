@@ -151,6 +151,13 @@ impl Policy {
         Self { index: RuleIndex::new(&rules), rules, blocked }
     }
 
+    /// The rules and blocked ranges of a gateway config file (for the tools that decide as the
+    /// gateway would: `explain`, `diff`).
+    pub fn from_config_file(path: &std::path::Path) -> Result<Self, super::config::GatewayConfigError> {
+        let config = super::config::load(path)?;
+        Ok(Self::new(config.rules, config.blocked_cidrs))
+    }
+
     /// The class of a non-public address: the built-in ranges first (so metadata keeps its
     /// stricter exemption), then the configured ones.
     fn classify(&self, ip: IpAddr) -> Option<Blocked> {

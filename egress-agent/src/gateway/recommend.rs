@@ -24,7 +24,7 @@ use std::{
 };
 
 use super::{
-    observations::{Came, Observation},
+    observations::{Came, Counts, Observation},
     policy::Target,
     tiers::{Client, Labels, Stage, Tiers, Verdict, Via},
 };
@@ -53,26 +53,20 @@ pub struct Flow {
     pub port: u16,
     pub workloads: BTreeSet<String>,
     pub came: BTreeSet<Came>,
-    pub allowed: u64,
-    pub denied: u64,
-    pub audited: u64,
-    pub failed: u64,
+    pub counts: Counts,
     pub first_seen: String,
     pub last_seen: String,
 }
 
 impl Flow {
     fn hits(&self) -> u64 {
-        self.allowed + self.denied + self.audited + self.failed
+        self.counts.total()
     }
 
     fn add(&mut self, o: &Observation) {
         self.workloads.insert(o.workload.clone());
         self.came.insert(o.came);
-        self.allowed += o.allowed;
-        self.denied += o.denied;
-        self.audited += o.audited;
-        self.failed += o.failed;
+        self.counts.add(&o.counts);
         // RFC 3339 in UTC, all in one format: they order as text.
         if self.first_seen.is_empty() || o.first_seen < self.first_seen {
             self.first_seen.clone_from(&o.first_seen);
@@ -210,7 +204,8 @@ fn rule(domain: &str, port: u16, flows: &[Flow], ask: &Ask) -> Vec<String> {
     }
     names.sort();
     names.dedup();
-    let total = |f: fn(&Flow) -> u64| flows.iter().map(f).sum::<u64>();
+    let mut counts = Counts::default();
+    flows.iter().for_each(|f| counts.add(&f.counts));
     let workloads: BTreeSet<&str> =
         flows.iter().flat_map(|f| f.workloads.iter().map(String::as_str)).collect();
     let first = flows.iter().map(|f| f.first_seen.as_str()).min().unwrap_or_default();
@@ -226,19 +221,19 @@ fn rule(domain: &str, port: u16, flows: &[Flow], ask: &Ask) -> Vec<String> {
         .enumerate()
         .map(|(i, chunk)| {
             let mut text = String::new();
-            let hits = total(Flow::hits);
+            let hits = counts.total();
             let _ = writeln!(
                 text,
                 "    # {hits} connection{} ({} allowed, {} audited, {} denied, {} failed) from {}",
                 if hits == 1 { "" } else { "s" },
-                total(|f| f.allowed),
-                total(|f| f.audited),
-                total(|f| f.denied),
-                total(|f| f.failed),
+                counts.allowed,
+                counts.audited,
+                counts.denied,
+                counts.failed,
                 workloads.iter().copied().collect::<Vec<_>>().join(", ")
             );
             let _ = writeln!(text, "    # first seen {first}, last seen {last}; hosts seen: {}", hosts.join(", "));
-            if total(|f| f.allowed + f.audited + f.failed) == 0 {
+            if counts.passed() == 0 {
                 let _ = writeln!(text, "    # only ever refused: today nothing depends on it; keep it only if the workload needs it");
             }
             let name = if i == 0 { base.clone() } else { format!("{base}-{}", i + 1) };
@@ -325,10 +320,7 @@ mod tests {
             port,
             came: Came::Proxy,
             via: Via::Connect,
-            allowed,
-            denied: 0,
-            audited,
-            failed: 0,
+            counts: Counts { allowed, audited, ..Counts::default() },
             first_seen: "2026-12-01T00:00:00Z".into(),
             last_seen: last.into(),
             last_reason: "allowed".into(),
