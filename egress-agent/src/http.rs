@@ -65,11 +65,12 @@ struct AppState {
     render: Render,
 }
 
-pub async fn serve(addr: SocketAddr, health: Arc<Health>, render: Render) -> Result<()> {
+/// Serves the probes and metrics on `addr`, with the routes of `more` besides.
+pub async fn serve(addr: SocketAddr, health: Arc<Health>, render: Render, more: Router) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the health/metrics endpoint on {addr}"))?;
-    serve_on(listener, health, render, Router::new()).await
+    serve_on(listener, health, render, more).await
 }
 
 /// Like [`serve`], on a listener the caller bound (so binding errors surface at start), with

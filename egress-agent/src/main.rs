@@ -55,6 +55,11 @@ enum Command {
         /// at the end of the active conflist (network plugins rewrite theirs when they restart).
         #[arg(long, env = "EGRESSFW_CNI_CONF_DIR")]
         cni_conf_dir: Option<PathBuf>,
+        /// Address ranges besides the node's own addresses that may read the kernel's
+        /// observations and verdicts (`/observations`, `/events`): the control-plane nodes,
+        /// whose API server proxies `recommend` and `observe` to the agents.
+        #[arg(long, env = "EGRESSFW_OBSERVATION_READERS", value_delimiter = ',')]
+        observation_readers: Vec<ipnet::IpNet>,
     },
     /// Enforce the policies of a YAML file on this machine (no Kubernetes).
     Standalone {
@@ -140,6 +145,9 @@ enum Command {
     /// changes first, and proposed rules nothing uses. Exit status 0: nothing seen would be
     /// newly denied; 2: something would; 1: the question could not be answered.
     Diff(gateway::diff_cli::Options),
+    /// Per pod, the kernel's verdicts and the gateway's decisions in one stream ordered by time
+    /// (every node agent's and gateway replica's /events); --follow keeps reading.
+    Observe(egress_agent::observe::Options),
     /// Remove every link and map egressfw pinned, and the CNI plugin's conflist entry:
     /// enforcement stops.
     Teardown {
@@ -175,7 +183,15 @@ fn main() -> Result<()> {
     let pins = PinLayout::new(cli.pin_dir);
     let cgroup_root = || cli.cgroup_root.as_deref().map_or_else(cgroup::cgroup2_mount, cgroup::cgroup2_at);
     match cli.command {
-        Command::Run { config, node_name, http_addr, pods_cgroup, cni_state_dir, cni_conf_dir } => {
+        Command::Run {
+            config,
+            node_name,
+            http_addr,
+            pods_cgroup,
+            cni_state_dir,
+            cni_conf_dir,
+            observation_readers,
+        } => {
             let opts = k8s::run::Options {
                 config,
                 node_name,
@@ -185,6 +201,7 @@ fn main() -> Result<()> {
                 pods_cgroup,
                 cni_state: cni::state::StateDir::new(cni_state_dir),
                 cni_conf_dir,
+                observation_readers,
             };
             // Multi-threaded: the watches, the event reader and the HTTP server must keep going
             // while a reconcile pass makes its (blocking) map and link syscalls.
@@ -243,6 +260,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Recommend(options) => gateway::recommend_cli::run(&options),
+        Command::Observe(options) => egress_agent::observe::run(&options),
         Command::Diff(options) => {
             if gateway::diff_cli::run(&options)? {
                 std::process::exit(2);

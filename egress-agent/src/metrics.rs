@@ -27,6 +27,8 @@ use crate::kernel::{bpffs::PinLayout, maps::KernelMaps};
 pub struct Owner {
     pub namespace: String,
     pub pod: String,
+    /// What runs the pod (`Deployment/web`).
+    pub workload: String,
     pub cgroup: String,
 }
 

@@ -96,7 +96,39 @@ fn the_gateway_counts_what_each_namespace_reached_within_its_bound() {
         String::from_utf8_lossy(&refused.stderr)
     );
 
+    // Nor the decisions as they come (observe's /events).
+    let (status, body) = g.admin_get("/events");
+    assert_eq!(status, 403, "{body}");
     let admin = format!("http://127.0.0.1:{ADMIN_PORT}");
+    // `egress-agent observe` from the admin endpoint: every decision of team-a, in order,
+    // with what decided it.
+    let out = g.lab.gateway.run(None, &agent, &["observe", "-n", "team-a", "--from", &admin]);
+    let stream = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "observe: {}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<&str> = stream.lines().skip(1).collect();
+    assert_eq!(rows.len(), 4, "four requests of team-a:\n{stream}");
+    for (row, (verdict, host)) in rows.iter().zip([
+        ("allow", "api.example.test:80"),
+        ("allow", "api.example.test:80"),
+        ("deny", "forbidden.example.test:80"),
+        ("allow", "www.example.test:80"),
+    ]) {
+        assert!(
+            row.contains(" gateway ") && row.contains(&format!(" {verdict} ")) && row.contains(host),
+            "{row}\n{stream}"
+        );
+    }
+    let json =
+        g.lab.gateway.run(None, &agent, &["observe", "--verdict", "deny", "-o", "json", "--from", &admin]);
+    let denied: Vec<Value> = String::from_utf8_lossy(&json.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert_eq!(
+        (&denied[0]["destination"], &denied[0]["reason"]),
+        (&Value::from("forbidden.example.test:80"), &Value::from("not_allowed"))
+    );
     let out = g.lab.gateway.run(None, &agent, &["recommend", "--namespace", "team-a", "--from", &admin]);
     assert!(out.status.success(), "recommend: {}", String::from_utf8_lossy(&out.stderr));
     let recommended = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -104,7 +136,7 @@ fn the_gateway_counts_what_each_namespace_reached_within_its_bound() {
     for says in [
         "# egress-agent recommend --namespace team-a: 2 destinations seen, 1 rule;",
         &format!("# Observed by {admin} since "),
-        "1 older entry was forgotten (limits.maxObservations)",
+        "1 older entry was forgotten (the table is bounded)",
         "# Policy objects from nowhere",
         "    # 2 connections (1 allowed, 0 audited, 1 denied, 0 failed) from -",
         "hosts seen: forbidden.example.test (1), www.example.test (1)",

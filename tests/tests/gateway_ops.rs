@@ -136,8 +136,8 @@ fn metrics_and_probes() {
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     let want = [
-        "egressfw_gateway_connections_total{listener=\"http_proxy\",rule=\"api.example.test\"} 2",
-        "egressfw_gateway_denials_total{listener=\"http_proxy\",reason=\"not_allowed\"} 1",
+        "egressfw_gateway_connections_total{listener=\"http_proxy\",rule=\"api.example.test\",namespace=\"team-a\"} 2",
+        "egressfw_gateway_denials_total{listener=\"http_proxy\",reason=\"not_allowed\",namespace=\"team-a\"} 1",
         "egressfw_gateway_bytes_total{listener=\"http_proxy\",direction=\"down\"}",
         "egressfw_gateway_duration_seconds_count{listener=\"http_proxy\"} 3",
         "egressfw_gateway_upstream_connect_seconds_count",

@@ -361,9 +361,10 @@ fn policy_resources_open_only_what_the_platform_delegated() {
 
     // What team-a reached, recommended as a policy: both replicas' observations, read through
     // the API server's pod proxy, checked against the cluster's policy objects.
-    let mut recommend = cluster.plane.ns.command(&egress_tests::agent_bin().display().to_string(), None);
-    recommend.args(["recommend", "--namespace", "team-a"]).env("KUBECONFIG", &cluster.plane.admin_kubeconfig);
-    let out = recommend.output().expect("running egress-agent recommend");
+    let out = cluster
+        .egress_agent(&["recommend", "--namespace", "team-a"])
+        .output()
+        .expect("running egress-agent recommend");
     let recommended = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "recommend: {}", String::from_utf8_lossy(&out.stderr));
     for says in [
@@ -381,11 +382,10 @@ fn policy_resources_open_only_what_the_platform_delegated() {
     // (team-a accepts nothing), the proposal allows; nothing is newly denied, so exit 0.
     let proposal = cluster.dir.0.join("recommended.yaml");
     std::fs::write(&proposal, recommended.as_bytes()).expect("writing the recommendation");
-    let mut diff = cluster.plane.ns.command(&egress_tests::agent_bin().display().to_string(), None);
-    diff.args(["diff", "--namespace", "team-a", "-f"])
-        .arg(&proposal)
-        .env("KUBECONFIG", &cluster.plane.admin_kubeconfig);
-    let out = diff.output().expect("running egress-agent diff");
+    let out = cluster
+        .egress_agent(&["diff", "--namespace", "team-a", "-f", &proposal.display().to_string()])
+        .output()
+        .expect("running egress-agent diff");
     let table = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "diff: {table}{}", String::from_utf8_lossy(&out.stderr));
     let row =

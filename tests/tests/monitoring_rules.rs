@@ -87,3 +87,22 @@ fn every_gateway_metric_an_alert_reads_is_exported() {
         );
     }
 }
+
+#[test]
+fn every_dashboard_panel_is_documented_with_its_queries() {
+    let path = monitoring().join("dashboard.json");
+    let board: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let readme = std::fs::read_to_string(monitoring().join("README.md")).unwrap();
+    let panels = board["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 9, "{} panels", panels.len());
+    for panel in panels {
+        let title = panel["title"].as_str().expect("a title");
+        assert!(readme.contains(&format!("### {title}\n")), "README.md does not document panel {title:?}");
+        assert!(!panel["description"].as_str().unwrap_or_default().is_empty(), "{title}: no description");
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("an expr");
+            assert!(readme.contains(expr), "README.md does not show {title:?}'s query {expr}");
+        }
+    }
+}

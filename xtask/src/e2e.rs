@@ -11,8 +11,15 @@ use crate::{
 };
 
 /// The integration suites that need the real cluster.
-pub const SUITES: [&str; 6] =
-    ["k8s_real_api", "k8s_policy_crds", "k8s_policy_gateway", "k8s_e2e", "k8s_e2e_faults", "k8s_e2e_shapes"];
+pub const SUITES: [&str; 7] = [
+    "k8s_real_api",
+    "k8s_policy_crds",
+    "k8s_policy_gateway",
+    "k8s_e2e",
+    "k8s_e2e_faults",
+    "k8s_e2e_shapes",
+    "k8s_adoption",
+];
 
 pub fn run() -> Result<()> {
     require_root("cargo xtask e2e")?;

@@ -295,6 +295,9 @@ impl Connection {
         // Counted before the line is written: whoever has read the line finds it counted.
         let capacity = self.live.limits.max_observations;
         self.gateway.observations.record(&self.record, self.owner.as_ref(), capacity);
+        if let Some(event) = super::observations::feed_event(&self.record, self.owner.as_ref()) {
+            self.gateway.feed.push(event);
+        }
         access_log::write(&mut self.record);
         self.gateway.metrics.record(&self.record);
     }

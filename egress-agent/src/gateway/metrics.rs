@@ -1,6 +1,8 @@
 //! The gateway's Prometheus metrics. Label values are bounded by the configuration: allowed
-//! traffic is labelled with the rule pattern that matched (never the raw requested name, which
-//! a client could vary without limit), denials with their reason.
+//! traffic is labelled with the client's namespace and the rule pattern that matched (never the
+//! raw requested name, which a client could vary without limit), denials with the namespace and
+//! their reason. The hosts themselves appear only in the observation series
+//! (`observation_series`), which are capped.
 
 use std::sync::Arc;
 
@@ -27,12 +29,15 @@ use super::{
 pub struct ByRule {
     listener: &'static str,
     rule: Arc<str>,
+    /// Empty for a client no namespace claims.
+    namespace: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ByReason {
     listener: &'static str,
     reason: &'static str,
+    namespace: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -53,8 +58,9 @@ pub struct ByResult {
     pub result: &'static str,
 }
 
-/// The rule label of an allowed connection that somehow has no rule (never expected).
-fn no_rule() -> &'static Arc<str> {
+/// The rule label of an allowed connection that somehow has no rule (never expected), and the
+/// namespace label of a client no namespace claims.
+fn empty() -> &'static Arc<str> {
     static EMPTY: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
     EMPTY.get_or_init(|| Arc::from(""))
 }
@@ -79,19 +85,19 @@ impl GatewayMetrics {
         let connections = Family::default();
         registry.register(
             "connections",
-            "Allowed connections (tunnels) and requests by listener and the rule pattern that allowed them",
+            "Allowed connections (tunnels) and requests by listener, the rule pattern that allowed them, and the client's namespace",
             connections.clone(),
         );
         let denials = Family::default();
         registry.register(
             "denials",
-            "Denied connections and requests by listener and reason",
+            "Denied connections and requests by listener, reason and the client's namespace",
             denials.clone(),
         );
         let errors = Family::default();
         registry.register(
             "upstream_errors",
-            "Allowed connections whose upstream failed, by listener and reason",
+            "Allowed connections whose upstream failed, by listener, reason and the client's namespace",
             errors.clone(),
         );
         let bytes = Family::default();
@@ -158,16 +164,17 @@ impl GatewayMetrics {
     /// Counts a finished connection or request.
     pub fn record(&self, r: &Record) {
         let listener = r.listener;
+        let namespace = r.namespace.as_ref().unwrap_or_else(|| empty()).clone();
         match r.decision {
             Decision::Allow => {
-                let rule = r.rule.as_ref().unwrap_or_else(|| no_rule()).clone();
-                self.connections.get_or_create(&ByRule { listener, rule }).inc();
+                let rule = r.rule.as_ref().unwrap_or_else(|| empty()).clone();
+                self.connections.get_or_create(&ByRule { listener, rule, namespace }).inc();
             }
             Decision::Deny => {
-                self.denials.get_or_create(&ByReason { listener, reason: r.reason }).inc();
+                self.denials.get_or_create(&ByReason { listener, reason: r.reason, namespace }).inc();
             }
             Decision::Error => {
-                self.errors.get_or_create(&ByReason { listener, reason: r.reason }).inc();
+                self.errors.get_or_create(&ByReason { listener, reason: r.reason, namespace }).inc();
             }
         }
         for (direction, n) in [("up", r.bytes_up), ("down", r.bytes_down)] {
@@ -176,6 +183,12 @@ impl GatewayMetrics {
             }
         }
         self.duration.get_or_create(&ByListener { listener }).observe(r.started.elapsed().as_secs_f64());
+    }
+
+    /// Registers the capped per-host series of the observations table.
+    pub fn register_observations(&mut self, observations: Arc<super::observations::Observations>) {
+        self.registry
+            .register_collector(Box::new(super::observation_series::ObservationSeries(observations)));
     }
 
     /// Registers the policy resources' gauges (they belong to `Resources`, made before this).

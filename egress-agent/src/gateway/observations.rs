@@ -12,8 +12,6 @@
 //!   policy could be written for; the access log still has it).
 
 use std::{
-    collections::HashMap,
-    mem::size_of,
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -25,6 +23,12 @@ use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use serde::{Deserialize, Serialize};
 
 use axum::response::IntoResponse as _;
+
+pub use crate::observation_table::Counts;
+use crate::{
+    feed::{Feed, FeedEvent, Source},
+    observation_table::{HeapBytes, Outcome, Seen, Table, rfc3339},
+};
 
 use super::{
     access_log::{Decision, Record},
@@ -49,6 +53,26 @@ pub enum Came {
     Forward,
 }
 
+impl Came {
+    fn of(record: &Record) -> Self {
+        if record.steered {
+            Came::Steered
+        } else if record.listener == super::tcp_forward::LISTENER {
+            Came::Forward
+        } else {
+            Came::Proxy
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Came::Proxy => "proxy",
+            Came::Steered => "steered",
+            Came::Forward => "forward",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct Key {
     namespace: Arc<str>,
@@ -59,45 +83,6 @@ struct Key {
     came: Came,
     /// How an `EgressPolicy` rule's `via` sees it (from the listener).
     via: Via,
-}
-
-/// Connections by outcome.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counts {
-    pub allowed: u64,
-    pub denied: u64,
-    /// Let through in audit mode; enforcing would have refused them.
-    pub audited: u64,
-    /// Allowed, but the upstream failed.
-    pub failed: u64,
-}
-
-impl Counts {
-    pub fn total(&self) -> u64 {
-        self.allowed + self.denied + self.audited + self.failed
-    }
-
-    pub fn add(&mut self, other: &Counts) {
-        self.allowed += other.allowed;
-        self.denied += other.denied;
-        self.audited += other.audited;
-        self.failed += other.failed;
-    }
-
-    /// Let through, whatever became of it upstream.
-    pub fn passed(&self) -> u64 {
-        self.allowed + self.audited + self.failed
-    }
-}
-
-#[derive(Clone, Debug)]
-struct Seen {
-    counts: Counts,
-    first: SystemTime,
-    last: SystemTime,
-    /// The last decision's reason and rule.
-    reason: &'static str,
-    rule: Option<Arc<str>>,
 }
 
 /// One entry, as the admin endpoint serves it.
@@ -140,7 +125,7 @@ pub struct Observations {
     /// `limits.maxObservations`, as of the last connection (a reload changes it).
     capacity: AtomicUsize,
     since: SystemTime,
-    table: Mutex<Table>,
+    table: Mutex<Table<Key>>,
     metrics: ObservationMetrics,
 }
 
@@ -150,17 +135,6 @@ pub struct ObservationMetrics {
     pub entries: Gauge,
     pub bytes: Gauge,
     pub evicted: Counter,
-}
-
-#[derive(Default)]
-struct Table {
-    entries: HashMap<Key, Seen>,
-    evicted: u64,
-    /// Bytes of the hosts' names held (the rest is per entry).
-    name_bytes: usize,
-    /// The most entries the map has had room for: its buckets, which removals do not give back
-    /// (its `capacity()` shrinks as removed entries leave tombstones).
-    peak_capacity: usize,
 }
 
 impl Observations {
@@ -178,13 +152,7 @@ impl Observations {
         self.capacity.store(capacity.max(1), Ordering::Relaxed);
         let Some(namespace) = record.namespace.clone() else { return };
         let Some((host, port)) = destination(record) else { return };
-        let came = if record.steered {
-            Came::Steered
-        } else if record.listener == super::tcp_forward::LISTENER {
-            Came::Forward
-        } else {
-            Came::Proxy
-        };
+        let came = Came::of(record);
         let unknown = || Arc::<str>::from("-");
         let key = Key {
             namespace,
@@ -200,37 +168,16 @@ impl Observations {
 
     fn count(&self, key: Key, record: &Record, now: SystemTime) {
         let capacity = self.capacity.load(Ordering::Relaxed);
+        let outcome = match record.decision {
+            Decision::Allow if record.audit.is_some() || record.reason == "audit" => Outcome::Audited,
+            Decision::Allow => Outcome::Allowed,
+            Decision::Deny => Outcome::Denied,
+            Decision::Error => Outcome::Failed,
+        };
         let Ok(mut table) = self.table.lock() else { return };
-        if !table.entries.contains_key(&key) && table.entries.len() >= capacity {
-            // Down to nine tenths of the capacity (more when a reload lowered it).
-            let excess = table.entries.len() + 1 - capacity;
-            let evicted = table.evict_oldest(excess + capacity / 10);
-            self.metrics.evicted.inc_by(evicted);
-        }
-        let host_len = key.host.len();
-        let seen = table.entries.entry(key).or_insert_with(|| Seen {
-            counts: Counts::default(),
-            first: now,
-            last: now,
-            reason: "",
-            rule: None,
-        });
-        let new = seen.counts.total() == 0;
-        let counts = &mut seen.counts;
-        match record.decision {
-            Decision::Allow if record.audit.is_some() || record.reason == "audit" => counts.audited += 1,
-            Decision::Allow => counts.allowed += 1,
-            Decision::Deny => counts.denied += 1,
-            Decision::Error => counts.failed += 1,
-        }
-        seen.last = now;
-        seen.reason = record.reason;
-        seen.rule = record.rule.clone();
-        if new {
-            table.name_bytes += host_len;
-            table.peak_capacity = table.peak_capacity.max(table.entries.capacity());
-        }
-        self.metrics.entries.set(i64::try_from(table.entries.len()).unwrap_or(i64::MAX));
+        let evicted = table.count(key, outcome, record.reason, record.rule.clone(), now, capacity);
+        self.metrics.evicted.inc_by(evicted);
+        self.metrics.entries.set(i64::try_from(table.len()).unwrap_or(i64::MAX));
         self.metrics.bytes.set(i64::try_from(table.bytes()).unwrap_or(i64::MAX));
     }
 
@@ -238,7 +185,6 @@ impl Observations {
     pub fn snapshot(&self, namespace: Option<&str>) -> Snapshot {
         let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
         let mut observations: Vec<(SystemTime, Observation)> = table
-            .entries
             .iter()
             .filter(|(k, _)| namespace.is_none_or(|n| &*k.namespace == n))
             .map(|(k, s)| (s.last, observation(k, s)))
@@ -248,46 +194,43 @@ impl Observations {
             since: rfc3339(self.since),
             persistent: false,
             capacity: self.capacity.load(Ordering::Relaxed),
-            entries: table.entries.len(),
-            evicted: table.evicted,
+            entries: table.len(),
+            evicted: table.evicted(),
             bytes: table.bytes(),
             observations: observations.into_iter().map(|(_, o)| o).collect(),
         }
     }
 
+    /// The `n` entries with the most denials (those with any), and the `n` first seen most
+    /// recently: the per-host series of the metrics (`observation_series`).
+    pub fn top(&self, n: usize) -> (Vec<Observation>, Vec<Observation>) {
+        let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let mut denied: Vec<(&Key, &Seen)> = table.iter().filter(|(_, s)| s.counts.denied > 0).collect();
+        let mut newest: Vec<(&Key, &Seen)> = table.iter().collect();
+        let take = |v: &mut Vec<(&Key, &Seen)>, order: &dyn Fn(&Seen, &Seen) -> std::cmp::Ordering| {
+            if v.len() > n {
+                v.select_nth_unstable_by(n, |a, b| order(a.1, b.1));
+                v.truncate(n);
+            }
+            v.iter().map(|(k, s)| observation(k, s)).collect::<Vec<_>>()
+        };
+        (
+            take(&mut denied, &|a, b| b.counts.denied.cmp(&a.counts.denied)),
+            take(&mut newest, &|a, b| b.first.cmp(&a.first)),
+        )
+    }
+
     /// Entries, evictions and estimated bytes, for the metrics.
     pub fn size(&self) -> (usize, u64, usize) {
         let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        (table.entries.len(), table.evicted, table.bytes())
+        (table.len(), table.evicted(), table.bytes())
     }
 }
 
-impl Table {
-    /// Forgets the `n` entries least recently seen; how many went.
-    fn evict_oldest(&mut self, n: usize) -> u64 {
-        let mut by_age: Vec<(SystemTime, &Key)> = self.entries.iter().map(|(k, s)| (s.last, k)).collect();
-        let n = n.min(by_age.len());
-        if n < by_age.len() {
-            by_age.select_nth_unstable_by(n, |a, b| a.0.cmp(&b.0));
-        }
-        // Only the keys that go are copied (the map stays borrowed until then).
-        let doomed: Vec<Key> = by_age[..n].iter().map(|(_, k)| (*k).clone()).collect();
-        let mut evicted = 0;
-        for key in doomed {
-            if self.entries.remove(&key).is_some() {
-                self.name_bytes -= key.host.len();
-                evicted += 1;
-            }
-        }
-        self.evicted += evicted;
-        evicted
-    }
-
-    fn bytes(&self) -> usize {
-        // A hashbrown bucket holds the key and the value, plus a control byte; the table keeps
-        // at most 7/8 of its buckets full.
-        let per_entry = size_of::<Key>() + size_of::<Seen>() + 1;
-        self.peak_capacity.max(self.entries.capacity()) * per_entry + self.name_bytes
+impl HeapBytes for Key {
+    fn heap_bytes(&self) -> usize {
+        // The namespace, workload and service account are shared with the pod index.
+        self.host.len()
     }
 }
 
@@ -334,12 +277,8 @@ pub fn routes(observations: Arc<Observations>, identities: Arc<Identities>) -> a
         axum::routing::get(
             move |axum::extract::ConnectInfo(client): axum::extract::ConnectInfo<std::net::SocketAddr>,
                   axum::extract::Query(q): axum::extract::Query<Query>| async move {
-                if let Some(owner) = identities.identify(client.ip()) {
-                    let refusal = format!(
-                        "{client} is a workload of namespace {}: workloads may not read the gateway's observations\n",
-                        owner.namespace
-                    );
-                    return (http::StatusCode::FORBIDDEN, refusal).into_response();
+                if let Err(refusal) = not_a_workload(&identities, client.ip()) {
+                    return (http::StatusCode::FORBIDDEN, format!("{refusal}\n")).into_response();
                 }
                 axum::Json(observations.snapshot(q.namespace.as_deref())).into_response()
             },
@@ -347,8 +286,61 @@ pub fn routes(observations: Arc<Observations>, identities: Arc<Identities>) -> a
     )
 }
 
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+/// Workloads may not read what the others reach (see [`routes`]).
+fn not_a_workload(identities: &Identities, client: std::net::IpAddr) -> Result<(), String> {
+    match identities.identify(client) {
+        Some(owner) => Err(format!(
+            "{client} is a workload of namespace {}: workloads may not read the gateway's observations",
+            owner.namespace
+        )),
+        None => Ok(()),
+    }
+}
+
+/// `GET /events?after=N` on the admin endpoint: the latest decisions, refused to workloads
+/// like `/observations`.
+pub fn feed_routes(feed: Arc<Feed>, identities: Arc<Identities>) -> axum::Router {
+    crate::feed::routes(feed, move |ip| not_a_workload(&identities, ip))
+}
+
+/// A finished connection or request, as `observe` shows it (one of a known namespace).
+pub fn feed_event(record: &Record, owner: Option<&Owner>) -> Option<FeedEvent> {
+    let namespace = record.namespace.as_deref()?;
+    let verdict = match record.decision {
+        Decision::Allow if record.reason == "audit" => "audit",
+        Decision::Allow => "allow",
+        Decision::Deny => "deny",
+        Decision::Error => "error",
+    };
+    let destination = match destination(record) {
+        Some((host, port)) if host.contains(':') => format!("[{host}]:{port}"),
+        Some((host, port)) => format!("{host}:{port}"),
+        None => "-".into(),
+    };
+    // Audited: what enforcing would have said, and the Pass it went through (the "rule" of an
+    // audited connection is only a marker).
+    let (reason, rule) = match (verdict, record.audit) {
+        ("audit", Some(would)) => (would, record.passed.as_deref()),
+        _ => (record.reason, record.rule.as_deref()),
+    };
+    Some(FeedEvent {
+        seq: 0,
+        time: record.start.clone(),
+        source: Source::Gateway,
+        namespace: namespace.to_owned(),
+        pod: owner.map_or("-", |o| &o.pod).to_owned(),
+        verdict: verdict.into(),
+        reason: reason.into(),
+        destination,
+        protocol: "tcp".into(),
+        reporter: String::new(),
+        hook: None,
+        rule: rule.map(str::to_owned),
+        came: Some(Came::of(record).name().into()),
+        status: record.status,
+        bytes_up: Some(record.bytes_up),
+        bytes_down: Some(record.bytes_down),
+    })
 }
 
 #[cfg(test)]
@@ -372,6 +364,7 @@ mod tests {
             labels: Arc::default(),
             workload: workload.into(),
             service_account: "builder".into(),
+            pod: "web-1".into(),
         }
     }
 

@@ -42,13 +42,21 @@ pub struct Owner {
     /// that come and go.
     pub workload: Arc<str>,
     pub service_account: Arc<str>,
+    /// The pod's name (`-` for a static source): what `observe` shows.
+    pub pod: Arc<str>,
 }
 
 impl Owner {
     /// A client known by its address only (a static source): its namespace and nothing else.
     pub fn namespace_only(namespace: Arc<str>) -> Self {
         let unknown: Arc<str> = Arc::from("-");
-        Self { namespace, labels: Arc::default(), workload: unknown.clone(), service_account: unknown }
+        Self {
+            namespace,
+            labels: Arc::default(),
+            workload: unknown.clone(),
+            service_account: unknown.clone(),
+            pod: unknown,
+        }
     }
 }
 
@@ -72,8 +80,14 @@ impl PodIndex {
         let labels = Arc::new(pod.metadata.labels.clone().unwrap_or_default());
         let service_account =
             pod.spec.as_ref().and_then(|s| s.service_account_name.as_deref()).unwrap_or("default").into();
-        let owner =
-            Owner { namespace: namespace.into(), labels, workload: workload_of(pod).into(), service_account };
+        let name = pod.metadata.name.as_deref().unwrap_or_default().into();
+        let owner = Owner {
+            namespace: namespace.into(),
+            labels,
+            workload: workload_of(pod).into(),
+            service_account,
+            pod: name,
+        };
         self.pods.insert(key, Claim { owner, ips });
     }
 

@@ -8,6 +8,7 @@ use anyhow::Result;
 use super::{
     observed::{Observed, SourceArgs},
     recommend::{Ask, flows, left_out, recommend},
+    recommend_direct::{direct_flows, section},
 };
 
 #[derive(clap::Args)]
@@ -37,6 +38,7 @@ pub fn run(options: &Options) -> Result<()> {
         name: &options.name,
     };
     let flows = flows(&observed.observations(), &ask);
+    let direct = direct_flows(&observed.kernel(), &options.namespace, ask.since);
     let seen = flows.len();
     let labels = observed.namespace_labels(&options.namespace);
     let mut r = recommend(flows, &ask, &observed.objects.cluster, &observed.objects.namespaced, &labels);
@@ -46,14 +48,15 @@ pub fn run(options: &Options) -> Result<()> {
     }
     let plural = |n: usize| if n == 1 { "" } else { "s" };
     print!(
-        "# egress-agent recommend --namespace {}: {seen} destination{} seen, {} rule{}; review before applying.\n{}{}{}",
+        "# egress-agent recommend --namespace {}: {seen} destination{} seen, {} rule{}; review before applying.\n{}{}{}{}",
         options.namespace,
         plural(seen),
         r.rules,
         plural(r.rules),
         observed.header(),
         r.yaml,
-        left_out(&r)
+        left_out(&r),
+        section(&direct)
     );
     if r.rules == 0 {
         println!("# Nothing to recommend: no destination by name was seen for this namespace.");

@@ -123,7 +123,8 @@ pub async fn run(opts: Options) -> Result<()> {
             Arc::new(move || gateway.metrics.render())
         };
         let health = health.clone();
-        let more = observations::routes(gateway.observations.clone(), gateway.identities.clone());
+        let more = observations::routes(gateway.observations.clone(), gateway.identities.clone())
+            .merge(observations::feed_routes(gateway.feed.clone(), gateway.identities.clone()));
         tokio::spawn(async move {
             if let Err(e) = crate::http::serve_on(admin, health, render, more).await {
                 tracing::error!(error = format!("{e:#}"), "admin endpoint stopped");

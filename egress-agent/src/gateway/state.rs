@@ -35,6 +35,8 @@ pub struct Gateway {
     pub metrics: GatewayMetrics,
     /// What each workload reached (admin `/observations`).
     pub observations: Arc<Observations>,
+    /// The latest decisions, for `observe` (admin `/events`).
+    pub feed: Arc<crate::feed::Feed>,
     pub slots: Arc<Slots>,
     /// getaddrinfo runs on tokio's blocking pool; this bounds how much of it lookups may hold,
     /// so slow names cannot starve everything else.
@@ -52,8 +54,10 @@ impl Gateway {
         metrics.register_policy(&resources.gauges);
         let observations =
             Arc::new(Observations::new(live.limits.max_observations, metrics.observed.clone()));
+        metrics.register_observations(observations.clone());
         Self {
             observations,
+            feed: Arc::new(crate::feed::Feed::new(crate::feed::DEFAULT_CAPACITY)),
             live: RwLock::new(Arc::new(live)),
             identities,
             resources,

@@ -51,6 +51,8 @@ pub struct PodPolicy {
     pub api_uid: Option<String>,
     pub namespace: String,
     pub name: String,
+    /// What runs the pod (`Deployment/web`), for the agent's observations.
+    pub workload: String,
     /// Being deleted: a missing cgroup means it is gone, not that it is about to start.
     pub terminating: bool,
     pub mode: Mode,
@@ -190,6 +192,7 @@ pub fn pod_policies(world: &World<'_>, config: &AgentConfig) -> BTreeMap<String,
                 api_uid: pod.metadata.uid.clone(),
                 namespace: ns.to_owned(),
                 name: name.to_owned(),
+                workload: crate::gateway::pod_index::workload_of(pod),
                 terminating: pod.metadata.deletion_timestamp.is_some(),
                 mode,
                 gateway,

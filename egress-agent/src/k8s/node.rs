@@ -195,6 +195,7 @@ impl Node {
                 let owner = Owner {
                     namespace: p.namespace.clone(),
                     pod: p.name.clone(),
+                    workload: p.workload.clone(),
                     cgroup: cgroup.path.display().to_string(),
                 };
                 new_owners.push((cgroup.id, owner));

@@ -148,6 +148,7 @@ mod tests {
             api_uid: Some(uid.into()),
             namespace: ns.into(),
             name: name.into(),
+            workload: format!("Pod/{name}"),
             terminating: false,
             mode,
             gateway: "main".into(),

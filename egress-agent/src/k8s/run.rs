@@ -36,6 +36,7 @@ use crate::{
     events,
     http::{self, Health},
     kernel::{agent_lock::AgentLock, bpffs::PinLayout, maps::KernelMaps, object, tc_maps::TcMaps},
+    kernel_observations::{self, KernelObservations, Readers},
     link_events::LinkEvents,
     metrics::{Metrics, Owner, OwnerIndex},
     standalone::{watch_dir, watch_file},
@@ -67,6 +68,8 @@ pub struct Options {
     /// When given, the plugin's conflist entry is kept in place: on every change in the
     /// directory (inotify) and on every tick.
     pub cni_conf_dir: Option<PathBuf>,
+    /// Besides the node itself, who may read `/observations` and `/events`.
+    pub observation_readers: Vec<ipnet::IpNet>,
 }
 
 pub async fn run(opts: Options) -> Result<()> {
@@ -116,9 +119,12 @@ pub async fn run(opts: Options) -> Result<()> {
     let health = Arc::new(Health::new());
     let metrics = Arc::new(Metrics::new(opts.pins.clone(), owners.clone()));
     let mut background = JoinSet::new();
-    background.spawn(http_task(opts.http_addr, health.clone(), metrics.clone()));
+    let observed = Arc::new(KernelObservations::default());
+    let readers = Readers { ranges: opts.observation_readers.clone() };
+    let more = kernel_observations::routes(observed.clone(), readers);
+    background.spawn(http_task(opts.http_addr, health.clone(), metrics.clone(), more));
     let denials = spawn_pod_events(&client, &opts.node_name, &config, &mut background);
-    background.spawn(events_task(ring, owners, denials));
+    background.spawn(events_task(ring, owners, denials, observed));
 
     let (tx, mut rx) = mpsc::unbounded_channel();
     let _cgroups = cgroup_watch::start(&pods_root, tx.clone())?;
@@ -396,8 +402,8 @@ async fn reload_config(
     Ok(Some((text, new, stores, watches)))
 }
 
-async fn http_task(addr: SocketAddr, health: Arc<Health>, metrics: Arc<Metrics>) {
-    if let Err(e) = http::serve(addr, health, Arc::new(move || metrics.render())).await {
+async fn http_task(addr: SocketAddr, health: Arc<Health>, metrics: Arc<Metrics>, more: axum::Router) {
+    if let Err(e) = http::serve(addr, health, Arc::new(move || metrics.render()), more).await {
         tracing::error!(error = format!("{e:#}"), "health/metrics endpoint stopped");
     }
 }
@@ -406,9 +412,11 @@ async fn events_task(
     ring: aya::maps::RingBuf<aya::maps::MapData>,
     owners: OwnerIndex,
     denials: Option<mpsc::Sender<Denial>>,
+    observed: Arc<KernelObservations>,
 ) {
     let owner_of = move |id: u64| owners.read().ok()?.get(&id).cloned();
     let also = move |ev: &VerdictEvent, owner: Option<&Owner>| {
+        observed.record(ev, owner);
         let (Some(tx), Some(owner)) = (&denials, owner) else { return };
         if ev.action != ACTION_DENIED || owner.pod.is_empty() {
             return;

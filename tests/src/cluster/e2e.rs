@@ -19,6 +19,8 @@ use crate::{lab::text, sniff::Sniffer};
 /// The outside's names, served over HTTPS by the outside and resolved by the cluster DNS.
 pub const ALLOWED: &str = "allowed.test";
 pub const DENIED: &str = "denied.test";
+/// A third name the outside serves (at its 7th address), no rule mentions it.
+pub const THIRD: &str = "third.test";
 /// The namespace the agent and the gateway run in.
 pub const SYSTEM: &str = "egressfw-system";
 /// The agent's and the gateway's pods.
@@ -160,7 +162,7 @@ impl Cluster {
     /// The cluster DNS (dnsmasq behind kube-system/kube-dns) with the outside's names, and the
     /// outside serving HTTPS as them; returns the outside's CA (at /test-files/ca.crt in pods).
     pub fn outside_and_dns(&mut self) -> PathBuf {
-        let records = [(ALLOWED, outside::host(5)), (DENIED, outside::host(6))];
+        let records = [(ALLOWED, outside::host(5)), (DENIED, outside::host(6)), (THIRD, outside::host(7))];
         self.apply(&dns::manifests(&records), "creating the cluster DNS");
         let wait = self.kubectl(&[
             "wait",
@@ -172,7 +174,7 @@ impl Cluster {
         ]);
         assert!(wait.status.success(), "cluster DNS not ready: {}", text(&wait));
         let dir = self.test_files();
-        let ca = self.node.outside.serve(&dir, &[ALLOWED, DENIED]).unwrap_or_else(|e| panic!("{e:#}"));
+        let ca = self.node.outside.serve(&dir, &[ALLOWED, DENIED, THIRD]).unwrap_or_else(|e| panic!("{e:#}"));
         std::fs::write(dir.join("flood.py"), include_str!("../../images/flood.py")).unwrap();
         ca
     }
@@ -277,6 +279,14 @@ impl Cluster {
         ];
         command.extend_from_slice(args);
         self.exec(pod, namespace, &command)
+    }
+
+    /// `egress-agent <args>` as an operator runs it: on the node, with the admin's kubeconfig
+    /// (recommend, diff and observe read the cluster through the API server).
+    pub fn egress_agent(&self, args: &[&str]) -> std::process::Command {
+        let mut command = self.plane.ns.command(&crate::agent_bin().display().to_string(), None);
+        command.args(args).env("KUBECONFIG", &self.plane.admin_kubeconfig);
+        command
     }
 
     /// A python program in a client pod.

@@ -17,6 +17,7 @@ pub mod node;
 pub mod outside;
 pub mod pki;
 pub mod plane_gateway;
+pub mod prometheus;
 mod supervisor;
 
 use std::{

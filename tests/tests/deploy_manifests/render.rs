@@ -161,7 +161,10 @@ fn kustomize_build(dir: &Path) -> Result<Vec<Object>> {
         }
         let path = origin
             .as_str()
-            .and_then(|o| o.lines().find_map(|l| l.strip_prefix("path: ")))
+            // A generated object (a ConfigMap from files) names the kustomization that made it.
+            .and_then(|o| {
+                o.lines().find_map(|l| l.strip_prefix("path: ").or_else(|| l.strip_prefix("configuredIn: ")))
+            })
             .with_context(|| format!("origin annotation without a path: {origin}"))?;
         objects.push(Object { file: shown(&normalize(&wrapper.join(path))), value });
     }

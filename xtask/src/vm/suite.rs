@@ -33,7 +33,7 @@ pub struct Suite {
 
 /// Test binaries a full VM run leaves out (they need the real cluster; they can still be named
 /// with `--test`).
-const NOT_IN_VM: [&str; 6] = crate::e2e::SUITES;
+const NOT_IN_VM: [&str; 7] = crate::e2e::SUITES;
 
 /// Builds the agent and the egress-tests binaries, then snapshots them (all, or the ones named
 /// in `only`) under `dir`.
