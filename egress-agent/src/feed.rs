@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 
 /// Events kept by default (a few hundred KiB).
 pub const DEFAULT_CAPACITY: usize = 4096;
-/// Events one answer carries at most.
-const PAGE: usize = 1000;
+/// Events one answer carries at most (a shorter answer has everything there was).
+pub const PAGE: usize = 1000;
 
 /// Where a verdict was made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -73,6 +73,10 @@ pub struct FeedEvent {
 pub struct Page {
     /// When this process started numbering.
     pub since: String,
+    /// This process, among the processes that may answer at one address (the replicas behind
+    /// a Service, a restarted one): numbers count within one instance only.
+    #[serde(default)]
+    pub instance: String,
     /// Ask `after` this next time.
     pub next: u64,
     /// Events after the one asked for that are no longer kept.
@@ -82,45 +86,68 @@ pub struct Page {
 
 pub struct Feed {
     since: SystemTime,
+    instance: String,
     capacity: usize,
     ring: Mutex<Ring>,
 }
 
 #[derive(Default)]
 struct Ring {
-    events: VecDeque<FeedEvent>,
+    /// Numbered without gaps: the event numbered `n` is at `n - front's number`. Shared, so a
+    /// reader copies pointers under the lock and writes the JSON after it.
+    events: VecDeque<Arc<FeedEvent>>,
     /// The number the next event gets (the first is 1).
     next: u64,
 }
 
 impl Feed {
     pub fn new(capacity: usize) -> Self {
+        let since = SystemTime::now();
+        // Distinct per process: the clock and the process id, hashed with a random key.
+        let instance = {
+            use std::hash::BuildHasher as _;
+            let hash = std::collections::hash_map::RandomState::new().hash_one((since, std::process::id()));
+            format!("{hash:016x}")
+        };
         Self {
-            since: SystemTime::now(),
+            since,
+            instance,
             capacity: capacity.max(1),
             ring: Mutex::new(Ring { next: 1, ..Ring::default() }),
         }
     }
 
     pub fn push(&self, mut event: FeedEvent) {
-        let Ok(mut ring) = self.ring.lock() else { return };
+        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         event.seq = ring.next;
         ring.next += 1;
         if ring.events.len() == self.capacity {
             ring.events.pop_front();
         }
-        ring.events.push_back(event);
+        ring.events.push_back(Arc::new(event));
     }
 
     /// The events numbered above `after` (at most a page).
     pub fn after(&self, after: u64) -> Page {
-        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
-        let oldest = ring.events.front().map_or(ring.next, |e| e.seq);
-        let missed = oldest.saturating_sub(after + 1);
-        let events: Vec<FeedEvent> =
-            ring.events.iter().filter(|e| e.seq > after).take(PAGE).cloned().collect();
-        let next = events.last().map_or(ring.next - 1, |e| e.seq).max(after.min(ring.next - 1));
-        Page { since: crate::observation_table::rfc3339(self.since), next, missed, events }
+        let (shared, next, missed) = {
+            let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+            let newest = ring.next - 1;
+            let oldest = ring.events.front().map_or(ring.next, |e| e.seq);
+            let missed = oldest.saturating_sub(after.saturating_add(1));
+            // Numbers have no gaps: the first event above `after` is found, not searched.
+            let skip = usize::try_from(after.saturating_add(1).saturating_sub(oldest)).unwrap_or(usize::MAX);
+            let shared: Vec<Arc<FeedEvent>> = ring.events.iter().skip(skip).take(PAGE).cloned().collect();
+            let next = shared.last().map_or(newest, |e| e.seq).max(after.min(newest));
+            (shared, next, missed)
+        };
+        let events = shared.iter().map(|e| FeedEvent::clone(e)).collect();
+        Page {
+            since: crate::observation_table::rfc3339(self.since),
+            instance: self.instance.clone(),
+            next,
+            missed,
+            events,
+        }
     }
 }
 
@@ -198,5 +225,8 @@ mod tests {
         // A reader that followed a process which restarted asks beyond its numbers.
         let page = feed.after(40);
         assert_eq!((page.events.len(), page.next), (0, 5));
+        let page = feed.after(u64::MAX);
+        assert_eq!((page.events.len(), page.next, page.missed), (0, 5, 0));
+        assert_ne!(page.instance, Feed::new(3).after(0).instance, "two processes, two instances");
     }
 }

@@ -9,14 +9,19 @@
 //!   per pod and reason are `egressfw_denials_total`.
 //! - Bounded and in memory, like the gateway's (see `observation_table`).
 //! - Read only by clients on the node itself (loopback, the node's own addresses: the API
-//!   server's pod proxy on a control-plane node, tools on the node) or in the configured
-//!   `observationReaders` ranges. A pod's address is never the node's, so a workload cannot read
-//!   where the others go.
+//!   server's pod proxy when it runs on this node, tools on the node) or in the ranges given
+//!   with `--observation-readers` (the API server's addresses on other nodes). A pod's own
+//!   address is never the node's, so a workload cannot read where the others go. Not covered:
+//!   hostNetwork pods (they are the node), and pods whose traffic to other nodes the network
+//!   plugin masquerades to their node's address, when that node is in the readers' ranges (give
+//!   the API server's addresses, not the nodes' subnet). Without readers, `recommend` warns
+//!   about each agent it cannot read and goes on.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
-    time::SystemTime,
+    time::{Duration, Instant, SystemTime},
 };
 
 use axum::response::IntoResponse as _;
@@ -31,7 +36,7 @@ use crate::{
     events,
     feed::{Feed, FeedEvent, Source},
     metrics::Owner,
-    observation_table::{Counts, HeapBytes, Outcome, Table, rfc3339},
+    observation_table::{Counts, Keyed, Outcome, Table, rfc3339},
 };
 
 /// Entries kept (about 1.5 MiB at typical name lengths).
@@ -46,9 +51,13 @@ struct Key {
     protocol: u8,
 }
 
-impl HeapBytes for Key {
+impl Keyed for Key {
     fn heap_bytes(&self) -> usize {
         self.namespace.len() + self.workload.len()
+    }
+
+    fn namespace(&self) -> &str {
+        &self.namespace
     }
 }
 
@@ -86,7 +95,18 @@ pub struct KernelObservations {
     since: SystemTime,
     table: Mutex<Table<Key>>,
     pub feed: Arc<Feed>,
+    /// When each flow last went into the feed: an audited connection is reported at its
+    /// connect and at every packet, and one bulk flow would push everything else out.
+    fed: Mutex<HashMap<FeedKey, Instant>>,
 }
+
+/// Policy cgroup, action, reason, address, port, protocol.
+type FeedKey = (u64, u8, u8, [u8; 16], u16, u8);
+
+/// A flow goes into the feed at most once this often.
+const FEED_EVERY: Duration = Duration::from_secs(1);
+/// Flows remembered for that; beyond, the memory starts again.
+const FEED_FLOWS: usize = 4096;
 
 impl Default for KernelObservations {
     fn default() -> Self {
@@ -94,6 +114,7 @@ impl Default for KernelObservations {
             since: SystemTime::now(),
             table: Mutex::default(),
             feed: Arc::new(Feed::new(crate::feed::DEFAULT_CAPACITY)),
+            fed: Mutex::default(),
         }
     }
 }
@@ -116,6 +137,9 @@ impl KernelObservations {
         let outcome = if audited { Outcome::Audited } else { Outcome::Denied };
         if let Ok(mut table) = self.table.lock() {
             table.count(key, outcome, reason, None, SystemTime::now(), CAPACITY);
+        }
+        if !self.feed_now((ev.policy_cgroup_id, ev.action, ev.reason, ev.daddr, ev.dport, ev.protocol)) {
+            return;
         }
         let verdict = match (audited, ev.reason == Reason::AllowSteered as u8) {
             (true, true) => "would_steer",
@@ -140,6 +164,20 @@ impl KernelObservations {
             bytes_up: None,
             bytes_down: None,
         });
+    }
+
+    /// Whether the flow's verdict goes into the feed now (not within `FEED_EVERY` of the last).
+    fn feed_now(&self, key: FeedKey) -> bool {
+        let now = Instant::now();
+        let mut fed = self.fed.lock().unwrap_or_else(|p| p.into_inner());
+        if fed.get(&key).is_some_and(|at| now.duration_since(*at) < FEED_EVERY) {
+            return false;
+        }
+        if fed.len() >= FEED_FLOWS {
+            fed.clear();
+        }
+        fed.insert(key, now);
+        true
     }
 
     /// The table (entries of `namespace` only, when given), most recently seen first.
@@ -175,7 +213,7 @@ impl KernelObservations {
 /// Who may read the agent's observations and events.
 #[derive(Clone, Debug, Default)]
 pub struct Readers {
-    /// Besides the node's own addresses (`observationReaders` in the agent config).
+    /// Besides the node's own addresses (`--observation-readers`).
     pub ranges: Vec<IpNet>,
 }
 
@@ -186,7 +224,7 @@ impl Readers {
             return Ok(());
         }
         Err(format!(
-            "{client} is not an address of this node nor in observationReaders: the agent's observations are read through the API server's pod proxy or on the node"
+            "{client} is not an address of this node nor in --observation-readers: the agent's observations are read on the node, or through the API server's pod proxy from an address the agent trusts"
         ))
     }
 }
@@ -265,8 +303,8 @@ mod tests {
         assert_eq!((o.address.to_string().as_str(), o.port, o.protocol.as_str()), ("192.0.2.10", 443, "tcp"));
         assert_eq!((o.counts.denied, o.counts.audited), (2, 1));
         let page = obs.feed.after(0);
-        assert_eq!(page.events.len(), 3, "an event of no pod is not in the feed");
-        assert_eq!(page.events[2].verdict, "audit");
+        assert_eq!(page.events.len(), 2, "the same flow again within a second, and no pod's: not fed");
+        assert_eq!(page.events[1].verdict, "audit");
         assert_eq!(page.events[0].destination, "192.0.2.10:443");
         assert!(obs.snapshot(Some("team-b")).kernel.is_empty());
     }

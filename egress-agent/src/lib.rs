@@ -19,6 +19,7 @@ pub mod netlink_wait;
 pub mod observation_table;
 pub mod observe;
 pub mod policy;
+pub mod printable;
 pub mod reconcile;
 pub mod routes;
 pub mod standalone;

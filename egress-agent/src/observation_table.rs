@@ -3,10 +3,12 @@
 //! per (workload, address, port, protocol) of what its kernel programs refused or audited: what
 //! `egress-agent recommend` reads.
 //!
-//! - At most `capacity` entries. A new entry in a full table first evicts the tenth of the
-//!   entries least recently seen (one selection per tenth, so a flood of distinct keys costs
-//!   O(log n) per event, not a scan each), and the evictions are counted: a reader can tell a
-//!   quiet destination from one the table forgot.
+//! - At most `capacity` entries. A new entry in a full table first evicts a tenth of the
+//!   capacity, the entries least recently seen of the namespace that holds the most (one
+//!   selection per tenth, so a flood of distinct keys costs O(log n) per event, not a scan
+//!   each): a namespace flooding distinct destinations evicts its own, not the others' rare
+//!   ones. Evictions are counted: a reader can tell a quiet destination from one the table
+//!   forgot.
 //! - In memory only: a restart starts an empty table (the snapshots say since when).
 
 use std::{collections::HashMap, hash::Hash, mem::size_of, sync::Arc, time::SystemTime};
@@ -51,9 +53,12 @@ pub enum Outcome {
     Failed,
 }
 
-/// What a key holds besides its fixed size (the names it owns), for the memory estimate.
-pub trait HeapBytes {
+/// What the table needs of a key.
+pub trait Keyed {
+    /// What it holds besides its fixed size (the names it owns), for the memory estimate.
     fn heap_bytes(&self) -> usize;
+    /// The namespace it belongs to: eviction takes from the fullest first.
+    fn namespace(&self) -> &str;
 }
 
 #[derive(Clone, Debug)]
@@ -64,10 +69,22 @@ pub struct Seen {
     /// The last decision's reason and rule.
     pub reason: &'static str,
     pub rule: Option<Arc<str>>,
+    /// The last refusal's: its rule, or its reason when no rule decided (`not_allowed`).
+    pub denied_by: Option<(&'static str, Option<Arc<str>>)>,
+}
+
+impl Seen {
+    /// What refused it last, in words: the rule, or the reason.
+    pub fn denied_by(&self) -> Option<String> {
+        let (reason, rule) = self.denied_by.as_ref()?;
+        Some(rule.as_deref().unwrap_or(reason).to_owned())
+    }
 }
 
 pub struct Table<K> {
     entries: HashMap<K, Seen>,
+    /// Entries per namespace.
+    per_namespace: HashMap<Box<str>, usize>,
     evicted: u64,
     /// Bytes the keys own besides their size (names).
     heap_bytes: usize,
@@ -78,11 +95,17 @@ pub struct Table<K> {
 
 impl<K> Default for Table<K> {
     fn default() -> Self {
-        Self { entries: HashMap::new(), evicted: 0, heap_bytes: 0, peak_capacity: 0 }
+        Self {
+            entries: HashMap::new(),
+            per_namespace: HashMap::new(),
+            evicted: 0,
+            heap_bytes: 0,
+            peak_capacity: 0,
+        }
     }
 }
 
-impl<K: Hash + Eq + Clone + HeapBytes> Table<K> {
+impl<K: Hash + Eq + Clone + Keyed> Table<K> {
     /// Counts one `outcome` for `key` at `now`, within `capacity` entries; how many entries
     /// went to make room.
     pub fn count(
@@ -96,7 +119,9 @@ impl<K: Hash + Eq + Clone + HeapBytes> Table<K> {
     ) -> u64 {
         let capacity = capacity.max(1);
         let mut evicted = 0;
-        if !self.entries.contains_key(&key) && self.entries.len() >= capacity {
+        // A new key's namespace is counted (copied once, for the key's lifetime in the table).
+        let namespace: Option<Box<str>> = (!self.entries.contains_key(&key)).then(|| key.namespace().into());
+        if namespace.is_some() && self.entries.len() >= capacity {
             // Down to nine tenths of the capacity (more when a reload lowered it).
             let excess = self.entries.len() + 1 - capacity;
             evicted = self.evict_oldest(excess + capacity / 10);
@@ -108,8 +133,8 @@ impl<K: Hash + Eq + Clone + HeapBytes> Table<K> {
             last: now,
             reason: "",
             rule: None,
+            denied_by: None,
         });
-        let new = seen.counts.total() == 0;
         let counts = &mut seen.counts;
         match outcome {
             Outcome::Allowed => counts.allowed += 1,
@@ -118,18 +143,39 @@ impl<K: Hash + Eq + Clone + HeapBytes> Table<K> {
             Outcome::Failed => counts.failed += 1,
         }
         seen.last = now;
+        if outcome == Outcome::Denied {
+            seen.denied_by = Some((reason, rule.clone()));
+        }
         seen.reason = reason;
         seen.rule = rule;
-        if new {
+        if let Some(namespace) = namespace {
+            *self.per_namespace.entry(namespace).or_default() += 1;
             self.heap_bytes += key_bytes;
             self.peak_capacity = self.peak_capacity.max(self.entries.capacity());
         }
         evicted
     }
 
-    /// Forgets the `n` entries least recently seen; how many went.
+    /// Forgets `n` entries: the least recently seen of the namespace with the most entries,
+    /// then (when it has fewer) the least recently seen of all; how many went.
     fn evict_oldest(&mut self, n: usize) -> u64 {
-        let mut by_age: Vec<(SystemTime, &K)> = self.entries.iter().map(|(k, s)| (s.last, k)).collect();
+        let fullest = self.per_namespace.iter().max_by_key(|(_, count)| **count).map(|(ns, _)| ns.clone());
+        let mut evicted = fullest.map_or(0, |ns| self.evict_oldest_of(n, Some(&ns)));
+        if evicted < n as u64 {
+            evicted += self.evict_oldest_of(n - evicted as usize, None);
+        }
+        self.evicted += evicted;
+        evicted
+    }
+
+    /// Forgets the `n` least recently seen entries (of `namespace` only, when given).
+    fn evict_oldest_of(&mut self, n: usize, namespace: Option<&str>) -> u64 {
+        let mut by_age: Vec<(SystemTime, &K)> = self
+            .entries
+            .iter()
+            .filter(|(k, _)| namespace.is_none_or(|ns| k.namespace() == ns))
+            .map(|(k, s)| (s.last, k))
+            .collect();
         let n = n.min(by_age.len());
         if n < by_age.len() {
             by_age.select_nth_unstable_by(n, |a, b| a.0.cmp(&b.0));
@@ -140,10 +186,15 @@ impl<K: Hash + Eq + Clone + HeapBytes> Table<K> {
         for key in doomed {
             if self.entries.remove(&key).is_some() {
                 self.heap_bytes -= key.heap_bytes();
+                if let Some(count) = self.per_namespace.get_mut(key.namespace()) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.per_namespace.remove(key.namespace());
+                    }
+                }
                 evicted += 1;
             }
         }
-        self.evicted += evicted;
         evicted
     }
 
@@ -174,4 +225,66 @@ impl<K: Hash + Eq + Clone + HeapBytes> Table<K> {
 
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[derive(Clone, PartialEq, Eq, Hash)]
+    struct Key(&'static str, String);
+
+    impl Keyed for Key {
+        fn heap_bytes(&self) -> usize {
+            self.1.len()
+        }
+
+        fn namespace(&self) -> &str {
+            self.0
+        }
+    }
+
+    #[test]
+    fn a_namespace_flooding_the_table_evicts_its_own_entries() {
+        let mut table = Table::default();
+        let at = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        // team-b's few destinations, seen long ago.
+        for i in 0..5 {
+            table.count(
+                Key("team-b", format!("rare{i}.example.com")),
+                Outcome::Allowed,
+                "allowed",
+                None,
+                at(i),
+                100,
+            );
+        }
+        // team-a floods distinct names, many times the capacity.
+        for i in 0..1000 {
+            table.count(
+                Key("team-a", format!("h{i}.example.com")),
+                Outcome::Denied,
+                "not_allowed",
+                None,
+                at(100 + i),
+                100,
+            );
+        }
+        assert!(table.len() <= 100);
+        let team_b = table.iter().filter(|(k, _)| k.0 == "team-b").count();
+        assert_eq!(team_b, 5, "team-b's rare destinations outlive team-a's flood");
+        assert_eq!(table.evicted() as usize + table.len(), 1005);
+        // The fullest namespace gives up its oldest, even when another's are older still.
+        let mut small = Table::default();
+        for i in 0..10 {
+            let namespace = if i < 4 { "b" } else { "a" };
+            small.count(Key(namespace, format!("{i}")), Outcome::Allowed, "", None, at(i), 10);
+        }
+        small.count(Key("c", "new".into()), Outcome::Allowed, "", None, at(50), 10);
+        let kept: Vec<&str> = small.iter().map(|(k, _)| k.1.as_str()).collect();
+        assert!(!kept.contains(&"4") && !kept.contains(&"5"), "a's oldest went: {kept:?}");
+        assert!(kept.contains(&"0") && kept.contains(&"new"), "{kept:?}");
+    }
 }

@@ -14,6 +14,7 @@ use anyhow::{Context as _, Result};
 use crate::{
     feed::{FeedEvent, Page, Source},
     gateway::observed::{self, Endpoints, PodEndpoint},
+    printable::printable,
 };
 
 #[derive(clap::Args)]
@@ -59,9 +60,13 @@ pub enum Output {
 /// Where one process's stream stands.
 #[derive(Default)]
 struct Place {
-    since: String,
+    /// The process read last (see `Page::instance`).
+    instance: String,
     after: u64,
 }
+
+/// With --follow, the pods are listed again every this many rounds (pods come and go).
+const RELIST_EVERY: u32 = 10;
 
 pub fn run(options: &Options) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -78,11 +83,18 @@ async fn follow(options: &Options) -> Result<()> {
     };
     let mut places: BTreeMap<String, Place> = BTreeMap::new();
     let mut header = options.output == Output::Text;
-    loop {
-        let endpoints = match &client {
-            Some(client) => options.endpoints.pods(client).await?.into_iter().map(Endpoint::Pod).collect(),
-            None => options.endpoints.from.iter().cloned().map(Endpoint::Url).collect::<Vec<_>>(),
-        };
+    let mut endpoints: Vec<Endpoint> = options.endpoints.from.iter().cloned().map(Endpoint::Url).collect();
+    for round in 0u32.. {
+        if let Some(client) = &client
+            && round % RELIST_EVERY == 0
+        {
+            match options.endpoints.pods(client, false).await {
+                Ok(pods) => endpoints = pods.into_iter().map(Endpoint::Pod).collect(),
+                // Once: nothing to read. Following: the pods read last, until the API answers.
+                Err(e) if round == 0 || !options.follow => return Err(e),
+                Err(e) => eprintln!("observe: listing the agents and gateways: {e:#}"),
+            }
+        }
         let mut events = Vec::new();
         for endpoint in &endpoints {
             let place = places.entry(endpoint.describe()).or_default();
@@ -103,10 +115,17 @@ async fn follow(options: &Options) -> Result<()> {
             )?;
             header = false;
         }
-        for e in &events {
-            match options.output {
-                Output::Json => writeln!(out, "{}", serde_json::to_string(e)?)?,
-                Output::Text => writeln!(out, "{}", text_line(e))?,
+        match options.output {
+            Output::Json => {
+                for e in &events {
+                    writeln!(out, "{}", serde_json::to_string(e)?)?;
+                }
+            }
+            Output::Text => {
+                for (e, hooks, count) in collapse(&events) {
+                    // A rule's name is the tenant's text: no line of its own, no escapes.
+                    writeln!(out, "{}", printable(&text_line(e, &hooks, count)))?;
+                }
             }
         }
         out.flush()?;
@@ -116,6 +135,7 @@ async fn follow(options: &Options) -> Result<()> {
         }
         tokio::time::sleep(options.interval).await;
     }
+    Ok(())
 }
 
 enum Endpoint {
@@ -160,17 +180,17 @@ async fn read_new(
     let mut events = Vec::new();
     loop {
         let mut page = endpoint.page(client, place.after).await?;
-        if !place.since.is_empty() && page.since != place.since {
+        if !place.instance.is_empty() && page.instance != place.instance {
             eprintln!(
-                "observe: {} restarted (counting since {}): reading it from its start",
+                "observe: {} is another process now (counting since {}): reading it from its start",
                 endpoint.describe(),
                 page.since
             );
             place.after = 0;
-            place.since = page.since;
+            place.instance = page.instance;
             continue;
         }
-        place.since.clone_from(&page.since);
+        place.instance.clone_from(&page.instance);
         if page.missed > 0 {
             eprintln!(
                 "observe: {} no longer holds {} verdict{} (it keeps its latest few thousand)",
@@ -179,7 +199,8 @@ async fn read_new(
                 if page.missed == 1 { "" } else { "s" }
             );
         }
-        let done = page.events.is_empty() || page.next <= place.after;
+        // A short page had everything there was (a busy process never runs dry).
+        let done = page.events.len() < crate::feed::PAGE;
         place.after = page.next;
         let reporter = endpoint.reporter();
         for e in &mut page.events {
@@ -203,12 +224,57 @@ fn keeps(options: &Options, e: &FeedEvent) -> bool {
         }
 }
 
-fn text_line(e: &FeedEvent) -> String {
+/// Runs of the same verdict about the same flow within a second, as one line: the kernel
+/// reports an audited connection at its connect and at each of its packets (cgroup and tc
+/// hooks), which says nothing more than the connect. Each with the hooks that reported it and
+/// how many times. JSON output keeps every event.
+fn collapse(events: &[FeedEvent]) -> Vec<(&FeedEvent, Vec<&str>, usize)> {
+    let same = |a: &FeedEvent, b: &FeedEvent| {
+        (a.source, &a.namespace, &a.pod, &a.verdict, &a.reason, &a.destination, &a.protocol, &a.reporter)
+            == (
+                b.source,
+                &b.namespace,
+                &b.pod,
+                &b.verdict,
+                &b.reason,
+                &b.destination,
+                &b.protocol,
+                &b.reporter,
+            )
+            && a.source == Source::Kernel
+    };
+    let within_a_second = |first: &FeedEvent, e: &FeedEvent| match (
+        humantime::parse_rfc3339(&first.time),
+        humantime::parse_rfc3339(&e.time),
+    ) {
+        (Ok(a), Ok(b)) => b.duration_since(a).is_ok_and(|d| d < Duration::from_secs(1)),
+        _ => false,
+    };
+    let mut out: Vec<(&FeedEvent, Vec<&str>, usize)> = Vec::new();
+    for e in events {
+        let hook = e.hook.as_deref().unwrap_or("-");
+        match out.last_mut() {
+            Some((first, hooks, count)) if same(first, e) && within_a_second(first, e) => {
+                if !hooks.contains(&hook) {
+                    hooks.push(hook);
+                }
+                *count += 1;
+            }
+            _ => out.push((e, vec![hook], 1)),
+        }
+    }
+    out
+}
+
+fn text_line(e: &FeedEvent, hooks: &[&str], count: usize) -> String {
     let (source, destination, detail) = match e.source {
         Source::Kernel => (
             "kernel",
             format!("{}/{}", e.destination, e.protocol),
-            format!("{} at {} ({})", e.reason, e.hook.as_deref().unwrap_or("-"), e.reporter),
+            match count {
+                1 => format!("{} at {} ({})", e.reason, hooks.join(", "), e.reporter),
+                n => format!("{} at {} ({n} times; {})", e.reason, hooks.join(", "), e.reporter),
+            },
         ),
         Source::Gateway => {
             // An audited connection's reason is what enforcing would have said; its rule is
@@ -263,7 +329,7 @@ mod tests {
             bytes_up: None,
             bytes_down: None,
         };
-        let line = text_line(&e);
+        let line = text_line(&e, &["connect4"], 1);
         assert!(line.starts_with("2026-12-06T23:10:01.123Z kernel  team-a/web-1"), "{line}");
         assert!(
             line.contains("192.0.2.10:443/tcp") && line.ends_with("deny_destination at connect4 (node/n1)"),
@@ -279,12 +345,55 @@ mod tests {
         e.bytes_down = Some(20);
         e.came = Some("proxy".into());
         e.reporter = "pod/gw-1".into();
-        let line = text_line(&e);
+        let line = text_line(&e, &[], 1);
         assert!(
             line.ends_with(
                 "allowed by EgressPolicy/team-a/p#github, status 200, 10 B up, 20 B down, proxy (pod/gw-1)"
             ),
             "{line}"
+        );
+    }
+
+    #[test]
+    fn a_connection_reported_at_every_packet_is_one_line() {
+        let at = |ms: u64, hook: &str, destination: &str| FeedEvent {
+            seq: 0,
+            time: humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+                .to_string(),
+            source: Source::Kernel,
+            namespace: "shop".into(),
+            pod: "client".into(),
+            verdict: "audit".into(),
+            reason: "deny_destination".into(),
+            destination: destination.into(),
+            protocol: "tcp".into(),
+            reporter: "node/n1".into(),
+            hook: Some(hook.into()),
+            rule: None,
+            came: None,
+            status: None,
+            bytes_up: None,
+            bytes_down: None,
+        };
+        let events = [
+            at(0, "cgroup/connect4", "192.0.2.1:80"),
+            at(1, "cgroup_skb/egress", "192.0.2.1:80"),
+            at(2, "tc/from_pod", "192.0.2.1:80"),
+            at(3, "cgroup_skb/egress", "192.0.2.1:80"),
+            at(4, "cgroup/connect4", "192.0.2.2:80"),
+            at(5000, "cgroup/connect4", "192.0.2.1:80"),
+        ];
+        let lines: Vec<String> = collapse(&events).into_iter().map(|(e, h, n)| text_line(e, &h, n)).collect();
+        assert_eq!(lines.len(), 3, "{lines:#?}");
+        assert!(
+            lines[0].ends_with(
+                "deny_destination at cgroup/connect4, cgroup_skb/egress, tc/from_pod (4 times; node/n1)"
+            ),
+            "{lines:#?}"
+        );
+        assert!(
+            lines[2].ends_with("deny_destination at cgroup/connect4 (node/n1)"),
+            "a second later: {lines:#?}"
         );
     }
 }

@@ -58,10 +58,7 @@ fn an_audited_namespace_is_observed_recommended_diffed_and_enforced() {
 
     // One stream per pod: the kernel's audit of the direct connection and the gateway's of
     // the three hosts, ordered by time.
-    let observed = ok(
-        &cluster.egress_agent(&["observe", "--namespace", "shop"]).output().expect("running observe"),
-        "egress-agent observe",
-    );
+    let observed = ok(&operator(&cluster, &["observe", "--namespace", "shop"]), "egress-agent observe");
     let lines: Vec<&str> = observed.lines().filter(|l| l.contains("shop/client")).collect();
     let kernel = format!("{}:80/tcp", outside::host(5));
     assert!(
@@ -134,10 +131,13 @@ fn an_audited_namespace_is_observed_recommended_diffed_and_enforced() {
     );
     drop(follow);
 
-    // The recommendation: the three hosts, each with its evidence; the direct address named
-    // from the node agent's observations, not written as a rule.
-    let out =
-        cluster.egress_agent(&["recommend", "--namespace", "shop"]).output().expect("running recommend");
+    // The platform delegates the three hosts to namespaces that ask for self-service.
+    cluster.apply(&delegation(), "the platform's delegation");
+    ok(&cluster.kubectl(&["label", "namespace", "shop", "egress=self-service"]), "labelling");
+
+    // The recommendation: the three hosts, each with its evidence, within what the platform
+    // delegates; the direct address named from the node agent's observations, not a rule.
+    let out = operator(&cluster, &["recommend", "--namespace", "shop"]);
     let recommended = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "recommend: {}", String::from_utf8_lossy(&out.stderr));
     for host in HOSTS {
@@ -150,11 +150,12 @@ fn an_audited_namespace_is_observed_recommended_diffed_and_enforced() {
         );
     }
     assert_eq!(recommended.matches("action: Accept").count(), 3, "exactly the three hosts:\n{recommended}");
+    assert!(!recommended.contains("# Outside what the Admin tier delegates"), "delegated:\n{recommended}");
     assert!(
         recommended.contains("# Observed by agent pod egress-agent-"),
         "the agent was not read:\n{recommended}"
     );
-    let named = format!("#   {}:80/tcp (", outside::host(5));
+    let named = format!("#   {}:80/tcp: ", outside::host(5));
     assert!(
         recommended.lines().any(|l| l.starts_with(&named) && l.contains("from Pod/client")),
         "the direct address is not named:\n{recommended}"
@@ -162,18 +163,16 @@ fn an_audited_namespace_is_observed_recommended_diffed_and_enforced() {
     let proposal = cluster.dir.0.join("recommended.yaml");
     std::fs::write(&proposal, &recommended).unwrap();
     let diff = |file: &std::path::Path| {
-        cluster
-            .egress_agent(&["diff", "--namespace", "shop", "-f", &file.display().to_string()])
-            .output()
-            .expect("running diff")
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        operator_in(&cluster, &["diff", "--namespace", "shop", "-f", &name], file.parent().unwrap())
     };
     let out = diff(&proposal);
-    assert_eq!(out.status.code(), Some(0), "diff of the recommendation:\n{}", text(&out));
+    let table = text(&out);
+    assert_eq!(out.status.code(), Some(0), "diff of the recommendation:\n{table}");
+    assert!(table.contains("3 flows: 0 newly denied, 3 newly allowed"), "{table}");
+    assert!(table.contains("# Namespace shop is in audit mode"), "{table}");
 
-    // The platform delegates the three hosts to namespaces that ask; the namespace applies
-    // the recommendation as it came out.
-    cluster.apply(&delegation(), "the platform's delegation");
-    ok(&cluster.kubectl(&["label", "namespace", "shop", "egress=self-service"]), "labelling");
+    // The namespace applies the recommendation as it came out.
     ok(
         &cluster.kubectl(&["apply", "-n", "shop", "-f", &proposal.display().to_string()]),
         "applying the recommendation",
@@ -242,15 +241,20 @@ fn an_audited_namespace_is_observed_recommended_diffed_and_enforced() {
     // Scraped by now; what comes next changes the counters again within the rate windows: a
     // bypass attempt, and a request the gateway refuses (a bare address, which no rule names).
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(cluster.tcp_connect("client", "shop", 80), "EPERM");
     let refused = through_gateway(&outside::host(5).to_string());
     assert_eq!(refused, "000 403", "a bare address through the gateway, enforced");
-    dashboard_queries_return_series(&prometheus, &monitoring);
+    // Each round: another bypass attempt, so the counter rises between two scrapes.
+    let attempt = || assert_eq!(cluster.tcp_connect("client", "shop", 80), "EPERM");
+    dashboard_queries_return_series(&prometheus, &monitoring, attempt);
 }
 
 /// Every query of the dashboard (for every namespace) returns series, and every alert rule
 /// evaluates; the bypass attempt's alert fires for the pod.
-fn dashboard_queries_return_series(prometheus: &Prometheus, monitoring: &std::path::Path) {
+fn dashboard_queries_return_series(
+    prometheus: &Prometheus,
+    monitoring: &std::path::Path,
+    attempt: impl Fn(),
+) {
     let board: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(monitoring.join("dashboard.json")).unwrap()).unwrap();
     let exprs: Vec<(String, String)> = board["panels"]
@@ -267,6 +271,7 @@ fn dashboard_queries_return_series(prometheus: &Prometheus, monitoring: &std::pa
     assert!(exprs.len() >= 9, "{exprs:?}");
     let mut empty = Vec::new();
     let all = egress_tests::poll_until(Duration::from_secs(60), || {
+        attempt();
         empty = exprs
             .iter()
             .filter(|(_, expr)| prometheus.query(expr).unwrap_or_else(|e| panic!("{e:#}")).is_empty())
@@ -276,7 +281,8 @@ fn dashboard_queries_return_series(prometheus: &Prometheus, monitoring: &std::pa
     });
     assert!(
         all,
-        "dashboard queries with no series: {empty:#?}\ntargets: {}",
+        "dashboard queries with no series: {empty:#?}\nthe kernel's denials: {:?}\ntargets: {}",
+        prometheus.query("egressfw_denials_total").unwrap_or_default(),
         prometheus.targets().unwrap_or_default()
     );
     let top = prometheus.query("egressfw_gateway_observed_denied").unwrap();
@@ -295,6 +301,29 @@ fn dashboard_queries_return_series(prometheus: &Prometheus, monitoring: &std::pa
     let unhealthy: Vec<&serde_json::Value> = rules.iter().filter(|r| r["health"] != "ok").collect();
     assert!(unhealthy.is_empty(), "alert rules that do not evaluate: {unhealthy:#?}");
     assert_eq!(rules.len(), 8, "{rules:#?}");
+}
+
+/// `egress-agent <args>` as the operator runs it; with EGRESSFW_TRANSCRIPT set, the command and
+/// its output are appended to that file (the README's walkthrough shows them).
+fn operator(cluster: &Cluster, args: &[&str]) -> std::process::Output {
+    operator_in(cluster, args, &cluster.dir.0)
+}
+
+fn operator_in(cluster: &Cluster, args: &[&str], dir: &std::path::Path) -> std::process::Output {
+    let out = cluster.egress_agent(args).current_dir(dir).output().expect("running egress-agent");
+    if let Some(path) = std::env::var_os("EGRESSFW_TRANSCRIPT") {
+        use std::io::Write as _;
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
+        let _ = writeln!(
+            file,
+            "$ egress-agent {}\n{}{}(exit {})\n",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            out.status.code().unwrap_or(-1)
+        );
+    }
+    out
 }
 
 /// Admin: namespaces labelled `egress=self-service` may allow the three hosts on 443.

@@ -201,7 +201,8 @@ pub fn table(d: &Diff) -> String {
                 r.seen.to_string(),
                 show(&r.current).into(),
                 format!("{}{}", show(&r.proposed), if r.change().is_empty() { "" } else { " *" }),
-                r.proposed.by.clone(),
+                // A rule's name is the tenant's text.
+                crate::printable::printable(&r.proposed.by).into_owned(),
             ]
         })
         .collect();
@@ -223,7 +224,11 @@ pub fn table(d: &Diff) -> String {
         d.rows.len() - d.newly_denied - d.newly_allowed
     ));
     if !d.unused_rules.is_empty() {
-        out.push_str(&format!("Proposed rules no flow is decided by: {}.\n", d.unused_rules.join(", ")));
+        let unused = d.unused_rules.join(", ");
+        out.push_str(&format!(
+            "Proposed rules no flow is decided by: {}.\n",
+            crate::printable::printable(&unused)
+        ));
     }
     out
 }
@@ -251,6 +256,7 @@ mod tests {
             last_seen: "2026-12-05T00:00:00Z".into(),
             last_reason: "allowed".into(),
             last_rule: None,
+            last_denied_by: None,
         }
     }
 

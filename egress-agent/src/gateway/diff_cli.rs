@@ -68,8 +68,18 @@ pub fn run(options: &Options) -> Result<bool> {
             d.refused.join("\n  ")
         );
     }
+    let labels = observed.namespace_labels(&options.namespace);
+    let audit = labels.get(crate::k8s::desired::LABEL_MODE).is_some_and(|m| m == "audit");
+    let mode = if audit {
+        format!(
+            "# Namespace {} is in audit mode: what CURRENT denies goes through today, reported; it is refused once it enforces.\n",
+            options.namespace
+        )
+    } else {
+        String::new()
+    };
     match options.output {
-        Output::Table => print!("{}{}", observed.header(), table(&d)),
+        Output::Table => print!("{}{mode}{}", observed.header(), table(&d)),
         Output::Json => println!("{}", serde_json::to_string_pretty(&d)?),
     }
     Ok(d.newly_denied > 0)

@@ -52,6 +52,31 @@ impl Identities {
         self.synced.load(Ordering::Acquire)
     }
 
+    /// Whether `client` may read what every namespace reaches (the admin endpoint's
+    /// `/observations` and `/events`): not a workload (a pod's address, whatever its state:
+    /// a terminating pod still runs; a static source's range), and not before the pods are
+    /// known. Why not, otherwise.
+    pub fn may_read_observations(&self, client: IpAddr) -> Result<(), String> {
+        if !self.synced() {
+            return Err(
+                "the gateway has not listed the pods yet: it cannot tell a workload from a reader".into()
+            );
+        }
+        if let Some(owner) = self.identify(client) {
+            return Err(format!(
+                "{client} is a workload of namespace {}: workloads may not read the gateway's observations",
+                owner.namespace
+            ));
+        }
+        let ip = ip_literal::normalize(client);
+        if self.pods.read().is_ok_and(|p| p.is_pod_address(ip)) {
+            return Err(format!(
+                "{client} is a pod's address: workloads may not read the gateway's observations"
+            ));
+        }
+        Ok(())
+    }
+
     /// Who a client address is: its pod's namespace and labels, or a table entry's namespace
     /// (no labels). IPv4-mapped sources (dual-stack listeners) are looked up as the IPv4 they
     /// carry.

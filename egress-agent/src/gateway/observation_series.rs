@@ -1,10 +1,11 @@
 //! Per-host series from the observations table, for the dashboard's "top denied" and "first
 //! seen" panels. A host is a label value a client chooses, so these are capped: the `SERIES`
 //! entries with the most denials, and the `SERIES` first seen most recently, per replica (the
-//! table itself is bounded by `limits.maxObservations`). Gauges, not counters: an entry the
-//! table forgets leaves its series.
+//! table itself is bounded by `limits.maxObservations`), and only what went through is "first
+//! seen" (a client trying one name after another is not a new dependency). Gauges, not
+//! counters: an entry the table forgets leaves its series.
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
 use prometheus_client::{
     collector::Collector,
@@ -12,7 +13,7 @@ use prometheus_client::{
     metrics::{MetricType, gauge::ConstGauge},
 };
 
-use super::observations::{Observation, Observations};
+use super::observations::Observations;
 
 /// Series per family and replica.
 pub const SERIES: usize = 100;
@@ -29,39 +30,96 @@ impl std::fmt::Debug for Observations {
 impl Collector for ObservationSeries {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let (denied, newest) = self.0.top(SERIES);
-        let labels = |o: &Observation| {
-            [
-                ("namespace", o.namespace.clone()),
-                ("workload", o.workload.clone()),
-                ("host", o.host.clone()),
-                ("port", o.port.to_string()),
-                ("reason", o.last_reason.clone()),
-                ("rule", o.last_rule.clone().unwrap_or_default()),
-            ]
-        };
+        // Entries differ by more than the labels say (service account, how the connection
+        // came): one series per label set, summed (refusals) or the earliest (first seen).
+        let mut refused: BTreeMap<[String; 5], u64> = BTreeMap::new();
+        for o in &denied {
+            let by = o.last_denied_by.clone().unwrap_or_default();
+            *refused
+                .entry([o.namespace.clone(), o.workload.clone(), o.host.clone(), o.port.to_string(), by])
+                .or_default() += o.counts.denied;
+        }
+        let mut first: BTreeMap<[String; 4], u64> = BTreeMap::new();
+        for o in &newest {
+            let Ok(at) = humantime::parse_rfc3339(&o.first_seen) else { continue };
+            let seconds = at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let key = [o.namespace.clone(), o.workload.clone(), o.host.clone(), o.port.to_string()];
+            let earliest = first.entry(key).or_insert(seconds);
+            *earliest = (*earliest).min(seconds);
+        }
+        const NAMES: [&str; 5] = ["namespace", "workload", "host", "port", "denied_by"];
         let mut family = encoder.encode_descriptor(
             "observed_denied",
-            "Connections refused per namespace, workload and destination, with the last reason and rule (the entries of the observations table with the most, at most 100 per replica)",
+            "Connections refused per namespace, workload and destination, and what refused them last (a rule, or the reason when none decided); the entries of the observations table with the most, at most 100 per replica",
             None,
             MetricType::Gauge,
         )?;
-        for o in &denied {
-            let value = i64::try_from(o.counts.denied).unwrap_or(i64::MAX);
-            ConstGauge::new(value).encode(family.encode_family(&labels(o))?)?;
+        for (values, n) in &refused {
+            let labels: Vec<(&str, &str)> =
+                NAMES.iter().copied().zip(values.iter().map(String::as_str)).collect();
+            ConstGauge::new(i64::try_from(*n).unwrap_or(i64::MAX)).encode(family.encode_family(&labels)?)?;
         }
         let mut family = encoder.encode_descriptor(
             "observed_first_seen_seconds",
-            "When a namespace's workload was first seen reaching a destination, Unix time (the 100 entries first seen most recently, per replica)",
+            "When a namespace's workload first reached a destination (allowed or audited), Unix time; the 100 first seen most recently, per replica",
             None,
             MetricType::Gauge,
         )?;
-        for o in &newest {
-            let Ok(first) = humantime::parse_rfc3339(&o.first_seen) else { continue };
-            let seconds = first.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-            let labels = &labels(o)[..4];
-            ConstGauge::new(i64::try_from(seconds).unwrap_or(i64::MAX))
+        for (values, seconds) in &first {
+            let labels: Vec<(&str, &str)> =
+                NAMES.iter().copied().zip(values.iter().map(String::as_str)).collect();
+            ConstGauge::new(i64::try_from(*seconds).unwrap_or(i64::MAX))
                 .encode(family.encode_family(&labels)?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::{
+        access_log::{Decision, Record},
+        observations::ObservationMetrics,
+    };
+
+    #[test]
+    fn one_series_per_label_set_and_only_what_went_through_is_first_seen() {
+        let observations = Arc::new(Observations::new(100, ObservationMetrics::default()));
+        let record = |authority: &str, decision, reason, steered| {
+            let mut r = Record::new("http_proxy", "10.0.0.5:40000".parse().unwrap());
+            r.namespace = Some("team-a".into());
+            r.authority = Some(authority.into());
+            r.decision = decision;
+            r.reason = reason;
+            r.steered = steered;
+            r
+        };
+        // The same destination refused as proxied and as steered: two entries, one series.
+        for steered in [false, true] {
+            observations.record(
+                &record("x.example.com:443", Decision::Deny, "not_allowed", steered),
+                None,
+                100,
+            );
+        }
+        observations.record(&record("ok.example.com:443", Decision::Allow, "allowed", false), None, 100);
+        let mut registry = prometheus_client::registry::Registry::with_prefix("egressfw_gateway");
+        registry.register_collector(Box::new(ObservationSeries(observations)));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let denied: Vec<&str> =
+            text.lines().filter(|l| l.starts_with("egressfw_gateway_observed_denied{")).collect();
+        assert_eq!(
+            denied,
+            [
+                "egressfw_gateway_observed_denied{namespace=\"team-a\",workload=\"-\",host=\"x.example.com\",port=\"443\",denied_by=\"not_allowed\"} 2"
+            ],
+            "{text}"
+        );
+        let first: Vec<&str> =
+            text.lines().filter(|l| l.starts_with("egressfw_gateway_observed_first_seen_seconds{")).collect();
+        assert_eq!(first.len(), 1, "{text}");
+        assert!(first[0].contains("host=\"ok.example.com\""), "only what went through: {text}");
     }
 }

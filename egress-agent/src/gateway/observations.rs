@@ -27,7 +27,7 @@ use axum::response::IntoResponse as _;
 pub use crate::observation_table::Counts;
 use crate::{
     feed::{Feed, FeedEvent, Source},
-    observation_table::{HeapBytes, Outcome, Seen, Table, rfc3339},
+    observation_table::{Keyed, Outcome, Seen, Table, rfc3339},
 };
 
 use super::{
@@ -103,6 +103,9 @@ pub struct Observation {
     pub last_reason: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rule: Option<String>,
+    /// What refused it last: the rule, or the reason when no rule decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_denied_by: Option<String>,
 }
 
 /// The whole table, as the admin endpoint serves it.
@@ -202,11 +205,12 @@ impl Observations {
     }
 
     /// The `n` entries with the most denials (those with any), and the `n` first seen most
-    /// recently: the per-host series of the metrics (`observation_series`).
+    /// recently of those that went through (new dependencies, not the names a client tried and
+    /// was refused): the per-host series of the metrics (`observation_series`).
     pub fn top(&self, n: usize) -> (Vec<Observation>, Vec<Observation>) {
         let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
         let mut denied: Vec<(&Key, &Seen)> = table.iter().filter(|(_, s)| s.counts.denied > 0).collect();
-        let mut newest: Vec<(&Key, &Seen)> = table.iter().collect();
+        let mut newest: Vec<(&Key, &Seen)> = table.iter().filter(|(_, s)| s.counts.passed() > 0).collect();
         let take = |v: &mut Vec<(&Key, &Seen)>, order: &dyn Fn(&Seen, &Seen) -> std::cmp::Ordering| {
             if v.len() > n {
                 v.select_nth_unstable_by(n, |a, b| order(a.1, b.1));
@@ -227,10 +231,15 @@ impl Observations {
     }
 }
 
-impl HeapBytes for Key {
+impl Keyed for Key {
     fn heap_bytes(&self) -> usize {
-        // The namespace, workload and service account are shared with the pod index.
-        self.host.len()
+        // The workload and service account are shared with the pod index; the namespace is
+        // held once more by the table's count per namespace.
+        self.host.len() + self.namespace.len()
+    }
+
+    fn namespace(&self) -> &str {
+        &self.namespace
     }
 }
 
@@ -260,6 +269,7 @@ fn observation(k: &Key, s: &Seen) -> Observation {
         last_seen: rfc3339(s.last),
         last_reason: s.reason.to_owned(),
         last_rule: s.rule.as_deref().map(str::to_owned),
+        last_denied_by: s.denied_by(),
     }
 }
 
@@ -288,13 +298,7 @@ pub fn routes(observations: Arc<Observations>, identities: Arc<Identities>) -> a
 
 /// Workloads may not read what the others reach (see [`routes`]).
 fn not_a_workload(identities: &Identities, client: std::net::IpAddr) -> Result<(), String> {
-    match identities.identify(client) {
-        Some(owner) => Err(format!(
-            "{client} is a workload of namespace {}: workloads may not read the gateway's observations",
-            owner.namespace
-        )),
-        None => Ok(()),
-    }
+    identities.may_read_observations(client)
 }
 
 /// `GET /events?after=N` on the admin endpoint: the latest decisions, refused to workloads
@@ -325,7 +329,9 @@ pub fn feed_event(record: &Record, owner: Option<&Owner>) -> Option<FeedEvent> {
     };
     Some(FeedEvent {
         seq: 0,
-        time: record.start.clone(),
+        // When it ended (a tunnel's verdict is known from its start, its bytes only now): the
+        // stream is in the order things are reported.
+        time: crate::feed::now(),
         source: Source::Gateway,
         namespace: namespace.to_owned(),
         pod: owner.map_or("-", |o| &o.pod).to_owned(),

@@ -87,6 +87,8 @@ pub struct Observed {
     pub policies_from: String,
     /// Whether there were objects to read at all (not: none were given).
     pub objects_known: bool,
+    /// Agents that could not be read, and why.
+    pub unread: Vec<String>,
 }
 
 impl Observed {
@@ -99,16 +101,29 @@ impl Observed {
     async fn load_async(args: &SourceArgs, namespace: &str) -> Result<Self> {
         let from_cluster = args.endpoints.from.is_empty() && args.observation_files.is_empty();
         let mut sources = Vec::new();
+        let mut unread = Vec::new();
         let client = if from_cluster {
             let client = kube::Client::try_default().await.context(
                 "no Kubernetes API to read the gateways from (kubeconfig or in-cluster); name admin endpoints with --from or saved answers with --observations",
             )?;
             let path = format!("observations?namespace={namespace}");
-            for pod in args.endpoints.pods(&client).await? {
-                let text = pod.get(&client, &path).await?;
-                let snapshot = serde_json::from_str(&text)
-                    .with_context(|| format!("{}: not an /observations answer", pod.describe()))?;
-                sources.push(Source { name: pod.describe(), snapshot });
+            for pod in args.endpoints.pods(&client, true).await? {
+                let read = async {
+                    let text = pod.get(&client, &path).await?;
+                    serde_json::from_str(&text)
+                        .with_context(|| format!("{}: not an /observations answer", pod.describe()))
+                };
+                match read.await {
+                    Ok(snapshot) => sources.push(Source { name: pod.describe(), snapshot }),
+                    // Every gateway replica, or the recommendation would miss what one saw.
+                    Err(e) if pod.node.is_none() => return Err(e),
+                    // An agent out of reach (its node's readers, see kernel_observations) leaves
+                    // that node's direct traffic unknown: said, not fatal.
+                    Err(e) => {
+                        eprintln!("warning: {e:#}");
+                        unread.push(format!("{}: {e:#}", pod.describe()));
+                    }
+                }
             }
             Some(client)
         } else {
@@ -142,7 +157,7 @@ impl Observed {
             ),
         };
         let objects_known = client.is_some() || !args.policy_files.is_empty();
-        Ok(Self { sources, objects, policies_from, objects_known })
+        Ok(Self { sources, objects, policies_from, objects_known, unread })
     }
 
     /// Every replica's observations, one after the other.
@@ -191,17 +206,21 @@ impl Observed {
                 s.name, s.snapshot.since
             ));
         }
+        for why in &self.unread {
+            let why = why.replace('\n', " ");
+            out.push_str(&format!("# NOT READ (what the kernel saw on its node is missing): {why}\n"));
+        }
         out.push_str(&format!("# Policy objects from {}.\n", self.policies_from));
         out
     }
 }
 
 impl Endpoints {
-    /// Every running gateway pod (at least one, or an error), then every running agent pod
-    /// (none when no agent runs: a gateway without the node enforcement).
-    pub async fn pods(&self, client: &kube::Client) -> Result<Vec<PodEndpoint>> {
+    /// Every running gateway pod (at least one when `need_gateway`, or an error), then every
+    /// running agent pod (none when no agent runs: a gateway without the node enforcement).
+    pub async fn pods(&self, client: &kube::Client, need_gateway: bool) -> Result<Vec<PodEndpoint>> {
         let gateways = running_pods(client, &self.gateway_namespace, &self.gateway_selector).await?;
-        if gateways.is_empty() {
+        if gateways.is_empty() && need_gateway {
             bail!(
                 "no running gateway pod in namespace {} with labels {}",
                 self.gateway_namespace,

@@ -23,6 +23,11 @@ pub struct PodIndex {
     pods: HashMap<String, Claim>,
     /// Address -> the pods that claim it (one, except while an address is being reused).
     owners: HashMap<IpAddr, Vec<Claimant>>,
+    /// Every pod's addresses, terminating and finished pods' too (not hostNetwork pods': the
+    /// node's), and how many pods have each: who may not read the observations, which is more
+    /// than who a policy applies to.
+    present: HashMap<String, Vec<IpAddr>>,
+    present_ips: HashMap<IpAddr, u32>,
 }
 
 struct Claim {
@@ -72,6 +77,14 @@ impl PodIndex {
     pub fn apply(&mut self, pod: &Pod) {
         let Some(key) = key_of(pod) else { return };
         self.remove(&key);
+        self.forget_present(&key);
+        if !pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false) {
+            let ips = pod_ips(pod);
+            for ip in &ips {
+                *self.present_ips.entry(*ip).or_default() += 1;
+            }
+            self.present.insert(key.clone(), ips);
+        }
         let Some((namespace, ips)) = claim_of(pod) else { return };
         let claimant = Claimant { created: created_at(pod), key: key.clone() };
         for ip in &ips {
@@ -95,6 +108,23 @@ impl PodIndex {
     pub fn delete(&mut self, pod: &Pod) {
         if let Some(key) = key_of(pod) {
             self.remove(&key);
+            self.forget_present(&key);
+        }
+    }
+
+    /// Whether `ip` is any pod's address, whatever the pod's state.
+    pub fn is_pod_address(&self, ip: IpAddr) -> bool {
+        self.present_ips.contains_key(&ip)
+    }
+
+    fn forget_present(&mut self, key: &str) {
+        for ip in self.present.remove(key).unwrap_or_default() {
+            if let Some(n) = self.present_ips.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.present_ips.remove(&ip);
+                }
+            }
         }
     }
 
@@ -143,25 +173,36 @@ fn claim_of(pod: &Pod) -> Option<(String, Vec<IpAddr>)> {
     if host_network || finished || pod.metadata.deletion_timestamp.is_some() {
         return None;
     }
-    let mut ips: Vec<IpAddr> = status
-        .pod_ips
+    Some((pod.metadata.namespace.clone()?, pod_ips(pod)))
+}
+
+/// The pod's addresses (status.podIPs), normalised, each once.
+fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = pod
+        .status
         .iter()
-        .flatten()
+        .flat_map(|s| s.pod_ips.iter().flatten())
         .filter_map(|p| p.ip.parse::<IpAddr>().ok())
         .map(ip_literal::normalize)
         .collect();
     ips.sort_unstable();
     ips.dedup();
-    Some((pod.metadata.namespace.clone()?, ips))
+    ips
 }
 
 /// The workload that runs `pod`: its controller, and for a ReplicaSet that a Deployment made
 /// (its name is the Deployment's, `-`, the pod-template hash), the Deployment.
+///
+/// The API server checks an owner reference's kind and name only for being there: a pod's
+/// author can write any text into them, and this text is printed into `recommend`'s YAML and
+/// kept per destination. Only a kind that is a word and a name that is a DNS subdomain (what
+/// every real controller's is) are taken; otherwise the pod is named by itself.
 pub(crate) fn workload_of(pod: &Pod) -> String {
     let name = pod.metadata.name.as_deref().unwrap_or_default();
-    let Some(controller) =
-        pod.metadata.owner_references.iter().flatten().find(|o| o.controller == Some(true))
-    else {
+    let plausible = |o: &&k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference| {
+        o.controller == Some(true) && is_kind(&o.kind) && is_subdomain(&o.name)
+    };
+    let Some(controller) = pod.metadata.owner_references.iter().flatten().find(plausible) else {
         return format!("Pod/{name}");
     };
     let hash = pod.metadata.labels.as_ref().and_then(|l| l.get("pod-template-hash"));
@@ -172,6 +213,24 @@ pub(crate) fn workload_of(pod: &Pod) -> String {
         },
         (kind, _) => format!("{kind}/{}", controller.name),
     }
+}
+
+/// A Kubernetes kind: a letter, then letters and digits, at most 63.
+fn is_kind(s: &str) -> bool {
+    s.len() <= 63
+        && s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.chars().all(|c| c.is_ascii_alphanumeric())
+}
+
+/// A DNS subdomain (RFC 1123), as object names are: at most 253 of `a-z0-9.-`, starting and
+/// ending with a letter or digit.
+fn is_subdomain(s: &str) -> bool {
+    let edge = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !s.is_empty()
+        && s.len() <= 253
+        && s.starts_with(edge)
+        && s.ends_with(edge)
+        && s.chars().all(|c| edge(c) || c == '-' || c == '.')
 }
 
 /// When the pod was created (its start time if the API left that out).
@@ -194,6 +253,20 @@ mod tests {
         };
         let controller = |kind: &str, name: &str| serde_json::json!([{"apiVersion": "apps/v1", "kind": kind, "name": name, "uid": "u", "controller": true}]);
         assert_eq!(workload_of(&pod(controller("ReplicaSet", "web-7d9f8"), Some("7d9f8"))), "Deployment/web");
+        // What no controller's reference looks like: the pod is named by itself.
+        for (kind, name) in [
+            ("ReplicaSet", "web\n---\nkind: ClusterRoleBinding"),
+            ("Job\u{1b}[2J", "x"),
+            ("Job", &"a".repeat(254)),
+            ("Job", "Upper"),
+            ("", "x"),
+        ] {
+            assert_eq!(
+                workload_of(&pod(controller(kind, name), None)),
+                "Pod/web-7d9f8-x2x",
+                "{kind:?} {name:?}"
+            );
+        }
         assert_eq!(
             workload_of(&pod(controller("ReplicaSet", "web-other"), Some("7d9f8"))),
             "ReplicaSet/web-other"
@@ -242,6 +315,23 @@ mod tests {
         idx.apply(&with(old, |v| v["metadata"]["deletionTimestamp"] = "2024-03-01T00:00:00Z".into()));
         assert_eq!(idx.namespace_of(ip("10.0.0.1")).map(|n| &**n), None);
         assert_eq!(idx.addresses(), 0);
+    }
+
+    #[test]
+    fn a_terminating_pod_is_no_client_but_still_a_pod() {
+        let mut idx = PodIndex::default();
+        let p = pod("a", "p", "10.0.0.1", "2024-01-01T00:00:00Z");
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        idx.apply(&with(p.clone(), |v| v["metadata"]["deletionTimestamp"] = "2024-03-01T00:00:00Z".into()));
+        assert!(idx.owner_of(ip).is_none(), "policies no longer apply to it");
+        assert!(idx.is_pod_address(ip), "it still runs: it may not read the observations");
+        idx.delete(&p);
+        assert!(!idx.is_pod_address(ip));
+        let host = with(pod("kube-system", "h", "10.9.0.2", "2024-01-01T00:00:00Z"), |v| {
+            v["spec"] = serde_json::json!({"hostNetwork": true, "containers": []});
+        });
+        idx.apply(&host);
+        assert!(!idx.is_pod_address("10.9.0.2".parse().unwrap()), "the node's address is no pod's");
     }
 
     #[test]

@@ -325,6 +325,7 @@ mod tests {
             last_seen: last.into(),
             last_reason: "allowed".into(),
             last_rule: None,
+            last_denied_by: None,
         }
     }
 

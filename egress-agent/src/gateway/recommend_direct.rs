@@ -69,7 +69,7 @@ pub fn section(flows: &[DirectFlow]) -> String {
         let target = std::net::SocketAddr::new(f.address, f.port);
         let _ = writeln!(
             text,
-            "#   {target}/{} ({} audited, {} refused; {}) from {}; last seen {}",
+            "#   {target}/{}: {} audited, {} refused (packets and connects; {}) from {}; last seen {}",
             f.protocol,
             f.counts.audited,
             f.counts.denied,
@@ -113,7 +113,7 @@ mod tests {
         assert_eq!(flows.len(), 2);
         let text = section(&flows);
         assert!(
-            text.contains("#   192.0.2.10:443/tcp (3 audited, 0 refused; deny_destination) from Deployment/batch, Deployment/web; last seen 2026-12-03T00:00:00Z"),
+            text.contains("#   192.0.2.10:443/tcp: 3 audited, 0 refused (packets and connects; deny_destination) from Deployment/batch, Deployment/web; last seen 2026-12-03T00:00:00Z"),
             "{text}"
         );
         assert!(text.contains("[2001:db8::5]:443/tcp"), "{text}");

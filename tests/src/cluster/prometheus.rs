@@ -34,7 +34,7 @@ impl<'a> Prometheus<'a> {
         );
         for (job, addresses) in targets {
             config.push_str(&format!(
-                "  - job_name: {job}\n    static_configs: [{{targets: {addresses:?}}}]\n"
+                "  - job_name: {job}\n    honor_labels: true\n    static_configs: [{{targets: {addresses:?}}}]\n"
             ));
         }
         let config_path = dir.join("prometheus.yml");
