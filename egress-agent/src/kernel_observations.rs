@@ -100,8 +100,8 @@ pub struct KernelObservations {
     fed: Mutex<HashMap<FeedKey, Instant>>,
 }
 
-/// Policy cgroup, action, reason, address, port, protocol.
-type FeedKey = (u64, u8, u8, [u8; 16], u16, u8);
+/// Policy cgroup, action, reason, family, address, port, protocol.
+type FeedKey = (u64, u8, u8, u8, [u8; 16], u16, u8);
 
 /// A flow goes into the feed at most once this often.
 const FEED_EVERY: Duration = Duration::from_secs(1);
@@ -138,7 +138,15 @@ impl KernelObservations {
         if let Ok(mut table) = self.table.lock() {
             table.count(key, outcome, reason, None, SystemTime::now(), CAPACITY);
         }
-        if !self.feed_now((ev.policy_cgroup_id, ev.action, ev.reason, ev.daddr, ev.dport, ev.protocol)) {
+        if !self.feed_now((
+            ev.policy_cgroup_id,
+            ev.action,
+            ev.reason,
+            ev.family,
+            ev.daddr,
+            ev.dport,
+            ev.protocol,
+        )) {
             return;
         }
         let verdict = match (audited, ev.reason == Reason::AllowSteered as u8) {

@@ -6,9 +6,10 @@
 //! - At most `capacity` entries. A new entry in a full table first evicts a tenth of the
 //!   capacity, the entries least recently seen of the namespace that holds the most (one
 //!   selection per tenth, so a flood of distinct keys costs O(log n) per event, not a scan
-//!   each): a namespace flooding distinct destinations evicts its own, not the others' rare
-//!   ones. Evictions are counted: a reader can tell a quiet destination from one the table
-//!   forgot.
+//!   each): a namespace flooding distinct destinations evicts its own, not the rare ones of
+//!   namespaces smaller than it (one that holds more than the flooder loses entries until the
+//!   two hold about as many). Evictions are counted: a reader can tell a quiet destination from
+//!   one the table forgot.
 //! - In memory only: a restart starts an empty table (the snapshots say since when).
 
 use std::{collections::HashMap, hash::Hash, mem::size_of, sync::Arc, time::SystemTime};
@@ -71,6 +72,8 @@ pub struct Seen {
     pub rule: Option<Arc<str>>,
     /// The last refusal's: its rule, or its reason when no rule decided (`not_allowed`).
     pub denied_by: Option<(&'static str, Option<Arc<str>>)>,
+    /// When it first went through (allowed, audited, or allowed and failed upstream).
+    pub first_passed: Option<SystemTime>,
 }
 
 impl Seen {
@@ -134,6 +137,7 @@ impl<K: Hash + Eq + Clone + Keyed> Table<K> {
             reason: "",
             rule: None,
             denied_by: None,
+            first_passed: None,
         });
         let counts = &mut seen.counts;
         match outcome {
@@ -145,6 +149,8 @@ impl<K: Hash + Eq + Clone + Keyed> Table<K> {
         seen.last = now;
         if outcome == Outcome::Denied {
             seen.denied_by = Some((reason, rule.clone()));
+        } else if seen.first_passed.is_none() {
+            seen.first_passed = Some(now);
         }
         seen.reason = reason;
         seen.rule = rule;

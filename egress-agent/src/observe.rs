@@ -7,7 +7,12 @@
 //! What a process no longer keeps (it holds its last few thousand verdicts) is reported as
 //! missed; a process that restarted (its `since` changed) is read again from its start.
 
-use std::{collections::BTreeMap, io::Write as _, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    future::Future,
+    io::Write as _,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 
@@ -57,12 +62,12 @@ pub enum Output {
     Json,
 }
 
-/// Where one process's stream stands.
+/// Where one endpoint's streams stand: per process that answered there (see
+/// `Page::instance`: the replicas behind a Service answer at one address, in turn; a restarted
+/// process is another one and is read from its start).
 #[derive(Default)]
 struct Place {
-    /// The process read last (see `Page::instance`).
-    instance: String,
-    after: u64,
+    after: HashMap<String, u64>,
 }
 
 /// With --follow, the pods are listed again every this many rounds (pods come and go).
@@ -89,7 +94,11 @@ async fn follow(options: &Options) -> Result<()> {
             && round % RELIST_EVERY == 0
         {
             match options.endpoints.pods(client, false).await {
-                Ok(pods) => endpoints = pods.into_iter().map(Endpoint::Pod).collect(),
+                Ok(pods) => {
+                    endpoints = pods.into_iter().map(Endpoint::Pod).collect();
+                    // Pods gone are forgotten.
+                    places.retain(|name, _| endpoints.iter().any(|e| e.describe() == *name));
+                }
                 // Once: nothing to read. Following: the pods read last, until the API answers.
                 Err(e) if round == 0 || !options.follow => return Err(e),
                 Err(e) => eprintln!("observe: listing the agents and gateways: {e:#}"),
@@ -98,7 +107,10 @@ async fn follow(options: &Options) -> Result<()> {
         let mut events = Vec::new();
         for endpoint in &endpoints {
             let place = places.entry(endpoint.describe()).or_default();
-            match read_new(client.as_ref(), endpoint, place).await {
+            let (name, reporter) = (endpoint.describe(), endpoint.reporter());
+            let page = |after| endpoint.page(client.as_ref(), after);
+            let one_process = matches!(endpoint, Endpoint::Pod(_));
+            match read_new(&name, &reporter, one_process, place, page).await {
                 Ok(new) => events.extend(new),
                 // One process out of reach does not stop the others' stream.
                 Err(e) => eprintln!("observe: {}: {e:#}", endpoint.describe()),
@@ -122,9 +134,9 @@ async fn follow(options: &Options) -> Result<()> {
                 }
             }
             Output::Text => {
-                for (e, hooks, count) in collapse(&events) {
+                for e in &events {
                     // A rule's name is the tenant's text: no line of its own, no escapes.
-                    writeln!(out, "{}", printable(&text_line(e, &hooks, count)))?;
+                    writeln!(out, "{}", printable(&text_line(e)))?;
                 }
             }
         }
@@ -171,45 +183,78 @@ impl Endpoint {
     }
 }
 
-/// Everything `endpoint` has after `place`, page by page; `place` moves on.
-async fn read_new(
-    client: Option<&kube::Client>,
-    endpoint: &Endpoint,
+/// Everything the endpoint has after `place`, page by page; `place` moves on with what is
+/// returned (when a later page fails, the events before it are returned, and counted read).
+///
+/// The processes behind one address (the replicas behind a Service) may answer in any order,
+/// and a request cannot choose which: each asks from the lowest place of the processes seen
+/// there, and what an answer repeats is dropped by number. A process never seen before is read
+/// from its start. At a pod's address (`one_process`) a new process is the pod's restart: the
+/// old one's place is forgotten.
+async fn read_new<F: Future<Output = Result<Page>>>(
+    name: &str,
+    reporter: &str,
+    one_process: bool,
     place: &mut Place,
+    mut page_after: impl FnMut(u64) -> F,
 ) -> Result<Vec<FeedEvent>> {
     let mut events = Vec::new();
+    let lowest = |place: &Place| place.after.values().copied().min().unwrap_or(0);
+    let mut asked = lowest(place);
+    let mut retries = 0;
     loop {
-        let mut page = endpoint.page(client, place.after).await?;
-        if !place.instance.is_empty() && page.instance != place.instance {
-            eprintln!(
-                "observe: {} is another process now (counting since {}): reading it from its start",
-                endpoint.describe(),
-                page.since
-            );
-            place.after = 0;
-            place.instance = page.instance;
-            continue;
+        let page = match page_after(asked).await {
+            Ok(page) => page,
+            Err(e) if events.is_empty() => return Err(e),
+            Err(e) => {
+                eprintln!("observe: {name}: {e:#}");
+                return Ok(events);
+            }
+        };
+        let from = match place.after.get(&page.instance) {
+            Some(from) => *from,
+            None => {
+                if !place.after.is_empty() {
+                    eprintln!(
+                        "observe: {name} answers from another process (counting since {}): reading it from its start",
+                        page.since
+                    );
+                }
+                if one_process {
+                    place.after.clear();
+                }
+                place.after.insert(page.instance.clone(), 0);
+                0
+            }
+        };
+        if asked > from {
+            // It has events below what was asked: ask again from there (a few times; then its
+            // next answer will).
+            asked = lowest(place);
+            retries += 1;
+            if retries <= 3 {
+                continue;
+            }
+            return Ok(events);
         }
-        place.instance.clone_from(&page.instance);
         if page.missed > 0 {
             eprintln!(
-                "observe: {} no longer holds {} verdict{} (it keeps its latest few thousand)",
-                endpoint.describe(),
+                "observe: {name} no longer holds {} verdict{} (it keeps its latest few thousand)",
                 page.missed,
                 if page.missed == 1 { "" } else { "s" }
             );
         }
         // A short page had everything there was (a busy process never runs dry).
         let done = page.events.len() < crate::feed::PAGE;
-        place.after = page.next;
-        let reporter = endpoint.reporter();
-        for e in &mut page.events {
-            e.reporter.clone_from(&reporter);
-        }
-        events.append(&mut page.events);
+        events.extend(page.events.into_iter().filter(|e| e.seq > from).map(|mut e| {
+            e.reporter = reporter.to_owned();
+            e
+        }));
+        place.after.insert(page.instance, page.next.max(from));
         if done {
             return Ok(events);
         }
+        asked = lowest(place);
     }
 }
 
@@ -224,57 +269,12 @@ fn keeps(options: &Options, e: &FeedEvent) -> bool {
         }
 }
 
-/// Runs of the same verdict about the same flow within a second, as one line: the kernel
-/// reports an audited connection at its connect and at each of its packets (cgroup and tc
-/// hooks), which says nothing more than the connect. Each with the hooks that reported it and
-/// how many times. JSON output keeps every event.
-fn collapse(events: &[FeedEvent]) -> Vec<(&FeedEvent, Vec<&str>, usize)> {
-    let same = |a: &FeedEvent, b: &FeedEvent| {
-        (a.source, &a.namespace, &a.pod, &a.verdict, &a.reason, &a.destination, &a.protocol, &a.reporter)
-            == (
-                b.source,
-                &b.namespace,
-                &b.pod,
-                &b.verdict,
-                &b.reason,
-                &b.destination,
-                &b.protocol,
-                &b.reporter,
-            )
-            && a.source == Source::Kernel
-    };
-    let within_a_second = |first: &FeedEvent, e: &FeedEvent| match (
-        humantime::parse_rfc3339(&first.time),
-        humantime::parse_rfc3339(&e.time),
-    ) {
-        (Ok(a), Ok(b)) => b.duration_since(a).is_ok_and(|d| d < Duration::from_secs(1)),
-        _ => false,
-    };
-    let mut out: Vec<(&FeedEvent, Vec<&str>, usize)> = Vec::new();
-    for e in events {
-        let hook = e.hook.as_deref().unwrap_or("-");
-        match out.last_mut() {
-            Some((first, hooks, count)) if same(first, e) && within_a_second(first, e) => {
-                if !hooks.contains(&hook) {
-                    hooks.push(hook);
-                }
-                *count += 1;
-            }
-            _ => out.push((e, vec![hook], 1)),
-        }
-    }
-    out
-}
-
-fn text_line(e: &FeedEvent, hooks: &[&str], count: usize) -> String {
+fn text_line(e: &FeedEvent) -> String {
     let (source, destination, detail) = match e.source {
         Source::Kernel => (
             "kernel",
             format!("{}/{}", e.destination, e.protocol),
-            match count {
-                1 => format!("{} at {} ({})", e.reason, hooks.join(", "), e.reporter),
-                n => format!("{} at {} ({n} times; {})", e.reason, hooks.join(", "), e.reporter),
-            },
+            format!("{} at {} ({})", e.reason, e.hook.as_deref().unwrap_or("-"), e.reporter),
         ),
         Source::Gateway => {
             // An audited connection's reason is what enforcing would have said; its rule is
@@ -329,7 +329,7 @@ mod tests {
             bytes_up: None,
             bytes_down: None,
         };
-        let line = text_line(&e, &["connect4"], 1);
+        let line = text_line(&e);
         assert!(line.starts_with("2026-12-06T23:10:01.123Z kernel  team-a/web-1"), "{line}");
         assert!(
             line.contains("192.0.2.10:443/tcp") && line.ends_with("deny_destination at connect4 (node/n1)"),
@@ -345,7 +345,7 @@ mod tests {
         e.bytes_down = Some(20);
         e.came = Some("proxy".into());
         e.reporter = "pod/gw-1".into();
-        let line = text_line(&e, &[], 1);
+        let line = text_line(&e);
         assert!(
             line.ends_with(
                 "allowed by EgressPolicy/team-a/p#github, status 200, 10 B up, 20 B down, proxy (pod/gw-1)"
@@ -355,45 +355,78 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_reported_at_every_packet_is_one_line() {
-        let at = |ms: u64, hook: &str, destination: &str| FeedEvent {
+    fn replicas_answering_in_turn_are_each_read_once_in_full() {
+        use crate::feed::Feed;
+        let (one, two) = (Feed::new(100), Feed::new(100));
+        let event = |destination: &str| FeedEvent {
             seq: 0,
-            time: humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms))
-                .to_string(),
-            source: Source::Kernel,
-            namespace: "shop".into(),
-            pod: "client".into(),
-            verdict: "audit".into(),
-            reason: "deny_destination".into(),
+            time: crate::feed::now(),
+            source: Source::Gateway,
+            namespace: "team-a".into(),
+            pod: "web".into(),
+            verdict: "allow".into(),
+            reason: "allowed".into(),
             destination: destination.into(),
             protocol: "tcp".into(),
-            reporter: "node/n1".into(),
-            hook: Some(hook.into()),
+            reporter: String::new(),
+            hook: None,
             rule: None,
             came: None,
             status: None,
             bytes_up: None,
             bytes_down: None,
         };
-        let events = [
-            at(0, "cgroup/connect4", "192.0.2.1:80"),
-            at(1, "cgroup_skb/egress", "192.0.2.1:80"),
-            at(2, "tc/from_pod", "192.0.2.1:80"),
-            at(3, "cgroup_skb/egress", "192.0.2.1:80"),
-            at(4, "cgroup/connect4", "192.0.2.2:80"),
-            at(5000, "cgroup/connect4", "192.0.2.1:80"),
-        ];
-        let lines: Vec<String> = collapse(&events).into_iter().map(|(e, h, n)| text_line(e, &h, n)).collect();
-        assert_eq!(lines.len(), 3, "{lines:#?}");
-        assert!(
-            lines[0].ends_with(
-                "deny_destination at cgroup/connect4, cgroup_skb/egress, tc/from_pod (4 times; node/n1)"
-            ),
-            "{lines:#?}"
-        );
-        assert!(
-            lines[2].ends_with("deny_destination at cgroup/connect4 (node/n1)"),
-            "a second later: {lines:#?}"
-        );
+        for i in 0..3 {
+            one.push(event(&format!("one{i}.example:443")));
+        }
+        for i in 0..5 {
+            two.push(event(&format!("two{i}.example:443")));
+        }
+        // A Service in front: the replicas answer strictly in turn.
+        let turn = std::cell::Cell::new(0u32);
+        let ask = |after: u64| {
+            turn.set(turn.get() + 1);
+            let feed = if turn.get() % 2 == 1 { &one } else { &two };
+            std::future::ready(Ok(feed.after(after)))
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let mut place = Place::default();
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let got = runtime.block_on(read_new("svc", "svc", false, &mut place, ask)).unwrap();
+            seen.extend(got.into_iter().map(|e| e.destination));
+        }
+        seen.sort();
+        let mut want: Vec<String> = (0..3).map(|i| format!("one{i}.example:443")).collect();
+        want.extend((0..5).map(|i| format!("two{i}.example:443")));
+        assert_eq!(seen, want, "each event once, none lost");
+        // Later events of either come once.
+        two.push(event("two5.example:443"));
+        one.push(event("one3.example:443"));
+        let mut later = Vec::new();
+        for _ in 0..4 {
+            later.extend(
+                runtime
+                    .block_on(read_new("svc", "svc", false, &mut place, ask))
+                    .unwrap()
+                    .into_iter()
+                    .map(|e| e.destination),
+            );
+        }
+        later.sort();
+        assert_eq!(later, ["one3.example:443", "two5.example:443"]);
+
+        // A pod's process restarted: read from its start, the old one's place forgotten.
+        let (before, after) = (Feed::new(100), Feed::new(100));
+        before.push(event("a.example:443"));
+        after.push(event("b.example:443"));
+        let mut place = Place::default();
+        let read = |feed: &Feed, place: &mut Place| {
+            let ask = |n: u64| std::future::ready(Ok(feed.after(n)));
+            runtime.block_on(read_new("pod", "pod", true, place, ask)).unwrap()
+        };
+        assert_eq!(read(&before, &mut place).len(), 1);
+        assert_eq!(read(&after, &mut place)[0].destination, "b.example:443");
+        assert_eq!(place.after.len(), 1, "only the running process is followed");
     }
 }

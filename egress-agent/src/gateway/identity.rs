@@ -69,7 +69,8 @@ impl Identities {
             ));
         }
         let ip = ip_literal::normalize(client);
-        if self.pods.read().is_ok_and(|p| p.is_pod_address(ip)) {
+        // A poisoned lock still holds the pods (a writer panicked): read them, never wave through.
+        if self.pods.read().unwrap_or_else(std::sync::PoisonError::into_inner).is_pod_address(ip) {
             return Err(format!(
                 "{client} is a pod's address: workloads may not read the gateway's observations"
             ));

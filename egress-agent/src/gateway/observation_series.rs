@@ -1,11 +1,11 @@
 //! Per-host series from the observations table, for the dashboard's "top denied" and "first
 //! seen" panels. A host is a label value a client chooses, so these are capped: the `SERIES`
-//! entries with the most denials, and the `SERIES` first seen most recently, per replica (the
+//! label sets with the most denials, and the `SERIES` first seen most recently, per replica (the
 //! table itself is bounded by `limits.maxObservations`), and only what went through is "first
 //! seen" (a client trying one name after another is not a new dependency). Gauges, not
 //! counters: an entry the table forgets leaves its series.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::sync::Arc;
 
 use prometheus_client::{
     collector::Collector,
@@ -29,32 +29,15 @@ impl std::fmt::Debug for Observations {
 
 impl Collector for ObservationSeries {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let (denied, newest) = self.0.top(SERIES);
-        // Entries differ by more than the labels say (service account, how the connection
-        // came): one series per label set, summed (refusals) or the earliest (first seen).
-        let mut refused: BTreeMap<[String; 5], u64> = BTreeMap::new();
-        for o in &denied {
-            let by = o.last_denied_by.clone().unwrap_or_default();
-            *refused
-                .entry([o.namespace.clone(), o.workload.clone(), o.host.clone(), o.port.to_string(), by])
-                .or_default() += o.counts.denied;
-        }
-        let mut first: BTreeMap<[String; 4], u64> = BTreeMap::new();
-        for o in &newest {
-            let Ok(at) = humantime::parse_rfc3339(&o.first_seen) else { continue };
-            let seconds = at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-            let key = [o.namespace.clone(), o.workload.clone(), o.host.clone(), o.port.to_string()];
-            let earliest = first.entry(key).or_insert(seconds);
-            *earliest = (*earliest).min(seconds);
-        }
+        let series = self.0.series(SERIES);
         const NAMES: [&str; 5] = ["namespace", "workload", "host", "port", "denied_by"];
         let mut family = encoder.encode_descriptor(
             "observed_denied",
-            "Connections refused per namespace, workload and destination, and what refused them last (a rule, or the reason when none decided); the entries of the observations table with the most, at most 100 per replica",
+            "Connections refused per namespace, workload and destination, and what refused them last (a rule, or the reason when none decided); the 100 with the most, per replica",
             None,
             MetricType::Gauge,
         )?;
-        for (values, n) in &refused {
+        for (values, n) in &series.refused {
             let labels: Vec<(&str, &str)> =
                 NAMES.iter().copied().zip(values.iter().map(String::as_str)).collect();
             ConstGauge::new(i64::try_from(*n).unwrap_or(i64::MAX)).encode(family.encode_family(&labels)?)?;
@@ -65,7 +48,7 @@ impl Collector for ObservationSeries {
             None,
             MetricType::Gauge,
         )?;
-        for (values, seconds) in &first {
+        for (values, seconds) in &series.first_passed {
             let labels: Vec<(&str, &str)> =
                 NAMES.iter().copied().zip(values.iter().map(String::as_str)).collect();
             ConstGauge::new(i64::try_from(*seconds).unwrap_or(i64::MAX))

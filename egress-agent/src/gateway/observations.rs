@@ -12,6 +12,7 @@
 //!   policy could be written for; the access log still has it).
 
 use std::{
+    collections::HashMap,
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -106,6 +107,14 @@ pub struct Observation {
     /// What refused it last: the rule, or the reason when no rule decided.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_denied_by: Option<String>,
+}
+
+/// The per-host series: label values and the value (see [`Observations::series`]).
+pub struct Series {
+    /// namespace, workload, host, port, denied_by; refusals.
+    pub refused: Vec<([String; 5], u64)>,
+    /// namespace, workload, host, port; when it first went through, Unix seconds.
+    pub first_passed: Vec<([String; 4], u64)>,
 }
 
 /// The whole table, as the admin endpoint serves it.
@@ -204,24 +213,46 @@ impl Observations {
         }
     }
 
-    /// The `n` entries with the most denials (those with any), and the `n` first seen most
-    /// recently of those that went through (new dependencies, not the names a client tried and
-    /// was refused): the per-host series of the metrics (`observation_series`).
-    pub fn top(&self, n: usize) -> (Vec<Observation>, Vec<Observation>) {
+    /// The per-host series of the metrics (`observation_series`), over the whole table and
+    /// one per label set (entries differ by more: the service account, how the connection
+    /// came): the `n` with the most refusals (summed), and the `n` that first went through
+    /// most recently (the earliest of their entries: new dependencies, not the names a client
+    /// tried and was refused).
+    pub fn series(&self, n: usize) -> Series {
         let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        let mut denied: Vec<(&Key, &Seen)> = table.iter().filter(|(_, s)| s.counts.denied > 0).collect();
-        let mut newest: Vec<(&Key, &Seen)> = table.iter().filter(|(_, s)| s.counts.passed() > 0).collect();
-        let take = |v: &mut Vec<(&Key, &Seen)>, order: &dyn Fn(&Seen, &Seen) -> std::cmp::Ordering| {
-            if v.len() > n {
-                v.select_nth_unstable_by(n, |a, b| order(a.1, b.1));
-                v.truncate(n);
+        let mut refused: HashMap<(&str, &str, &str, u16, String), u64> = HashMap::new();
+        let mut passed: HashMap<(&str, &str, &str, u16), SystemTime> = HashMap::new();
+        for (k, s) in table.iter() {
+            if let Some(by) = s.denied_by() {
+                *refused.entry((&k.namespace, &k.workload, &k.host, k.port, by)).or_default() +=
+                    s.counts.denied;
             }
-            v.iter().map(|(k, s)| observation(k, s)).collect::<Vec<_>>()
-        };
-        (
-            take(&mut denied, &|a, b| b.counts.denied.cmp(&a.counts.denied)),
-            take(&mut newest, &|a, b| b.first.cmp(&a.first)),
-        )
+            if let Some(at) = s.first_passed {
+                let earliest = passed.entry((&k.namespace, &k.workload, &k.host, k.port)).or_insert(at);
+                *earliest = (*earliest).min(at);
+            }
+        }
+        let mut refused: Vec<_> = refused.into_iter().collect();
+        let mut passed: Vec<_> = passed.into_iter().collect();
+        if refused.len() > n {
+            refused.select_nth_unstable_by(n, |a, b| b.1.cmp(&a.1));
+            refused.truncate(n);
+        }
+        if passed.len() > n {
+            passed.select_nth_unstable_by(n, |a, b| b.1.cmp(&a.1));
+            passed.truncate(n);
+        }
+        let seconds = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        Series {
+            refused: refused
+                .into_iter()
+                .map(|((ns, w, h, p, by), count)| ([ns.into(), w.into(), h.into(), p.to_string(), by], count))
+                .collect(),
+            first_passed: passed
+                .into_iter()
+                .map(|((ns, w, h, p), at)| ([ns.into(), w.into(), h.into(), p.to_string()], seconds(at)))
+                .collect(),
+        }
     }
 
     /// Entries, evictions and estimated bytes, for the metrics.
@@ -233,9 +264,8 @@ impl Observations {
 
 impl Keyed for Key {
     fn heap_bytes(&self) -> usize {
-        // The workload and service account are shared with the pod index; the namespace is
-        // held once more by the table's count per namespace.
-        self.host.len() + self.namespace.len()
+        // The namespace, workload and service account are shared with the pod index.
+        self.host.len()
     }
 
     fn namespace(&self) -> &str {

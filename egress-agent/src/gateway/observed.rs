@@ -207,7 +207,7 @@ impl Observed {
             ));
         }
         for why in &self.unread {
-            let why = why.replace('\n', " ");
+            let why = crate::printable::printable(why);
             out.push_str(&format!("# NOT READ (what the kernel saw on its node is missing): {why}\n"));
         }
         out.push_str(&format!("# Policy objects from {}.\n", self.policies_from));
