@@ -111,13 +111,18 @@ pub async fn run(
     }
 }
 
-fn log_event(ev: &VerdictEvent, reason: &str, owner: &Owner) {
-    // Audit mode reports a connect it would have carried to the gateway as such.
-    let action = match (ev.action == ACTION_AUDITED, ev.reason == Reason::AllowSteered as u8) {
+/// What the kernel did: `deny`, `audit`, or `would_steer` (audit mode reports a connect it
+/// would have carried to the gateway as such).
+pub fn action_name(ev: &VerdictEvent) -> &'static str {
+    match (ev.action == ACTION_AUDITED, ev.reason == Reason::AllowSteered as u8) {
         (true, true) => "would_steer",
         (true, false) => "audit",
         (false, _) => "deny",
-    };
+    }
+}
+
+fn log_event(ev: &VerdictEvent, reason: &str, owner: &Owner) {
+    let action = action_name(ev);
     let hook = Hook::from_u8(ev.hook).map_or("unknown", Hook::name);
     let dst = address(ev.daddr, ev.family);
     tracing::warn!(

@@ -67,6 +67,38 @@ pub struct FeedEvent {
     pub bytes_down: Option<u64>,
 }
 
+impl FeedEvent {
+    /// A verdict made now: who, what, where; the details (hook, rule, bytes…) unset.
+    pub fn new(
+        source: Source,
+        namespace: impl Into<String>,
+        pod: impl Into<String>,
+        verdict: impl Into<String>,
+        reason: impl Into<String>,
+        destination: impl Into<String>,
+        protocol: impl Into<String>,
+    ) -> Self {
+        Self {
+            seq: 0,
+            time: now(),
+            source,
+            namespace: namespace.into(),
+            pod: pod.into(),
+            verdict: verdict.into(),
+            reason: reason.into(),
+            destination: destination.into(),
+            protocol: protocol.into(),
+            reporter: String::new(),
+            hook: None,
+            rule: None,
+            came: None,
+            status: None,
+            bytes_up: None,
+            bytes_down: None,
+        }
+    }
+}
+
 /// One answer of `GET /events?after=N`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -185,24 +217,7 @@ mod tests {
     use super::*;
 
     fn event(destination: &str) -> FeedEvent {
-        FeedEvent {
-            seq: 0,
-            time: now(),
-            source: Source::Kernel,
-            namespace: "team-a".into(),
-            pod: "web".into(),
-            verdict: "deny".into(),
-            reason: "not_allowed".into(),
-            destination: destination.into(),
-            protocol: "tcp".into(),
-            reporter: String::new(),
-            hook: None,
-            rule: None,
-            came: None,
-            status: None,
-            bytes_up: None,
-            bytes_down: None,
-        }
+        FeedEvent::new(Source::Kernel, "team-a", "web", "deny", "not_allowed", destination, "tcp")
     }
 
     #[test]

@@ -149,28 +149,19 @@ impl KernelObservations {
         )) {
             return;
         }
-        let verdict = match (audited, ev.reason == Reason::AllowSteered as u8) {
-            (true, true) => "would_steer",
-            (true, false) => "audit",
-            (false, _) => "deny",
-        };
+        let verdict = events::action_name(ev);
+        let destination = SocketAddr::new(address, ev.dport).to_string();
         self.feed.push(FeedEvent {
-            seq: 0,
-            time: crate::feed::now(),
-            source: Source::Kernel,
-            namespace: owner.namespace.clone(),
-            pod: owner.pod.clone(),
-            verdict: verdict.into(),
-            reason: reason.into(),
-            destination: SocketAddr::new(address, ev.dport).to_string(),
-            protocol: events::protocol_name(ev.protocol),
-            reporter: String::new(),
             hook: Some(Hook::from_u8(ev.hook).map_or("unknown", Hook::name).into()),
-            rule: None,
-            came: None,
-            status: None,
-            bytes_up: None,
-            bytes_down: None,
+            ..FeedEvent::new(
+                Source::Kernel,
+                &*owner.namespace,
+                &*owner.pod,
+                verdict,
+                reason,
+                destination,
+                events::protocol_name(ev.protocol),
+            )
         });
     }
 

@@ -312,22 +312,18 @@ mod tests {
     #[test]
     fn a_line_says_who_what_where_and_why() {
         let mut e = FeedEvent {
-            seq: 1,
             time: "2026-12-06T23:10:01.123Z".into(),
-            source: Source::Kernel,
-            namespace: "team-a".into(),
-            pod: "web-1".into(),
-            verdict: "deny".into(),
-            reason: "deny_destination".into(),
-            destination: "192.0.2.10:443".into(),
-            protocol: "tcp".into(),
             reporter: "node/n1".into(),
             hook: Some("connect4".into()),
-            rule: None,
-            came: None,
-            status: None,
-            bytes_up: None,
-            bytes_down: None,
+            ..FeedEvent::new(
+                Source::Kernel,
+                "team-a",
+                "web-1",
+                "deny",
+                "deny_destination",
+                "192.0.2.10:443",
+                "tcp",
+            )
         };
         let line = text_line(&e);
         assert!(line.starts_with("2026-12-06T23:10:01.123Z kernel  team-a/web-1"), "{line}");
@@ -358,23 +354,8 @@ mod tests {
     fn replicas_answering_in_turn_are_each_read_once_in_full() {
         use crate::feed::Feed;
         let (one, two) = (Feed::new(100), Feed::new(100));
-        let event = |destination: &str| FeedEvent {
-            seq: 0,
-            time: crate::feed::now(),
-            source: Source::Gateway,
-            namespace: "team-a".into(),
-            pod: "web".into(),
-            verdict: "allow".into(),
-            reason: "allowed".into(),
-            destination: destination.into(),
-            protocol: "tcp".into(),
-            reporter: String::new(),
-            hook: None,
-            rule: None,
-            came: None,
-            status: None,
-            bytes_up: None,
-            bytes_down: None,
+        let event = |destination: &str| {
+            FeedEvent::new(Source::Gateway, "team-a", "web", "allow", "allowed", destination, "tcp")
         };
         for i in 0..3 {
             one.push(event(&format!("one{i}.example:443")));

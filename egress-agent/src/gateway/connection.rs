@@ -30,6 +30,7 @@ use crate::k8s::desired::LABEL_MODE;
 use super::{
     access_log::{self, Decision, Record},
     decision::{self, Outcome, Refused},
+    observations,
     pod_index::Owner,
     policy::{Deny, Grant, Target},
     refusal::Refusal,
@@ -294,8 +295,10 @@ impl Connection {
         }
         // Counted before the line is written: whoever has read the line finds it counted.
         let capacity = self.live.limits.max_observations;
-        self.gateway.observations.record(&self.record, self.owner.as_ref(), capacity);
-        if let Some(event) = super::observations::feed_event(&self.record, self.owner.as_ref()) {
+        let decided = observations::destination(&self.record);
+        let owner = self.owner.as_ref();
+        self.gateway.observations.record_decided(&self.record, decided.as_ref(), owner, capacity);
+        if let Some(event) = observations::feed_event(&self.record, decided.as_ref(), owner) {
             self.gateway.feed.push(event);
         }
         access_log::write(&mut self.record);

@@ -30,32 +30,37 @@ impl std::fmt::Debug for Observations {
 impl Collector for ObservationSeries {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let series = self.0.series(SERIES);
-        const NAMES: [&str; 5] = ["namespace", "workload", "host", "port", "denied_by"];
-        let mut family = encoder.encode_descriptor(
+        gauges(
+            &mut encoder,
             "observed_denied",
             "Connections refused per namespace, workload and destination, and what refused them last (a rule, or the reason when none decided); the 100 with the most, per replica",
-            None,
-            MetricType::Gauge,
+            &series.refused,
         )?;
-        for (values, n) in &series.refused {
-            let labels: Vec<(&str, &str)> =
-                NAMES.iter().copied().zip(values.iter().map(String::as_str)).collect();
-            ConstGauge::new(i64::try_from(*n).unwrap_or(i64::MAX)).encode(family.encode_family(&labels)?)?;
-        }
-        let mut family = encoder.encode_descriptor(
+        gauges(
+            &mut encoder,
             "observed_first_seen_seconds",
             "When a namespace's workload first reached a destination (allowed or audited), Unix time; the 100 first seen most recently, per replica",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (values, seconds) in &series.first_passed {
-            let labels: Vec<(&str, &str)> =
-                NAMES.iter().copied().zip(values.iter().map(String::as_str)).collect();
-            ConstGauge::new(i64::try_from(*seconds).unwrap_or(i64::MAX))
-                .encode(family.encode_family(&labels)?)?;
-        }
-        Ok(())
+            &series.first_passed,
+        )
     }
+}
+
+/// One gauge family: a series per row, labelled `namespace`, `workload`, `host`, `port` and
+/// (with five values) `denied_by`.
+fn gauges<const N: usize>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[([String; N], u64)],
+) -> Result<(), std::fmt::Error> {
+    const NAMES: [&str; 5] = ["namespace", "workload", "host", "port", "denied_by"];
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (values, value) in rows {
+        let labels: Vec<(&str, &str)> =
+            NAMES.iter().copied().zip(values.iter().map(String::as_str)).collect();
+        ConstGauge::new(i64::try_from(*value).unwrap_or(i64::MAX)).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -161,17 +161,29 @@ impl Observations {
 
     /// Counts a finished connection or request, in a table of at most `capacity` entries.
     pub fn record(&self, record: &Record, owner: Option<&Owner>, capacity: usize) {
+        self.record_decided(record, destination(record).as_ref(), owner, capacity);
+    }
+
+    /// [`Self::record`], with the record's [`destination`] already parsed (the connection
+    /// parses it once for this and for the feed).
+    pub fn record_decided(
+        &self,
+        record: &Record,
+        decided: Option<&(String, u16)>,
+        owner: Option<&Owner>,
+        capacity: usize,
+    ) {
         self.capacity.store(capacity.max(1), Ordering::Relaxed);
         let Some(namespace) = record.namespace.clone() else { return };
-        let Some((host, port)) = destination(record) else { return };
+        let Some((host, port)) = decided else { return };
         let came = Came::of(record);
         let unknown = || Arc::<str>::from("-");
         let key = Key {
             namespace,
             workload: owner.map_or_else(unknown, |o| o.workload.clone()),
             service_account: owner.map_or_else(unknown, |o| o.service_account.clone()),
-            host: host.into(),
-            port,
+            host: host.as_str().into(),
+            port: *port,
             came,
             via: super::decision::via_of(record.listener),
         };
@@ -276,7 +288,7 @@ impl Keyed for Key {
 /// The host and port a record is about, as the gateway decided them: the authority it
 /// checked, normalised. A record whose authority is not a valid host and port (a refused
 /// request's raw Host header) is not kept: its text is the client's to choose, without limit.
-fn destination(record: &Record) -> Option<(String, u16)> {
+pub fn destination(record: &Record) -> Option<(String, u16)> {
     let (target, port) = parse_authority(record.authority.as_deref()?).ok()?;
     let host = match target {
         Target::Name(name) => name.as_str().to_owned(),
@@ -338,7 +350,11 @@ pub fn feed_routes(feed: Arc<Feed>, identities: Arc<Identities>) -> axum::Router
 }
 
 /// A finished connection or request, as `observe` shows it (one of a known namespace).
-pub fn feed_event(record: &Record, owner: Option<&Owner>) -> Option<FeedEvent> {
+pub fn feed_event(
+    record: &Record,
+    decided: Option<&(String, u16)>,
+    owner: Option<&Owner>,
+) -> Option<FeedEvent> {
     let namespace = record.namespace.as_deref()?;
     let verdict = match record.decision {
         Decision::Allow if record.reason == "audit" => "audit",
@@ -346,7 +362,7 @@ pub fn feed_event(record: &Record, owner: Option<&Owner>) -> Option<FeedEvent> {
         Decision::Deny => "deny",
         Decision::Error => "error",
     };
-    let destination = match destination(record) {
+    let destination = match decided {
         Some((host, port)) if host.contains(':') => format!("[{host}]:{port}"),
         Some((host, port)) => format!("{host}:{port}"),
         None => "-".into(),
@@ -357,25 +373,16 @@ pub fn feed_event(record: &Record, owner: Option<&Owner>) -> Option<FeedEvent> {
         ("audit", Some(would)) => (would, record.passed.as_deref()),
         _ => (record.reason, record.rule.as_deref()),
     };
+    // Stamped now, when it ended (a tunnel's verdict is known from its start, its bytes only
+    // now): the stream is in the order things are reported.
+    let pod = owner.map_or("-", |o| &o.pod);
     Some(FeedEvent {
-        seq: 0,
-        // When it ended (a tunnel's verdict is known from its start, its bytes only now): the
-        // stream is in the order things are reported.
-        time: crate::feed::now(),
-        source: Source::Gateway,
-        namespace: namespace.to_owned(),
-        pod: owner.map_or("-", |o| &o.pod).to_owned(),
-        verdict: verdict.into(),
-        reason: reason.into(),
-        destination,
-        protocol: "tcp".into(),
-        reporter: String::new(),
-        hook: None,
         rule: rule.map(str::to_owned),
         came: Some(Came::of(record).name().into()),
         status: record.status,
         bytes_up: Some(record.bytes_up),
         bytes_down: Some(record.bytes_down),
+        ..FeedEvent::new(Source::Gateway, namespace, pod, verdict, reason, destination, "tcp")
     })
 }
 
